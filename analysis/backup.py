@@ -1,0 +1,104 @@
+"""Read a backup sweep's results directory into pandas, and the tables people look at.
+
+Only the Parquet datasets and the manifest are read; no model is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+class ResultsError(ValueError):
+    pass
+
+
+@dataclass
+class BackupResults:
+    out: Path
+    spec: dict
+    manifest: dict
+    slopes: pd.DataFrame
+    responses: pd.DataFrame
+    points: pd.DataFrame
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["model"]["n_layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.manifest["model"]["n_heads"])
+
+    def head_points(self, layer: int, head: int) -> pd.DataFrame:
+        return self.points[(self.points.layer == layer) & (self.points.head == head)]
+
+
+def load_results(out: str | Path, allow_mixed: bool = False) -> BackupResults:
+    out = Path(out)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        raise ResultsError(f"{out} holds no sweep results (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    frames = {}
+    for name in ("slopes", "responses", "points"):
+        folder = out / name
+        frames[name] = pd.read_parquet(folder) if folder.is_dir() and any(folder.glob("*.parquet")) else pd.DataFrame()
+    slopes = frames["slopes"]
+    if not slopes.empty and slopes["spec_id"].nunique() > 1 and not allow_mixed:
+        raise ResultsError(f"{out} mixes results of {slopes['spec_id'].nunique()} different sweep specs")
+    if not slopes.empty:
+        slopes = slopes.sort_values(["layer", "head"]).reset_index(drop=True)
+    return BackupResults(out, manifest.get("spec", {}), manifest, slopes, frames["responses"], frames["points"])
+
+
+def grid(slopes: pd.DataFrame, column: str, n_layers: int, n_heads: int) -> np.ndarray:
+    """A layers × heads array of one column (NaN where a head was not swept)."""
+    values = np.full((n_layers, n_heads), np.nan)
+    values[slopes["layer"].to_numpy(), slopes["head"].to_numpy()] = slopes[column].to_numpy()
+    return values
+
+
+def compensation_matrix(responses: pd.DataFrame, n_layers: int, n_heads: int) -> pd.DataFrame:
+    """Upstream head × downstream head mean change in direct effect (heads only)."""
+    heads = responses[responses.down_kind == "attn_head"]
+    up = heads.up_layer * n_heads + heads.up_head
+    down = heads.down_layer * n_heads + heads.down_head.astype(int)
+    labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    matrix = np.full((n_layers * n_heads, n_layers * n_heads), np.nan)
+    matrix[up.to_numpy(), down.to_numpy()] = heads.mean_delta.to_numpy()
+    swept = sorted(set(up.tolist()))
+    return pd.DataFrame(matrix[swept], index=[labels[i] for i in swept], columns=labels)
+
+
+def summary_table(results: BackupResults, k: int = 8) -> pd.DataFrame:
+    """Most backed-up and most anti-backed-up heads among those that matter.
+
+    Slopes of heads with almost no direct effect are noise (a tiny x-range),
+    so only heads in the top quartile of mean |direct effect| are ranked.
+    """
+    s = results.slopes.dropna(subset=["slope"])
+    s = s[s.mean_backup.abs() + s.slope.abs() > 0]  # the last layer has no downstream heads
+    if s.empty:
+        return pd.DataFrame(columns=["rank", "head", "slope", "ci95", "r2", "mean_de", "kind"])
+    cut = s.mean_abs_de.quantile(0.75)
+    strong = s[s.mean_abs_de >= cut]
+    top = strong.nlargest(k, "slope").assign(kind="backed up")
+    bottom = strong.nsmallest(k, "slope").assign(kind="anti-backup")
+    table = pd.concat([top, bottom[~bottom.index.isin(top.index)]])
+    return pd.DataFrame(
+        {
+            "kind": table.kind,
+            "head": [f"L{l}H{h}" for l, h in zip(table.layer, table["head"])],
+            "slope": table.slope.round(4),
+            "ci95": [f"[{a:.3f}, {b:.3f}]" for a, b in zip(table.slope_ci_low, table.slope_ci_high)],
+            "r2": table.r2.round(3),
+            "mean_de": table.mean_de.round(4),
+            "mean_abs_de": table.mean_abs_de.round(4),
+            "n_points": table.n_points,
+        }
+    )

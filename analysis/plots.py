@@ -1,0 +1,82 @@
+"""Figures: every one as a PNG (matplotlib) and an interactive HTML page (plotly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; set before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+
+
+def _symmetric_limit(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(np.quantile(finite, 0.99)) if finite.size else 1.0
+
+
+def heatmap(
+    values: np.ndarray, title: str, path: Path, xlabel: str = "head", ylabel: str = "layer",
+    colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
+) -> tuple[Path, Path]:
+    """Diverging heatmap centred on 0 (robust limits: the 99th percentile of |values|)."""
+    lim = _symmetric_limit(values) or 1.0
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 24), min(1.5 + 0.3 * rows, 24)))
+    im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if xticks is None and cols <= 40:
+        ax.set_xticks(range(cols))
+    if yticks is None and rows <= 60:
+        ax.set_yticks(range(rows))
+    if xticks is not None:
+        step = max(1, len(xticks) // 40)
+        ax.set_xticks(range(0, cols, step), xticks[::step], rotation=90, fontsize=6)
+    if yticks is not None:
+        step = max(1, len(yticks) // 60)
+        ax.set_yticks(range(0, rows, step), yticks[::step], fontsize=6)
+    fig.colorbar(im, ax=ax, label=colorbar)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    html = path.with_suffix(".html")
+    go.Figure(
+        go.Heatmap(
+            z=values, x=xticks, y=yticks, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+            colorbar=dict(title=colorbar), hovertemplate=f"{ylabel} %{{y}}, {xlabel} %{{x}}: %{{z:.4f}}<extra></extra>",
+        ),
+        layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed"),
+    ).write_html(html, include_plotlyjs="cdn")
+    return png, html
+
+
+def scatter_with_fit(
+    x: np.ndarray, y: np.ndarray, slope: float, intercept: float, title: str, path: Path,
+    hover: list[str] | None = None,
+) -> tuple[Path, Path]:
+    """Seed 000's scatter: clean direct effect vs accumulated backup, with the fitted line."""
+    lo, hi = (float(np.min(x)), float(np.max(x))) if len(x) else (0.0, 1.0)
+    line_x = np.linspace(lo, hi, 50)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter(x, y, s=6, alpha=0.6)
+    if np.isfinite(slope):
+        ax.plot(line_x, slope * line_x + intercept, color="C3", label=f"slope {slope:.4f}, intercept {intercept:.4f}")
+        ax.legend(loc="best", fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(title=title, xlabel="direct effect of the head (clean)", ylabel="accumulated backup")
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    html = path.with_suffix(".html")
+    traces = [go.Scatter(x=x, y=y, mode="markers", marker=dict(size=4, opacity=0.7), text=hover, name="points")]
+    if np.isfinite(slope):
+        traces.append(go.Scatter(x=line_x, y=slope * line_x + intercept, mode="lines", name=f"fit (slope {slope:.4f})"))
+    go.Figure(traces, layout=dict(title=title, xaxis_title="direct effect of the head (clean)",
+                                  yaxis_title="accumulated backup")).write_html(html, include_plotlyjs="cdn")
+    return png, html

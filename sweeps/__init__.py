@@ -1,0 +1,1 @@
+"""Distributed ablation sweeps for mechanistic interpretability (entry scripts + engine)."""

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Backup-slope sweep (seed 000): ablate every upstream head, measure how later heads compensate.
+
+For each upstream head (l*, h*): replace its output at every position (resample
+from the corrupt prompts by default), rerun the model from layer l*, and
+recompute every head's direct effect on the answer, still dividing by the
+clean run's final-norm scale. The accumulated backup is the summed change of
+every head in layers > l*; its least-squares slope against the head's own
+clean direct effect says how much of the head's effect is compensated
+(slope > 0: backed up; slope < 0: later heads make it worse).
+
+Writes Parquet datasets slopes/, responses/, points/ and a manifest under
+--out, then plots and a W&B run (offline by default). Re-running the same
+command resumes: finished shards are skipped.
+
+Examples:
+  python sweeps/backup.py                                   # SmolLM2-135M on IOI, local Ray
+  python sweeps/backup.py --model tiny-gpt2 --executor local
+  python sweeps/backup.py --task text --n-prompts 50 --seq-len 100 --heads L5,L9H6
+  ray submit cluster.yaml sweeps/backup.py -- --model gpt2-small --task text
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from sweeps.engine.cli import UserError, add_common_options, default_out
+from sweeps.engine.effects import ABLATIONS
+
+DATASETS = ("slopes", "responses", "points")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweeps/backup.py",
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]),
+        epilog="\n".join(__doc__.split("\n\n")[3:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_options(parser, "backup")
+    g = parser.add_argument_group("backup sweep")
+    g.add_argument("--heads", metavar="LIST",
+                   help="upstream heads to ablate, e.g. L23H3,23.0,L5 (a whole layer) (default: all)")
+    g.add_argument("--ablation", choices=ABLATIONS, default="resample",
+                   help="resample (default): the head's output on the corrupt prompt; zero; mean: its "
+                   "mean output over every token of the task")
+    g.add_argument("--fit-threshold", type=float, default=0.0, metavar="X",
+                   help="fit the slope only on points with |direct effect| > X (default 0: every point)")
+    g.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="bootstrap resamples for the slope's 95%% interval (default 200; 0 to skip)")
+    g.add_argument("--heads-per-shard", type=int, metavar="N",
+                   help="split each layer's heads into shards of N (default: one shard per layer)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv if argv is not None else sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    # Imports here keep --help instant.
+    from sweeps.engine import provenance
+    from sweeps.engine.backup_sweep import BackupJob
+    from sweeps.engine.driver import run_shards
+    from sweeps.engine.models import ModelNameError, describe_model, load_tokenizer
+    from sweeps.engine.plan import PlanError, parse_heads, plan_backup, remaining
+    from sweeps.engine.run import LocalExecutor, RayExecutor
+    from sweeps.engine.store import ResultStore, StoreError, check_out_dir
+    from tasks import TaskError, build_task, check_task
+
+    out = args.out or default_out("backup", args.model, args.task)
+    try:
+        # Cheap checks first: nothing below loads model weights.
+        check_out_dir(out)
+        if args.fit_threshold < 0 or args.fit_threshold != args.fit_threshold:
+            raise PlanError(f"--fit-threshold must be a number >= 0, got {args.fit_threshold}")
+        task_spec = check_task(args.task)
+        info = describe_model(args.model)
+        heads = parse_heads(args.heads, info.n_layers, info.n_heads)
+        tokenizer = load_tokenizer(info)
+        task = build_task(task_spec, tokenizer, args.n_prompts, args.seed, args.seq_len, args.data)
+    except (ModelNameError, TaskError, PlanError, StoreError) as err:
+        raise UserError(str(err)) from None
+
+    spec = {
+        "sweep": "backup", "model": args.model, "task": task.name, "task_params": task.params,
+        "task_hash": task.fingerprint(), "seed": args.seed, "ablation": args.ablation,
+        "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap,
+    }
+    store = ResultStore(out, DATASETS)
+    resume_hint = " ".join(shlex.quote(a) for a in ["python", "sweeps/backup.py", *argv])
+    try:
+        with store.lock():
+            store.prepare(spec, resume=args.resume)
+            done = store.completed()
+            todo = remaining(heads, done)
+            shards = plan_backup(todo, args.heads_per_shard)
+            code = provenance.code_version()
+            store.update_manifest(
+                spec=spec, spec_id=provenance.spec_id(spec), code_version=code,
+                packages=provenance.package_versions(), model=info.__dict__,
+            )
+            print(f"backup sweep: {args.model} on {task.name} ({task.n_prompts} prompts), "
+                  f"{len(heads)} heads requested, {len(heads) - len(todo)} already done, "
+                  f"{len(shards)} shards to run -> {out}", file=sys.stderr)
+            failures = []
+            if shards:
+                job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed)
+                executor = (
+                    LocalExecutor(args.model, job) if args.executor == "local"
+                    else RayExecutor(args.model, job, num_workers=args.num_workers)
+                )
+                columns = {
+                    "model": args.model, "task": task.name, "task_hash": spec["task_hash"],
+                    "seed": args.seed, "ablation": args.ablation, "code_version": code,
+                    "spec_id": provenance.spec_id(spec),
+                }
+                failures = run_shards(executor, store, shards, spec, columns, lambda s: len(s.heads),
+                                      "head", resume_hint)
+    except StoreError as err:
+        raise UserError(str(err)) from None
+    except KeyboardInterrupt:
+        return 130
+
+    for failure in failures:
+        print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
+    from analysis.backup import load_results, summary_table
+
+    results = load_results(out)
+    print(summary_table(results).to_string(index=False))
+    if not args.no_report:
+        from analysis.report import write_backup_report
+
+        write_backup_report(out, wandb_mode=args.wandb, project=args.wandb_project)
+    if failures:
+        print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The backup-slope sweep on one worker: per-batch clean state, per-shard work.
+
+``BackupComputer`` holds one model replica and one task. It computes the clean
+run of every batch once (block inputs, clean direct effects, the corrupt
+run's head outputs) and then serves shards: a shard is a group of upstream
+heads in one layer, ablated together as one batched restart from that layer.
+It returns plain numpy arrays; ``shard_tables`` turns them into Arrow tables.
+No Ray here: the executors in ``run.py`` wrap this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sweeps.engine import effects
+from sweeps.engine import transformer as tf
+from sweeps.engine.plan import Shard
+from sweeps.engine.transformer import ModelWeights
+from tasks.base import TaskData
+
+TOKENS_PER_PASS = 1 << 16  # G copies × B prompts × T positions in one restart
+
+
+@dataclass
+class BatchState:
+    """What one batch's clean (and corrupt) runs leave behind for the ablations."""
+
+    start: int  # index of the batch's first prompt in the task
+    lengths: torch.Tensor
+    points: effects.Points
+    scale: torch.Tensor  # [P] clean final-norm scale
+    resid_pre: torch.Tensor  # [L, B, T, D]
+    replacement_z: torch.Tensor | None  # [L, B, T, H, E] corrupt z (resample only)
+    de_heads: torch.Tensor  # [L, P, H] clean direct effects
+    de_mlps: torch.Tensor  # [L, P]
+
+
+@dataclass
+class HeadResult:
+    """One upstream head's outcome over the whole task."""
+
+    layer: int
+    head: int
+    prompt: np.ndarray  # [P_total] global prompt index of each point
+    pos: np.ndarray
+    de_clean: np.ndarray  # the ablated head's own clean direct effect
+    backup: np.ndarray  # accumulated change of every head in later layers
+    mean_delta_heads: np.ndarray  # [L, H] mean change of every head's direct effect
+    mean_delta_mlps: np.ndarray  # [L]
+
+
+@dataclass
+class BackupComputer:
+    weights: ModelWeights
+    task: TaskData
+    ablation: str = "resample"
+    batch_size: int = 32
+    _batches: list[BatchState] | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def batches(self) -> list[BatchState]:
+        """Clean state of every batch, computed on first use and kept."""
+        if self._batches is not None:
+            return self._batches
+        w, device = self.weights, self.weights.device
+        clean_runs, states = [], []
+        for start in range(0, self.task.n_prompts, self.batch_size):
+            sub = self.task.select(slice(start, start + self.batch_size))
+            tokens = sub.clean.to(device)
+            run = tf.run(w, tokens)
+            points = effects.effect_points(w, sub)
+            decomposition = effects.decompose(w, tokens, run, points)
+            replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
+            states.append(
+                BatchState(
+                    start=start, lengths=sub.lengths.to(device), points=points,
+                    scale=effects.final_scale(w, run, points), resid_pre=run.resid_pre,
+                    replacement_z=replacement, de_heads=decomposition.heads,
+                    de_mlps=decomposition.mlps,
+                )
+            )
+            if self.ablation == "mean":
+                clean_runs.append((run, sub.lengths.to(device)))
+        if self.ablation == "mean":
+            mean = effects.mean_z(clean_runs)  # over the whole task, not per batch
+            for state in states:
+                L, B, T = state.resid_pre.shape[:3]
+                state.replacement_z = mean[:, None, None].expand(L, B, T, *mean.shape[1:])
+        self._batches = states
+        return states
+
+    def _replacement(self, state: BatchState, layer: int, heads: list[int]) -> torch.Tensor:
+        if self.ablation == "zero":
+            B, T = state.resid_pre.shape[1:3]
+            return torch.zeros(len(heads), B, T, self.weights.cfg.d_head, device=state.resid_pre.device)
+        return torch.stack([state.replacement_z[layer, :, :, h] for h in heads])
+
+    @torch.no_grad()
+    def run_heads(self, layer: int, heads: list[int]) -> list[HeadResult]:
+        """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
+        L, H = self.weights.cfg.n_layers, self.weights.cfg.n_heads
+        per_head: dict[int, dict[str, list]] = {h: {k: [] for k in ("prompt", "pos", "de", "backup")} for h in heads}
+        sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
+        sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
+        n_points = 0
+        for state in self.batches():
+            B, T = state.resid_pre.shape[1:3]
+            group = max(1, TOKENS_PER_PASS // (B * T))
+            for i in range(0, len(heads), group):
+                chunk = heads[i : i + group]
+                result = effects.ablate_heads_of_layer(
+                    self.weights, layer, chunk, state.resid_pre[layer],
+                    self._replacement(state, layer, chunk), state.points, state.scale,
+                )
+                delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
+                delta_mlps = result.mlps - state.de_mlps[None, layer:]
+                backup = delta_heads[:, 1:].sum(dim=(1, 3))  # layers after `layer`, every head
+                for g, h in enumerate(chunk):
+                    rec = per_head[h]
+                    rec["prompt"].append((state.points.batch + state.start).cpu().numpy())
+                    rec["pos"].append(state.points.pos.cpu().numpy())
+                    rec["de"].append(state.de_heads[layer, :, h].double().cpu().numpy())
+                    rec["backup"].append(backup[g].double().cpu().numpy())
+                    sum_heads[h][layer:] += delta_heads[g].sum(1).double().cpu()
+                    sum_mlps[h][layer:] += delta_mlps[g].sum(1).double().cpu()
+            n_points += state.points.n
+        return [
+            HeadResult(
+                layer=layer, head=h,
+                prompt=np.concatenate(per_head[h]["prompt"]), pos=np.concatenate(per_head[h]["pos"]),
+                de_clean=np.concatenate(per_head[h]["de"]), backup=np.concatenate(per_head[h]["backup"]),
+                mean_delta_heads=(sum_heads[h] / n_points).numpy(),
+                mean_delta_mlps=(sum_mlps[h] / n_points).numpy(),
+            )
+            for h in heads
+        ]
+
+
+def shard_tables(
+    results: list[HeadResult], fit_threshold: float = 0.0, n_boot: int = 200, seed: int = 0
+) -> dict[str, pa.Table]:
+    """The shard's rows of the three datasets (provenance is added by the store)."""
+    slopes, responses, points = [], [], []
+    for r in results:
+        fit = effects.fit_line(r.de_clean, r.backup, fit_threshold)
+        keep = np.abs(r.de_clean) > fit_threshold if fit_threshold > 0 else slice(None)
+        lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], n_boot, seed)
+        slopes.append(
+            dict(
+                layer=r.layer, head=r.head, slope=fit.slope, intercept=fit.intercept, r2=fit.r2,
+                n_points=fit.n_points, mean_de=float(r.de_clean.mean()),
+                mean_abs_de=float(np.abs(r.de_clean).mean()), mean_backup=float(r.backup.mean()),
+                slope_ci_low=lo, slope_ci_high=hi,
+            )
+        )
+        L, H = r.mean_delta_heads.shape
+        down_layer = np.repeat(np.arange(L), H)
+        down_head = np.tile(np.arange(H), L)
+        responses.append(
+            pa.table(
+                {
+                    "up_layer": np.full(L * H + L, r.layer, dtype=np.int32),
+                    "up_head": np.full(L * H + L, r.head, dtype=np.int32),
+                    "down_layer": np.concatenate([down_layer, np.arange(L)]).astype(np.int32),
+                    "down_head": pa.array(
+                        np.concatenate([down_head, np.zeros(L)]).astype(np.int32),
+                        mask=np.concatenate([np.zeros(L * H, bool), np.ones(L, bool)]),
+                    ),
+                    "down_kind": ["attn_head"] * (L * H) + ["mlp"] * L,
+                    "mean_delta": np.concatenate([r.mean_delta_heads.ravel(), r.mean_delta_mlps]),
+                }
+            )
+        )
+        n = r.prompt.size
+        points.append(
+            pa.table(
+                {
+                    "layer": np.full(n, r.layer, dtype=np.int32),
+                    "head": np.full(n, r.head, dtype=np.int32),
+                    "prompt": r.prompt.astype(np.int32),
+                    "pos": r.pos.astype(np.int32),
+                    "de_clean": r.de_clean,
+                    "backup": r.backup,
+                }
+            )
+        )
+    return {
+        "slopes": pa.Table.from_pylist(slopes),
+        "responses": pa.concat_tables(responses),
+        "points": pa.concat_tables(points),
+    }
+
+
+@dataclass
+class BackupJob:
+    """The backup sweep as a worker sees it (picklable: task tensors + settings)."""
+
+    task: TaskData
+    ablation: str = "resample"
+    batch_size: int = 32
+    fit_threshold: float = 0.0
+    n_boot: int = 200
+    seed: int = 0
+    _computer: BackupComputer | None = field(default=None, repr=False)
+
+    def bind(self, model) -> None:
+        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size)
+
+    def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
+        results = self._computer.run_heads(shard.layer, list(shard.heads))
+        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed)

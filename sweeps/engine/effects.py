@@ -1,0 +1,267 @@
+"""The math of DESIGN §1.1–1.2 on one batch: direct effects, ablations, the fit.
+
+Plain functions on tensors; no Ray, no I/O.
+
+A *point* is one (prompt, position) where a direct effect is read:
+- logit-difference tasks: each prompt's answer position, direction
+  ``u = W_U[:, correct] - W_U[:, incorrect]``;
+- next-token tasks: every real position ``t`` but the last, direction
+  ``u = W_U[:, X[t+1]]`` (seed 000 drops the first target and the last
+  prediction so they align).
+The direct effect of a component writing ``r`` is ``(r / s) · u`` with ``s`` the
+final norm's scale of the **clean** run. For LayerNorm models the norm also
+centres ``r``; ``(r - mean r) · u = r · (u - mean u)``, so we centre ``u`` once.
+
+Heads are never materialised as ``[L, H, B, T, D]`` results: a head's direct
+effect is ``z · (W_O u / s)``, contracting ``W_O`` with the direction first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sweeps.engine import transformer as tf
+from sweeps.engine.transformer import ModelWeights
+from tasks.base import TaskData
+
+ABLATIONS = ("resample", "zero", "mean")
+
+
+@dataclass
+class Points:
+    """Where direct effects are read, and in which direction."""
+
+    batch: Int[Tensor, "P"]  # prompt index within the batch
+    pos: Int[Tensor, "P"]
+    u: Float[Tensor, "P D"]  # unembedding direction (centred for LayerNorm models)
+    bias: Float[Tensor, "P"]  # the unembedding bias's share of the logit (difference)
+
+    @property
+    def n(self) -> int:
+        return self.batch.shape[0]
+
+
+def effect_points(w: ModelWeights, task: TaskData) -> Points:
+    """The points and directions of a (sub-)batch of a task."""
+    device = w.device
+    if task.kind == "logit_diff":
+        batch = torch.arange(task.n_prompts)
+        pos = task.answer_pos
+        correct, incorrect = task.correct.to(device), task.incorrect.to(device)
+        u = (w.W_U[:, correct] - w.W_U[:, incorrect]).T
+        bias = w.b_U[correct] - w.b_U[incorrect]
+    else:
+        rows = [(b, t) for b in range(task.n_prompts) for t in range(int(task.lengths[b]) - 1)]
+        batch = torch.tensor([b for b, _ in rows])
+        pos = torch.tensor([t for _, t in rows])
+        targets = task.clean[batch, pos + 1].to(device)
+        u = w.W_U[:, targets].T
+        bias = w.b_U[targets]
+    if w.cfg.norm == "layernorm":
+        u = u - u.mean(-1, keepdim=True)
+    return Points(batch.to(device), pos.to(device), u.contiguous(), bias)
+
+
+def gather(x: Float[Tensor, "... B T *rest"], points: Points, batch_dim: int) -> Tensor:
+    """Pick the points out of a ``[..., B, T, ...]`` activation: ``[..., P, ...]``."""
+    x = x.movedim((batch_dim, batch_dim + 1), (0, 1))
+    picked = x[points.batch, points.pos]
+    return picked.movedim(0, batch_dim)
+
+
+def head_direct_effects(
+    w: ModelWeights,
+    layer: int,
+    z: Float[Tensor, "*G B T H E"],
+    points: Points,
+    scale: Float[Tensor, "P"],
+) -> Float[Tensor, "*G P H"]:
+    """Direct effect of each head of ``layer`` at each point."""
+    dirs = torch.einsum("hed,pd->phe", w.W_O[layer], points.u) / scale[:, None, None]
+    zp = gather(z, points, z.ndim - 4)
+    return torch.einsum("...phe,phe->...ph", zp, dirs)
+
+
+def vector_direct_effects(
+    r: Float[Tensor, "*G B T D"], points: Points, scale: Float[Tensor, "P"]
+) -> Float[Tensor, "*G P"]:
+    """Direct effect of any residual-stream write (an MLP's output, an embedding)."""
+    rp = gather(r, points, r.ndim - 3)
+    return torch.einsum("...pd,pd->...p", rp, points.u) / scale
+
+
+def final_scale(w: ModelWeights, run: tf.CleanRun, points: Points) -> Float[Tensor, "P"]:
+    """The clean run's final norm scale ``s`` at each point (``ln_final.hook_scale``)."""
+    return gather(tf.norm_scale(w.cfg, run.resid_final)[..., 0], points, 0)
+
+
+@dataclass
+class Decomposition:
+    """Every component's direct effect; they sum to the logit (difference)."""
+
+    embed: Float[Tensor, "P"]  # token + position embedding
+    heads: Float[Tensor, "L P H"]
+    attn_bias: Float[Tensor, "L P"]  # b_O of each layer (holds the folded value biases)
+    mlps: Float[Tensor, "L P"]
+    unembed_bias: Float[Tensor, "P"]
+
+    def total(self) -> Float[Tensor, "P"]:
+        return (
+            self.embed + self.heads.sum((0, 2)) + self.attn_bias.sum(0) + self.mlps.sum(0)
+            + self.unembed_bias
+        )
+
+
+def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, points: Points) -> Decomposition:
+    scale = final_scale(w, run, points)
+    L = w.cfg.n_layers
+    heads = torch.stack([head_direct_effects(w, l, run.z[l], points, scale) for l in range(L)])
+    bias = torch.stack([(points.u @ w.b_O[l]) / scale for l in range(L)])
+    if run.mlp_out is None:
+        mlps = torch.zeros(L, points.n, device=scale.device)
+    else:
+        mlps = vector_direct_effects(run.mlp_out, points, scale)
+    return Decomposition(
+        embed=vector_direct_effects(tf.embed(w, tokens), points, scale),
+        heads=heads, attn_bias=bias, mlps=mlps, unembed_bias=points.bias,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Ablation values
+# --------------------------------------------------------------------------- #
+
+
+def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, "B"]]]) -> Float[Tensor, "L H E"]:
+    """Mean of each head's ``z`` over every real token of the dataset (mean ablation)."""
+    total, count = None, 0
+    for run, lengths in runs:
+        T = run.z.shape[2]
+        real = (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).to(run.z.dtype)
+        s = torch.einsum("lbthe,bt->lhe", run.z, real.to(run.z.device))
+        total = s if total is None else total + s
+        count += int(real.sum())
+    return total / count
+
+
+def ablated_z(
+    ablation: str,
+    clean_z: Float[Tensor, "B T E"],
+    corrupt_z: Float[Tensor, "B T E"] | None,
+    mean: Float[Tensor, "E"] | None,
+) -> Float[Tensor, "B T E"]:
+    """What one head's ``z`` is replaced with, at every position."""
+    if ablation == "resample":
+        return corrupt_z
+    if ablation == "zero":
+        return torch.zeros_like(clean_z)
+    if ablation == "mean":
+        return mean.expand_as(clean_z)
+    raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+
+
+@dataclass
+class LayerAblation:
+    """Direct effects after ablating each head of a group, all in one layer ``l*``.
+
+    ``heads``/``mlps`` cover layers ``l*..L-1`` only: earlier layers cannot change.
+    """
+
+    layer: int
+    upstream: list[int]
+    heads: Float[Tensor, "G L_rest P H"]
+    mlps: Float[Tensor, "G L_rest P"]
+
+
+def ablate_heads_of_layer(
+    w: ModelWeights,
+    layer: int,
+    heads: list[int],
+    resid_pre: Float[Tensor, "B T D"],
+    replacement: Float[Tensor, "G B T E"],
+    points: Points,
+    scale: Float[Tensor, "P"],
+) -> LayerAblation:
+    """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
+
+    All G ablations run as one batch of G copies of the prompts, restarting
+    from the clean residual stream entering block ``layer``.
+    """
+    G, (B, T, _) = len(heads), resid_pre.shape
+    rope = tf.rotary_tables(w, T)
+
+    def edit(z: Float[Tensor, "GB T H E"]) -> Float[Tensor, "GB T H E"]:
+        z = z.view(G, B, *z.shape[1:]).clone()
+        for g, head in enumerate(heads):
+            z[g, :, :, head] = replacement[g]
+        return z.view(G * B, *z.shape[2:])
+
+    resid = resid_pre.repeat(G, 1, 1)
+    head_des, mlp_des = [], []
+    for l in range(layer, w.cfg.n_layers):
+        out = tf.block(w, l, resid, rope, edit if l == layer else None)
+        head_des.append(head_direct_effects(w, l, out.z.view(G, B, T, *out.z.shape[2:]), points, scale))
+        if out.mlp_out is None:
+            mlp_des.append(torch.zeros(G, points.n, device=resid.device))
+        else:
+            mlp_des.append(vector_direct_effects(out.mlp_out.view(G, B, T, -1), points, scale))
+        resid = out.resid_post
+    return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
+
+
+# --------------------------------------------------------------------------- #
+# The backup fit
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Fit:
+    slope: float
+    intercept: float
+    r2: float
+    n_points: int
+
+
+def fit_line(x: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> Fit:
+    """Least squares ``y ≈ slope·x + intercept`` (seed 000: lstsq with a ones column).
+
+    ``threshold`` keeps only points with ``|x| > threshold`` (0: every point).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if threshold > 0:
+        keep = np.abs(x) > threshold
+        x, y = x[keep], y[keep]
+    n = x.size
+    if n < 2 or np.ptp(x) == 0:
+        return Fit(float("nan"), float("nan"), float("nan"), n)
+    A = np.stack([x, np.ones_like(x)], axis=1)
+    (slope, intercept), *_ = np.linalg.lstsq(A, y, rcond=None)
+    residual = y - (slope * x + intercept)
+    total = np.sum((y - y.mean()) ** 2)
+    r2 = 1.0 - np.sum(residual**2) / total if total > 0 else float("nan")
+    return Fit(float(slope), float(intercept), float(r2), n)
+
+
+def bootstrap_slope_ci(
+    x: np.ndarray, y: np.ndarray, n_boot: int = 200, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the least-squares slope (resampling points)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 3 or n_boot <= 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    xs, ys = x[idx], y[idx]
+    xc = xs - xs.mean(1, keepdims=True)
+    var = (xc**2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slopes = (xc * (ys - ys.mean(1, keepdims=True))).sum(1) / var
+    slopes = slopes[np.isfinite(slopes)]
+    if slopes.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

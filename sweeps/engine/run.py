@@ -1,0 +1,230 @@
+"""Executors: run shards on an in-process worker or on a pool of Ray actors.
+
+Ray lives here and nowhere else. A ``ShardWorker`` holds one model replica and
+one job (the task's tensors plus the sweep's settings); the same class runs
+in-process (``LocalExecutor``) or as a Ray actor pinned to one GPU
+(``RayExecutor``). Executors yield finished shards as they arrive; the driver
+writes them. We schedule ourselves instead of ``ray.util.ActorPool``, which
+silently drops the work of an actor that dies: a shard whose actor died is
+retried on a fresh actor, a shard that raises is retried and, after
+``max_attempts``, reported as failed while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import pyarrow as pa
+import torch
+
+from sweeps.engine.models import describe_model, load_model
+from sweeps.engine.plan import Shard
+
+
+class Job(Protocol):
+    """What a sweep asks of a worker: bind to a model, then compute shards."""
+
+    def bind(self, model) -> None: ...
+
+    def run_shard(self, shard: Shard) -> dict[str, pa.Table]: ...
+
+
+def _ray_gpu_ids() -> list[str]:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside an actor there is nothing to ask
+        pass
+    return []
+
+
+class ShardWorker:
+    """One model replica serving many shards."""
+
+    def __init__(self, model_name: str, job: Job, device: str | None = None):
+        gpu_ids = _ray_gpu_ids()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.where = {
+            "host": socket.gethostname(),
+            "node_id": _ray_node_id(),
+            "gpu_ids": gpu_ids,
+            "device": device,
+            "pid": os.getpid(),
+        }
+        self.model = load_model(describe_model(model_name), device)
+        self.job = job
+        self.job.bind(self.model)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.where, "weight_hash": self.model.weight_hash}
+
+    def run(self, shard: Shard) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+        start = time.perf_counter()
+        tables = self.job.run_shard(shard)
+        return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+@dataclass
+class Failure:
+    shard: Shard
+    error: str
+    attempts: int
+
+
+class LocalExecutor:
+    """In-process: one worker, shards one after another. No Ray at all."""
+
+    name = "local"
+
+    def __init__(self, model_name: str, job: Job, max_attempts: int = 2):
+        self.model_name, self.job, self.max_attempts = model_name, job, max_attempts
+        self.failures: list[Failure] = []
+        self.worker: ShardWorker | None = None
+
+    def start(self) -> list[dict]:
+        self.worker = ShardWorker(self.model_name, self.job)
+        return [self.worker.info()]
+
+    def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
+        for shard in shards:
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    tables, record = self.worker.run(shard)
+                except (RuntimeError, ValueError) as err:
+                    if attempt == self.max_attempts:
+                        self.failures.append(Failure(shard, f"{type(err).__name__}: {err}", attempt))
+                    continue
+                yield shard, tables, record
+                break
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Join a running Ray cluster if there is one, else start a local one.
+
+    Returns True if this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or "auto", logging_level=logging.WARNING)
+        return True
+    except ConnectionError:
+        if address:
+            raise
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **quiet)
+    return True
+
+
+@dataclass
+class RayExecutor:
+    """A pool of actors, one model replica each (one GPU each where there are GPUs)."""
+
+    model_name: str
+    job: Job
+    num_workers: int | None = None
+    max_attempts: int = 3
+    name: str = "ray"
+    failures: list[Failure] = field(default_factory=list)
+    started_ray: bool = False
+    actors: list = field(default_factory=list)
+
+    def _actor_options(self) -> dict:
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        cpus = int(resources.get("CPU", 1))
+        if self.num_workers is None:
+            self.num_workers = max(1, gpus) if gpus else 1
+        if gpus:
+            return {"num_gpus": 1, "num_cpus": 1}
+        # CPU actors: give each a share of the cores (Ray sets OMP threads to num_cpus).
+        return {"num_gpus": 0, "num_cpus": max(1, cpus // self.num_workers)}
+
+    def start(self) -> list[dict]:
+        import ray
+
+        self.started_ray = connect_ray()
+        options = self._actor_options()
+        self._remote_cls = ray.remote(ShardWorker).options(**options)
+        self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
+        self.actors = [self._new_actor() for _ in range(self.num_workers)]
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def _new_actor(self):
+        return self._remote_cls.remote(self.model_name, self._job_ref)
+
+    def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = deque(shards)
+        attempts: dict[Shard, int] = {}
+        idle = list(self.actors)
+        in_flight: dict[Any, tuple[Shard, Any]] = {}
+        while pending or in_flight:
+            while pending and idle:
+                actor, shard = idle.pop(), pending.popleft()
+                attempts[shard] = attempts.get(shard, 0) + 1
+                in_flight[actor.run.remote(shard)] = (shard, actor)
+            if not in_flight:
+                break
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            shard, actor = in_flight.pop(ref)
+            try:
+                tables, record = ray.get(ref)
+            except RayActorError as err:  # the actor (process or node) died
+                self.actors.remove(actor)
+                replacement = self._new_actor()
+                self.actors.append(replacement)
+                idle.append(replacement)
+                self._retry(shard, attempts, pending, f"worker died: {err}")
+                continue
+            except RayTaskError as err:  # the shard raised
+                idle.append(actor)
+                self._retry(shard, attempts, pending, str(err.cause if err.cause else err).splitlines()[0])
+                continue
+            idle.append(actor)
+            yield shard, tables, record
+
+    def _retry(self, shard: Shard, attempts: dict, pending: deque, error: str) -> None:
+        if attempts[shard] < self.max_attempts:
+            pending.append(shard)
+        else:
+            self.failures.append(Failure(shard, error, attempts[shard]))
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()

@@ -1,0 +1,67 @@
+"""Task registry: a name (or a ``.jsonl`` path) -> a ``TaskData`` builder.
+
+``check_task`` validates a task name before anything expensive loads and
+suggests the closest names ("did you mean"); ``build_task`` builds it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+
+from tasks.base import TaskData, TaskError
+
+TASKS = {
+    "ioi": "indirect object identification, BABA + ABBA templates, ABC corruption (logit difference)",
+    "text": "next-token prediction on documents (--data FILE | hf:NAME; default: a shipped offline corpus)",
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # a registered name, or "jsonl"
+    path: str | None = None
+
+
+def check_task(name_or_file: str) -> TaskSpec:
+    """Resolve ``--task``; raise a one-line TaskError for unknown names or bad files."""
+    if name_or_file in TASKS:
+        return TaskSpec(name_or_file)
+    if name_or_file.endswith(".jsonl") or os.path.sep in name_or_file:
+        from tasks.jsonl import read_pairs
+
+        read_pairs(name_or_file)  # reads and checks every line now
+        return TaskSpec("jsonl", name_or_file)
+    close = difflib.get_close_matches(name_or_file, list(TASKS), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise TaskError(
+        f"unknown task {name_or_file!r}.{hint} Known tasks: {', '.join(TASKS)}; "
+        "or give a .jsonl file of {clean, corrupt, correct, incorrect} lines."
+    )
+
+
+def build_task(
+    spec: TaskSpec,
+    tokenizer,
+    n_prompts: int | None = None,
+    seed: int = 0,
+    seq_len: int | None = None,
+    data: str | None = None,
+) -> TaskData:
+    if n_prompts is not None and n_prompts <= 0:
+        raise TaskError(f"--n-prompts must be positive, got {n_prompts}")
+    if spec.name == "ioi":
+        from tasks import ioi
+
+        return ioi.build(tokenizer, n_prompts=n_prompts, seed=seed)
+    if spec.name == "text":
+        from tasks import text
+
+        return text.build(tokenizer, data=data, n_prompts=n_prompts, seq_len=seq_len, seed=seed)
+    from tasks import jsonl
+
+    return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts)
+
+
+__all__ = ["TASKS", "TaskData", "TaskError", "TaskSpec", "build_task", "check_task"]

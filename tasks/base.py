@@ -1,0 +1,146 @@
+"""What every task produces: token tensors, answer positions, answers, a metric.
+
+A task turns a tokenizer into a ``TaskData``.  Conventions (DESIGN §2):
+- every prompt starts with BOS and is padded on the **right**, so a prompt's
+  answer position is its own last real token (``lengths - 1``), never ``-1``;
+- the clean and corrupt prompt of one pair tokenize to the same length;
+- logit-difference tasks name one correct and one incorrect single token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+TaskKind = Literal["logit_diff", "next_token"]
+
+
+class TaskError(ValueError):
+    """Bad task input; the message says what and how to fix it."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: TaskKind
+    params: dict[str, Any]  # JSON-serialisable; with the tokenizer, reproduces the task
+    clean: Int[Tensor, "N T"]
+    corrupt: Int[Tensor, "N T"]
+    lengths: Int[Tensor, "N"]  # real tokens of each prompt, BOS included
+    correct: Int[Tensor, "N"] | None = None  # logit_diff tasks only
+    incorrect: Int[Tensor, "N"] | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def answer_pos(self) -> Int[Tensor, "N"]:
+        return self.lengths - 1
+
+    def select(self, index: Sequence[int] | slice) -> "TaskData":
+        """A sub-batch (same task, fewer prompts), trimmed to its longest prompt."""
+        idx = torch.arange(self.n_prompts)[index]
+        lengths = self.lengths[idx]
+        T = int(lengths.max())
+        return TaskData(
+            name=self.name, kind=self.kind, params=self.params,
+            clean=self.clean[idx, :T], corrupt=self.corrupt[idx, :T], lengths=lengths,
+            correct=None if self.correct is None else self.correct[idx],
+            incorrect=None if self.incorrect is None else self.incorrect[idx],
+            prompts=[self.prompts[i] for i in idx.tolist()] if self.prompts else [],
+        )
+
+    def fingerprint(self) -> str:
+        """Content hash of the tensors: two runs used the same data iff equal."""
+        digest = hashlib.blake2b(digest_size=8)
+        for t in (self.clean, self.corrupt, self.lengths, self.correct, self.incorrect):
+            if t is not None:
+                digest.update(t.cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer helpers shared by the tasks
+# --------------------------------------------------------------------------- #
+
+
+def bos_id(tokenizer) -> int:
+    """The token TransformerLens prepends (BOS, or EOS for GPT-2-style vocabularies)."""
+    value = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if value is None:
+        raise TaskError("the tokenizer has neither a BOS nor an EOS token to prepend")
+    return int(value)
+
+
+def pad_id(tokenizer) -> int:
+    value = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(value if value is not None else 0)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """BOS + the text's tokens (what ``bridge.to_tokens`` gives for one prompt)."""
+    return [bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def single_token(tokenizer, word: str, where: str = "") -> int:
+    """The id of ``word`` if it is exactly one token, else a clear TaskError."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        at = f" ({where})" if where else ""
+        raise TaskError(
+            f"answer {word!r}{at} is {len(ids)} tokens {pieces} in this tokenizer; "
+            "answers must be single tokens (mind the leading space, e.g. ' Mary')"
+        )
+    return int(ids[0])
+
+
+def pad_right(rows: list[list[int]], pad: int) -> Tensor:
+    T = max(len(r) for r in rows)
+    out = torch.full((len(rows), T), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def logit_diff_task(
+    name: str,
+    params: dict[str, Any],
+    tokenizer,
+    pairs: list[tuple[str, str, str, str]],
+    where: list[str] | None = None,
+) -> TaskData:
+    """Build a logit-difference task from (clean, corrupt, correct, incorrect) strings.
+
+    ``where`` labels each pair in error messages (e.g. ``"line 7"``).
+    """
+    if not pairs:
+        raise TaskError(f"task {name!r} has no prompts")
+    where = where or [f"prompt {i}" for i in range(len(pairs))]
+    clean_rows, corrupt_rows, correct, incorrect = [], [], [], []
+    for (clean, corrupt, right, wrong), label in zip(pairs, where):
+        c, x = encode(tokenizer, clean), encode(tokenizer, corrupt)
+        if len(c) != len(x):
+            raise TaskError(
+                f"{label}: clean and corrupt prompts tokenize to different lengths "
+                f"({len(c)} vs {len(x)} tokens); they must align position by position"
+            )
+        clean_rows.append(c)
+        corrupt_rows.append(x)
+        correct.append(single_token(tokenizer, right, label))
+        incorrect.append(single_token(tokenizer, wrong, label))
+    pad = pad_id(tokenizer)
+    return TaskData(
+        name=name, kind="logit_diff", params=params,
+        clean=pad_right(clean_rows, pad), corrupt=pad_right(corrupt_rows, pad),
+        lengths=torch.tensor([len(r) for r in clean_rows]),
+        correct=torch.tensor(correct), incorrect=torch.tensor(incorrect),
+        prompts=[p[0] for p in pairs],
+    )

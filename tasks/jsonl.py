@@ -1,0 +1,56 @@
+"""A user's logit-difference task with no code: a ``.jsonl`` file.
+
+One JSON object a line: ``{"clean": str, "corrupt": str, "correct": str,
+"incorrect": str}``. The answer is read at each prompt's own last token;
+``correct``/``incorrect`` must be single tokens (mind the leading space).
+Blank lines are skipped. Errors name the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tasks.base import TaskData, TaskError, logit_diff_task
+
+FIELDS = ("clean", "corrupt", "correct", "incorrect")
+
+
+def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """Parse and check the file (no tokenizer needed): pairs and their line labels."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise TaskError(f"cannot read task file {path}: {err.strerror or err}") from None
+    pairs, where = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        label = f"{path.name} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{label}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{label}: expected a JSON object with keys {', '.join(FIELDS)}")
+        missing = [k for k in FIELDS if not isinstance(row.get(k), str) or not row.get(k)]
+        if missing:
+            raise TaskError(f"{label}: missing or non-string field(s) {', '.join(missing)}; each line needs {', '.join(FIELDS)}")
+        pairs.append(tuple(row[k] for k in FIELDS))
+        where.append(label)
+    if not pairs:
+        raise TaskError(f"task file {path} holds no prompts")
+    return pairs, where
+
+
+def build(tokenizer, path: str | Path, n_prompts: int | None = None) -> TaskData:
+    pairs, where = read_pairs(path)
+    if n_prompts is not None:
+        if n_prompts > len(pairs):
+            raise TaskError(f"--n-prompts {n_prompts} is more than the {len(pairs)} prompts in {path}")
+        pairs, where = pairs[:n_prompts], where[:n_prompts]
+    digest = hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
+    params = {"file": str(Path(path).resolve()), "file_hash": digest, "n_prompts": len(pairs)}
+    return logit_diff_task(Path(path).stem, params, tokenizer, pairs, where)

@@ -1,0 +1,103 @@
+"""Next-token prediction on documents (seed 000's web-text setting).
+
+Sources for ``--data``:
+- nothing: the offline corpus shipped in ``tasks/data/corpus.jsonl``;
+- a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file
+  (one ``{"text": ...}`` object a line);
+- ``hf:NAME`` or ``hf:NAME:SPLIT``: a Hugging Face dataset with a ``text``
+  column (needs internet and ``pip install datasets``), e.g.
+  ``hf:stas/openwebtext-10k`` as in seed 000.
+
+Documents are cut into windows of ``seq_len`` tokens (BOS + ``seq_len - 1``
+document tokens), shuffled with ``seed``; the first ``n_prompts`` windows are
+the clean prompts and the next ``n_prompts`` windows, each from a different
+document than its clean partner, are the corrupt ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from tasks.base import TaskData, TaskError, bos_id
+
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.jsonl"
+DEFAULT_N_PROMPTS = 32
+DEFAULT_SEQ_LEN = 64
+
+
+def read_documents(data: str | None) -> tuple[list[str], str]:
+    """(documents, a label saying where they came from)."""
+    if data is None:
+        data = str(DEFAULT_CORPUS)
+    if data.startswith("hf:"):
+        _, _, rest = data.partition(":")
+        name, _, split = rest.partition(":")
+        try:
+            import datasets  # optional: only this path needs it
+        except ImportError:
+            raise TaskError("--data hf:... needs the datasets library: pip install datasets") from None
+        rows = datasets.load_dataset(name, split=split or "train")
+        return [r["text"] for r in rows], data
+    path = Path(data)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise TaskError(f"cannot read --data {path}: {err.strerror or err}") from None
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TaskError(f"{path.name} line {number}: expected a JSON object with a 'text' field") from None
+    else:
+        docs = [d.strip() for d in raw.split("\n\n") if d.strip()]
+    digest = hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+    return docs, f"{path.resolve()}#{digest}"
+
+
+def build(
+    tokenizer,
+    data: str | None = None,
+    n_prompts: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+) -> TaskData:
+    n = DEFAULT_N_PROMPTS if n_prompts is None else n_prompts
+    T = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    if T < 3:
+        raise TaskError(f"--seq-len must be at least 3, got {T}")
+    docs, source = read_documents(data)
+    bos = bos_id(tokenizer)
+    windows: list[tuple[int, list[int]]] = []  # (document index, tokens)
+    for doc_index, doc in enumerate(docs):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - (T - 1) + 1, T - 1):
+            windows.append((doc_index, [bos, *ids[start : start + T - 1]]))
+    if len(windows) < 2 * n:
+        raise TaskError(
+            f"the text task needs {2 * n} windows of {T} tokens (clean + corrupt) but {source} "
+            f"gives {len(windows)}; lower --n-prompts or --seq-len, or pass more --data"
+        )
+    random.Random(seed).shuffle(windows)
+    clean = windows[:n]
+    pool = windows[n:]
+    corrupt = []
+    for doc_index, _ in clean:  # the first unused window from another document
+        j = next((j for j, (d, _) in enumerate(pool) if d != doc_index), None)
+        if j is None:
+            raise TaskError(f"{source} has too few distinct documents to corrupt with other documents")
+        corrupt.append(pool.pop(j))
+    params = {"source": source, "n_prompts": n, "seq_len": T, "seed": seed}
+    return TaskData(
+        name="text", kind="next_token", params=params,
+        clean=torch.tensor([w for _, w in clean]), corrupt=torch.tensor([w for _, w in corrupt]),
+        lengths=torch.full((n,), T), prompts=[tokenizer.decode(w[1:]) for _, w in clean],
+    )
