@@ -35,7 +35,7 @@ class BackupResults:
         return int(self.manifest["model"]["n_heads"])
 
     def head_points(self, layer: int, head: int) -> pd.DataFrame:
-        return self.points[(self.points.layer == layer) & (self.points.head == head)]
+        return self.points[(self.points["layer"] == layer) & (self.points["head"] == head)]
 
 
 def load_results(out: str | Path, allow_mixed: bool = False) -> BackupResults:
@@ -79,14 +79,14 @@ def summary_table(results: BackupResults, k: int = 8) -> pd.DataFrame:
     """Most backed-up and most anti-backed-up heads among those that matter.
 
     Slopes of heads with almost no direct effect are noise (a tiny x-range),
-    so only heads in the top quartile of mean |direct effect| are ranked.
+    so only heads in the top quartile of mean |direct effect| are ranked;
+    ``ci95`` (bootstrap over points) says how far to trust each slope.
     """
     s = results.slopes.dropna(subset=["slope"])
     s = s[s.mean_backup.abs() + s.slope.abs() > 0]  # the last layer has no downstream heads
     if s.empty:
-        return pd.DataFrame(columns=["rank", "head", "slope", "ci95", "r2", "mean_de", "kind"])
-    cut = s.mean_abs_de.quantile(0.75)
-    strong = s[s.mean_abs_de >= cut]
+        return pd.DataFrame(columns=["kind", "head", "slope", "ci95", "r2", "mean_de", "mean_abs_de", "n_points"])
+    strong = s[s.mean_abs_de >= s.mean_abs_de.quantile(0.75)]
     top = strong.nlargest(k, "slope").assign(kind="backed up")
     bottom = strong.nsmallest(k, "slope").assign(kind="anti-backup")
     table = pd.concat([top, bottom[~bottom.index.isin(top.index)]])

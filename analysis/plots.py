@@ -13,17 +13,19 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
 
-def _symmetric_limit(values: np.ndarray) -> float:
+def _symmetric_limit(values: np.ndarray, quantile: float) -> float:
     finite = np.abs(values[np.isfinite(values)])
-    return float(np.quantile(finite, 0.99)) if finite.size else 1.0
+    return float(np.quantile(finite, quantile)) if finite.size else 1.0
 
 
 def heatmap(
     values: np.ndarray, title: str, path: Path, xlabel: str = "head", ylabel: str = "layer",
     colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
+    clip_quantile: float = 0.99,
 ) -> tuple[Path, Path]:
-    """Diverging heatmap centred on 0 (robust limits: the 99th percentile of |values|)."""
-    lim = _symmetric_limit(values) or 1.0
+    """Diverging heatmap centred on 0; colours saturate at a quantile of |values|
+    so that a few noisy cells do not wash out the rest (hover shows true values)."""
+    lim = _symmetric_limit(values, clip_quantile) or 1.0
     rows, cols = values.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 24), min(1.5 + 0.3 * rows, 24)))
     im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")

@@ -27,7 +27,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
     figures = {}
     figures["slopes"], _ = plots.heatmap(
         grid(results.slopes, "slope", L, H), f"Backup slope per head ({model}, {task})",
-        folder / "slopes", colorbar="slope (>0: backed up)",
+        folder / "slopes", colorbar="slope (>0: backed up)", clip_quantile=0.95,
     )
     figures["direct_effects"], _ = plots.heatmap(
         grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({model}, {task})",

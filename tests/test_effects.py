@@ -1,0 +1,116 @@
+"""Direct effects and ablations (DESIGN §1.1-1.2) against independent computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from sweeps.engine import effects
+from sweeps.engine import transformer as tf
+from sweeps.engine.backup_sweep import BackupComputer
+from tasks import TaskSpec, build_task
+from tests import reference
+
+
+def ioi(m, n=8, seed=0):
+    return build_task(TaskSpec("ioi"), m.tokenizer, n_prompts=n, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+def test_direct_effects_sum_to_logit_difference(model_cache, name):
+    m = model_cache(name)
+    task = ioi(m)
+    run = tf.run(m.weights, task.clean)
+    points = effects.effect_points(m.weights, task)
+    parts = effects.decompose(m.weights, task.clean, run, points)
+    expected = reference.logit_diffs(m.bridge, task)  # the bridge's own logits
+    torch.testing.assert_close(parts.total(), expected, atol=1e-3 * expected.abs().max() + 1e-5, rtol=0)
+    if name == "smollm2-135m":  # the figure DESIGN quotes for this prompt
+        assert 3.5 < float(expected.abs().max()) < 12
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "smollm2-135m"])
+def test_direct_effects_sum_to_next_token_logit(model_cache, name):
+    m = model_cache(name)
+    task = build_task(TaskSpec("text"), m.tokenizer, n_prompts=3, seq_len=24)
+    run = tf.run(m.weights, task.clean)
+    points = effects.effect_points(m.weights, task)
+    assert points.n == 3 * 23  # the last position has no target
+    parts = effects.decompose(m.weights, task.clean, run, points)
+    logits = m.bridge(task.clean)
+    target = task.clean[points.batch, points.pos + 1]
+    expected = logits[points.batch, points.pos, target]
+    # the unembedding is centred, so the logit of a token = its direct effects summed
+    torch.testing.assert_close(parts.total(), expected, atol=2e-3 * expected.abs().max() + 1e-5, rtol=0)
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(tiny_llama):
+    m = tiny_llama
+    task = ioi(m, n=6)
+    assert len(set(task.lengths.tolist())) > 1, "the test needs prompts of different lengths"
+    w = m.weights
+    batch_run = tf.run(w, task.clean)
+    batch_points = effects.effect_points(w, task)
+    batch = effects.decompose(w, task.clean, batch_run, batch_points)
+    for i in range(task.n_prompts):
+        alone = task.select([i])
+        run = tf.run(w, alone.clean)
+        parts = effects.decompose(w, alone.clean, run, effects.effect_points(w, alone))
+        torch.testing.assert_close(parts.total()[0], batch.total()[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(parts.heads[:, 0], batch.heads[:, i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,heads", [("tiny-gpt2", [(1, 2), (0, 0)]), ("smollm2-135m", [(20, 4)])])
+def test_engine_backup_equals_independent_full_forward(model_cache, name, heads):
+    """Seed 000's recipe (full hooked forward, full cache, lstsq) gives the engine's numbers."""
+    m = model_cache(name)
+    task = ioi(m, n=12)
+    computer = BackupComputer(m.weights, task, "resample", batch_size=5)  # 3 uneven batches
+    for layer, head in heads:
+        [result] = computer.run_heads(layer, [head])
+        clean, ablated, slope, intercept = reference.resample_backup(m.bridge, task, layer, head)
+        delta = (ablated - clean).numpy()
+        # earlier layers are untouched by the ablation, in the reference too
+        assert np.abs(delta[:layer]).max(initial=0.0) < 1e-5
+        np.testing.assert_allclose(result.de_clean, clean[layer, :, head].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result.backup, delta[layer + 1 :].sum((0, 2)), atol=1e-4)
+        np.testing.assert_allclose(result.mean_delta_heads, delta.mean(1), atol=1e-4)
+        fit = effects.fit_line(result.de_clean, result.backup)
+        assert fit.slope == pytest.approx(slope, abs=1e-4)
+        assert fit.intercept == pytest.approx(intercept, abs=1e-4)
+
+
+def test_earlier_layers_exactly_unchanged_and_identical_resample_is_a_no_op(tiny_llama):
+    m = tiny_llama
+    task = ioi(m, n=6)
+    same = task.select(slice(None))
+    same.corrupt = same.clean.clone()  # "resample" from the clean prompts themselves
+    computer = BackupComputer(m.weights, same, "resample", batch_size=6)
+    for layer in range(m.weights.cfg.n_layers):
+        for r in computer.run_heads(layer, list(range(m.weights.cfg.n_heads))):
+            assert np.all(r.mean_delta_heads[:layer] == 0.0)  # never recomputed: exactly zero
+            np.testing.assert_allclose(r.mean_delta_heads, 0.0, atol=1e-6)
+            np.testing.assert_allclose(r.backup, 0.0, atol=1e-6)
+
+
+def test_zero_and_mean_ablation_change_the_ablated_head(tiny_gpt2):
+    m = tiny_gpt2
+    task = ioi(m, n=6)
+    for ablation in ("zero", "mean"):
+        [r] = BackupComputer(m.weights, task, ablation).run_heads(0, [1])
+        own = r.mean_delta_heads[0, 1]
+        if ablation == "zero":  # the head's direct effect drops to exactly its negative
+            assert own == pytest.approx(-r.de_clean.mean(), abs=1e-6)
+        assert np.abs(r.mean_delta_heads[1:]).sum() > 0
+
+
+def test_fit_line_matches_numpy_and_threshold():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = -0.3 * x + 0.1 + 0.01 * rng.normal(size=200)
+    fit = effects.fit_line(x, y)
+    assert fit.slope == pytest.approx(np.polyfit(x, y, 1)[0], abs=1e-10)
+    assert fit.n_points == 200 and fit.r2 > 0.99
+    assert effects.fit_line(x, y, threshold=0.5).n_points == int((np.abs(x) > 0.5).sum())
+    lo, hi = effects.bootstrap_slope_ci(x, y)
+    assert lo < fit.slope < hi and hi - lo < 0.05
+    assert np.isnan(effects.fit_line(np.ones(5), y[:5]).slope)

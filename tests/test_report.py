@@ -1,0 +1,51 @@
+"""Analysis reads only the results; its offline W&B run holds the tables and images."""
+
+from pathlib import Path
+
+import pytest
+
+from analysis.__main__ import main as analysis_main
+from analysis.backup import compensation_matrix, grid, load_results, summary_table
+from sweeps import backup
+from tests.wandb_records import history_and_summary
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "o"
+    args = ["--model", "tiny-gpt2", "--executor", "local", "--n-prompts", "8", "--no-report", "--out", str(out)]
+    assert backup.main(args) == 0
+    return out
+
+
+def test_tables_and_grids(results_dir):
+    r = load_results(results_dir)
+    slopes = grid(r.slopes, "slope", r.n_layers, r.n_heads)
+    assert slopes.shape == (3, 4) and not (slopes != slopes).any()
+    assert (slopes[-1] == 0).all()  # the last layer has no downstream heads
+    m = compensation_matrix(r.responses, r.n_layers, r.n_heads)
+    assert m.shape == (12, 12)
+    assert (m.loc["L1H0", ["L0H0", "L0H3"]] == 0).all()  # earlier heads cannot respond
+    table = summary_table(r)
+    assert {"kind", "head", "slope", "ci95", "r2"} <= set(table.columns) and len(table) > 0
+
+
+def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, monkeypatch):
+    assert analysis_main(["backup", str(results_dir), "--wandb", "offline", "--scatter", "L1H2"]) == 0
+    plots = results_dir / "plots"
+    for name in ("slopes", "direct_effects", "compensation", "scatter_L1H2"):
+        assert (plots / f"{name}.png").stat().st_size > 1000
+        assert "plotly" in (plots / f"{name}.html").read_text()
+    runs = list(Path(tmp_path / "wandb").rglob("run-*.wandb"))
+    assert len(runs) == 1
+    history, summary, artifacts = history_and_summary(runs[0])
+    expected = {"slopes": "table-file", "top_heads": "table-file", "responses_top": "table-file",
+                "plots/slopes": "image-file", "plots/compensation": "image-file",
+                "plots/scatter_L1H2": "image-file", "html/slopes": "html-file"}
+    for key, kind in expected.items():  # media are logged as nested {_type, path, sha256, ...}
+        assert history.get(f"{key}/_type") == f'"{kind}"', sorted(history)
+    media = runs[0].parent / "files"
+    table = media / history["slopes/path"].strip('"')
+    assert table.is_file() and '"slope"' in table.read_text()  # the table's own rows, on disk
+    assert summary["n_heads_swept"] == "12"
+    assert any(name.startswith("backup-results-") for name in artifacts)

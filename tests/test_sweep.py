@@ -1,0 +1,127 @@
+"""The whole sweep: executors agree, resume recomputes only what is missing, files are safe."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sweeps import backup
+from sweeps.engine.backup_sweep import BackupJob
+from sweeps.engine.store import ResultStore
+
+PROVENANCE = ["model", "weight_hash", "task", "task_hash", "seed", "ablation", "code_version", "spec_id"]
+
+
+def sweep(out, *extra, model="tiny-llama", executor="local"):
+    args = ["--model", model, "--executor", executor, "--n-prompts", "10", "--batch-size", "4",
+            "--no-report", "--out", str(out), *extra]
+    return backup.main(args)
+
+
+def tables(out) -> dict[str, pd.DataFrame]:
+    keys = {"slopes": ["layer", "head"], "responses": ["up_layer", "up_head", "down_kind", "down_layer", "down_head"],
+            "points": ["layer", "head", "prompt", "pos"]}
+    return {
+        name: pd.read_parquet(out / name).sort_values(k).reset_index(drop=True).drop(columns=["shard"])
+        for name, k in keys.items()
+    }
+
+
+def assert_same_tables(a, b, atol=1e-5):
+    for name in a:
+        assert list(a[name].columns) == list(b[name].columns)
+        assert len(a[name]) == len(b[name]) > 0
+        for column in a[name].columns:
+            x, y = a[name][column], b[name][column]
+            if np.issubdtype(x.dtype, np.floating):
+                np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=f"{name}.{column}")
+            else:
+                assert x.equals(y), f"{name}.{column}"
+
+
+def test_ray_pool_equals_local_and_pins_one_gpu_per_actor(tmp_path, ray_session):
+    assert sweep(tmp_path / "local") == 0
+    assert sweep(tmp_path / "ray", executor="ray") == 0  # session Ray has 2 fake GPUs -> 2 actors
+    local, ray_ = tables(tmp_path / "local"), tables(tmp_path / "ray")
+    assert_same_tables(local, ray_)
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    gpu_ids = [w["gpu_ids"] for w in manifest["workers"]]
+    assert len(gpu_ids) == 2 and all(len(g) == 1 for g in gpu_ids) and gpu_ids[0] != gpu_ids[1]
+    shard_gpus = {tuple(s["gpu_ids"]) for s in manifest["shards"].values()}
+    assert shard_gpus <= {tuple(g) for g in gpu_ids}
+
+
+def test_results_carry_provenance_and_shapes(tmp_path):
+    out = tmp_path / "o"
+    assert sweep(out, "--heads", "L0,L1H2") == 0
+    t = tables(out)
+    assert len(t["slopes"]) == 5  # 4 heads of layer 0 + L1H2
+    assert set(PROVENANCE) <= set(t["slopes"].columns)
+    assert t["slopes"].weight_hash.nunique() == 1 and t["slopes"].model.iloc[0] == "tiny-llama"
+    L, H = 3, 4
+    assert len(t["responses"]) == 5 * (L * H + L)
+    assert len(t["points"]) == 5 * 10  # one point per prompt (IOI answer position)
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(next((out / "slopes").glob("*.parquet"))).metadata
+    assert json.loads(metadata[b"sweep_spec"])["task_params"]["n_prompts"] == 10
+
+
+def count_shards(monkeypatch, fail_after=None):
+    calls = []
+    original = BackupJob.run_shard
+
+    def counting(self, shard):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt
+        calls.append(shard.id)
+        return original(self, shard)
+
+    monkeypatch.setattr(BackupJob, "run_shard", counting)
+    return calls
+
+
+def test_interrupted_sweep_resumes_only_missing_shards(tmp_path, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    assert sweep(reference) == 0
+    out = tmp_path / "interrupted"
+    calls = count_shards(monkeypatch, fail_after=1)
+    assert sweep(out) == 130  # Ctrl-C after the first shard
+    assert "Resume with" in capsys.readouterr().err
+    assert calls == ["L00H0-3"]
+    with monkeypatch.context() as m:
+        again = count_shards(m)
+        assert sweep(out) == 0
+    assert again == ["L01H0-3", "L02H0-3"]  # only the missing shards
+    assert_same_tables(tables(reference), tables(out), atol=0)
+
+
+def test_corrupt_or_uncommitted_files_are_set_aside_and_recomputed(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert sweep(out) == 0
+    before = tables(out)
+    victim = out / "points" / "L01H0-3.parquet"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated: no Parquet footer
+    (out / "slopes" / ".L02H0-3.parquet.tmp").write_bytes(b"half-written")
+    calls = count_shards(monkeypatch)
+    assert sweep(out) == 0
+    assert calls == ["L01H0-3"]
+    assert not (out / "slopes" / ".L02H0-3.parquet.tmp").exists()
+    assert_same_tables(before, tables(out), atol=0)
+
+
+def test_second_sweep_into_a_busy_directory_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    store = ResultStore(out, backup.DATASETS)
+    with store.lock():
+        assert sweep(out) == 2
+    assert "another sweep" in capsys.readouterr().err
+
+
+def test_no_resume_starts_over(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert sweep(out) == 0
+    calls = count_shards(monkeypatch)
+    assert sweep(out, "--no-resume") == 0
+    assert len(calls) == 3

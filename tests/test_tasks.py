@@ -1,0 +1,102 @@
+"""Tasks: tokenization conventions, determinism, and their one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from tasks import TaskError, TaskSpec, build_task, check_task
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    return tiny_llama.tokenizer
+
+
+def test_ioi_is_deterministic_balanced_and_aligned(tok, tiny_llama):
+    a = build_task(TaskSpec("ioi"), tok, n_prompts=10, seed=3)
+    b = build_task(TaskSpec("ioi"), tok, n_prompts=10, seed=3)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != build_task(TaskSpec("ioi"), tok, n_prompts=10, seed=4).fingerprint()
+    assert a.clean.shape == a.corrupt.shape
+    # padding is on the right, and the bridge tokenizes the same way
+    assert torch.equal(tiny_llama.bridge.to_tokens(a.prompts), a.clean)
+    for i in range(a.n_prompts):
+        n = int(a.lengths[i])
+        assert (a.clean[i, n:] == a.clean[i, -1]).all()
+        assert tok.decode(a.clean[i, n - 1]) == " to"  # the answer position is the last real token
+        io, s = tok.decode(a.correct[i]).strip(), tok.decode(a.incorrect[i]).strip()
+        assert a.prompts[i].count(s) == 2 and a.prompts[i].count(io) == 1  # S repeated, IO once
+        corrupt = tok.decode(a.corrupt[i, 1:n])
+        assert io not in corrupt.split() and s not in corrupt.split()  # ABC: fresh names
+
+
+def test_text_task_windows_and_other_document_corruption(tok):
+    t = build_task(TaskSpec("text"), tok, n_prompts=5, seq_len=20, seed=1)
+    assert t.kind == "next_token" and t.clean.shape == (5, 20) and (t.lengths == 20).all()
+    assert not torch.equal(t.clean, t.corrupt)
+    with pytest.raises(TaskError, match="needs .* windows"):
+        build_task(TaskSpec("text"), tok, n_prompts=100000, seq_len=20)
+
+
+def test_text_task_reads_local_files(tok, tmp_path):
+    docs = ["one two three four five six seven eight nine ten " * 3, "alpha beta gamma delta " * 8]
+    (tmp_path / "d.txt").write_text("\n\n".join(docs))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    for name in ("d.txt", "d.jsonl"):
+        t = build_task(TaskSpec("text"), tok, n_prompts=1, seq_len=8, data=str(tmp_path / name))
+        assert t.clean.shape == (1, 8)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_jsonl_task_with_prompts_of_different_lengths(tok, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [
+        {"clean": "When Mary and John went out, John thanked", "corrupt": "When Anna and Paul went out, Mark thanked",
+         "correct": " Mary", "incorrect": " John"},
+        {"clean": "The capital of France is", "corrupt": "The capital of Spain is",
+         "correct": " Paris", "incorrect": " Madrid"},
+    ])
+    spec = check_task(path)
+    t = build_task(spec, tok)
+    assert t.kind == "logit_diff" and t.lengths.tolist()[0] > t.lengths.tolist()[1]
+    assert tok.decode(t.clean[1, t.answer_pos[1]]) == " is"
+
+
+@pytest.mark.parametrize("rows,message", [
+    (['{"clean": "a b", "corrupt": "c d", "correct": " x", "incorrect": " y"}', "{not json"], "line 2: not valid JSON"),
+    ([{"clean": "a b", "corrupt": "c d", "correct": " x"}], "line 1: missing .*incorrect"),
+])
+def test_jsonl_malformed_lines_name_the_line(tmp_path, rows, message):
+    with pytest.raises(TaskError, match=message):
+        check_task(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_jsonl_length_mismatch_and_multi_token_answer(tok, tmp_path):
+    path = write_jsonl(tmp_path / "len.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The extraordinarily ornate cathedral sat", "correct": " on", "incorrect": " in"}])
+    with pytest.raises(TaskError, match="line 1: clean and corrupt prompts tokenize to different lengths"):
+        build_task(check_task(path), tok)
+    path = write_jsonl(tmp_path / "multi.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " Constantinopolitanism", "incorrect": " in"}])
+    with pytest.raises(TaskError, match=r"answer ' Constantinopolitanism' \(len.jsonl|multi.jsonl line 1\) is \d+ tokens"):
+        build_task(check_task(path), tok)
+
+
+def test_unknown_task_suggests_close_names_and_missing_file_is_clear(tmp_path):
+    with pytest.raises(TaskError, match="unknown task 'iio'. Did you mean ioi"):
+        check_task("iio")
+    with pytest.raises(TaskError, match="cannot read task file"):
+        check_task(str(tmp_path / "missing.jsonl"))
+
+
+def test_n_prompts_must_be_positive_and_available(tok, tmp_path):
+    with pytest.raises(TaskError, match="must be positive"):
+        build_task(TaskSpec("ioi"), tok, n_prompts=0)
+    path = write_jsonl(tmp_path / "one.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " on", "incorrect": " in"}])
+    with pytest.raises(TaskError, match="--n-prompts 5 is more than the 1 prompts"):
+        build_task(check_task(path), tok, n_prompts=5)
