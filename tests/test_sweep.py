@@ -10,6 +10,7 @@ from sweeps import backup
 from sweeps.engine.backup_sweep import BackupJob
 from sweeps.engine.store import ResultStore
 
+ORIGINAL_RUN_SHARD = BackupJob.run_shard
 PROVENANCE = ["model", "weight_hash", "task", "task_hash", "seed", "ablation", "code_version", "spec_id"]
 
 
@@ -34,7 +35,7 @@ def assert_same_tables(a, b, atol=1e-5):
         assert len(a[name]) == len(b[name]) > 0
         for column in a[name].columns:
             x, y = a[name][column], b[name][column]
-            if np.issubdtype(x.dtype, np.floating):
+            if pd.api.types.is_float_dtype(x):
                 np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=f"{name}.{column}")
             else:
                 assert x.equals(y), f"{name}.{column}"
@@ -70,7 +71,7 @@ def test_results_carry_provenance_and_shapes(tmp_path):
 
 def count_shards(monkeypatch, fail_after=None):
     calls = []
-    original = BackupJob.run_shard
+    original = ORIGINAL_RUN_SHARD
 
     def counting(self, shard):
         if fail_after is not None and len(calls) >= fail_after:
