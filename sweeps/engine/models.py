@@ -168,7 +168,9 @@ def _tiny_hf_config(name: str):
 def load_hf_model(info: ModelInfo):
     """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per GGUF tensor is noise in a sweep's log
     tokenizer = load_tokenizer(info)
     if info.kind == "embedded":
         model = AutoModelForCausalLM.from_pretrained(
