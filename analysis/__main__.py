@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scatter", metavar="HEADS", help="heads to draw scatters for, e.g. L5H1,9.6 "
                    "(default: the top heads of the summary)")
     p.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
+    p.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
+                   help="rank only heads whose mean |direct effect| is at least F times the largest "
+                   "head's (default 0.1)")
     args = parser.parse_args(argv)
 
     from analysis.backup import ResultsError, load_results, summary_table
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ResultsError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary_table(results, args.top).to_string(index=False))
+    print(summary_table(results, args.top, args.min_de_fraction).to_string(index=False))
     write_backup_report(args.out, args.wandb, args.wandb_project, scatter)
     return 0
 

@@ -75,21 +75,28 @@ def compensation_matrix(responses: pd.DataFrame, n_layers: int, n_heads: int) ->
     return pd.DataFrame(matrix[swept], index=[labels[i] for i in swept], columns=labels)
 
 
-def summary_table(results: BackupResults, k: int = 8) -> pd.DataFrame:
-    """Most backed-up and most anti-backed-up heads among those that matter.
+def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1) -> pd.DataFrame:
+    """The most backed-up and most anti-backed-up heads, ranked conservatively.
 
-    Slopes of heads with almost no direct effect are noise (a tiny x-range),
-    so only heads in the top quartile of mean |direct effect| are ranked;
-    ``ci95`` (bootstrap over points) says how far to trust each slope.
+    Backup is compensation of a head's *direct* effect, so only heads whose
+    mean |direct effect| is at least ``min_de_fraction`` of the largest head's
+    are ranked (a head with almost no direct effect has a tiny x-range and a
+    slope that is mostly noise). They are ranked by the cautious end of the
+    slope's 95 % bootstrap interval: backed-up heads by its lower bound,
+    anti-backup heads by its upper bound (by the slope itself when the sweep
+    ran no bootstrap).
     """
     s = results.slopes.dropna(subset=["slope"])
     s = s[s.mean_backup.abs() + s.slope.abs() > 0]  # the last layer has no downstream heads
+    s = s[s.mean_abs_de >= min_de_fraction * results.slopes.mean_abs_de.max()]
+    columns = ["kind", "head", "slope", "ci95", "r2", "mean_de", "mean_abs_de", "n_points"]
     if s.empty:
-        return pd.DataFrame(columns=["kind", "head", "slope", "ci95", "r2", "mean_de", "mean_abs_de", "n_points"])
-    strong = s[s.mean_abs_de >= s.mean_abs_de.quantile(0.75)]
-    top = strong.nlargest(k, "slope").assign(kind="backed up")
-    bottom = strong.nsmallest(k, "slope").assign(kind="anti-backup")
-    table = pd.concat([top, bottom[~bottom.index.isin(top.index)]])
+        return pd.DataFrame(columns=columns)
+    low = s.slope_ci_low.fillna(s.slope)
+    high = s.slope_ci_high.fillna(s.slope)
+    top = s.loc[low[low > 0].nlargest(k).index].assign(kind="backed up")
+    bottom = s.loc[high[high < 0].nsmallest(k).index].assign(kind="anti-backup")
+    table = pd.concat([top, bottom])
     return pd.DataFrame(
         {
             "kind": table.kind,
@@ -100,5 +107,6 @@ def summary_table(results: BackupResults, k: int = 8) -> pd.DataFrame:
             "mean_de": table.mean_de.round(4),
             "mean_abs_de": table.mean_abs_de.round(4),
             "n_points": table.n_points,
-        }
+        },
+        columns=columns,
     )

@@ -46,14 +46,15 @@ def run_shards(
         total = sum(units(s) for s in shards)
         with tqdm(total=total, unit=unit_name, desc=f"{executor.name}×{len(workers)}", file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            for shard, tables, record in executor.run(shards):
+            for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
                 tables = {
                     name: with_provenance(table, {**columns, "shard": shard.id}, spec)
                     for name, table in tables.items()
                 }
                 store.write_shard(shard.id, tables, record)
                 bar.update(units(shard))
-                bar.set_postfix_str(f"shard {shard.id} on {record.get('device')}", refresh=False)
+                bar.set_postfix_str(f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
+                                    refresh=False)
         return executor.failures
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}",

@@ -135,7 +135,8 @@ def describe_model(name: str) -> ModelInfo:
         cfg = AutoConfig.from_pretrained(official)
     except OSError as err:
         raise ModelNameError(
-            f"cannot read the config of hub model {official!r} (no internet or no such repo): {err}"
+            f"cannot read the config of hub model {official!r} (no internet or no such repo): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
     n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
