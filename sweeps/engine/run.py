@@ -130,7 +130,6 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
 
     if ray.is_initialized():
         return False
-    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     address = os.environ.get("RAY_ADDRESS")
     try:
         ray.init(address=address or "auto", logging_level=logging.WARNING)
@@ -138,7 +137,7 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
     except ConnectionError:
         if address:
             raise
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **quiet)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -176,7 +175,12 @@ class RayExecutor:
         self._remote_cls = ray.remote(ShardWorker).options(**options)
         self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
-        return ray.get([a.info.remote() for a in self.actors])
+        try:
+            return ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as err:
+            cause = str(err).strip().splitlines()
+            raise RuntimeError(f"a Ray worker failed to start (loading {self.model_name}): "
+                               f"{cause[-1] if cause else err}") from None
 
     def _new_actor(self):
         return self._remote_cls.remote(self.model_name, self._job_ref)
