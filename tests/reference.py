@@ -38,8 +38,22 @@ def head_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
     return torch.stack(out)
 
 
+def mlp_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
+    """[L, B] direct effect of every MLP's output at the answer."""
+    dirs, pos = answer_directions(bridge, task)
+    b = torch.arange(task.n_prompts)
+    out = []
+    for layer in range(bridge.cfg.n_layers):
+        mlp = cache[f"blocks.{layer}.hook_mlp_out"][b, pos]
+        if bridge.cfg.normalization_type not in ("RMS", "RMSPre"):
+            mlp = mlp - mlp.mean(-1, keepdim=True)
+        out.append(torch.einsum("bd,bd->b", mlp, dirs) / clean_scale)
+    return torch.stack(out)
+
+
 def resample_backup(bridge, task, layer: int, head: int):
-    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept)."""
+    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept,
+    change of every MLP's direct effect [L, B])."""
     b = torch.arange(task.n_prompts)
     pos = task.lengths - 1
     _, clean_cache = bridge.run_with_cache(task.clean)
@@ -59,4 +73,7 @@ def resample_backup(bridge, task, layer: int, head: int):
     backup = (ablated - clean)[layer + 1 :].sum((0, 2)).numpy()
     x = clean[layer, :, head].numpy()
     slope, intercept = np.linalg.lstsq(np.vstack([x, np.ones_like(x)]).T, backup, rcond=None)[0]
-    return clean, ablated, float(slope), float(intercept)
+    mlp_delta = mlp_direct_effects(bridge, ablated_cache, clean_scale, task) - mlp_direct_effects(
+        bridge, clean_cache, clean_scale, task
+    )
+    return clean, ablated, float(slope), float(intercept), mlp_delta

@@ -67,13 +67,14 @@ def test_engine_backup_equals_independent_full_forward(model_cache, name, heads)
     computer = BackupComputer(m.weights, task, "resample", batch_size=5)  # 3 uneven batches
     for layer, head in heads:
         [result] = computer.run_heads(layer, [head])
-        clean, ablated, slope, intercept = reference.resample_backup(m.bridge, task, layer, head)
+        clean, ablated, slope, intercept, mlp_delta = reference.resample_backup(m.bridge, task, layer, head)
         delta = (ablated - clean).numpy()
         # earlier layers are untouched by the ablation, in the reference too
         assert np.abs(delta[:layer]).max(initial=0.0) < 1e-5
         np.testing.assert_allclose(result.de_clean, clean[layer, :, head].numpy(), atol=1e-4)
         np.testing.assert_allclose(result.backup, delta[layer + 1 :].sum((0, 2)), atol=1e-4)
         np.testing.assert_allclose(result.mean_delta_heads, delta.mean(1), atol=1e-4)
+        np.testing.assert_allclose(result.mean_delta_mlps, mlp_delta.mean(1).numpy(), atol=1e-4)
         fit = effects.fit_line(result.de_clean, result.backup)
         assert fit.slope == pytest.approx(slope, abs=1e-4)
         assert fit.intercept == pytest.approx(intercept, abs=1e-4)
@@ -114,3 +115,11 @@ def test_fit_line_matches_numpy_and_threshold():
     lo, hi = effects.bootstrap_slope_ci(x, y)
     assert lo < fit.slope < hi and hi - lo < 0.05
     assert np.isnan(effects.fit_line(np.ones(5), y[:5]).slope)
+
+
+def test_mean_ablation_uses_the_whole_task_whatever_the_batch_size(tiny_gpt2):
+    task = ioi(tiny_gpt2, n=7)
+    [a] = BackupComputer(tiny_gpt2.weights, task, "mean", batch_size=3).run_heads(1, [2])
+    [b] = BackupComputer(tiny_gpt2.weights, task, "mean", batch_size=7).run_heads(1, [2])
+    np.testing.assert_allclose(a.backup, b.backup, atol=1e-5)
+    np.testing.assert_allclose(a.mean_delta_heads, b.mean_delta_heads, atol=1e-5)

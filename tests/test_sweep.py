@@ -126,3 +126,13 @@ def test_no_resume_starts_over(tmp_path, monkeypatch):
     calls = count_shards(monkeypatch)
     assert sweep(out, "--no-resume") == 0
     assert len(calls) == 3
+
+
+def test_growing_the_head_list_adds_only_the_new_heads(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert sweep(out, "--heads", "L0H1,L0H2") == 0
+    calls = count_shards(monkeypatch)
+    assert sweep(out, "--heads-per-shard", "2") == 0  # now every head, other shard sizes
+    assert [c for c in calls if c.startswith("L00")] == ["L00H0.3"]  # only the heads not done yet
+    slopes = tables(out)["slopes"]
+    assert len(slopes) == 12 and not slopes.duplicated(["layer", "head"]).any()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -133,11 +134,13 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
     address = os.environ.get("RAY_ADDRESS")
     try:
         ray.init(address=address or "auto", logging_level=logging.WARNING)
+        print(f"Ray: joined the running cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr)
         return True
     except ConnectionError:
         if address:
             raise
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
+    print("Ray: no running cluster found; started a local single-node Ray", file=sys.stderr)
     return True
 
 
