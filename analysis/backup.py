@@ -38,16 +38,26 @@ class BackupResults:
         return self.points[(self.points["layer"] == layer) & (self.points["head"] == head)]
 
 
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # missing or truncated (pyarrow's errors are both)
+        raise ResultsError(
+            f"{path} is unreadable ({type(err).__name__}); re-run the sweep command to recompute it"
+        ) from None
+
+
 def load_results(out: str | Path, allow_mixed: bool = False) -> BackupResults:
     out = Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise ResultsError(f"{out} holds no sweep results (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
+    committed = sorted(manifest.get("shards", {}))  # never a file the manifest does not list
     frames = {}
     for name in ("slopes", "responses", "points"):
-        folder = out / name
-        frames[name] = pd.read_parquet(folder) if folder.is_dir() and any(folder.glob("*.parquet")) else pd.DataFrame()
+        files = [out / name / f"{shard}.parquet" for shard in committed]
+        frames[name] = pd.concat([_read(f) for f in files], ignore_index=True) if files else pd.DataFrame()
     slopes = frames["slopes"]
     if not slopes.empty and slopes["spec_id"].nunique() > 1 and not allow_mixed:
         raise ResultsError(f"{out} mixes results of {slopes['spec_id'].nunique()} different sweep specs")

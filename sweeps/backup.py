@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from sweeps.engine.cli import UserError, add_common_options, default_out
+from sweeps.engine.cli import UserError, add_common_options, default_out, non_negative_int, positive_int
 from sweeps.engine.effects import ABLATIONS
 
 DATASETS = ("slopes", "responses", "points")
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean output over every token of the task")
     g.add_argument("--fit-threshold", type=float, default=0.0, metavar="X",
                    help="fit the slope only on points with |direct effect| > X (default 0: every point)")
-    g.add_argument("--bootstrap", type=int, default=200, metavar="N",
+    g.add_argument("--bootstrap", type=non_negative_int, default=200, metavar="N",
                    help="bootstrap resamples for the slope's 95%% interval (default 200; 0 to skip)")
-    g.add_argument("--heads-per-shard", type=int, metavar="N",
+    g.add_argument("--heads-per-shard", type=positive_int, metavar="N",
                    help="split each layer's heads into shards of N (default: one shard per layer)")
     return parser
 
@@ -87,6 +87,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         heads = parse_heads(args.heads, info.n_layers, info.n_heads)
         tokenizer = load_tokenizer(info)
         task = build_task(task_spec, tokenizer, args.n_prompts, args.seed, args.seq_len, args.data)
+        if task.clean.shape[1] > info.n_ctx:
+            raise TaskError(f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
+                            f"context of {info.n_ctx}; lower --seq-len or shorten the prompts")
     except (ModelNameError, TaskError, PlanError, StoreError) as err:
         raise UserError(str(err)) from None
 
@@ -129,12 +132,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as err:  # e.g. a worker that cannot load the model
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     for failure in failures:
         print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
     from analysis.backup import load_results, summary_table
 
     results = load_results(out)
+    if results.slopes.empty:
+        print(f"no finished shards in {out}; re-run the same command to retry", file=sys.stderr)
+        return 1
     print(summary_table(results).to_string(index=False))
     if not args.no_report:
         from analysis.report import write_backup_report

@@ -51,6 +51,8 @@ def build_task(
 ) -> TaskData:
     if n_prompts is not None and n_prompts <= 0:
         raise TaskError(f"--n-prompts must be positive, got {n_prompts}")
+    if spec.name != "text" and (seq_len is not None or data is not None):
+        raise TaskError("--seq-len and --data apply only to --task text")
     if spec.name == "ioi":
         from tasks import ioi
 

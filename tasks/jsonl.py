@@ -24,6 +24,8 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise TaskError(f"cannot read task file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise TaskError(f"task file {path} is not UTF-8 text") from None
     pairs, where = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -41,13 +41,19 @@ def read_documents(data: str | None) -> tuple[list[str], str]:
             import datasets  # optional: only this path needs it
         except ImportError:
             raise TaskError("--data hf:... needs the datasets library: pip install datasets") from None
-        rows = datasets.load_dataset(name, split=split or "train")
-        return [r["text"] for r in rows], data
+        try:
+            rows = datasets.load_dataset(name, split=split or "train")
+            return [r["text"] for r in rows], data
+        except Exception as err:  # noqa: BLE001 - network, missing dataset, missing column
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TaskError(f"cannot load Hugging Face dataset {name!r}: {message}") from None
     path = Path(data)
     try:
         raw = path.read_text(encoding="utf-8")
     except OSError as err:
         raise TaskError(f"cannot read --data {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise TaskError(f"--data {path} is not UTF-8 text") from None
     if path.suffix == ".jsonl":
         docs = []
         for number, line in enumerate(raw.splitlines(), start=1):

@@ -77,3 +77,32 @@ def resample_backup(bridge, task, layer: int, head: int):
         bridge, clean_cache, clean_scale, task
     )
     return clean, ablated, float(slope), float(intercept), mlp_delta
+
+
+def next_token_backup(bridge, task, layer: int, head: int):
+    """Seed 000 on text: (clean DE of the head, accumulated backup), both [B * (T-1)], row-major."""
+    _, clean_cache = bridge.run_with_cache(task.clean)
+    _, corrupt_cache = bridge.run_with_cache(task.corrupt)
+    name = f"blocks.{layer}.attn.hook_z"
+
+    def patch(z, hook):
+        z = z.clone()
+        z[:, :, head] = corrupt_cache[name][:, :, head]
+        return z
+
+    with bridge.hooks(fwd_hooks=[(name, patch)]):
+        _, ablated_cache = bridge.run_with_cache(task.clean)
+    scale = clean_cache["ln_final.hook_scale"][:, :-1]  # [B, T-1, 1]
+    directions = bridge.W_U[:, task.clean[:, 1:]].permute(1, 2, 0)  # [B, T-1, D]: next tokens
+
+    def effects(cache):  # [L, B, T-1, H], centring each head's write as LayerNorm does
+        out = []
+        for l in range(bridge.cfg.n_layers):
+            r = cache[f"blocks.{l}.attn.hook_result"][:, :-1]
+            r = r - r.mean(-1, keepdim=True)
+            out.append(torch.einsum("bthd,btd->bth", r / scale[..., None], directions))
+        return torch.stack(out)
+
+    clean, ablated = effects(clean_cache), effects(ablated_cache)
+    backup = (ablated - clean)[layer + 1 :].sum((0, 3))
+    return clean[layer, :, :, head].flatten().numpy(), backup.flatten().numpy()

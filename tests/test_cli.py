@@ -86,11 +86,25 @@ def test_output_path_is_a_file(capsys, no_model_loading, tmp_path):
     assert "is a file" in fails(capsys, "--model", "tiny-gpt2", "--out", str(path))
 
 
-def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path):
+def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path, monkeypatch):
     out = str(tmp_path / "o")
     common = ["--model", "tiny-gpt2", "--executor", "local", "--n-prompts", "4", "--heads", "L2", "--no-report",
               "--out", out]
     assert backup.main(common) == 0
+    monkeypatch.setattr(models, "load_hf_model", lambda *a, **k: pytest.fail("weights loaded"))
     line = fails(capsys, *common, "--seed", "1")
     assert "holds results of a different sweep" in line and "seed: 0 here vs 1 now" in line
     assert "--no-resume" in line
+
+
+def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, no_model_loading, tmp_path):
+    out = str(tmp_path / "o")
+    assert "apply only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
+    long = {**GOOD, "clean": "word " * 600, "corrupt": "word " * 600}
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", jsonl(tmp_path, long), "--out", out)
+    assert "prompts of 602 tokens are longer than tiny-gpt2's context of 512" in line
+
+
+def test_unsupported_architecture_is_refused_before_loading(capsys, no_model_loading, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 6}))
+    assert "architecture 't5' is not supported" in fails(capsys, "--model", str(tmp_path))

@@ -26,7 +26,9 @@ def test_cluster_yaml_is_valid_and_gives_each_worker_a_gpu():
 
 
 def test_broken_cluster_yaml_is_rejected():
+    from jsonschema.exceptions import ValidationError
+
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["resources"] = "GPU: 1"  # not a mapping
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="resources"):
         validate(config)

@@ -15,7 +15,7 @@ def ioi(m, n=8, seed=0):
     return build_task(TaskSpec("ioi"), m.tokenizer, n_prompts=n, seed=seed)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia", "smollm2-135m"])
 def test_direct_effects_sum_to_logit_difference(model_cache, name):
     m = model_cache(name)
     task = ioi(m)
@@ -24,8 +24,17 @@ def test_direct_effects_sum_to_logit_difference(model_cache, name):
     parts = effects.decompose(m.weights, task.clean, run, points)
     expected = reference.logit_diffs(m.bridge, task)  # the bridge's own logits
     torch.testing.assert_close(parts.total(), expected, atol=1e-3 * expected.abs().max() + 1e-5, rtol=0)
-    if name == "smollm2-135m":  # the figure DESIGN quotes for this prompt
-        assert 3.5 < float(expected.abs().max()) < 12
+
+
+def test_embedded_model_prefers_mary_by_about_4_6(smollm):
+    """DESIGN's figure for SmolLM2 on the classic IOI prompt, from the sum of direct effects."""
+    from tasks.base import logit_diff_task
+
+    prompt = "When John and Mary went to the shops, John gave the bag to"
+    task = logit_diff_task("one", {}, smollm.tokenizer, [(prompt, prompt, " Mary", " John")])
+    run = tf.run(smollm.weights, task.clean)
+    parts = effects.decompose(smollm.weights, task.clean, run, effects.effect_points(smollm.weights, task))
+    assert float(parts.total()[0]) == pytest.approx(4.6, abs=0.1)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "smollm2-135m"])
@@ -80,7 +89,38 @@ def test_engine_backup_equals_independent_full_forward(model_cache, name, heads)
         assert fit.intercept == pytest.approx(intercept, abs=1e-4)
 
 
-def test_earlier_layers_exactly_unchanged_and_identical_resample_is_a_no_op(tiny_llama):
+def test_restart_equals_full_ablated_forward_and_earlier_layers_do_not_change(tiny_llama):
+    """The restart from layer l* equals a full forward with the same ablation from layer 0,
+    whose heads before l* have exactly their clean direct effects."""
+    w, task = tiny_llama.weights, ioi(tiny_llama, n=6)
+    layer, head = 1, 2
+    clean = tf.run(w, task.clean)
+    corrupt = tf.run(w, task.corrupt)
+    points = effects.effect_points(w, task)
+    scale = effects.final_scale(w, clean, points)
+    clean_de = effects.decompose(w, task.clean, clean, points).heads
+
+    def ablate(z):
+        z = z.clone()
+        z[:, :, head] = corrupt.z[layer][:, :, head]
+        return z
+
+    rope = tf.rotary_tables(w, task.clean.shape[1])
+    resid, full_de = tf.embed(w, task.clean), []
+    for l in range(w.cfg.n_layers):
+        out = tf.block(w, l, resid, rope, ablate if l == layer else None)
+        full_de.append(effects.head_direct_effects(w, l, out.z, points, scale))
+        resid = out.resid_post
+    full_de = torch.stack(full_de)
+    assert torch.equal(full_de[:layer], clean_de[:layer])  # bit for bit
+    restart = effects.ablate_heads_of_layer(
+        w, layer, [head], clean.resid_pre[layer], corrupt.z[layer][None, :, :, head], points, scale
+    )
+    torch.testing.assert_close(restart.heads[0], full_de[layer:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full_de[layer:], clean_de[layer:])  # the ablation did something
+
+
+def test_resample_from_identical_prompts_changes_nothing(tiny_llama):
     m = tiny_llama
     task = ioi(m, n=6)
     same = task.select(slice(None))
@@ -88,20 +128,26 @@ def test_earlier_layers_exactly_unchanged_and_identical_resample_is_a_no_op(tiny
     computer = BackupComputer(m.weights, same, "resample", batch_size=6)
     for layer in range(m.weights.cfg.n_layers):
         for r in computer.run_heads(layer, list(range(m.weights.cfg.n_heads))):
-            assert np.all(r.mean_delta_heads[:layer] == 0.0)  # never recomputed: exactly zero
             np.testing.assert_allclose(r.mean_delta_heads, 0.0, atol=1e-6)
+            np.testing.assert_allclose(r.mean_delta_mlps, 0.0, atol=1e-6)
             np.testing.assert_allclose(r.backup, 0.0, atol=1e-6)
 
 
-def test_zero_and_mean_ablation_change_the_ablated_head(tiny_gpt2):
-    m = tiny_gpt2
-    task = ioi(m, n=6)
-    for ablation in ("zero", "mean"):
-        [r] = BackupComputer(m.weights, task, ablation).run_heads(0, [1])
-        own = r.mean_delta_heads[0, 1]
-        if ablation == "zero":  # the head's direct effect drops to exactly its negative
-            assert own == pytest.approx(-r.de_clean.mean(), abs=1e-6)
-        assert np.abs(r.mean_delta_heads[1:]).sum() > 0
+def test_zero_and_mean_ablation_set_the_heads_output(tiny_gpt2):
+    w, task = tiny_gpt2.weights, ioi(tiny_gpt2, n=6)
+    layer, head = 0, 1
+    run = tf.run(w, task.clean)
+    points = effects.effect_points(w, task)
+    scale = effects.final_scale(w, run, points)
+    # the mean of the head's z over every real token of the task, computed directly
+    real = [run.z[layer, b, : int(n), head] for b, n in enumerate(task.lengths)]
+    mean = torch.cat(real).mean(0)
+    direction = torch.einsum("ed,pd->pe", w.W_O[layer, head], points.u) / scale[:, None]
+    for ablation, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
+        [r] = BackupComputer(w, task, ablation).run_heads(layer, [head])
+        expected = (direction @ value).numpy() - r.de_clean  # the ablated head's own new effect
+        assert r.mean_delta_heads[layer, head] == pytest.approx(expected.mean(), abs=1e-5)
+        assert np.abs(r.mean_delta_heads[layer + 1 :]).sum() > 0
 
 
 def test_fit_line_matches_numpy_and_threshold():
@@ -114,6 +160,12 @@ def test_fit_line_matches_numpy_and_threshold():
     assert effects.fit_line(x, y, threshold=0.5).n_points == int((np.abs(x) > 0.5).sum())
     lo, hi = effects.bootstrap_slope_ci(x, y)
     assert lo < fit.slope < hi and hi - lo < 0.05
+    # 20 prompts of 10 perfectly correlated points: resampling prompts sees only 20 draws
+    xg, yg = np.repeat(x[:20], 10), np.repeat(y[:20] + rng.normal(size=20), 10)
+    groups = np.repeat(np.arange(20), 10)
+    by_point = effects.bootstrap_slope_ci(xg, yg)
+    by_prompt = effects.bootstrap_slope_ci(xg, yg, groups)
+    assert by_prompt[1] - by_prompt[0] > 2 * (by_point[1] - by_point[0])
     assert np.isnan(effects.fit_line(np.ones(5), y[:5]).slope)
 
 
@@ -123,3 +175,14 @@ def test_mean_ablation_uses_the_whole_task_whatever_the_batch_size(tiny_gpt2):
     [b] = BackupComputer(tiny_gpt2.weights, task, "mean", batch_size=7).run_heads(1, [2])
     np.testing.assert_allclose(a.backup, b.backup, atol=1e-5)
     np.testing.assert_allclose(a.mean_delta_heads, b.mean_delta_heads, atol=1e-5)
+
+
+def test_next_token_backup_equals_independent_full_forward(tiny_gpt2):
+    """Seed 000's own setting: every position, direction W_U[:, next token], LayerNorm model."""
+    m = tiny_gpt2
+    task = build_task(TaskSpec("text"), m.tokenizer, n_prompts=4, seq_len=12)
+    layer, head = 1, 3
+    [result] = BackupComputer(m.weights, task, "resample", batch_size=3).run_heads(layer, [head])
+    x, backup = reference.next_token_backup(m.bridge, task, layer, head)
+    np.testing.assert_allclose(result.de_clean, x, atol=1e-4)
+    np.testing.assert_allclose(result.backup, backup, atol=1e-4)

@@ -99,16 +99,26 @@ def test_interrupted_sweep_resumes_only_missing_shards(tmp_path, monkeypatch, ca
 
 
 def test_corrupt_or_uncommitted_files_are_set_aside_and_recomputed(tmp_path, monkeypatch):
+    from analysis.backup import ResultsError, load_results
+
     out = tmp_path / "o"
     assert sweep(out) == 0
     before = tables(out)
+    # a shard renamed into place whose commit never reached the manifest (crash in between)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["shards"]["L00H0-3"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert set(load_results(out).slopes.layer) == {1, 2}  # analysis never reads uncommitted rows
     victim = out / "points" / "L01H0-3.parquet"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated: no Parquet footer
+    with pytest.raises(ResultsError, match="L01H0-3.parquet is unreadable"):
+        load_results(out)
     (out / "slopes" / ".L02H0-3.parquet.tmp").write_bytes(b"half-written")
     calls = count_shards(monkeypatch)
     assert sweep(out) == 0
-    assert calls == ["L01H0-3"]
+    assert sorted(calls) == ["L00H0-3", "L01H0-3"]
     assert not (out / "slopes" / ".L02H0-3.parquet.tmp").exists()
+    assert len(list((out / ".trash").rglob("*"))) >= 4  # set aside, not deleted
     assert_same_tables(before, tables(out), atol=0)
 
 

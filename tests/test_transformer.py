@@ -11,7 +11,7 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia", "smollm2-135m"])
 def test_forward_matches_bridge(model_cache, name):
     m = model_cache(name)
     tokens = m.bridge.to_tokens(PROMPTS)

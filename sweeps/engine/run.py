@@ -85,6 +85,11 @@ def _ray_node_id() -> str | None:
     return None
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @dataclass
 class Failure:
     shard: Shard
@@ -158,17 +163,26 @@ class RayExecutor:
     actors: list = field(default_factory=list)
 
     def _actor_options(self) -> dict:
+        """One GPU per actor where the cluster has GPUs, else a share of a node's cores."""
         import ray
 
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        cpus = int(resources.get("CPU", 1))
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        gpus = sum(int(n.get("GPU", 0)) for n in nodes)
         if self.num_workers is None:
-            self.num_workers = max(1, gpus) if gpus else 1
+            self.num_workers = max(1, gpus)
         if gpus:
-            return {"num_gpus": 1, "num_cpus": 1}
-        # CPU actors: give each a share of the cores (Ray sets OMP threads to num_cpus).
-        return {"num_gpus": 0, "num_cpus": max(1, cpus // self.num_workers)}
+            options = {"num_gpus": 1, "num_cpus": 1}
+            placeable = gpus
+        else:
+            # Ray sets an actor's OMP/torch threads to its num_cpus: give each a node's share.
+            node_cpus = max(int(n.get("CPU", 1)) for n in nodes)
+            per_actor = max(1, node_cpus // max(1, -(-self.num_workers // len(nodes))))
+            options = {"num_gpus": 0, "num_cpus": per_actor}
+            placeable = sum(int(n.get("CPU", 0)) // per_actor for n in nodes)
+        if self.num_workers > placeable:
+            print(f"Ray: {self.num_workers} workers asked for, {placeable} fit the cluster now; the rest wait "
+                  "for the autoscaler (or lower --num-workers)", file=sys.stderr)
+        return options
 
     def start(self) -> list[dict]:
         import ray
@@ -190,7 +204,7 @@ class RayExecutor:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
         pending = deque(shards)
         attempts: dict[Shard, int] = {}
@@ -207,16 +221,25 @@ class RayExecutor:
             shard, actor = in_flight.pop(ref)
             try:
                 tables, record = ray.get(ref)
-            except RayActorError as err:  # the actor (process or node) died
+            except ActorUnavailableError as err:  # unreachable for now (e.g. restarting): keep it
+                idle.append(actor)
+                self._retry(shard, attempts, pending, f"worker unavailable: {_first_line(err)}")
+                continue
+            except RayActorError as err:  # the actor (process or node) died: replace it
+                ray.kill(actor, no_restart=True)
                 self.actors.remove(actor)
                 replacement = self._new_actor()
                 self.actors.append(replacement)
                 idle.append(replacement)
-                self._retry(shard, attempts, pending, f"worker died: {err}")
+                self._retry(shard, attempts, pending, f"worker died: {_first_line(err)}")
                 continue
             except RayTaskError as err:  # the shard raised
                 idle.append(actor)
-                self._retry(shard, attempts, pending, str(err.cause if err.cause else err).splitlines()[0])
+                self._retry(shard, attempts, pending, _first_line(err.cause if err.cause else err))
+                continue
+            except RayError as err:  # e.g. the result object was lost with its node
+                idle.append(actor)
+                self._retry(shard, attempts, pending, _first_line(err))
                 continue
             idle.append(actor)
             yield shard, tables, record

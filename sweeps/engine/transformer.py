@@ -43,6 +43,8 @@ class ModelConfig:
     act_fn: str
     gated_mlp: bool
     attn_only: bool = False
+    parallel_attn_mlp: bool = False  # GPT-NeoX/Pythia: the MLP reads the block's input too
+    rotary_dim: int = 0  # rotated dimensions of each head (GPT-NeoX rotates only a part)
 
     @property
     def group_size(self) -> int:
@@ -118,7 +120,7 @@ def embed(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T D"]
 
 
 def rotary_tables(w: ModelWeights, n_pos: int) -> tuple[Tensor, Tensor] | None:
-    """cos/sin tables [T, E] in Hugging Face's "rotate half" layout."""
+    """cos/sin tables [T, rotary_dim] in Hugging Face's "rotate half" layout."""
     if w.cfg.positional != "rotary":
         return None
     pos = torch.arange(n_pos, device=w.device, dtype=w.rotary_inv_freq.dtype)
@@ -128,10 +130,13 @@ def rotary_tables(w: ModelWeights, n_pos: int) -> tuple[Tensor, Tensor] | None:
 
 
 def _apply_rotary(x: Float[Tensor, "B T N E"], rope: tuple[Tensor, Tensor]) -> Float[Tensor, "B T N E"]:
+    """Rotate the first ``rotary_dim`` dimensions of each head; pass the rest through."""
     cos, sin = (t[: x.shape[1], None, :] for t in rope)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
 # --------------------------------------------------------------------------- #
@@ -210,6 +215,7 @@ def block(
 ) -> BlockOutput:
     """One pre-norm block: ``resid += attn(norm(resid)); resid += mlp(norm(resid))``.
 
+    With parallel attention and MLP (GPT-NeoX) both read the block's input.
     ``edit_z`` may replace head outputs (an ablation) before they are written.
     """
     z = attention_z(w, layer, resid_pre, rope)
@@ -218,7 +224,7 @@ def block(
     resid_mid = resid_pre + attention_out(w, layer, z)
     if w.cfg.attn_only:
         return BlockOutput(resid_mid, z, None)
-    out = mlp_out(w, layer, resid_mid)
+    out = mlp_out(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
     return BlockOutput(resid_mid + out, z, out)
 
 
