@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep test test-fast clean
+.PHONY: setup sweep test bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ sweep: $(STAMP)
 ## The test suite (one real local Ray per session).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+## Speed ratios measured side by side (benchmarks/); ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) results

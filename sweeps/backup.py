@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-threshold", type=float, default=0.0, metavar="X",
                    help="fit the slope only on points with |direct effect| > X (default 0: every point)")
     g.add_argument("--bootstrap", type=non_negative_int, default=200, metavar="N",
-                   help="bootstrap resamples for the slope's 95%% interval (default 200; 0 to skip)")
+                   help="bootstrap resamples (of whole prompts) for the slope's 95%% interval "
+                   "(default 200; 0 to skip)")
     g.add_argument("--heads-per-shard", type=positive_int, metavar="N",
                    help="split each layer's heads into shards of N (default: one shard per layer)")
     return parser
