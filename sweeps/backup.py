@@ -127,8 +127,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                     "seed": args.seed, "ablation": args.ablation, "code_version": code,
                     "spec_id": provenance.spec_id(spec),
                 }
-                failures = run_shards(executor, store, shards, spec, columns, lambda s: len(s.heads),
-                                      "head", resume_hint)
+                # a shard replays layers layer..L-1 for each of its heads
+                failures = run_shards(executor, store, shards, spec, columns, lambda s: len(s.heads), "head",
+                                      resume_hint, cost=lambda s: len(s.heads) * (info.n_layers - s.layer))
     except StoreError as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:

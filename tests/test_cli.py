@@ -108,3 +108,19 @@ def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, n
 def test_unsupported_architecture_is_refused_before_loading(capsys, no_model_loading, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 6}))
     assert "architecture 't5' is not supported" in fails(capsys, "--model", str(tmp_path))
+
+
+def test_the_script_runs_as_users_run_it(tmp_path):
+    """``python sweeps/backup.py ...`` as a subprocess (the path `ray submit` takes too)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "o"
+    cmd = [sys.executable, str(root / "sweeps" / "backup.py"), "--model", "tiny-gpt2", "--executor", "local",
+           "--n-prompts", "6", "--heads", "L1", "--wandb", "disabled", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kind" in done.stdout and (out / "plots" / "slopes.png").is_file()
+    assert len(list((out / "slopes").glob("*.parquet"))) == 1

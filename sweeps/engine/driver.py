@@ -22,13 +22,18 @@ def run_shards(
     units: Callable[[Shard], int],
     unit_name: str,
     resume_hint: str,
+    cost: Callable[[Shard], float] | None = None,
 ) -> list[Failure]:
     """Run ``shards`` on ``executor``; each finished shard is committed to ``store``.
 
     ``provenance`` becomes constant columns of every row; the worker's weight
     hash is added (and checked against earlier shards of the same directory).
-    On Ctrl-C the finished shards stay and ``resume_hint`` says how to go on.
+    The progress bar counts ``units`` (e.g. heads) but advances by ``cost`` (the
+    relative compute of a shard), so its time left stays right when shards
+    differ in cost. On Ctrl-C the finished shards stay and ``resume_hint`` says
+    how to go on.
     """
+    cost = cost or units
     started = time.perf_counter()
     try:
         workers = executor.start()
@@ -43,18 +48,27 @@ def run_shards(
         weight_hash = hashes.pop()
         store.update_manifest(weight_hash=weight_hash, workers=workers, startup_seconds=round(startup, 2))
         columns = {**provenance, "weight_hash": weight_hash}
-        total = sum(units(s) for s in shards)
-        with tqdm(total=total, unit=unit_name, desc=f"{executor.name}×{len(workers)}", file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+        total_units = sum(units(s) for s in shards)
+        bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
+        name = f"{executor.name}×{len(workers)}"
+        done_units, loop_start = 0, time.perf_counter()
+        with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True,
+                  bar_format=bar_format) as bar:
+            bar.set_description_str(f"{name}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards")
             for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
                 tables = {
                     name: with_provenance(table, {**columns, "shard": shard.id}, spec)
                     for name, table in tables.items()
                 }
                 store.write_shard(shard.id, tables, record)
-                bar.update(units(shard))
-                bar.set_postfix_str(f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
-                                    refresh=False)
+                done_units += units(shard)
+                rate = done_units / max(time.perf_counter() - loop_start, 1e-9)
+                bar.set_description_str(
+                    f"{name}: {done_units}/{total_units} {unit_name}s, {rate:.2f} {unit_name}s/s, "
+                    f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
+                    refresh=False,
+                )
+                bar.update(cost(shard))
         return executor.failures
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}",
