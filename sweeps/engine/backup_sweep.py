@@ -22,7 +22,13 @@ from sweeps.engine.plan import Shard
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
 
-TOKENS_PER_PASS = 1 << 16  # G copies × B prompts × T positions in one restart
+def tokens_per_pass(device: torch.device) -> int:
+    """How many tokens (G copies × B prompts × T positions) one restart processes.
+
+    On a CPU a pass that fits the caches is faster (measured: 8192 tokens of
+    SmolLM2 beat 16384 by 20 % on 2 cores); a GPU wants large batches.
+    """
+    return 1 << 16 if device.type == "cuda" else 1 << 13
 
 
 @dataclass
@@ -109,7 +115,7 @@ class BackupComputer:
         n_points = 0
         for state in self.batches():
             B, T = state.resid_pre.shape[1:3]
-            group = max(1, TOKENS_PER_PASS // (B * T))
+            group = max(1, tokens_per_pass(state.resid_pre.device) // (B * T))
             for i in range(0, len(heads), group):
                 chunk = heads[i : i + group]
                 result = effects.ablate_heads_of_layer(
