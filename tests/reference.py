@@ -51,14 +51,11 @@ def mlp_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
     return torch.stack(out)
 
 
-def resample_backup(bridge, task, layer: int, head: int):
-    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept,
-    change of every MLP's direct effect [L, B])."""
-    b = torch.arange(task.n_prompts)
-    pos = task.lengths - 1
+def resample_caches(bridge, task, layer: int, head: int):
+    """Full activation caches of the clean run and of the run with one head's ``hook_z``
+    resampled from the corrupt prompts (a hook on a full forward, as seed 000 does)."""
     _, clean_cache = bridge.run_with_cache(task.clean)
     _, corrupt_cache = bridge.run_with_cache(task.corrupt)
-    clean_scale = clean_cache["ln_final.hook_scale"][b, pos, 0]
     name = f"blocks.{layer}.attn.hook_z"
 
     def patch(z, hook):
@@ -68,6 +65,16 @@ def resample_backup(bridge, task, layer: int, head: int):
 
     with bridge.hooks(fwd_hooks=[(name, patch)]):
         _, ablated_cache = bridge.run_with_cache(task.clean)
+    return clean_cache, ablated_cache
+
+
+def resample_backup(bridge, task, layer: int, head: int):
+    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept,
+    change of every MLP's direct effect [L, B])."""
+    b = torch.arange(task.n_prompts)
+    pos = task.lengths - 1
+    clean_cache, ablated_cache = resample_caches(bridge, task, layer, head)
+    clean_scale = clean_cache["ln_final.hook_scale"][b, pos, 0]
     clean = head_direct_effects(bridge, clean_cache, clean_scale, task)
     ablated = head_direct_effects(bridge, ablated_cache, clean_scale, task)
     backup = (ablated - clean)[layer + 1 :].sum((0, 2)).numpy()
@@ -81,17 +88,7 @@ def resample_backup(bridge, task, layer: int, head: int):
 
 def next_token_backup(bridge, task, layer: int, head: int):
     """Seed 000 on text: (clean DE of the head, accumulated backup), both [B * (T-1)], row-major."""
-    _, clean_cache = bridge.run_with_cache(task.clean)
-    _, corrupt_cache = bridge.run_with_cache(task.corrupt)
-    name = f"blocks.{layer}.attn.hook_z"
-
-    def patch(z, hook):
-        z = z.clone()
-        z[:, :, head] = corrupt_cache[name][:, :, head]
-        return z
-
-    with bridge.hooks(fwd_hooks=[(name, patch)]):
-        _, ablated_cache = bridge.run_with_cache(task.clean)
+    clean_cache, ablated_cache = resample_caches(bridge, task, layer, head)
     scale = clean_cache["ln_final.hook_scale"][:, :-1]  # [B, T-1, 1]
     directions = bridge.W_U[:, task.clean[:, 1:]].permute(1, 2, 0)  # [B, T-1, D]: next tokens
 

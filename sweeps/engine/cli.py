@@ -78,6 +78,11 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     g.add_argument("--no-report", action="store_true", help="write only the Parquet results, no plots or W&B")
 
 
+def _path_safe(name: str) -> str:
+    """A model or task name (possibly a path or hub id) as one directory name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+
+
 def default_out(sweep: str, model: str, task: str) -> Path:
-    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(s).name if s)  # noqa: E731
-    return Path("results") / sweep / f"{safe(model)}__{safe(task)}"
+    """``results/<sweep>/<model>__<task>``, e.g. results/backup/smollm2-135m__ioi."""
+    return Path("results") / sweep / f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"

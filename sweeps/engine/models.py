@@ -21,9 +21,11 @@ weights, so bad ``--heads`` fail before the expensive part.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -194,9 +196,12 @@ def load_hf_model(info: ModelInfo):
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor is noise in a sweep's log
     tokenizer = load_tokenizer(info)
     if info.kind == "embedded":
-        model = AutoModelForCausalLM.from_pretrained(
-            str(_embedded_dir()), gguf_file=EMBEDDED_GGUF, dtype=torch.float32
-        )
+        # The GGUF de-quantiser draws its own progress bar (it ignores the setting
+        # above): 270 lines of noise in every worker's log. Errors still raise.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(_embedded_dir()), gguf_file=EMBEDDED_GGUF, dtype=torch.float32
+            )
         return model, tokenizer, EMBEDDED_HUB_NAME
     if info.kind == "tiny":
         cfg = _tiny_hf_config(info.name)

@@ -36,27 +36,24 @@ class Job(Protocol):
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]: ...
 
 
-def _ray_gpu_ids() -> list[str]:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # noqa: BLE001 - outside an actor there is nothing to ask
-        pass
-    return []
+def _ray_placement() -> tuple[str | None, list[str]]:
+    """(Ray node id, assigned GPU ids) of this process; (None, []) outside Ray."""
+    ray = sys.modules.get("ray")  # never import Ray just to ask (the local executor has none)
+    if ray is None or not ray.is_initialized():
+        return None, []
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
 
 
 class ShardWorker:
     """One model replica serving many shards."""
 
     def __init__(self, model_name: str, job: Job, device: str | None = None):
-        gpu_ids = _ray_gpu_ids()
+        node_id, gpu_ids = _ray_placement()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.where = {
             "host": socket.gethostname(),
-            "node_id": _ray_node_id(),
+            "node_id": node_id,
             "gpu_ids": gpu_ids,
             "device": device,
             "pid": os.getpid(),
@@ -72,17 +69,6 @@ class ShardWorker:
         start = time.perf_counter()
         tables = self.job.run_shard(shard)
         return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3)}
-
-
-def _ray_node_id() -> str | None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001
-        pass
-    return None
 
 
 def _first_line(err: BaseException) -> str:
