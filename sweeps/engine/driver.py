@@ -52,9 +52,8 @@ def run_shards(
         bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
         name = f"{executor.name}×{len(workers)}"
         done_units, loop_start = 0, time.perf_counter()
-        with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True,
-                  bar_format=bar_format) as bar:
-            bar.set_description_str(f"{name}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards")
+        with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
+                  desc=f"{name}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
             for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
                 tables = {
                     name: with_provenance(table, {**columns, "shard": shard.id}, spec)
