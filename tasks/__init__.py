@@ -15,6 +15,7 @@ from tasks.base import TaskData, TaskError
 TASKS = {
     "ioi": "indirect object identification, BABA + ABBA templates, ABC corruption (logit difference)",
     "text": "next-token prediction on documents (--data FILE | hf:NAME; default: a shipped offline corpus)",
+    "sentiment": "movie-review sentiment, ' great' vs ' awful', mirrored corrupt prompts (logit difference)",
 }
 
 
@@ -57,6 +58,10 @@ def build_task(
         from tasks import ioi
 
         return ioi.build(tokenizer, n_prompts=n_prompts, seed=seed)
+    if spec.name == "sentiment":
+        from tasks import sentiment
+
+        return sentiment.build(tokenizer, n_prompts=n_prompts, seed=seed)
     if spec.name == "text":
         from tasks import text
 

@@ -100,3 +100,17 @@ def test_n_prompts_must_be_positive_and_available(tok, tmp_path):
         {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " on", "incorrect": " in"}])
     with pytest.raises(TaskError, match="--n-prompts 5 is more than the 1 prompts"):
         build_task(check_task(path), tok, n_prompts=5)
+
+
+def test_sentiment_alternates_and_mirrors(tok):
+    t = build_task(TaskSpec("sentiment"), tok, n_prompts=10, seed=2)
+    assert t.kind == "logit_diff" and t.clean.shape == t.corrupt.shape
+    great, awful = tok(" great", add_special_tokens=False)["input_ids"], tok(" awful", add_special_tokens=False)["input_ids"]
+    assert t.correct[0::2].tolist() == great * 5 and t.correct[1::2].tolist() == awful * 5
+    assert (t.correct != t.incorrect).all()
+    # the corrupt prompt of a positive prompt is the negative prompt of the same slot, and back
+    assert torch.equal(t.corrupt[0], t.clean[1]) and torch.equal(t.corrupt[1], t.clean[0])
+    for i in range(t.n_prompts):
+        assert tok.decode(t.clean[i, t.answer_pos[i]]) == " was"
+    with pytest.raises(TaskError, match="distinct sentiment prompts"):
+        build_task(TaskSpec("sentiment"), tok, n_prompts=10_000)

@@ -43,7 +43,8 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     )
     g.add_argument(
         "--task", default="ioi", metavar="NAME_OR_FILE",
-        help="ioi (default; BABA+ABBA templates, ABC corruption); text (next-token prediction on "
+        help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (seed 003's movie "
+        "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
         "documents, corrupt = other documents); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '
         "prompt's own last token)",
@@ -52,7 +53,8 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
                    "or .jsonl ({\"text\"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); "
                    "default: the offline corpus shipped in tasks/data")
     g.add_argument("--n-prompts", type=positive_int, metavar="N",
-                   help="number of prompts (default: ioi 64, text 32, a .jsonl file: all its lines)")
+                   help="number of prompts (default: ioi 64, sentiment up to 50, text 32, a .jsonl file: "
+                   "all its lines)")
     g.add_argument("--seq-len", type=positive_int, metavar="T", help="tokens per prompt for --task text (default 64)")
     g.add_argument("--seed", type=int, default=0, help="seed for building the task and for bootstraps (default 0)")
 
