@@ -186,3 +186,32 @@ def test_next_token_backup_equals_independent_full_forward(tiny_gpt2):
     x, backup = reference.next_token_backup(m.bridge, task, layer, head)
     np.testing.assert_allclose(result.de_clean, x, atol=1e-4)
     np.testing.assert_allclose(result.backup, backup, atol=1e-4)
+
+
+def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch):
+    from sweeps.engine import backup_sweep
+
+    task = ioi(tiny_gpt2, n=6)
+    expected = BackupComputer(tiny_gpt2.weights, task).run_heads(1, [0, 1, 2, 3])
+    real = effects.ablate_heads_of_layer
+    sizes = []
+
+    def small_memory(w, layer, heads, *args):
+        sizes.append(len(heads))
+        if len(heads) > 1:  # pretend only single-head passes fit
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(w, layer, heads, *args)
+
+    monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", small_memory)
+    got = BackupComputer(tiny_gpt2.weights, task).run_heads(1, [0, 1, 2, 3])
+    assert sizes[0] == 4 and sizes[-4:] == [1, 1, 1, 1]  # halved until it fits
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.backup, b.backup, atol=1e-6)
+        np.testing.assert_allclose(a.mean_delta_heads, b.mean_delta_heads, atol=1e-6)
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", no_memory)
+    with pytest.raises(RuntimeError, match="use a smaller --batch-size"):
+        BackupComputer(tiny_gpt2.weights, task, batch_size=6).run_heads(1, [0, 1])

@@ -22,6 +22,11 @@ from sweeps.engine.plan import Shard
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A GPU OOM, or the CPU allocator failing to allocate."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def tokens_per_pass(device: torch.device) -> int:
     """How many tokens (G copies × B prompts × T positions) one restart processes.
 
@@ -116,12 +121,27 @@ class BackupComputer:
         for state in self.batches():
             B, T = state.resid_pre.shape[1:3]
             group = max(1, tokens_per_pass(state.resid_pre.device) // (B * T))
-            for i in range(0, len(heads), group):
+            i = 0
+            while i < len(heads):
                 chunk = heads[i : i + group]
-                result = effects.ablate_heads_of_layer(
-                    self.weights, layer, chunk, state.resid_pre[layer],
-                    self._replacement(state, layer, chunk), state.points, state.scale,
-                )
+                try:
+                    result = effects.ablate_heads_of_layer(
+                        self.weights, layer, chunk, state.resid_pre[layer],
+                        self._replacement(state, layer, chunk), state.points, state.scale,
+                    )
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _out_of_memory(err):
+                        raise
+                    if group == 1:
+                        raise RuntimeError(
+                            f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
+                            f"tokens; use a smaller --batch-size (now {self.batch_size})"
+                        ) from None
+                    group = max(1, group // 2)  # split the pass and retry this chunk
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                i += len(chunk)
                 delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
                 delta_mlps = result.mlps - state.de_mlps[None, layer:]
                 backup = delta_heads[:, 1:].sum(dim=(1, 3))  # layers after `layer`, every head
