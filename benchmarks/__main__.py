@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sweeps.engine import effects, models
+from sweeps.engine import models
 from sweeps.engine import transformer as tf
 from sweeps.engine.backup_sweep import BackupComputer
 from tasks import TaskSpec, build_task

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from sweeps.engine.cli import UserError, add_common_options, default_out, non_negative_int, positive_int
 from sweeps.engine.effects import ABLATIONS
