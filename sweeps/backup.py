@@ -25,6 +25,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.engine.cli import UserError, add_common_options, default_out, non_negative_int, positive_int
 from sweeps.engine.effects import ABLATIONS
