@@ -85,6 +85,19 @@ def compensation_matrix(responses: pd.DataFrame, n_layers: int, n_heads: int) ->
     return pd.DataFrame(matrix[swept], index=[labels[i] for i in swept], columns=labels)
 
 
+def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) -> pd.DataFrame:
+    """Upstream head × downstream layer: summed mean change of that layer's heads, and its MLP
+    as a separate column block (``mlp L``), the readable summary of the full matrix."""
+    labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    table = responses.assign(
+        up=[labels[l * n_heads + h] for l, h in zip(responses.up_layer, responses.up_head)],
+        column=[f"{'mlp ' if k == 'mlp' else 'attn '}L{l}" for k, l in zip(responses.down_kind, responses.down_layer)],
+    ).pivot_table(index="up", columns="column", values="mean_delta", aggfunc="sum")
+    order = [f"attn L{l}" for l in range(n_layers)] + [f"mlp L{l}" for l in range(n_layers)]
+    rows = [label for label in labels if label in table.index]
+    return table.reindex(index=rows, columns=[c for c in order if c in table.columns])
+
+
 def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1) -> pd.DataFrame:
     """The most backed-up and most anti-backed-up heads, ranked conservatively.
 

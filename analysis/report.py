@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from analysis import plots
-from analysis.backup import BackupResults, compensation_matrix, grid, load_results, summary_table
+from analysis.backup import (
+    BackupResults,
+    compensation_by_layer,
+    compensation_matrix,
+    grid,
+    load_results,
+    summary_table,
+)
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
@@ -38,6 +45,12 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
         matrix.to_numpy(), "Compensatory response: mean change of each downstream head's direct effect",
         folder / "compensation", xlabel="downstream head", ylabel="ablated head", colorbar="mean Δ direct effect",
         xticks=list(matrix.columns), yticks=list(matrix.index),
+    )
+    by_layer = compensation_by_layer(results.responses, L, H)
+    figures["compensation_by_layer"], _ = plots.heatmap(
+        by_layer.to_numpy(), "Compensatory response by downstream layer (attention heads, then MLPs)",
+        folder / "compensation_by_layer", xlabel="downstream layer", ylabel="ablated head",
+        colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns), yticks=list(by_layer.index),
     )
     if scatter_heads is None:  # the heads of the summary table
         table = summary_table(results, k=2)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from analysis.backup import compensation_matrix, grid, load_results, summary_table
+from analysis.backup import compensation_by_layer, compensation_matrix, grid, load_results, summary_table
 from sweeps import backup
 from tests.wandb_records import history_and_summary
 
@@ -26,6 +26,11 @@ def test_tables_and_grids(results_dir):
     m = compensation_matrix(r.responses, r.n_layers, r.n_heads)
     assert m.shape == (12, 12)
     assert (m.loc["L1H0", ["L0H0", "L0H3"]] == 0).all()  # earlier heads cannot respond
+    by_layer = compensation_by_layer(r.responses, r.n_layers, r.n_heads)
+    assert by_layer.shape == (12, 6)  # 3 attention-layer columns, then 3 MLP-layer columns
+    heads_only = r.responses[(r.responses.up_layer == 1) & (r.responses.up_head == 0)
+                             & (r.responses.down_kind == "attn_head") & (r.responses.down_layer == 2)]
+    assert by_layer.loc["L1H0", "attn L2"] == pytest.approx(heads_only.mean_delta.sum())
     table = summary_table(r)
     assert {"kind", "head", "slope", "ci95", "r2"} <= set(table.columns) and len(table) > 0
 
@@ -33,7 +38,7 @@ def test_tables_and_grids(results_dir):
 def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, monkeypatch):
     assert analysis_main(["backup", str(results_dir), "--wandb", "offline", "--scatter", "L1H2"]) == 0
     plots = results_dir / "plots"
-    for name in ("slopes", "direct_effects", "compensation", "scatter_L1H2"):
+    for name in ("slopes", "direct_effects", "compensation", "compensation_by_layer", "scatter_L1H2"):
         assert (plots / f"{name}.png").stat().st_size > 1000
         assert "plotly" in (plots / f"{name}.html").read_text()
     runs = list(Path(tmp_path / "wandb").rglob("run-*.wandb"))
