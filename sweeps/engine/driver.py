@@ -50,20 +50,20 @@ def run_shards(
         columns = {**provenance, "weight_hash": weight_hash}
         total_units = sum(units(s) for s in shards)
         bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
-        name = f"{executor.name}×{len(workers)}"
+        label = f"{executor.name}×{len(workers)}"
         done_units, loop_start = 0, time.perf_counter()
         with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
-                  desc=f"{name}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
+                  desc=f"{label}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
             for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
                 tables = {
-                    name: with_provenance(table, {**columns, "shard": shard.id}, spec)
-                    for name, table in tables.items()
+                    dataset: with_provenance(table, {**columns, "shard": shard.id}, spec)
+                    for dataset, table in tables.items()
                 }
                 store.write_shard(shard.id, tables, record)
                 done_units += units(shard)
                 rate = done_units / max(time.perf_counter() - loop_start, 1e-9)
                 bar.set_description_str(
-                    f"{name}: {done_units}/{total_units} {unit_name}s, {rate:.2f} {unit_name}s/s, "
+                    f"{label}: {done_units}/{total_units} {unit_name}s, {rate:.2f} {unit_name}s/s, "
                     f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
                     refresh=False,
                 )
