@@ -41,7 +41,6 @@ class BatchState:
     """What one batch's clean (and corrupt) runs leave behind for the ablations."""
 
     start: int  # index of the batch's first prompt in the task
-    lengths: torch.Tensor
     points: effects.Points
     scale: torch.Tensor  # [P] clean final-norm scale
     resid_pre: torch.Tensor  # [L, B, T, D]
@@ -88,8 +87,7 @@ class BackupComputer:
             replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
             states.append(
                 BatchState(
-                    start=start, lengths=sub.lengths.to(device), points=points,
-                    scale=effects.final_scale(w, run, points), resid_pre=run.resid_pre,
+                    start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre,
                     replacement_z=replacement, de_heads=decomposition.heads,
                     de_mlps=decomposition.mlps,
                 )
@@ -105,6 +103,9 @@ class BackupComputer:
         return states
 
     def _replacement(self, state: BatchState, layer: int, heads: list[int]) -> torch.Tensor:
+        """What each of ``heads``' ``z`` is replaced with, at every position: [G, B, T, E]."""
+        if self.ablation not in effects.ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(effects.ABLATIONS)}")
         if self.ablation == "zero":
             B, T = state.resid_pre.shape[1:3]
             return torch.zeros(len(heads), B, T, self.weights.cfg.d_head, device=state.resid_pre.device)

@@ -109,6 +109,7 @@ class Decomposition:
     attn_bias: Float[Tensor, "L P"]  # b_O of each layer (holds the folded value biases)
     mlps: Float[Tensor, "L P"]
     unembed_bias: Float[Tensor, "P"]
+    scale: Float[Tensor, "P"]  # the clean final-norm scale every effect above is divided by
 
     def total(self) -> Float[Tensor, "P"]:
         return (
@@ -128,7 +129,7 @@ def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, poi
         mlps = vector_direct_effects(run.mlp_out, points, scale)
     return Decomposition(
         embed=vector_direct_effects(tf.embed(w, tokens), points, scale),
-        heads=heads, attn_bias=bias, mlps=mlps, unembed_bias=points.bias,
+        heads=heads, attn_bias=bias, mlps=mlps, unembed_bias=points.bias, scale=scale,
     )
 
 
@@ -147,22 +148,6 @@ def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, "B"]]]) -> Float[Tensor, "L
         total = s if total is None else total + s
         count += int(real.sum())
     return total / count
-
-
-def ablated_z(
-    ablation: str,
-    clean_z: Float[Tensor, "B T E"],
-    corrupt_z: Float[Tensor, "B T E"] | None,
-    mean: Float[Tensor, "E"] | None,
-) -> Float[Tensor, "B T E"]:
-    """What one head's ``z`` is replaced with, at every position."""
-    if ablation == "resample":
-        return corrupt_z
-    if ablation == "zero":
-        return torch.zeros_like(clean_z)
-    if ablation == "mean":
-        return mean.expand_as(clean_z)
-    raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
 
 
 @dataclass
