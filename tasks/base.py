@@ -89,6 +89,10 @@ def encode(tokenizer, text: str) -> list[int]:
     return [bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+def is_single_token(tokenizer, word: str) -> bool:
+    return len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+
+
 def single_token(tokenizer, word: str, where: str = "") -> int:
     """The id of ``word`` if it is exactly one token, else a clear TaskError."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]

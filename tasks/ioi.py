@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from tasks.base import TaskData, TaskError, logit_diff_task
+from tasks.base import TaskData, TaskError, is_single_token, logit_diff_task
 
 # {A} and {B} are the first two names; {S} is the repeated subject.
 TEMPLATES = [
@@ -38,13 +38,9 @@ NAMES = [
 DEFAULT_N_PROMPTS = 64
 
 
-def single_token_names(tokenizer) -> list[str]:
-    return [n for n in NAMES if len(tokenizer(" " + n, add_special_tokens=False)["input_ids"]) == 1]
-
-
 def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
     n = DEFAULT_N_PROMPTS if n_prompts is None else n_prompts
-    names = single_token_names(tokenizer)
+    names = [n for n in NAMES if is_single_token(tokenizer, " " + n)]
     if len(names) < 5:
         raise TaskError(f"only {len(names)} IOI names are single tokens in this tokenizer; need at least 5")
     rng = random.Random(seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from tasks.base import TaskData, TaskError, logit_diff_task
+from tasks.base import TaskData, TaskError, is_single_token, logit_diff_task
 
 TEMPLATE = "This movie was a{a} viewing experience, and the plot and acting were{b}. Overall, the film was"
 POSITIVE = [
@@ -34,13 +34,10 @@ ANSWERS = {"positive": " great", "negative": " awful"}
 DEFAULT_N_PROMPTS = 50  # as in the seed (25 + 25), or as many as the tokenizer's single-token adjectives allow
 
 
-def single_token_words(tokenizer, words: list[str]) -> list[str]:
-    return [w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
-
-
 def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
     rng = random.Random(seed)
-    pos, neg = single_token_words(tokenizer, POSITIVE), single_token_words(tokenizer, NEGATIVE)
+    pos = [w for w in POSITIVE if is_single_token(tokenizer, w)]
+    neg = [w for w in NEGATIVE if is_single_token(tokenizer, w)]
     rng.shuffle(pos)
     rng.shuffle(neg)
     available = 2 * min(len(pos), len(neg))
