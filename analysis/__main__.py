@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_table(results, args.top, args.min_de_fraction).to_string(index=False))
-    write_backup_report(args.out, args.wandb, args.wandb_project, scatter)
+    write_backup_report(results, args.wandb, args.wandb_project, scatter)
     return 0
 
 

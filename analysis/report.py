@@ -1,6 +1,6 @@
 """Plots of a backup sweep and their W&B run, from the results directory alone.
 
-``write_backup_report(out)`` can be re-run at any time (``python -m analysis
+``write_backup_report(load_results(out))`` can be re-run at any time (``python -m analysis
 backup OUT``), e.g. after a sweep whose W&B logging failed.
 """
 
@@ -18,7 +18,6 @@ from analysis.backup import (
     compensation_by_layer,
     compensation_matrix,
     grid,
-    load_results,
     summary_table,
 )
 
@@ -120,9 +119,10 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
         run.finish()
 
 
-def write_backup_report(out: str | Path, wandb_mode: str = "offline", project: str = "interp-sweeps",
+def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
                         scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
-    results = load_results(out)
+    """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
+    out = results.out
     figures = backup_figures(results, scatter_heads)
     print(f"plots: {results.out / 'plots'}", file=sys.stderr)
     try:

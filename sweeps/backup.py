@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.no_report:
         from analysis.report import write_backup_report
 
-        write_backup_report(out, wandb_mode=args.wandb, project=args.wandb_project)
+        write_backup_report(results, wandb_mode=args.wandb, project=args.wandb_project)
     if failures:
         print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)
         return 1
