@@ -103,3 +103,51 @@ def next_token_backup(bridge, task, layer: int, head: int):
     clean, ablated = effects(clean_cache), effects(ablated_cache)
     backup = (ablated - clean)[layer + 1 :].sum((0, 3))
     return clean[layer, :, :, head].flatten().numpy(), backup.flatten().numpy()
+
+
+def node_hook(layer: int, head: int | None) -> str:
+    return f"blocks.{layer}.hook_mlp_out" if head is None else f"blocks.{layer}.attn.hook_result"
+
+
+def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, source_tokens=None):
+    """Seed 004's recipe, one (base, source) pair at a time with hooks on full forwards.
+
+    ``replace(a_base, a_source, scale) -> a_new`` acts on one prompt's [T, D]
+    activation (default: ``scale * a_source``, seed 004's first half).
+    ``source_tokens`` defaults to the clean prompts. Returns (fraction of
+    answer points whose top-1 token changed, summed clean - patched metric,
+    number of points).
+    """
+    replace = replace or (lambda a, s, k: k * s)
+    name = node_hook(layer, head)
+    source_tokens = task.clean if source_tokens is None else source_tokens
+    changed = drop = points = 0.0
+    for base, source in pairs:
+        T = int(task.lengths[base])
+        _, src_cache = bridge.run_with_cache(source_tokens[source : source + 1, :T])
+        src = src_cache[name][0] if head is None else src_cache[name][0, :, head]
+
+        def patch(act, hook):
+            act = act.clone()
+            if head is None:
+                act[0] = replace(act[0], src, scale)
+            else:
+                act[0, :, head] = replace(act[0, :, head], src, scale)
+            return act
+
+        tokens = task.clean[base : base + 1, :T]
+        clean_logits = bridge(tokens)[0]
+        with bridge.hooks(fwd_hooks=[(name, patch)]):
+            logits = bridge(tokens)[0]
+        if task.kind == "logit_diff":
+            pos = [T - 1]
+            right, wrong = int(task.correct[base]), int(task.incorrect[base])
+            metric = lambda lg: lg[pos, right] - lg[pos, wrong]  # noqa: E731
+        else:
+            pos = list(range(T - 1))
+            targets = tokens[0, 1:]
+            metric = lambda lg: lg[pos].log_softmax(-1)[torch.arange(T - 1), targets]  # noqa: E731
+        changed += float((logits[pos].argmax(-1) != clean_logits[pos].argmax(-1)).sum())
+        drop += float((metric(clean_logits) - metric(logits)).sum())
+        points += len(pos)
+    return changed / points, drop, points

@@ -18,23 +18,10 @@ import torch
 
 from sweeps.engine import effects
 from sweeps.engine import transformer as tf
+from sweeps.engine.chunking import map_chunks, tokens_per_pass
 from sweeps.engine.plan import Shard
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
-
-def _out_of_memory(err: BaseException) -> bool:
-    """A GPU OOM, or the CPU allocator failing to allocate."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
-def tokens_per_pass(device: torch.device) -> int:
-    """How many tokens (G copies × B prompts × T positions) one restart processes.
-
-    On a CPU a pass that fits the caches is faster (measured: 8192 tokens of
-    SmolLM2 beat 16384 by 20 % on 2 cores); a GPU wants large batches.
-    """
-    return 1 << 16 if device.type == "cuda" else 1 << 13
-
 
 @dataclass
 class BatchState:
@@ -121,28 +108,21 @@ class BackupComputer:
         n_points = 0
         for state in self.batches():
             B, T = state.resid_pre.shape[1:3]
-            group = max(1, tokens_per_pass(state.resid_pre.device) // (B * T))
-            i = 0
-            while i < len(heads):
-                chunk = heads[i : i + group]
-                try:
-                    result = effects.ablate_heads_of_layer(
-                        self.weights, layer, chunk, state.resid_pre[layer],
-                        self._replacement(state, layer, chunk), state.points, state.scale,
-                    )
-                except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if not _out_of_memory(err):
-                        raise
-                    if group == 1:
-                        raise RuntimeError(
-                            f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
-                            f"tokens; use a smaller --batch-size (now {self.batch_size})"
-                        ) from None
-                    group = max(1, group // 2)  # split the pass and retry this chunk
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-                i += len(chunk)
+
+            def ablate(start: int, stop: int, state=state) -> effects.LayerAblation:
+                chunk = heads[start:stop]
+                return effects.ablate_heads_of_layer(
+                    self.weights, layer, chunk, state.resid_pre[layer],
+                    self._replacement(state, layer, chunk), state.points, state.scale,
+                )
+
+            def advice(B=B, T=T) -> str:
+                return (f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
+                        f"tokens; use a smaller --batch-size (now {self.batch_size})")
+
+            per_pass = tokens_per_pass(state.resid_pre.device) // (B * T)
+            for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice):
+                chunk = heads[start:stop]
                 delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
                 delta_mlps = result.mlps - state.de_mlps[None, layer:]
                 backup = delta_heads[:, 1:].sum(dim=(1, 3))  # layers after `layer`, every head

@@ -8,6 +8,12 @@ Names:
   like SmolLM2; Pythia: parallel attention/MLP and partial rotary). They
   borrow SmolLM2's tokenizer: no download.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
+- a local TransformerLens checkpoint directory, InterpBench style (seed 004):
+  a config dict (``ll_model_cfg.pkl`` or ``tl_config.json``) plus a state dict
+  (``ll_model.pth``), in HookedTransformer's or the bridge's key format, and a
+  tokenizer (files saved in the directory, or ``tokenizer_name`` in the config).
+  Loaded with ``TransformerBridge.boot_native`` and TransformerLens's
+  ``convert_tl_checkpoint``. The config pickle is unpickled: only use your own.
 - a Hugging Face hub name TransformerLens supports (``gpt2-small``,
   ``EleutherAI/pythia-410m``, ...); needs internet the first time.
 
@@ -71,7 +77,7 @@ class ModelNameError(ValueError):
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # as the user wrote it
-    kind: str  # "embedded" | "tiny" | "local" | "hub"
+    kind: str  # "embedded" | "tiny" | "local" | "checkpoint" | "hub"
     source: str  # gguf path, tiny name, directory or hub id
     n_layers: int
     n_heads: int
@@ -138,12 +144,23 @@ def describe_model(name: str) -> ModelInfo:
         )
     if name in TINY_MODELS:
         return ModelInfo(name, "tiny", name, *_check_hf_config(_tiny_hf_config(name).to_dict(), name))
+    if os.path.isdir(name) and tl_checkpoint_files(Path(name)) is not None:
+        cfg = read_tl_config(Path(name))
+        _checkpoint_tokenizer_source(Path(name), cfg)  # fail now, not after loading
+        try:
+            shape = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg.get("n_ctx") or 2048)
+        except (KeyError, TypeError, ValueError):
+            raise ModelNameError(f"{name}: the TransformerLens config names no n_layers/n_heads") from None
+        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape)
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"
         try:
             cfg = json.loads(config_path.read_text())
         except FileNotFoundError:
-            raise ModelNameError(f"model directory {name} has no config.json (expected a Hugging Face model)") from None
+            raise ModelNameError(
+                f"model directory {name} has no config.json (a Hugging Face model) and no "
+                f"{' / '.join(TL_CONFIG_FILES[:2])} + {TL_WEIGHT_FILES[0]} (a TransformerLens checkpoint)"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelNameError(f"cannot read {config_path}: {err}") from None
         return ModelInfo(name, "local", str(Path(name).resolve()), *_check_hf_config(cfg, str(config_path)))
@@ -168,12 +185,77 @@ def describe_model(name: str) -> ModelInfo:
     return ModelInfo(name, "hub", official, *_check_hf_config(cfg.to_dict(), official))
 
 
+# --------------------------------------------------------------------------- #
+# TransformerLens checkpoints (InterpBench layout)
+# --------------------------------------------------------------------------- #
+
+TL_CONFIG_FILES = ("ll_model_cfg.pkl", "tl_config.json", "ll_model_cfg.json", "cfg.pkl")
+TL_WEIGHT_FILES = ("ll_model.pth", "model.pth", "ll_model.pt", "model.pt")
+
+
+def tl_checkpoint_files(directory: Path) -> tuple[Path, Path] | None:
+    """(config, state dict) of a TransformerLens checkpoint directory, else None."""
+    config = next((directory / f for f in TL_CONFIG_FILES if (directory / f).is_file()), None)
+    weights = next((directory / f for f in TL_WEIGHT_FILES if (directory / f).is_file()), None)
+    return (config, weights) if config and weights else None
+
+
+def read_tl_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's TransformerLens config as a plain dict."""
+    import pickle
+
+    path = tl_checkpoint_files(directory)[0]
+    try:
+        if path.suffix == ".json":
+            cfg = json.loads(path.read_text())
+        else:
+            with open(path, "rb") as handle:
+                cfg = pickle.load(handle)
+    except Exception as err:  # unpickling can raise anything
+        raise ModelNameError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ModelNameError(f"{path} holds a {type(cfg).__name__}; expected a config dict (cfg.to_dict())")
+    return cfg
+
+
+def _checkpoint_tokenizer_source(directory: Path, cfg: dict) -> str:
+    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return str(directory)
+    if cfg.get("tokenizer_name"):
+        return str(cfg["tokenizer_name"])
+    raise ModelNameError(
+        f"checkpoint {directory} has no tokenizer: save one into it (tokenizer.save_pretrained(DIR)) "
+        "or set tokenizer_name in its config"
+    )
+
+
+def load_checkpoint_bridge(info: ModelInfo):
+    """A TL-native bridge with the checkpoint's weights (before compatibility mode)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+    directory = Path(info.source)
+    cfg = {k: v for k, v in read_tl_config(directory).items() if k not in ("device", "n_devices", "dtype")}
+    state = torch.load(tl_checkpoint_files(directory)[1], map_location="cpu", weights_only=True)
+    bridge = TransformerBridge.boot_native(cfg, tokenizer=load_tokenizer(info))
+    if any(key.endswith((".W_Q", ".W_E")) for key in state):  # HookedTransformer's key format
+        state = convert_tl_checkpoint(state, bridge.cfg)
+    try:
+        bridge.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelNameError(f"{info.name}: the state dict does not fit its config: {str(err).splitlines()[0]}") from None
+    return bridge.float()
+
+
 def load_tokenizer(info: ModelInfo):
     """The tokenizer alone (what the driver needs to build a task)."""
     from transformers import AutoTokenizer
 
     if info.kind in ("embedded", "tiny"):
         return AutoTokenizer.from_pretrained(str(_embedded_dir()), gguf_file=EMBEDDED_GGUF)
+    if info.kind == "checkpoint":
+        directory = Path(info.source)
+        return AutoTokenizer.from_pretrained(_checkpoint_tokenizer_source(directory, read_tl_config(directory)))
     return AutoTokenizer.from_pretrained(info.source)
 
 
@@ -218,9 +300,12 @@ def load_bridge(info: ModelInfo):
     """A TransformerBridge in compatibility mode (HookedTransformer numerics)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model, tokenizer, hub_name = load_hf_model(info)
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
+    if info.kind == "checkpoint":
+        bridge = load_checkpoint_bridge(info)
+    else:
+        hf_model, tokenizer, hub_name = load_hf_model(info)
+        bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     return bridge
@@ -272,7 +357,10 @@ def weights_from_bridge(bridge) -> ModelWeights:
     cfg = ModelConfig(
         n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
         d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
-        norm="rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm",
+        norm=(
+            "none" if c.normalization_type is None
+            else "rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm"
+        ),
         eps=float(c.eps), positional=positional, act_fn=c.act_fn or "gelu_new",
         gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
         parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),

@@ -4,12 +4,18 @@ A backup-sweep shard is a group of upstream heads of one layer (all of a
 layer's requested heads by default): they share one batched restart from that
 layer. Its id (``L05H0-8``) names exactly the heads it holds, so finished
 shards are recognised on resume whatever the order of execution.
+
+A scale-sweep shard is a block of nodes of one layer × a block of scales
+(indices into the sweep's sorted scale list); its id (``L05H0-8M_S0-11``:
+heads 0-8 and the MLP of layer 5, scales 0-11) likewise names its contents.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from sweeps.engine.nodes import Node
 
 
 class PlanError(ValueError):
@@ -92,14 +98,80 @@ def shard_from_id(shard_id: str) -> Shard:
     m = _SHARD_ID.match(shard_id)
     if not m:
         raise PlanError(f"not a shard id: {shard_id!r}")
-    heads: list[int] = []
-    for part in m[2].split("."):
-        lo, _, hi = part.partition("-")
-        heads.extend(range(int(lo), int(hi or lo) + 1))
-    return Shard(int(m[1]), tuple(heads))
+    return Shard(int(m[1]), _expand_ranges(m[2]))
 
 
 def remaining(heads: list[tuple[int, int]], done_shard_ids: set[str]) -> list[tuple[int, int]]:
     """The requested heads that no finished shard covers yet."""
     done = {(s.layer, h) for s in map(shard_from_id, done_shard_ids) for h in s.heads}
     return [lh for lh in heads if lh not in done]
+
+
+# --------------------------------------------------------------------------- #
+# Scale sweep
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ScaleShard:
+    layer: int
+    heads: tuple[int, ...]
+    mlp: bool
+    scales: tuple[int, ...]  # indices into the sweep's scale list
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [Node(self.layer, h) for h in self.heads] + ([Node(self.layer, None)] if self.mlp else [])
+
+    @property
+    def id(self) -> str:
+        heads = f"H{compress_ranges(self.heads)}" if self.heads else ""
+        return f"L{self.layer:02d}{heads}{'M' if self.mlp else ''}_S{compress_ranges(self.scales)}"
+
+
+_SCALE_SHARD_ID = re.compile(r"^L(\d+)(?:H([\d.\-]+))?(M)?_S([\d.\-]+)$")
+
+
+def _expand_ranges(text: str) -> tuple[int, ...]:
+    values: list[int] = []
+    for part in text.split("."):
+        lo, _, hi = part.partition("-")
+        values.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(values)
+
+
+def scale_shard_from_id(shard_id: str) -> ScaleShard:
+    """Inverse of ``ScaleShard.id``."""
+    m = _SCALE_SHARD_ID.match(shard_id)
+    if not m:
+        raise PlanError(f"not a scale-sweep shard id: {shard_id!r}")
+    return ScaleShard(int(m[1]), _expand_ranges(m[2]) if m[2] else (), bool(m[3]), _expand_ranges(m[4]))
+
+
+def plan_scale(
+    nodes: list[Node], n_scales: int, done_shard_ids: set[str] = frozenset(), scales_per_shard: int | None = None
+) -> list[ScaleShard]:
+    """Shards covering every (node, scale) that no finished shard covers.
+
+    Per layer and block of scales, nodes with the same unfinished scales share
+    a shard (normally all of the layer's nodes, one shard a layer and block).
+    """
+    done = {(node, s) for sid in done_shard_ids for shard in [scale_shard_from_id(sid)]
+            for node in shard.nodes for s in shard.scales}
+    step = scales_per_shard or n_scales
+    blocks = [tuple(range(i, min(i + step, n_scales))) for i in range(0, n_scales, step)]
+    by_layer: dict[int, list[Node]] = {}
+    for node in sorted(set(nodes), key=Node.sort_key):
+        by_layer.setdefault(node.layer, []).append(node)
+    shards = []
+    for layer, layer_nodes in by_layer.items():
+        for block in blocks:
+            by_todo: dict[tuple[int, ...], list[Node]] = {}
+            for node in layer_nodes:
+                todo = tuple(s for s in block if (node, s) not in done)
+                if todo:
+                    by_todo.setdefault(todo, []).append(node)
+            for todo, group in by_todo.items():
+                heads = tuple(n.head for n in group if n.head is not None)
+                shards.append(ScaleShard(layer, heads, any(n.head is None for n in group), todo))
+    return shards

@@ -37,7 +37,7 @@ class ModelConfig:
     d_head: int
     d_mlp: int
     d_vocab: int
-    norm: str  # "layernorm" | "rmsnorm"
+    norm: str  # "layernorm" | "rmsnorm" | "none" (TL-native models without normalisation)
     eps: float
     positional: str  # "learned" | "rotary"
     act_fn: str
@@ -95,12 +95,16 @@ class ModelWeights:
 
 def norm_scale(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
     """The scale a (folded) LayerNorm/RMSNorm divides by: TL's ``hook_scale``."""
+    if cfg.norm == "none":
+        return torch.ones_like(x[..., :1])
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
     return (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
 
 
 def normalize(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+    if cfg.norm == "none":
+        return x
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
     return x / (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
@@ -226,6 +230,32 @@ def block(
         return BlockOutput(resid_mid, z, None)
     out = mlp_out(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
     return BlockOutput(resid_mid + out, z, out)
+
+
+def finish_block(
+    w: ModelWeights,
+    layer: int,
+    resid_mid: Float[Tensor, "B T D"],
+    rope: tuple[Tensor, Tensor] | None,
+) -> Float[Tensor, "B T D"]:
+    """From block ``layer``'s residual after attention (``resid_mid``) to the final residual.
+
+    Runs the rest of block ``layer`` (its MLP) and every later block. Not for
+    parallel attention/MLP models, whose MLP reads the block's input instead.
+    """
+    if w.cfg.parallel_attn_mlp:
+        raise ValueError("finish_block: in a parallel attention/MLP block the MLP reads resid_pre")
+    resid = resid_mid if w.cfg.attn_only else resid_mid + mlp_out(w, layer, resid_mid)
+    return run_blocks(w, layer + 1, resid, rope)
+
+
+def run_blocks(
+    w: ModelWeights, start: int, resid: Float[Tensor, "B T D"], rope: tuple[Tensor, Tensor] | None
+) -> Float[Tensor, "B T D"]:
+    """Blocks ``start..L-1`` from the residual stream entering block ``start``."""
+    for layer in range(start, w.cfg.n_layers):
+        resid = block(w, layer, resid, rope).resid_post
+    return resid
 
 
 def unembed(w: ModelWeights, resid_final: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:

@@ -1,0 +1,289 @@
+"""The all-nodes × all-scales sweep (seed 004) on one worker.
+
+``ScaleComputer`` holds one model replica and one task. Once, it runs every
+prompt (and its corrupt partner) and keeps, per group of prompts of equal
+length, each block's input, every head's ``z``, every MLP's output and the
+clean read-out. A node's patches then restart from the node (``scaling.py``):
+every (scale, pair) combination of one node is a row of one batched pass, the
+base and source activations gathered by index. No Python loop over pairs.
+
+Pairs are formed among prompts of equal token length, because a patch is
+position by position (DESIGN §2: aligned prompts). ``make_pairs`` builds them.
+No Ray here: the executors in ``run.py`` wrap ``ScaleJob``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sweeps.engine import scaling
+from sweeps.engine import transformer as tf
+from sweeps.engine.chunking import map_chunks, tokens_per_pass
+from sweeps.engine.circuits import Circuit
+from sweeps.engine.nodes import Node
+from sweeps.engine.plan import ScaleShard
+from sweeps.engine.transformer import ModelWeights
+from tasks.base import TaskData
+
+PAIR_MODES = ("all", "task")
+
+
+class PairsError(ValueError):
+    """No usable (base, source) pairs; the message says what to change."""
+
+
+def make_pairs(task: TaskData, mode: str, max_pairs: int | None, seed: int, self_patch: bool) -> np.ndarray:
+    """``[P, 2]`` (base, source) prompt indices; the source's row is a clean prompt
+    (mode ``all``), the base's own corrupt prompt (``task``), or the base itself
+    (``self_patch``: pure scaling, the source is not used).
+
+    ``all``: every ordered pair of distinct prompts of equal length (seed 004:
+    every combination of unique inputs), then a deterministic sample of
+    ``max_pairs`` if there are more.
+    """
+    n = task.n_prompts
+    if self_patch or mode == "task":
+        pairs = np.stack([np.arange(n), np.arange(n)], axis=1)
+    elif mode == "all":
+        lengths = task.lengths.numpy()
+        rows = task.clean.numpy()
+        base, source = np.nonzero(lengths[:, None] == lengths[None, :])
+        distinct = np.array([not np.array_equal(rows[b], rows[s]) for b, s in zip(base, source)], dtype=bool)
+        pairs = np.stack([base[distinct], source[distinct]], axis=1)
+        if len(pairs) == 0:
+            raise PairsError(
+                "no two distinct prompts have the same token length, so no (base, source) pair can be "
+                "patched position by position; use more --n-prompts or --pairs task"
+            )
+    else:
+        raise PairsError(f"unknown --pairs {mode!r}; choose one of {', '.join(PAIR_MODES)}")
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False))
+        pairs = pairs[keep]
+    return pairs.astype(np.int64)
+
+
+def _run_batched(w: ModelWeights, tokens: Int[Tensor, "N T"], batch_size: int) -> tf.CleanRun:
+    """``tf.run`` in batches of ``batch_size`` prompts, concatenated."""
+    runs = [tf.run(w, tokens[i : i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
+    if len(runs) == 1:
+        return runs[0]
+    return tf.CleanRun(
+        resid_pre=torch.cat([r.resid_pre for r in runs], 1),
+        z=torch.cat([r.z for r in runs], 1),
+        mlp_out=None if runs[0].mlp_out is None else torch.cat([r.mlp_out for r in runs], 1),
+        resid_final=torch.cat([r.resid_final for r in runs], 0),
+    )
+
+
+@dataclass
+class LengthGroup:
+    """The prompts of one token length and what their patches need."""
+
+    prompts: Int[Tensor, "n"]  # global prompt indices
+    clean: tf.CleanRun
+    source: tf.CleanRun  # where patches come from: `clean` itself, or the corrupt prompts' run
+    positions: Int[Tensor, "Q"]  # answer position(s), shared by the whole group
+    correct: Int[Tensor, "n Q"]
+    incorrect: Int[Tensor, "n Q"] | None
+    clean_out: scaling.Readout  # [n, Q]
+    pairs: Int[Tensor, "P 2"]  # (base, source) rows within the group
+
+
+@dataclass
+class NodeStats:
+    """One node's outcome at each scale, summed over every pair and answer position."""
+
+    node: Node
+    scales: list[float]
+    changed: np.ndarray  # [S] points whose top-1 token differs from the clean one
+    metric_drop: np.ndarray  # [S] summed clean metric − patched metric
+    n_points: int
+    n_pairs: int
+
+
+@dataclass
+class ScaleComputer:
+    weights: ModelWeights
+    task: TaskData
+    pairs: np.ndarray  # [P, 2] global (base, source), from make_pairs
+    source: str = "clean"  # "clean" (other prompts, or self) | "corrupt" (each base's corrupt prompt)
+    subspace: str = "full"
+    pca_k: int = 2
+    batch_size: int = 32
+    _groups: list[LengthGroup] | None = field(default=None, repr=False)
+    _normaliser: float | None = field(default=None, repr=False)
+    _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
+
+    # -- clean state, once per worker -------------------------------------------
+
+    @torch.no_grad()
+    def groups(self) -> list[LengthGroup]:
+        if self._groups is not None:
+            return self._groups
+        w, task, device = self.weights, self.task, self.weights.device
+        lengths = task.lengths
+        pairs = torch.as_tensor(self.pairs)
+        groups, drops = [], []
+        for T in sorted(set(lengths.tolist())):
+            prompts = torch.nonzero(lengths == T)[:, 0]
+            local = torch.full((task.n_prompts,), -1, dtype=torch.long)
+            local[prompts] = torch.arange(len(prompts))
+            mine = pairs[local[pairs[:, 0]] >= 0]
+            group_pairs = local[mine]
+            if (group_pairs[:, 1] < 0).any():
+                raise ValueError("a (base, source) pair joins prompts of different lengths")
+            clean_tokens = task.clean[prompts, :T].to(device)
+            corrupt_tokens = task.corrupt[prompts, :T].to(device)
+            clean = _run_batched(w, clean_tokens, self.batch_size)
+            corrupt = _run_batched(w, corrupt_tokens, self.batch_size)
+            if task.kind == "logit_diff":
+                positions = torch.tensor([T - 1], device=device)
+                correct = task.correct[prompts, None].to(device)
+                incorrect = task.incorrect[prompts, None].to(device)
+            else:
+                positions = torch.arange(T - 1, device=device)
+                correct, incorrect = clean_tokens[:, 1:], None
+            clean_out = scaling.readout(w, clean.resid_final, positions, correct, incorrect)
+            corrupt_out = scaling.readout(w, corrupt.resid_final, positions, correct, incorrect)
+            drops.append((clean_out.metric - corrupt_out.metric).double().flatten().cpu())
+            groups.append(
+                LengthGroup(
+                    prompts=prompts, clean=clean, source=corrupt if self.source == "corrupt" else clean,
+                    positions=positions, correct=correct, incorrect=incorrect, clean_out=clean_out,
+                    pairs=group_pairs.to(device),
+                )
+            )
+        self._groups = groups
+        self._normaliser = float(torch.cat(drops).mean())
+        return groups
+
+    def normaliser(self) -> float:
+        """Mean clean − corrupt metric over the task: ``metric_change`` = 1 means that much."""
+        self.groups()
+        return self._normaliser
+
+    @torch.no_grad()
+    def subspace_of(self, node: Node) -> scaling.Subspace:
+        """The node's per-position PCA over every clean prompt (fitted once, kept)."""
+        if node not in self._subspaces:
+            groups = self.groups()
+            T = max(int(g.clean.resid_final.shape[1]) for g in groups)
+            acts, real = [], []
+            for g in groups:
+                a = scaling.node_activation(self.weights, node, g.clean)  # [n, t, D]
+                n, t, D = a.shape
+                acts.append(torch.cat([a, a.new_zeros(n, T - t, D)], 1))
+                real.append(torch.arange(T, device=a.device)[None, :].expand(n, T) < t)
+            self._subspaces[node] = scaling.fit_subspace(torch.cat(acts), torch.cat(real), self.pca_k)
+        return self._subspaces[node]
+
+    # -- one node at many scales ------------------------------------------------
+
+    @torch.no_grad()
+    def run_node(self, node: Node, scales: list[float]) -> NodeStats:
+        w = self.weights
+        sub = self.subspace_of(node) if self.subspace != "full" else None
+        scale_values = torch.tensor(scales, dtype=torch.float32, device=w.device)
+        S = len(scales)
+        changed = torch.zeros(S, dtype=torch.float64)
+        metric_drop = torch.zeros(S, dtype=torch.float64)
+        n_points = n_pairs = 0
+        for g in self.groups():
+            P, T, Q = g.pairs.shape[0], g.clean.resid_final.shape[1], g.positions.shape[0]
+            if P == 0:
+                continue
+            part_base = scaling.patched_part(scaling.node_activation(w, node, g.clean), self.subspace, sub)
+            part_source = (
+                part_base if g.source is g.clean
+                else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
+            )
+            resid = scaling.restart_residual(w, node, g.clean)
+            rope = tf.rotary_tables(w, T)
+
+            def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, resid=resid,
+                      rope=rope, P=P) -> tuple[Tensor, Tensor, Tensor]:
+                row = torch.arange(start, stop, device=w.device)
+                s, p = row // P, row % P  # rows run over (scale, pair)
+                base, source = g.pairs[p, 0], g.pairs[p, 1]
+                delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
+                final = scaling.resume(w, node, resid[base] + delta, rope)
+                out = scaling.readout(
+                    w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
+                )
+                flips = (out.top1 != g.clean_out.top1[base]).sum(-1)
+                drop = (g.clean_out.metric[base] - out.metric).sum(-1)
+                return s, flips, drop
+
+            def advice(T=T) -> str:
+                return (f"out of memory patching {node.name} with one (scale, pair) row of {T} tokens; "
+                        f"use a smaller model or shorter prompts")
+
+            per_pass = tokens_per_pass(w.device) // T
+            for _, _, (s, flips, drop) in map_chunks(S * P, per_pass, patch, advice):
+                changed.index_add_(0, s.cpu(), flips.double().cpu())
+                metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
+            n_points += P * Q
+            n_pairs += P
+        return NodeStats(node, list(scales), changed.numpy(), metric_drop.numpy(), n_points, n_pairs)
+
+
+def effects_table(
+    stats: list[NodeStats], normaliser: float, subspace: str, self_patch: bool, circuit: Circuit | None
+) -> pa.Table:
+    """The shard's rows of ``effects/``: one per (node, scale)."""
+    rows = []
+    for st in stats:
+        for i, scale in enumerate(st.scales):
+            points = max(st.n_points, 1)
+            drop = st.metric_drop[i] / points
+            rows.append(
+                dict(
+                    node=st.node.name, layer=st.node.layer, head=st.node.head, kind=st.node.kind,
+                    scale=float(scale), subspace=subspace, self_patch=self_patch,
+                    status="unlabelled" if circuit is None else circuit.status(st.node),
+                    causal_effect=float(st.changed[i] / points) if st.n_points else float("nan"),
+                    metric_change=float(drop / normaliser) if abs(normaliser) > 1e-9 else float("nan"),
+                    metric_drop=float(drop), n_pairs=st.n_pairs, n_points=st.n_points,
+                )
+            )
+    schema = pa.schema([
+        ("node", pa.string()), ("layer", pa.int32()), ("head", pa.int32()), ("kind", pa.string()),
+        ("scale", pa.float64()), ("subspace", pa.string()), ("self_patch", pa.bool_()), ("status", pa.string()),
+        ("causal_effect", pa.float64()), ("metric_change", pa.float64()), ("metric_drop", pa.float64()),
+        ("n_pairs", pa.int64()), ("n_points", pa.int64()),
+    ])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+@dataclass
+class ScaleJob:
+    """The scale sweep as a worker sees it (picklable: task tensors, pairs, settings)."""
+
+    task: TaskData
+    pairs: np.ndarray
+    scales: list[float]
+    source: str = "clean"
+    subspace: str = "full"
+    self_patch: bool = False
+    pca_k: int = 2
+    batch_size: int = 32
+    circuit: Circuit | None = None
+    _computer: ScaleComputer | None = field(default=None, repr=False)
+
+    def bind(self, model) -> None:
+        self._computer = ScaleComputer(
+            model.weights, self.task, self.pairs, self.source, self.subspace, self.pca_k, self.batch_size
+        )
+
+    def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
+        scales = [self.scales[i] for i in shard.scales]
+        stats = [self._computer.run_node(node, scales) for node in shard.nodes]
+        table = effects_table(stats, self._computer.normaliser(), self.subspace, self.self_patch, self.circuit)
+        return {"effects": table}

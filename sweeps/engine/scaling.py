@@ -1,0 +1,179 @@
+"""The math of DESIGN §1.3 (seed 004) on tensors: subspaces, patches, restarts, read-outs.
+
+Plain functions; no Ray, no I/O. A *node* is a head's output or an MLP's output
+(``nodes.py``); its activation ``a`` is a ``[B, T, D]`` residual-stream write.
+
+Patching node ``n`` of a base input with a source input at scale ``s``:
+
+- ``full``: ``a ← s · a_src`` (seed 004's first half);
+- ``high_variance``: write ``a = μ + P(a − μ) + R`` with ``P`` the projection on
+  the node's top-``k`` principal directions at that position; replace only
+  ``P(a − μ)`` by ``s · P(a_src − μ)``;
+- ``low_variance``: replace only the rest ``R = (a − μ) − P(a − μ)``.
+
+With ``self_patch`` the source is the base itself (pure scaling). The
+notebook summed the coefficients ``a · v_k`` without multiplying them by the
+directions; the projection here is the intended ``Σ_k ((a − μ) · v_k) v_k``.
+
+A patch changes the residual stream by ``Δ = a_new − a`` exactly where the
+node writes, so the model restarts from there: a head's patch from the
+clean residual after block ``l``'s attention (its MLP and later blocks run
+again), an MLP's patch from block ``l+1``. Nothing before the node reruns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from sweeps.engine import transformer as tf
+from sweeps.engine.nodes import Node
+from sweeps.engine.transformer import ModelWeights
+
+SUBSPACES = ("full", "high_variance", "low_variance")
+
+
+# --------------------------------------------------------------------------- #
+# Per-position PCA of a node's activations
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Subspace:
+    """A node's activation mean and top-k principal directions, at each position."""
+
+    mean: Float[Tensor, "T D"]
+    basis: Float[Tensor, "T K D"]  # orthonormal rows
+
+    def project(self, a: Float[Tensor, "*B T D"]) -> Float[Tensor, "*B T D"]:
+        """``P(a − μ) = Σ_k ((a − μ) · v_k) v_k`` at each position."""
+        T = a.shape[-2]
+        centred = a - self.mean[:T]
+        coef = torch.einsum("...td,tkd->...tk", centred, self.basis[:T])
+        return torch.einsum("...tk,tkd->...td", coef, self.basis[:T])
+
+    def split(self, a: Float[Tensor, "*B T D"]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(μ, P(a − μ), R)`` with ``a = μ + P(a − μ) + R``."""
+        T = a.shape[-2]
+        high = self.project(a)
+        return self.mean[:T].expand_as(a), high, a - self.mean[:T] - high
+
+
+def fit_subspace(acts: Float[Tensor, "N T D"], real: Bool[Tensor, "N T"], k: int) -> Subspace:
+    """PCA with ``k`` components per position over the prompts that reach it (centred).
+
+    Prompts shorter than a position contribute a zero row to that position's
+    centred matrix, which changes neither its singular values nor its right
+    singular vectors, so one batched SVD covers every position.
+    """
+    weight = real.to(acts.dtype)[..., None]  # [N, T, 1]
+    count = weight.sum(0).clamp(min=1)  # [T, 1]
+    mean = (acts * weight).sum(0) / count  # [T, D]
+    centred = ((acts - mean) * weight).transpose(0, 1)  # [T, N, D]
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # [T, min(N, D), D]
+    return Subspace(mean, vh[:, :k].contiguous())
+
+
+# --------------------------------------------------------------------------- #
+# Patches
+# --------------------------------------------------------------------------- #
+
+
+def patched_part(
+    a: Float[Tensor, "N T D"], subspace: str, sub: Subspace | None
+) -> Float[Tensor, "N T D"]:
+    """The part of ``a`` a patch in ``subspace`` mode replaces."""
+    if subspace == "full":
+        return a
+    if sub is None:
+        raise ValueError(f"subspace {subspace!r} needs a fitted Subspace")
+    _, high, rest = sub.split(a)
+    if subspace == "high_variance":
+        return high
+    if subspace == "low_variance":
+        return rest
+    raise ValueError(f"unknown subspace {subspace!r}; choose one of {', '.join(SUBSPACES)}")
+
+
+def patch_delta(
+    part_base: Float[Tensor, "N T D"],
+    part_source: Float[Tensor, "N T D"],
+    base: Int[Tensor, "G"],
+    source: Int[Tensor, "G"],
+    scale: Float[Tensor, "G"],
+) -> Float[Tensor, "G T D"]:
+    """``Δ = s · part(a_source) − part(a_base)`` for G (base, source, scale) rows at once."""
+    return scale[:, None, None] * part_source[source] - part_base[base]
+
+
+def node_activation(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
+    """The node's write to the residual stream: ``hook_result`` of the head, or ``hook_mlp_out``."""
+    if node.head is None:
+        return run.mlp_out[node.layer]
+    return torch.einsum("nte,ed->ntd", run.z[node.layer, :, :, node.head], w.W_O[node.layer, node.head])
+
+
+def restarts_after_attention(w: ModelWeights, node: Node) -> bool:
+    """Whether a patch of ``node`` re-enters block ``node.layer`` before its MLP."""
+    return node.head is not None and not (w.cfg.parallel_attn_mlp or w.cfg.attn_only)
+
+
+def restart_residual(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
+    """The clean residual stream where ``node``'s patch enters (see ``resume``)."""
+    l = node.layer
+    if restarts_after_attention(w, node):
+        return run.resid_pre[l] + tf.attention_out(w, l, run.z[l])
+    return run.resid_pre[l + 1] if l + 1 < w.cfg.n_layers else run.resid_final
+
+
+def resume(
+    w: ModelWeights, node: Node, resid: Float[Tensor, "G T D"], rope: tuple[Tensor, Tensor] | None
+) -> Float[Tensor, "G T D"]:
+    """Run from ``node``'s restart point (residual already patched) to the final residual."""
+    if restarts_after_attention(w, node):
+        return tf.finish_block(w, node.layer, resid, rope)
+    return tf.run_blocks(w, node.layer + 1, resid, rope)
+
+
+# --------------------------------------------------------------------------- #
+# Read-out at the answer positions
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Readout:
+    metric: Float[Tensor, "G Q"]  # logit difference, or log-probability of the target token
+    top1: Int[Tensor, "G Q"]
+
+
+def readout(
+    w: ModelWeights,
+    resid_final: Float[Tensor, "G T D"],
+    positions: Int[Tensor, "Q"],
+    correct: Int[Tensor, "G Q"],
+    incorrect: Int[Tensor, "G Q"] | None,
+    max_logits: int = 1 << 24,
+) -> Readout:
+    """Top-1 token and task metric at ``positions`` of every row.
+
+    ``incorrect`` given: metric = logit(correct) − logit(incorrect); else the
+    log-probability of ``correct`` (next-token tasks). Logits are computed in
+    row chunks of at most ``max_logits`` numbers: only the read-out is kept.
+    """
+    x = tf.normalize(w.cfg, resid_final[:, positions])  # [G, Q, D]
+    G, Q = x.shape[:2]
+    rows = max(1, max_logits // (Q * w.cfg.d_vocab))
+    metric, top1 = [], []
+    for start in range(0, G, rows):
+        logits = x[start : start + rows] @ w.W_U + w.b_U  # [g, Q, V]
+        right = correct[start : start + rows, :, None]
+        top1.append(logits.argmax(-1))
+        if incorrect is None:
+            metric.append(logits.log_softmax(-1).gather(-1, right)[..., 0])
+        else:
+            wrong = incorrect[start : start + rows, :, None]
+            metric.append((logits.gather(-1, right) - logits.gather(-1, wrong))[..., 0])
+    return Readout(torch.cat(metric), torch.cat(top1))
