@@ -23,14 +23,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_common_options, default_out, non_negative_int, positive_int
+from sweeps.engine.cli import UserError, add_common_options, non_negative_int, positive_int
 from sweeps.engine.effects import ABLATIONS
 
 DATASETS = ("slopes", "responses", "points")
@@ -71,76 +70,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     # Imports here keep --help instant.
-    from sweeps.engine import provenance
     from sweeps.engine.backup_sweep import BackupJob
-    from sweeps.engine.driver import run_shards
-    from sweeps.engine.models import ModelNameError, describe_model, load_tokenizer
+    from sweeps.engine.driver import input_errors, prepare_inputs, run_sweep
     from sweeps.engine.plan import PlanError, parse_heads, plan_backup, remaining
-    from sweeps.engine.run import LocalExecutor, RayExecutor
-    from sweeps.engine.store import ResultStore, StoreError, check_out_dir
-    from tasks import TaskError, build_task, check_task
 
-    out = args.out or default_out("backup", args.model, args.task)
-    try:
-        # Cheap checks first: nothing below loads model weights.
-        check_out_dir(out)
+    try:  # cheap checks first: nothing here loads model weights
         if args.fit_threshold < 0 or args.fit_threshold != args.fit_threshold:
             raise PlanError(f"--fit-threshold must be a number >= 0, got {args.fit_threshold}")
-        task_spec = check_task(args.task)
-        info = describe_model(args.model)
-        heads = parse_heads(args.heads, info.n_layers, info.n_heads)
-        tokenizer = load_tokenizer(info)
-        task = build_task(task_spec, tokenizer, args.n_prompts, args.seed, args.seq_len, args.data)
-        if task.clean.shape[1] > info.n_ctx:
-            raise TaskError(f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
-                            f"context of {info.n_ctx}; lower --seq-len or shorten the prompts")
-    except (ModelNameError, TaskError, PlanError, StoreError) as err:
+        inputs = prepare_inputs(args, "backup")
+        heads = parse_heads(args.heads, inputs.info.n_layers, inputs.info.n_heads)
+    except input_errors() as err:
         raise UserError(str(err)) from None
-
+    task, out = inputs.task, inputs.out
     spec = {
         "sweep": "backup", "model": args.model, "task": task.name, "task_params": task.params,
         "task_hash": task.fingerprint(), "seed": args.seed, "ablation": args.ablation,
         "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap,
     }
-    store = ResultStore(out, DATASETS)
-    resume_hint = " ".join(shlex.quote(a) for a in ["python", "sweeps/backup.py", *argv])
-    try:
-        with store.lock():
-            store.prepare(spec, resume=args.resume)
-            done = store.completed()
-            todo = remaining(heads, done)
-            shards = plan_backup(todo, args.heads_per_shard)
-            code = provenance.code_version()
-            store.update_manifest(
-                spec=spec, spec_id=provenance.spec_id(spec), code_version=code,
-                packages=provenance.package_versions(), model=info.__dict__,
-            )
-            print(f"backup sweep: {args.model} on {task.name} ({task.n_prompts} prompts), "
-                  f"{len(heads)} heads requested, {len(heads) - len(todo)} already done, "
-                  f"{len(shards)} shards to run -> {out}", file=sys.stderr)
-            failures = []
-            if shards:
-                job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed)
-                executor = (
-                    LocalExecutor(args.model, job) if args.executor == "local"
-                    else RayExecutor(args.model, job, num_workers=args.num_workers)
-                )
-                columns = {
-                    "model": args.model, "task": task.name, "task_hash": spec["task_hash"],
-                    "seed": args.seed, "ablation": args.ablation, "code_version": code,
-                    "spec_id": provenance.spec_id(spec),
-                }
-                # a shard replays layers layer..L-1 for each of its heads
-                failures = run_shards(executor, store, shards, spec, columns, lambda s: len(s.heads), "head",
-                                      resume_hint, cost=lambda s: len(s.heads) * (info.n_layers - s.layer))
-    except StoreError as err:
-        raise UserError(str(err)) from None
-    except KeyboardInterrupt:
-        return 130
-    except RuntimeError as err:  # e.g. a worker that cannot load the model
-        print(f"error: {err}", file=sys.stderr)
-        return 1
 
+    def plan(done: set[str]):
+        todo = remaining(heads, done)
+        shards = plan_backup(todo, args.heads_per_shard)
+        return shards, (f"backup sweep: {args.model} on {task.name} ({task.n_prompts} prompts), "
+                        f"{len(heads)} heads requested, {len(heads) - len(todo)} already done, "
+                        f"{len(shards)} shards to run")
+
+    job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed)
+    failures = run_sweep(
+        args, argv, "sweeps/backup.py", inputs, spec, DATASETS, plan, job,
+        units=lambda s: len(s.heads), unit_name="head",
+        # a shard replays layers layer..L-1 for each of its heads
+        cost=lambda s: len(s.heads) * (inputs.info.n_layers - s.layer),
+        columns={"ablation": args.ablation},
+    )
+    if isinstance(failures, int):
+        return failures
     for failure in failures:
         print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
     from analysis.backup import load_results, summary_table

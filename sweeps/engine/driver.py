@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from sweeps.engine.plan import Shard
 from sweeps.engine.run import Failure
 from sweeps.engine.store import ResultStore, StoreError, with_provenance
 
@@ -16,13 +18,13 @@ from sweeps.engine.store import ResultStore, StoreError, with_provenance
 def run_shards(
     executor,
     store: ResultStore,
-    shards: list[Shard],
+    shards: list,
     spec: dict,
     provenance: dict,
-    units: Callable[[Shard], int],
+    units: Callable[[Any], int],
     unit_name: str,
     resume_hint: str,
-    cost: Callable[[Shard], float] | None = None,
+    cost: Callable[[Any], float] | None = None,
 ) -> list[Failure]:
     """Run ``shards`` on ``executor``; each finished shard is committed to ``store``.
 
@@ -75,3 +77,104 @@ def run_shards(
         raise
     finally:
         executor.shutdown()
+
+
+# --------------------------------------------------------------------------- #
+# What every sweep command does around run_shards
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class SweepInputs:
+    """A sweep's checked inputs: nothing here has loaded model weights."""
+
+    out: Path
+    info: Any  # models.ModelInfo
+    task: Any  # tasks.TaskData
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad user input (reported as one line, exit code 2)."""
+    from sweeps.engine.circuits import CircuitError
+    from sweeps.engine.models import ModelNameError
+    from sweeps.engine.nodes import NodeError
+    from sweeps.engine.plan import PlanError
+    from sweeps.engine.scale_sweep import PairsError
+    from tasks import TaskError
+
+    return (ModelNameError, TaskError, PlanError, StoreError, NodeError, CircuitError, PairsError)
+
+
+def prepare_inputs(args, sweep: str) -> SweepInputs:
+    """The checks every sweep makes first: output directory, task, model name, prompts.
+
+    Raises one of ``input_errors()``; only the tokenizer is loaded.
+    """
+    from sweeps.engine.cli import default_out
+    from sweeps.engine.models import describe_model, load_tokenizer
+    from sweeps.engine.store import check_out_dir
+    from tasks import TaskError, build_task, check_task
+
+    out = args.out or default_out(sweep, args.model, args.task)
+    check_out_dir(out)
+    task_spec = check_task(args.task)
+    info = describe_model(args.model)
+    task = build_task(task_spec, load_tokenizer(info), args.n_prompts, args.seed, args.seq_len, args.data)
+    if task.clean.shape[1] > info.n_ctx:
+        raise TaskError(f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
+                        f"context of {info.n_ctx}; lower --seq-len or shorten the prompts")
+    return SweepInputs(out, info, task)
+
+
+def run_sweep(
+    args,
+    argv: list[str],
+    script: str,
+    inputs: SweepInputs,
+    spec: dict,
+    datasets: tuple[str, ...],
+    plan: Callable[[set[str]], tuple[list, str]],
+    job,
+    units: Callable,
+    unit_name: str,
+    cost: Callable,
+    columns: dict[str, Any] | None = None,
+) -> int | list[Failure]:
+    """Lock ``--out``, adopt the spec, plan what is left, run it; the failures, or an exit code.
+
+    ``plan(done_shard_ids)`` returns the shards to run and a one-line header;
+    ``columns`` are sweep-specific provenance columns for every row.
+    """
+    from sweeps.engine import provenance
+    from sweeps.engine.run import LocalExecutor, RayExecutor
+    from sweeps.engine.store import ResultStore
+
+    store = ResultStore(inputs.out, datasets)
+    resume_hint = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    spec_id = provenance.spec_id(spec)
+    try:
+        with store.lock():
+            store.prepare(spec, resume=args.resume)
+            shards, header = plan(store.completed())
+            code = provenance.code_version()
+            store.update_manifest(spec=spec, spec_id=spec_id, code_version=code,
+                                  packages=provenance.package_versions(), model=inputs.info.__dict__)
+            print(f"{header} -> {inputs.out}", file=sys.stderr)
+            if not shards:
+                return []
+            executor = (
+                LocalExecutor(args.model, job) if args.executor == "local"
+                else RayExecutor(args.model, job, num_workers=args.num_workers)
+            )
+            columns = {"model": args.model, "task": inputs.task.name, "task_hash": spec["task_hash"],
+                       "seed": args.seed, **(columns or {}), "code_version": code, "spec_id": spec_id}
+            return run_shards(executor, store, shards, spec, columns, units, unit_name, resume_hint, cost)
+    except StoreError as err:
+        from sweeps.engine.cli import UserError
+
+        raise UserError(str(err)) from None
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as err:  # e.g. a worker that cannot load the model
+        print(f"error: {err}", file=sys.stderr)
+        return 1

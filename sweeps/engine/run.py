@@ -25,7 +25,13 @@ import pyarrow as pa
 import torch
 
 from sweeps.engine.models import describe_model, load_model
-from sweeps.engine.plan import Shard
+
+
+class Shard(Protocol):
+    """A unit of work (``plan.Shard``, ``plan.ScaleShard``): hashable, named by ``id``."""
+
+    @property
+    def id(self) -> str: ...
 
 
 class Job(Protocol):
