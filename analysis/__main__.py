@@ -1,4 +1,4 @@
-"""``python -m analysis backup RESULTS_DIR``: plots, tables and a W&B run from saved results."""
+"""``python -m analysis backup|scale RESULTS_DIR``: plots, tables and a W&B run from saved results."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
                    help="rank only heads whose mean |direct effect| is at least F times the largest "
                    "head's (default 0.1)")
+    p = sub.add_parser("scale", help="report on a scale sweep's results directory")
+    p.add_argument("out", help="the sweep's --out directory")
+    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
+    p.add_argument("--wandb-project", default="interp-sweeps")
+    p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
     args = parser.parse_args(argv)
+    if args.command == "scale":
+        return _scale(args)
 
     from analysis.backup import ResultsError, load_results, summary_table
     from analysis.report import write_backup_report
@@ -33,6 +40,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary_table(results, args.top, args.min_de_fraction).to_string(index=False))
     write_backup_report(results, args.wandb, args.wandb_project, scatter)
+    return 0
+
+
+def _scale(args) -> int:
+    from analysis.report import write_scale_report
+    from analysis.results import ResultsError
+    from analysis.scale import load_scale_results, summary_tables
+
+    try:
+        results = load_scale_results(args.out)
+    except ResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if results.effects.empty:
+        print(f"error: {args.out} holds no finished shards yet", file=sys.stderr)
+        return 2
+    for title, table in summary_tables(results, args.top).items():
+        print(f"\n{title}\n{table.to_string()}")
+    write_scale_report(results, args.wandb, args.wandb_project)
     return 0
 
 

@@ -5,16 +5,15 @@ Only the Parquet datasets and the manifest are read; no model is needed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis.results import ResultsError, read_committed
 
-class ResultsError(ValueError):
-    pass
+__all__ = ["BackupResults", "ResultsError", "load_results"]
 
 
 @dataclass
@@ -38,32 +37,13 @@ class BackupResults:
         return self.points[(self.points["layer"] == layer) & (self.points["head"] == head)]
 
 
-def _read(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as err:  # missing or truncated (pyarrow's errors are both)
-        raise ResultsError(
-            f"{path} is unreadable ({type(err).__name__}); re-run the sweep command to recompute it"
-        ) from None
-
-
 def load_results(out: str | Path, allow_mixed: bool = False) -> BackupResults:
     out = Path(out)
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
-        raise ResultsError(f"{out} holds no sweep results (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    committed = sorted(manifest.get("shards", {}))  # never a file the manifest does not list
-    frames = {}
-    for name in ("slopes", "responses", "points"):
-        files = [out / name / f"{shard}.parquet" for shard in committed]
-        frames[name] = pd.concat([_read(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    spec, manifest, frames = read_committed(out, ("slopes", "responses", "points"), "backup", allow_mixed)
     slopes = frames["slopes"]
-    if not slopes.empty and slopes["spec_id"].nunique() > 1 and not allow_mixed:
-        raise ResultsError(f"{out} mixes results of {slopes['spec_id'].nunique()} different sweep specs")
     if not slopes.empty:
         slopes = slopes.sort_values(["layer", "head"]).reset_index(drop=True)
-    return BackupResults(out, manifest.get("spec", {}), manifest, slopes, frames["responses"], frames["points"])
+    return BackupResults(out, spec, manifest, slopes, frames["responses"], frames["points"])
 
 
 def grid(slopes: pd.DataFrame, column: str, n_layers: int, n_heads: int) -> np.ndarray:

@@ -21,14 +21,18 @@ def _symmetric_limit(values: np.ndarray, quantile: float) -> float:
 def heatmap(
     values: np.ndarray, title: str, path: Path, xlabel: str = "head", ylabel: str = "layer",
     colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
-    clip_quantile: float = 0.99,
+    clip_quantile: float = 0.99, value_range: tuple[float, float] | None = None,
 ) -> tuple[Path, Path]:
     """Diverging heatmap centred on 0; colours saturate at a quantile of |values|
-    so that a few noisy cells do not wash out the rest (hover shows true values)."""
+    so that a few noisy cells do not wash out the rest (hover shows true values).
+    With ``value_range`` a sequential map over that fixed range instead (e.g. 0..1)."""
     lim = _symmetric_limit(values, clip_quantile) or 1.0
+    cmap, vmin, vmax, plotly_scale = "RdBu", -lim, lim, "RdBu"
+    if value_range is not None:
+        (vmin, vmax), cmap, plotly_scale = value_range, "viridis", "Viridis"
     rows, cols = values.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 24), min(1.5 + 0.3 * rows, 24)))
-    im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if xticks is None and cols <= 40:
         ax.set_xticks(range(cols))
@@ -48,7 +52,7 @@ def heatmap(
     html = path.with_suffix(".html")
     go.Figure(
         go.Heatmap(
-            z=values, x=xticks, y=yticks, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+            z=values, x=xticks, y=yticks, colorscale=plotly_scale, zmin=vmin, zmax=vmax,
             colorbar=dict(title=colorbar), hovertemplate=f"{ylabel} %{{y}}, {xlabel} %{{x}}: %{{z:.4f}}<extra></extra>",
         ),
         layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed"),
@@ -81,4 +85,49 @@ def scatter_with_fit(
         traces.append(go.Scatter(x=line_x, y=slope * line_x + intercept, mode="lines", name=f"fit (slope {slope:.4f})"))
     go.Figure(traces, layout=dict(title=title, xaxis_title="direct effect of the head (clean)",
                                   yaxis_title="accumulated backup")).write_html(html, include_plotlyjs="cdn")
+    return png, html
+
+
+STATUS_COLOURS = {"in_circuit": "#2ca02c", "not_in_circuit": "#ff7f0e", "unlabelled": "#1f77b4"}
+
+
+def effect_lines(
+    scales: list[float], lines: dict[str, list[tuple[str, np.ndarray]]], title: str, path: Path,
+    ylabel: str = "causal effect",
+) -> tuple[Path, Path]:
+    """Seed 004's figure: effect against scale, one line per node, coloured by circuit status.
+
+    The scale axis is symlog (0 and 10 on one axis, linear below 1); hover the
+    HTML version for node names.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for status, nodes in lines.items():
+        colour = STATUS_COLOURS.get(status, "grey")
+        alpha = max(0.15, min(0.9, 8 / max(len(nodes), 1)))
+        for i, (_, values) in enumerate(nodes):
+            ax.plot(scales, values, color=colour, alpha=alpha, lw=1, marker=".", ms=3,
+                    label=f"{status} ({len(nodes)})" if i == 0 else None)
+    ax.set_xscale("symlog", linthresh=1.0)
+    if len(scales) <= 16:
+        ax.set_xticks(scales, [f"{s:g}" for s in scales], fontsize=7)
+        ax.minorticks_off()
+    ax.axvline(1.0, color="grey", lw=0.5, ls="--")
+    ax.set(title=title, xlabel="scale (symlog)", ylabel=ylabel)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    traces = []
+    for status, nodes in lines.items():
+        colour = STATUS_COLOURS.get(status, "grey")
+        for i, (node, values) in enumerate(nodes):
+            traces.append(go.Scatter(
+                x=scales, y=values, mode="lines+markers", line=dict(color=colour, width=1), marker=dict(size=4),
+                name=status, legendgroup=status, showlegend=i == 0, hovertext=f"{node} ({status})",
+                hovertemplate="%{hovertext}<br>scale %{x}: %{y:.3f}<extra></extra>",
+            ))
+    html = path.with_suffix(".html")
+    go.Figure(traces, layout=dict(title=title, xaxis=dict(title="scale", type="log" if min(scales) > 0 else "linear"),
+                                  yaxis_title=ylabel, template="plotly_white")).write_html(html, include_plotlyjs="cdn")
     return png, html

@@ -1,7 +1,8 @@
-"""Plots of a backup sweep and their W&B run, from the results directory alone.
+"""Plots of a sweep and its W&B run, from the results directory alone.
 
-``write_backup_report(load_results(out))`` can be re-run at any time (``python -m analysis
-backup OUT``), e.g. after a sweep whose W&B logging failed.
+``write_backup_report(load_results(out))`` and ``write_scale_report(load_scale_results(out))``
+can be re-run at any time (``python -m analysis backup|scale OUT``), e.g. after a
+sweep whose W&B logging failed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from analysis.backup import (
     grid,
     summary_table,
 )
+from analysis.scale import ScaleResults, status_lines, summary_tables, wide
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
@@ -69,69 +72,128 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
     return figures
 
 
-def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
-    """One W&B run: tables, figures (PNG + HTML), summary, and the Parquet dataset as an artifact."""
+def _log_run(
+    kind: str, out: Path, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
+    datasets: tuple[str, ...], mode: str, project: str,
+) -> str | None:
+    """One W&B run: tables, figures (PNG + HTML), summary, and the Parquet datasets as an artifact."""
     if mode == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    spec = results.spec
+    spec_id = manifest.get("spec_id", "")
     run = wandb.init(
-        project=project, mode=mode, job_type="backup-sweep", config=spec,
-        name=f"backup-{spec.get('model')}-{spec.get('task')}-{results.manifest.get('spec_id', '')}",
-        dir=os.environ.get("WANDB_DIR", str(results.out)), reinit="finish_previous",
+        project=project, mode=mode, job_type=f"{kind}-sweep", config=spec,
+        name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
+        dir=os.environ.get("WANDB_DIR", str(out)), reinit="finish_previous",
     )
     try:
-        slopes = results.slopes.drop(columns=[c for c in ("shard",) if c in results.slopes])
-        responses = results.responses
-        if len(responses) > WANDB_TABLE_MAX_ROWS:  # keep the strongest responses
-            responses = responses.reindex(responses.mean_delta.abs().sort_values(ascending=False).index)
-            responses = responses.head(WANDB_TABLE_MAX_ROWS)
-        payload = {
-            "slopes": wandb.Table(dataframe=slopes),
-            "top_heads": wandb.Table(dataframe=summary_table(results)),
-            "responses_top": wandb.Table(dataframe=responses[
-                ["up_layer", "up_head", "down_layer", "down_head", "down_kind", "mean_delta"]
-            ]),
-        }
+        payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
         for name, png in figures.items():
             payload[f"plots/{name}"] = wandb.Image(str(png))
             payload[f"html/{name}"] = wandb.Html(png.with_suffix(".html").read_text(), inject=False)
         run.log(payload)
-        finite = results.slopes.dropna(subset=["slope"])
-        run.summary.update(
-            {
-                "n_heads_swept": int(len(results.slopes)),
-                "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
-                "weight_hash": results.manifest.get("weight_hash"),
-                "code_version": results.manifest.get("code_version"),
-            }
-        )
-        artifact = wandb.Artifact(f"backup-results-{results.manifest.get('spec_id', 'run')}", type="dataset",
-                                  metadata={"spec": spec})
-        for name in ("slopes", "responses", "points"):
-            artifact.add_dir(str(results.out / name), name=name)
-        artifact.add_file(str(results.out / "manifest.json"))
+        run.summary.update({**summary, "weight_hash": manifest.get("weight_hash"),
+                            "code_version": manifest.get("code_version")})
+        artifact = wandb.Artifact(f"{kind}-results-{spec_id or 'run'}", type="dataset", metadata={"spec": spec})
+        for name in datasets:
+            artifact.add_dir(str(out / name), name=name)
+        artifact.add_file(str(out / "manifest.json"))
         run.log_artifact(artifact)
         return run.dir
     finally:
         run.finish()
 
 
-def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
-                        scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
-    """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
-    out = results.out
-    figures = backup_figures(results, scatter_heads)
-    print(f"plots: {results.out / 'plots'}", file=sys.stderr)
+def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+    slopes = results.slopes.drop(columns=[c for c in ("shard",) if c in results.slopes])
+    responses = results.responses
+    if len(responses) > WANDB_TABLE_MAX_ROWS:  # keep the strongest responses
+        responses = responses.reindex(responses.mean_delta.abs().sort_values(ascending=False).index)
+    tables = {
+        "slopes": slopes,
+        "top_heads": summary_table(results),
+        "responses_top": responses[["up_layer", "up_head", "down_layer", "down_head", "down_kind", "mean_delta"]],
+    }
+    finite = results.slopes.dropna(subset=["slope"])
+    summary = {
+        "n_heads_swept": int(len(results.slopes)),
+        "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
+    }
+    return _log_run("backup", results.out, results.spec, results.manifest, tables, figures, summary,
+                    ("slopes", "responses", "points"), mode, project)
+
+
+def _report(kind: str, out: Path, log: Callable[[], str | None], wandb_mode: str) -> None:
+    """Log to W&B; a failure there is a warning: the Parquet results are complete regardless."""
+    print(f"plots: {out / 'plots'}", file=sys.stderr)
     try:
-        run_dir = log_to_wandb(results, figures, wandb_mode, project)
+        run_dir = log()
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
         print(f"warning: W&B logging failed ({type(err).__name__}: {err}); the Parquet results are "
-              f"complete; retry with: python -m analysis backup {out} --wandb {wandb_mode}", file=sys.stderr)
-        return figures
+              f"complete; retry with: python -m analysis {kind} {out} --wandb {wandb_mode}", file=sys.stderr)
+        return
     if run_dir:
         hint = " (upload later with `wandb sync`)" if wandb_mode == "offline" else ""
         print(f"W&B run: {Path(run_dir).parent}{hint}", file=sys.stderr)
+
+
+def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
+                        scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
+    """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
+    figures = backup_figures(results, scatter_heads)
+    _report("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    return figures
+
+
+# --------------------------------------------------------------------------- #
+# Scale sweep
+# --------------------------------------------------------------------------- #
+
+
+def scale_figures(results: ScaleResults) -> dict[str, Path]:
+    """Seed 004's line plots (causal effect and metric change against scale) and a heatmap."""
+    folder = results.out / "plots"
+    folder.mkdir(exist_ok=True)
+    spec = results.spec
+    where = f"{spec.get('model', '?')}, {spec.get('task', '?')}, {spec.get('subspace', 'full')}" + (
+        ", self-patch" if spec.get("self_patch") else f", {spec.get('pairs', '?')} pairs"
+    )
+    scales = results.scales
+    figures = {}
+    figures["causal_effect"], _ = plots.effect_lines(
+        scales, status_lines(results.effects, "causal_effect"), f"Causal effect against scale ({where})",
+        folder / "causal_effect",
+    )
+    figures["metric_change"], _ = plots.effect_lines(
+        scales, status_lines(results.effects, "metric_change"), f"Normalised metric change against scale ({where})",
+        folder / "metric_change", ylabel="metric change (0 clean, 1 corrupt)",
+    )
+    table = wide(results.effects)
+    figures["causal_effect_heatmap"], _ = plots.heatmap(
+        table.drop(columns="status").to_numpy(dtype=float), f"Causal effect per node and scale ({where})",
+        folder / "causal_effect_heatmap", xlabel="scale", ylabel="node", colorbar="causal effect",
+        xticks=list(table.columns[1:]), yticks=[f"{n} ({s[:3]})" if s != "unlabelled" else n
+                                               for n, s in zip(table.index, table.status)],
+        value_range=(0.0, 1.0),
+    )
+    return figures
+
+
+def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+    effects = results.effects.drop(columns=[c for c in ("shard",) if c in results.effects])
+    tables = {"effects": effects, "effects_wide": wide(results.effects).reset_index()}
+    for title, table in summary_tables(results).items():
+        key = "summary/" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:60]
+        tables[key] = table.reset_index()
+    summary = {"n_nodes": int(results.effects["node"].nunique()), "n_scales": len(results.scales)}
+    return _log_run("scale", results.out, results.spec, results.manifest, tables, figures, summary,
+                    ("effects",), mode, project)
+
+
+def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps") -> dict[str, Path]:
+    """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
+    figures = scale_figures(results)
+    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures

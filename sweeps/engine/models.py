@@ -82,6 +82,7 @@ class ModelInfo:
     n_layers: int
     n_heads: int
     n_ctx: int  # longest prompt the model takes
+    has_mlp: bool = True  # False for attention-only models
 
 
 def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int]:
@@ -151,7 +152,7 @@ def describe_model(name: str) -> ModelInfo:
             shape = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg.get("n_ctx") or 2048)
         except (KeyError, TypeError, ValueError):
             raise ModelNameError(f"{name}: the TransformerLens config names no n_layers/n_heads") from None
-        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape)
+        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape, not cfg.get("attn_only", False))
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"
         try:

@@ -1,0 +1,93 @@
+"""Read a scale sweep's results directory (``effects/``) into pandas, and the tables people look at.
+
+Only the Parquet dataset and the manifest are read; no model is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.results import read_committed
+
+STATUS_ORDER = ("in_circuit", "not_in_circuit", "unlabelled")
+
+
+@dataclass
+class ScaleResults:
+    out: Path
+    spec: dict
+    manifest: dict
+    effects: pd.DataFrame  # one row per (node, scale)
+
+    @property
+    def scales(self) -> list[float]:
+        return sorted(self.effects["scale"].unique())
+
+
+def load_scale_results(out: str | Path, allow_mixed: bool = False) -> ScaleResults:
+    out = Path(out)
+    spec, manifest, frames = read_committed(out, ("effects",), "scale", allow_mixed)
+    effects = frames["effects"]
+    if not effects.empty:
+        order = effects["head"].fillna(1 << 30)  # a layer's heads, then its MLP
+        effects = effects.assign(_order=order).sort_values(["layer", "_order", "scale"]).drop(columns="_order")
+        effects = effects.reset_index(drop=True)
+    return ScaleResults(out, spec, manifest, effects)
+
+
+def wide(effects: pd.DataFrame, column: str = "causal_effect") -> pd.DataFrame:
+    """Nodes × scales (seed 004's table), nodes in model order, with their status."""
+    nodes = effects.drop_duplicates("node")[["node", "status"]]
+    table = effects.pivot(index="node", columns="scale", values=column)
+    table = table.loc[nodes["node"]]
+    table.columns = [f"{s:g}" for s in table.columns]
+    table.insert(0, "status", nodes.set_index("node")["status"])
+    return table
+
+
+def _reference_scale(scales: list[float]) -> float:
+    """Scale 1 (no change), or the swept scale closest to it."""
+    return min(scales, key=lambda s: abs(s - 1.0))
+
+
+def summary_tables(results: ScaleResults, k: int = 10) -> dict[str, pd.DataFrame]:
+    """What the sweep found, as the few tables a researcher reads first."""
+    effects = results.effects
+    scales = results.scales
+    one = _reference_scale(scales)
+    table = wide(effects)
+    by_status = effects.groupby(["status", "scale"])["causal_effect"].mean().unstack("scale")
+    by_status = by_status.reindex([s for s in STATUS_ORDER if s in by_status.index])
+    by_status.columns = [f"{s:g}" for s in by_status.columns]
+    by_status.insert(0, "nodes", effects.drop_duplicates("node").groupby("status").size())
+    tables = {"Mean causal effect by circuit status (columns: scale)": by_status.round(3)}
+
+    at_one = table[f"{one:g}"]
+    extremes = [f"{s:g}" for s in (scales[0], scales[-1]) if s != one]
+    show = ["status", *dict.fromkeys([f"{scales[0]:g}", f"{one:g}", f"{scales[-1]:g}"])]
+    top = table.loc[at_one.sort_values(ascending=False).index[:k], show]
+    tables[f"Nodes with the largest causal effect at scale {one:g}"] = top.round(3)
+    if extremes:
+        quiet = table[at_one <= 0.05]
+        breaks = quiet[extremes].max(axis=1).sort_values(ascending=False)
+        breakers = quiet.loc[breaks.index[:k], show]
+        if not breakers.empty:
+            tables[f"Nodes that do not matter at scale {one:g} but break the model off-distribution"] = (
+                breakers.round(3)
+            )
+    return tables
+
+
+def status_lines(effects: pd.DataFrame, column: str = "causal_effect") -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Per status, (node, values over the sorted scales) for the line plot."""
+    scales = sorted(effects["scale"].unique())
+    table = effects.pivot(index="node", columns="scale", values=column)[scales]
+    status = effects.drop_duplicates("node").set_index("node")["status"]
+    lines: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for node in effects.drop_duplicates("node")["node"]:
+        lines.setdefault(status[node], []).append((node, table.loc[node].to_numpy()))
+    return lines
