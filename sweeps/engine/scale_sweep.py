@@ -129,7 +129,7 @@ class ScaleComputer:
             return self._groups
         w, task, device = self.weights, self.task, self.weights.device
         lengths = task.lengths
-        pairs = torch.as_tensor(self.pairs)
+        pairs = torch.tensor(self.pairs)
         groups, drops = [], []
         for T in sorted(set(lengths.tolist())):
             prompts = torch.nonzero(lengths == T)[:, 0]
