@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sweeps import backup
+from sweeps import backup, scale
 from sweeps.engine import models
 
 
@@ -16,8 +16,8 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(models, "load_hf_model", refuse)
 
 
-def fails(capsys, *args) -> str:
-    code = backup.main(list(args))
+def fails(capsys, *args, command=backup) -> str:
+    code = command.main(list(args))
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -124,3 +124,63 @@ def test_the_script_runs_as_users_run_it(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kind" in done.stdout and (out / "plots" / "slopes.png").is_file()
     assert len(list((out / "slopes").glob("*.parquet"))) == 1
+
+
+# --------------------------------------------------------------------------- #
+# sweeps/scale.py
+# --------------------------------------------------------------------------- #
+
+
+def scale_fails(capsys, tmp_path, *args) -> str:
+    return fails(capsys, "--model", "tiny-gpt2", "--out", str(tmp_path / "o"), *args, command=scale)
+
+
+def test_scale_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        scale.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--scales", "--nodes", "--circuit", "--subspace", "--pca-k", "--self-patch", "--pairs",
+                   "--max-pairs", "--executor", "--out", "--wandb", "--resume", "--n-prompts", "--batch-size"):
+        assert option in text
+    assert "0,0.1,0.2,0.5,0.7,0.8,1,1.2,1.4,2,5,10" in text
+
+
+@pytest.mark.parametrize("scales,message", [
+    ("0,-1", "'-1' must be a finite number >= 0"),
+    ("0,nan", "'nan' must be a finite number >= 0"),
+    ("0,big", "'big' is not a number"),
+    (" , ", "--scales is empty"),
+])
+def test_bad_scales(capsys, no_model_loading, tmp_path, scales, message):
+    assert message in scale_fails(capsys, tmp_path, "--scales", scales)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "mlp3"], "layer 3 is out of range (the model has layers 0-2)"),
+    (["--nodes", "L1H4"], "head 4 is out of range"),
+    (["--nodes", "attn1"], "is not a node"),
+    (["--circuit", "ioi-gpt2-smal"], "Did you mean ioi-gpt2-small"),
+    (["--circuit", "ioi-gpt2-small"], "preset ioi-gpt2-small (gpt2-small): entry '9.6': layer 9 is out of range"),
+    (["--circuit", "top:5"], "write top:K@DIR"),
+    (["--subspace", "high_variance", "--pca-k", "8", "--n-prompts", "8"], "--pca-k 8 needs more prompts"),
+])
+def test_bad_scale_sweep_input(capsys, no_model_loading, tmp_path, args, message):
+    assert message in scale_fails(capsys, tmp_path, *args)
+
+
+def test_bad_circuit_files(capsys, no_model_loading, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes:\n  - L1H2\n  - head seven\n")
+    assert "entry 'head seven' is not a node" in scale_fails(capsys, tmp_path, "--circuit", str(bad))
+    broken = tmp_path / "broken.json"
+    broken.write_text('["L1H2", ')
+    assert "cannot parse circuit file" in scale_fails(capsys, tmp_path, "--circuit", str(broken))
+    (tmp_path / "empty").mkdir()
+    assert "holds no attribution results" in scale_fails(capsys, tmp_path, "--circuit", f"top:3@{tmp_path / 'empty'}")
+
+
+def test_prompts_of_different_lengths_give_no_pairs(capsys, no_model_loading, tmp_path):
+    short = {**GOOD, "clean": "The cat sat", "corrupt": "The dog sat"}
+    path = jsonl(tmp_path, GOOD, short)
+    line = scale_fails(capsys, tmp_path, "--task", path)
+    assert "no two distinct prompts have the same token length" in line and "--pairs task" in line

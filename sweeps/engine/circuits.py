@@ -31,7 +31,7 @@ _IOI_GPT2_SMALL = {
 
 PRESETS: dict[str, dict] = {
     "ioi-gpt2-small": {
-        "about": "the IOI circuit of GPT-2 small (Wang et al. 2022): 26 heads in 7 classes",
+        "about": "the IOI circuit of GPT-2 small (Wang et al. 2022): 23 heads in 7 classes",
         "model": "gpt2-small",
         "nodes": [n for group in _IOI_GPT2_SMALL.values() for n in group.split()],
     },
