@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep test bench clean
+.PHONY: setup sweep scale test bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(STAMP)
 ## The main job: backup-slope sweep of every head of SmolLM2-135M on IOI, local Ray.
 sweep: $(STAMP)
 	$(BIN)/python sweeps/backup.py $(ARGS)
+
+## The scale sweep (seed 004): every head and MLP x 12 scales; pass options with ARGS="...".
+scale: $(STAMP)
+	$(BIN)/python sweeps/scale.py $(ARGS)
 
 ## The test suite (one real local Ray per session).
 test: $(STAMP)

@@ -1,9 +1,9 @@
-"""Backup-sweep speed, as ratios measured side by side in one process.
+"""Sweep speed, as ratios measured side by side in one process.
 
     python -m benchmarks            # SmolLM2-135M, text task, 32 prompts x 64 tokens
     python -m benchmarks --quick    # tiny-llama, 8 x 32 (a smoke test for CI)
 
-Three timings on the same batch:
+Backup sweep, three timings on the same batch:
 - forward: one clean forward of the batch with our forward (the unit);
 - engine: the sweep's cost per upstream head (heads of one layer ablated in one
   batched restart from that layer), averaged over evenly spaced layers so it
@@ -11,6 +11,13 @@ Three timings on the same batch:
 - seed-style: seed 000's recipe per head: a full hooked forward through the
   TransformerLens bridge with a full activation cache, then every head's
   direct effect from the stacked ``hook_result``s.
+
+Scale sweep (``benchmarks/scale.py``), per (node, scale, pair) on the same prompts:
+- forward: one clean forward of the batch, divided by its prompts (one pair's forward);
+- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly
+  spaced layers;
+- seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full
+  forward per node, scale and batch of pairs.
 """
 
 from __future__ import annotations
@@ -104,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x "
           f"(whole sweep of {L * H} heads: ~{engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
     print(f"max |engine - seed-style| accumulated backup: {max_diff:.2e}")
+    print()
+    from benchmarks.scale import scale_benchmark
+
+    scale_benchmark(bridge, w, task, name, repeat)
     return 0
 
 

@@ -11,3 +11,4 @@ def test_quick_benchmark_runs_and_paths_agree(capsys):
     assert "engine speed-up over seed-style per head" in out
     diff = float(re.search(r"accumulated backup: ([0-9.e+-]+)", out).group(1))
     assert diff < 1e-4
+    assert "engine speed-up over seed-style per (node, scale, pair)" in out

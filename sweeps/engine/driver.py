@@ -1,4 +1,9 @@
-"""The driver loop every sweep shares: start workers, run shards, write, report progress."""
+"""What every sweep command shares: input checks, the store, and the loop that runs shards.
+
+``prepare_inputs`` checks the output directory, task and model name (no weights
+load); ``run_sweep`` locks ``--out``, adopts the spec, plans what is left and
+runs it with ``run_shards``: start workers, run shards, write, report progress.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from sweeps.engine.run import Failure
-from sweeps.engine.store import ResultStore, StoreError, with_provenance
+from sweeps.engine.store import ResultStore, StoreError, check_out_dir, with_provenance
 
 
 def run_shards(
@@ -112,7 +117,6 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     """
     from sweeps.engine.cli import default_out
     from sweeps.engine.models import describe_model, load_tokenizer
-    from sweeps.engine.store import check_out_dir
     from tasks import TaskError, build_task, check_task
 
     out = args.out or default_out(sweep, args.model, args.task)
@@ -147,7 +151,6 @@ def run_sweep(
     """
     from sweeps.engine import provenance
     from sweeps.engine.run import LocalExecutor, RayExecutor
-    from sweeps.engine.store import ResultStore
 
     store = ResultStore(inputs.out, datasets)
     resume_hint = " ".join(shlex.quote(a) for a in ["python", script, *argv])
