@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_common_options, non_negative_int, positive_int
+from sweeps.engine.cli import UserError, add_common_options, cli_main, non_negative_int, positive_int
 from sweeps.engine.effects import ABLATIONS
 
 DATASETS = ("slopes", "responses", "points")
@@ -60,18 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv if argv is not None else sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     # Imports here keep --help instant.
     from sweeps.engine.backup_sweep import BackupJob
-    from sweeps.engine.driver import input_errors, prepare_inputs, run_sweep
+    from sweeps.engine.driver import input_errors, prepare_inputs, print_failures, run_sweep
     from sweeps.engine.plan import PlanError, parse_heads, plan_backup, remaining
 
     try:  # cheap checks first: nothing here loads model weights
@@ -105,8 +100,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     if isinstance(failures, int):
         return failures
-    for failure in failures:
-        print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
+    print_failures(failures)
     from analysis.backup import load_results, summary_table
 
     results = load_results(out)
@@ -118,10 +112,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         from analysis.report import write_backup_report
 
         write_backup_report(results, wandb_mode=args.wandb, project=args.wandb_project)
-    if failures:
-        print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_common_options, positive_int
+from sweeps.engine.cli import UserError, add_common_options, cli_main, positive_int
 
 DATASETS = ("effects",)
 DEFAULT_SCALES = "0,0.1,0.2,0.5,0.7,0.8,1,1.2,1.4,2,5,10"
@@ -106,18 +106,13 @@ def parse_scales(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv if argv is not None else sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     # Imports here keep --help instant.
     from sweeps.engine.circuits import load_circuit
-    from sweeps.engine.driver import input_errors, prepare_inputs, run_sweep
+    from sweeps.engine.driver import input_errors, prepare_inputs, print_failures, run_sweep
     from sweeps.engine.nodes import parse_nodes
     from sweeps.engine.plan import PlanError, plan_scale
     from sweeps.engine.provenance import spec_id
@@ -169,8 +164,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     if isinstance(failures, int):
         return failures
-    for failure in failures:
-        print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
+    print_failures(failures)
 
     from analysis.scale import load_scale_results, summary_tables
 
@@ -184,10 +178,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         from analysis.report import write_scale_report
 
         write_scale_report(results, wandb_mode=args.wandb, project=args.wandb_project)
-    if failures:
-        print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Callable
 
 from sweeps.engine.models import DEFAULT_MODEL, TINY_MODELS
 
 
 class UserError(ValueError):
     """Bad input, reported as one line before anything expensive runs."""
+
+
+def cli_main(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace, list[str]], int],
+    argv: list[str] | None,
+) -> int:
+    """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv if argv is not None else sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _whole_number(text: str, minimum: int, requirement: str) -> int:

@@ -181,3 +181,11 @@ def run_sweep(
     except RuntimeError as err:  # e.g. a worker that cannot load the model
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def print_failures(failures: list[Failure]) -> None:
+    """Each shard that failed for good, with its error, and how to retry."""
+    for failure in failures:
+        print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)
