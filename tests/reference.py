@@ -151,3 +151,151 @@ def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, so
         drop += float((metric(clean_logits) - metric(logits)).sum())
         points += len(pos)
     return changed / points, drop, points
+
+
+# --------------------------------------------------------------------------- #
+# Attribution patching (seed 001's recipe: hooks on split q/k/v inputs)
+# --------------------------------------------------------------------------- #
+
+
+def _upstream_hook(name: str) -> tuple[str, int | None]:
+    if name == "embed":
+        return "blocks.0.hook_resid_pre", None
+    if name.startswith("mlp"):
+        return f"blocks.{int(name[3:])}.hook_mlp_out", None
+    layer, head = map(int, name[1:].split("H"))
+    return f"blocks.{layer}.attn.hook_result", head
+
+
+def _input_hook(bridge, layer: int, input: str) -> str:
+    """Where a downstream input is read. The bridge's ``hook_mlp_in`` is not a
+    separate copy of the stream (its gradient includes the skip connection), so
+    the MLP's input is taken at ``ln2.hook_in`` and cloned there."""
+    if input in ("q", "k", "v"):
+        return f"blocks.{layer}.hook_{input}_input"
+    if input == "mlp":
+        return f"blocks.{layer}.ln2.hook_in"
+    return "ln_final.hook_in"
+
+
+def _n_kv(bridge) -> int:
+    return getattr(bridge.cfg, "n_key_value_heads", None) or bridge.cfg.n_heads
+
+
+def _select_head(bridge, act, input: str, head: int | None):
+    """One head's slice of a split q/k/v input. A key/value input split per query
+    head (rather than per key/value head) is summed over the heads sharing it."""
+    if head is None:
+        return act
+    if input in ("k", "v") and act.shape[2] != _n_kv(bridge):
+        group = act.shape[2] // _n_kv(bridge)
+        return act[:, :, head * group : (head + 1) * group].sum(2)
+    return act[:, :, head]
+
+
+def ld_or_logp_sum(bridge, logits, task):
+    b = torch.arange(task.n_prompts)
+    if task.kind == "logit_diff":
+        pos = task.lengths - 1
+        return (logits[b, pos, task.correct] - logits[b, pos, task.incorrect]).sum()
+    total = 0.0
+    for i in range(task.n_prompts):
+        T = int(task.lengths[i])
+        logp = logits[i, : T - 1].log_softmax(-1)
+        total = total + logp[torch.arange(T - 1), task.clean[i, 1:T]].sum()
+    return total
+
+
+class split_inputs:
+    """Context: the bridge with split q/k/v inputs and an MLP-input hook (restored after)."""
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+
+    def __enter__(self):
+        self.bridge.set_use_split_qkv_input(True)
+        return self.bridge
+
+    def __exit__(self, *exc):
+        self.bridge.set_use_split_qkv_input(False)
+
+
+def attribution_by_hooks(bridge, task, graph) -> tuple[np.ndarray, np.ndarray]:
+    """(node scores, edge scores in graph order), raw sums: seed 001's two forwards and one
+    backward with gradients cached at every split input, then grad · (clean − corrupt)."""
+    L = bridge.cfg.n_layers
+    with split_inputs(bridge):
+        ups = sorted({_upstream_hook(u)[0] for u in graph.upstream})
+        reads = sorted({_input_hook(bridge, d.layer, d.input) for d in graph.downstream})
+        _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in ups)
+        acts = {}
+
+        def keep(name):
+            def hook(act, hook):
+                if name.endswith("ln2.hook_in") or name == "ln_final.hook_in":
+                    act = act.clone()
+                act.retain_grad()
+                acts[name] = act
+                return act
+
+            return hook
+
+        with torch.enable_grad():
+            logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, keep(n)) for n in sorted(set(ups) | set(reads))])
+            ld_or_logp_sum(bridge, logits, task).backward()
+
+    def delta(u):
+        name, head = _upstream_hook(u)
+        d = acts[name].detach() - corrupt[name]
+        return d if head is None else d[:, :, head]
+
+    def grad_after(u):  # gradient of the stream the node writes into
+        name, head = _upstream_hook(u)
+        g = acts[name].grad
+        return g if head is None else g[:, :, head]
+
+    nodes = np.array([float((grad_after(u) * delta(u)).sum()) for u in graph.upstream])
+    edges = []
+    for d, p in zip(graph.downstream, graph.prefix):
+        g = _select_head(bridge, acts[_input_hook(bridge, d.layer, d.input)].grad, d.input, d.head)
+        edges.extend(float((g * delta(u)).sum()) for u in graph.upstream[:p])
+    assert len(edges) == graph.n_edges and L == bridge.cfg.n_layers
+    return nodes, np.array(edges)
+
+
+def patched_metric_by_hooks(bridge, task, upstream: str, downstream=None) -> float:
+    """Σ metric with node ``upstream`` (or only edge ``upstream → downstream``) patched
+    to its corrupt value, by hooks on full forwards."""
+    name, head = _upstream_hook(upstream)
+    with split_inputs(bridge):
+        _, clean = bridge.run_with_cache(task.clean, names_filter=lambda n: n == name)
+        _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n == name)
+        change = corrupt[name] - clean[name]
+        if head is not None:
+            change = change[:, :, head]
+        if downstream is None:
+            def hook(act, hook):
+                act = act.clone()
+                if head is None:
+                    return act + change
+                act[:, :, head] = act[:, :, head] + change
+                return act
+
+            where = name
+        else:
+            where = _input_hook(bridge, downstream.layer, downstream.input)
+
+            def hook(act, hook):
+                act = act.clone()
+                if downstream.head is None:
+                    return act + change
+                h = downstream.head
+                if downstream.input in ("k", "v") and act.shape[2] != _n_kv(bridge):
+                    g = act.shape[2] // _n_kv(bridge)
+                    act[:, :, h * g : (h + 1) * g] += change[:, :, None]
+                else:
+                    act[:, :, h] = act[:, :, h] + change
+                return act
+
+        logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(where, hook)])
+    return float(ld_or_logp_sum(bridge, logits, task))

@@ -193,8 +193,12 @@ def _activation(name: str, x: Tensor) -> Tensor:
 
 
 def mlp_out(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    return mlp_from_normalized(w, layer, normalize(w.cfg, resid_mid))
+
+
+def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    """The MLP on its already normalised input (attribution differentiates at that input)."""
     cfg = w.cfg
-    x = normalize(cfg, resid_mid)
     pre = x @ w.W_in[layer] + w.b_in[layer]
     if cfg.gated_mlp:
         post = _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre

@@ -1,0 +1,433 @@
+"""Attribution patching (DESIGN §1.4, seed 001): node and edge scores on one batch.
+
+Plain functions on tensors; no Ray, no I/O.
+
+One clean forward + backward and one corrupt forward give, to first order,
+what patching each component's corrupt value into the clean run would do:
+
+    score(u)     = Σ_{b,t} ∂m/∂(stream after u) · (clean_u − corrupt_u)
+    score(u → d) = Σ_{b,t} ∂m/∂(input of d)     · (clean_u − corrupt_u)
+
+``m`` is summed over the batch's points (each prompt's answer position for
+logit-difference tasks; every next-token position for text); the driver adds
+the batches and divides by the task's normaliser, so a score is in units of
+the normalised metric: > 0 means the component carries the clean behaviour
+(patching its corrupt value in lowers the metric by about that much).
+
+Upstream nodes ``u``: the embeddings, each head's output ``z_h W_O[h]``, each
+MLP's output. Downstream inputs ``d``: the query input of each head, the key
+and value inputs of each **key/value head** (in grouped-query models several
+query heads share one; its edge is counted once, never split or padded),
+each MLP's input, and the final residual stream. The gradient at ``d``'s
+input is the gradient that flows through ``d`` alone: for q/k/v we take the
+gradient at the head's (pre-rotary) q/k/v and pull it back through ``W_Q``
+and the normalisation by hand (``norm_vjp``), which never materialises a
+``[B, T, H, D]`` copy of the residual stream in the autograd graph.
+
+Exactness (tested): the residual stream after ``u`` is read only by the
+downstream inputs listed above, so by the chain rule the edge scores of ``u``
+summed over every ``d`` it feeds equal ``score(u)`` exactly, in sequential,
+parallel (GPT-NeoX) and grouped-query models alike.
+
+The forward here is ``transformer.py``'s, written out with the q/k/v and MLP
+input tensors exposed, and with one optional ``Edit`` (an additive change at
+one site) so that the same code runs the real patching that ``--verify-top``
+compares the scores against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sweeps.engine import transformer as tf
+from sweeps.engine.effects import effect_points
+from sweeps.engine.nodes import Node
+from sweeps.engine.transformer import ModelConfig, ModelWeights
+from tasks.base import TaskData
+
+EMBED = "embed"
+FINAL = "resid_final"
+INPUTS = ("q", "k", "v", "mlp", "resid")
+
+
+# --------------------------------------------------------------------------- #
+# The graph: which upstream node feeds which downstream input
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Downstream:
+    name: str  # L8H6 (a query head, or a key/value head without GQA), L8KV1 (a shared k/v head), mlp8, resid_final
+    input: str  # one of INPUTS
+    layer: int  # n_layers for the final residual stream
+    head: int | None  # query head for q, key/value head for k and v
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Upstream nodes and downstream inputs in a fixed order.
+
+    Upstream rows: ``embed``, then per layer its heads and its MLP. Downstream
+    ``d`` reads the first ``prefix[d]`` upstream rows (everything written before it).
+    """
+
+    upstream: tuple[str, ...]
+    downstream: tuple[Downstream, ...]
+    prefix: tuple[int, ...]
+
+    @property
+    def n_edges(self) -> int:
+        return sum(self.prefix)
+
+
+def upstream_row(cfg: ModelConfig, layer: int, head: int | None) -> int:
+    """Row of a head (or the MLP, ``head=None``) of ``layer`` in ``Graph.upstream``."""
+    stride = cfg.n_heads + (0 if cfg.attn_only else 1)
+    return 1 + layer * stride + (cfg.n_heads if head is None else head)
+
+
+def build_graph(cfg: ModelConfig) -> Graph:
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    upstream = [EMBED]
+    for layer in range(cfg.n_layers):
+        upstream += [Node(layer, h).name for h in range(H)] + ([] if cfg.attn_only else [Node(layer, None).name])
+    downstream, prefix = [], []
+    for layer in range(cfg.n_layers):
+        before = upstream_row(cfg, layer, 0)  # everything of earlier layers
+        for h in range(H):
+            downstream.append(Downstream(f"L{layer}H{h}", "q", layer, h))
+        kv_name = (lambda k: f"L{layer}H{k}") if K == H else (lambda k: f"L{layer}KV{k}")
+        for letter in "kv":
+            downstream += [Downstream(kv_name(k), letter, layer, k) for k in range(K)]
+        prefix += [before] * (H + 2 * K)
+        if not cfg.attn_only:  # a sequential MLP also reads its own layer's heads
+            downstream.append(Downstream(f"mlp{layer}", "mlp", layer, None))
+            prefix.append(before if cfg.parallel_attn_mlp else before + H)
+    downstream.append(Downstream(FINAL, "resid", cfg.n_layers, None))
+    prefix.append(len(upstream))
+    return Graph(tuple(upstream), tuple(downstream), tuple(prefix))
+
+
+# --------------------------------------------------------------------------- #
+# The forward, with its inputs exposed and one optional edit
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Add ``delta`` at one site: where a node writes (``embed``, ``attn_out``,
+    ``mlp_out``) or at one downstream input only (``q``/``k``/``v`` of one head,
+    ``mlp`` input, ``resid`` = the final residual stream)."""
+
+    site: str
+    layer: int
+    delta: Float[Tensor, "B T D"]
+    head: int | None = None
+
+
+@dataclass
+class Trace:
+    """The tensors attribution differentiates at or patches with, per layer run."""
+
+    resid_pre: list[Tensor] = field(default_factory=list)  # [B T D] each block's input
+    q: list[Tensor] = field(default_factory=list)  # [B T H E] before the rotary embedding
+    k: list[Tensor] = field(default_factory=list)  # [B T K E]
+    v: list[Tensor] = field(default_factory=list)  # [B T K E]
+    z: list[Tensor] = field(default_factory=list)  # [B T H E]
+    heads_written: list[Tensor] = field(default_factory=list)  # [B T D] stream right after the heads write
+    mlp_in: list[Tensor] = field(default_factory=list)  # [B T D] what the MLP reads, before its norm
+    mlp_normed: list[Tensor] = field(default_factory=list)  # [B T D] normalize(mlp_in)
+    mlp_out: list[Tensor] = field(default_factory=list)  # [B T D]
+    resid_final: Tensor | None = None
+
+
+def _qkv(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], edit: Edit | None):
+    xn = tf.normalize(w.cfg, x)
+    q = torch.einsum("btd,hde->bthe", xn, w.W_Q[layer]) + w.b_Q[layer]
+    k = torch.einsum("btd,kde->btke", xn, w.W_K[layer]) + w.b_K[layer]
+    v = torch.einsum("btd,kde->btke", xn, w.W_V[layer]) + w.b_V[layer]
+    if edit is not None and edit.layer == layer and edit.site in ("q", "k", "v"):
+        # Only this head's input sees the change (path patching of one edge).
+        W, b = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}[edit.site]
+        h = edit.head
+        one = torch.einsum("btd,de->bte", tf.normalize(w.cfg, x + edit.delta), W[layer, h]) + b[layer, h]
+        mask = torch.zeros(W.shape[1], dtype=one.dtype, device=one.device)
+        mask[h] = 1.0
+        mask = mask[:, None]
+        if edit.site == "q":
+            q = q * (1 - mask) + one[:, :, None] * mask
+        elif edit.site == "k":
+            k = k * (1 - mask) + one[:, :, None] * mask
+        else:
+            v = v * (1 - mask) + one[:, :, None] * mask
+    return q, k, v
+
+
+def forward(
+    w: ModelWeights,
+    resid: Float[Tensor, "B T D"],
+    start: int = 0,
+    edit: Edit | None = None,
+) -> Trace:
+    """Blocks ``start..L-1`` from the stream entering block ``start``, recording a Trace."""
+    cfg = w.cfg
+    rope = tf.rotary_tables(w, resid.shape[1])
+
+    def at(site: str, layer: int) -> Tensor | None:
+        return edit.delta if edit is not None and edit.site == site and edit.layer == layer else None
+
+    trace = Trace()
+    if (d := at("embed", start)) is not None:
+        resid = resid + d
+    for layer in range(start, cfg.n_layers):
+        x = resid
+        trace.resid_pre.append(x)
+        q, k, v = _qkv(w, layer, x, edit)
+        trace.q.append(q), trace.k.append(k), trace.v.append(v)
+        qr, kr = (tf._apply_rotary(q, rope), tf._apply_rotary(k, rope)) if rope is not None else (q, k)
+        z = F.scaled_dot_product_attention(
+            qr.transpose(1, 2),
+            kr.repeat_interleave(cfg.group_size, dim=2).transpose(1, 2),
+            v.repeat_interleave(cfg.group_size, dim=2).transpose(1, 2),
+            is_causal=True,
+        ).transpose(1, 2)
+        trace.z.append(z)
+        attn = tf.attention_out(w, layer, z)
+        if (d := at("attn_out", layer)) is not None:
+            attn = attn + d
+        if cfg.attn_only:
+            resid = x + attn
+            trace.heads_written.append(resid)
+            continue
+        mlp_in = x if cfg.parallel_attn_mlp else x + attn
+        if not cfg.parallel_attn_mlp:
+            trace.heads_written.append(mlp_in)
+        trace.mlp_in.append(mlp_in)
+        if (d := at("mlp", layer)) is not None:
+            mlp_in = mlp_in + d
+        normed = tf.normalize(cfg, mlp_in)
+        trace.mlp_normed.append(normed)
+        out = tf.mlp_from_normalized(w, layer, normed)
+        if (d := at("mlp_out", layer)) is not None:
+            out = out + d
+        trace.mlp_out.append(out)
+        resid = (x + attn + out) if cfg.parallel_attn_mlp else (trace.heads_written[-1] + out)
+        if cfg.parallel_attn_mlp:
+            trace.heads_written.append(resid)
+    if (d := at("resid", cfg.n_layers)) is not None:
+        resid = resid + d
+    trace.resid_final = resid
+    return trace
+
+
+# --------------------------------------------------------------------------- #
+# The metric, summed over a batch's points
+# --------------------------------------------------------------------------- #
+
+
+def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: TaskData) -> Float[Tensor, "P"]:
+    """The metric at each point: the logit difference (correct − incorrect) at each
+    prompt's answer position, or the log-probability of each next token."""
+    points = effect_points(w, task)
+    x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
+    if task.kind == "logit_diff":
+        return (x * points.u).sum(-1) + points.bias
+    targets = task.clean.to(w.device)[points.batch, points.pos + 1]
+    logp = torch.log_softmax(x @ w.W_U + w.b_U, dim=-1)
+    return logp.gather(-1, targets[:, None])[:, 0]
+
+
+# --------------------------------------------------------------------------- #
+# Attribution of one batch
+# --------------------------------------------------------------------------- #
+
+
+def norm_vjp(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B T D"]) -> Float[Tensor, "N B T D"]:
+    """``J^T g`` for ``y = normalize(x)`` (weight-free LayerNorm/RMSNorm), for N cotangents at once.
+
+    With ``y = c / s`` (``c`` the centred input for LayerNorm, ``x`` for RMSNorm,
+    ``s = sqrt(mean c² + eps)``): ``J^T g = P (g − y (y·g) / D) / s`` where ``P``
+    centres (LayerNorm only).
+    """
+    if cfg.norm == "none":
+        return g
+    if cfg.norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+        g = g - g.mean(-1, keepdim=True)
+    s = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+    y = x / s
+    return (g - y * (y * g).mean(-1, keepdim=True)) / s
+
+
+@dataclass
+class BatchAttribution:
+    """Raw sums over one batch (not yet divided by the task's normaliser)."""
+
+    nodes: Float[Tensor, "U"]
+    edges: Float[Tensor, "n_edges"]  # in Graph order: each downstream's prefix of upstream rows
+    clean_metric: float  # Σ metric over the batch's points, clean run
+    corrupt_metric: float
+    n_points: int
+
+
+def _grads(total: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``d total / d t`` for each tensor (the same tensor may appear twice)."""
+    unique = list({id(t): t for t in tensors}.values())
+    grads = dict(zip(map(id, unique), torch.autograd.grad(total, unique)))
+    return [grads[id(t)] for t in tensors]
+
+
+def upstream_deltas(
+    w: ModelWeights, clean: Trace, corrupt: Trace, d_embed: Float[Tensor, "B T D"]
+) -> Float[Tensor, "U B T D"]:
+    """``clean_u − corrupt_u`` of every upstream node, in ``Graph.upstream`` order."""
+    rows = [d_embed[None]]
+    for layer in range(w.cfg.n_layers):
+        dz = clean.z[layer] - corrupt.z[layer]
+        rows.append(torch.einsum("bthe,hed->hbtd", dz, w.W_O[layer]))
+        if not w.cfg.attn_only:
+            rows.append((clean.mlp_out[layer] - corrupt.mlp_out[layer])[None])
+    return torch.cat(rows)
+
+
+def _edge_block(deltas: Float[Tensor, "p BTD"], G: Float[Tensor, "n B T D"]) -> Float[Tensor, "n_times_p"]:
+    """Scores of p upstream nodes into n downstream inputs, downstream-major (Graph order)."""
+    return (G.flatten(1) @ deltas.T).flatten()
+
+
+def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution:
+    """Node and edge scores of one batch: one clean forward+backward, one corrupt forward."""
+    cfg, device = w.cfg, w.device
+    clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
+    with torch.no_grad():
+        corrupt = forward(w, tf.embed(w, corrupt_tokens))
+        corrupt_metric = metric_terms(w, corrupt.resid_final, task).sum()
+    with torch.enable_grad():
+        embedded = tf.embed(w, clean_tokens).requires_grad_(True)
+        clean = forward(w, embedded)
+        terms = metric_terms(w, clean.resid_final, task)
+        L = cfg.n_layers
+        wanted = [*clean.resid_pre, *clean.heads_written, clean.resid_final, *clean.q, *clean.k, *clean.v,
+                  *clean.mlp_normed]
+        grads = _grads(terms.sum(), wanted)
+    g_pre, g_heads, g_final = grads[:L], grads[L : 2 * L], grads[2 * L]
+    g_q, g_k, g_v = grads[2 * L + 1 : 3 * L + 1], grads[3 * L + 1 : 4 * L + 1], grads[4 * L + 1 : 5 * L + 1]
+    g_mlp = grads[5 * L + 1 :]
+    with torch.no_grad():
+        # The stream right after each MLP writes: the next block's input, or the end.
+        g_after_mlp = [*g_pre[1:], g_final]
+        deltas = upstream_deltas(w, clean, corrupt, embedded.detach() - tf.embed(w, corrupt_tokens))
+
+        # Node scores: gradient of the stream the node writes into · its change.
+        nodes = [(g_pre[0] * deltas[0]).sum()[None]]
+        for layer in range(L):
+            dz = clean.z[layer] - corrupt.z[layer]
+            gz = torch.einsum("btd,hed->bthe", g_heads[layer], w.W_O[layer])
+            nodes.append(torch.einsum("bthe,bthe->h", gz, dz))
+            if not cfg.attn_only:
+                nodes.append((g_after_mlp[layer] * deltas[upstream_row(cfg, layer, None)]).sum()[None])
+        node_scores = torch.cat(nodes)
+
+        # Edge scores: the gradient at each downstream input, pulled back through that
+        # input's own projection and norm, against every upstream change written before it.
+        flat = deltas.flatten(1)  # [U, B·T·D]
+        edges = []
+        for layer in range(L):
+            g_in = torch.cat([
+                torch.einsum("bthe,hde->hbtd", g_q[layer], w.W_Q[layer]),
+                torch.einsum("btke,kde->kbtd", g_k[layer], w.W_K[layer]),
+                torch.einsum("btke,kde->kbtd", g_v[layer], w.W_V[layer]),
+            ])
+            before = upstream_row(cfg, layer, 0)
+            edges.append(_edge_block(flat[:before], norm_vjp(cfg, clean.resid_pre[layer], g_in)))
+            if not cfg.attn_only:
+                reads = before if cfg.parallel_attn_mlp else before + cfg.n_heads
+                edges.append(_edge_block(flat[:reads], norm_vjp(cfg, clean.mlp_in[layer], g_mlp[layer][None])))
+        edges.append(flat @ g_final.flatten())
+        edge_scores = torch.cat(edges)
+        assert edge_scores.numel() == graph.n_edges
+    return BatchAttribution(
+        nodes=node_scores.double().cpu(), edges=edge_scores.double().cpu(),
+        clean_metric=float(terms.sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Real patching of single nodes and edges (what --verify-top checks against)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node (``downstream`` None) or an edge to patch with its corrupt value."""
+
+    upstream: str
+    downstream: str | None = None
+    input: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.upstream if self.downstream is None else f"{self.upstream}->{self.downstream}:{self.input}"
+
+
+def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_embed: Tensor) -> tuple[str, int, Tensor]:
+    """(write site, layer, corrupt − clean) of one upstream node."""
+    if name == EMBED:
+        return "embed", 0, -d_embed
+    from sweeps.engine.nodes import node_from_name
+
+    node = node_from_name(name)
+    if node.head is None:
+        return "mlp_out", node.layer, corrupt.mlp_out[node.layer] - clean.mlp_out[node.layer]
+    dz = corrupt.z[node.layer][:, :, node.head] - clean.z[node.layer][:, :, node.head]
+    return "attn_out", node.layer, dz @ w.W_O[node.layer, node.head]
+
+
+def _downstream(graph: Graph, name: str, input: str) -> Downstream:
+    for d in graph.downstream:
+        if d.name == name and d.input == input:
+            return d
+    raise ValueError(f"no downstream input {name}:{input} in this model")
+
+
+@torch.no_grad()
+def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Target]) -> Float[Tensor, "n"]:
+    """Σ metric over the batch with each target's corrupt value patched into the clean run.
+
+    A node: its output is replaced by its corrupt output for every reader.
+    An edge ``u → d``: only ``d``'s input sees ``u``'s corrupt value (path
+    patching of that input); every other reader sees the clean one. The run
+    restarts at the edit's layer from the clean stream.
+    """
+    device = w.device
+    clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
+    clean_embed = tf.embed(w, clean_tokens)
+    d_embed = clean_embed - tf.embed(w, corrupt_tokens)
+    clean, corrupt = forward(w, clean_embed), forward(w, tf.embed(w, corrupt_tokens))
+    L = w.cfg.n_layers
+    out = []
+    for target in targets:
+        site, layer, delta = _upstream_delta(w, target.upstream, clean, corrupt, d_embed)
+        if target.downstream is not None:
+            d = _downstream(graph, target.downstream, target.input)
+            site, layer = d.input, d.layer
+            head = d.head
+        else:
+            head = None
+        if site == "resid":
+            final = clean.resid_final + delta
+        else:
+            resid = clean.resid_pre[layer] if layer < L else clean.resid_final
+            final = forward(w, resid, layer, Edit(site, layer, delta, head)).resid_final
+        out.append(metric_terms(w, final, task).sum())
+    return torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
+def clean_points(task: TaskData) -> Int[Tensor, "N"]:
+    """How many metric points each prompt contributes (1, or its next-token positions)."""
+    return torch.ones_like(task.lengths) if task.kind == "logit_diff" else task.lengths - 1
