@@ -1,4 +1,4 @@
-"""``python -m analysis backup|scale RESULTS_DIR``: plots, tables and a W&B run from saved results."""
+"""``python -m analysis backup|scale|attribution RESULTS_DIR``: plots, tables and a W&B run from saved results."""
 
 from __future__ import annotations
 
@@ -24,9 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     p.add_argument("--wandb-project", default="interp-sweeps")
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
+    p = sub.add_parser("attribution", help="report on an attribution sweep's results directory")
+    p.add_argument("out", help="the sweep's --out directory")
+    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
+    p.add_argument("--wandb-project", default="interp-sweeps")
+    p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-heads tables (default 10)")
     args = parser.parse_args(argv)
     if args.command == "scale":
         return _scale(args)
+    if args.command == "attribution":
+        return _attribution(args)
 
     from analysis.backup import ResultsError, load_results, summary_table
     from analysis.report import write_backup_report
@@ -59,6 +66,27 @@ def _scale(args) -> int:
     for title, table in summary_tables(results, args.top).items():
         print(f"\n{title}\n{table.to_string()}")
     write_scale_report(results, args.wandb, args.wandb_project)
+    return 0
+
+
+def _attribution(args) -> int:
+    from analysis.attribution import load_attribution_results, top_edges_table, top_nodes_table
+    from analysis.report import write_attribution_report
+    from analysis.results import ResultsError
+
+    try:
+        results = load_attribution_results(args.out)
+    except ResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not results.complete:
+        print(f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
+              "scores cover those", file=sys.stderr)
+    print(f"Top {args.top} edges by |score|\n{top_edges_table(results, args.top).to_string(index=False)}")
+    print(f"\nTop {args.top} heads by |score|\n{top_nodes_table(results, args.top).to_string(index=False)}")
+    if not results.verify.empty:
+        print(f"\nAttribution against real patching\n{results.faithfulness().to_string(index=False)}")
+    write_attribution_report(results, args.wandb, args.wandb_project)
     return 0
 
 

@@ -131,3 +131,79 @@ def effect_lines(
     go.Figure(traces, layout=dict(title=title, xaxis=dict(title="scale", type="log" if min(scales) > 0 else "linear"),
                                   yaxis_title=ylabel, template="plotly_white")).write_html(html, include_plotlyjs="cdn")
     return png, html
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def bars(labels: list[str], values: np.ndarray, title: str, path: Path, xlabel: str = "score") -> tuple[Path, Path]:
+    """Horizontal bars, the first label on top (e.g. the top edges by |score|)."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.25 * len(labels)))
+    ax.barh(range(len(labels)), values, color=["#1f77b4" if v >= 0 else "#d62728" for v in values])
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(title=title, xlabel=xlabel)
+    png = _save(fig, path)
+    html = path.with_suffix(".html")
+    go.Figure(go.Bar(x=values, y=labels, orientation="h"),
+              layout=dict(title=title, xaxis_title=xlabel, yaxis_autorange="reversed",
+                          template="plotly_white")).write_html(html, include_plotlyjs="cdn")
+    return png, html
+
+
+def agreement(
+    groups: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], title: str, path: Path,
+    xlabel: str = "attribution score", ylabel: str = "real patching effect",
+) -> tuple[Path, Path]:
+    """Predicted against measured, one colour per group, with the line y = x: points off
+    the line are where the linear approximation is wrong (labels on hover and for the worst)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    every = np.concatenate([np.concatenate([x, y]) for x, y, _ in groups.values()]) if groups else np.zeros(1)
+    lo, hi = float(np.nanmin(every)), float(np.nanmax(every))
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--", label="y = x")
+    traces = [go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x",
+                         line=dict(color="grey", dash="dash"))]
+    for i, (name, (x, y, labels)) in enumerate(groups.items()):
+        ax.scatter(x, y, s=18, alpha=0.8, color=f"C{i}", label=name)
+        worst = np.argsort(-np.abs(np.asarray(y) - np.asarray(x)))[:3]
+        for j in worst:
+            ax.annotate(labels[j], (x[j], y[j]), fontsize=6, alpha=0.8)
+        traces.append(go.Scatter(x=x, y=y, mode="markers", name=name, text=labels,
+                                 hovertemplate="%{text}<br>score %{x:.4f}<br>patched %{y:.4f}<extra></extra>"))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(loc="best", fontsize=8)
+    png = _save(fig, path)
+    html = path.with_suffix(".html")
+    go.Figure(traces, layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel,
+                                  template="plotly_white")).write_html(html, include_plotlyjs="cdn")
+    return png, html
+
+
+def lines(
+    x_labels: list[str], series: dict[str, np.ndarray], title: str, path: Path, xlabel: str, ylabel: str,
+) -> tuple[Path, Path]:
+    """A few named lines over categorical x positions (e.g. the logit lens over layers)."""
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.12 * len(x_labels)), 4))
+    for name, values in series.items():
+        ax.plot(range(len(x_labels)), values, marker=".", lw=1.2, label=name)
+    step = max(1, len(x_labels) // 30)
+    ax.set_xticks(range(0, len(x_labels), step), x_labels[::step], rotation=90, fontsize=6)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(loc="best", fontsize=8)
+    png = _save(fig, path)
+    html = path.with_suffix(".html")
+    go.Figure([go.Scatter(x=x_labels, y=v, mode="lines+markers", name=n) for n, v in series.items()],
+              layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, hovermode="x unified",
+                          template="plotly_white")).write_html(html, include_plotlyjs="cdn")
+    return png, html

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from analysis import plots
+from analysis.attribution import DERIVED, AttributionResults, head_grid, top_edges_table, top_nodes_table
 from analysis.backup import (
     BackupResults,
     compensation_by_layer,
@@ -196,4 +197,66 @@ def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", proje
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
     figures = scale_figures(results)
     _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    return figures
+
+
+# --------------------------------------------------------------------------- #
+# Attribution sweep
+# --------------------------------------------------------------------------- #
+
+
+def attribution_figures(results: AttributionResults, n_edges: int = 30) -> dict[str, Path]:
+    """Per-head (and MLP) node scores, the top edges, and attribution against real patching."""
+    folder = results.out / "plots"
+    folder.mkdir(exist_ok=True)
+    where = f"{results.spec.get('model', '?')}, {results.spec.get('task', '?')}"
+    L, H = results.n_layers, results.n_heads
+    figures = {}
+    embed = results.nodes[results.nodes.kind == "embed"].score
+    figures["node_scores"], _ = plots.heatmap(
+        head_grid(results.nodes, L, H), f"Node scores ({where}; embed "
+        f"{float(embed.iloc[0]) if len(embed) else float('nan'):.3f})", folder / "node_scores",
+        xlabel="head (last column: MLP)", colorbar="score (>0: helps)",
+        xticks=[str(h) for h in range(H)] + ["MLP"], yticks=[str(layer) for layer in range(L)],
+    )
+    top = top_edges_table(results, n_edges)
+    figures["top_edges"], _ = plots.bars(list(top.edge), top.score.to_numpy(),
+                                         f"Top {len(top)} edges by |score| ({where})", folder / "top_edges")
+    if not results.verify.empty:
+        groups = {}
+        for kind, group in results.verify.groupby("kind", sort=False):
+            groups[f"{kind}s"] = (group.score.to_numpy(), group.patch_effect.to_numpy(), list(group.target))
+        figures["faithfulness"], _ = plots.agreement(
+            groups, f"Attribution against real patching, top {results.spec.get('verify_top')} ({where})",
+            folder / "faithfulness", ylabel="real patching effect (clean − patched metric)",
+        )
+    return figures
+
+
+def log_attribution_to_wandb(results: AttributionResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+    tables = {
+        "nodes": results.nodes.assign(head=results.nodes["head"].astype("float64")),  # W&B tables have no nullable ints
+        "edges_top": results.edges.head(WANDB_TABLE_MAX_ROWS),
+        "top_edges": top_edges_table(results, 50),
+        "top_heads": top_nodes_table(results, 50),
+    }
+    summary = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
+               "n_prompts": results.n_prompts, "n_edges": int(len(results.edges))}
+    if not results.verify.empty:
+        tables["verify"] = results.verify
+        faith = results.faithfulness()
+        tables["faithfulness"] = faith
+        for row in faith.itertuples():
+            summary[f"faithfulness/{row.kind}_pearson"] = row.pearson
+            summary[f"faithfulness/{row.kind}_sign_agreement"] = row.sign_agreement
+    return _log_run("attribution", results.out, results.spec, results.manifest, tables, figures, summary,
+                    tuple(d for d in DERIVED if (results.out / d).is_dir()), mode, project)
+
+
+def write_attribution_report(results: AttributionResults, wandb_mode: str = "offline",
+                             project: str = "interp-sweeps") -> dict[str, Path]:
+    """Figures under ``OUT/plots`` and a W&B run, from ``load_attribution_results``."""
+    figures = attribution_figures(results)
+    _report("attribution", results.out,
+            lambda: log_attribution_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures

@@ -37,12 +37,12 @@ def read_committed(
     spec = manifest.get("spec", {})
     if spec.get("sweep", sweep) != sweep:
         raise ResultsError(f"{out} holds a {spec['sweep']} sweep, not a {sweep} sweep")
-    committed = sorted(manifest.get("shards", {}))
+    shards = manifest.get("shards", {})
     frames = {}
-    for name in datasets:
-        files = [out / name / f"{shard}.parquet" for shard in committed]
+    for name in datasets:  # a shard lists the datasets it wrote under "rows"
+        files = [out / name / f"{sid}.parquet" for sid in sorted(shards) if name in shards[sid].get("rows", {})]
         frames[name] = pd.concat([read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
-    first = frames[datasets[0]]
-    if not first.empty and first["spec_id"].nunique() > 1 and not allow_mixed:
-        raise ResultsError(f"{out} mixes results of {first['spec_id'].nunique()} different sweep specs")
+    spec_ids = {i for f in frames.values() if not f.empty for i in f["spec_id"].unique()}
+    if len(spec_ids) > 1 and not allow_mixed:
+        raise ResultsError(f"{out} mixes results of {len(spec_ids)} different sweep specs")
     return spec, manifest, frames

@@ -353,7 +353,7 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution
         assert edge_scores.numel() == graph.n_edges
     return BatchAttribution(
         nodes=node_scores.double().cpu(), edges=edge_scores.double().cpu(),
-        clean_metric=float(terms.sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
+        clean_metric=float(terms.detach().sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
     )
 
 

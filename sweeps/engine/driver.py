@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -23,7 +23,7 @@ from sweeps.engine.store import ResultStore, StoreError, check_out_dir, with_pro
 def run_shards(
     executor,
     store: ResultStore,
-    shards: list,
+    waves: Iterable[list],
     spec: dict,
     provenance: dict,
     units: Callable[[Any], int],
@@ -31,7 +31,11 @@ def run_shards(
     resume_hint: str,
     cost: Callable[[Any], float] | None = None,
 ) -> list[Failure]:
-    """Run ``shards`` on ``executor``; each finished shard is committed to ``store``.
+    """Run each wave of shards on ``executor``; each finished shard is committed to ``store``.
+
+    ``waves`` yields lists of shards; a later wave is planned only after the
+    previous one finished (the attribution sweep's verification needs the
+    summed scores). The workers stay up between waves.
 
     ``provenance`` becomes constant columns of every row; the worker's weight
     hash is added (and checked against earlier shards of the same directory).
@@ -55,26 +59,10 @@ def run_shards(
         weight_hash = hashes.pop()
         store.update_manifest(weight_hash=weight_hash, workers=workers, startup_seconds=round(startup, 2))
         columns = {**provenance, "weight_hash": weight_hash}
-        total_units = sum(units(s) for s in shards)
-        bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
-        label = f"{executor.name}×{len(workers)}"
-        done_units, loop_start = 0, time.perf_counter()
-        with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
-                  desc=f"{label}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
-            for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
-                tables = {
-                    dataset: with_provenance(table, {**columns, "shard": shard.id}, spec)
-                    for dataset, table in tables.items()
-                }
-                store.write_shard(shard.id, tables, record)
-                done_units += units(shard)
-                rate = done_units / max(time.perf_counter() - loop_start, 1e-9)
-                bar.set_description_str(
-                    f"{label}: {done_units}/{total_units} {unit_name}s, {rate:.2f} {unit_name}s/s, "
-                    f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
-                    refresh=False,
-                )
-                bar.update(cost(shard))
+        for shards in waves:
+            _run_wave(executor, store, shards, columns, spec, units, unit_name, cost, len(workers))
+            if executor.failures:
+                break
         return executor.failures
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}",
@@ -82,6 +70,30 @@ def run_shards(
         raise
     finally:
         executor.shutdown()
+
+
+def _run_wave(executor, store: ResultStore, shards: list, columns: dict, spec: dict, units: Callable,
+              unit_name: str, cost: Callable, n_workers: int) -> None:
+    total_units = sum(units(s) for s in shards)
+    bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
+    label = f"{executor.name}×{n_workers}"
+    done_units, loop_start = 0, time.perf_counter()
+    with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
+              desc=f"{label}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
+        for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
+            tables = {
+                dataset: with_provenance(table, {**columns, "shard": shard.id}, spec)
+                for dataset, table in tables.items()
+            }
+            store.write_shard(shard.id, tables, record)
+            done_units += units(shard)
+            rate = done_units / max(time.perf_counter() - loop_start, 1e-9)
+            bar.set_description_str(
+                f"{label}: {done_units}/{total_units} {unit_name}s, {rate:.2f} {unit_name}s/s, "
+                f"{done}/{len(shards)} shards, last {shard.id} on {record.get('device')}",
+                refresh=False,
+            )
+            bar.update(cost(shard))
 
 
 # --------------------------------------------------------------------------- #
@@ -143,16 +155,22 @@ def run_sweep(
     unit_name: str,
     cost: Callable,
     columns: dict[str, Any] | None = None,
+    derived: tuple[str, ...] = (),
+    finish: Callable[[ResultStore], None] | None = None,
 ) -> int | list[Failure]:
     """Lock ``--out``, adopt the spec, plan what is left, run it; the failures, or an exit code.
 
-    ``plan(done_shard_ids)`` returns the shards to run and a one-line header;
-    ``columns`` are sweep-specific provenance columns for every row.
+    ``plan(done_shard_ids)`` returns the shards to run and a one-line header.
+    It is asked again after each wave finishes, with the workers still up, and
+    may return more shards that depend on the finished ones (an empty list ends
+    the sweep). ``columns`` are sweep-specific provenance columns for every row;
+    ``derived`` names the store's derived datasets (cleared with ``--no-resume``);
+    ``finish(store)`` writes them, still under the lock, once no shard failed.
     """
     from sweeps.engine import provenance
     from sweeps.engine.run import LocalExecutor, RayExecutor
 
-    store = ResultStore(inputs.out, datasets)
+    store = ResultStore(inputs.out, datasets, derived)
     resume_hint = " ".join(shlex.quote(a) for a in ["python", script, *argv])
     spec_id = provenance.spec_id(spec)
     try:
@@ -164,6 +182,8 @@ def run_sweep(
                                   packages=provenance.package_versions(), model=inputs.info.__dict__)
             print(f"{header} -> {inputs.out}", file=sys.stderr)
             if not shards:
+                if finish is not None:
+                    finish(store)
                 return []
             executor = (
                 LocalExecutor(args.model, job) if args.executor == "local"
@@ -171,7 +191,23 @@ def run_sweep(
             )
             columns = {"model": args.model, "task": inputs.task.name, "task_hash": spec["task_hash"],
                        "seed": args.seed, **(columns or {}), "code_version": code, "spec_id": spec_id}
-            return run_shards(executor, store, shards, spec, columns, units, unit_name, resume_hint, cost)
+
+            def waves() -> Iterator[list]:
+                more, ran = shards, set()
+                while more:
+                    ids = {s.id for s in more}
+                    if ids <= ran:  # planned again after running: never loop on it
+                        raise RuntimeError(f"shards {sorted(ids)[:3]} did not commit; see {store.out}/manifest.json")
+                    ran |= ids
+                    yield more
+                    more, header = plan(store.completed())
+                    if more:
+                        print(header, file=sys.stderr)
+
+            failures = run_shards(executor, store, waves(), spec, columns, units, unit_name, resume_hint, cost)
+            if finish is not None and not failures:
+                finish(store)
+            return failures
     except StoreError as err:
         from sweeps.engine.cli import UserError
 

@@ -54,9 +54,12 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 
 
 class ResultStore:
-    def __init__(self, out: str | Path, datasets: tuple[str, ...]):
+    def __init__(self, out: str | Path, datasets: tuple[str, ...], derived: tuple[str, ...] = ()):
+        """``datasets`` hold one file per shard; ``derived`` ones one file (``all.parquet``)
+        computed from the committed shards, e.g. the attribution sweep's summed scores."""
         self.out = Path(out)
         self.datasets = datasets
+        self.derived = derived
 
     # -- locking and spec ---------------------------------------------------
 
@@ -107,7 +110,7 @@ class ResultStore:
         _write_json_atomic(self.out / SPEC_FILE, spec)
 
     def clear(self) -> None:
-        for name in self.datasets:
+        for name in (*self.datasets, *self.derived):
             shutil.rmtree(self.out / name, ignore_errors=True)
         for name in (MANIFEST_FILE, SPEC_FILE):
             (self.out / name).unlink(missing_ok=True)
@@ -121,7 +124,9 @@ class ResultStore:
         return {"shards": {}}
 
     def _valid(self, shard_id: str, record: dict) -> bool:
-        for name in self.datasets:
+        if not record.get("rows"):
+            return False
+        for name in record["rows"]:
             path = self.out / name / f"{shard_id}.parquet"
             try:
                 if pq.read_metadata(path).num_rows != record["rows"][name]:
@@ -154,9 +159,12 @@ class ResultStore:
     # -- writing ----------------------------------------------------------------
 
     def write_shard(self, shard_id: str, tables: dict[str, pa.Table], record: dict) -> None:
-        """Write every dataset's file for the shard, then commit it in the manifest."""
+        """Write the shard's file of each dataset it returned, then commit it in the manifest."""
+        unknown = set(tables) - set(self.datasets)
+        if unknown:
+            raise StoreError(f"shard {shard_id} returned datasets {sorted(unknown)} this sweep does not keep")
         staged = []
-        for name in self.datasets:
+        for name in tables:
             folder = self.out / name
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{shard_id}.parquet.tmp"
@@ -167,8 +175,22 @@ class ResultStore:
         for tmp, final in staged:
             os.replace(tmp, final)
         manifest = self.manifest()
-        manifest["shards"][shard_id] = {**record, "rows": {n: tables[n].num_rows for n in self.datasets}}
+        manifest["shards"][shard_id] = {**record, "rows": {n: tables[n].num_rows for n in tables}}
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
+
+    def write_derived(self, name: str, table: pa.Table, **record: Any) -> Path:
+        """Write ``<name>/all.parquet`` atomically and record it (rows, ``record``) in the manifest."""
+        if name not in self.derived:
+            raise StoreError(f"{name!r} is not a derived dataset of this sweep")
+        folder = self.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp, final = folder / ".all.parquet.tmp", folder / "all.parquet"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        manifest = self.manifest()
+        manifest.setdefault("derived", {})[name] = {"rows": table.num_rows, **record}
+        _write_json_atomic(self.out / MANIFEST_FILE, manifest)
+        return final
 
     def update_manifest(self, **fields: Any) -> None:
         manifest = self.manifest()
@@ -178,6 +200,9 @@ class ResultStore:
 
 def with_provenance(table: pa.Table, columns: dict[str, Any], spec: dict) -> pa.Table:
     """Constant provenance columns (cheap in Parquet) plus the full spec as metadata."""
+    clash = set(columns) & set(table.column_names)
+    if clash:
+        raise ValueError(f"provenance columns {sorted(clash)} clash with the shard's own columns")
     for key, value in columns.items():
         table = table.append_column(key, pa.array([value] * table.num_rows))
     metadata = dict(table.schema.metadata or {})

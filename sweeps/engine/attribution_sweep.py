@@ -1,0 +1,173 @@
+"""The attribution sweep on one worker: shards are batches of prompts.
+
+An ``AttributionShard`` (``B00032-00063``: prompts 32..63) returns the raw
+sums of its batch (``attribution.attribute``): per node, per edge, and the
+batch's clean and corrupt metric. They add up exactly across batches, so the
+driver sums the shards and divides by the task's normaliser once
+(``analysis/attribution.py``); no batch ever needs the whole dataset.
+
+A ``VerifyShard`` (``V00032-00063_<targets>``) patches each of a list of
+top-ranked nodes and edges for real on its batch (``attribution.patch_metric``),
+again as raw sums. The driver plans these after every attribution shard is
+in, from the aggregated ranking.
+
+No Ray here: the executors in ``run.py`` wrap ``AttributionJob``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from sweeps.engine import attribution as A
+from sweeps.engine.chunking import map_chunks, tokens_per_pass
+from sweeps.engine.plan import PlanError
+from tasks.base import TaskData
+
+
+@dataclass(frozen=True)
+class AttributionShard:
+    start: int
+    stop: int  # exclusive
+
+    @property
+    def id(self) -> str:
+        return f"B{self.start:05d}-{self.stop - 1:05d}"
+
+
+@dataclass(frozen=True)
+class VerifyShard:
+    start: int
+    stop: int
+    targets: tuple[A.Target, ...]
+
+    @property
+    def tag(self) -> str:
+        text = "|".join(t.label for t in self.targets)
+        return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+    @property
+    def id(self) -> str:
+        return f"V{self.start:05d}-{self.stop - 1:05d}_{self.tag}"
+
+
+_BATCH_ID = re.compile(r"^B(\d+)-(\d+)$")
+
+
+def batch_ranges(n_prompts: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + batch_size, n_prompts)) for i in range(0, n_prompts, batch_size)]
+
+
+def plan_attribution(n_prompts: int, batch_size: int, done: set[str]) -> list[AttributionShard]:
+    """One shard per batch of ``batch_size`` prompts that no finished shard holds."""
+    shards = [AttributionShard(a, b) for a, b in batch_ranges(n_prompts, batch_size)]
+    for sid in done:
+        if sid.startswith("B") and not _BATCH_ID.match(sid):
+            raise PlanError(f"not an attribution shard id: {sid!r}")
+    return [s for s in shards if s.id not in done]
+
+
+def plan_verify(n_prompts: int, batch_size: int, targets: list[A.Target], done: set[str]) -> list[VerifyShard]:
+    if not targets:
+        return []
+    shards = [VerifyShard(a, b, tuple(targets)) for a, b in batch_ranges(n_prompts, batch_size)]
+    return [s for s in shards if s.id not in done]
+
+
+def _chunk_prompts(task: TaskData, graph: A.Graph, cfg, device: torch.device) -> int:
+    """Prompts per pass. A token costs the upstream changes ``[U, D]`` plus what autograd
+    keeps, roughly 40 ``D``-sized tensors a layer; the budget is ~1 GB on a CPU, 8 GB on a GPU."""
+    budget_floats = tokens_per_pass(device) * (1 << 15)
+    per_token = (len(graph.upstream) + 40 * cfg.n_layers) * cfg.d_model
+    return max(1, budget_floats // (per_token * int(task.clean.shape[1])))
+
+
+def attribution_tables(graph: A.Graph, result: A.BatchAttribution, shard: AttributionShard) -> dict[str, pa.Table]:
+    node_sums = pa.table({"node": list(graph.upstream), "raw": result.nodes.numpy()})
+    ups, downs, inputs = [], [], []
+    for d, p in zip(graph.downstream, graph.prefix):
+        ups.extend(graph.upstream[:p])
+        downs.extend([d.name] * p)
+        inputs.extend([d.input] * p)
+    edge_sums = pa.table({
+        "upstream": pa.array(ups).dictionary_encode(), "downstream": pa.array(downs).dictionary_encode(),
+        "input": pa.array(inputs).dictionary_encode(), "raw": result.edges.numpy(),
+    })
+    batches = pa.table({
+        "start": [shard.start], "stop": [shard.stop], "prompts": [shard.stop - shard.start],
+        "n_points": [result.n_points], "clean_metric": [result.clean_metric],
+        "corrupt_metric": [result.corrupt_metric],
+    })
+    return {"node_sums": node_sums, "edge_sums": edge_sums, "batches": batches}
+
+
+def add(a: A.BatchAttribution | None, b: A.BatchAttribution) -> A.BatchAttribution:
+    if a is None:
+        return b
+    return A.BatchAttribution(
+        a.nodes + b.nodes, a.edges + b.edges, a.clean_metric + b.clean_metric,
+        a.corrupt_metric + b.corrupt_metric, a.n_points + b.n_points,
+    )
+
+
+@dataclass
+class AttributionJob:
+    """The attribution sweep as a worker sees it (picklable: the task's tensors)."""
+
+    task: TaskData
+    _weights: object = field(default=None, repr=False)
+    _graph: A.Graph | None = field(default=None, repr=False)
+
+    def bind(self, model) -> None:
+        self._weights = model.weights
+        self._graph = A.build_graph(model.weights.cfg)
+
+    def run_shard(self, shard) -> dict[str, pa.Table]:
+        batch = self.task.select(slice(shard.start, shard.stop))
+        if isinstance(shard, VerifyShard):
+            return {"verify_sums": self._verify(batch, shard)}
+        w, graph = self._weights, self._graph
+        per_pass = _chunk_prompts(batch, graph, w.cfg, w.device)
+        total = None
+
+        def advice() -> str:
+            return (f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
+                    "use shorter prompts or a machine with more memory")
+
+        for _, _, part in map_chunks(batch.n_prompts, per_pass,
+                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b))), advice):
+            total = add(total, part)
+        return attribution_tables(graph, total, shard)
+
+    def _verify(self, batch: TaskData, shard: VerifyShard) -> pa.Table:
+        w, graph = self._weights, self._graph
+        patched = torch.zeros(len(shard.targets), dtype=torch.float64)
+        clean = 0.0
+        per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
+        for a, b, (metric, sums) in map_chunks(
+            batch.n_prompts, per_pass,
+            lambda a, b: _verify_chunk(w, graph, batch.select(slice(a, b)), list(shard.targets)),
+            lambda: "out of memory patching one prompt; use shorter prompts",
+        ):
+            clean += metric
+            patched += sums
+        return pa.table({
+            "target": [t.label for t in shard.targets],
+            "upstream": [t.upstream for t in shard.targets],
+            "downstream": [t.downstream for t in shard.targets],
+            "input": [t.input for t in shard.targets],
+            "patched_metric": patched.numpy(),
+            "clean_metric": [clean] * len(shard.targets),
+        })
+
+
+@torch.no_grad()
+def _verify_chunk(w, graph: A.Graph, task: TaskData, targets: list[A.Target]) -> tuple[float, torch.Tensor]:
+    from sweeps.engine import transformer as tf
+
+    clean = float(A.metric_terms(w, tf.run(w, task.clean.to(w.device)).resid_final, task).sum())
+    return clean, A.patch_metric(w, graph, task, targets)
