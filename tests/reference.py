@@ -220,9 +220,10 @@ class split_inputs:
         self.bridge.set_use_split_qkv_input(False)
 
 
-def attribution_by_hooks(bridge, task, graph) -> tuple[np.ndarray, np.ndarray]:
+def attribution_by_hooks(bridge, task, graph, downstream=lambda d: True) -> tuple[np.ndarray, np.ndarray]:
     """(node scores, edge scores in graph order), raw sums: seed 001's two forwards and one
-    backward with gradients cached at every split input, then grad · (clean − corrupt)."""
+    backward with gradients cached at every split input, then grad · (clean − corrupt).
+    Edges into downstream inputs that ``downstream(d)`` rejects are left NaN."""
     L = bridge.cfg.n_layers
     with split_inputs(bridge):
         ups = sorted({_upstream_hook(u)[0] for u in graph.upstream})
@@ -257,6 +258,9 @@ def attribution_by_hooks(bridge, task, graph) -> tuple[np.ndarray, np.ndarray]:
     nodes = np.array([float((grad_after(u) * delta(u)).sum()) for u in graph.upstream])
     edges = []
     for d, p in zip(graph.downstream, graph.prefix):
+        if not downstream(d):
+            edges.extend([float("nan")] * p)
+            continue
         g = _select_head(bridge, acts[_input_hook(bridge, d.layer, d.input)].grad, d.input, d.head)
         edges.extend(float((g * delta(u)).sum()) for u in graph.upstream[:p])
     assert len(edges) == graph.n_edges and L == bridge.cfg.n_layers

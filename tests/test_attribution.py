@@ -122,3 +122,147 @@ def test_patching_everything_upstream_of_the_end_gives_the_corrupt_run(tiny_gpt2
     (patched,) = A.patch_metric(w, graph, task, [A.Target("embed")]).tolist()
     corrupt = A.metric_terms(w, tf.run(w, task.corrupt).resid_final, task).sum()
     assert abs(patched - float(corrupt)) < 1e-4
+
+
+# --------------------------------------------------------------------------- #
+# The embedded model: seed 001's recipe, and attribution against real patching
+# --------------------------------------------------------------------------- #
+
+
+def test_smollm_scores_equal_hooked_gradients(smollm):
+    """Every node, and every edge into the last two layers and the final stream (GQA: 3 key/value heads)."""
+    task = _task(smollm.tokenizer, n=3)
+    graph = A.build_graph(smollm.weights.cfg)
+    ours = A.attribute(smollm.weights, graph, task)
+    late = lambda d: d.layer >= smollm.weights.cfg.n_layers - 2  # noqa: E731
+    nodes, edges = reference.attribution_by_hooks(smollm.bridge, task, graph, late)
+    np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-3, atol=1e-3)
+    mask = np.concatenate([np.full(p, late(d)) for d, p in zip(graph.downstream, graph.prefix)])
+    np.testing.assert_allclose(ours.edges.numpy()[mask], edges[mask], rtol=1e-3, atol=1e-3)
+    sums = edge_sums_per_upstream(graph, ours.edges.numpy())
+    np.testing.assert_allclose(sums, ours.nodes.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_smollm_attribution_predicts_real_patching_of_its_top_nodes_and_edges(smollm):
+    """IOI, 8 prompts, the top 10 nodes and top 10 edges. The linear approximation fails where
+    patching rewrites the model's input: the embeddings and the first MLP (mlp0, which acts
+    as part of the embedding) score about -0.4 but patching them costs the whole task (1.0).
+    Elsewhere, when written: signs all agree, Pearson r 0.91 (8 nodes) and 0.96 (4 edges)."""
+    w = smollm.weights
+    task = _task(smollm.tokenizer, n=8)
+    graph = A.build_graph(w.cfg)
+    scores = A.attribute(w, graph, task)
+    normaliser = scores.clean_metric - scores.corrupt_metric
+    node_order = np.argsort(-np.abs(scores.nodes.numpy()))[:10]
+    edge_names = [(u, d) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]
+    edge_order = np.argsort(-np.abs(scores.edges.numpy()))[:10]
+    targets = [A.Target(graph.upstream[i]) for i in node_order]
+    targets += [A.Target(edge_names[i][0], edge_names[i][1].name, edge_names[i][1].input) for i in edge_order]
+    effect = (scores.clean_metric - A.patch_metric(w, graph, task, targets).numpy()) / normaliser
+    predicted = np.concatenate([scores.nodes.numpy()[node_order], scores.edges.numpy()[edge_order]]) / normaliser
+    for t, p, e in zip(targets, predicted, effect):
+        print(f"{t.label:28s} score {p:7.3f}  patched {e:7.3f}")
+    linear = np.array([not ({"embed", "mlp0"} & {t.upstream, t.downstream}) for t in targets])
+    for name, part in (("nodes", slice(0, 10)), ("edges", slice(10, 20))):
+        keep = linear[part]
+        x, y = predicted[part][keep], effect[part][keep]
+        r, agree = np.corrcoef(x, y)[0, 1], np.mean(np.sign(x) == np.sign(y))
+        print(f"{name} outside the input layer ({keep.sum()}): pearson {r:.3f}, sign agreement {agree:.2f}")
+        assert keep.sum() >= 4 and agree >= 0.85 and r >= 0.8
+
+
+# --------------------------------------------------------------------------- #
+# The sweep: exact sums over shards, executors agree, resume, top:K circuits
+# --------------------------------------------------------------------------- #
+
+
+def run_attribution(out, *extra, model="tiny-llama", executor="local", n=12):
+    from sweeps import attribution
+
+    args = ["--model", model, "--executor", executor, "--n-prompts", str(n), "--batch-size", "4",
+            "--no-report", "--out", str(out), *extra]
+    return attribution.main(args)
+
+
+def test_sweep_sums_its_shards_into_the_whole_dataset_scores(tmp_path, tiny_llama):
+    import pandas as pd
+
+    out = tmp_path / "o"
+    assert run_attribution(out, "--verify-top", "3") == 0
+    nodes, edges = pd.read_parquet(out / "nodes"), pd.read_parquet(out / "edges")
+    task = _task(tiny_llama.tokenizer, n=12)
+    graph = A.build_graph(tiny_llama.weights.cfg)
+    whole = A.attribute(tiny_llama.weights, graph, task)  # all 12 prompts in one pass
+    normaliser = whole.clean_metric - whole.corrupt_metric
+    expected = dict(zip(graph.upstream, whole.nodes.numpy() / normaliser))
+    np.testing.assert_allclose(nodes.score, [expected[n] for n in nodes.node], rtol=1e-5, atol=1e-6)
+    assert len(edges) == graph.n_edges and edges.abs_rank.tolist() == list(range(1, graph.n_edges + 1))
+    assert {"upstream", "downstream", "input", "score", "abs_rank"} <= set(edges.columns)
+    assert set(edges.input) == {"q", "k", "v", "mlp", "resid"} and "L1KV1" in set(edges.downstream)
+    verify = pd.read_parquet(out / "verify")
+    assert list(verify.kind) == ["node"] * 3 + ["edge"] * 3
+    assert verify.target.iloc[0] == nodes.node.iloc[0]  # the top node by |score|
+    top = verify.iloc[0]
+    (patched,) = A.patch_metric(tiny_llama.weights, graph, task, [A.Target(top.upstream)]).tolist()
+    assert abs(top.patch_effect - (whole.clean_metric - patched) / normaliser) < 1e-4
+
+
+def test_ray_pool_equals_local_attribution_sweep(tmp_path, ray_session):
+    import pandas as pd
+
+    assert run_attribution(tmp_path / "local", "--verify-top", "2") == 0
+    assert run_attribution(tmp_path / "ray", "--verify-top", "2", executor="ray") == 0
+    for name in ("nodes", "edges", "verify"):
+        local, ray_ = (pd.read_parquet(tmp_path / d / name).sort_values(list(
+            {"nodes": ["node"], "edges": ["upstream", "downstream", "input"], "verify": ["target"]}[name]))
+            .reset_index(drop=True) for d in ("local", "ray"))
+        for column in ("score", "patch_effect"):
+            if column in local:
+                np.testing.assert_allclose(local[column], ray_[column], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_recomputes_only_missing_batches(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "o"
+    assert run_attribution(out, "--verify-top", "0") == 0
+    before = pd.read_parquet(out / "nodes")
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["shards"]["B00004-00007"]  # as if the driver died before committing it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_attribution(out, "--verify-top", "0") == 0
+    assert "2 done, 1 to run" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(before, pd.read_parquet(out / "nodes"))
+
+
+def test_top_nodes_become_the_scale_sweeps_circuit(tmp_path):
+    import pandas as pd
+
+    from sweeps.engine.circuits import load_circuit
+
+    out = tmp_path / "o"
+    assert run_attribution(out, "--verify-top", "0", model="tiny-gpt2") == 0
+    nodes = pd.read_parquet(out / "nodes")
+    patchable = nodes[nodes.kind != "embed"].node.head(3).tolist()
+    circuit = load_circuit(f"top:3@{out}", "tiny-gpt2", 3, 4)
+    assert sorted(n.name for n in circuit.nodes) == sorted(patchable)
+
+
+def test_report_of_an_attribution_sweep(tmp_path):
+    from analysis.__main__ import main as analysis_main
+    from tests.wandb_records import history_and_summary
+
+    out = tmp_path / "o"
+    assert run_attribution(out, "--verify-top", "3") == 0
+    assert analysis_main(["attribution", str(out), "--wandb", "offline"]) == 0
+    for name in ("node_scores", "top_edges", "faithfulness"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    [run] = list((tmp_path / "wandb").rglob("run-*.wandb"))
+    history, summary, artifacts = history_and_summary(run)
+    for key in ("nodes", "edges_top", "verify", "faithfulness"):
+        assert history.get(f"{key}/_type") == '"table-file"', sorted(history)
+    assert float(summary["faithfulness/node_sign_agreement"]) >= 0
+    assert any(name.startswith("attribution-results-") for name in artifacts)
