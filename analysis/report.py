@@ -75,9 +75,10 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
 
 def _log_run(
     kind: str, out: Path, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
-    datasets: tuple[str, ...], mode: str, project: str,
+    datasets: tuple[str, ...], mode: str, project: str, pages: dict[str, Path] | None = None,
 ) -> str | None:
-    """One W&B run: tables, figures (PNG + HTML), summary, and the Parquet datasets as an artifact."""
+    """One W&B run: tables, figures (PNG + HTML), extra HTML ``pages``, summary, and the
+    Parquet datasets as an artifact."""
     if mode == "disabled":
         return None
     import wandb
@@ -94,6 +95,8 @@ def _log_run(
         for name, png in figures.items():
             payload[f"plots/{name}"] = wandb.Image(str(png))
             payload[f"html/{name}"] = wandb.Html(png.with_suffix(".html").read_text(), inject=False)
+        for name, page in (pages or {}).items():
+            payload[f"html/{name}"] = wandb.Html(page.read_text(), inject=False)
         run.log(payload)
         run.summary.update({**summary, "weight_hash": manifest.get("weight_hash"),
                             "code_version": manifest.get("code_version")})

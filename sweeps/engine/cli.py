@@ -47,6 +47,11 @@ def non_negative_int(text: str) -> int:
 
 
 def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
+    add_model_task_options(parser)
+    add_execution_output_options(parser, sweep)
+
+
+def add_model_task_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and task")
     g.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME",
@@ -72,6 +77,8 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     g.add_argument("--seq-len", type=positive_int, metavar="T", help="tokens per prompt for --task text (default 64)")
     g.add_argument("--seed", type=int, default=0, help="seed for building the task and for bootstraps (default 0)")
 
+
+def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
                    help="prompts per forward pass (default 32); lower it if memory runs out")

@@ -1,0 +1,98 @@
+"""Seed 002's task report on tensors: direct logit attribution, logit lens, attention patterns.
+
+Plain functions; no Ray, no I/O. Everything reads one clean run (``tf.run``)
+at a task's points (``effects.effect_points``): each prompt's answer position
+with the direction ``W_U[:, correct] − W_U[:, incorrect]``, or every
+next-token position with ``W_U[:, next token]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sweeps.engine import transformer as tf
+from sweeps.engine.effects import Decomposition, Points, decompose, effect_points, gather
+from sweeps.engine.transformer import ModelWeights
+from tasks.base import TaskData
+
+
+@dataclass
+class TaskReport:
+    points: Points
+    metric: Float[Tensor, "P"]  # the real logit difference (or next-token logit) at each point
+    correct: Float[Tensor, "P"]  # 1 where the model gets the point right (ld > 0, or top-1 = next token)
+    parts: Decomposition  # every component's direct effect; sums to ``metric``
+    lens_labels: list[str]
+    lens_final_scale: Float[Tensor, "C P"]  # accumulated stream, divided by the final norm's scale (seed 002)
+    lens_own_scale: Float[Tensor, "C P"]  # accumulated stream, normalised by its own scale (the logit lens)
+    patterns: Float[Tensor, "L H T T"] | None  # attention of one prompt, every head
+
+
+def attention_patterns(w: ModelWeights, run: tf.CleanRun, prompt: int, length: int) -> Float[Tensor, "L H T T"]:
+    """softmax(q·k/√E) of every head on one prompt's real tokens (causal)."""
+    cfg = w.cfg
+    rope = tf.rotary_tables(w, length)
+    out = []
+    for layer in range(cfg.n_layers):
+        x = tf.normalize(cfg, run.resid_pre[layer][prompt : prompt + 1, :length])
+        q = torch.einsum("btd,hde->bthe", x, w.W_Q[layer]) + w.b_Q[layer]
+        k = torch.einsum("btd,kde->btke", x, w.W_K[layer]) + w.b_K[layer]
+        if rope is not None:
+            q, k = tf._apply_rotary(q, rope), tf._apply_rotary(k, rope)
+        k = k.repeat_interleave(cfg.group_size, dim=2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.d_head**0.5
+        mask = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
+        out.append(scores.masked_fill(~mask, float("-inf")).softmax(-1)[0])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def task_report(w: ModelWeights, task: TaskData, prompt: int | None = 0) -> TaskReport:
+    tokens = task.clean.to(w.device)
+    run = tf.run(w, tokens)
+    points = effect_points(w, task)
+    parts = decompose(w, tokens, run, points)
+    logits = tf.unembed(w, run.resid_final)[points.batch, points.pos]  # [P, V]
+    if task.kind == "logit_diff":
+        right, wrong = task.correct.to(w.device), task.incorrect.to(w.device)
+        metric = logits.gather(-1, right[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
+        correct = (metric > 0).float()
+    else:
+        targets = tokens[points.batch, points.pos + 1]
+        metric = logits.gather(-1, targets[:, None])[:, 0]
+        correct = (logits.argmax(-1) == targets).float()
+
+    # The accumulated stream after each piece, read two ways.
+    cfg = w.cfg
+    labels, final_scale, own_scale = ["embed"], [parts.embed], [_read(w, tf.embed(w, tokens), points)]
+    running = parts.embed
+    for layer in range(cfg.n_layers):
+        running = running + parts.heads[layer].sum(-1) + parts.attn_bias[layer]
+        z = run.z[layer]
+        resid_mid = run.resid_pre[layer] + tf.attention_out(w, layer, z)
+        labels.append(f"{layer}_attn")
+        final_scale.append(running.clone())
+        own_scale.append(_read(w, resid_mid, points))
+        if not cfg.attn_only:
+            running = running + parts.mlps[layer]
+            after = run.resid_pre[layer + 1] if layer + 1 < cfg.n_layers else run.resid_final
+            labels.append(f"{layer}_mlp")
+            final_scale.append(running.clone())
+            own_scale.append(_read(w, after, points))
+    patterns = None
+    if prompt is not None:
+        patterns = attention_patterns(w, run, prompt, int(task.lengths[prompt]))
+    return TaskReport(
+        points=points, metric=metric, correct=correct, parts=parts, lens_labels=labels,
+        lens_final_scale=torch.stack(final_scale) + points.bias, lens_own_scale=torch.stack(own_scale), patterns=patterns,
+    )
+
+
+def _read(w: ModelWeights, resid: Float[Tensor, "B T D"], points: Points) -> Float[Tensor, "P"]:
+    """The logit (difference) if the model stopped here: normalise this stream, unembed."""
+    x = tf.normalize(w.cfg, gather(resid, points, 0))
+    return (x * points.u).sum(-1) + points.bias

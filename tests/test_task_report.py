@@ -1,0 +1,112 @@
+"""Seed 002's report: DLA adds up, the lens ends at the real logits, attention equals the bridge's,
+and the HTML page renders in a real headless browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeps import report as report_cli
+from sweeps.engine.lens import task_report
+from tasks import build_task, check_task
+from tests import reference
+from tests.wandb_records import history_and_summary
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+def test_components_add_up_to_the_logit_difference(model_cache, name):
+    m = model_cache(name)
+    task = build_task(check_task("ioi"), m.tokenizer, 6, 0)
+    rep = task_report(m.weights, task, prompt=None)
+    real = reference.logit_diffs(m.bridge, task)
+    torch.testing.assert_close(rep.metric, real, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(rep.parts.total(), real, atol=1e-3, rtol=1e-4)  # seed 002's assert_close
+    # per-head DLA against the bridge's full hook_result cache
+    _, cache = m.bridge.run_with_cache(task.clean)
+    b, pos = torch.arange(task.n_prompts), task.lengths - 1
+    scale = cache["ln_final.hook_scale"][b, pos, 0]
+    heads = reference.head_direct_effects(m.bridge, cache, scale, task)  # [L, B, H]
+    torch.testing.assert_close(rep.parts.heads, heads, atol=1e-4, rtol=1e-4)
+    # both lenses end at the real logit difference
+    torch.testing.assert_close(rep.lens_final_scale[-1], real, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(rep.lens_own_scale[-1], real, atol=1e-3, rtol=1e-4)
+
+
+def test_attention_patterns_equal_the_bridges(tiny_llama):
+    task = build_task(check_task("ioi"), tiny_llama.tokenizer, 4, 0)
+    rep = task_report(tiny_llama.weights, task, prompt=2)
+    T = int(task.lengths[2])
+    _, cache = tiny_llama.bridge.run_with_cache(task.clean[2:3, :T])
+    expected = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(3)])
+    torch.testing.assert_close(rep.patterns, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_next_token_report_reads_every_position(tiny_gpt2):
+    task = build_task(check_task("text"), tiny_gpt2.tokenizer, 3, 0, seq_len=12)
+    rep = task_report(tiny_gpt2.weights, task, prompt=0)
+    logits = tiny_gpt2.bridge(task.clean)
+    expected = torch.cat([logits[i, torch.arange(11), task.clean[i, 1:12]] for i in range(3)])
+    torch.testing.assert_close(rep.metric, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rep.parts.total(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "o"
+    assert report_cli.main(["--model", "tiny-gpt2", "--task", "sentiment", "--n-prompts", "6",
+                            "--prompt-index", "1", "--out", str(out), "--wandb", "disabled"]) == 0
+    return out
+
+
+def test_report_writes_figures_tables_and_the_attention_page(report_dir):
+    for name in ("dla_heads", "dla_layers", "logit_lens"):
+        assert (report_dir / "plots" / f"{name}.png").stat().st_size > 1000
+    page = (report_dir / "attention.html").read_text()
+    assert page.count('class="head"') == 6 and "Top 3 negative heads" in page and "cdn" not in page
+    heads = (report_dir / "tables" / "heads.csv").read_text().splitlines()
+    assert heads[0] == "layer,head,node,dla" and len(heads) == 1 + 3 * 4
+
+
+def test_report_logs_a_wandb_run(tmp_path):
+    out = tmp_path / "o"
+    assert report_cli.main(["--model", "tiny-gpt2", "--n-prompts", "4", "--out", str(out), "--wandb", "offline"]) == 0
+    [run] = list((tmp_path / "wandb").rglob("run-*.wandb"))
+    history, summary, _ = history_and_summary(run)
+    for key, kind in {"heads": "table-file", "logit_lens": "table-file", "plots/dla_heads": "image-file",
+                      "html/attention": "html-file"}.items():
+        assert history.get(f"{key}/_type") == f'"{kind}"', sorted(history)
+    assert float(summary["sum_check_max_abs_error"]) < 1e-3
+
+
+def test_bad_prompt_index_is_one_line(capsys, tmp_path):
+    assert report_cli.main(["--model", "tiny-gpt2", "--n-prompts", "4", "--prompt-index", "9",
+                            "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --prompt-index 9 is out of range: the task has 4 prompts"
+
+
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium here: apt-get install chromium (CI installs it)")
+def test_attention_page_renders_in_headless_chromium(report_dir, tmp_path):
+    """The page's script ran in a real browser: every head's token view was built."""
+    page = Path(report_dir / "attention.html").resolve()
+    dom = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert dom.count('data-rendered="true"') == 6
+    n_tokens = dom.count('<span class="tok') // 6
+    assert n_tokens > 5 and dom.count('class="tok dest"') == 6  # the last token of each view is selected
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'p2'}",
+                    f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000  # a page with heatmaps, not a blank one
