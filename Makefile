@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale test bench clean
+.PHONY: setup sweep scale attribution report test bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,14 @@ sweep: $(STAMP)
 ## The scale sweep (seed 004): every head and MLP x 12 scales; pass options with ARGS="...".
 scale: $(STAMP)
 	$(BIN)/python sweeps/scale.py $(ARGS)
+
+## The attribution sweep (seeds 001-003): every node and edge, then --verify-top by real patching.
+attribution: $(STAMP)
+	$(BIN)/python sweeps/attribution.py $(ARGS)
+
+## Seed 002's report for a task: DLA, logit lens, attention page (ARGS="--task sentiment").
+report: $(STAMP)
+	$(BIN)/python sweeps/report.py $(ARGS)
 
 ## The test suite (one real local Ray per session).
 test: $(STAMP)
