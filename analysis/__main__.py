@@ -6,28 +6,28 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("backup", help="report on a backup sweep's results directory")
+def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
+    """``python -m analysis SWEEP OUT [--wandb MODE] [--wandb-project P]``."""
+    p = sub.add_parser(sweep, help=f"report on a {sweep} sweep's results directory")
     p.add_argument("out", help="the sweep's --out directory")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     p.add_argument("--wandb-project", default="interp-sweeps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = _subcommand(sub, "backup")
     p.add_argument("--scatter", metavar="HEADS", help="heads to draw scatters for, e.g. L5H1,9.6 "
                    "(default: the top heads of the summary)")
     p.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
     p.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
                    help="rank only heads whose mean |direct effect| is at least F times the largest "
                    "head's (default 0.1)")
-    p = sub.add_parser("scale", help="report on a scale sweep's results directory")
-    p.add_argument("out", help="the sweep's --out directory")
-    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
-    p.add_argument("--wandb-project", default="interp-sweeps")
+    p = _subcommand(sub, "scale")
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
-    p = sub.add_parser("attribution", help="report on an attribution sweep's results directory")
-    p.add_argument("out", help="the sweep's --out directory")
-    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
-    p.add_argument("--wandb-project", default="interp-sweeps")
+    p = _subcommand(sub, "attribution")
     p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-heads tables (default 10)")
     args = parser.parse_args(argv)
     if args.command == "scale":

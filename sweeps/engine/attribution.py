@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from sweeps.engine import transformer as tf
 from sweeps.engine.effects import effect_points
-from sweeps.engine.nodes import Node
+from sweeps.engine.nodes import Node, node_from_name
 from sweeps.engine.transformer import ModelConfig, ModelWeights
 from tasks.base import TaskData
 
@@ -379,8 +379,6 @@ def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_
     """(write site, layer, corrupt − clean) of one upstream node."""
     if name == EMBED:
         return "embed", 0, -d_embed
-    from sweeps.engine.nodes import node_from_name
-
     node = node_from_name(name)
     if node.head is None:
         return "mlp_out", node.layer, corrupt.mlp_out[node.layer] - clean.mlp_out[node.layer]
@@ -426,8 +424,3 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
             final = forward(w, resid, layer, Edit(site, layer, delta, head)).resid_final
         out.append(metric_terms(w, final, task).sum())
     return torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
-
-
-def clean_points(task: TaskData) -> Int[Tensor, "N"]:
-    """How many metric points each prompt contributes (1, or its next-token positions)."""
-    return torch.ones_like(task.lengths) if task.kind == "logit_diff" else task.lengths - 1

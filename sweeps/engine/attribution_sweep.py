@@ -17,7 +17,6 @@ No Ray here: the executors in ``run.py`` wrap ``AttributionJob``.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,7 +24,6 @@ import torch
 
 from sweeps.engine import attribution as A
 from sweeps.engine.chunking import map_chunks, tokens_per_pass
-from sweeps.engine.plan import PlanError
 from tasks.base import TaskData
 
 
@@ -55,9 +53,6 @@ class VerifyShard:
         return f"V{self.start:05d}-{self.stop - 1:05d}_{self.tag}"
 
 
-_BATCH_ID = re.compile(r"^B(\d+)-(\d+)$")
-
-
 def batch_ranges(n_prompts: int, batch_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + batch_size, n_prompts)) for i in range(0, n_prompts, batch_size)]
 
@@ -65,9 +60,6 @@ def batch_ranges(n_prompts: int, batch_size: int) -> list[tuple[int, int]]:
 def plan_attribution(n_prompts: int, batch_size: int, done: set[str]) -> list[AttributionShard]:
     """One shard per batch of ``batch_size`` prompts that no finished shard holds."""
     shards = [AttributionShard(a, b) for a, b in batch_ranges(n_prompts, batch_size)]
-    for sid in done:
-        if sid.startswith("B") and not _BATCH_ID.match(sid):
-            raise PlanError(f"not an attribution shard id: {sid!r}")
     return [s for s in shards if s.id not in done]
 
 
