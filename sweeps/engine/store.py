@@ -186,6 +186,8 @@ class ResultStore:
         folder.mkdir(parents=True, exist_ok=True)
         tmp, final = folder / ".all.parquet.tmp", folder / "all.parquet"
         pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, final)
         manifest = self.manifest()
         manifest.setdefault("derived", {})[name] = {"rows": table.num_rows, **record}
