@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.results import ResultsError, read_committed
+from analysis.results import ResultsError, open_results, read_committed
+from sweeps.engine.location import Location
 
 DATASETS = ("node_sums", "edge_sums", "batches", "verify_sums")
 DERIVED = ("nodes", "edges", "verify")
@@ -32,7 +33,7 @@ DERIVED = ("nodes", "edges", "verify")
 
 @dataclass
 class AttributionResults:
-    out: Path
+    out: Location  # the results directory or URI
     spec: dict
     manifest: dict
     nodes: pd.DataFrame  # node, layer, head, kind, score, abs_rank
@@ -108,8 +109,8 @@ def top_targets(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> list:
     return top_nodes + top_edges
 
 
-def load_attribution_results(out: str | Path, allow_mixed: bool = False) -> AttributionResults:
-    out = Path(out)
+def load_attribution_results(out: str | Path | Location, allow_mixed: bool = False) -> AttributionResults:
+    out = open_results(out)
     spec, manifest, frames = read_committed(out, DATASETS, "attribution", allow_mixed)
     batches = frames["batches"]
     if batches.empty:

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.results import ResultsError, read_committed
+from analysis.results import ResultsError, open_results, read_committed
+from sweeps.engine.location import Location
 
 __all__ = ["BackupResults", "ResultsError", "load_results"]
 
 
 @dataclass
 class BackupResults:
-    out: Path
+    out: Location  # the results directory or URI
     spec: dict
     manifest: dict
     slopes: pd.DataFrame
@@ -37,8 +38,8 @@ class BackupResults:
         return self.points[(self.points["layer"] == layer) & (self.points["head"] == head)]
 
 
-def load_results(out: str | Path, allow_mixed: bool = False) -> BackupResults:
-    out = Path(out)
+def load_results(out: str | Path | Location, allow_mixed: bool = False) -> BackupResults:
+    out = open_results(out)
     spec, manifest, frames = read_committed(out, ("slopes", "responses", "points"), "backup", allow_mixed)
     slopes = frames["slopes"]
     if not slopes.empty:

@@ -23,15 +23,17 @@ from analysis.backup import (
     grid,
     summary_table,
 )
+from analysis.results import report_dir
 from analysis.scale import ScaleResults, status_lines, summary_tables, wide
+from sweeps.engine.location import Location
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
 
 def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
     """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it)."""
-    folder = results.out / "plots"
-    folder.mkdir(exist_ok=True)
+    folder = report_dir(results.out) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
     L, H = results.n_layers, results.n_heads
     model, task = results.spec.get("model", "?"), results.spec.get("task", "?")
     figures = {}
@@ -74,7 +76,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
 
 
 def _log_run(
-    kind: str, out: Path, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
+    kind: str, out: Location, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
     datasets: tuple[str, ...], mode: str, project: str, pages: dict[str, Path] | None = None,
 ) -> str | None:
     """One W&B run: tables, figures (PNG + HTML), extra HTML ``pages``, summary, and the
@@ -88,7 +90,7 @@ def _log_run(
     run = wandb.init(
         project=project, mode=mode, job_type=f"{kind}-sweep", config=spec,
         name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
-        dir=os.environ.get("WANDB_DIR", str(out)), reinit="finish_previous",
+        dir=os.environ.get("WANDB_DIR", str(report_dir(out))), reinit="finish_previous",
     )
     try:
         payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
@@ -101,9 +103,15 @@ def _log_run(
         run.summary.update({**summary, "weight_hash": manifest.get("weight_hash"),
                             "code_version": manifest.get("code_version")})
         artifact = wandb.Artifact(f"{kind}-results-{spec_id or 'run'}", type="dataset", metadata={"spec": spec})
-        for name in datasets:
-            artifact.add_dir(str(out / name), name=name)
-        artifact.add_file(str(out / "manifest.json"))
+        for name in datasets:  # remote results are logged by reference, not copied
+            if out.local is not None:
+                artifact.add_dir(str(out.local / name), name=name)
+            else:
+                artifact.add_reference(str(out / name), name=name)
+        if out.local is not None:
+            artifact.add_file(str(out.local / "manifest.json"))
+        else:
+            artifact.add_reference(str(out / "manifest.json"))
         run.log_artifact(artifact)
         return run.dir
     finally:
@@ -129,9 +137,9 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
                     ("slopes", "responses", "points"), mode, project)
 
 
-def _report(kind: str, out: Path, log: Callable[[], str | None], wandb_mode: str) -> None:
+def _report(kind: str, out: Location, log: Callable[[], str | None], wandb_mode: str) -> None:
     """Log to W&B; a failure there is a warning: the Parquet results are complete regardless."""
-    print(f"plots: {out / 'plots'}", file=sys.stderr)
+    print(f"plots: {report_dir(out) / 'plots'}", file=sys.stderr)
     try:
         run_dir = log()
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
@@ -158,8 +166,8 @@ def write_backup_report(results: BackupResults, wandb_mode: str = "offline", pro
 
 def scale_figures(results: ScaleResults) -> dict[str, Path]:
     """Seed 004's line plots (causal effect and metric change against scale) and a heatmap."""
-    folder = results.out / "plots"
-    folder.mkdir(exist_ok=True)
+    folder = report_dir(results.out) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
     spec = results.spec
     where = f"{spec.get('model', '?')}, {spec.get('task', '?')}, {spec.get('subspace', 'full')}" + (
         ", self-patch" if spec.get("self_patch") else f", {spec.get('pairs', '?')} pairs"
@@ -210,8 +218,8 @@ def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", proje
 
 def attribution_figures(results: AttributionResults, n_edges: int = 30) -> dict[str, Path]:
     """Per-head (and MLP) node scores, the top edges, and attribution against real patching."""
-    folder = results.out / "plots"
-    folder.mkdir(exist_ok=True)
+    folder = report_dir(results.out) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
     where = f"{results.spec.get('model', '?')}, {results.spec.get('task', '?')}"
     L, H = results.n_layers, results.n_heads
     figures = {}

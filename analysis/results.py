@@ -11,38 +11,70 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+
+from sweeps.engine.location import Location, LocationError
+from sweeps.engine.store import CorruptFile, read_committed_table, spec_differences
 
 
 class ResultsError(ValueError):
     """A results directory that cannot be read as asked."""
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
+def open_results(out: str | Path | Location) -> Location:
     try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as err:  # missing or truncated (pyarrow's errors are both)
-        raise ResultsError(
-            f"{path} is unreadable ({type(err).__name__}); re-run the sweep command to recompute it"
-        ) from None
+        return Location.parse(out)
+    except LocationError as err:
+        raise ResultsError(str(err)) from None
+
+
+def report_dir(out: Location) -> Path:
+    """Where plots and tables of ``out`` go: beside the results when they are local,
+    else ``reports/<name>`` in the working directory."""
+    return out.local if out.local is not None else Path("reports") / out.name
+
+
+def _read(file: Location, rows: int, file_checksum: str | None) -> tuple[pd.DataFrame, dict | None]:
+    """A committed file's rows and the sweep spec it was written under."""
+    try:
+        table = read_committed_table(file, rows, file_checksum)
+    except (OSError, pa.ArrowInvalid, CorruptFile) as err:  # missing, truncated or altered
+        reason = "altered since it was written" if isinstance(err, CorruptFile) else f"unreadable ({type(err).__name__})"
+        raise ResultsError(f"{file} is {reason}; re-run the sweep command to recompute it") from None
+    spec = (table.schema.metadata or {}).get(b"sweep_spec")
+    return table.to_pandas(), json.loads(spec) if spec else None
 
 
 def read_committed(
-    out: Path, datasets: tuple[str, ...], sweep: str, allow_mixed: bool = False
+    out: Location, datasets: tuple[str, ...], sweep: str, allow_mixed: bool = False
 ) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
-    """(spec, manifest, one DataFrame per dataset) of the committed shards of ``out``."""
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
+    """(spec, manifest, one DataFrame per dataset) of the committed shards of ``out``.
+
+    Each file is checked against the manifest (rows and checksum), and against
+    the directory's spec: a file written under another spec (e.g. copied in
+    from another run) is refused, naming what differs, unless ``allow_mixed``.
+    """
+    manifest_file = out / "manifest.json"
+    if not manifest_file.is_file():
         raise ResultsError(f"{out} holds no sweep results (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_file.read_text())
     spec = manifest.get("spec", {})
     if spec.get("sweep", sweep) != sweep:
         raise ResultsError(f"{out} holds a {spec['sweep']} sweep, not a {sweep} sweep")
     shards = manifest.get("shards", {})
     frames = {}
     for name in datasets:  # a shard lists the datasets it wrote under "rows"
-        files = [out / name / f"{sid}.parquet" for sid in sorted(shards) if name in shards[sid].get("rows", {})]
-        frames[name] = pd.concat([read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
-    spec_ids = {i for f in frames.values() if not f.empty for i in f["spec_id"].unique()}
-    if len(spec_ids) > 1 and not allow_mixed:
-        raise ResultsError(f"{out} mixes results of {len(spec_ids)} different sweep specs")
+        parts = []
+        for sid in sorted(shards):
+            if name not in shards[sid].get("rows", {}):
+                continue
+            file = out / name / f"{sid}.parquet"
+            frame, file_spec = _read(file, shards[sid]["rows"][name], shards[sid].get("checksums", {}).get(name))
+            if file_spec is not None and file_spec != spec and not allow_mixed:
+                raise ResultsError(
+                    f"{file} belongs to a different sweep than {out} ({'; '.join(spec_differences(spec, file_spec, ('there', 'in this file')))}); "
+                    "pass --allow-mixed-specs to read them together anyway"
+                )
+            parts.append(frame)
+        frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return spec, manifest, frames

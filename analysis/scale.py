@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.results import read_committed
+from analysis.results import open_results, read_committed
+from sweeps.engine.location import Location
 
 STATUS_ORDER = ("in_circuit", "not_in_circuit", "unlabelled")
 
 
 @dataclass
 class ScaleResults:
-    out: Path
+    out: Location  # the results directory or URI
     spec: dict
     manifest: dict
     effects: pd.DataFrame  # one row per (node, scale)
@@ -28,8 +29,8 @@ class ScaleResults:
         return sorted(self.effects["scale"].unique())
 
 
-def load_scale_results(out: str | Path, allow_mixed: bool = False) -> ScaleResults:
-    out = Path(out)
+def load_scale_results(out: str | Path | Location, allow_mixed: bool = False) -> ScaleResults:
+    out = open_results(out)
     spec, manifest, frames = read_committed(out, ("effects",), "scale", allow_mixed)
     effects = frames["effects"]
     if not effects.empty:

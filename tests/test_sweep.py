@@ -111,12 +111,20 @@ def test_corrupt_or_uncommitted_files_are_set_aside_and_recomputed(tmp_path, mon
     assert set(load_results(out).slopes.layer) == {1, 2}  # analysis never reads uncommitted rows
     victim = out / "points" / "L01H0-3.parquet"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated: no Parquet footer
-    with pytest.raises(ResultsError, match="L01H0-3.parquet is unreadable"):
+    with pytest.raises(ResultsError, match="L01H0-3.parquet is altered since it was written; re-run"):
         load_results(out)
+    # one flipped byte in a data page: the footer and row count still look right, the checksum does not
+    flipped = out / "responses" / "L02H0-3.parquet"
+    data = bytearray(flipped.read_bytes())
+    data[64] ^= 0xFF  # inside the first column chunk, far from the footer
+    flipped.write_bytes(bytes(data))
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(flipped).num_rows == manifest["shards"]["L02H0-3"]["rows"]["responses"]
     (out / "slopes" / ".L02H0-3.parquet.tmp").write_bytes(b"half-written")
     calls = count_shards(monkeypatch)
     assert sweep(out) == 0
-    assert sorted(calls) == ["L00H0-3", "L01H0-3"]
+    assert sorted(calls) == ["L00H0-3", "L01H0-3", "L02H0-3"]
     assert not (out / "slopes" / ".L02H0-3.parquet.tmp").exists()
     assert len(list((out / ".trash").rglob("*"))) >= 4  # set aside, not deleted
     assert_same_tables(before, tables(out), atol=0)

@@ -90,8 +90,10 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
                    help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)")
 
     g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, metavar="DIR",
-                   help=f"results directory (default results/{sweep}/<model>__<task>)")
+    g.add_argument("--out", metavar="DIR_OR_URI",
+                   help=f"results directory (default results/{sweep}/<model>__<task>), or a URI pyarrow "
+                   "opens: file:///abs/dir, s3://bucket/dir, gs://bucket/dir (shards are committed the "
+                   "same way; plots then go to reports/<name>)")
     g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
                    help="log tables and figures to Weights & Biases: offline (default; `wandb sync` "
                    "uploads later), online, or disabled. Parquet results never depend on it")

@@ -11,11 +11,11 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from sweeps.engine.location import Location
 from sweeps.engine.run import Failure
 from sweeps.engine.store import ResultStore, StoreError, check_out_dir, with_provenance
 
@@ -105,7 +105,7 @@ def _run_wave(executor, store: ResultStore, shards: list, columns: dict, spec: d
 class SweepInputs:
     """A sweep's checked inputs: nothing here has loaded model weights."""
 
-    out: Path
+    out: Location  # the results directory or URI
     info: Any  # models.ModelInfo
     task: Any  # tasks.TaskData
 
@@ -131,8 +131,7 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     from sweeps.engine.models import describe_model, load_tokenizer
     from tasks import TaskError, build_task, check_task
 
-    out = args.out or default_out(sweep, args.model, args.task)
-    check_out_dir(out)
+    out = check_out_dir(args.out or default_out(sweep, args.model, args.task))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
     task = build_task(task_spec, load_tokenizer(info), args.n_prompts, args.seed, args.seq_len, args.data)

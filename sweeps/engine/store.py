@@ -1,25 +1,27 @@
-"""Results on disk: one directory a sweep, atomic Parquet shard files, a manifest.
+"""Results of a sweep: one directory (or ``pyarrow.fs`` URI), atomic Parquet shard files, a manifest.
 
 Layout of ``--out``::
 
     sweep.json           the spec (what determines the results)
-    manifest.json        committed shards: rows per dataset, where they ran
+    manifest.json        committed shards: rows and checksum per file, where they ran
     <dataset>/<shard>.parquet   e.g. slopes/L05H0-8.parquet
     .lock                held while a sweep writes here
 
 A shard is written as hidden temporary files (pyarrow and pandas skip names
-starting with ``.``), renamed into place, and only then recorded in the
+starting with ``.``), moved into place, and only then recorded in the
 manifest: the manifest is the commit record. On resume, files of shards the
-manifest does not list, files whose row count or footer disagree with it, and
-temporary leftovers are set aside, so a half-written file is never a result.
+manifest does not list, files whose size, checksum or rows disagree with it,
+and temporary leftovers are set aside in ``.trash``, so a half-written file is
+never a result. Analysis reads only what the manifest lists, checked the same way.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
-import shutil
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,36 +30,69 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sweeps.engine.location import Location, LocationError
+
 SPEC_FILE = "sweep.json"
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
 
 
 class StoreError(ValueError):
     """The output directory cannot be used as asked; the message says why."""
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def checksum(data: bytes) -> str:
+    return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def check_out_dir(out: Path) -> None:
-    """Cheap checks before anything loads."""
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"--out {out} is a file; give a directory")
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-def spec_differences(old: dict, new: dict) -> list[str]:
+class CorruptFile(ValueError):
+    """A committed file whose bytes are not the ones the manifest recorded."""
+
+
+def read_committed_table(file: Location, rows: int, file_checksum: str | None) -> pa.Table:
+    """A committed Parquet file, checked against its manifest record (row count, checksum)."""
+    data = file.read_bytes()
+    if file_checksum is not None and checksum(data) != file_checksum:
+        raise CorruptFile(f"{file} does not match the checksum recorded in the manifest")
+    table = pq.read_table(pa.BufferReader(data))
+    if table.num_rows != rows:
+        raise CorruptFile(f"{file} holds {table.num_rows} rows, the manifest recorded {rows}")
+    return table
+
+
+def _write_json_atomic(file: Location, data: Any) -> None:
+    file.write_atomic(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+def check_out_dir(out: str | Path | Location) -> Location:
+    """Cheap checks before anything loads; the parsed location."""
+    try:
+        location = Location.parse(out)
+        if location.is_file():
+            raise StoreError(f"--out {out} is a file; give a directory")
+    except (LocationError, OSError) as err:
+        raise StoreError(f"--out {out}: {str(err).splitlines()[0]}") from None
+    return location
+
+
+def spec_differences(old: dict, new: dict, labels: tuple[str, str] = ("here", "now")) -> list[str]:
+    """``"seed: 0 here vs 1 now"`` for each setting that differs."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} here vs {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} {labels[0]} vs {new.get(k)!r} {labels[1]}" for k in keys if old.get(k) != new.get(k)]
 
 
 class ResultStore:
-    def __init__(self, out: str | Path, datasets: tuple[str, ...], derived: tuple[str, ...] = ()):
+    def __init__(self, out: str | Path | Location, datasets: tuple[str, ...], derived: tuple[str, ...] = ()):
         """``datasets`` hold one file per shard; ``derived`` ones one file (``all.parquet``)
-        computed from the committed shards, e.g. the attribution sweep's summed scores."""
-        self.out = Path(out)
+        computed from the committed shards, e.g. the attribution sweep's summed scores.
+        ``out`` is a directory or a ``pyarrow.fs`` URI (``file://``, ``s3://``, ``gs://``)."""
+        self.out = Location.parse(out)
         self.datasets = datasets
         self.derived = derived
 
@@ -65,9 +100,19 @@ class ResultStore:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive use of the directory for one sweep at a time."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        handle = open(self.out / ".lock", "a+")
+        """Exclusive use of the directory for one sweep at a time.
+
+        Locally (plain paths and ``file://``) an ``flock``, which the kernel
+        drops when the process dies, so a killed sweep never leaves a stale
+        lock. Object stores have no locks: there a ``.lock`` file names its
+        owner, and a second sweep refuses to start while it exists.
+        """
+        self.out.mkdir()
+        if self.out.local is None:
+            with self._lease():
+                yield
+            return
+        handle = open(self.out.local / LOCK_FILE, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,7 +122,7 @@ class ResultStore:
             raise StoreError(f"another sweep ({owner}) is writing to {self.out}; wait for it or use another --out") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()}")
+        handle.write(_owner())
         handle.flush()
         try:
             yield
@@ -85,9 +130,21 @@ class ResultStore:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
+    @contextmanager
+    def _lease(self) -> Iterator[None]:
+        lock = self.out / LOCK_FILE
+        if lock.exists():
+            raise StoreError(f"another sweep ({lock.read_text().strip()}) is writing to {self.out}; wait for it, "
+                             f"or delete {lock} if it is no longer running")
+        lock.write_atomic(_owner().encode())
+        try:
+            yield
+        finally:
+            lock.delete()
+
     def read_spec(self) -> dict | None:
-        path = self.out / SPEC_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        file = self.out / SPEC_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
 
     def prepare(self, spec: dict, resume: bool) -> None:
         """Adopt ``spec`` for this directory (refusing another sweep's results)."""
@@ -98,11 +155,11 @@ class ResultStore:
                 f"{self.out} holds results of a different sweep ({diff}); "
                 "use another --out, or --no-resume to discard them"
             )
-        if old is None and self.out.is_dir():
-            foreign = [p.name for p in self.out.iterdir() if not p.name.startswith(".")]
+        if old is None:
+            foreign = [name for name in self.out.list() if not name.startswith(".")]
             if foreign:
                 raise StoreError(
-                    f"{self.out} is not empty and holds no sweep ({', '.join(sorted(foreign)[:3])}...); "
+                    f"{self.out} is not empty and holds no sweep ({', '.join(foreign[:3])}...); "
                     "give a new or empty --out"
                 )
         if not resume:
@@ -110,33 +167,31 @@ class ResultStore:
         _write_json_atomic(self.out / SPEC_FILE, spec)
 
     def clear(self) -> None:
-        for name in (*self.datasets, *self.derived):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        for name in (MANIFEST_FILE, SPEC_FILE):
-            (self.out / name).unlink(missing_ok=True)
+        for name in (*self.datasets, *self.derived, MANIFEST_FILE, SPEC_FILE):
+            (self.out / name).delete()
 
     # -- manifest -------------------------------------------------------------
 
     def manifest(self) -> dict:
-        path = self.out / MANIFEST_FILE
-        if path.is_file():
-            return json.loads(path.read_text())
+        file = self.out / MANIFEST_FILE
+        if file.is_file():
+            return json.loads(file.read_text())
         return {"shards": {}}
 
     def _valid(self, shard_id: str, record: dict) -> bool:
+        """Every file of the shard is there, with the recorded size, checksum and rows."""
         if not record.get("rows"):
             return False
-        for name in record["rows"]:
-            path = self.out / name / f"{shard_id}.parquet"
+        for name, rows in record["rows"].items():
+            file = self.out / name / f"{shard_id}.parquet"
             try:
-                if pq.read_metadata(path).num_rows != record["rows"][name]:
-                    return False
-            except (OSError, pa.ArrowInvalid, KeyError):
+                read_committed_table(file, rows, record.get("checksums", {}).get(name))
+            except (OSError, pa.ArrowInvalid, CorruptFile):
                 return False
         return True
 
     def completed(self) -> set[str]:
-        """Committed, intact shards; everything else is moved to ``.trash``."""
+        """Committed, intact shards; every other file is set aside in ``.trash``."""
         manifest = self.manifest()
         good = {sid for sid, rec in manifest["shards"].items() if self._valid(sid, rec)}
         bad = set(manifest["shards"]) - good
@@ -144,61 +199,57 @@ class ResultStore:
             for sid in bad:
                 del manifest["shards"][sid]
             _write_json_atomic(self.out / MANIFEST_FILE, manifest)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         for name in self.datasets:
-            folder = self.out / name
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                if path.name.endswith(".parquet") and path.stem in good:
+            for file_name in (self.out / name).list():
+                if file_name.endswith(".parquet") and file_name[: -len(".parquet")] in good:
                     continue
                 trash = self.out / ".trash" / name
-                trash.mkdir(parents=True, exist_ok=True)
-                os.replace(path, trash / f"{path.name}.{int(time.time())}")
+                trash.mkdir()
+                (self.out / name / file_name).move(trash / f"{file_name}.{stamp}")
         return good
 
     # -- writing ----------------------------------------------------------------
 
     def write_shard(self, shard_id: str, tables: dict[str, pa.Table], record: dict) -> None:
-        """Write the shard's file of each dataset it returned, then commit it in the manifest."""
+        """Write the shard's file of each dataset it returned, then commit it in the manifest.
+
+        The manifest records each file's rows and checksum: a file that was
+        truncated or altered afterwards is never taken for a result.
+        """
         unknown = set(tables) - set(self.datasets)
         if unknown:
             raise StoreError(f"shard {shard_id} returned datasets {sorted(unknown)} this sweep does not keep")
-        staged = []
-        for name in tables:
-            folder = self.out / name
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{shard_id}.parquet.tmp"
-            pq.write_table(tables[name], tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            staged.append((tmp, folder / f"{shard_id}.parquet"))
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        checksums = {}
+        for name, table in tables.items():
+            data = parquet_bytes(table)
+            (self.out / name / f"{shard_id}.parquet").write_atomic(data)
+            checksums[name] = checksum(data)
         manifest = self.manifest()
-        manifest["shards"][shard_id] = {**record, "rows": {n: tables[n].num_rows for n in tables}}
+        manifest["shards"][shard_id] = {**record, "rows": {n: t.num_rows for n, t in tables.items()},
+                                        "checksums": checksums}
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
 
-    def write_derived(self, name: str, table: pa.Table, **record: Any) -> Path:
-        """Write ``<name>/all.parquet`` atomically and record it (rows, ``record``) in the manifest."""
+    def write_derived(self, name: str, table: pa.Table, **record: Any) -> Location:
+        """Write ``<name>/all.parquet`` atomically and record it (rows, checksum, ``record``)."""
         if name not in self.derived:
             raise StoreError(f"{name!r} is not a derived dataset of this sweep")
-        folder = self.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp, final = folder / ".all.parquet.tmp", folder / "all.parquet"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        data = parquet_bytes(table)
+        file = self.out / name / "all.parquet"
+        file.write_atomic(data)
         manifest = self.manifest()
-        manifest.setdefault("derived", {})[name] = {"rows": table.num_rows, **record}
+        manifest.setdefault("derived", {})[name] = {"rows": table.num_rows, "checksum": checksum(data), **record}
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
-        return final
+        return file
 
     def update_manifest(self, **fields: Any) -> None:
         manifest = self.manifest()
         manifest.update(fields)
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
 
+
+def _owner() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 def with_provenance(table: pa.Table, columns: dict[str, Any], spec: dict) -> pa.Table:
     """Constant provenance columns (cheap in Parquet) plus the full spec as metadata."""
