@@ -9,9 +9,11 @@ import sys
 def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
     """``python -m analysis SWEEP OUT [--wandb MODE] [--wandb-project P]``."""
     p = sub.add_parser(sweep, help=f"report on a {sweep} sweep's results directory")
-    p.add_argument("out", help="the sweep's --out directory")
+    p.add_argument("out", help="the sweep's --out directory or URI")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     p.add_argument("--wandb-project", default="interp-sweeps")
+    p.add_argument("--allow-mixed-specs", action="store_true",
+                   help="read shard files written under different sweep specs together (refused by default)")
     return p
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.engine.plan import PlanError, parse_heads
 
     try:
-        results = load_results(args.out)
+        results = load_results(args.out, args.allow_mixed_specs)
         scatter = parse_heads(args.scatter, results.n_layers, results.n_heads) if args.scatter else None
     except (ResultsError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -56,7 +58,7 @@ def _scale(args) -> int:
     from analysis.scale import load_scale_results, summary_tables
 
     try:
-        results = load_scale_results(args.out)
+        results = load_scale_results(args.out, args.allow_mixed_specs)
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -75,7 +77,7 @@ def _attribution(args) -> int:
     from analysis.results import ResultsError
 
     try:
-        results = load_attribution_results(args.out)
+        results = load_attribution_results(args.out, args.allow_mixed_specs)
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,3 +55,30 @@ def test_store_on_a_filesystem_without_local_paths(tmp_path):
     assert not (tmp_path / "bucket" / "sweep" / ".lock").exists()  # released
     with store.lock():  # and can be taken again
         pass
+
+
+def test_manifest_records_provenance_and_analysis_refuses_files_of_another_spec(tmp_path, capsys):
+    import importlib.metadata
+    import re
+    import shutil
+
+    from analysis.__main__ import main as analysis_main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert sweep(a) == 0 and sweep(b, "--seed", "1") == 0
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] == importlib.metadata.version("torch")
+    assert manifest["packages"]["ray"] == importlib.metadata.version("ray")
+    assert re.fullmatch(r"\S+\+g[0-9a-f]{10}(-dirty\.[0-9a-f]{8})?", manifest["code_version"])
+    assert re.fullmatch(r"[0-9a-f]{16,}", manifest["weight_hash"])
+    # someone copies one shard of sweep b (another seed) into a, manifest entry and all
+    for name in ("slopes", "responses", "points"):
+        shutil.copy(b / name / "L01H0-3.parquet", a / name / "L01H0-3.parquet")
+    manifest["shards"]["L01H0-3"] = json.loads((b / "manifest.json").read_text())["shards"]["L01H0-3"]
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert analysis_main(["backup", str(a), "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert "L01H0-3.parquet belongs to a different sweep" in err and "seed: 0 there vs 1 in this file" in err
+    assert "--allow-mixed-specs" in err and len(err.strip().splitlines()) == 1
+    assert analysis_main(["backup", str(a), "--wandb", "disabled", "--allow-mixed-specs"]) == 0

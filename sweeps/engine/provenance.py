@@ -13,7 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def code_version() -> str:
-    """``<package version>+g<commit>[-dirty]`` in a git checkout, else the package version."""
+    """``<package version>+g<commit>`` in a clean git checkout, ``...-dirty.<hash of the diff>``
+    with uncommitted changes (two runs with the same hash ran the same code), else the
+    package version."""
     try:
         version = importlib.metadata.version("interp-sweeps")
     except importlib.metadata.PackageNotFoundError:
@@ -23,13 +25,15 @@ def code_version() -> str:
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=10", "HEAD"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--", "."],
+            capture_output=True, timeout=10, check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return version
-    return f"{version}+g{commit}{'-dirty' if dirty else ''}"
+    if not diff:
+        return f"{version}+g{commit}"
+    return f"{version}+g{commit}-dirty.{hashlib.blake2b(diff, digest_size=4).hexdigest()}"
 
 
 def package_versions() -> dict[str, str]:
