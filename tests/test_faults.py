@@ -21,9 +21,12 @@ class FaultyJob(BackupJob):
     crash_shard: str = ""
     crash_marker: str = ""
     poison_shard: str = ""
+    poison_log: str = ""
 
     def run_shard(self, shard):
         if shard.id == self.poison_shard:
+            with open(self.poison_log, "a") as log:
+                log.write(f"{os.getpid()}\n")
             raise ValueError("this shard is poisoned")
         if shard.id == self.crash_shard and not os.path.exists(self.crash_marker):
             open(self.crash_marker, "w").close()
@@ -51,7 +54,7 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
     shards = plan_backup([(l, h) for l in range(3) for h in range(4)])
     expected = collect(LocalExecutor("tiny-gpt2", BackupJob(ioi_task)), shards)
     job = FaultyJob(ioi_task, crash_shard="L01H0-3", crash_marker=str(tmp_path / "crashed"),
-                    poison_shard="L02H0-3")
+                    poison_shard="L02H0-3", poison_log=str(tmp_path / "poison.log"))
     executor = RayExecutor("tiny-gpt2", job, num_workers=2, max_attempts=3)
     got = collect(executor, shards)
     assert (tmp_path / "crashed").exists()  # the worker really was killed
@@ -64,3 +67,4 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
                     np.testing.assert_allclose(a[column], b[column], atol=1e-5, err_msg=f"{name}.{column}")
     [failure] = executor.failures
     assert failure.shard.id == "L02H0-3" and failure.attempts == 3 and "poisoned" in failure.error
+    assert len((tmp_path / "poison.log").read_text().split()) == 3  # Ray retried it, then gave up

@@ -4,10 +4,16 @@ Ray lives here and nowhere else. A ``ShardWorker`` holds one model replica and
 one job (the task's tensors plus the sweep's settings); the same class runs
 in-process (``LocalExecutor``) or as a Ray actor pinned to one GPU
 (``RayExecutor``). Executors yield finished shards as they arrive; the driver
-writes them. We schedule ourselves instead of ``ray.util.ActorPool``, which
-silently drops the work of an actor that dies: a shard whose actor died is
-retried on a fresh actor, a shard that raises is retried and, after
-``max_attempts``, reported as failed while the others go on.
+writes them.
+
+Faults are Ray's to handle where Ray can: an actor whose process dies is
+restarted by Ray (``max_restarts``, reloading the model) and the shard it was
+running is retried there (``max_task_retries``); a shard that raises is
+retried the same way (``retry_exceptions``), so a poison shard fails after
+``max_attempts`` tries with its error, while the others go on. What Ray does
+not do we do ourselves, instead of ``ray.util.ActorPool`` (which silently drops
+the work of a dead actor): an actor that is gone for good (restarts used up,
+its node lost) is replaced and its shard goes back in the queue.
 """
 
 from __future__ import annotations
@@ -181,7 +187,9 @@ class RayExecutor:
 
         self.started_ray = connect_ray()
         options = self._actor_options()
-        self._remote_cls = ray.remote(ShardWorker).options(**options)
+        retries = self.max_attempts - 1
+        self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries,
+                                                           max_task_retries=retries)
         self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
@@ -196,51 +204,48 @@ class RayExecutor:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         pending = deque(shards)
-        attempts: dict[Shard, int] = {}
+        losses: dict[Shard, int] = {}  # times a shard's actor was lost for good under it
         idle = list(self.actors)
         in_flight: dict[Any, tuple[Shard, Any]] = {}
         while pending or in_flight:
             while pending and idle:
                 actor, shard = idle.pop(), pending.popleft()
-                attempts[shard] = attempts.get(shard, 0) + 1
-                in_flight[actor.run.remote(shard)] = (shard, actor)
+                # Ray retries the shard itself: after a crash (on the restarted actor) or an exception
+                in_flight[actor.run.options(retry_exceptions=True).remote(shard)] = (shard, actor)
             if not in_flight:
                 break
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(ref)
             try:
                 tables, record = ray.get(ref)
-            except ActorUnavailableError as err:  # unreachable for now (e.g. restarting): keep it
+            except RayTaskError as err:  # the shard raised on every try Ray gave it: a poison shard
                 idle.append(actor)
-                self._retry(shard, attempts, pending, f"worker unavailable: {_first_line(err)}")
+                self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err), self.max_attempts))
                 continue
-            except RayActorError as err:  # the actor (process or node) died: replace it
+            except RayActorError as err:  # restarts used up, or its node is gone: replace the actor
                 ray.kill(actor, no_restart=True)
                 self.actors.remove(actor)
                 replacement = self._new_actor()
                 self.actors.append(replacement)
                 idle.append(replacement)
-                self._retry(shard, attempts, pending, f"worker died: {_first_line(err)}")
-                continue
-            except RayTaskError as err:  # the shard raised
-                idle.append(actor)
-                self._retry(shard, attempts, pending, _first_line(err.cause if err.cause else err))
+                self._requeue(shard, losses, pending, f"worker lost: {_first_line(err)}")
                 continue
             except RayError as err:  # e.g. the result object was lost with its node
                 idle.append(actor)
-                self._retry(shard, attempts, pending, _first_line(err))
+                self._requeue(shard, losses, pending, _first_line(err))
                 continue
             idle.append(actor)
             yield shard, tables, record
 
-    def _retry(self, shard: Shard, attempts: dict, pending: deque, error: str) -> None:
-        if attempts[shard] < self.max_attempts:
+    def _requeue(self, shard: Shard, losses: dict, pending: deque, error: str) -> None:
+        losses[shard] = losses.get(shard, 0) + 1
+        if losses[shard] < self.max_attempts:
             pending.append(shard)
         else:
-            self.failures.append(Failure(shard, error, attempts[shard]))
+            self.failures.append(Failure(shard, error, losses[shard] * self.max_attempts))
 
     def shutdown(self) -> None:
         import ray
