@@ -68,3 +68,107 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
     [failure] = executor.failures
     assert failure.shard.id == "L02H0-3" and failure.attempts == 3 and "poisoned" in failure.error
     assert len((tmp_path / "poison.log").read_text().split()) == 3  # Ray retried it, then gave up
+
+
+# --------------------------------------------------------------------------- #
+# The driver process itself: killed, interrupted, raced
+# --------------------------------------------------------------------------- #
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.test_sweep import assert_same_tables, sweep, tables  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_ARGS = ["--model", "tiny-llama", "--n-prompts", "10", "--batch-size", "4", "--no-report",
+              "--heads-per-shard", "1"]
+
+
+def committed(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text()).get("shards", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for_commits(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shards = committed(out)
+        if len(shards) >= n:
+            return shards
+        assert proc.poll() is None, f"the sweep exited early: {proc.communicate()}"
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"fewer than {n} shards committed in {timeout} s")
+
+
+def slow_sweep(out: Path, env: dict, *extra: str, delay: float = 1.0, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "tests/slow_sweep.py", str(delay), *SWEEP_ARGS, "--out", str(out), *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def cli(out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sweeps/backup.py", *SWEEP_ARGS, "--out", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_driver_killed_mid_sweep_resumes_and_a_second_sweep_meanwhile_is_refused(ray_session, tmp_path):
+    """SIGKILL on the driver (on a real Ray cluster it joined): re-running the command
+    recomputes only the unfinished shards, and the tables equal an undisturbed run's."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    assert sweep(tmp_path / "undisturbed", "--heads-per-shard", "1") == 0
+    out = tmp_path / "o"
+    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1")
+    wait_for_commits(out, 2, driver)
+    second = cli(out, env, "--executor", "ray")
+    assert second.returncode == 2
+    assert f"another sweep (pid {driver.pid} on" in second.stderr and str(out) in second.stderr
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    before = committed(out)
+    assert 2 <= len(before) < 12  # killed mid-sweep
+    again = cli(out, env, "--executor", "ray", "--num-workers", "1")
+    assert again.returncode == 0, again.stderr
+    assert f"{len(before)} already done, {12 - len(before)} shards to run" in again.stderr
+    after = committed(out)
+    assert sorted(after) == sorted(committed(tmp_path / "undisturbed"))
+    for shard_id, record in before.items():  # finished shards were kept, not recomputed
+        assert after[shard_id]["checksums"] == record["checksums"]
+        assert after[shard_id]["pid"] == record["pid"] != after[min(set(after) - set(before))]["pid"]
+    result = tables(out)
+    assert not result["slopes"].duplicated(["layer", "head"]).any()
+    assert_same_tables(tables(tmp_path / "undisturbed"), result, atol=0)
+
+
+def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) on a sweep that
+    started its own local Ray."""
+    import psutil
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, even if the session's runs
+    out = tmp_path / "o"
+    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1", start_new_session=True)
+    wait_for_commits(out, 1, driver)
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    if not any("raylet" in " ".join(p.cmdline()) for p in ray_processes):
+        driver.kill()
+        raise AssertionError(driver.communicate()[1][-3000:])
+    os.killpg(driver.pid, signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err
+    kept = committed(out)
+    assert 1 <= len(kept) < 12
+    assert f"interrupted: finished shards are kept in {out}. Resume with:" in err
+    resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
+    _, still_alive = psutil.wait_procs(ray_processes, timeout=20)
+    assert not still_alive, [p.cmdline()[:2] for p in still_alive]  # Ray was shut down
+    assert resume.startswith("python sweeps/backup.py ")
+    done = subprocess.run([sys.executable, *resume.split()[1:]], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12

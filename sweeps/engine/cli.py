@@ -85,7 +85,7 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
     g.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray (default): a pool of Ray actors, one model replica per GPU (CPU actors "
                    "without GPUs); joins a running cluster (RAY_ADDRESS or `ray start`), else starts "
-                   "a local one. local: in-process, no Ray")
+                   "a local one (RAY_ADDRESS=local: always a private one). local: in-process, no Ray")
     g.add_argument("--num-workers", type=positive_int, metavar="N",
                    help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)")
 

@@ -128,23 +128,43 @@ class LocalExecutor:
 def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Join a running Ray cluster if there is one, else start a local one.
 
-    Returns True if this call started Ray (and so should shut it down).
+    ``RAY_ADDRESS`` names the cluster to join; ``RAY_ADDRESS=local`` starts a
+    private local Ray even when another one runs on this machine. Returns True
+    if this call connected (and so should disconnect or shut down).
     """
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address or "auto", logging_level=logging.WARNING)
-        print(f"Ray: joined the running cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr)
-        return True
-    except ConnectionError:
-        if address:
-            raise
+    if address == "local":  # Ray's own spelling for "start a new local cluster, join none"
+        address = None
+    else:
+        try:
+            ray.init(address=address or "auto", logging_level=logging.WARNING)
+            print(f"Ray: joined the running cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr)
+            return True
+        except ConnectionError:
+            if address:
+                raise
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
-    print("Ray: no running cluster found; started a local single-node Ray", file=sys.stderr)
+    why = "RAY_ADDRESS=local" if os.environ.get("RAY_ADDRESS") == "local" else "no running cluster found"
+    print(f"Ray: {why}; started a local single-node Ray", file=sys.stderr)
     return True
+
+
+class _RayShardWorker(ShardWorker):
+    """A ``ShardWorker`` as a Ray actor: the job comes as a reference in a list.
+
+    Ray resolves a top-level reference argument before ``__init__`` and, with
+    restarts on, warns that a restart needs it kept alive. Nested, the actor
+    fetches it itself, on every (re)start, while the executor holds it.
+    """
+
+    def __init__(self, model_name: str, job_ref: list):
+        import ray
+
+        super().__init__(model_name, ray.get(job_ref[0]))
 
 
 @dataclass
@@ -188,7 +208,7 @@ class RayExecutor:
         self.started_ray = connect_ray()
         options = self._actor_options()
         retries = self.max_attempts - 1
-        self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries,
+        self._remote_cls = ray.remote(_RayShardWorker).options(**options, max_restarts=retries,
                                                            max_task_retries=retries)
         self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
@@ -200,7 +220,7 @@ class RayExecutor:
                                f"{cause[-1] if cause else err}") from None
 
     def _new_actor(self):
-        return self._remote_cls.remote(self.model_name, self._job_ref)
+        return self._remote_cls.remote(self.model_name, [self._job_ref])
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         import ray
