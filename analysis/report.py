@@ -143,7 +143,8 @@ def _report(kind: str, out: Location, log: Callable[[], str | None], wandb_mode:
     try:
         run_dir = log()
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
-        print(f"warning: W&B logging failed ({type(err).__name__}: {err}); the Parquet results are "
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"warning: W&B logging failed ({type(err).__name__}: {reason}); the Parquet results are "
               f"complete; retry with: python -m analysis {kind} {out} --wandb {wandb_mode}", file=sys.stderr)
         return
     if run_dir:

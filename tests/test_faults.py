@@ -172,3 +172,33 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
+
+
+@pytest.mark.parametrize("fault", ["server unreachable", "no API key"])
+def test_wandb_failure_leaves_complete_results_and_logging_can_be_redone(fault, tmp_path, monkeypatch, capsys):
+    from analysis.__main__ import main as analysis_main
+    from tests.wandb_records import history_and_summary
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    if fault == "server unreachable":
+        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    out = tmp_path / "o"
+    from sweeps import backup
+
+    assert backup.main(["--model", "tiny-llama", "--executor", "local", "--n-prompts", "10", "--batch-size", "4",
+                        "--out", str(out), "--wandb", "online"]) == 0
+    err = capsys.readouterr().err
+    [warning] = [line for line in err.splitlines() if "W&B" in line]
+    assert warning.startswith("warning: W&B logging failed") and "the Parquet results are complete" in warning
+    assert warning.endswith(f"retry with: python -m analysis backup {out} --wandb online")
+    assert len(tables(out)["slopes"]) == 12 and (out / "plots" / "slopes.png").is_file()
+    failed_runs = set((tmp_path / "wandb").rglob("run-*.wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B works again: log from the results alone
+    assert analysis_main(["backup", str(out), "--wandb", "offline"]) == 0
+    [run] = set((tmp_path / "wandb").rglob("run-*.wandb")) - failed_runs
+    _, summary, _ = history_and_summary(run)
+    assert summary["n_heads_swept"] == "12"
