@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sweeps.engine.cli import ArgumentParser
+
 
 def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
     """``python -m analysis SWEEP OUT [--wandb MODE] [--wandb-project P]``."""
@@ -18,7 +20,7 @@ def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    parser = ArgumentParser(prog="python -m analysis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = _subcommand(sub, "backup")
     p.add_argument("--scatter", metavar="HEADS", help="heads to draw scatters for, e.g. L5H1,9.6 "

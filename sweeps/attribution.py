@@ -39,14 +39,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_common_options, cli_main, non_negative_int, positive_int
+from sweeps.engine.cli import (
+    ArgumentParser,
+    UserError,
+    add_common_options,
+    cli_main,
+    non_negative_int,
+    positive_int,
+)
 
 DEFAULT_VERIFY_TOP = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
     sections = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sweeps/attribution.py",
         description="\n\n".join(sections[:4]),
         epilog="\n".join(sections[4:]),

@@ -29,14 +29,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_model_task_options, cli_main, non_negative_int, positive_int
+from sweeps.engine.cli import (
+    ArgumentParser,
+    UserError,
+    add_model_task_options,
+    cli_main,
+    non_negative_int,
+    positive_int,
+)
 
 SUM_CHECK_TOLERANCE = 1e-3  # float32 sums of ~300 components of size ~1
 
 
 def build_parser() -> argparse.ArgumentParser:
     sections = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sweeps/report.py", description="\n\n".join(sections[:3]), epilog="\n".join(sections[3:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -17,7 +17,11 @@ def no_model_loading(monkeypatch):
 
 
 def fails(capsys, *args, command=backup) -> str:
-    code = command.main(list(args))
+    """The one ``error:`` line of a command that must exit with code 2."""
+    try:
+        code = command.main(list(args))
+    except SystemExit as exit_info:  # argparse's own checks (types, choices)
+        code = exit_info.code
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -68,6 +72,27 @@ def test_multi_token_answer(capsys, no_model_loading, tmp_path):
     path = jsonl(tmp_path, {**GOOD, "correct": " floorboardsmithery"})
     line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--out", str(tmp_path / "o"))
     assert "answer ' floorboardsmithery'" in line and "single tokens" in line
+
+
+def test_missing_or_unreadable_task_file(capsys, no_model_loading, tmp_path):
+    out = str(tmp_path / "o")
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", str(tmp_path / "missing.jsonl"), "--out", out)
+    assert "cannot read task file" in line and "No such file" in line
+    (tmp_path / "folder.jsonl").mkdir()  # the tests run as root, so a directory is the unreadable file
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", str(tmp_path / "folder.jsonl"), "--out", out)
+    assert "cannot read task file" in line and "Is a directory" in line
+
+
+@pytest.mark.parametrize("n,message", [
+    ("0", "argument --n-prompts: must be positive, got 0 (see sweeps/backup.py --help)"),
+    ("-3", "argument --n-prompts: must be positive, got -3"),
+    ("ten", "argument --n-prompts: expected a whole number, got 'ten'"),
+    ("3", "--n-prompts 3 is more than the 2 prompts in"),
+])
+def test_n_prompts_must_be_positive_and_available(capsys, no_model_loading, tmp_path, n, message):
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", jsonl(tmp_path, GOOD, GOOD), "--n-prompts", n,
+                 "--out", str(tmp_path / "o"))
+    assert message in line
 
 
 @pytest.mark.parametrize("heads,message", [

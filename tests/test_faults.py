@@ -59,8 +59,8 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
     got = collect(executor, shards)
     assert (tmp_path / "crashed").exists()  # the worker really was killed
     assert sorted(got) == ["L00H0-3", "L01H0-3"]  # the killed shard was retried and finished
-    for shard_id, tables in got.items():
-        for name, table in tables.items():
+    for shard_id, shard_tables in got.items():
+        for name, table in shard_tables.items():
             a, b = table.to_pandas(), expected[shard_id][name].to_pandas()
             for column in a.columns:
                 if a[column].dtype.kind == "f":

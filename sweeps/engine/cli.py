@@ -14,6 +14,15 @@ class UserError(ValueError):
     """Bad input, reported as one line before anything expensive runs."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line (``error: ...``, exit code 2), like every
+    other input error of these commands, instead of the usage text plus the error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli_main(
     build_parser: Callable[[], argparse.ArgumentParser],
     run: Callable[[argparse.Namespace, list[str]], int],

@@ -153,20 +153,6 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
     return True
 
 
-class _RayShardWorker(ShardWorker):
-    """A ``ShardWorker`` as a Ray actor: the job comes as a reference in a list.
-
-    Ray resolves a top-level reference argument before ``__init__`` and, with
-    restarts on, warns that a restart needs it kept alive. Nested, the actor
-    fetches it itself, on every (re)start, while the executor holds it.
-    """
-
-    def __init__(self, model_name: str, job_ref: list):
-        import ray
-
-        super().__init__(model_name, ray.get(job_ref[0]))
-
-
 @dataclass
 class RayExecutor:
     """A pool of actors, one model replica each (one GPU each where there are GPUs)."""
@@ -208,7 +194,7 @@ class RayExecutor:
         self.started_ray = connect_ray()
         options = self._actor_options()
         retries = self.max_attempts - 1
-        self._remote_cls = ray.remote(_RayShardWorker).options(**options, max_restarts=retries,
+        self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries,
                                                            max_task_retries=retries)
         self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
@@ -220,7 +206,9 @@ class RayExecutor:
                                f"{cause[-1] if cause else err}") from None
 
     def _new_actor(self):
-        return self._remote_cls.remote(self.model_name, [self._job_ref])
+        # The job stays referenced by us, so a restarted actor can fetch it again (Ray
+        # logs a warning about exactly that for every actor with restarts on; harmless here).
+        return self._remote_cls.remote(self.model_name, self._job_ref)
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         import ray
