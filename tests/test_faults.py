@@ -175,30 +175,58 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
 
 
 @pytest.mark.parametrize("fault", ["server unreachable", "no API key"])
-def test_wandb_failure_leaves_complete_results_and_logging_can_be_redone(fault, tmp_path, monkeypatch, capsys):
+def test_wandb_failure_leaves_complete_results_and_logging_can_be_redone(fault, tmp_path):
+    """The sweep runs as its own process: W&B reads its settings once per process."""
     from analysis.__main__ import main as analysis_main
     from tests.wandb_records import history_and_summary
 
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc login
     if fault == "server unreachable":
-        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-        monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+        env |= {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "k" * 40, "WANDB_INIT_TIMEOUT": "5"}
     out = tmp_path / "o"
-    from sweeps import backup
-
-    assert backup.main(["--model", "tiny-llama", "--executor", "local", "--n-prompts", "10", "--batch-size", "4",
-                        "--out", str(out), "--wandb", "online"]) == 0
-    err = capsys.readouterr().err
-    [warning] = [line for line in err.splitlines() if "W&B" in line]
+    done = subprocess.run(
+        [sys.executable, "sweeps/backup.py", "--model", "tiny-llama", "--executor", "local", "--n-prompts", "10",
+         "--batch-size", "4", "--out", str(out), "--wandb", "online"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [warning] = [line for line in done.stderr.splitlines() if "W&B" in line]
     assert warning.startswith("warning: W&B logging failed") and "the Parquet results are complete" in warning
     assert warning.endswith(f"retry with: python -m analysis backup {out} --wandb online")
     assert len(tables(out)["slopes"]) == 12 and (out / "plots" / "slopes.png").is_file()
     failed_runs = set((tmp_path / "wandb").rglob("run-*.wandb"))
-    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B works again: log from the results alone
+    # W&B works again: log from the results directory alone
     assert analysis_main(["backup", str(out), "--wandb", "offline"]) == 0
     [run] = set((tmp_path / "wandb").rglob("run-*.wandb")) - failed_runs
     _, summary, _ = history_and_summary(run)
     assert summary["n_heads_swept"] == "12"
+
+
+def test_out_of_memory_under_a_real_memory_cap_fails_clearly_and_leaves_nothing_half_written(tmp_path):
+    """A real address-space limit (``tests/capped_sweep.py``), 450 MiB above what the
+    imported process uses: the clean state of 64 prompts x 512 tokens does not fit."""
+    data = tmp_path / "long.txt"
+    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
+    rng = np.random.default_rng(0)
+    data.write_text("\n\n".join(" ".join(rng.choice(words, 560)) for _ in range(140)))
+    out = tmp_path / "o"
+    args = ["--model", "tiny-gpt2", "--executor", "local", "--no-report", "--task", "text", "--data", str(data),
+            "--seq-len", "512", "--n-prompts", "64", "--out", str(out)]
+    capped = subprocess.run([sys.executable, "tests/capped_sweep.py", "450", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=180, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+    assert capped.returncode == 1, capped.stderr[-2000:]
+    failures = [line for line in capped.stderr.splitlines() if line.startswith("shard ")]
+    assert failures, capped.stderr[-2000:]
+    for line in failures:
+        assert "out of memory on cpu in shard" in line
+        assert "lower --batch-size (now 32; try 16), or --n-prompts / --seq-len" in line
+        assert "64 prompts x 512 tokens" in line
+    done_before = committed(out)
+    assert len(done_before) == 3 - len(failures)  # shards are layers of 4 heads
+    for file in out.rglob("*.parquet"):  # nothing half-written or uncommitted
+        assert file.name.removesuffix(".parquet") in done_before
+    uncapped = subprocess.run([sys.executable, "sweeps/backup.py", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=180)
+    assert uncapped.returncode == 0, uncapped.stderr[-2000:]
+    assert f"{4 * len(done_before)} already done" in uncapped.stderr
+    assert len(tables(out)["slopes"]) == 12

@@ -16,8 +16,8 @@ R = TypeVar("R")
 
 
 def out_of_memory(err: BaseException) -> bool:
-    """A GPU OOM, or the CPU allocator failing to allocate."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+    """A GPU OOM, or the CPU allocator (torch's or Python's) failing to allocate."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
 
 
 def tokens_per_pass(device: torch.device) -> int:
@@ -44,7 +44,7 @@ def map_chunks(
         stop = min(n, start + per_pass)
         try:
             result = compute(start, stop)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
             if not out_of_memory(err):
                 raise
             if per_pass == 1:

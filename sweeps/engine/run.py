@@ -30,6 +30,7 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
+from sweeps.engine.chunking import out_of_memory
 from sweeps.engine.models import describe_model, load_model
 
 
@@ -79,8 +80,25 @@ class ShardWorker:
 
     def run(self, shard: Shard) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         start = time.perf_counter()
-        tables = self.job.run_shard(shard)
+        try:
+            tables = self.job.run_shard(shard)
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
+            if not out_of_memory(err):
+                raise
+            # Passes that can be split already were (chunking.map_chunks); this is one batch.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RuntimeError(f"out of memory on {self.where['device']} in shard {shard.id}: "
+                               f"{_memory_advice(self.job)}") from None
         return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _memory_advice(job: Job) -> str:
+    """What to lower when a shard does not fit: the batch (one pass), or the prompts kept."""
+    size, task = getattr(job, "batch_size", None), getattr(job, "task", None)
+    kept = f"{task.n_prompts} prompts x {task.clean.shape[1]} tokens" if task is not None else "the task"
+    batch = f"lower --batch-size (now {size}; try {max(1, size // 2)})" if size else "lower --batch-size"
+    return f"{batch}, or --n-prompts / --seq-len (the worker keeps the clean state of {kept})"
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,31 @@
+"""``python tests/capped_sweep.py MIB SWEEP_ARGS...``: sweeps/backup.py with its address space
+capped at what the process uses once imported plus MIB mebibytes (a real memory limit:
+allocations past it fail, as on a full GPU).
+
+Run it with ``MALLOC_ARENA_MAX=1``: with more arenas, glibc answers a refused
+allocation by trying to map a new arena on every later ``malloc``, and the
+process crawls instead of failing.
+"""
+
+import resource
+import sys
+
+from sweeps import backup
+
+if __name__ == "__main__":
+    # everything the sweep imports, before measuring what is in use
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import tokenizers  # noqa: F401
+    import torch  # noqa: F401
+    import transformer_lens  # noqa: F401
+    import transformers  # noqa: F401
+
+    import analysis.backup  # noqa: F401
+    from sweeps.engine import backup_sweep, driver, models, run  # noqa: F401
+
+    with open("/proc/self/status") as status:
+        used_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (used_kib << 10) + (int(sys.argv[1]) << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    sys.exit(backup.main(sys.argv[2:]))
