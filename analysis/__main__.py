@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "attribution":
         return _attribution(args)
 
-    from analysis.backup import ResultsError, load_results, summary_table
+    from analysis.backup import ResultsError, load_results, summary_table, summary_text
     from analysis.report import write_backup_report
     from sweeps.engine.plan import PlanError, parse_heads
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ResultsError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary_table(results, args.top, args.min_de_fraction).to_string(index=False))
+    print(summary_text(summary_table(results, args.top, args.min_de_fraction)))
     write_backup_report(results, args.wandb, args.wandb_project, scatter)
     return 0
 

@@ -79,6 +79,14 @@ def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) 
     return table.reindex(index=rows, columns=[c for c in order if c in table.columns])
 
 
+def summary_text(table: pd.DataFrame) -> str:
+    """``summary_table`` as printed: the table, or why there is none."""
+    if table.empty:
+        return ("no head is clearly backed up or anti-backed-up (no slope's 95 % interval excludes 0 "
+                "among heads with a sizeable direct effect)")
+    return table.to_string(index=False)
+
+
 def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1) -> pd.DataFrame:
     """The most backed-up and most anti-backed-up heads, ranked conservatively.
 

@@ -108,13 +108,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if isinstance(failures, int):
         return failures
     print_failures(failures)
-    from analysis.backup import load_results, summary_table
+    from analysis.backup import load_results, summary_table, summary_text
 
     results = load_results(out)
     if results.slopes.empty:
         print(f"no finished shards in {out}; re-run the same command to retry", file=sys.stderr)
         return 1
-    print(summary_table(results).to_string(index=False))
+    print(summary_text(summary_table(results)))
     if not args.no_report:
         from analysis.report import write_backup_report
 
