@@ -230,7 +230,7 @@ class RayExecutor:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         import ray
-        from ray.exceptions import RayActorError, RayError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
         pending = deque(shards)
         losses: dict[Shard, int] = {}  # times a shard's actor was lost for good under it
@@ -250,6 +250,10 @@ class RayExecutor:
             except RayTaskError as err:  # the shard raised on every try Ray gave it: a poison shard
                 idle.append(actor)
                 self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err), self.max_attempts))
+                continue
+            except ActorUnavailableError as err:  # unreachable for now (e.g. restarting): keep it
+                idle.append(actor)
+                self._requeue(shard, losses, pending, f"worker unavailable: {_first_line(err)}")
                 continue
             except RayActorError as err:  # restarts used up, or its node is gone: replace the actor
                 ray.kill(actor, no_restart=True)
