@@ -39,7 +39,8 @@ def _read(file: Location, rows: int, file_checksum: str | None) -> tuple[pd.Data
     try:
         table = read_committed_table(file, rows, file_checksum)
     except (OSError, pa.ArrowInvalid, CorruptFile) as err:  # missing, truncated or altered
-        reason = "altered since it was written" if isinstance(err, CorruptFile) else f"unreadable ({type(err).__name__})"
+        reason = ("altered since it was written" if isinstance(err, CorruptFile)
+                  else f"unreadable ({type(err).__name__})")
         raise ResultsError(f"{file} is {reason}; re-run the sweep command to recompute it") from None
     spec = (table.schema.metadata or {}).get(b"sweep_spec")
     return table.to_pandas(), json.loads(spec) if spec else None
@@ -71,10 +72,9 @@ def read_committed(
             file = out / name / f"{sid}.parquet"
             frame, file_spec = _read(file, shards[sid]["rows"][name], shards[sid].get("checksums", {}).get(name))
             if file_spec is not None and file_spec != spec and not allow_mixed:
-                raise ResultsError(
-                    f"{file} belongs to a different sweep than {out} ({'; '.join(spec_differences(spec, file_spec, ('there', 'in this file')))}); "
-                    "pass --allow-mixed-specs to read them together anyway"
-                )
+                differences = "; ".join(spec_differences(spec, file_spec, ("there", "in this file")))
+                raise ResultsError(f"{file} belongs to a different sweep than {out} ({differences}); "
+                                   "pass --allow-mixed-specs to read them together anyway")
             parts.append(frame)
         frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return spec, manifest, frames

@@ -46,7 +46,8 @@ def check_cluster_config(path: str | Path) -> dict:
 
 def _check_shapes(path: Path, config: dict) -> None:
     if "provider" not in config:
-        raise ClusterConfigError(f"{path}: no `provider` section; add e.g. `provider: {{type: aws, region: us-west-2}}`")
+        raise ClusterConfigError(f"{path}: no `provider` section; "
+                                 "add e.g. `provider: {type: aws, region: us-west-2}`")
     for key in MAPPINGS:
         if key in config and not isinstance(config[key], dict):
             raise ClusterConfigError(f"{path}: `{key}` must be a mapping (key: value lines), "

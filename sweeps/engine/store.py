@@ -10,7 +10,7 @@ Layout of ``--out``::
 A shard is written as hidden temporary files (pyarrow and pandas skip names
 starting with ``.``), moved into place, and only then recorded in the
 manifest: the manifest is the commit record. On resume, files of shards the
-manifest does not list, files whose size, checksum or rows disagree with it,
+manifest does not list, files whose checksum or row count disagree with it,
 and temporary leftovers are set aside in ``.trash``, so a half-written file is
 never a result. Analysis reads only what the manifest lists, checked the same way.
 """
@@ -119,7 +119,8 @@ class ResultStore:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise StoreError(f"another sweep ({owner}) is writing to {self.out}; wait for it or use another --out") from None
+            raise StoreError(f"another sweep ({owner}) is writing to {self.out}; "
+                             "wait for it or use another --out") from None
         handle.seek(0)
         handle.truncate()
         handle.write(_owner())
