@@ -76,7 +76,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
 
 
 def _log_run(
-    kind: str, out: Location, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
+    kind: str, out: Path | Location, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
     datasets: tuple[str, ...], mode: str, project: str, pages: dict[str, Path] | None = None,
 ) -> str | None:
     """One W&B run: tables, figures (PNG + HTML), extra HTML ``pages``, summary, and the
@@ -85,6 +85,7 @@ def _log_run(
         return None
     import wandb
 
+    out = Location.parse(out)
     os.environ.setdefault("WANDB_SILENT", "true")
     spec_id = manifest.get("spec_id", "")
     run = wandb.init(
@@ -137,9 +138,9 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
                     ("slopes", "responses", "points"), mode, project)
 
 
-def _report(kind: str, out: Location, log: Callable[[], str | None], wandb_mode: str) -> None:
+def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:
     """Log to W&B; a failure there is a warning: the Parquet results are complete regardless."""
-    print(f"plots: {report_dir(out) / 'plots'}", file=sys.stderr)
+    print(f"plots: {report_dir(Location.parse(out)) / 'plots'}", file=sys.stderr)
     try:
         run_dir = log()
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does

@@ -147,7 +147,10 @@ def test_the_script_runs_as_users_run_it(tmp_path):
            "--n-prompts", "6", "--heads", "L1", "--wandb", "disabled", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "kind" in done.stdout and (out / "plots" / "slopes.png").is_file()
+    from analysis.backup import load_results, summary_table, summary_text
+
+    assert summary_text(summary_table(load_results(out))) in done.stdout  # the summary of what it wrote
+    assert (out / "plots" / "slopes.png").is_file()
     assert len(list((out / "slopes").glob("*.parquet"))) == 1
 
 

@@ -217,10 +217,10 @@ def test_out_of_memory_under_a_real_memory_cap_fails_clearly_and_leaves_nothing_
     assert capped.returncode == 1, capped.stderr[-2000:]
     failures = [line for line in capped.stderr.splitlines() if line.startswith("shard ")]
     assert failures, capped.stderr[-2000:]
-    for line in failures:
-        assert "out of memory on cpu in shard" in line
-        assert "lower --batch-size (now 32; try 16), or --n-prompts / --seq-len" in line
-        assert "64 prompts x 512 tokens" in line
+    for line in failures:  # from the shard's clean state, or from a pass already halved to one head
+        assert "out of memory" in line
+        assert "x 32 prompts x 512 tokens" in line or "keeps the clean state of 64 prompts x 512 tokens" in line
+        assert "--batch-size (now 32" in line
     done_before = committed(out)
     assert len(done_before) == 3 - len(failures)  # shards are layers of 4 heads
     for file in out.rglob("*.parquet"):  # nothing half-written or uncommitted
