@@ -83,6 +83,19 @@ def test_missing_or_unreadable_task_file(capsys, no_model_loading, tmp_path):
     assert "cannot read task file" in line and "Is a directory" in line
 
 
+def test_out_of_memory_outside_a_shard_is_one_line(capsys, no_model_loading, tmp_path, monkeypatch):
+    import tasks
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(tasks, "build_task", no_memory)
+    assert backup.main(["--model", "tiny-gpt2", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: out of memory outside a shard"), err
+    assert "Lower --n-prompts or --seq-len" in err
+
+
 @pytest.mark.parametrize("n,message", [
     ("0", "argument --n-prompts: must be positive, got 0 (see sweeps/backup.py --help)"),
     ("-3", "argument --n-prompts: must be positive, got -3"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,13 +29,21 @@ def cli_main(
     run: Callable[[argparse.Namespace, list[str]], int],
     argv: list[str] | None,
 ) -> int:
-    """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2."""
+    """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2, running out
+    of memory outside a shard (shards report their own) one line and exit code 1."""
     args = build_parser().parse_args(argv)
     try:
         return run(args, argv if argv is not None else sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, OSError) as err:
+        if not isinstance(err, MemoryError) and err.errno != errno.ENOMEM:
+            raise
+        print("error: out of memory outside a shard (building the task, loading the model or reading "
+              "results); finished shards are kept. Lower --n-prompts or --seq-len, or use a machine with "
+              "more memory", file=sys.stderr)
+        return 1
 
 
 def _whole_number(text: str, minimum: int, requirement: str) -> int:
