@@ -230,3 +230,18 @@ def test_out_of_memory_under_a_real_memory_cap_fails_clearly_and_leaves_nothing_
     assert uncapped.returncode == 0, uncapped.stderr[-2000:]
     assert f"{4 * len(done_before)} already done" in uncapped.stderr
     assert len(tables(out)["slopes"]) == 12
+
+
+def test_a_node_lost_mid_sweep_loses_nothing():
+    """Two Ray nodes with one fake GPU each (one actor each); the second node is removed
+    mid-shard. Its actor's restart cannot be placed anywhere (the only GPU left is
+    busy), so its shard runs again on the surviving actor; nothing is lost or doubled."""
+    done = subprocess.run([sys.executable, "tests/node_loss.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    where, removed = result["where"], result["removed"]
+    assert len(where) == 12 and result["equal"]  # every shard, each equal to the in-process run's
+    assert len(set(where.values())) == 2 and removed in where.values()  # both nodes worked before the loss
+    survivor = (set(where.values()) - {removed}).pop()
+    assert sum(node == survivor for node in where.values()) >= 10  # the rest ran on the surviving node

@@ -101,6 +101,20 @@ def _memory_advice(job: Job) -> str:
     return f"{batch}, or --n-prompts / --seq-len (the worker keeps the clean state of {kept})"
 
 
+def _actor_state(actor) -> str | None:
+    """``ALIVE``, ``RESTARTING``, ``PENDING_CREATION``, ``DEAD``..., or None if Ray cannot say.
+
+    Ray's public state API needs the dashboard, which a sweep's local Ray does not
+    start; the GCS's actor table answers without it.
+    """
+    import ray
+
+    try:
+        return ray._private.state.actors(actor._actor_id.hex())["State"]
+    except Exception:  # noqa: BLE001 - a private API: never let it break a sweep
+        return None
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -229,31 +243,57 @@ class RayExecutor:
         return self._remote_cls.remote(self.model_name, self._job_ref)
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
+        """Yield each shard once, as it finishes.
+
+        When the queue is empty and an actor is idle, a shard whose actor is
+        not running (restarting, or waiting to be placed) is started again on
+        the idle one; the first result wins. That finishes a sweep whose node
+        is gone while every GPU left is busy: Ray would hold the shard for a
+        restart that cannot be placed until a new node came.
+        """
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
         pending = deque(shards)
         losses: dict[Shard, int] = {}  # times a shard's actor was lost for good under it
+        copies: dict[Shard, int] = {}  # copies of a shard in flight
+        finished: set[Shard] = set()
         idle = list(self.actors)
         in_flight: dict[Any, tuple[Shard, Any]] = {}
-        while pending or in_flight:
-            while pending and idle:
-                actor, shard = idle.pop(), pending.popleft()
-                # Ray retries the shard itself: after a crash (on the restarted actor) or an exception
-                in_flight[actor.run.options(retry_exceptions=True).remote(shard)] = (shard, actor)
-            if not in_flight:
-                break
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+
+        def submit(actor, shard) -> None:
+            # Ray retries the shard itself: after a crash (on the restarted actor) or an exception
+            in_flight[actor.run.options(retry_exceptions=True).remote(shard)] = (shard, actor)
+            copies[shard] = copies.get(shard, 0) + 1
+
+        while pending or any(shard not in finished for shard, _ in in_flight.values()):
+            while idle and pending:
+                submit(idle.pop(), pending.popleft())
+            tail = bool(idle) and not pending
+            if tail:  # idle actors, nothing queued: rescue shards whose actor is not running
+                stranded = [s for s, a in in_flight.values()
+                            if s not in finished and copies[s] == 1 and _actor_state(a) not in ("ALIVE", None)]
+                while idle and stranded:
+                    submit(idle.pop(), stranded.pop(0))
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0 if tail else None)
+            if not ready:
+                continue
+            [ref] = ready
             shard, actor = in_flight.pop(ref)
+            copies[shard] -= 1
+            last_copy = copies[shard] == 0 and shard not in finished
             try:
                 tables, record = ray.get(ref)
             except RayTaskError as err:  # the shard raised on every try Ray gave it: a poison shard
                 idle.append(actor)
-                self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err), self.max_attempts))
+                if last_copy:
+                    self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err),
+                                                 self.max_attempts))
                 continue
             except ActorUnavailableError as err:  # unreachable for now (e.g. restarting): keep it
                 idle.append(actor)
-                self._requeue(shard, losses, pending, f"worker unavailable: {_first_line(err)}")
+                if last_copy:
+                    self._requeue(shard, losses, pending, f"worker unavailable: {_first_line(err)}")
                 continue
             except RayActorError as err:  # restarts used up, or its node is gone: replace the actor
                 ray.kill(actor, no_restart=True)
@@ -261,14 +301,18 @@ class RayExecutor:
                 replacement = self._new_actor()
                 self.actors.append(replacement)
                 idle.append(replacement)
-                self._requeue(shard, losses, pending, f"worker lost: {_first_line(err)}")
+                if last_copy:
+                    self._requeue(shard, losses, pending, f"worker lost: {_first_line(err)}")
                 continue
             except RayError as err:  # e.g. the result object was lost with its node
                 idle.append(actor)
-                self._requeue(shard, losses, pending, _first_line(err))
+                if last_copy:
+                    self._requeue(shard, losses, pending, _first_line(err))
                 continue
             idle.append(actor)
-            yield shard, tables, record
+            if shard not in finished:
+                finished.add(shard)
+                yield shard, tables, record
 
     def _requeue(self, shard: Shard, losses: dict, pending: deque, error: str) -> None:
         losses[shard] = losses.get(shard, 0) + 1
