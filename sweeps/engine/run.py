@@ -247,7 +247,7 @@ class RayExecutor:
 
         When the queue is empty and an actor is idle, a shard whose actor is
         not running (restarting, or waiting to be placed) is started again on
-        the idle one; the first result wins. That finishes a sweep whose node
+        the idle one, once; the first result wins. That finishes a sweep whose node
         is gone while every GPU left is busy: Ray would hold the shard for a
         restart that cannot be placed until a new node came.
         """
@@ -257,7 +257,8 @@ class RayExecutor:
         pending = deque(shards)
         losses: dict[Shard, int] = {}  # times a shard's actor was lost for good under it
         copies: dict[Shard, int] = {}  # copies of a shard in flight
-        finished: set[Shard] = set()
+        rescued: set[Shard] = set()  # shards started again because their actor was not running
+        settled: set[Shard] = set()  # finished, or failed for good
         idle = list(self.actors)
         in_flight: dict[Any, tuple[Shard, Any]] = {}
 
@@ -266,27 +267,30 @@ class RayExecutor:
             in_flight[actor.run.options(retry_exceptions=True).remote(shard)] = (shard, actor)
             copies[shard] = copies.get(shard, 0) + 1
 
-        while pending or any(shard not in finished for shard, _ in in_flight.values()):
+        while pending or any(shard not in settled for shard, _ in in_flight.values()):
             while idle and pending:
                 submit(idle.pop(), pending.popleft())
             tail = bool(idle) and not pending
-            if tail:  # idle actors, nothing queued: rescue shards whose actor is not running
-                stranded = [s for s, a in in_flight.values()
-                            if s not in finished and copies[s] == 1 and _actor_state(a) not in ("ALIVE", None)]
+            if tail:  # idle actors, nothing queued: rescue (once) shards whose actor is not running
+                stranded = [s for s, a in in_flight.values() if s not in settled and s not in rescued
+                            and _actor_state(a) not in ("ALIVE", None)]
                 while idle and stranded:
-                    submit(idle.pop(), stranded.pop(0))
+                    shard = stranded.pop(0)
+                    rescued.add(shard)
+                    submit(idle.pop(), shard)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0 if tail else None)
             if not ready:
                 continue
             [ref] = ready
             shard, actor = in_flight.pop(ref)
             copies[shard] -= 1
-            last_copy = copies[shard] == 0 and shard not in finished
+            last_copy = copies[shard] == 0 and shard not in settled
             try:
                 tables, record = ray.get(ref)
-            except RayTaskError as err:  # the shard raised on every try Ray gave it: a poison shard
+            except RayTaskError as err:  # it raised on every try Ray gave it: a poison shard, in any copy
                 idle.append(actor)
-                if last_copy:
+                if shard not in settled:
+                    settled.add(shard)
                     self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err),
                                                  self.max_attempts))
                 continue
@@ -310,8 +314,8 @@ class RayExecutor:
                     self._requeue(shard, losses, pending, _first_line(err))
                 continue
             idle.append(actor)
-            if shard not in finished:
-                finished.add(shard)
+            if shard not in settled:
+                settled.add(shard)
                 yield shard, tables, record
 
     def _requeue(self, shard: Shard, losses: dict, pending: deque, error: str) -> None:
