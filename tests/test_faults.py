@@ -1,8 +1,14 @@
-"""Real faults on a real local Ray: a worker killed with SIGKILL mid-shard, a poison shard."""
+"""Real faults on a real local Ray: workers, drivers and nodes killed, Ctrl-C, W&B down,
+memory running out. What each proves is listed in the README's "Guarantees"."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from sweeps.engine.backup_sweep import BackupJob
 from sweeps.engine.plan import plan_backup
 from sweeps.engine.run import LocalExecutor, RayExecutor
 from tasks import TaskSpec, build_task
+from tests.test_sweep import assert_same_tables, sweep, tables
 
 
 @dataclass
@@ -73,14 +80,6 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
 # --------------------------------------------------------------------------- #
 # The driver process itself: killed, interrupted, raced
 # --------------------------------------------------------------------------- #
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from tests.test_sweep import assert_same_tables, sweep, tables  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_ARGS = ["--model", "tiny-llama", "--n-prompts", "10", "--batch-size", "4", "--no-report",
