@@ -180,7 +180,7 @@ class ResultStore:
         return {"shards": {}}
 
     def _valid(self, shard_id: str, record: dict) -> bool:
-        """Every file of the shard is there, with the recorded size, checksum and rows."""
+        """Every file of the shard is there, with the recorded checksum and row count."""
         if not record.get("rows"):
             return False
         for name, rows in record["rows"].items():
