@@ -1,13 +1,21 @@
-"""``python -m sweeps validate``: cluster.yaml passes Ray's own validation; broken ones fail in one line."""
+"""Clusters: ``python -m sweeps validate`` (cluster.yaml passes Ray's own validation; broken ones fail in
+one line), and ``ray up`` / ``ray submit`` / ``ray down`` for real on a two-node on-premise cluster."""
 
 import copy
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from sweeps import backup
 from sweeps.__main__ import main as sweeps_main
 from sweeps.engine.cluster_config import check_cluster_config
+from sweeps.engine.provenance import source_hash
+from tests.local_cluster import LocalCluster, install_tools, unavailable
+from tests.test_sweep import assert_same_tables, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -66,3 +74,68 @@ def test_unreadable_or_unparsable_config(tmp_path, capsys):
     assert sweeps_main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "line 3: not valid YAML" in err, err
+
+
+# --- The real cluster launcher: ray up / submit / down on a two-node on-premise cluster -----------
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """A two-node ``provider: local`` cluster on this machine (tests/local_cluster.py); skips, saying
+    why, where sshd cannot run; stops both sshds (and so every process of the cluster) afterwards."""
+    install_tools()
+    why = unavailable()
+    if why:
+        pytest.skip(f"no local SSH cluster: {why}")
+    # Not tmp_path: Ray's socket paths under the nodes' homes must stay within 107 bytes.
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="sweeps-cluster-")))
+    try:
+        cluster.start_sshd()
+        yield cluster
+    finally:
+        cluster.stop()
+        if cluster.log.exists():  # kept with the test's files, for reading after a failure
+            shutil.copy(cluster.log, tmp_path / "launcher.log")
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+def test_ray_submit_on_a_two_node_cluster_equals_the_local_run(local_cluster, tmp_path, ray_session):
+    cluster = local_cluster
+    args = ["--model", "tiny-gpt2", "--n-prompts", "6", "--heads", "L0,L1", "--heads-per-shard", "1",
+            "--batch-size", "4", "--no-report"]
+    assert backup.main([*args, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
+
+    # As a user would: check the config, bring the cluster up, submit, fetch the results, take it down.
+    config = cluster.write_config()
+    assert sweeps_main(["validate", str(config)]) == 0
+    cluster.up()
+    assert cluster.wait_for_nodes(2) == 2, f"the worker never joined; see {cluster.log}"
+    # `ray submit` joins the arguments unquoted into a remote shell line: ~ is the head's home.
+    cluster.submit("sweeps/backup.py", *args, "--out", "~/results")
+    fetched = tmp_path / "fetched"
+    assert cluster.ray("rsync-down", str(config), "~/results/", str(fetched) + "/").returncode == 0
+    assert (fetched / "manifest.json").exists(), f"the submitted sweep wrote no results; see {cluster.log}"
+    again = cluster.submit("sweeps/backup.py", *args, "--out", "~/results")  # resumes: nothing to redo
+    assert "8 heads requested, 8 already done, 0 shards to run" in again.stdout, again.stdout[-2000:]
+    down = cluster.down()
+    assert down.returncode == 0, down.stderr[-2000:]
+
+    # One model replica per node's GPU, each shard recorded with the node and GPU that computed it.
+    manifest = json.loads((fetched / "manifest.json").read_text())
+    workers = manifest["workers"]
+    # (Ray registers the head, given 127.0.0.1, under this machine's own address.)
+    node_ips = {w["node_ip"] for w in workers}
+    assert len(workers) == len(node_ips) == len({w["node_id"] for w in workers}) == 2 and "127.0.0.2" in node_ips
+    assert all(w["gpu_ids"] == ["0"] for w in workers)
+    shards = manifest["shards"]
+    assert len(shards) == 8 and {s["node_ip"] for s in shards.values()} == node_ips
+    assert all(s["gpu_ids"] == ["0"] for s in shards.values())
+    # The worker's shards came back through Ray: nothing of the results is on the worker node.
+    assert not list(cluster.homes["127.0.0.2"].rglob("*.parquet"))
+    # The node got the checkout without .git: its code version is the hash of the sources, the same
+    # hash this checkout's sources have.
+    assert manifest["code_version"] == f"0.1.0+src.{source_hash()}"
+    drop = ["code_version"]
+    local = {name: t.drop(columns=drop) for name, t in tables(tmp_path / "local").items()}
+    assert_same_tables(local, {name: t.drop(columns=drop) for name, t in tables(fetched).items()})
+    # `ray stop` on the cluster's nodes left this session's own Ray alone.
+    assert ray_session.get(ray_session.remote(lambda: 41).remote()) + 1 == 42

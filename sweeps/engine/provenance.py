@@ -9,13 +9,15 @@ import subprocess
 from pathlib import Path
 
 PACKAGES = ("torch", "transformer-lens", "transformers", "ray", "numpy", "pyarrow", "pandas", "wandb")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_PACKAGES = ("sweeps", "tasks", "analysis")
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages for an installed copy
 
 
 def code_version() -> str:
     """``<package version>+g<commit>`` in a clean git checkout, ``...-dirty.<hash of the diff>``
-    with uncommitted changes (two runs with the same hash ran the same code), else the
-    package version."""
+    with uncommitted changes (two runs with the same hash ran the same code); without git
+    (an installed copy, a cluster node that got the checkout without ``.git``),
+    ``...+src.<hash of the project's source files>``."""
     try:
         version = importlib.metadata.version("interp-sweeps")
     except importlib.metadata.PackageNotFoundError:
@@ -30,10 +32,20 @@ def code_version() -> str:
             capture_output=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return version
+        return f"{version}+src.{source_hash()}"
     if not diff:
         return f"{version}+g{commit}"
     return f"{version}+g{commit}-dirty.{hashlib.blake2b(diff, digest_size=4).hexdigest()}"
+
+
+def source_hash(root: Path = REPO_ROOT) -> str:
+    """A hash of the project's packages (their .py and data files, by relative path)."""
+    digest = hashlib.blake2b(digest_size=4)
+    for package in PROJECT_PACKAGES:
+        for path in sorted((root / package).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".jsonl"):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

@@ -49,25 +49,26 @@ class Job(Protocol):
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]: ...
 
 
-def _ray_placement() -> tuple[str | None, list[str]]:
-    """(Ray node id, assigned GPU ids) of this process; (None, []) outside Ray."""
+def _ray_placement() -> dict[str, Any]:
+    """The Ray node (id and IP) and the GPU ids Ray gave this process; Nones outside Ray."""
     ray = sys.modules.get("ray")  # never import Ray just to ask (the local executor has none)
     if ray is None or not ray.is_initialized():
-        return None, []
-    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+        return {"node_id": None, "node_ip": None, "gpu_ids": []}
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node registered with (its --node-ip-address), not this process's guess.
+    node_ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
+    return {"node_id": node_id, "node_ip": node_ip, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 class ShardWorker:
     """One model replica serving many shards."""
 
     def __init__(self, model_name: str, job: Job, device: str | None = None):
-        node_id, gpu_ids = _ray_placement()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.where = {
             "host": socket.gethostname(),
-            "node_id": node_id,
-            "gpu_ids": gpu_ids,
+            **_ray_placement(),
             "device": device,
             "pid": os.getpid(),
         }
