@@ -84,15 +84,19 @@ class LocalCluster:
     """sshd + a ``provider: local`` cluster config under ``workdir``; see the module docstring."""
 
     def __init__(self, workdir: Path, name: str | None = None, gpus_per_node: int = 1,
-                 cpus_per_node: int = 2, venv: Path = ROOT / ".venv"):
+                 cpus_per_node: int = 2, workers: int = 1, dashboard: bool = False,
+                 install_project: bool = True, venv: Path = ROOT / ".venv"):
         self.dir = Path(workdir)
         self.name = name or f"sweeps-test-{os.getpid()}"
         self.venv = venv
         self.key = self.dir / "id_ed25519"
-        self.homes = {HEAD_IP: self.dir / "head", WORKER_IP: self.dir / "worker"}
+        self.homes = {HEAD_IP: self.dir / "head"} | ({WORKER_IP: self.dir / "worker"} if workers else {})
         self.config_path = self.dir / "cluster-local.yaml"
         self.port = free_port()
+        # The dashboard serves `ray job submit`; off unless asked for (it costs seconds and memory).
+        self.dashboard_port = free_port() if dashboard else None
         self.gpus, self.cpus = gpus_per_node, cpus_per_node
+        self.install_project = install_project  # False: the nodes have the dependencies only
         self.sshds: dict[str, subprocess.Popen] = {}
         self.log = self.dir / "launcher.log"
 
@@ -154,27 +158,33 @@ class LocalCluster:
     # --- the cluster config ---------------------------------------------------------------------
     def config(self) -> dict:
         start = f"ray start --num-cpus={self.cpus} --num-gpus={self.gpus} --disable-usage-stats"
+        # Two nodes on one machine (and this session's own Ray) must not share a node agent port;
+        # on separate machines Ray's fixed defaults are fine.
+        head_ports = f"--dashboard-agent-listen-port={free_port()} --ray-client-server-port={free_port()}"
+        worker_ports = f"--dashboard-agent-listen-port={free_port()}"
         return {
             "cluster_name": self.name,
-            "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": [WORKER_IP]},
+            "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": [ip for ip in self.homes if ip != HEAD_IP]},
             "auth": {"ssh_user": "root", "ssh_private_key": str(self.key)},
-            "min_workers": 1,
-            "max_workers": 1,
+            "min_workers": len(self.homes) - 1,
+            "max_workers": len(self.homes) - 1,
             "upscaling_speed": 1.0,
             "idle_timeout_minutes": 10,
-            "file_mounts": {"~/interp-sweeps": str(ROOT)},
+            # The project reaches each node as cluster.yaml's does: mounted, then installed.
+            "file_mounts": {"~/interp-sweeps": str(ROOT)} if self.install_project else {},
             "rsync_exclude": [".venv", ".git", "results", "reports", "wandb", "**/__pycache__", "*.egg-info"],
             "setup_commands": [
                 "cd ~/interp-sweeps && python -m pip install -q --disable-pip-version-check --no-deps "
-                "--no-build-isolation --upgrade --target ~/site-packages ."],
+                "--upgrade --target ~/site-packages ."] if self.install_project else [],
             "head_start_ray_commands": [
                 "ray stop",
-                f"{start} --head --port={self.port} --include-dashboard=false "
-                f"--autoscaling-config=~/ray_bootstrap_config.yaml",
+                f"{start} --head --port={self.port} {head_ports} --autoscaling-config=~/ray_bootstrap_config.yaml "
+                + (f"--dashboard-host=0.0.0.0 --dashboard-port={self.dashboard_port}" if self.dashboard_port
+                   else "--include-dashboard=false"),
             ],
             "worker_start_ray_commands": [
                 "ray stop",
-                f"{start} --address=$RAY_HEAD_IP:{self.port} --node-ip-address={WORKER_IP}",
+                f"{start} --address=$RAY_HEAD_IP:{self.port} --node-ip-address={WORKER_IP} {worker_ports}",
             ],
         }
 
@@ -216,6 +226,19 @@ class LocalCluster:
     def submit(self, script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """``ray submit CONFIG SCRIPT -- ARGS``; Ray exits 1 whatever the script did, so check results."""
         return self.ray("submit", str(self.config_path), str(ROOT / script), "--", *args, timeout=timeout)
+
+    def job_submit(self, *entrypoint: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir <this checkout> -- ENTRYPOINT`` through the head's dashboard.
+
+        Right after ``ray up`` the head's job agent may not be up yet; Ray then says to try again
+        later, which this does (for up to 30 s)."""
+        deadline = time.monotonic() + 30
+        while True:
+            proc = self.ray("job", "submit", "--address", f"http://{HEAD_IP}:{self.dashboard_port}",
+                            "--working-dir", str(ROOT), "--", *entrypoint, timeout=timeout)
+            if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+                return proc
+            time.sleep(2)
 
     def down(self) -> subprocess.CompletedProcess:
         return self.ray("down", "-y", str(self.config_path), timeout=60)

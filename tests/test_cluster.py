@@ -80,28 +80,40 @@ def test_unreadable_or_unparsable_config(tmp_path, capsys):
 
 @pytest.fixture
 def local_cluster(tmp_path):
-    """A two-node ``provider: local`` cluster on this machine (tests/local_cluster.py); skips, saying
-    why, where sshd cannot run; stops both sshds (and so every process of the cluster) afterwards."""
+    """Makes on-premise clusters on this machine (tests/local_cluster.py); skips, saying why, where
+    sshd cannot run; stops their sshds (and so every process of the cluster) afterwards."""
     install_tools()
     why = unavailable()
     if why:
         pytest.skip(f"no local SSH cluster: {why}")
-    # Not tmp_path: Ray's socket paths under the nodes' homes must stay within 107 bytes.
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="sweeps-cluster-")))
-    try:
+    made = []
+
+    def make(**options) -> LocalCluster:
+        # Not tmp_path: Ray's socket paths under the nodes' homes must stay within 107 bytes.
+        cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="sweeps-cluster-")), **options)
+        made.append(cluster)
         cluster.start_sshd()
-        yield cluster
-    finally:
+        return cluster
+
+    yield make
+    for cluster in made:
         cluster.stop()
         if cluster.log.exists():  # kept with the test's files, for reading after a failure
-            shutil.copy(cluster.log, tmp_path / "launcher.log")
+            shutil.copy(cluster.log, tmp_path / f"launcher-{cluster.name}.log")
         shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
+SWEEP = ["--model", "tiny-gpt2", "--n-prompts", "6", "--heads", "L0,L1", "--heads-per-shard", "1",
+         "--batch-size", "4", "--no-report"]
+
+
+def without_code_version(out) -> dict:
+    return {name: t.drop(columns=["code_version"]) for name, t in tables(out).items()}
+
+
 def test_ray_submit_on_a_two_node_cluster_equals_the_local_run(local_cluster, tmp_path, ray_session):
-    cluster = local_cluster
-    args = ["--model", "tiny-gpt2", "--n-prompts", "6", "--heads", "L0,L1", "--heads-per-shard", "1",
-            "--batch-size", "4", "--no-report"]
+    cluster = local_cluster(workers=1)
+    args = SWEEP
     assert backup.main([*args, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
 
     # As a user would: check the config, bring the cluster up, submit, fetch the results, take it down.
@@ -134,8 +146,22 @@ def test_ray_submit_on_a_two_node_cluster_equals_the_local_run(local_cluster, tm
     # The node got the checkout without .git: its code version is the hash of the sources, the same
     # hash this checkout's sources have.
     assert manifest["code_version"] == f"0.1.0+src.{source_hash()}"
-    drop = ["code_version"]
-    local = {name: t.drop(columns=drop) for name, t in tables(tmp_path / "local").items()}
-    assert_same_tables(local, {name: t.drop(columns=drop) for name, t in tables(fetched).items()})
+    assert_same_tables(without_code_version(tmp_path / "local"), without_code_version(fetched))
     # `ray stop` on the cluster's nodes left this session's own Ray alone.
     assert ray_session.get(ray_session.remote(lambda: 41).remote()) + 1 == 42
+
+
+def test_ray_job_submit_with_the_checkout_as_working_dir(local_cluster, tmp_path):
+    """The alternative for a cluster that is already up: the checkout travels as the job's
+    working_dir. This cluster's node has the dependencies but not the project itself."""
+    cluster = local_cluster(workers=0, dashboard=True, install_project=False)
+    assert backup.main([*SWEEP, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
+    cluster.write_config()
+    cluster.up()
+    out = cluster.homes["127.0.0.1"] / "job-results"  # an absolute path: the working_dir is temporary
+    job = cluster.job_submit("python", "sweeps/backup.py", *SWEEP, "--out", str(out))
+    assert job.returncode == 0 and "succeeded" in job.stderr + job.stdout, (job.stdout + job.stderr)[-3000:]
+    assert cluster.down().returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["code_version"] == f"0.1.0+src.{source_hash()}"  # Ray leaves .git out of a working_dir
+    assert_same_tables(without_code_version(tmp_path / "local"), without_code_version(out))
