@@ -165,3 +165,17 @@ def test_ray_job_submit_with_the_checkout_as_working_dir(local_cluster, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["code_version"] == f"0.1.0+src.{source_hash()}"  # Ray leaves .git out of a working_dir
     assert_same_tables(without_code_version(tmp_path / "local"), without_code_version(out))
+
+
+def test_readme_gcp_sections_make_a_valid_cluster_yaml(tmp_path, capsys):
+    """The README's GCP variant of cluster.yaml (its provider, auth and node types) passes validation."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### On GCP"):]
+    block = section[section.index("```yaml") + len("```yaml"):section.index("```", section.index("```yaml") + 3)]
+    gcp = yaml.safe_load(block)
+    assert set(gcp) == {"provider", "auth", "available_node_types"}
+    config = {**copy.deepcopy(CLUSTER), **gcp}
+    path = tmp_path / "cluster-gcp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert sweeps_main(["validate", str(path)]) == 0
+    assert "valid (provider gcp; head head, workers gpu_worker ×1-4 (1 GPU each))" in capsys.readouterr().out
