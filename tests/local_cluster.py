@@ -195,7 +195,8 @@ class LocalCluster:
     # --- the launcher ---------------------------------------------------------------------------
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """``ray ARGS`` as the user runs it on their own machine (its temp files kept here)."""
-        env = {**os.environ, "RAY_TMPDIR": str(self.dir / "launcher-tmp"), "RAY_UP_enable_autoscaler_v2": "0",
+        tmp = str(self.dir / "launcher-tmp")  # Ray's state files and its config cache
+        env = {**os.environ, "RAY_TMPDIR": tmp, "TMPDIR": tmp, "RAY_UP_enable_autoscaler_v2": "0",
                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
         (self.dir / "launcher-tmp").mkdir(exist_ok=True)
