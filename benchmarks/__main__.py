@@ -1,120 +1,92 @@
-"""Sweep speed, as ratios measured side by side in one process.
+"""Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks            # SmolLM2-135M, text task, 32 prompts x 64 tokens
-    python -m benchmarks --quick    # tiny-llama, 8 x 32 (a smoke test for CI)
+    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (a few minutes)
+    python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (seconds)
+    python -m benchmarks --only scale,ray # some sections
 
-Backup sweep, three timings on the same batch:
-- forward: one clean forward of the batch with our forward (the unit);
-- engine: the sweep's cost per upstream head (heads of one layer ablated in one
-  batched restart from that layer), averaged over evenly spaced layers so it
-  estimates the mean over a whole sweep;
-- seed-style: seed 000's recipe per head: a full hooked forward through the
-  TransformerLens bridge with a full activation cache, then every head's
-  direct effect from the stacked ``hook_result``s.
+Sections (each prints its own table, then one summary table of every ratio):
+  backup       cost per upstream head / one forward pass to logits; seed 000's recipe beside it
+  scale        cost per (node, scale, pair) / one pair's forward; seed 004's loop beside it
+  attribution  the whole attribution sweep / one forward of the dataset
+  ray          the Ray executor with one and two workers against the in-process one
+  memory       peak RSS of a worker: 10 heads against all, and against prompts x tokens
+  growth       per-head cost against layers, heads, prompts and tokens; whole-sweep estimates
+  profile      (only with --only) the torch profiler's top operators per workload
 
-Scale sweep (``benchmarks/scale.py``), per (node, scale, pair) on the same prompts:
-- forward: one clean forward of the batch, divided by its prompts (one pair's forward);
-- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly
-  spaced layers;
-- seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full
-  forward per node, scale and batch of pairs.
+Every figure is a ratio of two timings taken in the same run on the same machine
+(this one is noisy); nothing here is asserted by the tests, which check only that
+the fast paths give the numbers the straightforward ones give.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
+import datetime
 import time
 
 import torch
 
-from sweeps.engine import models
-from sweeps.engine import transformer as tf
-from sweeps.engine.backup_sweep import BackupComputer
-from tasks import TaskSpec, build_task
+from benchmarks import attribution, backup, growth, memory, profile, ray_overhead, scale
+from benchmarks.common import Ratio, load_setup, machine, print_table
+
+SECTIONS = ("backup", "scale", "attribution", "ray", "memory", "growth")
+EXTRA = ("profile",)  # only when asked for
 
 
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
-    """One head the way seed 000 does it: full forward, full cache, stacked head results."""
-    name = f"blocks.{layer}.attn.hook_z"
-
-    def patch(z, hook):
-        z = z.clone()
-        z[:, :, head] = corrupt_z[:, :, head]
-        return z
-
-    with bridge.hooks(fwd_hooks=[(name, patch)]):
-        _, cache = bridge.run_with_cache(task.clean)
-    results = torch.stack([cache[f"blocks.{l}.attn.hook_result"] for l in range(bridge.cfg.n_layers)])
-    picked = results[:, points.batch, points.pos]  # [L, P, H, D]
-    ablated = torch.einsum("lphd,pd->lph", picked, points.u) / scale[None, :, None]
-    return (ablated - clean_de)[layer + 1 :].sum((0, 2))
+def parse_sections(text: str) -> list[str]:
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in SECTIONS + EXTRA]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section {unknown[0]!r}; choose from "
+                                         f"{', '.join(SECTIONS + EXTRA)}")
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, small batch (CI smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny models, small batches (CI smoke test)")
+    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS), metavar="LIST",
+                        help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    name, n, T, repeat = ("tiny-llama", 8, 32, 2) if args.quick else ("smollm2-135m", 32, 64, 3)
+    began = time.perf_counter()
+    if args.quick:
+        name, n, T, repeat = "tiny-llama", 8, 32, 2
+    else:
+        name, n, T, repeat = "smollm2-135m", 32, 64, 3
+    print(f"benchmarks, {datetime.date.today()}: {machine()}\n")
+    ratios: list[Ratio] = []
+    in_process = [s for s in args.only if s != "memory"]
+    setup = load_setup(name, n, T, repeat, args.quick) if in_process else None
+    if "backup" in args.only:
+        ratios += backup.run(setup)
+    if "scale" in args.only:
+        ratios += scale.run(setup)
+    if "attribution" in args.only:
+        ratios += attribution.run(setup)
+    if "ray" in args.only:
+        ratios += ray_overhead.run(setup)
+    if "memory" in args.only:
+        if args.quick:
+            ratios += memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32))
+        else:
+            ratios += memory.run(name, 270, small=(8, 32), large=(16, 64))
+    if "profile" in args.only:
+        profile.run(setup)
+    if "growth" in args.only:
+        if args.quick:
+            others = growth.load_weights(["tiny-gpt2"])
+            ratios += growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (4, 16),
+                                 prompts=[4, 8], tokens=[16, 32], grow_on=name)
+        else:
+            others = growth.load_weights(["tiny-gpt2", "tiny-llama", "random-gpt2-small"])
+            ratios += growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (8, 32),
+                                 prompts=[8, 16, 32], tokens=[16, 32, 64], grow_on=name)
 
-    info = models.describe_model(name)
-    bridge = models.load_bridge(info)
-    bridge.set_use_attn_result(True)
-    w = models.weights_from_bridge(bridge)
-    task = build_task(TaskSpec("text"), bridge.tokenizer, n_prompts=n, seq_len=T)
-    L, H = w.cfg.n_layers, w.cfg.n_heads
-
-    forward = timed(lambda: tf.run(w, task.clean), repeat)
-
-    computer = BackupComputer(w, task, "resample", batch_size=n)
-    computer.batches()  # the clean state: computed once per sweep, not per head
-    layers = sorted({round(i * (L - 1) / 4) for i in range(5)})
-    engine = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H))), 1) / H for l in layers)
-
-    state = computer.batches()[0]
-    clean_de = state.de_heads
-    corrupt_z = state.replacement_z
-    seed_layers = [layers[0], layers[len(layers) // 2]]
-    seed = statistics.mean(
-        timed(lambda l=l: seed_style_head(bridge, task, state.points, state.scale, clean_de, corrupt_z[l], l, 0), 1)
-        for l in seed_layers
-    )
-    # same numbers from both paths (the tests check this to 1e-4 too)
-    [engine_result] = computer.run_heads(seed_layers[0], [0])
-    seed_result = seed_style_head(bridge, task, state.points, state.scale, clean_de,
-                                  corrupt_z[seed_layers[0]], seed_layers[0], 0)
-    max_diff = float((torch.as_tensor(engine_result.backup) - seed_result.double()).abs().max())
-
-    print(f"backup sweep benchmark: {name} ({L} layers x {H} heads), text task {n} prompts x {T} tokens, "
-          f"{torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}")
-    rows = [
-        ("clean forward (our forward)", forward, 1.0),
-        ("engine, per upstream head (sweep mean)", engine, engine / forward),
-        ("seed-style, per upstream head", seed, seed / forward),
-    ]
-    print(f"{'measure':<42}{'seconds':>10}{'x forward':>11}")
-    for label, seconds, ratio in rows:
-        print(f"{label:<42}{seconds:>10.4f}{ratio:>11.2f}")
-    print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x "
-          f"(whole sweep of {L * H} heads: ~{engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
-    print(f"max |engine - seed-style| accumulated backup: {max_diff:.2e}")
-    print()
-    from benchmarks.scale import scale_benchmark
-
-    scale_benchmark(bridge, w, task, name, repeat)
+    print(f"## summary ({name}; every ratio measured side by side in this run; {time.perf_counter() - began:.0f} s)")
+    print_table(["section", "measure", "ratio", "goal", ""],
+                [[r.section, r.measure, f"{r.value:.3g}", r.goal, r.verdict] for r in ratios])
     return 0
 
 

@@ -1,13 +1,19 @@
-"""Scale-sweep speed per (node, scale, pair): the engine against seed 004's loop."""
+"""Scale sweep: cost per (node, scale, pair) against one pair's forward, and against seed 004's loop.
+
+- forward: one plain forward of the batch to logits, divided by its prompts (one pair's forward);
+- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly spaced layers;
+- seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full forward
+  per node, scale and batch of pairs.
+"""
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from sweeps.engine import transformer as tf
+from benchmarks.backup import sample_layers
+from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
 
@@ -34,31 +40,30 @@ def seed_style_node(bridge, task, pairs: torch.Tensor, node: Node, scale: float)
     return logits[:, :-1].argmax(-1)
 
 
-def scale_benchmark(bridge, w, task, name: str, repeat: int) -> None:
+def run(s: Setup) -> list[Ratio]:
+    w, task, bridge = s.weights, s.task, s.bridge
     n = task.n_prompts
-    L = w.cfg.n_layers
     pairs = make_pairs(task, "all", n, 0, False)  # as many pairs as prompts: one batch
-    forward = statistics.median(_time(lambda: tf.run(w, task.clean)) for _ in range(repeat)) / n
+    forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True) / n
     computer = ScaleComputer(w, task, pairs, batch_size=n)
     computer.groups()  # the clean state: once per sweep
-    layers = sorted({round(i * (L - 1) / 4) for i in range(5)})
-    nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
-    engine = statistics.mean(_time(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
+    layers = sample_layers(w.cfg.n_layers)
+    nodes = [Node(l, 0) for l in layers] + [Node(l, None) for l in layers]
+    engine = statistics.mean(timed(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
     engine /= len(SCALES) * len(pairs)
     batch = torch.as_tensor(pairs)
-    seed = statistics.mean(_time(lambda nd=nd: seed_style_node(bridge, task, batch, nd, 2.0))
-                           for nd in nodes[:2]) / len(pairs)
-    print(f"scale sweep benchmark: {name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts, "
-          f"{len(SCALES)} scales, nodes at layers {layers}")
-    print(f"{'measure':<42}{'seconds':>10}{'x forward':>11}")
-    for label, seconds in [("forward of one pair (batched)", forward),
-                           ("engine, per (node, scale, pair)", engine),
-                           ("seed-style, per (node, scale, pair)", seed)]:
-        print(f"{label:<42}{seconds:>10.5f}{seconds / forward:>11.2f}")
-    print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x")
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    seed = statistics.mean(timed(lambda nd=nd: seed_style_node(bridge, task, batch, nd, 2.0))
+                           for nd in (nodes[0], nodes[len(layers) // 2])) / len(pairs)
+    print(f"## scale sweep: {s.name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts, "
+          f"{len(SCALES)} scales, heads and MLPs at layers {layers}")
+    print_table(["measure", "seconds", "x forward"], [
+        [label, f"{sec:.5f}", f"{sec / forward:.2f}"] for label, sec in [
+            ("forward of one pair to logits (the unit)", forward),
+            ("engine, per (node, scale, pair)", engine),
+            ("seed-style, per (node, scale, pair)", seed),
+        ]])
+    print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x\n")
+    return [
+        Ratio("scale", "engine per (node, scale, pair) / forward of a pair", engine / forward, "<= 0.6"),
+        Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
+    ]

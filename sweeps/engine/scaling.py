@@ -168,12 +168,13 @@ def readout(
     rows = max(1, max_logits // (Q * w.cfg.d_vocab))
     metric, top1 = [], []
     for start in range(0, G, rows):
-        logits = x[start : start + rows] @ w.W_U + w.b_U  # [g, Q, V]
-        right = correct[start : start + rows, :, None]
+        # One pass makes the logits (bias fused into the product); argmax and logsumexp each read
+        # them once more. log_softmax would write a second vocabulary-sized tensor to gather from.
+        logits = torch.nn.functional.linear(x[start : start + rows], w.W_U.T, w.b_U)  # [g, Q, V]
+        right = logits.gather(-1, correct[start : start + rows, :, None])[..., 0]
         top1.append(logits.argmax(-1))
         if incorrect is None:
-            metric.append(logits.log_softmax(-1).gather(-1, right)[..., 0])
+            metric.append(right - logits.logsumexp(-1))
         else:
-            wrong = incorrect[start : start + rows, :, None]
-            metric.append((logits.gather(-1, right) - logits.gather(-1, wrong))[..., 0])
+            metric.append(right - logits.gather(-1, incorrect[start : start + rows, :, None])[..., 0])
     return Readout(torch.cat(metric), torch.cat(top1))

@@ -1,0 +1,54 @@
+"""Attribution sweep: the whole dataset's node and edge scores against one clean forward of it.
+
+- forward: one plain forward of the dataset to logits (the unit);
+- floor: what any gradient attribution needs, one clean forward and backward (to the
+  embeddings, through every block) and one corrupt forward, with plain autograd;
+- engine: ``AttributionJob`` over every prompt, every node and every edge (q, k, v per
+  head, MLP inputs, the final stream), as the sweep runs it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
+from sweeps.engine import transformer as tf
+from sweeps.engine.attribution import build_graph
+from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
+
+
+class _Model:
+    def __init__(self, weights):
+        self.weights = weights
+
+
+def _floor(w: tf.ModelWeights, task) -> None:
+    with torch.no_grad():
+        forward_logits(w, task.corrupt)
+    with torch.enable_grad():
+        embedded = tf.embed(w, task.clean).requires_grad_(True)
+        logits = tf.unembed(w, tf.run_blocks(w, 0, embedded, tf.rotary_tables(w, task.clean.shape[1])))
+        logits.log_softmax(-1).amax(-1).sum().backward()
+
+
+def run(s: Setup) -> list[Ratio]:
+    w, task = s.weights, s.task
+    forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True)
+    floor = timed(lambda: _floor(w, task), s.repeat, warmup=True)
+    job = AttributionJob(task)
+    job.bind(_Model(w))
+    engine = timed(lambda: job.run_shard(AttributionShard(0, task.n_prompts)))
+    graph = build_graph(w.cfg)
+    print(f"## attribution sweep: {s.name}, text task, {s.shape}; {len(graph.upstream)} upstream nodes, "
+          f"{graph.n_edges} edges")
+    print_table(["measure", "seconds", "x forward"], [
+        [label, f"{sec:.4f}", f"{sec / forward:.2f}"] for label, sec in [
+            ("forward of the dataset to logits (the unit)", forward),
+            ("floor: clean forward + backward, corrupt forward", floor),
+            ("engine: every node and edge, whole dataset", engine),
+        ]])
+    print()
+    return [
+        Ratio("attribution", "engine, whole sweep / forward of the dataset", engine / forward, "<= 3.5"),
+        Ratio("attribution", "floor (2 forwards + 1 backward) / forward", floor / forward),
+    ]

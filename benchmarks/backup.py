@@ -1,0 +1,85 @@
+"""Backup sweep: cost per upstream head against one forward pass, and against seed 000's recipe.
+
+Three timings on the same batch:
+- forward: one plain forward of the batch to logits with our forward (the unit);
+- engine: the sweep's cost per upstream head (all heads of a layer ablated in one
+  batched restart from that layer), averaged over evenly spaced layers, so it
+  estimates the mean over a whole sweep;
+- seed-style: seed 000's recipe per head: a full hooked forward through the
+  TransformerLens bridge with a full activation cache, then every head's direct
+  effect from the stacked ``hook_result``s.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
+from sweeps.engine.backup_sweep import BackupComputer
+
+
+def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
+    """One head the way seed 000 does it: full forward, full cache, stacked head results."""
+    name = f"blocks.{layer}.attn.hook_z"
+
+    def patch(z, hook):
+        z = z.clone()
+        z[:, :, head] = corrupt_z[:, :, head]
+        return z
+
+    with bridge.hooks(fwd_hooks=[(name, patch)]):
+        _, cache = bridge.run_with_cache(task.clean)
+    results = torch.stack([cache[f"blocks.{l}.attn.hook_result"] for l in range(bridge.cfg.n_layers)])
+    picked = results[:, points.batch, points.pos]  # [L, P, H, D]
+    ablated = torch.einsum("lphd,pd->lph", picked, points.u) / scale[None, :, None]
+    return (ablated - clean_de)[layer + 1 :].sum((0, 2))
+
+
+def sample_layers(n_layers: int, k: int = 5) -> list[int]:
+    """``k`` evenly spaced layers, first and last included: their mean is a whole sweep's."""
+    return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
+
+
+def run(s: Setup) -> list[Ratio]:
+    w, task, bridge = s.weights, s.task, s.bridge
+    L, H, n = w.cfg.n_layers, w.cfg.n_heads, task.n_prompts
+    forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True)
+    bridge_forward = timed(lambda: bridge(task.clean), s.repeat, warmup=True)
+
+    computer = BackupComputer(w, task, "resample", batch_size=n)
+    state_seconds = timed(computer.batches)  # the clean state: computed once per sweep, not per head
+    layers = sample_layers(L)
+    engine = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H)))) / H for l in layers)
+
+    state = computer.batches()[0]
+    seed_layers = [layers[0], layers[len(layers) // 2]]
+    seed = statistics.mean(
+        timed(lambda l=l: seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
+                                          state.replacement_z[l], l, 0))
+        for l in seed_layers
+    )
+    # The same numbers from both paths (the tests check this too).
+    [engine_result] = computer.run_heads(seed_layers[0], [0])
+    seed_result = seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
+                                  state.replacement_z[seed_layers[0]], seed_layers[0], 0)
+    max_diff = float((torch.as_tensor(engine_result.backup) - seed_result.double()).abs().max())
+
+    print(f"## backup sweep: {s.name} ({L} layers x {H} heads), text task, {s.shape}")
+    print_table(["measure", "seconds", "x forward"], [
+        [label, f"{sec:.4f}", f"{sec / forward:.2f}"] for label, sec in [
+            ("forward to logits (our forward; the unit)", forward),
+            ("forward to logits (TransformerLens bridge)", bridge_forward),
+            ("clean state, once per sweep", state_seconds),
+            ("engine, per upstream head (sweep mean)", engine),
+            ("seed-style, per upstream head", seed),
+        ]])
+    print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
+          f"~{state_seconds + engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
+    print(f"max |engine - seed-style| accumulated backup: {max_diff:.2e}\n")
+    return [
+        Ratio("backup", "engine per head / forward", engine / forward, "<= 0.5"),
+        Ratio("backup", "seed-style per head / engine per head", seed / engine, ">= 2.5"),
+        Ratio("backup", "max |engine - seed-style| backup", max_diff, "<= 1e-4"),
+    ]

@@ -1,0 +1,100 @@
+"""What every benchmark shares: timing, the unit (one forward pass to logits), the summary rows."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sweeps.engine import models
+from sweeps.engine import transformer as tf
+from tasks import TaskSpec, build_task
+from tasks.base import TaskData
+
+
+@dataclass
+class Ratio:
+    """One line of the summary table: a measured ratio and the goal it is held to."""
+
+    section: str
+    measure: str
+    value: float
+    goal: str = ""  # e.g. "<= 0.5"; empty when the figure is reported, not held to a goal
+
+    @property
+    def verdict(self) -> str:
+        if not self.goal:
+            return ""
+        op, bound = self.goal.split()
+        ok = self.value <= float(bound) if op == "<=" else self.value >= float(bound)
+        return "ok" if ok else "MISSED"
+
+
+@dataclass
+class Setup:
+    """The model and batch every in-process section measures on."""
+
+    name: str
+    bridge: object
+    weights: tf.ModelWeights
+    task: TaskData
+    repeat: int
+    quick: bool
+
+    @property
+    def shape(self) -> str:
+        return f"{self.task.n_prompts} prompts x {self.task.clean.shape[1]} tokens"
+
+
+def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int, quick: bool) -> Setup:
+    bridge = models.load_bridge(models.describe_model(name))
+    bridge.set_use_attn_result(True)
+    weights = models.weights_from_bridge(bridge)
+    task = build_task(TaskSpec("text"), bridge.tokenizer, n_prompts=n_prompts, seq_len=seq_len)
+    return Setup(name, bridge, weights, task, repeat, quick)
+
+
+def timed(fn: Callable[[], object], repeat: int = 1, warmup: bool = False) -> float:
+    """Median wall-clock seconds of ``repeat`` calls (after one untimed call if ``warmup``)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_logits(w: tf.ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T V"]:
+    """The unit every ratio is measured against: one plain forward pass, tokens to logits,
+    with our forward (the bridge's own forward is slower; it is printed beside it)."""
+    resid = tf.run_blocks(w, 0, tf.embed(w, tokens), tf.rotary_tables(w, tokens.shape[1]))
+    return tf.unembed(w, resid)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
