@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         name, n, T, repeat = "tiny-llama", 8, 32, 2
     else:
-        name, n, T, repeat = "smollm2-135m", 32, 64, 3
+        name, n, T, repeat = "smollm2-135m", 32, 64, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}\n")
     ratios: list[Ratio] = []
     in_process = [s for s in args.only if s != "memory"]

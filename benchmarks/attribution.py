@@ -34,7 +34,7 @@ def _floor(w: tf.ModelWeights, task) -> None:
 def run(s: Setup) -> list[Ratio]:
     w, task = s.weights, s.task
     forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True)
-    floor = timed(lambda: _floor(w, task), s.repeat, warmup=True)
+    floor = timed(lambda: _floor(w, task), warmup=True)
     job = AttributionJob(task)
     job.bind(_Model(w))
     engine = timed(lambda: job.run_shard(AttributionShard(0, task.n_prompts)))

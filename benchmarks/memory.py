@@ -5,11 +5,14 @@ that loads the model as a worker does, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), runs a backup sweep's shards through the in-process
 executor, and reports its resident memory before the sweep and its peak during it.
 Loading the model peaks higher than the sweep (weights are de-quantised and
-processed), which is why the counter is reset first.
+processed), which is why the counter is reset first, after the heap that loading
+freed has been handed back (``malloc_trim``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -30,7 +33,6 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     """Run in the child: the worker's memory before and during a sweep of ``n_heads`` heads."""
     import torch
 
-    from benchmarks.backup import sample_layers
     from sweeps.engine.backup_sweep import BackupJob
     from sweeps.engine.models import describe_model, load_tokenizer
     from sweeps.engine.plan import plan_backup
@@ -41,13 +43,16 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     info = describe_model(model)
     task = build_task(TaskSpec("text"), load_tokenizer(info), n_prompts=n_prompts, seq_len=seq_len)
     L, H = info.n_layers, info.n_heads
-    every = [(layer, head) for layer in range(L) for head in range(H)]
-    if n_heads >= len(every):
-        heads = every
-    else:  # spread over the layers, so each shard restarts from a different depth
-        heads = [(layer, i % H) for i, layer in enumerate(sample_layers(L, n_heads))]
+    # The first heads in sweep order (10 of SmolLM2's: all of layer 0, and L1H0), so the
+    # restart passes are as large as in a whole sweep: a pass's size, capped by
+    # chunking.tokens_per_pass, is what sets the peak, not how many heads there are.
+    heads = [(layer, head) for layer in range(L) for head in range(H)][:n_heads]
     executor = LocalExecutor(model, BackupJob(task, batch_size=n_prompts, n_boot=0))
     executor.start()
+    # Hand the heap that loading freed back to the OS, so "before" is what the worker holds
+    # (else the sweep reuses those pages unseen and what it adds looks smaller than it is).
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     before = _status_kb("VmRSS")
     done = sum(1 for _ in executor.run(plan_backup(heads)))

@@ -33,7 +33,7 @@ def _sweep(executor, shards) -> tuple[float, float, int]:
 def run(s: Setup) -> list[Ratio]:
     w = s.weights
     L, H = w.cfg.n_layers, w.cfg.n_heads
-    task = s.task.select(slice(0, max(1, s.task.n_prompts // 2)))
+    task = s.task.select(slice(0, max(1, s.task.n_prompts // 4)))
     layers = sorted({L // 3, L // 2})  # restarts from the middle: a sweep's average cost per head
     heads = [(layer, head) for layer in layers for head in range(H)]
     shards = plan_backup(heads, heads_per_shard=max(1, H // 3))

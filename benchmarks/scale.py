@@ -40,6 +40,21 @@ def seed_style_node(bridge, task, pairs: torch.Tensor, node: Node, scale: float)
     return logits[:, :-1].argmax(-1)
 
 
+def macs_per_token(cfg) -> tuple[float, float]:
+    """(one block's, the unembedding's) multiply-adds per token, from the model's shape."""
+    attn = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, o; k, v
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp
+    return attn + mlp, cfg.d_model * cfg.d_vocab
+
+
+def floor_ratio(cfg, nodes: list[Node]) -> float:
+    """Multiply-adds of a restart at ``nodes`` (replayed blocks + the full read-out) over a forward's:
+    what restarting from the node, with every position read out, cannot go under."""
+    block, unembed = macs_per_token(cfg)
+    replayed = sum(cfg.n_layers - n.layer - (0.5 if n.head is None else 0) for n in nodes) / len(nodes)
+    return (replayed * block + unembed) / (cfg.n_layers * block + unembed)
+
+
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
     n = task.n_prompts
@@ -48,7 +63,7 @@ def run(s: Setup) -> list[Ratio]:
     computer = ScaleComputer(w, task, pairs, batch_size=n)
     computer.groups()  # the clean state: once per sweep
     layers = sample_layers(w.cfg.n_layers)
-    nodes = [Node(l, 0) for l in layers] + [Node(l, None) for l in layers]
+    nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
     engine = statistics.mean(timed(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
     engine /= len(SCALES) * len(pairs)
     batch = torch.as_tensor(pairs)
@@ -62,8 +77,12 @@ def run(s: Setup) -> list[Ratio]:
             ("engine, per (node, scale, pair)", engine),
             ("seed-style, per (node, scale, pair)", seed),
         ]])
+    floor = floor_ratio(w.cfg, nodes)
+    print(f"multiply-adds of these restarts (replayed blocks + read-out of every position) over a forward's: "
+          f"{floor:.2f} (the design's floor)")
     print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x\n")
     return [
         Ratio("scale", "engine per (node, scale, pair) / forward of a pair", engine / forward, "<= 0.6"),
+        Ratio("scale", "same restarts' multiply-adds / a forward's (floor)", floor),
         Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
     ]
