@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
+from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
 from sweeps.engine import transformer as tf
 from sweeps.engine.attribution import build_graph
 from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
@@ -41,12 +41,11 @@ def run(s: Setup) -> list[Ratio]:
     graph = build_graph(w.cfg)
     print(f"## attribution sweep: {s.name}, text task, {s.shape}; {len(graph.upstream)} upstream nodes, "
           f"{graph.n_edges} edges")
-    print_table(["measure", "seconds", "x forward"], [
-        [label, f"{sec:.4f}", f"{sec / forward:.2f}"] for label, sec in [
-            ("forward of the dataset to logits (the unit)", forward),
-            ("floor: clean forward + backward, corrupt forward", floor),
-            ("engine: every node and edge, whole dataset", engine),
-        ]])
+    print_timings([
+        ("forward of the dataset to logits (the unit)", forward),
+        ("floor: clean forward + backward, corrupt forward", floor),
+        ("engine: every node and edge, whole dataset", engine),
+    ], forward)
     print()
     return [
         Ratio("attribution", "engine, whole sweep / forward of the dataset", engine / forward, "<= 3.5"),

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
+from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
 from sweeps.engine.backup_sweep import BackupComputer
 
 
@@ -67,14 +67,13 @@ def run(s: Setup) -> list[Ratio]:
     max_diff = float((torch.as_tensor(engine_result.backup) - seed_result.double()).abs().max())
 
     print(f"## backup sweep: {s.name} ({L} layers x {H} heads), text task, {s.shape}")
-    print_table(["measure", "seconds", "x forward"], [
-        [label, f"{sec:.4f}", f"{sec / forward:.2f}"] for label, sec in [
-            ("forward to logits (our forward; the unit)", forward),
-            ("forward to logits (TransformerLens bridge)", bridge_forward),
-            ("clean state, once per sweep", state_seconds),
-            ("engine, per upstream head (sweep mean)", engine),
-            ("seed-style, per upstream head", seed),
-        ]])
+    print_timings([
+        ("forward to logits (our forward; the unit)", forward),
+        ("forward to logits (TransformerLens bridge)", bridge_forward),
+        ("clean state, once per sweep", state_seconds),
+        ("engine, per upstream head (sweep mean)", engine),
+        ("seed-style, per upstream head", seed),
+    ], forward)
     print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
           f"~{state_seconds + engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
     print(f"max |engine - seed-style| accumulated backup: {max_diff:.2e}\n")

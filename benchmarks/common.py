@@ -98,3 +98,9 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def print_timings(rows: list[tuple[str, float]], unit: float, digits: int = 4) -> None:
+    """A section's table: each measure in seconds and as a multiple of ``unit`` (the forward)."""
+    print_table(["measure", "seconds", "x forward"],
+                [[label, f"{sec:.{digits}f}", f"{sec / unit:.2f}"] for label, sec in rows])

@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from benchmarks.backup import sample_layers
-from benchmarks.common import Ratio, Setup, forward_logits, print_table, timed
+from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
 
@@ -71,12 +71,11 @@ def run(s: Setup) -> list[Ratio]:
                            for nd in (nodes[0], nodes[len(layers) // 2])) / len(pairs)
     print(f"## scale sweep: {s.name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts, "
           f"{len(SCALES)} scales, heads and MLPs at layers {layers}")
-    print_table(["measure", "seconds", "x forward"], [
-        [label, f"{sec:.5f}", f"{sec / forward:.2f}"] for label, sec in [
-            ("forward of one pair to logits (the unit)", forward),
-            ("engine, per (node, scale, pair)", engine),
-            ("seed-style, per (node, scale, pair)", seed),
-        ]])
+    print_timings([
+        ("forward of one pair to logits (the unit)", forward),
+        ("engine, per (node, scale, pair)", engine),
+        ("seed-style, per (node, scale, pair)", seed),
+    ], forward, digits=5)
     floor = floor_ratio(w.cfg, nodes)
     print(f"multiply-adds of these restarts (replayed blocks + read-out of every position) over a forward's: "
           f"{floor:.2f} (the design's floor)")
