@@ -18,8 +18,9 @@ own host key and client key. Each node is kept apart, as two machines would be:
   files there. The project itself reaches each home through the config's
   ``file_mounts`` and is installed there by its ``setup_commands``.
 
-``python tests/local_cluster.py`` brings one up, runs a small sweep through
-``ray submit`` and takes it down again, printing each step (for trying by hand).
+``python tests/local_cluster.py [BACKUP SWEEP ARGS]`` brings one up, runs a sweep through
+``ray submit`` (by default a small one on tiny-gpt2) and takes it down again, printing
+each step (for trying by hand).
 """
 
 from __future__ import annotations
@@ -266,10 +267,16 @@ def main() -> int:
         step("ray up done")
         step(f"{cluster.wait_for_nodes()} nodes")
         out = cluster.homes[HEAD_IP] / "results"
-        proc = cluster.submit("sweeps/backup.py", "--model", "tiny-gpt2", "--n-prompts", "6", "--heads", "L0,L1",
-                              "--heads-per-shard", "1", "--no-report", "--out", str(out))
+        args = sys.argv[1:] or ["--model", "tiny-gpt2", "--n-prompts", "6", "--heads", "L0,L1",
+                                "--heads-per-shard", "1", "--no-report"]
+        proc = cluster.submit("sweeps/backup.py", *args, "--out", str(out))
         step(f"ray submit exit {proc.returncode}; manifest: {(out / 'manifest.json').exists()}")
         print(proc.stdout[-3000:], proc.stderr[-3000:])
+        if (out / "manifest.json").exists():
+            import json
+
+            shards = json.loads((out / "manifest.json").read_text())["shards"]
+            step(f"shards by node IP: {sorted(str(v['node_ip']) for v in shards.values())}")
         proc = cluster.down()
         step(f"ray down exit {proc.returncode}")
     finally:
