@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks, {datetime.date.today()}: {machine()}\n")
     ratios: list[Ratio] = []
     in_process = [s for s in args.only if s != "memory"]
-    setup = load_setup(name, n, T, repeat, args.quick) if in_process else None
+    setup = load_setup(name, n, T, repeat) if in_process else None
     if "backup" in args.only:
         ratios += backup.run(setup)
     if "scale" in args.only:

@@ -46,19 +46,18 @@ class Setup:
     weights: tf.ModelWeights
     task: TaskData
     repeat: int
-    quick: bool
 
     @property
     def shape(self) -> str:
         return f"{self.task.n_prompts} prompts x {self.task.clean.shape[1]} tokens"
 
 
-def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int, quick: bool) -> Setup:
+def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int) -> Setup:
     bridge = models.load_bridge(models.describe_model(name))
     bridge.set_use_attn_result(True)
     weights = models.weights_from_bridge(bridge)
     task = build_task(TaskSpec("text"), bridge.tokenizer, n_prompts=n_prompts, seq_len=seq_len)
-    return Setup(name, bridge, weights, task, repeat, quick)
+    return Setup(name, bridge, weights, task, repeat)
 
 
 def timed(fn: Callable[[], object], repeat: int = 1, warmup: bool = False) -> float:

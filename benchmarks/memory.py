@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +61,7 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
 def measure(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     """A probe in its own process (one JSON line back)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.memory", model, str(n_heads), str(n_prompts),
-                          str(seq_len)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"})
+                          str(seq_len)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -113,8 +113,7 @@ def without_code_version(out) -> dict:
 
 def test_ray_submit_on_a_two_node_cluster_equals_the_local_run(local_cluster, tmp_path, ray_session):
     cluster = local_cluster(workers=1)
-    args = SWEEP
-    assert backup.main([*args, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
+    assert backup.main([*SWEEP, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
 
     # As a user would: check the config, bring the cluster up, submit, fetch the results, take it down.
     config = cluster.write_config()
@@ -122,11 +121,11 @@ def test_ray_submit_on_a_two_node_cluster_equals_the_local_run(local_cluster, tm
     cluster.up()
     assert cluster.wait_for_nodes(2) == 2, f"the worker never joined; see {cluster.log}"
     # `ray submit` joins the arguments unquoted into a remote shell line: ~ is the head's home.
-    cluster.submit("sweeps/backup.py", *args, "--out", "~/results")
+    cluster.submit("sweeps/backup.py", *SWEEP, "--out", "~/results")
     fetched = tmp_path / "fetched"
     assert cluster.ray("rsync-down", str(config), "~/results/", str(fetched) + "/").returncode == 0
     assert (fetched / "manifest.json").exists(), f"the submitted sweep wrote no results; see {cluster.log}"
-    again = cluster.submit("sweeps/backup.py", *args, "--out", "~/results")  # resumes: nothing to redo
+    again = cluster.submit("sweeps/backup.py", *SWEEP, "--out", "~/results")  # resumes: nothing to redo
     assert "8 heads requested, 8 already done, 0 shards to run" in again.stdout, again.stdout[-2000:]
     down = cluster.down()
     assert down.returncode == 0, down.stderr[-2000:]
