@@ -1,13 +1,13 @@
 """Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (a few minutes)
-    python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (seconds)
+    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~10 min, 2 cores)
+    python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (~1 min)
     python -m benchmarks --only scale,ray # some sections
 
 Sections (each prints its own table, then one summary table of every ratio):
   backup       cost per upstream head / one forward pass to logits; seed 000's recipe beside it
-  scale        cost per (node, scale, pair) / one pair's forward; seed 004's loop beside it
-  attribution  the whole attribution sweep / one forward of the dataset
+  scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; seed 004's loop
+  attribution  the whole attribution sweep / one forward of the dataset; against autograd's floor
   ray          the Ray executor with one and two workers against the in-process one
   memory       peak RSS of a worker: 10 heads against all, and against prompts x tokens
   growth       per-head cost against layers, heads, prompts and tokens; whole-sweep estimates
@@ -27,7 +27,7 @@ import time
 import torch
 
 from benchmarks import attribution, backup, growth, memory, profile, ray_overhead, scale
-from benchmarks.common import Ratio, load_setup, machine, print_table
+from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 
 SECTIONS = ("backup", "scale", "attribution", "ray", "memory", "growth")
 EXTRA = ("profile",)  # only when asked for
@@ -58,36 +58,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks, {datetime.date.today()}: {machine()}\n")
     ratios: list[Ratio] = []
     in_process = [s for s in args.only if s != "memory"]
+    load = time.perf_counter()
     setup = load_setup(name, n, T, repeat) if in_process else None
-    if "backup" in args.only:
-        ratios += backup.run(setup)
-    if "scale" in args.only:
-        ratios += scale.run(setup)
-    if "attribution" in args.only:
-        ratios += attribution.run(setup)
-    if "ray" in args.only:
-        ratios += ray_overhead.run(setup)
-    if "memory" in args.only:
-        if args.quick:
-            ratios += memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32))
-        else:
-            ratios += memory.run(name, 270, small=(8, 32), large=(16, 64))
-    if "profile" in args.only:
-        profile.run(setup)
-    if "growth" in args.only:
-        if args.quick:
-            others = growth.load_weights(["tiny-gpt2"])
-            ratios += growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (4, 16),
-                                 prompts=[4, 8], tokens=[16, 32], grow_on=name)
-        else:
-            others = growth.load_weights(["tiny-gpt2", "tiny-llama", "random-gpt2-small"])
-            ratios += growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (8, 32),
-                                 prompts=[8, 16, 32], tokens=[16, 32, 64], grow_on=name)
+    load = time.perf_counter() - load
+    sections = {
+        "backup": lambda: backup.run(setup),
+        "scale": lambda: scale.run(setup),
+        "attribution": lambda: attribution.run(setup),
+        "ray": lambda: ray_overhead.run(setup),
+        "memory": lambda: (memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32)) if args.quick
+                           else memory.run(name, 270, small=(4, 32), large=(8, 64))),
+        "profile": lambda: profile.run(setup),
+        "growth": lambda: _growth(setup, name, args.quick),
+    }
+    seconds = {}
+    for section in sections:
+        if section in args.only:
+            start = time.perf_counter()
+            ratios += sections[section]()
+            seconds[section] = time.perf_counter() - start
 
-    print(f"## summary ({name}; every ratio measured side by side in this run; {time.perf_counter() - began:.0f} s)")
+    took = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    print(f"## summary ({name}; every ratio measured side by side in this run; {time.perf_counter() - began:.0f} s: "
+          f"model load {load:.0f}, {took})")
     print_table(["section", "measure", "ratio", "goal", ""],
                 [[r.section, r.measure, f"{r.value:.3g}", r.goal, r.verdict] for r in ratios])
     return 0
+
+
+def _growth(setup: Setup, name: str, quick: bool) -> list[Ratio]:
+    if quick:
+        others = growth.load_weights(["tiny-gpt2"])
+        return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (4, 16),
+                          prompts=[4, 8], tokens=[16, 32], grow_on=name)
+    others = growth.load_weights(["tiny-gpt2", "tiny-llama", "random-gpt2-small"])
+    return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (8, 32),
+                      prompts=[8, 16, 32], tokens=[16, 32, 64], grow_on=name)
 
 
 if __name__ == "__main__":

@@ -53,18 +53,22 @@ def run(s: Setup) -> list[Ratio]:
     layers = sample_layers(L)
     engine = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H)))) / H for l in layers)
 
+    # Seed 000's recipe costs a full forward whatever the head, so one head is enough to time;
+    # its numbers are checked against the engine's (the tests check this too).
     state = computer.batches()[0]
-    seed_layers = [layers[0], layers[len(layers) // 2]]
-    seed = statistics.mean(
-        timed(lambda l=l: seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
-                                          state.replacement_z[l], l, 0))
-        for l in seed_layers
-    )
-    # The same numbers from both paths (the tests check this too).
-    [engine_result] = computer.run_heads(seed_layers[0], [0])
-    seed_result = seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
-                                  state.replacement_z[seed_layers[0]], seed_layers[0], 0)
-    max_diff = float((torch.as_tensor(engine_result.backup) - seed_result.double()).abs().max())
+    layer = layers[len(layers) // 2]
+    seed_result = None
+
+    def seed_head():
+        nonlocal seed_result
+        seed_result = seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
+                                      state.replacement_z[layer], layer, 0)
+
+    seed = timed(seed_head)
+    [engine_result] = computer.run_heads(layer, [0])
+    seed_backup = seed_result.double()
+    max_diff = float((torch.as_tensor(engine_result.backup) - seed_backup).abs().max())
+    relative = max_diff / max(float(seed_backup.abs().max()), 1e-12)
 
     print(f"## backup sweep: {s.name} ({L} layers x {H} heads), text task, {s.shape}")
     print_timings([
@@ -76,9 +80,10 @@ def run(s: Setup) -> list[Ratio]:
     ], forward)
     print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
           f"~{state_seconds + engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
-    print(f"max |engine - seed-style| accumulated backup: {max_diff:.2e}\n")
+    print(f"max |engine - seed-style| accumulated backup of L{layer}H0: {max_diff:.2e} "
+          f"({relative:.1e} of the largest |backup|; float32 sums in a different order)\n")
     return [
         Ratio("backup", "engine per head / forward", engine / forward, "<= 0.5"),
         Ratio("backup", "seed-style per head / engine per head", seed / engine, ">= 2.5"),
-        Ratio("backup", "max |engine - seed-style| backup", max_diff, "<= 1e-4"),
+        Ratio("backup", "max |engine - seed-style| / max |backup|", relative, "<= 1e-3"),
     ]

@@ -1,7 +1,10 @@
 """Scale sweep: cost per (node, scale, pair) against one pair's forward, and against seed 004's loop.
 
-- forward: one plain forward of the batch to logits, divided by its prompts (one pair's forward);
-- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly spaced layers;
+- forward: one plain forward of the batch to logits, divided by its prompts (the forward of
+  one pair's patched prompt);
+- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly spaced layers,
+  on the text task (every position is an answer: the read-out needs the whole vocabulary
+  at every position) and on IOI (one answer position per prompt);
 - seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full forward
   per node, scale and batch of pairs.
 """
@@ -10,12 +13,15 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
 import torch
 
 from benchmarks.backup import sample_layers
 from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from tasks import TaskSpec, build_task
+from tasks.base import TaskData
 
 SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
 
@@ -47,41 +53,62 @@ def macs_per_token(cfg) -> tuple[float, float]:
     return attn + mlp, cfg.d_model * cfg.d_vocab
 
 
-def floor_ratio(cfg, nodes: list[Node]) -> float:
-    """Multiply-adds of a restart at ``nodes`` (replayed blocks + the full read-out) over a forward's:
-    what restarting from the node, with every position read out, cannot go under."""
+def floor_ratio(cfg, nodes: list[Node], read_out: float = 1.0) -> float:
+    """Multiply-adds of a restart at ``nodes`` (replayed blocks + the read-out of a
+    ``read_out`` fraction of the positions) over a forward's: what restarting from the
+    node cannot go under."""
     block, unembed = macs_per_token(cfg)
     replayed = sum(cfg.n_layers - n.layer - (0.5 if n.head is None else 0) for n in nodes) / len(nodes)
-    return (replayed * block + unembed) / (cfg.n_layers * block + unembed)
+    return (replayed * block + read_out * unembed) / (cfg.n_layers * block + unembed)
+
+
+def _per_node_scale_pair(w, task: TaskData, nodes: list[Node], repeat: int) -> tuple[float, float, np.ndarray]:
+    """(one prompt's forward to logits, the engine per (node, scale, pair), the pairs)."""
+    n = task.n_prompts
+    pairs = make_pairs(task, "all", n // 2, 0, False)  # 6 scales x n/2 pairs: one restart pass a node
+    forward = timed(lambda: forward_logits(w, task.clean), repeat, warmup=True) / n
+    computer = ScaleComputer(w, task, pairs, batch_size=n)
+    computer.groups()  # the clean state: once per sweep
+    engine = statistics.mean(timed(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
+    return forward, engine / (len(SCALES) * len(pairs)), pairs
 
 
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
-    n = task.n_prompts
-    pairs = make_pairs(task, "all", n, 0, False)  # as many pairs as prompts: one batch
-    forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True) / n
-    computer = ScaleComputer(w, task, pairs, batch_size=n)
-    computer.groups()  # the clean state: once per sweep
     layers = sample_layers(w.cfg.n_layers)
     nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
-    engine = statistics.mean(timed(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
-    engine /= len(SCALES) * len(pairs)
+    forward, engine, pairs = _per_node_scale_pair(w, task, nodes, s.repeat)
     batch = torch.as_tensor(pairs)
-    seed = statistics.mean(timed(lambda nd=nd: seed_style_node(bridge, task, batch, nd, 2.0))
-                           for nd in (nodes[0], nodes[len(layers) // 2])) / len(pairs)
-    print(f"## scale sweep: {s.name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts, "
-          f"{len(SCALES)} scales, heads and MLPs at layers {layers}")
+    # Seed 004's loop costs two full forwards whatever the node: one node is enough to time.
+    seed = timed(lambda: seed_style_node(bridge, task, batch, nodes[0], 2.0)) / len(pairs)
+    # A task with one answer position per prompt: the read-out is that position only.
+    ioi = build_task(TaskSpec("ioi"), bridge.tokenizer, n_prompts=task.n_prompts)
+    ioi_forward, ioi_engine, ioi_pairs = _per_node_scale_pair(w, ioi, nodes, s.repeat)
+    ioi_tokens = ioi.lengths.float().mean().item()
+    print(f"## scale sweep: {s.name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts (text: every "
+          f"position is read out), {len(SCALES)} scales, heads and MLPs at layers {layers}")
     print_timings([
-        ("forward of one pair to logits (the unit)", forward),
+        ("forward of one prompt to logits (the unit)", forward),
         ("engine, per (node, scale, pair)", engine),
         ("seed-style, per (node, scale, pair)", seed),
     ], forward, digits=5)
     floor = floor_ratio(w.cfg, nodes)
     print(f"multiply-adds of these restarts (replayed blocks + read-out of every position) over a forward's: "
           f"{floor:.2f} (the design's floor)")
-    print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x\n")
+    print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x")
+    print(f"\nthe same nodes on IOI: {len(ioi_pairs)} pairs of equal-length prompts ({ioi_tokens:.1f} tokens on "
+          f"average), one answer position each")
+    print_timings([
+        ("forward of one prompt to logits (the unit)", ioi_forward),
+        ("engine, per (node, scale, pair)", ioi_engine),
+    ], ioi_forward, digits=5)
+    ioi_floor = floor_ratio(w.cfg, nodes, read_out=1 / ioi_tokens)
+    print(f"multiply-adds of these restarts (replayed blocks + read-out of the answer position): "
+          f"{ioi_floor:.2f}\n")
     return [
-        Ratio("scale", "engine per (node, scale, pair) / forward of a pair", engine / forward, "<= 0.6"),
-        Ratio("scale", "same restarts' multiply-adds / a forward's (floor)", floor),
+        Ratio("scale", "text: engine per (node, scale, pair) / forward", engine / forward, "<= 0.6"),
+        Ratio("scale", "text: same restarts' multiply-adds / forward's", floor),
+        Ratio("scale", "IOI: engine per (node, scale, pair) / forward", ioi_engine / ioi_forward, "<= 0.6"),
+        Ratio("scale", "IOI: same restarts' multiply-adds / forward's", ioi_floor),
         Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
     ]

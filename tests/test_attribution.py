@@ -36,6 +36,28 @@ def test_norm_vjp_equals_autograd(tiny_gpt2, tiny_llama):
         torch.testing.assert_close(A.norm_vjp(w.cfg, x, g), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_edge_products_equal_one_dot_product_per_edge():
+    torch.manual_seed(0)
+    deltas, rows = torch.randn(12, 40), torch.randn(8, 40)
+    prefix = [3, 3, 3, 5, 5, 7, 12, 12]  # runs of equal prefixes, as a layer's q/k/v then its MLP
+    expected = torch.stack([rows[i] @ deltas[j] for i, p in enumerate(prefix) for j in range(p)])
+    torch.testing.assert_close(A.edge_products(deltas, rows, prefix), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
+def test_blocked_edge_products_equal_one_product_per_layer(model_cache, name, monkeypatch):
+    """The products over several layers' rows at once give what one product per layer gives."""
+    m = model_cache(name)
+    task = _task(m.tokenizer, "text", n=3, seq_len=12)
+    graph = A.build_graph(m.weights.cfg)
+    monkeypatch.setattr(A, "ROWS_PER_PRODUCT", 1)
+    per_layer = A.attribute(m.weights, graph, task)
+    monkeypatch.setattr(A, "ROWS_PER_PRODUCT", 10_000)
+    one_block = A.attribute(m.weights, graph, task)
+    torch.testing.assert_close(one_block.edges, per_layer.edges, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_block.nodes, per_layer.nodes)
+
+
 def test_graph_counts_shared_key_value_heads_once(tiny_llama):
     cfg = tiny_llama.weights.cfg  # 4 query heads share 2 key/value heads
     graph = A.build_graph(cfg)

@@ -151,7 +151,11 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
 
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, even if the session's runs
     out = tmp_path / "o"
-    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1", start_new_session=True)
+    # SIGINT at its default, as from a terminal: a shell that runs the suite in the background
+    # without job control (`cmd &` in a script) starts it ignored, and children inherit that
+    # (the driver would then never see Ctrl-C).
+    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1", start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_commits(out, 1, driver)
     ray_processes = psutil.Process(driver.pid).children(recursive=True)
     if not any("raylet" in " ".join(p.cmdline()) for p in ray_processes):

@@ -259,9 +259,10 @@ def norm_vjp(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B 
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
         g = g - g.mean(-1, keepdim=True)
-    s = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
-    y = x / s
-    return (g - y * (y * g).mean(-1, keepdim=True)) / s
+    inv_s = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()
+    y = x * inv_s
+    y_dot_g = torch.einsum("btd,nbtd->nbt", y, g) / x.shape[-1]  # (y·g)/D without a [N B T D] product
+    return (g - y * y_dot_g[..., None]) * inv_s
 
 
 @dataclass
@@ -286,18 +287,68 @@ def upstream_deltas(
     w: ModelWeights, clean: Trace, corrupt: Trace, d_embed: Float[Tensor, "B T D"]
 ) -> Float[Tensor, "U B T D"]:
     """``clean_u − corrupt_u`` of every upstream node, in ``Graph.upstream`` order."""
-    rows = [d_embed[None]]
-    for layer in range(w.cfg.n_layers):
-        dz = clean.z[layer] - corrupt.z[layer]
-        rows.append(torch.einsum("bthe,hed->hbtd", dz, w.W_O[layer]))
-        if not w.cfg.attn_only:
-            rows.append((clean.mlp_out[layer] - corrupt.mlp_out[layer])[None])
-    return torch.cat(rows)
+    cfg = w.cfg
+    B, T, D = d_embed.shape
+    n_upstream = upstream_row(cfg, cfg.n_layers, 0)  # one past the last layer's rows
+    out = torch.empty(n_upstream, B, T, D, dtype=d_embed.dtype, device=d_embed.device)
+    out[0] = d_embed
+    for layer in range(cfg.n_layers):
+        row = upstream_row(cfg, layer, 0)
+        dz = (clean.z[layer] - corrupt.z[layer]).reshape(B * T, cfg.n_heads, -1).transpose(0, 1)
+        torch.bmm(dz, w.W_O[layer], out=out[row : row + cfg.n_heads].view(cfg.n_heads, B * T, D))
+        if not cfg.attn_only:
+            torch.sub(clean.mlp_out[layer], corrupt.mlp_out[layer], out=out[row + cfg.n_heads])
+    return out
 
 
-def _edge_block(deltas: Float[Tensor, "p BTD"], G: Float[Tensor, "n B T D"]) -> Float[Tensor, "n_times_p"]:
-    """Scores of p upstream nodes into n downstream inputs, downstream-major (Graph order)."""
-    return (G.flatten(1) @ deltas.T).flatten()
+def edge_products(
+    deltas: Float[Tensor, "U N"], rows: Float[Tensor, "R N"], prefix: list[int]
+) -> Float[Tensor, "n_edges"]:
+    """``rows[i] · deltas[j]`` for every ``j < prefix[i]``, row-major (Graph order).
+
+    ``prefix`` never decreases along the rows, so every row reads the first
+    ``prefix[0]`` deltas: one product covers those for all rows at once (a
+    matrix product with many rows reads each delta once instead of once per
+    downstream layer), and one small product per run of equal prefixes adds
+    the rest. Nothing outside a row's prefix is computed.
+    """
+    common = prefix[0]
+    scores = torch.zeros(rows.shape[0], prefix[-1], dtype=rows.dtype, device=rows.device)
+    scores[:, :common] = rows @ deltas[:common].T
+    start = 0
+    while start < len(prefix):
+        stop = start
+        while stop < len(prefix) and prefix[stop] == prefix[start]:
+            stop += 1
+        if prefix[start] > common:
+            scores[start:stop, common : prefix[start]] = rows[start:stop] @ deltas[common : prefix[start]].T
+        start = stop
+    keep = torch.arange(prefix[-1], device=rows.device)[None, :] < torch.tensor(prefix, device=rows.device)[:, None]
+    return scores[keep]
+
+
+def downstream_rows(
+    w: ModelWeights, layer: int, clean: Trace, g_q: Tensor, g_k: Tensor, g_v: Tensor, g_mlp: Tensor | None
+) -> Float[Tensor, "n B T D"]:
+    """The gradient at each downstream input of ``layer`` (q per head, k and v per key/value
+    head, then the MLP's input), pulled back through its own projection and norm."""
+    cfg = w.cfg
+    B, T, H, E = g_q.shape
+    K = g_k.shape[2]
+    # [H or K, B·T, E] @ [H or K, E, D], written straight into one [H + 2K, B·T, D] tensor.
+    g_in = torch.empty(H + 2 * K, B * T, cfg.d_model, dtype=g_q.dtype, device=g_q.device)
+    for g, W, out in ((g_q, w.W_Q, g_in[:H]), (g_k, w.W_K, g_in[H : H + K]), (g_v, w.W_V, g_in[H + K :])):
+        torch.bmm(g.reshape(B * T, -1, E).transpose(0, 1), W[layer].transpose(1, 2), out=out)
+    g_in = g_in.view(H + 2 * K, B, T, cfg.d_model)
+    rows = norm_vjp(cfg, clean.resid_pre[layer], g_in)
+    if g_mlp is None:
+        return rows
+    return torch.cat([rows, norm_vjp(cfg, clean.mlp_in[layer], g_mlp[None])])
+
+
+# Downstream rows per edge product: enough that each product reads the deltas once
+# for many rows, few enough that a block of rows stays small next to the deltas.
+ROWS_PER_PRODUCT = 64
 
 
 def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution:
@@ -324,30 +375,29 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution
         deltas = upstream_deltas(w, clean, corrupt, embedded.detach() - tf.embed(w, corrupt_tokens))
 
         # Node scores: gradient of the stream the node writes into · its change.
-        nodes = [(g_pre[0] * deltas[0]).sum()[None]]
+        flat = deltas.flatten(1)  # [U, B·T·D]
+        nodes = [flat[:1] @ g_pre[0].flatten()]
         for layer in range(L):
-            dz = clean.z[layer] - corrupt.z[layer]
-            gz = torch.einsum("btd,hed->bthe", g_heads[layer], w.W_O[layer])
-            nodes.append(torch.einsum("bthe,bthe->h", gz, dz))
+            heads = upstream_row(cfg, layer, 0)
+            nodes.append(flat[heads : heads + cfg.n_heads] @ g_heads[layer].flatten())
             if not cfg.attn_only:
-                nodes.append((g_after_mlp[layer] * deltas[upstream_row(cfg, layer, None)]).sum()[None])
+                nodes.append(flat[heads + cfg.n_heads][None] @ g_after_mlp[layer].flatten())
         node_scores = torch.cat(nodes)
 
         # Edge scores: the gradient at each downstream input, pulled back through that
         # input's own projection and norm, against every upstream change written before it.
-        flat = deltas.flatten(1)  # [U, B·T·D]
-        edges = []
+        # Consecutive layers' rows go into one product (edge_products).
+        edges, block, block_prefix = [], [], []
+        row = 0
         for layer in range(L):
-            g_in = torch.cat([
-                torch.einsum("bthe,hde->hbtd", g_q[layer], w.W_Q[layer]),
-                torch.einsum("btke,kde->kbtd", g_k[layer], w.W_K[layer]),
-                torch.einsum("btke,kde->kbtd", g_v[layer], w.W_V[layer]),
-            ])
-            before = upstream_row(cfg, layer, 0)
-            edges.append(_edge_block(flat[:before], norm_vjp(cfg, clean.resid_pre[layer], g_in)))
-            if not cfg.attn_only:
-                reads = before if cfg.parallel_attn_mlp else before + cfg.n_heads
-                edges.append(_edge_block(flat[:reads], norm_vjp(cfg, clean.mlp_in[layer], g_mlp[layer][None])))
+            rows = downstream_rows(w, layer, clean, g_q[layer], g_k[layer], g_v[layer],
+                                   None if cfg.attn_only else g_mlp[layer])
+            block.append(rows.flatten(1))
+            block_prefix += graph.prefix[row : row + rows.shape[0]]
+            row += rows.shape[0]
+            if len(block_prefix) >= ROWS_PER_PRODUCT or layer == L - 1:
+                edges.append(edge_products(flat, torch.cat(block), block_prefix))
+                block, block_prefix = [], []
         edges.append(flat @ g_final.flatten())
         edge_scores = torch.cat(edges)
         assert edge_scores.numel() == graph.n_edges
