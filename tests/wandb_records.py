@@ -9,6 +9,7 @@ chunks, each ``<crc32:4><length:2><type:1><data>``, type 1 = a full record,
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -44,10 +45,24 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def finished_records(path: str | Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records of a run once its ``exit`` record is on disk.
+
+    ``run.finish()`` returns before the W&B service has closed (and so flushed) the
+    run file: a reader that does not wait can see a file without its last records.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path) if Path(path).stat().st_size >= HEADER else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def history_and_summary(path: str | Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """(history key -> JSON value, summary key -> JSON value, artifact names) of a run."""
+    """(history key -> JSON value, summary key -> JSON value, artifact names) of a finished run."""
     history, summary, artifacts = {}, {}, []
-    for record in read_records(path):
+    for record in finished_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             for item in record.history.item:
