@@ -122,7 +122,8 @@ def test_driver_killed_mid_sweep_resumes_and_a_second_sweep_meanwhile_is_refused
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     assert sweep(tmp_path / "undisturbed", "--heads-per-shard", "1") == 0
     out = tmp_path / "o"
-    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1")
+    # 3 s a shard: the second command's start-up (imports) must fit in the 30 s left, even on a busy machine
+    driver = slow_sweep(out, env, "--executor", "ray", "--num-workers", "1", delay=3.0)
     wait_for_commits(out, 2, driver)
     second = cli(out, env, "--executor", "ray")
     assert second.returncode == 2
