@@ -18,15 +18,14 @@ from sweeps.engine.backup_sweep import BackupComputer
 from tasks import TaskSpec, build_task
 
 
-def per_head(w, task) -> tuple[float, float, float]:
-    """(forward seconds, clean-state seconds, mean seconds per upstream head)."""
+def per_head(w, task) -> tuple[float, float]:
+    """(clean-state seconds, mean seconds per upstream head)."""
     H = w.cfg.n_heads
-    forward = timed(lambda: forward_logits(w, task.clean), warmup=True)
     computer = BackupComputer(w, task, "resample", batch_size=task.n_prompts)
     state = timed(computer.batches)
     head = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H)))) / H
                            for l in sample_layers(w.cfg.n_layers, 3))
-    return forward, state, head
+    return state, head
 
 
 def run(weights_by_name: dict, tokenizer, shape: tuple[int, int], prompts: list[int], tokens: list[int],
@@ -37,7 +36,8 @@ def run(weights_by_name: dict, tokenizer, shape: tuple[int, int], prompts: list[
     for name, w in weights_by_name.items():
         c = w.cfg
         task = build_task(TaskSpec("text"), tokenizer, n_prompts=n0, seq_len=t0)
-        forward, state, head = per_head(w, task)
+        forward = timed(lambda: forward_logits(w, task.clean), warmup=True)
+        state, head = per_head(w, task)
         rows.append([name, c.n_layers, c.n_heads, c.d_model, f"{forward:.3f}", f"{head:.4f}", f"{head / forward:.2f}",
                      c.n_layers * c.n_heads, f"{state + head * c.n_layers * c.n_heads:.1f}"])
     print_table(["model", "layers", "heads", "d_model", "forward s", "per head s", "x forward", "heads",
@@ -47,7 +47,7 @@ def run(weights_by_name: dict, tokenizer, shape: tuple[int, int], prompts: list[
     table, seconds = [], {}
     for n, t in [*((p, t0) for p in prompts), *((n0, t) for t in tokens if t != t0)]:
         task = build_task(TaskSpec("text"), tokenizer, n_prompts=n, seq_len=t)
-        _, _, head = per_head(w, task)
+        _, head = per_head(w, task)
         seconds[n, t] = head
         table.append([f"{n} x {t}", n * t, f"{head:.4f}"])
     base = seconds[n0, t0]

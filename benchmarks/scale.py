@@ -75,7 +75,7 @@ def _per_node_scale_pair(w, task: TaskData, nodes: list[Node], repeat: int) -> t
 
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
-    layers = sample_layers(w.cfg.n_layers)
+    layers = sample_layers(w.cfg.n_layers, 5)
     nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
     forward, engine, pairs = _per_node_scale_pair(w, task, nodes, s.repeat)
     batch = torch.as_tensor(pairs)
