@@ -54,10 +54,11 @@ def run(s: Setup) -> list[Ratio]:
     state_seconds = timed(computer.batches)  # the clean state: computed once per sweep, not per head
     layers = sample_layers(L, 3)
     # Each layer's restart is timed right after a forward, and the ratio taken per pair: this
-    # machine's slow spells (seconds to minutes) then hit both sides of a ratio alike.
+    # machine's slow spells (seconds to minutes) then hit both sides of a ratio alike. The
+    # forward is warmed first: its first call after other work page-faults a fresh logits tensor.
     paired_forwards, per_head = [], []
     for layer in layers:
-        paired_forwards.append(timed(lambda: forward_logits(w, task.clean)))
+        paired_forwards.append(timed(lambda: forward_logits(w, task.clean), warmup=True))
         per_head.append(timed(lambda: computer.run_heads(layer, list(range(H)))) / H)
     engine = statistics.mean(per_head)
     engine_ratio = statistics.mean(h / f for h, f in zip(per_head, paired_forwards))
