@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +12,18 @@ import torch
 from sweeps.engine import models
 
 torch.set_grad_enabled(False)
+
+
+def pytest_configure(config):
+    """The suite's own on-disk model cache (sweeps.engine.model_cache), empty at the start,
+    shared by every process the tests start (CLI runs, Ray workers) and removed at the end:
+    the tests neither read nor fill the user's ~/.cache."""
+    config.sweeps_cache = tempfile.mkdtemp(prefix="sweeps-test-cache-")
+    os.environ["SWEEPS_CACHE_DIR"] = config.sweeps_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "sweeps_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +49,7 @@ class Loaded:
 
 
 @pytest.fixture(scope="session")
-def model_cache():
+def loaded_model():
     cache: dict[str, Loaded] = {}
 
     def get(name: str) -> Loaded:
@@ -47,18 +61,18 @@ def model_cache():
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(model_cache):
-    return model_cache("tiny-gpt2")
+def tiny_gpt2(loaded_model):
+    return loaded_model("tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(model_cache):
-    return model_cache("tiny-llama")
+def tiny_llama(loaded_model):
+    return loaded_model("tiny-llama")
 
 
 @pytest.fixture(scope="session")
-def smollm(model_cache):
-    return model_cache("smollm2-135m")
+def smollm(loaded_model):
+    return loaded_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

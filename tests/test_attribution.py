@@ -33,7 +33,32 @@ def test_norm_vjp_equals_autograd(tiny_gpt2, tiny_llama):
             xr = x.clone().requires_grad_(True)
             y = tf.normalize(w.cfg, xr)
             expected = torch.stack([torch.autograd.grad(y, xr, gi, retain_graph=True)[0] for gi in g])
-        torch.testing.assert_close(A.norm_vjp(w.cfg, x, g), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(A.norm_vjp_(w.cfg, x, g.clone()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_next_token_log_prob_and_its_gradient_equal_log_softmax(smollm, monkeypatch):
+    """The chunked, fused read-out against autograd through ``log_softmax`` (in float64, so
+    that float32's own rounding is not the difference): values and gradients, over more
+    rows than one chunk holds, on SmolLM2's real unembedding."""
+    w = smollm.weights
+    torch.manual_seed(0)
+    P = 2 * 64 + 5
+    monkeypatch.setattr(A.NextTokenLogProb, "MAX_LOGITS", 64 * w.cfg.d_vocab)  # chunks of 64 rows
+    x, targets, g = torch.randn(P, w.cfg.d_model), torch.randint(0, w.cfg.d_vocab, (P,)), torch.randn(P)
+    with torch.enable_grad():
+        xa, xb = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        fused = A.NextTokenLogProb.apply(xa, w.W_U, w.b_U, targets)
+        plain = torch.log_softmax(xb @ w.W_U.double() + w.b_U.double(), dim=-1).gather(-1, targets[:, None])[:, 0]
+        (fused * g).sum().backward()
+        (plain * g.double()).sum().backward()
+
+    def close(a, b):  # to 1e-5 of the largest value
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+    close(fused, plain.detach())
+    close(xa.grad, xb.grad)
+    with torch.no_grad():  # without a gradient, the same values
+        assert torch.equal(A.NextTokenLogProb.apply(x, w.W_U, w.b_U, targets), fused.detach())
 
 
 def test_edge_products_equal_one_dot_product_per_edge():
@@ -45,9 +70,9 @@ def test_edge_products_equal_one_dot_product_per_edge():
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
-def test_blocked_edge_products_equal_one_product_per_layer(model_cache, name, monkeypatch):
+def test_blocked_edge_products_equal_one_product_per_layer(loaded_model, name, monkeypatch):
     """The products over several layers' rows at once give what one product per layer gives."""
-    m = model_cache(name)
+    m = loaded_model(name)
     task = _task(m.tokenizer, "text", n=3, seq_len=12)
     graph = A.build_graph(m.weights.cfg)
     monkeypatch.setattr(A, "ROWS_PER_PRODUCT", 1)
@@ -71,10 +96,10 @@ def test_graph_counts_shared_key_value_heads_once(tiny_llama):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
-def test_scores_equal_seed_001s_hooked_gradients(model_cache, name):
+def test_scores_equal_seed_001s_hooked_gradients(loaded_model, name):
     """Nodes and every edge (q, k, v per head, GQA key/value heads, MLP inputs, the
     final stream) equal grad · (clean − corrupt) cached with hooks on split inputs."""
-    m = model_cache(name)
+    m = loaded_model(name)
     task = _task(m.tokenizer)
     graph = A.build_graph(m.weights.cfg)
     ours = A.attribute(m.weights, graph, task)
@@ -85,10 +110,10 @@ def test_scores_equal_seed_001s_hooked_gradients(model_cache, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
-def test_edges_of_a_node_sum_to_its_node_score(model_cache, name):
+def test_edges_of_a_node_sum_to_its_node_score(loaded_model, name):
     """Exact in every structure we run (sequential, parallel, GQA): the stream after a node is
     read only by the downstream inputs in the graph, so the chain rule splits its gradient."""
-    m = model_cache(name)
+    m = loaded_model(name)
     for task in (_task(m.tokenizer), _task(m.tokenizer, "text", n=3, seq_len=12)):
         graph = A.build_graph(m.weights.cfg)
         ours = A.attribute(m.weights, graph, task)
@@ -113,10 +138,10 @@ def test_unedited_forward_equals_the_engine_forward(tiny_llama):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_real_patching_equals_hooked_patching(model_cache, name):
+def test_real_patching_equals_hooked_patching(loaded_model, name):
     """Node patching and path patching of single edges (q of a query head, k of a shared
     key/value head, an MLP input, the final stream) against hooks on full forwards."""
-    m = model_cache(name)
+    m = loaded_model(name)
     task = _task(m.tokenizer)
     graph = A.build_graph(m.weights.cfg)
     by = {(d.name, d.input): d for d in graph.downstream}

@@ -16,8 +16,8 @@ def ioi(m, n=8, seed=0):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia", "smollm2-135m"])
-def test_direct_effects_sum_to_logit_difference(model_cache, name):
-    m = model_cache(name)
+def test_direct_effects_sum_to_logit_difference(loaded_model, name):
+    m = loaded_model(name)
     task = ioi(m)
     run = tf.run(m.weights, task.clean)
     points = effects.effect_points(m.weights, task)
@@ -38,8 +38,8 @@ def test_embedded_model_prefers_mary_by_about_4_6(smollm):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "smollm2-135m"])
-def test_direct_effects_sum_to_next_token_logit(model_cache, name):
-    m = model_cache(name)
+def test_direct_effects_sum_to_next_token_logit(loaded_model, name):
+    m = loaded_model(name)
     task = build_task(TaskSpec("text"), m.tokenizer, n_prompts=3, seq_len=24)
     run = tf.run(m.weights, task.clean)
     points = effects.effect_points(m.weights, task)
@@ -69,9 +69,9 @@ def test_mixed_length_batch_equals_each_prompt_alone(tiny_llama):
 
 
 @pytest.mark.parametrize("name,heads", [("tiny-gpt2", [(1, 2), (0, 0)]), ("smollm2-135m", [(20, 4)])])
-def test_engine_backup_equals_independent_full_forward(model_cache, name, heads):
+def test_engine_backup_equals_independent_full_forward(loaded_model, name, heads):
     """Seed 000's recipe (full hooked forward, full cache, lstsq) gives the engine's numbers."""
-    m = model_cache(name)
+    m = loaded_model(name)
     task = ioi(m, n=12)
     computer = BackupComputer(m.weights, task, "resample", batch_size=5)  # 3 uneven batches
     for layer, head in heads:

@@ -84,9 +84,9 @@ def test_scale_one_self_patch_and_resample_from_itself_change_nothing(tiny_llama
     [("tiny-gpt2", "full", "clean"), ("tiny-llama", "high_variance", "clean"),
      ("tiny-pythia", "low_variance", "corrupt"), ("smollm2-135m", "full", "clean")],
 )
-def test_engine_equals_hooked_full_forwards_pair_by_pair(model_cache, name, subspace, source):
+def test_engine_equals_hooked_full_forwards_pair_by_pair(loaded_model, name, subspace, source):
     """One (node, scale) at a time with hooks on hook_result / hook_mlp_out, as seed 004 does."""
-    m = model_cache(name)
+    m = loaded_model(name)
     task = ioi(m, n=12)
     pairs = make_pairs(task, "task" if source == "corrupt" else "all", 8, 0, False)
     computer = ScaleComputer(m.weights, task, pairs, source=source, subspace=subspace, pca_k=2, batch_size=5)
@@ -169,8 +169,8 @@ def test_pairs_are_distinct_equal_length_and_sampled_deterministically(tiny_gpt2
 
 
 @pytest.fixture(scope="module")
-def known(tmp_path_factory, model_cache):
-    tokenizer = model_cache("tiny-gpt2").tokenizer
+def known(tmp_path_factory, loaded_model):
+    tokenizer = loaded_model("tiny-gpt2").tokenizer
     root = tmp_path_factory.mktemp("known")
     model = known_circuit.write_checkpoint(root / "model", tokenizer)
     return model, known_circuit.write_task(root / "task.jsonl"), known_circuit.write_circuit(root / "circuit.json")
@@ -206,7 +206,7 @@ def test_known_circuit_shows_seed_004s_picture(known, tmp_path):
     assert (change.loc[inside.index, 1.0] > 0.5).all()
 
 
-def test_tl_checkpoint_directory_loads_through_boot_native(known, model_cache):
+def test_tl_checkpoint_directory_loads_through_boot_native(known, loaded_model):
     from sweeps.engine import models
     from sweeps.engine import transformer as tf
 

@@ -18,8 +18,8 @@ from tests.wandb_records import history_and_summary
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
-def test_components_add_up_to_the_logit_difference(model_cache, name):
-    m = model_cache(name)
+def test_components_add_up_to_the_logit_difference(loaded_model, name):
+    m = loaded_model(name)
     task = build_task(check_task("ioi"), m.tokenizer, 6, 0)
     rep = task_report(m.weights, task, prompt=None)
     real = reference.logit_diffs(m.bridge, task)

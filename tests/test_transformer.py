@@ -12,8 +12,8 @@ PROMPTS = [
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia", "smollm2-135m"])
-def test_forward_matches_bridge(model_cache, name):
-    m = model_cache(name)
+def test_forward_matches_bridge(loaded_model, name):
+    m = loaded_model(name)
     tokens = m.bridge.to_tokens(PROMPTS)
     logits, cache = m.bridge.run_with_cache(tokens)
     run = tf.run(m.weights, tokens)

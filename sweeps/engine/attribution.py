@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from sweeps.engine import transformer as tf
@@ -238,8 +238,49 @@ def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: Tas
     if task.kind == "logit_diff":
         return (x * points.u).sum(-1) + points.bias
     targets = task.clean.to(w.device)[points.batch, points.pos + 1]
-    logp = torch.log_softmax(x @ w.W_U + w.b_U, dim=-1)
-    return logp.gather(-1, targets[:, None])[:, 0]
+    return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets)
+
+
+class NextTokenLogProb(torch.autograd.Function):
+    """``log softmax(x W_U + b_U)[target]`` per row, by chunks of rows, with its gradient
+    in ``x`` computed in the same pass.
+
+    Autograd's ``log_softmax(...).gather`` keeps two ``[P, V]`` tensors (logits and
+    log-probabilities) for the backward and writes two more in it; at 576 positions
+    and SmolLM2's 49,152 tokens each is 113 MB. Here each chunk's logits are made
+    once and turned in place into ``softmax − onehot``, whose product with ``W_Uᵀ``
+    is the gradient: ``d logp / dx = W_U[:, t] − W_U softmax``. Only ``[P, D]`` is
+    kept. Chunks are large: each one reads all of ``W_U`` twice, and on a CPU chunks
+    of 64 rows were slower than autograd's one pass. ``W_U`` and ``b_U`` get no
+    gradient (weights are constants here).
+    """
+
+    MAX_LOGITS = 1 << 25  # floats of logits per chunk (128 MB): 682 rows of SmolLM2's vocabulary
+
+    @staticmethod
+    def forward(ctx, x: Float[Tensor, "P D"], W_U: Float[Tensor, "D V"], b_U: Float[Tensor, "V"],
+                targets: Int[Tensor, "P"]) -> Float[Tensor, "P"]:
+        need_grad = ctx.needs_input_grad[0]
+        out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        grad = torch.empty_like(x) if need_grad else None
+        chunk = max(64, NextTokenLogProb.MAX_LOGITS // W_U.shape[1])
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = torch.addmm(b_U, x[rows], W_U)  # [c, V]
+            t = targets[rows, None]
+            lse = logits.logsumexp(-1, keepdim=True)
+            out[rows] = (logits.gather(-1, t) - lse)[:, 0]
+            if need_grad:
+                p = logits.sub_(lse).exp_()  # softmax, in place
+                p.scatter_add_(-1, t, torch.full_like(t, -1, dtype=p.dtype))  # softmax − onehot
+                torch.mm(p, W_U.T, out=grad[rows]).neg_()
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Float[Tensor, "P"]):
+        (grad,) = ctx.saved_tensors
+        return g[:, None] * grad, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -247,22 +288,24 @@ def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: Tas
 # --------------------------------------------------------------------------- #
 
 
-def norm_vjp(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B T D"]) -> Float[Tensor, "N B T D"]:
-    """``J^T g`` for ``y = normalize(x)`` (weight-free LayerNorm/RMSNorm), for N cotangents at once.
+def norm_vjp_(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B T D"]) -> Float[Tensor, "N B T D"]:
+    """``J^T g`` for ``y = normalize(x)`` (weight-free LayerNorm/RMSNorm), for N cotangents
+    at once, **in place** in ``g`` (which is returned).
 
     With ``y = c / s`` (``c`` the centred input for LayerNorm, ``x`` for RMSNorm,
     ``s = sqrt(mean c² + eps)``): ``J^T g = P (g − y (y·g) / D) / s`` where ``P``
-    centres (LayerNorm only).
+    centres (LayerNorm only). In place because ``g`` is a slice of the block of
+    downstream rows: no ``[N B T D]`` temporary is made.
     """
     if cfg.norm == "none":
         return g
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
-        g = g - g.mean(-1, keepdim=True)
+        g.sub_(g.mean(-1, keepdim=True))
     inv_s = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()
     y = x * inv_s
     y_dot_g = torch.einsum("btd,nbtd->nbt", y, g) / x.shape[-1]  # (y·g)/D without a [N B T D] product
-    return (g - y * y_dot_g[..., None]) * inv_s
+    return g.addcmul_(y, y_dot_g[..., None], value=-1.0).mul_(inv_s)
 
 
 @dataclass
@@ -327,23 +370,30 @@ def edge_products(
     return scores[keep]
 
 
+def rows_per_layer(cfg: ModelConfig) -> int:
+    """Downstream inputs of one layer: q per head, k and v per key/value head, the MLP's input."""
+    return cfg.n_heads + 2 * cfg.n_kv_heads + (0 if cfg.attn_only else 1)
+
+
 def downstream_rows(
-    w: ModelWeights, layer: int, clean: Trace, g_q: Tensor, g_k: Tensor, g_v: Tensor, g_mlp: Tensor | None
+    w: ModelWeights, layer: int, clean: Trace, g_q: Tensor, g_k: Tensor, g_v: Tensor, g_mlp: Tensor | None,
+    out: Float[Tensor, "n B T D"],
 ) -> Float[Tensor, "n B T D"]:
     """The gradient at each downstream input of ``layer`` (q per head, k and v per key/value
-    head, then the MLP's input), pulled back through its own projection and norm."""
+    head, then the MLP's input), pulled back through its own projection and norm, written
+    into ``out`` (``rows_per_layer`` rows)."""
     cfg = w.cfg
     B, T, H, E = g_q.shape
     K = g_k.shape[2]
-    # [H or K, B·T, E] @ [H or K, E, D], written straight into one [H + 2K, B·T, D] tensor.
-    g_in = torch.empty(H + 2 * K, B * T, cfg.d_model, dtype=g_q.dtype, device=g_q.device)
-    for g, W, out in ((g_q, w.W_Q, g_in[:H]), (g_k, w.W_K, g_in[H : H + K]), (g_v, w.W_V, g_in[H + K :])):
-        torch.bmm(g.reshape(B * T, -1, E).transpose(0, 1), W[layer].transpose(1, 2), out=out)
-    g_in = g_in.view(H + 2 * K, B, T, cfg.d_model)
-    rows = norm_vjp(cfg, clean.resid_pre[layer], g_in)
-    if g_mlp is None:
-        return rows
-    return torch.cat([rows, norm_vjp(cfg, clean.mlp_in[layer], g_mlp[None])])
+    # [H or K, B·T, E] @ [H or K, E, D], written straight into the rows.
+    g_in = out[: H + 2 * K].view(H + 2 * K, B * T, cfg.d_model)
+    for g, W, rows in ((g_q, w.W_Q, g_in[:H]), (g_k, w.W_K, g_in[H : H + K]), (g_v, w.W_V, g_in[H + K :])):
+        torch.bmm(g.reshape(B * T, -1, E).transpose(0, 1), W[layer].transpose(1, 2), out=rows)
+    norm_vjp_(cfg, clean.resid_pre[layer], out[: H + 2 * K])
+    if g_mlp is not None:
+        out[H + 2 * K].copy_(g_mlp)
+        norm_vjp_(cfg, clean.mlp_in[layer], out[H + 2 * K :])
+    return out
 
 
 # Downstream rows per edge product: enough that each product reads the deltas once
@@ -386,18 +436,21 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution
 
         # Edge scores: the gradient at each downstream input, pulled back through that
         # input's own projection and norm, against every upstream change written before it.
-        # Consecutive layers' rows go into one product (edge_products).
-        edges, block, block_prefix = [], [], []
-        row = 0
-        for layer in range(L):
-            rows = downstream_rows(w, layer, clean, g_q[layer], g_k[layer], g_v[layer],
-                                   None if cfg.attn_only else g_mlp[layer])
-            block.append(rows.flatten(1))
-            block_prefix += graph.prefix[row : row + rows.shape[0]]
-            row += rows.shape[0]
-            if len(block_prefix) >= ROWS_PER_PRODUCT or layer == L - 1:
-                edges.append(edge_products(flat, torch.cat(block), block_prefix))
-                block, block_prefix = [], []
+        # The rows of consecutive layers go into one product (edge_products), written into
+        # one block that every product reuses (fresh memory is slow to touch).
+        per_layer = rows_per_layer(cfg)
+        layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
+        block = torch.empty(min(L, layers_per_block) * per_layer, *clean_tokens.shape, cfg.d_model,
+                            dtype=flat.dtype, device=device)
+        edges = []
+        for first in range(0, L, layers_per_block):
+            layers = range(first, min(L, first + layers_per_block))
+            for i, layer in enumerate(layers):
+                downstream_rows(w, layer, clean, g_q[layer], g_k[layer], g_v[layer],
+                                None if cfg.attn_only else g_mlp[layer], block[i * per_layer : (i + 1) * per_layer])
+            n = len(layers) * per_layer
+            prefix = graph.prefix[first * per_layer : first * per_layer + n]
+            edges.append(edge_products(flat, block[:n].flatten(1), list(prefix)))
         edges.append(flat @ g_final.flatten())
         edge_scores = torch.cat(edges)
         assert edge_scores.numel() == graph.n_edges

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from sweeps.engine import model_cache
 from sweeps.engine.transformer import ModelConfig, ModelWeights
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -260,7 +261,11 @@ def load_tokenizer(info: ModelInfo):
     from transformers import AutoTokenizer
 
     if info.kind in ("embedded", "tiny"):
-        return AutoTokenizer.from_pretrained(str(_embedded_dir()), gguf_file=EMBEDDED_GGUF)
+        # Parsing the tokenizer out of the GGUF file takes seconds: kept on disk (model_cache).
+        gguf_path = _embedded_dir() / EMBEDDED_GGUF
+        return model_cache.cached_tokenizer(
+            gguf_path, lambda: AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        )
     if info.kind == "checkpoint":
         directory = Path(info.source)
         return AutoTokenizer.from_pretrained(_checkpoint_tokenizer_source(directory, read_tl_config(directory)))
@@ -423,8 +428,15 @@ class LoadedModel:
 
 
 def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load, process, copy the weights out and drop the bridge."""
-    bridge = load_bridge(info)
-    weights = weights_from_bridge(bridge)
-    del bridge
+    """Load, process, copy the weights out and drop the bridge. The embedded model's
+    processed weights are kept on disk (``model_cache``): de-quantising its GGUF file
+    and booting the bridge takes 15-30 s, reading them back about a second."""
+
+    def convert() -> ModelWeights:
+        return weights_from_bridge(load_bridge(info))
+
+    if info.kind == "embedded":
+        weights = model_cache.cached_weights(Path(info.source), convert)
+    else:
+        weights = convert()
     return LoadedModel(info, weights.to(device), weight_hash(weights))

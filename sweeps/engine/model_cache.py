@@ -1,0 +1,153 @@
+"""An on-disk cache of what is slow to rebuild from a GGUF file: processed weights and tokenizers.
+
+De-quantising SmolLM2's GGUF, booting the bridge and folding its norms takes
+15-30 s, and parsing the tokenizer out of the same file 3-6 s more. Every Ray
+actor, every CLI run and every test process paid that; from this cache the same
+load takes about a second.
+
+- Where: ``$SWEEPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sweeps``, else
+  ``~/.cache/sweeps``. ``SWEEPS_CACHE_DIR=off`` turns the cache off.
+- Key: everything the content depends on: the source file (absolute path,
+  size, modification time), the versions of the packages that convert it, and
+  the source of our own conversion code (``models.py``, ``transformer.py``). A
+  change to any of them is a miss; stale entries are never read.
+- Writes go to a temp name in the same directory and are renamed into place, so
+  a reader never sees half an entry, and processes that miss at the same time
+  (two actors on a fresh node) each write a complete one. An entry that fails
+  to read is a miss: it is rebuilt and written again.
+- The weight hash recorded with each result is still computed from the loaded
+  weights, never read from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sweeps.engine.transformer import ModelConfig, ModelWeights
+
+# Packages whose code turns the source file into weights or a tokenizer.
+CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
+# Our own conversion code: a change to it changes what a load returns.
+CONVERSION_SOURCES = ("models.py", "transformer.py")
+
+
+def cache_dir() -> Path | None:
+    """The cache's directory, or None when ``SWEEPS_CACHE_DIR=off``."""
+    value = os.environ.get("SWEEPS_CACHE_DIR", "")
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweeps"
+
+
+def entry_key(source: Path, what: str) -> str:
+    """A name for ``what`` (e.g. ``weights``) built from ``source``, unique to its content's inputs."""
+    stat = source.stat()
+    parts = [what, str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+    for package in CONVERTERS:
+        try:
+            parts.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{package} missing")
+    here = Path(__file__).parent
+    digest = hashlib.blake2b(digest_size=10)
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for name in CONVERSION_SOURCES:
+        digest.update((here / name).read_bytes())
+    return f"{source.stem}.{what}.{digest.hexdigest()}"
+
+
+# --------------------------------------------------------------------------- #
+# Weights: one torch file of plain tensors and the config's fields
+# --------------------------------------------------------------------------- #
+
+
+def _weights_to_dict(weights: ModelWeights) -> dict:
+    tensors = {k: v for k, v in weights.__dict__.items() if k != "cfg"}
+    return {"cfg": dataclasses.asdict(weights.cfg), "tensors": tensors}
+
+
+def _weights_from_dict(saved: dict) -> ModelWeights:
+    return ModelWeights(cfg=ModelConfig(**saved["cfg"]), **saved["tensors"])
+
+
+def cached_weights(source: Path, build: Callable[[], ModelWeights]) -> ModelWeights:
+    """The processed weights converted from ``source``: from the cache, else ``build()`` and store."""
+    root = cache_dir()
+    if root is None:
+        return build()
+    path = root / f"{entry_key(source, 'weights')}.pt"
+    if path.is_file():
+        try:
+            return _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # a damaged or foreign file is a miss, rewritten below
+            pass
+    weights = build()
+    _store(root, path, lambda staging: torch.save(_weights_to_dict(weights), staging))
+    return weights
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizers: a save_pretrained directory
+# --------------------------------------------------------------------------- #
+
+
+def cached_tokenizer(source: Path, build: Callable[[], object]):
+    """The tokenizer read from ``source``: from the cache, else ``build()`` and store."""
+    from transformers import AutoTokenizer
+
+    root = cache_dir()
+    if root is None:
+        return build()
+    path = root / entry_key(source, "tokenizer")
+    if path.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception:  # a damaged entry is a miss, replaced below
+            shutil.rmtree(path, ignore_errors=True)
+    tokenizer = build()
+    _store(root, path, lambda staging: tokenizer.save_pretrained(str(staging)), directory=True)
+    return tokenizer
+
+
+def _store(root: Path, path: Path, write: Callable[[Path], object], directory: bool = False) -> None:
+    """Write an entry under a temp name, then rename it into place. Best effort: on a
+    read-only or full disk, or when another process stored the same entry first, the
+    caller just goes on with what it built."""
+    staging = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # "tmp-", not ".tmp-": torch.save refuses a file name that starts with a dot.
+        if directory:
+            staging = Path(tempfile.mkdtemp(dir=root, prefix="tmp-"))
+        else:
+            fd, name = tempfile.mkstemp(dir=root, prefix="tmp-", suffix=".partial")
+            os.close(fd)
+            staging = Path(name)
+        write(staging)
+        os.replace(staging, path)
+        staging = None
+    except (OSError, RuntimeError):  # torch.save reports a full disk as a RuntimeError
+        pass
+    finally:
+        _remove(staging)
+
+
+def _remove(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,106 @@
+"""The on-disk cache of processed weights and tokenizers gives back exactly what a fresh
+conversion gives, and never serves an entry whose inputs changed or that is damaged."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeps.engine import model_cache as disk_cache
+from sweeps.engine import models
+from tasks import TaskSpec, build_task
+
+
+def _assert_same_weights(a, b) -> None:
+    assert a.cfg == b.cfg
+    for name, value in a.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(b, name)), name
+        else:
+            assert value == getattr(b, name), name
+
+
+def _refuse():
+    pytest.fail("the cache was missed: the entry was rebuilt")
+
+
+def test_weights_round_trip_and_misses_when_the_source_changes(tmp_path, monkeypatch, tiny_llama):
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights v1")
+    built = []
+
+    def build():
+        built.append(1)
+        return tiny_llama.weights
+
+    first = disk_cache.cached_weights(source, build)
+    assert first is tiny_llama.weights and len(built) == 1
+    _assert_same_weights(disk_cache.cached_weights(source, _refuse), tiny_llama.weights)
+
+    source.write_bytes(b"weights v2, a different size")  # a new file under the same name
+    disk_cache.cached_weights(source, build)
+    assert len(built) == 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # one entry per version
+    assert not list((tmp_path / "cache").glob("tmp-*"))  # no staging file left
+
+
+def test_a_damaged_weights_entry_is_rebuilt(tmp_path, monkeypatch, tiny_llama):
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights")
+    disk_cache.cached_weights(source, lambda: tiny_llama.weights)
+    [entry] = (tmp_path / "cache").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # truncated
+    built = []
+    disk_cache.cached_weights(source, lambda: built.append(1) or tiny_llama.weights)
+    assert built == [1]
+    _assert_same_weights(disk_cache.cached_weights(source, _refuse), tiny_llama.weights)
+
+
+def test_cache_off_writes_nothing(tmp_path, monkeypatch, tiny_llama):
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights")
+    built = []
+    for _ in range(2):
+        disk_cache.cached_weights(source, lambda: built.append(1) or tiny_llama.weights)
+    assert built == [1, 1]
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+
+
+def test_load_model_reads_the_embedded_weights_from_the_cache(tmp_path, monkeypatch, smollm):
+    """The entry load_model reads is keyed on the GGUF file; filled with the bridge's own
+    conversion (the fixture's), a load reads it back bit for bit without booting a bridge."""
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    disk_cache.cached_weights(Path(smollm.info.source), lambda: smollm.weights)
+    monkeypatch.setattr(models, "load_bridge", lambda *a, **k: _refuse())
+    loaded = models.load_model(smollm.info)
+    _assert_same_weights(loaded.weights, smollm.weights)
+    assert loaded.weight_hash == models.weight_hash(smollm.weights)
+
+
+def test_cached_tokenizer_builds_the_same_tasks(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    info = models.describe_model("tiny-gpt2")
+    parsed = models.load_tokenizer(info)  # a miss: parsed out of the GGUF file, then stored
+    from transformers import AutoTokenizer
+
+    real = AutoTokenizer.from_pretrained
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF file was parsed again"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_gguf)
+    cached = models.load_tokenizer(info)
+    assert type(cached) is type(parsed) and cached is not parsed
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side"):
+        assert getattr(cached, attr) == getattr(parsed, attr), attr
+    for spec, kwargs in [(TaskSpec("ioi"), {}), (TaskSpec("text"), {"seq_len": 48})]:
+        a, b = build_task(spec, parsed, n_prompts=16, **kwargs), build_task(spec, cached, n_prompts=16, **kwargs)
+        assert torch.equal(a.clean, b.clean) and torch.equal(a.corrupt, b.corrupt) and a.prompts == b.prompts
+    text = "héllo wörld 😀\n\tdef f(x): return x**2 <|im_start|>"
+    assert cached(text)["input_ids"] == parsed(text)["input_ids"]
