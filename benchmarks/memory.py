@@ -4,9 +4,9 @@ Each measurement is a fresh process (``python -m benchmarks.memory MODEL HEADS P
 that loads the model as a worker does, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), runs a backup sweep's shards through the in-process
 executor, and reports its resident memory before the sweep and its peak during it.
-Loading the model peaks higher than the sweep (weights are de-quantised and
-processed), which is why the counter is reset first, after the heap that loading
-freed has been handed back (``malloc_trim``).
+Loading the model can peak higher than the sweep (on a model-cache miss the weights
+are de-quantised and processed), which is why the counter is reset first, after the
+heap that loading freed has been handed back (``malloc_trim``).
 """
 
 from __future__ import annotations

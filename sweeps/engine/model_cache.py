@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from sweeps.engine.provenance import package_versions
 from sweeps.engine.transformer import ModelConfig, ModelWeights
 
 # Packages whose code turns the source file into weights or a tokenizer.
@@ -54,11 +54,7 @@ def entry_key(source: Path, what: str) -> str:
     """A name for ``what`` (e.g. ``weights``) built from ``source``, unique to its content's inputs."""
     stat = source.stat()
     parts = [what, str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
-    for package in CONVERTERS:
-        try:
-            parts.append(f"{package}=={importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{package} missing")
+    parts += [f"{name}=={version}" for name, version in package_versions(CONVERTERS).items()]
     here = Path(__file__).parent
     digest = hashlib.blake2b(digest_size=10)
     for part in parts:
