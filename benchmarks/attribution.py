@@ -48,7 +48,7 @@ def run(s: Setup, rounds: int = 2) -> list[Ratio]:
     job.bind(_Model(w))
     # Each of the floor and the engine is timed right after a forward of the dataset, and
     # the ratios are taken per pair (this machine's speed drifts over a minute).
-    timed(lambda: forward_logits(w, task.clean), warmup=True)
+    forward_logits(w, task.clean)  # warm-up
     pairs: dict[str, list[tuple[float, float]]] = {"floor": [], "engine": []}
     for _ in range(rounds):
         for name, fn in (("floor", lambda: _floor(w, task, per_pass)),

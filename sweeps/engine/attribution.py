@@ -406,7 +406,8 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution
     cfg, device = w.cfg, w.device
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
     with torch.no_grad():
-        corrupt = forward(w, tf.embed(w, corrupt_tokens))
+        corrupt_embedded = tf.embed(w, corrupt_tokens)
+        corrupt = forward(w, corrupt_embedded)
         corrupt_metric = metric_terms(w, corrupt.resid_final, task).sum()
     with torch.enable_grad():
         embedded = tf.embed(w, clean_tokens).requires_grad_(True)
@@ -422,7 +423,7 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData) -> BatchAttribution
     with torch.no_grad():
         # The stream right after each MLP writes: the next block's input, or the end.
         g_after_mlp = [*g_pre[1:], g_final]
-        deltas = upstream_deltas(w, clean, corrupt, embedded.detach() - tf.embed(w, corrupt_tokens))
+        deltas = upstream_deltas(w, clean, corrupt, embedded.detach() - corrupt_embedded)
 
         # Node scores: gradient of the stream the node writes into · its change.
         flat = deltas.flatten(1)  # [U, B·T·D]
@@ -508,8 +509,9 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
     device = w.device
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
     clean_embed = tf.embed(w, clean_tokens)
-    d_embed = clean_embed - tf.embed(w, corrupt_tokens)
-    clean, corrupt = forward(w, clean_embed), forward(w, tf.embed(w, corrupt_tokens))
+    corrupt_embed = tf.embed(w, corrupt_tokens)
+    d_embed = clean_embed - corrupt_embed
+    clean, corrupt = forward(w, clean_embed), forward(w, corrupt_embed)
     L = w.cfg.n_layers
     out = []
     for target in targets:
