@@ -47,7 +47,7 @@ def test_next_token_log_prob_and_its_gradient_equal_log_softmax(smollm, monkeypa
     x, targets, g = torch.randn(P, w.cfg.d_model), torch.randint(0, w.cfg.d_vocab, (P,)), torch.randn(P)
     with torch.enable_grad():
         xa, xb = x.clone().requires_grad_(True), x.double().requires_grad_(True)
-        fused = A.NextTokenLogProb.apply(xa, w.W_U, w.b_U, targets)
+        fused = A.NextTokenLogProb.apply(xa, w.W_U, w.b_U, targets, A.Scratch())
         plain = torch.log_softmax(xb @ w.W_U.double() + w.b_U.double(), dim=-1).gather(-1, targets[:, None])[:, 0]
         (fused * g).sum().backward()
         (plain * g.double()).sum().backward()
@@ -58,7 +58,23 @@ def test_next_token_log_prob_and_its_gradient_equal_log_softmax(smollm, monkeypa
     close(fused, plain.detach())
     close(xa.grad, xb.grad)
     with torch.no_grad():  # without a gradient, the same values
-        assert torch.equal(A.NextTokenLogProb.apply(x, w.W_U, w.b_U, targets), fused.detach())
+        assert torch.equal(A.NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, A.Scratch()), fused.detach())
+
+
+def test_passes_sharing_a_scratch_equal_passes_with_fresh_buffers(tiny_llama):
+    """A ``Scratch`` reused by passes of different sizes (a bigger pass, then smaller ones,
+    so the buffers hold a bigger pass's leftovers) changes no score: every buffer is
+    written before it is read."""
+    task = _task(tiny_llama.tokenizer, "text", n=9, seq_len=12)
+    graph = A.build_graph(tiny_llama.weights.cfg)
+    scratch = A.Scratch()
+    for start, stop in ((0, 5), (5, 7), (7, 9), (0, 5)):
+        part = task.select(slice(start, stop))
+        fresh = A.attribute(tiny_llama.weights, graph, part)
+        shared = A.attribute(tiny_llama.weights, graph, part, scratch)
+        assert torch.equal(shared.nodes, fresh.nodes) and torch.equal(shared.edges, fresh.edges)
+        assert (shared.clean_metric, shared.corrupt_metric) == (fresh.clean_metric, fresh.corrupt_metric)
+    assert set(scratch._buffers) == {"logits", "deltas", "rows"}
 
 
 def test_edge_products_equal_one_dot_product_per_edge():

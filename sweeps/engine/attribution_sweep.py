@@ -127,6 +127,7 @@ class AttributionJob:
             return {"verify_sums": self._verify(batch, shard)}
         w, graph = self._weights, self._graph
         per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
+        scratch = A.Scratch()  # the passes' large buffers, reused from pass to pass
         total = None
 
         def advice() -> str:
@@ -134,7 +135,7 @@ class AttributionJob:
                     "use shorter prompts or a machine with more memory")
 
         for _, _, part in map_chunks(batch.n_prompts, per_pass,
-                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b))), advice):
+                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch), advice):
             total = add(total, part)
         return attribution_tables(graph, total, shard)
 
