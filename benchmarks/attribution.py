@@ -7,6 +7,12 @@
   on a CPU: its activations stop fitting the caches);
 - engine: ``AttributionJob`` over every prompt, every node and every edge (q, k, v per
   head, MLP inputs, the final stream), as the sweep runs it.
+
+Beside the timings, the FLOPs torch counts (``counted_flops``) for the floor and the
+engine over a forward's, on two of the prompts (every count is linear in prompts):
+what each timing ratio would be if every operation ran as fast as the forward's.
+The engine's count is the floor's 3 forwards plus the edge products, the downstream
+rows and the upstream changes (about 0.5 of a forward on SmolLM2).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
+from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print_timings, timed
 from sweeps.engine import transformer as tf
 from sweeps.engine.attribution import build_graph
 from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard, prompts_per_pass
@@ -54,6 +60,10 @@ def run(s: Setup, rounds: int = 2) -> list[Ratio]:
         for name, fn in (("floor", lambda: _floor(w, task, per_pass)),
                          ("engine", lambda: job.run_shard(AttributionShard(0, task.n_prompts)))):
             pairs[name].append((timed(lambda: forward_logits(w, task.clean)), timed(fn)))
+    two = task.select(slice(0, min(2, task.n_prompts)))
+    unit = counted_flops(lambda: forward_logits(w, two.clean))
+    floor_flops = counted_flops(lambda: _floor_pass(w, two)) / unit
+    engine_flops = counted_flops(lambda: job.run_shard(AttributionShard(0, two.n_prompts))) / unit
     forward = statistics.median(f for pair in pairs.values() for f, _ in pair)
     floor, engine = (statistics.median(t for _, t in pairs[name]) for name in ("floor", "engine"))
     floor_ratio, engine_ratio = (statistics.median(t / f for f, t in pairs[name]) for name in ("floor", "engine"))
@@ -65,9 +75,12 @@ def run(s: Setup, rounds: int = 2) -> list[Ratio]:
         ("engine: every node and edge, whole dataset", engine),
     ], forward)
     print(f"ratios to the forward timed just before each, median of {rounds} rounds: floor {floor_ratio:.2f}, "
-          f"engine {engine_ratio:.2f}\n")
+          f"engine {engine_ratio:.2f}")
+    print(f"FLOPs torch counts, over a forward's: floor {floor_flops:.2f}, engine {engine_flops:.2f}; time over "
+          f"FLOPs: floor {floor_ratio / floor_flops:.2f}, engine {engine_ratio / engine_flops:.2f}\n")
     return [
         Ratio("attribution", "engine, whole sweep / forward of the dataset", engine_ratio, "<= 3.5"),
+        Ratio("attribution", "engine's counted FLOPs / forward's", engine_flops),
         Ratio("attribution", "floor (2 forwards + 1 backward) / forward", floor_ratio),
         Ratio("attribution", "engine / floor", engine_ratio / floor_ratio),
     ]

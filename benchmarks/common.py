@@ -72,6 +72,17 @@ def timed(fn: Callable[[], object], repeat: int = 1, warmup: bool = False) -> fl
     return statistics.median(times)
 
 
+def counted_flops(fn: Callable[[], object]) -> float:
+    """Floating-point operations of one call of ``fn`` as torch's ``FlopCounterMode`` counts
+    them (matrix products and attention, forward and backward): what the code does, not
+    what a formula says it should, so a ratio of two counts is a timing ratio's floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def forward_logits(w: tf.ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T V"]:
     """The unit every ratio is measured against: one plain forward pass, tokens to logits,
     with our forward (the bridge's own forward is slower; it is printed beside it)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.backup import sample_layers
-from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
+from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print_timings, timed
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
 from tasks import TaskSpec, build_task
@@ -73,6 +73,17 @@ def _per_node_scale_pair(w, task: TaskData, nodes: list[Node], repeat: int) -> t
     return forward, engine / (len(SCALES) * len(pairs)), pairs
 
 
+def counted_ratio(w, task: TaskData, nodes: list[Node]) -> float:
+    """The engine's FLOPs per (node, scale, pair) over one prompt's forward's, as torch counts
+    them, on the first 4 prompts (2 pairs; every count is linear in pairs)."""
+    small = task.select(slice(0, min(4, task.n_prompts)))
+    computer = ScaleComputer(w, small, make_pairs(small, "all", 2, 0, False), batch_size=small.n_prompts)
+    computer.groups()  # the clean state: not per (node, scale, pair)
+    engine = sum(counted_flops(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
+    forward = counted_flops(lambda: forward_logits(w, small.clean)) / small.n_prompts
+    return engine / (len(nodes) * len(SCALES) * len(computer.pairs)) / forward
+
+
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
     layers = sample_layers(w.cfg.n_layers, 5)
@@ -93,8 +104,9 @@ def run(s: Setup) -> list[Ratio]:
         ("seed-style, per (node, scale, pair)", seed),
     ], forward, digits=5)
     floor = floor_ratio(w.cfg, nodes)
+    counted = counted_ratio(w, task, nodes)
     print(f"multiply-adds of these restarts (replayed blocks + read-out of every position) over a forward's: "
-          f"{floor:.2f} (the design's floor)")
+          f"{floor:.2f} (the design's floor); the engine's FLOPs as torch counts them: {counted:.2f}")
     print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x")
     print(f"\nthe same nodes on IOI: {len(ioi_pairs)} pairs of equal-length prompts ({ioi_tokens:.1f} tokens on "
           f"average), one answer position each")
@@ -108,6 +120,7 @@ def run(s: Setup) -> list[Ratio]:
     return [
         Ratio("scale", "text: engine per (node, scale, pair) / forward", engine / forward, "<= 0.6"),
         Ratio("scale", "text: same restarts' multiply-adds / forward's", floor),
+        Ratio("scale", "text: engine's counted FLOPs / forward's", counted),
         Ratio("scale", "IOI: engine per (node, scale, pair) / forward", ioi_engine / ioi_forward, "<= 0.6"),
         Ratio("scale", "IOI: same restarts' multiply-adds / forward's", ioi_floor),
         Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
