@@ -46,7 +46,7 @@ def _floor_pass(w: tf.ModelWeights, task) -> None:
         logits.log_softmax(-1).amax(-1).sum().backward()
 
 
-def run(s: Setup, rounds: int = 2) -> list[Ratio]:
+def run(s: Setup, rounds: int = 3) -> list[Ratio]:
     w, task = s.weights, s.task
     graph = build_graph(w.cfg)
     per_pass = prompts_per_pass(task, graph, w.cfg, w.device)
@@ -74,8 +74,9 @@ def run(s: Setup, rounds: int = 2) -> list[Ratio]:
         ("floor: clean forward + backward, corrupt forward", floor),
         ("engine: every node and edge, whole dataset", engine),
     ], forward)
-    print(f"ratios to the forward timed just before each, median of {rounds} rounds: floor {floor_ratio:.2f}, "
-          f"engine {engine_ratio:.2f}")
+    each = {name: ", ".join(f"{t / f:.2f}" for f, t in pairs[name]) for name in pairs}
+    print(f"ratios to the forward timed just before each, median of {rounds} rounds: floor {floor_ratio:.2f} "
+          f"({each['floor']}), engine {engine_ratio:.2f} ({each['engine']})")
     print(f"FLOPs torch counts, over a forward's: floor {floor_flops:.2f}, engine {engine_flops:.2f}; time over "
           f"FLOPs: floor {floor_ratio / floor_flops:.2f}, engine {engine_ratio / engine_flops:.2f}\n")
     return [
