@@ -132,7 +132,8 @@ def test_next_token_task_reads_every_position(tiny_gpt2):
 
 @pytest.mark.parametrize("kind", ["next-token", "logit difference"])
 def test_fast_readout_equals_full_logits_and_log_softmax(tiny_gpt2, kind):
-    """The read-out (fused bias, logsumexp, row chunks) against logits and log_softmax written out."""
+    """The read-out (fused bias, in-place log-sum-exp, row chunks sharing one buffer) against logits
+    and log_softmax written out."""
     generator = torch.Generator().manual_seed(0)
     w = dataclasses.replace(tiny_gpt2.weights, b_U=torch.randn(tiny_gpt2.weights.cfg.d_vocab, generator=generator))
     resid = torch.randn(5, 9, w.cfg.d_model, generator=generator) * 3

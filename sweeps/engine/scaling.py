@@ -160,21 +160,30 @@ def readout(
     """Top-1 token and task metric at ``positions`` of every row.
 
     ``incorrect`` given: metric = logit(correct) − logit(incorrect); else the
-    log-probability of ``correct`` (next-token tasks). Logits are computed in
-    row chunks of at most ``max_logits`` numbers: only the read-out is kept.
+    log-probability of ``correct`` (next-token tasks). Logits are computed in row
+    chunks of at most ``max_logits`` numbers, into one buffer that every chunk reuses
+    (on a CPU a fresh tensor of that size is fresh memory, slow to touch): only the
+    read-out is kept.
     """
     x = tf.normalize(w.cfg, resid_final[:, positions])  # [G, Q, D]
     G, Q = x.shape[:2]
-    rows = max(1, max_logits // (Q * w.cfg.d_vocab))
+    V = w.cfg.d_vocab
+    rows = max(1, max_logits // (Q * V))
+    buffer = torch.empty(min(rows, G) * Q, V, dtype=x.dtype, device=x.device)
     metric, top1 = [], []
     for start in range(0, G, rows):
-        # One pass makes the logits (bias fused into the product); argmax and logsumexp each read
-        # them once more. log_softmax would write a second vocabulary-sized tensor to gather from.
-        logits = torch.nn.functional.linear(x[start : start + rows], w.W_U.T, w.b_U)  # [g, Q, V]
+        # One product makes the logits (bias fused in); one pass takes the max and the argmax;
+        # the log-sum-exp is then taken in place. log_softmax or logsumexp would each write a
+        # second vocabulary-sized tensor.
+        chunk = x[start : start + rows]
+        g = chunk.shape[0]
+        logits = torch.addmm(w.b_U, chunk.reshape(g * Q, -1), w.W_U, out=buffer[: g * Q]).view(g, Q, V)
         right = logits.gather(-1, correct[start : start + rows, :, None])[..., 0]
-        top1.append(logits.argmax(-1))
+        top, best = logits.max(-1)
+        top1.append(best)
         if incorrect is None:
-            metric.append(right - logits.logsumexp(-1))
+            total = logits.sub_(top[..., None]).exp_().sum(-1)
+            metric.append(right - top - total.log())
         else:
             metric.append(right - logits.gather(-1, incorrect[start : start + rows, :, None])[..., 0])
     return Readout(torch.cat(metric), torch.cat(top1))
