@@ -104,3 +104,65 @@ def test_cached_tokenizer_builds_the_same_tasks(tmp_path, monkeypatch):
         assert torch.equal(a.clean, b.clean) and torch.equal(a.corrupt, b.corrupt) and a.prompts == b.prompts
     text = "héllo wörld 😀\n\tdef f(x): return x**2 <|im_start|>"
     assert cached(text)["input_ids"] == parsed(text)["input_ids"]
+
+
+def _model_directory(kind: str, root: Path, tiny_gpt2) -> Path:
+    from tests import known_circuit
+
+    if kind == "checkpoint":  # an InterpBench-style TransformerLens checkpoint
+        return known_circuit.write_checkpoint(root / "checkpoint", tiny_gpt2.tokenizer)
+    hf_model, tokenizer, _ = models.load_hf_model(tiny_gpt2.info)
+    hf_model.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    return root / "hf"
+
+
+@pytest.mark.parametrize("kind", ["local", "checkpoint"])
+def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gpt2, kind):
+    """A model from a directory loads from the cache without booting a bridge, bit for bit;
+    a changed file in the directory is a miss."""
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    directory = _model_directory(kind, tmp_path, tiny_gpt2)
+    info = models.describe_model(str(directory))
+    assert info.kind == kind
+    fresh = models.load_model(info)  # a miss: converted, then stored
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+    real_load_bridge = models.load_bridge
+    monkeypatch.setattr(models, "load_bridge", lambda *a, **k: _refuse())
+    cached = models.load_model(info)
+    _assert_same_weights(cached.weights, fresh.weights)
+    assert cached.weight_hash == fresh.weight_hash
+
+    weights_file = next(p for p in directory.iterdir() if p.suffix in (".safetensors", ".pth"))
+    stat = weights_file.stat()
+    import os
+
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights were rewritten
+    booted = []
+    monkeypatch.setattr(models, "load_bridge", lambda i: booted.append(1) or real_load_bridge(i))
+    models.load_model(info)
+    assert booted == [1]
+
+
+def test_a_hub_model_is_keyed_on_its_downloaded_snapshot(tmp_path, monkeypatch, tiny_llama):
+    """A hub model's entry is keyed on the snapshot Hugging Face downloaded, as it is after
+    the load (which may download the weights into it), so the next load finds it."""
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")  # what describing the model downloaded
+    assert models.hub_snapshot("org/name", cache_dir=str(tmp_path / "hub")) == snapshot
+    assert models.hub_snapshot("org/missing", cache_dir=str(tmp_path / "hub")) is None
+
+    def download_and_convert():
+        (snapshot / "model.safetensors").write_bytes(b"weights")
+        return tiny_llama.weights
+
+    disk_cache.cached_weights(snapshot, download_and_convert, label="org/name")
+    [entry] = (tmp_path / "cache").glob("*.pt")
+    assert entry.name.startswith("org-name.weights.")
+    _assert_same_weights(disk_cache.cached_weights(snapshot, _refuse, label="org/name"), tiny_llama.weights)

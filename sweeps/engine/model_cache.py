@@ -1,14 +1,16 @@
-"""An on-disk cache of what is slow to rebuild from a GGUF file: processed weights and tokenizers.
+"""An on-disk cache of what is slow to rebuild: processed weights and the GGUF tokenizer.
 
 De-quantising SmolLM2's GGUF, booting the bridge and folding its norms takes
 15-30 s, and parsing the tokenizer out of the same file 3-6 s more. Every Ray
 actor, every CLI run and every test process paid that; from this cache the same
-load takes about a second.
+load takes about a second. A model from a directory (a Hugging Face model, a
+TransformerLens checkpoint, a hub model's downloaded snapshot) is cached the
+same way: booting and folding its bridge is most of its load too.
 
 - Where: ``$SWEEPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sweeps``, else
   ``~/.cache/sweeps``. ``SWEEPS_CACHE_DIR=off`` turns the cache off.
-- Key: everything the content depends on: the source file (absolute path,
-  size, modification time), the versions of the packages that convert it, and
+- Key: everything the content depends on: the source (absolute path; size, times
+  and inode of the file, or of every file under the directory), the versions of the packages that convert it, and
   the source of our own conversion code (``models.py``, ``transformer.py``). A
   change to any of them is a miss; stale entries are never read.
 - Writes go to a temp name in the same directory and are renamed into place, so
@@ -50,10 +52,27 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweeps"
 
 
-def entry_key(source: Path, what: str) -> str:
-    """A name for ``what`` (e.g. ``weights``) built from ``source``, unique to its content's inputs."""
-    stat = source.stat()
-    parts = [what, str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+def _source_parts(source: Path) -> list[str]:
+    """What identifies ``source``'s content: size, modification and change times and inode of
+    the file, or of every file under the directory (hidden ones, such as a download tool's
+    metadata, aside). A file rewritten in place or replaced gets a new change time or inode."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts))
+    else:
+        files = [source]
+    parts = [str(source.resolve())]
+    for file in files:
+        stat = file.stat()  # through symlinks: a hub snapshot's files link to its blobs
+        parts += [file.relative_to(source).as_posix() if file != source else "", str(stat.st_size),
+                  str(stat.st_mtime_ns), str(stat.st_ino), str(stat.st_ctime_ns)]
+    return parts
+
+
+def entry_key(source: Path, what: str, label: str | None = None) -> str:
+    """A name for ``what`` (e.g. ``weights``) built from ``source`` (a file or a directory),
+    unique to its content's inputs; it starts with ``label`` (default: the source's stem)."""
+    parts = [what, *_source_parts(source)]
     parts += [f"{name}=={version}" for name, version in package_versions(CONVERTERS).items()]
     here = Path(__file__).parent
     digest = hashlib.blake2b(digest_size=10)
@@ -61,7 +80,8 @@ def entry_key(source: Path, what: str) -> str:
         digest.update(part.encode() + b"\0")
     for name in CONVERSION_SOURCES:
         digest.update((here / name).read_bytes())
-    return f"{source.stem}.{what}.{digest.hexdigest()}"
+    readable = "".join(c if c.isalnum() or c in "-_" else "-" for c in (label or source.stem))
+    return f"{readable}.{what}.{digest.hexdigest()}"
 
 
 # --------------------------------------------------------------------------- #
@@ -78,18 +98,22 @@ def _weights_from_dict(saved: dict) -> ModelWeights:
     return ModelWeights(cfg=ModelConfig(**saved["cfg"]), **saved["tensors"])
 
 
-def cached_weights(source: Path, build: Callable[[], ModelWeights]) -> ModelWeights:
-    """The processed weights converted from ``source``: from the cache, else ``build()`` and store."""
+def cached_weights(source: Path, build: Callable[[], ModelWeights], label: str | None = None) -> ModelWeights:
+    """The processed weights converted from ``source``: from the cache, else ``build()`` and store.
+
+    The entry is stored under the key of the source as it is after ``build``: building
+    a hub model may download its weights into the snapshot directory first."""
     root = cache_dir()
     if root is None:
         return build()
-    path = root / f"{entry_key(source, 'weights')}.pt"
+    path = root / f"{entry_key(source, 'weights', label)}.pt"
     if path.is_file():
         try:
             return _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception:  # a damaged or foreign file is a miss, rewritten below
             pass
     weights = build()
+    path = root / f"{entry_key(source, 'weights', label)}.pt"
     _store(root, path, lambda staging: torch.save(_weights_to_dict(weights), staging))
     return weights
 

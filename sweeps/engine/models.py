@@ -427,16 +427,38 @@ class LoadedModel:
     weight_hash: str
 
 
+def cache_source(info: ModelInfo) -> Path | None:
+    """The file or directory a model's processed weights are keyed on, or None (not cached)."""
+    if info.kind in ("embedded", "local", "checkpoint"):
+        return Path(info.source)
+    if info.kind == "hub":
+        return hub_snapshot(info.source)
+    return None
+
+
+def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path | None:
+    """The local snapshot directory of a hub model (Hugging Face's own download cache), or
+    None when nothing of it is downloaded. Never goes to the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # not downloaded, or not a repo id: the load just is not cached
+        return None
+
+
 def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load, process, copy the weights out and drop the bridge. The embedded model's
-    processed weights are kept on disk (``model_cache``): de-quantising its GGUF file
-    and booting the bridge takes 15-30 s, reading them back about a second."""
+    """Load, process, copy the weights out and drop the bridge. Processed weights are
+    kept on disk (``model_cache``), keyed on the files they come from: de-quantising the
+    embedded GGUF file and booting the bridge takes 15-30 s, reading them back about a
+    second. Tiny models are not cached (they boot in milliseconds)."""
 
     def convert() -> ModelWeights:
         return weights_from_bridge(load_bridge(info))
 
-    if info.kind == "embedded":
-        weights = model_cache.cached_weights(Path(info.source), convert)
-    else:
+    source = cache_source(info)
+    if source is None:
         weights = convert()
+    else:
+        weights = model_cache.cached_weights(source, convert, label=info.name if info.kind == "hub" else None)
     return LoadedModel(info, weights.to(device), weight_hash(weights))
