@@ -294,7 +294,7 @@ class NextTokenLogProb(torch.autograd.Function):
         buffer = scratch.get("logits", (chunk, V), x.dtype, x.device)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            n = len(range(*rows.indices(x.shape[0])))
+            n = min(chunk, x.shape[0] - start)
             logits = torch.addmm(b_U, x[rows], W_U, out=buffer[:n])  # [n, V]
             t = targets[rows, None]
             picked = logits.gather(-1, t)[:, 0]

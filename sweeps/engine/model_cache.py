@@ -10,9 +10,10 @@ same way: booting and folding its bridge is most of its load too.
 - Where: ``$SWEEPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sweeps``, else
   ``~/.cache/sweeps``. ``SWEEPS_CACHE_DIR=off`` turns the cache off.
 - Key: everything the content depends on: the source (absolute path; size, times
-  and inode of the file, or of every file under the directory), the versions of the packages that convert it, and
-  the source of our own conversion code (``models.py``, ``transformer.py``). A
-  change to any of them is a miss; stale entries are never read.
+  and inode of the file, or of every file under the directory), the versions of
+  the packages that convert it, and the source of our own conversion code
+  (``models.py``, ``transformer.py``). A change to any of them is a miss; stale
+  entries are never read.
 - Writes go to a temp name in the same directory and are renamed into place, so
   a reader never sees half an entry, and processes that miss at the same time
   (two actors on a fresh node) each write a complete one. An entry that fails
