@@ -11,11 +11,14 @@ Sections (each prints its own table, then one summary table of every ratio):
   ray          the Ray executor with one and two workers against the in-process one
   memory       peak RSS of a worker: 10 heads against all, and against prompts x tokens
   growth       per-head cost against layers, heads, prompts and tokens; whole-sweep estimates
+  throughput   backup heads/s and scale (node, scale)/s on the GPU, its utilisation and peak
+               memory (goal 7; in the default run only when a GPU is present, and in --quick)
   profile      (only with --only) the torch profiler's top operators per workload
 
-Every figure is a ratio of two timings taken in the same run on the same machine
-(this one is noisy); nothing here is asserted by the tests, which check only that
-the fast paths give the numbers the straightforward ones give.
+Every figure but throughput's rates is a ratio of two timings taken in the same run on
+the same machine (this one is noisy); nothing here is asserted by the tests, which check
+only that every section runs and the fast paths give the numbers the straightforward
+ones give.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import time
 
 import torch
 
-from benchmarks import attribution, backup, growth, memory, profile, ray_overhead, scale
+from benchmarks import attribution, backup, growth, memory, profile, ray_overhead, scale, throughput
 from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 
 SECTIONS = ("backup", "scale", "attribution", "ray", "memory", "growth")
-EXTRA = ("profile",)  # only when asked for
+EXTRA = ("profile", "throughput")  # only when asked for (throughput: also with a GPU, and in --quick)
+
+
+def default_sections(quick: bool) -> list[str]:
+    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else [])]
 
 
 def parse_sections(text: str) -> list[str]:
@@ -46,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, small batches (CI smoke test)")
-    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS), metavar="LIST",
-                        help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--only", type=parse_sections, default=None, metavar="LIST",
+                        help=f"comma-separated sections (default: all of {', '.join(SECTIONS)}, and "
+                             "throughput with a GPU or --quick)")
     args = parser.parse_args(argv)
+    if args.only is None:
+        args.only = default_sections(args.quick)
     torch.set_grad_enabled(False)
     began = time.perf_counter()
     if args.quick:
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                            else memory.run(name, 270, small=(4, 32), large=(8, 64))),
         "profile": lambda: profile.run(setup),
         "growth": lambda: _growth(setup, name, args.quick),
+        "throughput": lambda: _throughput(setup, name, args.quick),
     }
     seconds = {}
     for section in sections:
@@ -94,6 +105,14 @@ def _growth(setup: Setup, name: str, quick: bool) -> list[Ratio]:
     others = growth.load_weights(["tiny-gpt2", "tiny-llama", "random-gpt2-small"])
     return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (8, 32),
                       prompts=[8, 16, 32], tokens=[16, 32, 64], grow_on=name)
+
+
+def _throughput(setup: Setup, name: str, quick: bool) -> list[Ratio]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    others = growth.load_weights(["tiny-gpt2"] if quick else ["random-gpt2-small"])
+    # On a GPU, as many prompts as the text corpus gives at 64 tokens: passes of 65,536 tokens.
+    n_prompts, seq_len = (4, 16) if quick else ((128, 64) if device.type == "cuda" else (32, 64))
+    return throughput.run({name: setup.weights, **others}, setup.bridge.tokenizer, n_prompts, seq_len, device)
 
 
 if __name__ == "__main__":

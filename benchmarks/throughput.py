@@ -1,0 +1,150 @@
+"""Sweep throughput on this machine's accelerator (goal 7): upstream heads per second for
+the backup sweep, and (node, scale) pairs per second for the scale sweep (each over every
+pair of the batch), for the embedded model and GPT-2 small's shape with random weights.
+
+On a GPU it also reports the GPU's name, its utilisation sampled every 0.2 s during each
+sweep (``nvidia-smi``, or ``torch.cuda.utilization`` when pynvml is there), and the peak
+memory a sweep allocated against the GPU's total. The pass size is the engines' own
+(``chunking.tokens_per_pass``: 65,536 tokens a pass on a GPU, halved on out-of-memory).
+
+Per-head cost is averaged over the first, middle and last layer (a restart's cost is linear
+in the layers after it, so that is a whole sweep's mean); scale nodes are head 0 of the
+same layers and the middle layer's MLP. It runs on a CPU too, so the section is tested
+there, but only a GPU run measures goal 7; ``python -m benchmarks`` includes it when a GPU
+is present, ``--only throughput`` runs it anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from benchmarks.backup import sample_layers
+from benchmarks.common import Ratio, print_table
+from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.engine.nodes import Node
+from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from tasks import TaskSpec, build_task
+
+SCALES = [0.0, 0.5, 2.0, 5.0]
+
+
+class UtilisationSampler:
+    """The GPU's utilisation (%), sampled in a thread while the ``with`` block runs; ``mean``
+    is None on a CPU or where neither ``nvidia-smi`` nor pynvml answers."""
+
+    def __init__(self, device: torch.device, every: float = 0.2) -> None:
+        self.read = _utilisation_reader(device)
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            value = self.read()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> "UtilisationSampler":
+        if self.read is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def _utilisation_reader(device: torch.device) -> Callable[[], float | None] | None:
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch.cuda.utilization(index)
+        return lambda: float(torch.cuda.utilization(index))
+    except Exception:  # no pynvml: ask nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+
+    def read() -> float | None:
+        out = subprocess.run([smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)],
+                             capture_output=True, text=True)
+        try:
+            return float(out.stdout.strip().splitlines()[0])
+        except (IndexError, ValueError):
+            return None
+
+    return read
+
+
+def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _sweep(device: torch.device, label: str, work: Callable[[], object]) -> dict:
+    """Seconds, mean utilisation and peak memory of ``work`` (after one untimed warm-up call)."""
+    work()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with UtilisationSampler(device) as sampler:
+        seconds = _timed(device, work)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"label": label, "seconds": seconds, "util": sampler.mean, "peak": peak}
+
+
+def measure(name: str, w, tokenizer, n_prompts: int, seq_len: int, device: torch.device) -> list[dict]:
+    """Backup heads per second and scale (node, scale) pairs per second for one model."""
+    w = w.to(device)
+    L, H = w.cfg.n_layers, w.cfg.n_heads
+    task = build_task(TaskSpec("text"), tokenizer, n_prompts=n_prompts, seq_len=seq_len)
+    layers = sample_layers(L, 3)
+
+    backup = BackupComputer(w, task, "resample", batch_size=n_prompts)
+    backup.batches()  # the clean state, once per sweep: not per head
+    heads = _sweep(device, "backup", lambda: [backup.run_heads(layer, list(range(H))) for layer in layers])
+    heads.update(model=name, unit="heads/s", rate=len(layers) * H / heads["seconds"])
+
+    pairs = make_pairs(task, "all", n_prompts // 2, 0, False)
+    scale = ScaleComputer(w, task, pairs, batch_size=n_prompts)
+    scale.groups()
+    nodes = [Node(layer, 0) for layer in layers] + [Node(layers[len(layers) // 2], None)]
+    if w.cfg.attn_only:
+        nodes = nodes[:-1]
+    scaled = _sweep(device, "scale", lambda: [scale.run_node(node, SCALES) for node in nodes])
+    scaled.update(model=name, unit=f"(node, scale)/s over {len(pairs)} pairs",
+                  rate=len(nodes) * len(SCALES) / scaled["seconds"])
+    return [heads, scaled]
+
+
+def run(weights_by_name: dict, tokenizer, n_prompts: int, seq_len: int, device: torch.device) -> list[Ratio]:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (goal 7 needs a GPU)"
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    print(f"## throughput on {where}: text task, {n_prompts} prompts x {seq_len} tokens, scales {SCALES}")
+    rows, ratios = [], []
+    for name, w in weights_by_name.items():
+        for r in measure(name, w, tokenizer, n_prompts, seq_len, device):
+            util = "n/a" if r["util"] is None else f"{r['util']:.0f} %"
+            peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.1f} of {total / 2**30:.0f} GiB"
+            rows.append([r["model"], r["label"], f"{r['rate']:.2f}", r["unit"], f"{r['seconds']:.2f}", util, peak])
+            ratios.append(Ratio("throughput", f"{r['model']}: {r['label']} {r['unit']}", r["rate"]))
+    print_table(["model", "sweep", "rate", "unit", "seconds", "GPU util", "peak memory"], rows)
+    print()
+    return ratios
