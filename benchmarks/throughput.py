@@ -119,8 +119,8 @@ def measure(name: str, w, tokenizer, n_prompts: int, seq_len: int, device: torch
 
     backup = BackupComputer(w, task, "resample", batch_size=n_prompts)
     backup.batches()  # the clean state, once per sweep: not per head
-    heads = _sweep(device, "backup", lambda: [backup.run_heads(layer, list(range(H))) for layer in layers])
-    heads.update(model=name, unit="heads/s", rate=len(layers) * H / heads["seconds"])
+    backup_row = _sweep(device, "backup", lambda: [backup.run_heads(layer, list(range(H))) for layer in layers])
+    backup_row.update(model=name, unit="heads/s", rate=len(layers) * H / backup_row["seconds"])
 
     pairs = make_pairs(task, "all", n_prompts // 2, 0, False)
     scale = ScaleComputer(w, task, pairs, batch_size=n_prompts)
@@ -128,10 +128,10 @@ def measure(name: str, w, tokenizer, n_prompts: int, seq_len: int, device: torch
     nodes = [Node(layer, 0) for layer in layers] + [Node(layers[len(layers) // 2], None)]
     if w.cfg.attn_only:
         nodes = nodes[:-1]
-    scaled = _sweep(device, "scale", lambda: [scale.run_node(node, SCALES) for node in nodes])
-    scaled.update(model=name, unit=f"(node, scale)/s over {len(pairs)} pairs",
-                  rate=len(nodes) * len(SCALES) / scaled["seconds"])
-    return [heads, scaled]
+    scale_row = _sweep(device, "scale", lambda: [scale.run_node(node, SCALES) for node in nodes])
+    scale_row.update(model=name, unit=f"(node, scale)/s over {len(pairs)} pairs",
+                     rate=len(nodes) * len(SCALES) / scale_row["seconds"])
+    return [backup_row, scale_row]
 
 
 def run(weights_by_name: dict, tokenizer, n_prompts: int, seq_len: int, device: torch.device) -> list[Ratio]:
