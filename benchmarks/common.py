@@ -61,15 +61,23 @@ def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int) -> Setup:
 
 
 def timed(fn: Callable[[], object], repeat: int = 1, warmup: bool = False) -> float:
-    """Median wall-clock seconds of ``repeat`` calls (after one untimed call if ``warmup``)."""
+    """Median wall-clock seconds of ``repeat`` calls (after one untimed call if ``warmup``),
+    each until the GPU, if there is one, has finished what the call queued."""
     if warmup:
         fn()
     times = []
     for _ in range(repeat):
+        _synchronize()
         start = time.perf_counter()
         fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def counted_flops(fn: Callable[[], object]) -> float:

@@ -19,20 +19,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 from typing import Callable
 
 import torch
 
 from benchmarks.backup import sample_layers
-from benchmarks.common import Ratio, print_table
+from benchmarks.common import Ratio, print_table, timed
+from benchmarks.scale import SCALES
 from sweeps.engine.backup_sweep import BackupComputer
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
 from tasks import TaskSpec, build_task
-
-SCALES = [0.0, 0.5, 2.0, 5.0]
-
 
 class UtilisationSampler:
     """The GPU's utilisation (%), sampled in a thread while the ``with`` block runs; ``mean``
@@ -89,23 +86,13 @@ def _utilisation_reader(device: torch.device) -> Callable[[], float | None] | No
     return read
 
 
-def _timed(device: torch.device, fn: Callable[[], object]) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _sweep(device: torch.device, label: str, work: Callable[[], object]) -> dict:
     """Seconds, mean utilisation and peak memory of ``work`` (after one untimed warm-up call)."""
     work()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with UtilisationSampler(device) as sampler:
-        seconds = _timed(device, work)
+        seconds = timed(work)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"label": label, "seconds": seconds, "util": sampler.mean, "peak": peak}
 
