@@ -1,6 +1,6 @@
 """Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~11 min, 2 cores)
+    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~10 min, 2 cores)
     python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (~1 min)
     python -m benchmarks --only scale,ray # some sections
 

@@ -31,6 +31,7 @@ from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
 from tasks import TaskSpec, build_task
 
+
 class UtilisationSampler:
     """The GPU's utilisation (%), sampled in a thread while the ``with`` block runs; ``mean``
     is None on a CPU or where neither ``nvidia-smi`` nor pynvml answers."""
