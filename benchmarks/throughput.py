@@ -3,9 +3,11 @@ the backup sweep, and (node, scale) pairs per second for the scale sweep (each o
 pair of the batch), for the embedded model and GPT-2 small's shape with random weights.
 
 On a GPU it also reports the GPU's name, its utilisation sampled every 0.2 s during each
-sweep (``nvidia-smi``, or ``torch.cuda.utilization`` when pynvml is there), and the peak
-memory a sweep allocated against the GPU's total. The pass size is the engines' own
-(``chunking.tokens_per_pass``: 65,536 tokens a pass on a GPU, halved on out-of-memory).
+sweep (``nvidia-smi``, or ``torch.cuda.utilization`` when pynvml is there), and the most
+memory torch held during a sweep against the GPU's total. The pass size is the engines'
+own: 65,536 tokens for the first pass, then grown to fill 80 % of the free memory from
+what that pass allocated (``chunking.map_chunks`` with a ``CudaGauge``), halved on
+out-of-memory.
 
 Per-head cost is averaged over the first, middle and last layer (a restart's cost is linear
 in the layers after it, so that is a whole sweep's mean); scale nodes are head 0 of the
@@ -34,11 +36,12 @@ from tasks import TaskSpec, build_task
 
 class UtilisationSampler:
     """The GPU's utilisation (%), sampled in a thread while the ``with`` block runs; ``mean``
-    is None on a CPU or where neither ``nvidia-smi`` nor pynvml answers."""
+    is None on a CPU or where neither ``nvidia-smi`` nor pynvml answers. ``peak_held``: the
+    most memory torch held on the GPU meanwhile (None on a CPU)."""
 
     def __init__(self, device: torch.device, every: float = 0.2) -> None:
         self.read = _utilisation_reader(device)
-        self.every, self.samples = every, []
+        self.device, self.every, self.samples, self.peak_held = device, every, [], None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -47,6 +50,13 @@ class UtilisationSampler:
             value = self.read()
             if value is not None:
                 self.samples.append(value)
+            self._held()
+
+    def _held(self) -> None:
+        # What torch's caching allocator holds: it keeps what a pass reserved, so this is the
+        # sweep's high-water mark (the engines reset the allocator's own peak for every pass).
+        if self.device.type == "cuda":
+            self.peak_held = max(self.peak_held or 0, torch.cuda.memory_reserved(self.device))
 
     def __enter__(self) -> "UtilisationSampler":
         if self.read is not None:
@@ -57,6 +67,7 @@ class UtilisationSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._held()
 
     @property
     def mean(self) -> float | None:
@@ -88,14 +99,13 @@ def _utilisation_reader(device: torch.device) -> Callable[[], float | None] | No
 
 
 def _sweep(device: torch.device, label: str, work: Callable[[], object]) -> dict:
-    """Seconds, mean utilisation and peak memory of ``work`` (after one untimed warm-up call)."""
-    work()
+    """Seconds, mean utilisation and peak memory held of ``work`` (after one untimed warm-up call)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.empty_cache()  # what the last sweep held is not this one's
+    work()
     with UtilisationSampler(device) as sampler:
         seconds = timed(work)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"label": label, "seconds": seconds, "util": sampler.mean, "peak": peak}
+    return {"label": label, "seconds": seconds, "util": sampler.mean, "peak": sampler.peak_held}
 
 
 def measure(name: str, w, tokenizer, n_prompts: int, seq_len: int, device: torch.device) -> list[dict]:
@@ -133,6 +143,6 @@ def run(weights_by_name: dict, tokenizer, n_prompts: int, seq_len: int, device: 
             peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.1f} of {total / 2**30:.0f} GiB"
             rows.append([r["model"], r["label"], f"{r['rate']:.2f}", r["unit"], f"{r['seconds']:.2f}", util, peak])
             ratios.append(Ratio("throughput", f"{r['model']}: {r['label']} {r['unit']}", r["rate"]))
-    print_table(["model", "sweep", "rate", "unit", "seconds", "GPU util", "peak memory"], rows)
+    print_table(["model", "sweep", "rate", "unit", "seconds", "GPU util", "memory held (peak)"], rows)
     print()
     return ratios

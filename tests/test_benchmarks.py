@@ -40,4 +40,4 @@ def test_utilisation_sampler_reads_while_the_block_runs(monkeypatch):
     assert len(sampler.samples) == n  # stopped with the block
     with throughput.UtilisationSampler(torch.device("cpu")) as cpu:  # the real reader: none on a CPU
         pass
-    assert cpu.mean is None
+    assert cpu.mean is None and cpu.peak_held is None

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from sweeps.engine import attribution as A
-from sweeps.engine.chunking import map_chunks, tokens_per_pass
+from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
 
@@ -75,7 +75,8 @@ def prompts_per_pass(task: TaskData, graph: A.Graph, cfg, device: torch.device) 
     keeps, roughly 40 ``D``-sized tensors a layer (measured on SmolLM2: 0.23 GB per prompt
     of 64 tokens, as estimated). The budget is 2 GiB on a CPU (9 such prompts a pass;
     passes of 8 ran about 10 % faster than passes of 4, and passes of 16 slower again, as
-    their allocations stop fitting), and 8 GiB on a GPU."""
+    their allocations stop fitting), and 8 GiB for a GPU's first pass (``map_chunks`` then
+    grows the passes to fill its free memory)."""
     budget_floats = ((8 if device.type == "cuda" else 2) << 30) // 4
     per_token = (len(graph.upstream) + 40 * cfg.n_layers) * cfg.d_model
     return max(1, budget_floats // (per_token * int(task.clean.shape[1])))
@@ -135,7 +136,8 @@ class AttributionJob:
                     "use shorter prompts or a machine with more memory")
 
         for _, _, part in map_chunks(batch.n_prompts, per_pass,
-                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch), advice):
+                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch), advice,
+                                     memory_gauge(w.device)):
             total = add(total, part)
         return attribution_tables(graph, total, shard)
 
@@ -147,7 +149,7 @@ class AttributionJob:
         for a, b, (metric, sums) in map_chunks(
             batch.n_prompts, per_pass,
             lambda a, b: _verify_chunk(w, graph, batch.select(slice(a, b)), list(shard.targets)),
-            lambda: "out of memory patching one prompt; use shorter prompts",
+            lambda: "out of memory patching one prompt; use shorter prompts", memory_gauge(w.device),
         ):
             clean += metric
             patched += sums

@@ -18,7 +18,7 @@ import torch
 
 from sweeps.engine import effects
 from sweeps.engine import transformer as tf
-from sweeps.engine.chunking import map_chunks, tokens_per_pass
+from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from sweeps.engine.plan import Shard
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
@@ -120,8 +120,9 @@ class BackupComputer:
                 return (f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
                         f"tokens; use a smaller --batch-size (now {self.batch_size})")
 
-            per_pass = tokens_per_pass(state.resid_pre.device) // (B * T)
-            for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice):
+            device = state.resid_pre.device
+            per_pass = tokens_per_pass(device) // (B * T)
+            for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice, memory_gauge(device)):
                 chunk = heads[start:stop]
                 delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
                 delta_mlps = result.mlps - state.de_mlps[None, layer:]

@@ -1,14 +1,16 @@
-"""Split big batched passes into chunks that fit, halving on out-of-memory.
+"""Split big batched passes into chunks that fit: halve on out-of-memory, grow to fill a GPU.
 
-Both sweeps run many copies of a batch as one forward (G ablations × B
-prompts). How many fit depends on the device; ``map_chunks`` starts from
-``tokens_per_pass`` and halves a chunk that runs out of memory instead of
-failing the shard.
+Every sweep runs many copies of a batch as one forward (G ablations × B prompts,
+S scales × P pairs, a block of prompts). How many fit depends on the device.
+``map_chunks`` starts from ``tokens_per_pass``; on a GPU it then measures what a
+chunk allocated and grows the next chunks to fill the free memory (a
+``MemoryGauge``), and on any device it halves a chunk that runs out of memory
+instead of failing the shard.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Protocol, TypeVar
 
 import torch
 
@@ -21,27 +23,82 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def tokens_per_pass(device: torch.device) -> int:
-    """How many tokens (copies × prompts × positions) one restart pass processes.
+    """How many tokens (copies × prompts × positions) the first restart pass processes.
 
-    On a CPU a pass that fits the caches is faster (measured: 8192 tokens of
-    SmolLM2 beat 16384 by 20 % on 2 cores); a GPU wants large batches.
+    On a CPU that stays the pass size: a pass that fits the caches is faster
+    (measured: 8192 tokens of SmolLM2 beat 16384 by 20 % on 2 cores). A GPU wants
+    large batches: 65,536 tokens to start with, and ``map_chunks`` grows the passes
+    after it to fill the memory that is free.
     """
     return 1 << 16 if device.type == "cuda" else 1 << 13
 
 
-def map_chunks(
-    n: int, per_pass: int, compute: Callable[[int, int], R], advice: Callable[[], str]
-) -> Iterator[tuple[int, int, R]]:
-    """Yield ``(start, stop, compute(start, stop))`` over ``[0, n)`` in chunks of ≤ ``per_pass``.
+class MemoryGauge(Protocol):
+    """What ``map_chunks`` needs to size chunks to a device's memory."""
 
-    A chunk that runs out of memory is retried at half the size; at size 1
-    the error becomes a RuntimeError carrying ``advice()`` (e.g. which
-    ``--batch-size`` to use). ``compute`` must have no side effects: the
-    caller accumulates what is yielded.
+    def budget(self) -> int:
+        """Bytes the next chunk may allocate."""
+
+    def begin(self) -> None:
+        """Start measuring a chunk."""
+
+    def used(self) -> int:
+        """Peak bytes allocated since ``begin``, over what was allocated then."""
+
+
+class CudaGauge:
+    """A GPU's free memory and a chunk's peak allocation, from torch's caching allocator.
+
+    The budget is ``fraction`` of what is free: the driver's free memory plus what
+    torch holds cached but unused. The rest is slack for what the caller keeps of
+    each chunk's result and for the estimate being linear in the chunk's size.
     """
-    per_pass, start = max(1, per_pass), 0
+
+    def __init__(self, device: torch.device, fraction: float = 0.8) -> None:
+        self.device, self.fraction, self._base = device, fraction, 0
+
+    def budget(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(self.fraction * (free + cached))
+
+    def begin(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+
+    def used(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) - self._base
+
+
+def memory_gauge(device: torch.device) -> MemoryGauge | None:
+    """A gauge for a GPU; None on a CPU, where the first pass size is kept (see ``tokens_per_pass``)."""
+    return CudaGauge(device) if device.type == "cuda" else None
+
+
+def map_chunks(
+    n: int,
+    per_pass: int,
+    compute: Callable[[int, int], R],
+    advice: Callable[[], str],
+    gauge: MemoryGauge | None = None,
+    max_growth: int = 4,
+) -> Iterator[tuple[int, int, R]]:
+    """Yield ``(start, stop, compute(start, stop))`` over ``[0, n)``, in chunks of ``per_pass`` at first.
+
+    With a ``gauge``, each chunk's peak allocation gives the bytes one unit costs
+    (the largest seen so far), and the next chunk is made as large as the gauge's
+    budget allows, at most ``max_growth`` times the last. A chunk that runs out of
+    memory is retried at half the size, and chunks stop growing; at size 1 the
+    error becomes a RuntimeError carrying ``advice()`` (e.g. which ``--batch-size``
+    to use). ``compute`` must have no side effects: the caller accumulates what
+    is yielded.
+    """
+    per_pass, start, per_unit = max(1, per_pass), 0, 0.0
     while start < n:
         stop = min(n, start + per_pass)
+        if gauge is not None:
+            budget = gauge.budget()
+            gauge.begin()
         try:
             result = compute(start, stop)
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
@@ -49,9 +106,13 @@ def map_chunks(
                 raise
             if per_pass == 1:
                 raise RuntimeError(advice()) from None
-            per_pass = max(1, per_pass // 2)
+            per_pass, gauge = max(1, per_pass // 2), None  # what fits is now known: stop growing
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        if gauge is not None:
+            per_unit = max(per_unit, gauge.used() / (stop - start))
+            if per_unit > 0:
+                per_pass = max(per_pass, min(max_growth * per_pass, int(budget / per_unit)))
         yield start, stop, result
         start = stop

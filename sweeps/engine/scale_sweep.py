@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sweeps.engine import scaling
 from sweeps.engine import transformer as tf
-from sweeps.engine.chunking import map_chunks, tokens_per_pass
+from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from sweeps.engine.circuits import Circuit
 from sweeps.engine.nodes import Node
 from sweeps.engine.plan import ScaleShard
@@ -226,7 +226,7 @@ class ScaleComputer:
                         f"use a smaller model or shorter prompts")
 
             per_pass = tokens_per_pass(w.device) // T
-            for _, _, (s, flips, drop) in map_chunks(S * P, per_pass, patch, advice):
+            for _, _, (s, flips, drop) in map_chunks(S * P, per_pass, patch, advice, memory_gauge(w.device)):
                 changed.index_add_(0, s.cpu(), flips.double().cpu())
                 metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
             n_points += P * Q
