@@ -166,3 +166,49 @@ def test_a_hub_model_is_keyed_on_its_downloaded_snapshot(tmp_path, monkeypatch, 
     [entry] = (tmp_path / "cache").glob("*.pt")
     assert entry.name.startswith("org-name.weights.")
     _assert_same_weights(disk_cache.cached_weights(snapshot, _refuse, label="org/name"), tiny_llama.weights)
+
+
+def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, monkeypatch, tiny_llama):
+    """Entries past ``SWEEPS_CACHE_MAX_GB`` are removed oldest use first; a hit counts as a
+    use; the entry just written stays; a dead writer's old staging file goes too."""
+    import os
+    import time
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SWEEPS_CACHE_DIR", str(root))
+    sources = []
+    for i in range(3):
+        sources.append(tmp_path / f"model{i}.gguf")
+        sources[-1].write_bytes(b"weights %d" % i)
+        disk_cache.cached_weights(sources[-1], lambda: tiny_llama.weights)
+    entries = {p.name.split(".")[0]: p for p in root.glob("*.pt")}
+    assert sorted(entries) == ["model0", "model1", "model2"]
+    size = entries["model0"].stat().st_size
+    now = time.time()
+    for age, name in [(300, "model0"), (200, "model1"), (100, "model2")]:  # written in that order
+        os.utime(entries[name], (now - age, now - age))
+    disk_cache.cached_weights(sources[0], _refuse)  # a hit: model0 is now the most recently used
+    staging = root / "tmp-dead.partial"
+    staging.write_bytes(b"half")
+    os.utime(staging, (now - 2 * disk_cache.STALE_STAGING_S,) * 2)
+    live_staging = root / "tmp-live.partial"  # another writer's, still being written
+    live_staging.write_bytes(b"half")
+
+    monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", str(2.5 * size / 1e9))  # room for two entries
+    source = tmp_path / "model3.gguf"
+    source.write_bytes(b"weights 3")
+    disk_cache.cached_weights(source, lambda: tiny_llama.weights)
+    left = sorted(p.name.split(".")[0] for p in root.glob("*.pt"))
+    assert left == ["model0", "model3"]  # model1 and model2 were the least recently used
+    assert not staging.exists() and live_staging.exists()
+
+    monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", "0")  # smaller than any entry: the new one still stays
+    source.write_bytes(b"weights 3, rewritten")
+    disk_cache.cached_weights(source, lambda: tiny_llama.weights)
+    [kept] = root.glob("*.pt")
+    _assert_same_weights(disk_cache.cached_weights(source, _refuse), tiny_llama.weights)
+    assert kept.exists()
+
+    monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", "lots")
+    with pytest.warns(UserWarning, match="SWEEPS_CACHE_MAX_GB"):
+        assert disk_cache.max_bytes() == int(disk_cache.DEFAULT_MAX_GB * 1e9)

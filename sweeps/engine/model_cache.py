@@ -18,6 +18,10 @@ same way: booting and folding its bridge is most of its load too.
   a reader never sees half an entry, and processes that miss at the same time
   (two actors on a fresh node) each write a complete one. An entry that fails
   to read is a miss: it is rebuilt and written again.
+- Size: after each write the least recently used entries are removed until the
+  cache holds at most ``$SWEEPS_CACHE_MAX_GB`` (default 8) GB; the entry just
+  written always stays. A hit marks its entry used (its modification time). An
+  entry removed while another process reads it is a miss there, never an error.
 - The weight hash recorded with each result is still computed from the loaded
   weights, never read from the cache.
 """
@@ -29,6 +33,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +49,11 @@ CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
 CONVERSION_SOURCES = ("models.py", "transformer.py")
 
 
+DEFAULT_MAX_GB = 8.0
+# A staging file this old belongs to a writer that died: removed with the old entries.
+STALE_STAGING_S = 24 * 3600
+
+
 def cache_dir() -> Path | None:
     """The cache's directory, or None when ``SWEEPS_CACHE_DIR=off``."""
     value = os.environ.get("SWEEPS_CACHE_DIR", "")
@@ -51,6 +62,20 @@ def cache_dir() -> Path | None:
     if value:
         return Path(value)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweeps"
+
+
+def max_bytes() -> int:
+    """The cache's size limit: ``$SWEEPS_CACHE_MAX_GB`` gigabytes (10⁹ bytes), default 8.
+    A value that is not a number is warned about and the default used: a cache setting
+    is not worth failing a sweep over."""
+    value = os.environ.get("SWEEPS_CACHE_MAX_GB", "")
+    try:
+        gb = float(value) if value else DEFAULT_MAX_GB
+    except ValueError:
+        warnings.warn(f"SWEEPS_CACHE_MAX_GB={value!r} is not a number of gigabytes; using {DEFAULT_MAX_GB:g}",
+                      stacklevel=2)
+        gb = DEFAULT_MAX_GB
+    return int(max(gb, 0.0) * 1e9)
 
 
 def _source_parts(source: Path) -> list[str]:
@@ -110,8 +135,10 @@ def cached_weights(source: Path, build: Callable[[], ModelWeights], label: str |
     path = root / f"{entry_key(source, 'weights', label)}.pt"
     if path.is_file():
         try:
-            return _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # a damaged or foreign file is a miss, rewritten below
+            weights = _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True))
+            _touch(path)
+            return weights
+        except Exception:  # a damaged, foreign or just-evicted file is a miss, rewritten below
             pass
     weights = build()
     path = root / f"{entry_key(source, 'weights', label)}.pt"
@@ -134,8 +161,10 @@ def cached_tokenizer(source: Path, build: Callable[[], object]):
     path = root / entry_key(source, "tokenizer")
     if path.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception:  # a damaged entry is a miss, replaced below
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            _touch(path)
+            return tokenizer
+        except Exception:  # a damaged (or just-evicted) entry is a miss, replaced below
             shutil.rmtree(path, ignore_errors=True)
     tokenizer = build()
     _store(root, path, lambda staging: tokenizer.save_pretrained(str(staging)), directory=True)
@@ -163,6 +192,59 @@ def _store(root: Path, path: Path, write: Callable[[Path], object], directory: b
         pass
     finally:
         _remove(staging)
+    evict(root, keep=path)
+
+
+# --------------------------------------------------------------------------- #
+# Size: least recently used entries go first
+# --------------------------------------------------------------------------- #
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry used now (its modification time is its last use)."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache is still a cache
+        pass
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Remove the least recently used entries of ``root`` until it holds at most ``limit``
+    bytes (default ``max_bytes()``), never ``keep``; also remove staging files left by
+    writers that died a day ago or more. Returns what was removed."""
+    limit = max_bytes() if limit is None else limit
+    entries, removed = [], []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        try:
+            stat = child.stat()
+            if child.name.startswith("tmp-"):  # another writer's, still being written unless stale
+                if time.time() - stat.st_mtime > STALE_STAGING_S:
+                    _remove(child)
+                    removed.append(child)
+                continue
+            entries.append((stat.st_mtime, _size(child), child))
+        except OSError:  # removed meanwhile by another process
+            continue
+    total = sum(size for _, size, _ in entries)
+    for _, size, child in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and child == keep:
+            continue
+        _remove(child)
+        removed.append(child)
+        total -= size
+    return removed
 
 
 def _remove(path: Path | None) -> None:
