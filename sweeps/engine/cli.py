@@ -99,8 +99,12 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
 
 def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     g = parser.add_argument_group("execution")
+    # On a GPU the passes grow to fill free memory (chunking.map_chunks); in the backup and
+    # attribution sweeps B bounds how large they can get, in the scale sweep it does not.
+    fill = ("; a larger B gives them more to fill" if sweep in ("backup", "attribution") else "")
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
-                   help="prompts per forward pass (default 32); lower it if memory runs out")
+                   help="prompts per forward pass (default 32); lower it if memory runs out. On a GPU "
+                   f"the passes grow on their own to fill free memory{fill}")
     g.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray (default): a pool of Ray actors, one model replica per GPU (CPU actors "
                    "without GPUs); joins a running cluster (RAY_ADDRESS or `ray start`), else starts "
