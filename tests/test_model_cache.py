@@ -170,7 +170,8 @@ def test_a_hub_model_is_keyed_on_its_downloaded_snapshot(tmp_path, monkeypatch, 
 
 def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, monkeypatch, tiny_llama):
     """Entries past ``SWEEPS_CACHE_MAX_GB`` are removed oldest use first; a hit counts as a
-    use; the entry just written stays; a dead writer's old staging file goes too."""
+    use; the entry just written stays; a dead writer's old staging file goes too; files
+    that are not the cache's stay."""
     import os
     import time
 
@@ -188,11 +189,14 @@ def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, mon
     for age, name in [(300, "model0"), (200, "model1"), (100, "model2")]:  # written in that order
         os.utime(entries[name], (now - age, now - age))
     disk_cache.cached_weights(sources[0], _refuse)  # a hit: model0 is now the most recently used
-    staging = root / "tmp-dead.partial"
+    staging = root / f"{disk_cache.STAGING_PREFIX}dead.partial"
     staging.write_bytes(b"half")
-    os.utime(staging, (now - 2 * disk_cache.STALE_STAGING_S,) * 2)
-    live_staging = root / "tmp-live.partial"  # another writer's, still being written
+    live_staging = root / f"{disk_cache.STAGING_PREFIX}live.partial"  # another writer's, still being written
     live_staging.write_bytes(b"half")
+    unrelated = root / "notes.txt"  # not the cache's: never removed, whatever its age or size
+    unrelated.write_bytes(b"x" * size)
+    for path in (staging, unrelated):
+        os.utime(path, (now - 2 * disk_cache.STALE_STAGING_S,) * 2)
 
     monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", str(2.5 * size / 1e9))  # room for two entries
     source = tmp_path / "model3.gguf"
@@ -200,7 +204,7 @@ def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, mon
     disk_cache.cached_weights(source, lambda: tiny_llama.weights)
     left = sorted(p.name.split(".")[0] for p in root.glob("*.pt"))
     assert left == ["model0", "model3"]  # model1 and model2 were the least recently used
-    assert not staging.exists() and live_staging.exists()
+    assert not staging.exists() and live_staging.exists() and unrelated.exists()
 
     monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", "0")  # smaller than any entry: the new one still stays
     source.write_bytes(b"weights 3, rewritten")

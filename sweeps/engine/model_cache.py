@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +51,10 @@ CONVERSION_SOURCES = ("models.py", "transformer.py")
 
 
 DEFAULT_MAX_GB = 8.0
+# Names eviction may remove: entries (``entry_key``, weights with ``.pt``) and staging
+# files. Nothing else in the directory is touched, should it be shared with other files.
+ENTRY_NAME = re.compile(r"^[\w-]+\.(weights|tokenizer)\.[0-9a-f]{20}(\.pt)?$")
+STAGING_PREFIX = "tmp-sweeps-"
 # A staging file this old belongs to a writer that died: removed with the old entries.
 STALE_STAGING_S = 24 * 3600
 
@@ -180,9 +185,9 @@ def _store(root: Path, path: Path, write: Callable[[Path], object], directory: b
         root.mkdir(parents=True, exist_ok=True)
         # "tmp-", not ".tmp-": torch.save refuses a file name that starts with a dot.
         if directory:
-            staging = Path(tempfile.mkdtemp(dir=root, prefix="tmp-"))
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
         else:
-            fd, name = tempfile.mkstemp(dir=root, prefix="tmp-", suffix=".partial")
+            fd, name = tempfile.mkstemp(dir=root, prefix=STAGING_PREFIX, suffix=".partial")
             os.close(fd)
             staging = Path(name)
         write(staging)
@@ -215,9 +220,10 @@ def _size(path: Path) -> int:
 
 
 def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:
-    """Remove the least recently used entries of ``root`` until it holds at most ``limit``
+    """Remove the least recently used entries of ``root`` until they hold at most ``limit``
     bytes (default ``max_bytes()``), never ``keep``; also remove staging files left by
-    writers that died a day ago or more. Returns what was removed."""
+    writers that died a day ago or more. Files of other names are left alone. Returns
+    what was removed."""
     limit = max_bytes() if limit is None else limit
     entries, removed = [], []
     try:
@@ -226,13 +232,12 @@ def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> lis
         return removed
     for child in children:
         try:
-            stat = child.stat()
-            if child.name.startswith("tmp-"):  # another writer's, still being written unless stale
-                if time.time() - stat.st_mtime > STALE_STAGING_S:
+            if child.name.startswith(STAGING_PREFIX):  # another writer's, still being written unless stale
+                if time.time() - child.stat().st_mtime > STALE_STAGING_S:
                     _remove(child)
                     removed.append(child)
-                continue
-            entries.append((stat.st_mtime, _size(child), child))
+            elif ENTRY_NAME.match(child.name):
+                entries.append((child.stat().st_mtime, _size(child), child))
         except OSError:  # removed meanwhile by another process
             continue
     total = sum(size for _, size, _ in entries)
