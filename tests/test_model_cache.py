@@ -195,6 +195,9 @@ def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, mon
     live_staging.write_bytes(b"half")
     unrelated = root / "notes.txt"  # not the cache's: never removed, whatever its age or size
     unrelated.write_bytes(b"x" * size)
+    old_style = root / f"model.v0.weights.{'0' * 20}.pt"  # an earlier version's name (a dot in the label)
+    old_style.write_bytes(b"x" * size)
+    os.utime(old_style, (now - 1000, now - 1000))  # the least recently used of all
     for path in (staging, unrelated):
         os.utime(path, (now - 2 * disk_cache.STALE_STAGING_S,) * 2)
 
@@ -204,7 +207,7 @@ def test_the_least_recently_used_entries_go_when_the_cache_is_full(tmp_path, mon
     disk_cache.cached_weights(source, lambda: tiny_llama.weights)
     left = sorted(p.name.split(".")[0] for p in root.glob("*.pt"))
     assert left == ["model0", "model3"]  # model1 and model2 were the least recently used
-    assert not staging.exists() and live_staging.exists() and unrelated.exists()
+    assert not staging.exists() and live_staging.exists() and unrelated.exists() and not old_style.exists()
 
     monkeypatch.setenv("SWEEPS_CACHE_MAX_GB", "0")  # smaller than any entry: the new one still stays
     source.write_bytes(b"weights 3, rewritten")

@@ -51,9 +51,10 @@ CONVERSION_SOURCES = ("models.py", "transformer.py")
 
 
 DEFAULT_MAX_GB = 8.0
-# Names eviction may remove: entries (``entry_key``, weights with ``.pt``) and staging
-# files. Nothing else in the directory is touched, should it be shared with other files.
-ENTRY_NAME = re.compile(r"^[\w-]+\.(weights|tokenizer)\.[0-9a-f]{20}(\.pt)?$")
+# Names eviction may remove: entries (``entry_key``, weights with ``.pt``; earlier versions
+# kept dots in the label) and staging files. Nothing else in the directory is touched,
+# should it be shared with other files.
+ENTRY_NAME = re.compile(r"^[\w.-]+\.(weights|tokenizer)\.[0-9a-f]{20}(\.pt)?$")
 STAGING_PREFIX = "tmp-sweeps-"
 # A staging file this old belongs to a writer that died: removed with the old entries.
 STALE_STAGING_S = 24 * 3600
