@@ -2,11 +2,16 @@
 
 - forward: one plain forward of the dataset to logits (the unit);
 - floor: what any gradient attribution needs, one clean forward and backward (to the
-  embeddings, through every block) and one corrupt forward, with plain autograd, in
+  embeddings, through every block) and one corrupt forward, each to the task's metric
+  (the read-out over the vocabulary only where the metric needs it), with plain autograd, in
   passes of as many prompts as the engine's (one pass of the whole dataset is slower
   on a CPU: its activations stop fitting the caches);
 - engine: ``AttributionJob`` over every prompt, every node and every edge (q, k, v per
   head, MLP inputs, the final stream), as the sweep runs it.
+
+Both on the text task at the benchmark's batch (every position's next token: the
+read-out over the vocabulary is a fifth of a forward, in both forwards and the
+backward) and on IOI (the design's metric, a logit difference at one position).
 
 Beside the timings, the FLOPs torch counts (``counted_flops``) for the floor and the
 engine over a forward's, on two of the prompts (every count is linear in prompts):
@@ -23,8 +28,9 @@ import torch
 
 from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print_timings, timed
 from sweeps.engine import transformer as tf
-from sweeps.engine.attribution import build_graph
+from sweeps.engine.attribution import build_graph, metric_terms
 from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard, prompts_per_pass
+from tasks import TaskSpec, build_task
 
 
 class _Model:
@@ -38,22 +44,30 @@ def _floor(w: tf.ModelWeights, task, per_pass: int) -> None:
 
 
 def _floor_pass(w: tf.ModelWeights, task) -> None:
+    rope = tf.rotary_tables(w, task.clean.shape[1])
     with torch.no_grad():
-        forward_logits(w, task.corrupt)
+        _metric(w, tf.run_blocks(w, 0, tf.embed(w, task.corrupt), rope), task)
     with torch.enable_grad():
         embedded = tf.embed(w, task.clean).requires_grad_(True)
-        logits = tf.unembed(w, tf.run_blocks(w, 0, embedded, tf.rotary_tables(w, task.clean.shape[1])))
-        logits.log_softmax(-1).amax(-1).sum().backward()
+        _metric(w, tf.run_blocks(w, 0, embedded, rope), task).backward()
 
 
-def run(s: Setup, rounds: int = 3) -> list[Ratio]:
-    w, task = s.weights, s.task
+def _metric(w: tf.ModelWeights, resid, task):
+    """A scalar as costly as the task's metric: the read-out over the vocabulary at every
+    position for text; for a logit difference, a dot product at each answer position."""
+    if task.kind == "logit_diff":
+        return metric_terms(w, resid, task).sum()
+    return tf.unembed(w, resid).log_softmax(-1).amax(-1).sum()
+
+
+def _measure(w: tf.ModelWeights, task, rounds: int) -> dict:
+    """The forward, the floor and the engine on ``task``, each of the floor and the engine
+    timed right after a forward of the dataset, and the ratios taken per pair (this
+    machine's speed drifts over a minute); FLOPs counted on two of the prompts."""
     graph = build_graph(w.cfg)
     per_pass = prompts_per_pass(task, graph, w.cfg, w.device)
     job = AttributionJob(task)
     job.bind(_Model(w))
-    # Each of the floor and the engine is timed right after a forward of the dataset, and
-    # the ratios are taken per pair (this machine's speed drifts over a minute).
     forward_logits(w, task.clean)  # warm-up
     pairs: dict[str, list[tuple[float, float]]] = {"floor": [], "engine": []}
     for _ in range(rounds):
@@ -62,26 +76,51 @@ def run(s: Setup, rounds: int = 3) -> list[Ratio]:
             pairs[name].append((timed(lambda: forward_logits(w, task.clean)), timed(fn)))
     two = task.select(slice(0, min(2, task.n_prompts)))
     unit = counted_flops(lambda: forward_logits(w, two.clean))
-    floor_flops = counted_flops(lambda: _floor_pass(w, two)) / unit
-    engine_flops = counted_flops(lambda: job.run_shard(AttributionShard(0, two.n_prompts))) / unit
-    forward = statistics.median(f for pair in pairs.values() for f, _ in pair)
-    floor, engine = (statistics.median(t for _, t in pairs[name]) for name in ("floor", "engine"))
-    floor_ratio, engine_ratio = (statistics.median(t / f for f, t in pairs[name]) for name in ("floor", "engine"))
-    print(f"## attribution sweep: {s.name}, text task, {s.shape}; {len(graph.upstream)} upstream nodes, "
-          f"{graph.n_edges} edges; passes of {per_pass} prompts")
+    return {
+        "graph": graph, "per_pass": per_pass, "pairs": pairs,
+        "forward": statistics.median(f for pair in pairs.values() for f, _ in pair),
+        **{name: statistics.median(t for _, t in pairs[name]) for name in pairs},
+        **{f"{name}_ratio": statistics.median(t / f for f, t in pairs[name]) for name in pairs},
+        "floor_flops": counted_flops(lambda: _floor_pass(w, two)) / unit,
+        "engine_flops": counted_flops(lambda: job.run_shard(AttributionShard(0, two.n_prompts))) / unit,
+    }
+
+
+def _report(m: dict, rounds: int) -> None:
     print_timings([
-        ("forward of the dataset to logits (the unit)", forward),
-        ("floor: clean forward + backward, corrupt forward", floor),
-        ("engine: every node and edge, whole dataset", engine),
-    ], forward)
-    each = {name: ", ".join(f"{t / f:.2f}" for f, t in pairs[name]) for name in pairs}
-    print(f"ratios to the forward timed just before each, median of {rounds} rounds: floor {floor_ratio:.2f} "
-          f"({each['floor']}), engine {engine_ratio:.2f} ({each['engine']})")
-    print(f"FLOPs torch counts, over a forward's: floor {floor_flops:.2f}, engine {engine_flops:.2f}; time over "
-          f"FLOPs: floor {floor_ratio / floor_flops:.2f}, engine {engine_ratio / engine_flops:.2f}\n")
+        ("forward of the dataset to logits (the unit)", m["forward"]),
+        ("floor: clean forward + backward, corrupt forward", m["floor"]),
+        ("engine: every node and edge, whole dataset", m["engine"]),
+    ], m["forward"])
+    each = {name: ", ".join(f"{t / f:.2f}" for f, t in m["pairs"][name]) for name in m["pairs"]}
+    print(f"ratios to the forward timed just before each, median of {rounds} rounds: floor {m['floor_ratio']:.2f} "
+          f"({each['floor']}), engine {m['engine_ratio']:.2f} ({each['engine']})")
+    print(f"FLOPs torch counts, over a forward's: floor {m['floor_flops']:.2f}, engine {m['engine_flops']:.2f}; "
+          f"time over FLOPs: floor {m['floor_ratio'] / m['floor_flops']:.2f}, "
+          f"engine {m['engine_ratio'] / m['engine_flops']:.2f}")
+
+
+def run(s: Setup, rounds: int = 2) -> list[Ratio]:
+    w, task = s.weights, s.task
+    text = _measure(w, task, rounds)
+    # The design's metric, the logit difference at each prompt's answer position: no
+    # read-out over the vocabulary, in the forwards or the backward.
+    ioi_task = build_task(TaskSpec("ioi"), s.bridge.tokenizer, n_prompts=task.n_prompts)
+    ioi = _measure(w, ioi_task, rounds)
+    graph = text["graph"]
+    print(f"## attribution sweep: {s.name}, {len(graph.upstream)} upstream nodes, {graph.n_edges} edges")
+    print(f"text task, {s.shape} (the metric: every next token's log-probability); passes of "
+          f"{text['per_pass']} prompts")
+    _report(text, rounds)
+    print(f"\nIOI, {ioi_task.n_prompts} prompts ({ioi_task.lengths.float().mean().item():.1f} tokens on average; "
+          f"the metric: the logit difference at the answer); passes of {ioi['per_pass']} prompts")
+    _report(ioi, rounds)
+    print()
     return [
-        Ratio("attribution", "engine, whole sweep / forward of the dataset", engine_ratio, "<= 3.5"),
-        Ratio("attribution", "engine's counted FLOPs / forward's", engine_flops),
-        Ratio("attribution", "floor (2 forwards + 1 backward) / forward", floor_ratio),
-        Ratio("attribution", "engine / floor", engine_ratio / floor_ratio),
+        Ratio("attribution", "text: engine, whole sweep / forward of the dataset", text["engine_ratio"], "<= 3.5"),
+        Ratio("attribution", "text: engine's counted FLOPs / forward's", text["engine_flops"]),
+        Ratio("attribution", "text: floor (2 forwards + 1 backward) / forward", text["floor_ratio"]),
+        Ratio("attribution", "text: engine / floor", text["engine_ratio"] / text["floor_ratio"]),
+        Ratio("attribution", "IOI: engine, whole sweep / forward of the dataset", ioi["engine_ratio"], "<= 3.5"),
+        Ratio("attribution", "IOI: engine's counted FLOPs / forward's", ioi["engine_flops"]),
     ]

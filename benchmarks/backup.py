@@ -3,9 +3,10 @@
 Three timings on the same batch:
 - forward: one plain forward of the batch to logits with our forward (the unit);
 - engine: the sweep's cost per upstream head (all heads of a layer ablated in one
-  batched restart from that layer), averaged over three evenly spaced layers, so
-  it estimates the mean over a whole sweep; its ratio to the forward is taken
-  against a forward timed just before each layer's restart;
+  batched restart from that layer), averaged over the two middle layers: a
+  restart's cost is linear in the layers after it (the growth section shows it),
+  so that is a whole sweep's mean; its ratio to the forward is taken against a
+  forward timed just before each layer's restart;
 - seed-style: seed 000's recipe per head: a full hooked forward through the
   TransformerLens bridge with a full activation cache, then every head's direct
   effect from the stacked ``hook_result``s.
@@ -38,6 +39,12 @@ def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int
     return (ablated - clean_de)[layer + 1 :].sum((0, 2))
 
 
+def middle_layers(n_layers: int) -> list[int]:
+    """The layers on either side of the middle, ``(L - 1) / 2``: a restart's cost is linear
+    in the layers after it, so the mean over these two is the mean over a whole sweep."""
+    return sorted({(n_layers - 1) // 2, n_layers // 2})
+
+
 def sample_layers(n_layers: int, k: int) -> list[int]:
     """``k`` evenly spaced layers, first and last included: a restart's cost is linear in
     the layers after it, so their mean is a whole sweep's."""
@@ -47,12 +54,11 @@ def sample_layers(n_layers: int, k: int) -> list[int]:
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
     L, H, n = w.cfg.n_layers, w.cfg.n_heads, task.n_prompts
-    forward = timed(lambda: forward_logits(w, task.clean), s.repeat, warmup=True)
-    bridge_forward = timed(lambda: bridge(task.clean), s.repeat, warmup=True)
+    bridge_forward = timed(lambda: bridge(task.clean), warmup=True)
 
     computer = BackupComputer(w, task, "resample", batch_size=n)
     state_seconds = timed(computer.batches)  # the clean state: computed once per sweep, not per head
-    layers = sample_layers(L, 3)
+    layers = middle_layers(L)
     # Each layer's restart is timed right after a forward, and the ratio taken per pair: this
     # machine's slow spells (seconds to minutes) then hit both sides of a ratio alike. The
     # forward is warmed first: its first call after other work page-faults a fresh logits tensor.
@@ -60,6 +66,7 @@ def run(s: Setup) -> list[Ratio]:
     for layer in layers:
         paired_forwards.append(timed(lambda: forward_logits(w, task.clean), warmup=True))
         per_head.append(timed(lambda: computer.run_heads(layer, list(range(H)))) / H)
+    forward = statistics.median(paired_forwards)
     engine = statistics.mean(per_head)
     engine_ratio = statistics.mean(h / f for h, f in zip(per_head, paired_forwards))
 

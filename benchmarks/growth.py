@@ -1,8 +1,8 @@
 """How a backup sweep's cost grows with layers, heads, prompts and tokens.
 
 Per-head cost is measured as the sweep runs it (all heads of a layer in one
-batched restart) at the first, middle and last layer, whose mean is a whole
-sweep's mean (a restart from layer l costs about L - l blocks). A whole sweep is
+batched restart) at the two middle layers, whose mean is a whole sweep's mean
+(a restart from layer l costs about L - l blocks). A whole sweep is
 then about: clean state + per-head cost x L x H, i.e. it grows as L^2 x H in
 the model's shape and linearly in prompts x tokens.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.backup import sample_layers
+from benchmarks.backup import middle_layers
 from benchmarks.common import Ratio, forward_logits, print_table, timed
 from sweeps.engine import models
 from sweeps.engine.backup_sweep import BackupComputer
@@ -24,7 +24,7 @@ def per_head(w, task) -> tuple[float, float]:
     computer = BackupComputer(w, task, "resample", batch_size=task.n_prompts)
     state = timed(computer.batches)
     head = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H)))) / H
-                           for l in sample_layers(w.cfg.n_layers, 3))
+                           for l in middle_layers(w.cfg.n_layers))
     return state, head
 
 

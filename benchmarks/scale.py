@@ -86,7 +86,7 @@ def counted_ratio(w, task: TaskData, nodes: list[Node]) -> float:
 
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
-    layers = sample_layers(w.cfg.n_layers, 5)
+    layers = sample_layers(w.cfg.n_layers, 3)  # first, middle, last: their mean restart is a sweep's
     nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
     forward, engine, pairs = _per_node_scale_pair(w, task, nodes, s.repeat)
     batch = torch.as_tensor(pairs)
