@@ -1,6 +1,7 @@
 """Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~10 min, 2 cores)
+    python -m benchmarks                  # SmolLM2-135M, text task, 16 prompts x 64 tokens (~5 min, 2 cores)
+    python -m benchmarks --prompts 32     # the same at 32 prompts x 64 tokens (~8 min)
     python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (~1 min)
     python -m benchmarks --only scale,ray # some sections
 
@@ -40,6 +41,12 @@ def default_sections(quick: bool) -> list[str]:
     return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else [])]
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_sections(text: str) -> list[str]:
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS + EXTRA]
@@ -56,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=parse_sections, default=None, metavar="LIST",
                         help=f"comma-separated sections (default: all of {', '.join(SECTIONS)}, and "
                              "throughput with a GPU or --quick)")
+    parser.add_argument("--prompts", type=_positive, default=16, metavar="N",
+                        help="prompts in the batch every in-process section measures on (default 16; "
+                             "the ratios barely move with it, the run's time does)")
+    parser.add_argument("--tokens", type=_positive, default=64, metavar="T",
+                        help="tokens per prompt of that batch (default 64; both are ignored with --quick)")
     args = parser.parse_args(argv)
     if args.only is None:
         args.only = default_sections(args.quick)
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         name, n, T, repeat = "tiny-llama", 8, 32, 2
     else:
-        name, n, T, repeat = "smollm2-135m", 32, 64, 2
+        name, n, T, repeat = "smollm2-135m", args.prompts, args.tokens, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}\n")
     ratios: list[Ratio] = []
     in_process = [s for s in args.only if s != "memory"]
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "attribution": lambda: attribution.run(setup),
         "ray": lambda: ray_overhead.run(setup),
         "memory": lambda: (memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32)) if args.quick
-                           else memory.run(name, 270, small=(4, 32), large=(8, 64))),
+                           else memory.run(name, 270, small=(4, 16), large=(8, 32))),
         "profile": lambda: profile.run(setup),
         "growth": lambda: _growth(setup, name, args.quick),
         "throughput": lambda: _throughput(setup, name, args.quick),
@@ -103,8 +115,8 @@ def _growth(setup: Setup, name: str, quick: bool) -> list[Ratio]:
         return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (4, 16),
                           prompts=[4, 8], tokens=[16, 32], grow_on=name)
     others = growth.load_weights(["tiny-gpt2", "tiny-llama", "random-gpt2-small"])
-    return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (8, 32),
-                      prompts=[8, 16, 32], tokens=[16, 32, 64], grow_on=name)
+    return growth.run({**others, name: setup.weights}, setup.bridge.tokenizer, (4, 32),
+                      prompts=[4, 8, 16], tokens=[16, 32, 64], grow_on=name)
 
 
 def _throughput(setup: Setup, name: str, quick: bool) -> list[Ratio]:

@@ -1,7 +1,6 @@
 """Peak resident memory of a sweep worker: flat in the heads swept, linear in prompts x tokens.
 
-Each measurement is a fresh process (``python -m benchmarks.memory MODEL HEADS PROMPTS TOKENS``;
-the three run at once)
+Each measurement is a fresh process (``python -m benchmarks.memory MODEL HEADS PROMPTS TOKENS``)
 that loads the model as a worker does, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), runs a backup sweep's shards through the in-process
 executor, and reports its resident memory before the sweep and its peak during it.
@@ -59,22 +58,20 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     return {"heads": len(heads), "shards": done, "before_mb": before / 1024, "peak_mb": _status_kb("VmHWM") / 1024}
 
 
-def measure(model: str, probes: list[tuple[int, int, int]]) -> list[dict]:
-    """Each probe ``(heads, prompts, tokens)`` in its own process, all at once (each reports
-    its own peak, so they need not take turns); one JSON line back from each."""
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.memory", model, *map(str, probe)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for probe in probes]
-    out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"memory probe failed ({proc.args[3:]}):\n{stderr[-2000:]}")
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
+def measure(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
+    """A probe in its own process (one JSON line back). One at a time: on two cores, probes
+    run side by side took longer than one after another."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", model, str(n_heads), str(n_prompts),
+                           str(seq_len)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"memory probe {model} {n_heads} {n_prompts} {seq_len} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run(model: str, all_heads: int, small: tuple[int, int], large: tuple[int, int]) -> list[Ratio]:
-    few, every, bigger = measure(model, [(10, *small), (all_heads, *small), (10, *large)])
+    few = measure(model, 10, *small)
+    every = measure(model, all_heads, *small)
+    bigger = measure(model, 10, *large)
     tokens = (large[0] * large[1]) / (small[0] * small[1])
     grown = (bigger["peak_mb"] - bigger["before_mb"]) / max(1e-9, few["peak_mb"] - few["before_mb"])
     print(f"## memory: peak resident memory of one worker process ({model}, backup sweep)")
