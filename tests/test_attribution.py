@@ -8,6 +8,7 @@ import torch
 
 from sweeps.engine import attribution as A
 from sweeps.engine import transformer as tf
+from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
 from tasks import build_task, check_task
 from tests import reference
 
@@ -75,6 +76,20 @@ def test_passes_sharing_a_scratch_equal_passes_with_fresh_buffers(tiny_llama):
         assert torch.equal(shared.nodes, fresh.nodes) and torch.equal(shared.edges, fresh.edges)
         assert (shared.clean_metric, shared.corrupt_metric) == (fresh.clean_metric, fresh.corrupt_metric)
     assert set(scratch._buffers) == {"logits", "deltas", "rows"}
+
+
+def test_a_job_keeps_its_buffers_from_shard_to_shard_and_its_scores_do_not_change(tiny_llama):
+    """A bound job's ``Scratch`` outlives a shard (only a worker's first pass touches fresh
+    memory): shards of different sizes, in any order, give the tables a fresh job gives."""
+    task = _task(tiny_llama.tokenizer, "text", n=9, seq_len=12)
+    kept = AttributionJob(task)
+    kept.bind(tiny_llama)
+    for shard in (AttributionShard(0, 9), AttributionShard(5, 7), AttributionShard(0, 9)):
+        fresh = AttributionJob(task)
+        fresh.bind(tiny_llama)
+        got, want = kept.run_shard(shard), fresh.run_shard(shard)
+        assert got.keys() == want.keys() and all(got[name].equals(want[name]) for name in want)
+    assert kept._scratch._buffers["deltas"].numel() > 0  # the buffers were kept, and reused
 
 
 def test_edge_products_equal_one_dot_product_per_edge():

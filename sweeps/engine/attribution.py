@@ -250,7 +250,10 @@ class Scratch:
     Why: on a CPU a tensor over 32 MB is fresh memory from the kernel every time, and
     touching fresh memory is slow (measured on this VM: 0.11 s for a first pass over
     400 MB, 0.01 s for a second). One attribution pass asks for about 700 MB of them.
-    A ``Scratch`` lives as long as one shard's passes; nothing here is a result.
+    A worker's ``AttributionJob`` keeps one for all its shards, so only its first pass
+    pays for fresh memory (profiled on IOI, one pass a shard: the products that write
+    the upstream changes took 0.78 s a shard with fresh buffers, 0.18 s with kept ones,
+    of about 4 s). Nothing here is a result.
     """
 
     def __init__(self) -> None:

@@ -117,10 +117,12 @@ class AttributionJob:
     task: TaskData
     _weights: object = field(default=None, repr=False)
     _graph: A.Graph | None = field(default=None, repr=False)
+    _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
 
     def bind(self, model) -> None:
         self._weights = model.weights
         self._graph = A.build_graph(model.weights.cfg)
+        self._scratch = A.Scratch()
 
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
@@ -128,7 +130,7 @@ class AttributionJob:
             return {"verify_sums": self._verify(batch, shard)}
         w, graph = self._weights, self._graph
         per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
-        scratch = A.Scratch()  # the passes' large buffers, reused from pass to pass
+        scratch = self._scratch
         total = None
 
         def advice() -> str:
