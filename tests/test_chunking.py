@@ -53,8 +53,11 @@ def run(n: int, per_pass: int, gpu: FakeGPU | None, gauge: FakeGPU | None) -> li
     return chunks
 
 
-def test_without_a_gauge_the_pass_size_is_kept():
-    assert [b - a for a, b in run(10, 3, None, None)] == [3, 3, 3, 1]
+def test_without_a_gauge_the_passes_are_as_few_as_the_size_allows_and_balanced():
+    assert [b - a for a, b in run(10, 3, None, None)] == [3, 3, 2, 2]  # not 3, 3, 3, 1
+    assert [b - a for a, b in run(9, 8, None, None)] == [5, 4]  # a layer's 9 heads, 8 a pass at most
+    assert [b - a for a, b in run(12, 4, None, None)] == [4, 4, 4]
+    assert [b - a for a, b in run(7, 100, None, None)] == [7]
 
 
 def test_passes_grow_to_fill_the_budget_at_most_fourfold_at_a_time():
@@ -70,7 +73,9 @@ def test_an_estimate_that_is_too_low_halves_once_and_then_stops_growing():
     sizes = gpu.sizes
     chunks = run(600, 10, gpu, gpu)
     assert sizes[:3] == [10, 40, 160]  # 160 units do not fit: out of memory
-    assert sizes[3] == 80 and set(sizes[3:-1]) == {80}  # halved, and never grown again
+    # Halved to 80, and never grown again: the other 550 units in the fewest passes of at
+    # most 80 (seven), balanced (the pass size is now fixed, as on a CPU).
+    assert len(sizes[3:]) == 7 and sum(sizes[3:]) == 550 and set(sizes[3:]) == {78, 79}
     assert sum(b - a for a, b in chunks) == 600
 
 
