@@ -110,10 +110,10 @@ def run(s: Setup, rounds: int = 2) -> list[Ratio]:
     graph = text["graph"]
     print(f"## attribution sweep: {s.name}, {len(graph.upstream)} upstream nodes, {graph.n_edges} edges")
     print(f"text task, {s.shape} (the metric: every next token's log-probability); passes of "
-          f"{text['per_pass']} prompts")
+          f"{text['per_pass']} prompts at most")
     _report(text, rounds)
     print(f"\nIOI, {ioi_task.n_prompts} prompts ({ioi_task.lengths.float().mean().item():.1f} tokens on average; "
-          f"the metric: the logit difference at the answer); passes of {ioi['per_pass']} prompts")
+          f"the metric: the logit difference at the answer); passes of {ioi['per_pass']} prompts at most")
     _report(ioi, rounds)
     print()
     return [
