@@ -30,6 +30,7 @@ from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print
 from sweeps.engine import transformer as tf
 from sweeps.engine.attribution import build_graph, metric_terms
 from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard, prompts_per_pass
+from sweeps.engine.chunking import balanced
 from tasks import TaskSpec, build_task
 
 
@@ -39,8 +40,12 @@ class _Model:
 
 
 def _floor(w: tf.ModelWeights, task, per_pass: int) -> None:
-    for start in range(0, task.n_prompts, per_pass):
-        _floor_pass(w, task.select(slice(start, start + per_pass)))
+    """In the engine's passes: at most ``per_pass`` prompts, balanced as ``map_chunks`` does on a CPU."""
+    start = 0
+    while start < task.n_prompts:
+        stop = start + balanced(task.n_prompts - start, per_pass)
+        _floor_pass(w, task.select(slice(start, stop)))
+        start = stop
 
 
 def _floor_pass(w: tf.ModelWeights, task) -> None:
