@@ -30,7 +30,7 @@ from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print
 from sweeps.engine import transformer as tf
 from sweeps.engine.attribution import build_graph, metric_terms
 from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard, prompts_per_pass
-from sweeps.engine.chunking import balanced
+from sweeps.engine.chunking import map_chunks, memory_gauge
 from tasks import TaskSpec, build_task
 
 
@@ -40,12 +40,10 @@ class _Model:
 
 
 def _floor(w: tf.ModelWeights, task, per_pass: int) -> None:
-    """In the engine's passes: at most ``per_pass`` prompts, balanced as ``map_chunks`` does on a CPU."""
-    start = 0
-    while start < task.n_prompts:
-        stop = start + balanced(task.n_prompts - start, per_pass)
-        _floor_pass(w, task.select(slice(start, stop)))
-        start = stop
+    """In the engine's passes (``map_chunks`` with the engine's ``per_pass``)."""
+    for _ in map_chunks(task.n_prompts, per_pass, lambda a, b: _floor_pass(w, task.select(slice(a, b))),
+                        lambda: "out of memory in the floor's pass of one prompt", memory_gauge(w.device)):
+        pass
 
 
 def _floor_pass(w: tf.ModelWeights, task) -> None:
