@@ -37,6 +37,40 @@ def test_norm_vjp_equals_autograd(tiny_gpt2, tiny_llama):
         torch.testing.assert_close(A.norm_vjp_(w.cfg, x, g.clone()), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["none", "layernorm", "rmsnorm"])
+def test_downstream_rows_equal_autograd_through_each_input(tiny_llama, norm):
+    """Each q/k/v row (taken in the head's own dimensions) and the MLP row equal autograd's
+    gradient of ``input · g`` at the block's stream, for weights with biases and
+    projections not centred over ``D`` (the tiny models' are zero and centred)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    w0 = tiny_llama.weights
+    w = dataclasses.replace(
+        w0, cfg=dataclasses.replace(w0.cfg, norm=norm),
+        **{name: getattr(w0, name) + 0.5 * torch.randn_like(getattr(w0, name))
+           for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")},
+    )
+    cfg, layer = w.cfg, 1
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    clean = A.forward(w, torch.randn(2, 5, cfg.d_model))
+    g_q, g_k, g_v = (torch.randn_like(t[layer]) for t in (clean.q, clean.k, clean.v))
+    g_mlp = torch.randn(2, 5, cfg.d_model)
+    rows = A.downstream_rows(w, layer, clean, g_q, g_k, g_v, g_mlp, torch.full((A.rows_per_layer(cfg), 2, 5, cfg.d_model), torch.nan))
+
+    expected = []
+    with torch.enable_grad():
+        x = clean.resid_pre[layer].clone().requires_grad_(True)
+        q, k, v = A._qkv(w, layer, x, None)
+        for t, g in ((q, g_q), (k, g_k), (v, g_v)):
+            for h in range(t.shape[2]):
+                expected.append(torch.autograd.grad((t[:, :, h] * g[:, :, h]).sum(), x, retain_graph=True)[0])
+        m = clean.mlp_in[layer].clone().requires_grad_(True)
+        expected.append(torch.autograd.grad((tf.normalize(cfg, m) * g_mlp).sum(), m)[0])
+    assert len(expected) == H + 2 * K + 1 == rows.shape[0]
+    torch.testing.assert_close(rows, torch.stack(expected), rtol=1e-4, atol=1e-5)
+
+
 def test_next_token_log_prob_and_its_gradient_equal_log_softmax(smollm, monkeypatch):
     """The chunked, fused read-out against autograd through ``log_softmax`` (in float64, so
     that float32's own rounding is not the difference): values and gradients, over more
