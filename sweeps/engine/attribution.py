@@ -27,7 +27,9 @@ and the normalisation by hand (``norm_vjp``), which never materialises a
 Exactness (tested): the residual stream after ``u`` is read only by the
 downstream inputs listed above, so by the chain rule the edge scores of ``u``
 summed over every ``d`` it feeds equal ``score(u)`` exactly, in sequential,
-parallel (GPT-NeoX) and grouped-query models alike.
+parallel (GPT-NeoX) and grouped-query models alike; so node scores are taken
+as those sums (``node_scores``), and the tests check them against the
+gradients at the stream taken directly.
 
 The forward here is ``transformer.py``'s, written out with the q/k/v and MLP
 input tensors exposed, and with one optional ``Edit`` (an additive change at
@@ -140,7 +142,6 @@ class Trace:
     k: list[Tensor] = field(default_factory=list)  # [B T K E]
     v: list[Tensor] = field(default_factory=list)  # [B T K E]
     z: list[Tensor] = field(default_factory=list)  # [B T H E]
-    heads_written: list[Tensor] = field(default_factory=list)  # [B T D] stream right after the heads write
     mlp_in: list[Tensor] = field(default_factory=list)  # [B T D] what the MLP reads, before its norm
     mlp_normed: list[Tensor] = field(default_factory=list)  # [B T D] normalize(mlp_in)
     mlp_out: list[Tensor] = field(default_factory=list)  # [B T D]
@@ -201,13 +202,11 @@ def forward(
         attn = tf.attention_out(w, layer, z)
         if (d := at("attn_out", layer)) is not None:
             attn = attn + d
+        after_heads = x + attn
         if cfg.attn_only:
-            resid = x + attn
-            trace.heads_written.append(resid)
+            resid = after_heads
             continue
-        mlp_in = x if cfg.parallel_attn_mlp else x + attn
-        if not cfg.parallel_attn_mlp:
-            trace.heads_written.append(mlp_in)
+        mlp_in = x if cfg.parallel_attn_mlp else after_heads
         trace.mlp_in.append(mlp_in)
         if (d := at("mlp", layer)) is not None:
             mlp_in = mlp_in + d
@@ -217,9 +216,7 @@ def forward(
         if (d := at("mlp_out", layer)) is not None:
             out = out + d
         trace.mlp_out.append(out)
-        resid = (x + attn + out) if cfg.parallel_attn_mlp else (trace.heads_written[-1] + out)
-        if cfg.parallel_attn_mlp:
-            trace.heads_written.append(resid)
+        resid = after_heads + out
     if (d := at("resid", cfg.n_layers)) is not None:
         resid = resid + d
     trace.resid_final = resid
@@ -402,6 +399,20 @@ def edge_products(
     return scores.T[keep.T]
 
 
+def node_scores(graph: Graph, edges: Float[Tensor, "n_edges"]) -> Float[Tensor, "U"]:
+    """Each upstream node's score, the sum of its edges' scores.
+
+    Exact (up to the order of a float sum): the stream right after a node is read only
+    by the downstream inputs of the graph, so by the chain rule the gradient there is
+    the sum of the gradients through each of them. The tests check the sums against
+    ``grad(stream after the node) · change`` taken directly, with hooks, in sequential,
+    parallel and grouped-query models. Summing the edges saves the direct products: two
+    more passes over every upstream change (measured: 0.05 of a forward a pass).
+    """
+    upstream = torch.cat([torch.arange(p, device=edges.device) for p in graph.prefix])
+    return torch.zeros(len(graph.upstream), dtype=edges.dtype, device=edges.device).index_add_(0, upstream, edges)
+
+
 def rows_per_layer(cfg: ModelConfig) -> int:
     """Downstream inputs of one layer: q per head, k and v per key/value head, the MLP's input."""
     return cfg.n_heads + 2 * cfg.n_kv_heads + (0 if cfg.attn_only else 1)
@@ -476,35 +487,23 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
         embedded = tf.embed(w, clean_tokens).requires_grad_(True)
         clean = forward(w, embedded)
         terms = metric_terms(w, clean.resid_final, task, scratch)
-        L = cfg.n_layers
-        wanted = [*clean.resid_pre, *clean.heads_written, clean.resid_final, *clean.q, *clean.k, *clean.v,
-                  *clean.mlp_normed]
+        wanted = [clean.resid_final, *clean.q, *clean.k, *clean.v, *clean.mlp_normed]
         grads = _grads(terms.sum(), wanted)
-    g_pre, g_heads, g_final = grads[:L], grads[L : 2 * L], grads[2 * L]
-    g_q, g_k, g_v = grads[2 * L + 1 : 3 * L + 1], grads[3 * L + 1 : 4 * L + 1], grads[4 * L + 1 : 5 * L + 1]
-    g_mlp = grads[5 * L + 1 :]
+    L = cfg.n_layers
+    g_final = grads[0]
+    g_q, g_k, g_v, g_mlp = (grads[1 + i * L : 1 + (i + 1) * L] for i in range(4))  # g_mlp empty if attention-only
     with torch.no_grad():
-        # The stream right after each MLP writes: the next block's input, or the end.
-        g_after_mlp = [*g_pre[1:], g_final]
         deltas = upstream_deltas(w, clean, corrupt, embedded.detach() - corrupt_embedded, scratch)
-
-        # Node scores: gradient of the stream the node writes into · its change.
         flat = deltas.flatten(1)  # [U, B·T·D]
-        nodes = [flat[:1] @ g_pre[0].flatten()]
-        for layer in range(L):
-            heads = upstream_row(cfg, layer, 0)
-            nodes.append(flat[heads : heads + cfg.n_heads] @ g_heads[layer].flatten())
-            if not cfg.attn_only:
-                nodes.append(flat[heads + cfg.n_heads][None] @ g_after_mlp[layer].flatten())
-        node_scores = torch.cat(nodes)
 
         # Edge scores: the gradient at each downstream input, pulled back through that
         # input's own projection and norm, against every upstream change written before it.
-        # The rows of consecutive layers go into one product (edge_products), written into
-        # one block that every product reuses (fresh memory is slow to touch).
+        # The rows of consecutive layers (and, with the last layer, the final stream's) go
+        # into one product (edge_products), written into one block that every product
+        # reuses (fresh memory is slow to touch).
         per_layer = rows_per_layer(cfg)
         layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
-        block = scratch.get("rows", (min(L, layers_per_block) * per_layer, *clean_tokens.shape, cfg.d_model),
+        block = scratch.get("rows", (min(L, layers_per_block) * per_layer + 1, *clean_tokens.shape, cfg.d_model),
                             flat.dtype, device)
         edges = []
         for first in range(0, L, layers_per_block):
@@ -513,13 +512,15 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
                 downstream_rows(w, layer, clean, g_q[layer], g_k[layer], g_v[layer],
                                 None if cfg.attn_only else g_mlp[layer], block[i * per_layer : (i + 1) * per_layer])
             n = len(layers) * per_layer
-            prefix = graph.prefix[first * per_layer : first * per_layer + n]
-            edges.append(edge_products(flat, block[:n].flatten(1), list(prefix)))
-        edges.append(flat @ g_final.flatten())
-        edge_scores = torch.cat(edges)
+            prefix = list(graph.prefix[first * per_layer : first * per_layer + n])
+            if layers[-1] == L - 1:  # the final stream reads every upstream node
+                block[n].copy_(g_final)
+                n, prefix = n + 1, [*prefix, graph.prefix[-1]]
+            edges.append(edge_products(flat, block[:n].flatten(1), prefix))
+        edge_scores = torch.cat(edges).double().cpu()
         assert edge_scores.numel() == graph.n_edges
     return BatchAttribution(
-        nodes=node_scores.double().cpu(), edges=edge_scores.double().cpu(),
+        nodes=node_scores(graph, edge_scores), edges=edge_scores,
         clean_metric=float(terms.detach().sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
     )
 
