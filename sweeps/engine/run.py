@@ -30,6 +30,7 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
+from sweeps.engine.allocator import keep_freed_memory
 from sweeps.engine.chunking import out_of_memory
 from sweeps.engine.models import describe_model, load_model
 
@@ -61,7 +62,11 @@ def _ray_placement() -> dict[str, Any]:
 
 
 class ShardWorker:
-    """One model replica serving many shards."""
+    """One model replica serving many shards.
+
+    On a CPU it sets its process's ``malloc`` to keep freed memory (``allocator.py``);
+    in process (``LocalExecutor``) that is the caller's process.
+    """
 
     def __init__(self, model_name: str, job: Job, device: str | None = None):
         if device is None:
@@ -72,6 +77,8 @@ class ShardWorker:
             "device": device,
             "pid": os.getpid(),
         }
+        if device == "cpu":
+            keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
         self.model = load_model(describe_model(model_name), device)
         self.job = job
         self.job.bind(self.model)

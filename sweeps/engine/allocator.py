@@ -1,0 +1,43 @@
+"""The C allocator's settings for a worker that computes on the CPU.
+
+With its defaults, glibc's ``malloc`` serves a request over a threshold (128 KB at first,
+then adjusting itself) with a fresh mapping from the kernel, unmapped again on free, and
+returns freed memory at the top of its heap to the kernel. A forward with autograd keeps
+some 40 tensors of 1–4 MB a layer alive for its backward (about 2 GB for one pass of the
+attribution sweep) and frees them all at the end, so each pass got fresh pages, and
+touching fresh pages is slow on a VM. Allocating 200 tensors of 2 MB a second time took
+102,403 page faults with the defaults and about 7,000 with ``keep_freed_memory``
+(``tests/test_allocator.py``). On one 9-prompt pass of the attribution sweep on SmolLM2
+(2 cores): the clean forward 1.80 s → 1.25 s, its backward 0.98 s → 0.85 s; a forward
+without autograd unchanged.
+
+What it costs: the process keeps memory it freed (up to ``KEEP`` at the top of its heap)
+for itself until it exits, instead of returning it to the system. A worker's peak is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
+KEEP = (1 << 31) - 1  # free memory kept at the top of the heap: the largest value mallopt takes (an int)
+OWN_MAPPING = 32 << 20  # allocations from this size up are their own mappings: glibc's ceiling on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's ``malloc`` keep up to ``KEEP`` bytes of freed memory for reuse, and
+    serve allocations under 32 MB from its heap. Process-wide, for a CPU worker's process.
+
+    Fixing the thresholds turns off glibc's own adjustment of them, which is why both are
+    set: with only the trim threshold fixed, everything over 128 KB would be a fresh
+    mapping. Returns False, changing nothing, where the C library has no ``mallopt``
+    (macOS, Windows) or refuses the values.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, OWN_MAPPING)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP))
