@@ -21,7 +21,7 @@ query heads share one; its edge is counted once, never split or padded),
 each MLP's input, and the final residual stream. The gradient at ``d``'s
 input is the gradient that flows through ``d`` alone: for q/k/v we take the
 gradient at the head's (pre-rotary) q/k/v and pull it back through ``W_Q``
-and the normalisation by hand (``norm_vjp``), which never materialises a
+and the normalisation by hand (``downstream_rows``), which never materialises a
 ``[B, T, H, D]`` copy of the residual stream in the autograd graph.
 
 Exactness (tested): the residual stream after ``u`` is read only by the
