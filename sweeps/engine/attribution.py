@@ -407,7 +407,7 @@ def node_scores(graph: Graph, edges: Float[Tensor, "n_edges"]) -> Float[Tensor, 
     the sum of the gradients through each of them. The tests check the sums against
     ``grad(stream after the node) · change`` taken directly, with hooks, in sequential,
     parallel and grouped-query models. Summing the edges saves the direct products: two
-    more passes over every upstream change (measured: 0.05 of a forward a pass).
+    more passes over every upstream change (400 MB for a pass of 9 prompts on SmolLM2).
     """
     upstream = torch.cat([torch.arange(p, device=edges.device) for p in graph.prefix])
     return torch.zeros(len(graph.upstream), dtype=edges.dtype, device=edges.device).index_add_(0, upstream, edges)
@@ -433,7 +433,7 @@ def downstream_rows(
     over ``D`` times ``g``; ``y·(W g) = (y W)·g`` is the head's own (bias-free) q, k or v
     dotted with ``g``; ``1/s`` scales ``g``. So a row is one product written straight into
     ``out`` and one pass over it (``− y ⊗ a``), not a product and three passes
-    (``norm_vjp_``, measured at a third of a row's cost on SmolLM2).
+    (``norm_vjp_``: a quarter of a layer's rows' time on SmolLM2, 1.8 of 7.2 ms).
     """
     cfg = w.cfg
     B, T, H, E = g_q.shape
