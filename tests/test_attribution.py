@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,6 @@ def test_downstream_rows_equal_autograd_through_each_input(tiny_llama, norm):
     """Each q/k/v row (taken in the head's own dimensions) and the MLP row equal autograd's
     gradient of ``input · g`` at the block's stream, for weights with biases and
     projections not centred over ``D`` (the tiny models' are zero and centred)."""
-    import dataclasses
-
     torch.manual_seed(0)
     w0 = tiny_llama.weights
     w = dataclasses.replace(
