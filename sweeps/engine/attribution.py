@@ -442,9 +442,7 @@ def downstream_rows(
     if cfg.norm == "none":
         inv_s, y = None, None
     else:
-        c = x - x.mean(-1, keepdim=True) if cfg.norm == "layernorm" else x
-        inv_s = (c.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()  # [B T 1]
-        y = c * inv_s
+        inv_s, y = tf.norm_scale(cfg, x).reciprocal(), tf.normalize(cfg, x)  # [B T 1], [B T D]
     # [H or K, B·T, E] @ [H or K, E, D], written straight into the rows.
     g_in = out[: H + 2 * K].view(H + 2 * K, B * T, cfg.d_model)
     coefs = []
