@@ -4,7 +4,9 @@
   one pair's patched prompt);
 - engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly spaced layers,
   on the text task (every position is an answer: the read-out needs the whole vocabulary
-  at every position) and on IOI (one answer position per prompt);
+  at every position) and on IOI (one answer position per prompt). Rows with equal patches
+  share a restart (scale 0 ignores the source), so the restarts a row are reported too:
+  the engine's cost per row is about the cost per restart times that;
 - seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full forward
   per node, scale and batch of pairs.
 """
@@ -62,39 +64,45 @@ def floor_ratio(cfg, nodes: list[Node], read_out: float = 1.0) -> float:
     return (replayed * block + read_out * unembed) / (cfg.n_layers * block + unembed)
 
 
-def _per_node_scale_pair(w, task: TaskData, nodes: list[Node], repeat: int) -> tuple[float, float, np.ndarray]:
-    """(one prompt's forward to logits, the engine per (node, scale, pair), the pairs)."""
+def _per_node_scale_pair(w, task: TaskData, nodes: list[Node], repeat: int) -> tuple[float, float, np.ndarray, int]:
+    """(one prompt's forward to logits, the engine per (node, scale, pair), the pairs, the
+    restarts a node needed: rows with equal patches share one, see scaling.distinct_restarts)."""
     n = task.n_prompts
     pairs = make_pairs(task, "all", n // 2, 0, False)  # 6 scales x n/2 pairs: one restart pass a node
     forward = timed(lambda: forward_logits(w, task.clean), repeat, warmup=True) / n
     computer = ScaleComputer(w, task, pairs, batch_size=n)
     computer.groups()  # the clean state: once per sweep
-    engine = statistics.mean(timed(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
-    return forward, engine / (len(SCALES) * len(pairs)), pairs
+    restarts = []
+    engine = statistics.mean(
+        timed(lambda nd=nd: restarts.append(computer.run_node(nd, SCALES).n_restarts)) for nd in nodes
+    )
+    return forward, engine / (len(SCALES) * len(pairs)), pairs, restarts[0]
 
 
 def counted_ratio(w, task: TaskData, nodes: list[Node]) -> float:
-    """The engine's FLOPs per (node, scale, pair) over one prompt's forward's, as torch counts
-    them, on the first 4 prompts (2 pairs; every count is linear in pairs)."""
+    """The engine's FLOPs per restart over one prompt's forward's, as torch counts them, on
+    the first 4 prompts (2 pairs; every count is linear in restarts)."""
     small = task.select(slice(0, min(4, task.n_prompts)))
     computer = ScaleComputer(w, small, make_pairs(small, "all", 2, 0, False), batch_size=small.n_prompts)
     computer.groups()  # the clean state: not per (node, scale, pair)
-    engine = sum(counted_flops(lambda nd=nd: computer.run_node(nd, SCALES)) for nd in nodes)
+    restarts = []
+    engine = sum(counted_flops(lambda nd=nd: restarts.append(computer.run_node(nd, SCALES).n_restarts))
+                 for nd in nodes)
     forward = counted_flops(lambda: forward_logits(w, small.clean)) / small.n_prompts
-    return engine / (len(nodes) * len(SCALES) * len(computer.pairs)) / forward
+    return engine / sum(restarts) / forward
 
 
 def run(s: Setup) -> list[Ratio]:
     w, task, bridge = s.weights, s.task, s.bridge
     layers = sample_layers(w.cfg.n_layers, 3)  # first, middle, last: their mean restart is a sweep's
     nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
-    forward, engine, pairs = _per_node_scale_pair(w, task, nodes, s.repeat)
+    forward, engine, pairs, restarts = _per_node_scale_pair(w, task, nodes, s.repeat)
     batch = torch.as_tensor(pairs)
     # Seed 004's loop costs two full forwards whatever the node: one node is enough to time.
     seed = timed(lambda: seed_style_node(bridge, task, batch, nodes[0], 2.0)) / len(pairs)
     # A task with one answer position per prompt: the read-out is that position only.
     ioi = build_task(TaskSpec("ioi"), bridge.tokenizer, n_prompts=task.n_prompts)
-    ioi_forward, ioi_engine, ioi_pairs = _per_node_scale_pair(w, ioi, nodes, s.repeat)
+    ioi_forward, ioi_engine, ioi_pairs, ioi_restarts = _per_node_scale_pair(w, ioi, nodes, s.repeat)
     ioi_tokens = ioi.lengths.float().mean().item()
     print(f"## scale sweep: {s.name}, {len(pairs)} pairs of {task.clean.shape[1]}-token prompts (text: every "
           f"position is read out), {len(SCALES)} scales, heads and MLPs at layers {layers}")
@@ -103,10 +111,13 @@ def run(s: Setup) -> list[Ratio]:
         ("engine, per (node, scale, pair)", engine),
         ("seed-style, per (node, scale, pair)", seed),
     ], forward, digits=5)
-    floor = floor_ratio(w.cfg, nodes)
-    counted = counted_ratio(w, task, nodes)
-    print(f"multiply-adds of these restarts (replayed blocks + read-out of every position) over a forward's: "
-          f"{floor:.2f} (the design's floor); the engine's FLOPs as torch counts them: {counted:.2f}")
+    rows = len(SCALES) * len(pairs)
+    floor, counted = floor_ratio(w.cfg, nodes), counted_ratio(w, task, nodes)
+    print(f"restarts per node: {restarts} for its {rows} (scale, pair) rows: at scale 0 the patch ignores the source, "
+          f"so the pairs of one base share a restart (scaling.distinct_restarts)")
+    print(f"per restart, over a forward's: multiply-adds (replayed blocks + read-out of every position) {floor:.2f}, "
+          f"the engine's FLOPs as torch counts them {counted:.2f}; times {restarts}/{rows} restarts a row: "
+          f"{floor * restarts / rows:.2f} and {counted * restarts / rows:.2f}")
     print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x")
     print(f"\nthe same nodes on IOI: {len(ioi_pairs)} pairs of equal-length prompts ({ioi_tokens:.1f} tokens on "
           f"average), one answer position each")
@@ -114,14 +125,18 @@ def run(s: Setup) -> list[Ratio]:
         ("forward of one prompt to logits (the unit)", ioi_forward),
         ("engine, per (node, scale, pair)", ioi_engine),
     ], ioi_forward, digits=5)
+    ioi_rows = len(SCALES) * len(ioi_pairs)
     ioi_floor = floor_ratio(w.cfg, nodes, read_out=1 / ioi_tokens)
-    print(f"multiply-adds of these restarts (replayed blocks + read-out of the answer position): "
-          f"{ioi_floor:.2f}\n")
+    print(f"restarts per node: {ioi_restarts} for its {ioi_rows} rows; multiply-adds per restart (replayed blocks "
+          f"+ read-out of the answer position) over a forward's: {ioi_floor:.2f}, times the restarts a row: "
+          f"{ioi_floor * ioi_restarts / ioi_rows:.2f}\n")
     return [
         Ratio("scale", "text: engine per (node, scale, pair) / forward", engine / forward, "<= 0.6"),
-        Ratio("scale", "text: same restarts' multiply-adds / forward's", floor),
-        Ratio("scale", "text: engine's counted FLOPs / forward's", counted),
+        Ratio("scale", "text: restarts per (node, scale, pair)", restarts / rows),
+        Ratio("scale", "text: multiply-adds per restart / forward's", floor),
+        Ratio("scale", "text: engine's counted FLOPs per restart / forward's", counted),
         Ratio("scale", "IOI: engine per (node, scale, pair) / forward", ioi_engine / ioi_forward, "<= 0.6"),
-        Ratio("scale", "IOI: same restarts' multiply-adds / forward's", ioi_floor),
+        Ratio("scale", "IOI: restarts per (node, scale, pair)", ioi_restarts / ioi_rows),
+        Ratio("scale", "IOI: multiply-adds per restart / forward's", ioi_floor),
         Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
     ]

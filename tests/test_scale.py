@@ -120,6 +120,50 @@ def test_engine_equals_hooked_full_forwards_pair_by_pair(loaded_model, name, sub
             assert stats.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)) * points)
 
 
+@pytest.mark.parametrize("source_is_base_run", [True, False])
+def test_distinct_restarts_are_the_distinct_patches_written_out(source_is_base_run):
+    """Against the patches listed one row at a time: (scale, base) at scale 0, nothing for a
+    self-patch at scale 1 (when the source run is the base's), else (scale, base, source)."""
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 0], [1, 1], [2, 2], [2, 0], [0, 0]])
+    scales = torch.tensor([2.0, 0.0, 1.0, 0.5])
+    todo = scaling.distinct_restarts(pairs, scales, source_is_base_run)
+    expected: dict[tuple, int] = {}
+    for i, k in enumerate(scales.tolist()):
+        for base, source in pairs.tolist():
+            if source_is_base_run and k == 1 and base == source:
+                continue
+            key = (i, base) if k == 0 else (i, base, source)
+            expected[key] = expected.get(key, 0) + 1
+    got = {}
+    for i, p, n in zip(todo.scale.tolist(), todo.pair.tolist(), todo.count.tolist()):
+        base, source = pairs[p].tolist()
+        key = (i, base) if scales[i] == 0 else (i, base, source)
+        assert key not in got
+        got[key] = n
+    assert got == expected
+    assert len(got) == 3 + 3 * 7 - (3 if source_is_base_run else 0)  # scale 0: bases 0, 1, 2; 3 self-pairs
+
+
+def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(tiny_llama):
+    """Every ordered pair, so each base has several sources: scale 0 restarts once per base,
+    and the sums still count every pair, as seed 004's loop over pairs does."""
+    task = ioi(tiny_llama, n=10)
+    pairs = make_pairs(task, "all", None, 0, False)
+    bases = len(set(pairs[:, 0].tolist()))
+    assert bases < len(pairs)
+    stats = ScaleComputer(tiny_llama.weights, task, pairs, batch_size=4).run_node(Node(1, 2), [0.0, 2.0])
+    assert stats.n_restarts == bases + len(pairs)
+    for i, k in enumerate([0.0, 2.0]):
+        effect, drop, points = reference.scale_patch_effect(tiny_llama.bridge, task, pairs, 1, 2, k)
+        assert stats.n_points == points
+        assert stats.changed[i] / points == pytest.approx(effect, abs=1e-9)
+        assert stats.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)))
+    self_pairs = make_pairs(task, "all", None, 0, self_patch=True)
+    stats = ScaleComputer(tiny_llama.weights, task, self_pairs, batch_size=4).run_node(Node(1, 2), [1.0, 0.0])
+    assert stats.n_restarts == len(self_pairs)  # scale 1 of a self-patch needs none
+    assert stats.changed[0] == 0 and stats.metric_drop[0] == 0 and stats.n_pairs == len(self_pairs)
+
+
 def test_next_token_task_reads_every_position(tiny_gpt2):
     task = build_task(TaskSpec("text"), tiny_gpt2.tokenizer, n_prompts=4, seq_len=12, seed=0)
     pairs = make_pairs(task, "all", 5, 0, False)

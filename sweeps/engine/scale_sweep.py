@@ -5,7 +5,9 @@ prompt (and its corrupt partner) and keeps, per group of prompts of equal
 length, each block's input, every head's ``z``, every MLP's output and the
 clean read-out. A node's patches then restart from the node (``scaling.py``):
 every (scale, pair) combination of one node is a row of one batched pass, the
-base and source activations gathered by index. No Python loop over pairs.
+base and source activations gathered by index. No Python loop over pairs. Rows
+whose patches are provably equal share one restart (``scaling.distinct_restarts``:
+scale 0 ignores the source; a self-patch at scale 1 changes nothing).
 
 Pairs are formed among prompts of equal token length, because a patch is
 position by position (DESIGN §2: aligned prompts). ``make_pairs`` builds them.
@@ -106,6 +108,7 @@ class NodeStats:
     metric_drop: np.ndarray  # [S] summed clean metric − patched metric
     n_points: int
     n_pairs: int
+    n_restarts: int  # of the S × n_pairs rows, how many needed a restart (scaling.distinct_restarts)
 
 
 @dataclass
@@ -194,7 +197,7 @@ class ScaleComputer:
         S = len(scales)
         changed = torch.zeros(S, dtype=torch.float64)
         metric_drop = torch.zeros(S, dtype=torch.float64)
-        n_points = n_pairs = 0
+        n_points = n_pairs = n_restarts = 0
         for g in self.groups():
             P, T, Q = g.pairs.shape[0], g.clean.resid_final.shape[1], g.positions.shape[0]
             if P == 0:
@@ -206,19 +209,19 @@ class ScaleComputer:
             )
             resid = scaling.restart_residual(w, node, g.clean)
             rope = tf.rotary_tables(w, T)
+            todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
             def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, resid=resid,
-                      rope=rope, P=P) -> tuple[Tensor, Tensor, Tensor]:
-                row = torch.arange(start, stop, device=w.device)
-                s, p = row // P, row % P  # rows run over (scale, pair)
+                      rope=rope, todo=todo) -> tuple[Tensor, Tensor, Tensor]:
+                s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
                 final = scaling.resume(w, node, resid[base] + delta, rope)
                 out = scaling.readout(
                     w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
                 )
-                flips = (out.top1 != g.clean_out.top1[base]).sum(-1)
-                drop = (g.clean_out.metric[base] - out.metric).sum(-1)
+                flips = (out.top1 != g.clean_out.top1[base]).sum(-1) * count
+                drop = (g.clean_out.metric[base] - out.metric).sum(-1) * count
                 return s, flips, drop
 
             def advice(T=T) -> str:
@@ -226,12 +229,14 @@ class ScaleComputer:
                         f"use a smaller model or shorter prompts")
 
             per_pass = tokens_per_pass(w.device) // T
-            for _, _, (s, flips, drop) in map_chunks(S * P, per_pass, patch, advice, memory_gauge(w.device)):
+            restarts = todo.count.shape[0]
+            for _, _, (s, flips, drop) in map_chunks(restarts, per_pass, patch, advice, memory_gauge(w.device)):
                 changed.index_add_(0, s.cpu(), flips.double().cpu())
                 metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
             n_points += P * Q
             n_pairs += P
-        return NodeStats(node, list(scales), changed.numpy(), metric_drop.numpy(), n_points, n_pairs)
+            n_restarts += restarts
+        return NodeStats(node, list(scales), changed.numpy(), metric_drop.numpy(), n_points, n_pairs, n_restarts)
 
 
 def effects_table(

@@ -109,6 +109,42 @@ def patch_delta(
     return scale[:, None, None] * part_source[source] - part_base[base]
 
 
+@dataclass
+class Restarts:
+    """The restarts a node's (scale, pair) rows need: one per distinct patch."""
+
+    scale: Int[Tensor, "R"]  # index into the scales
+    pair: Int[Tensor, "R"]  # a pair whose patch this is (the first such)
+    count: Int[Tensor, "R"]  # how many (scale, pair) rows share it
+
+
+def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, "S"], source_is_base_run: bool) -> Restarts:
+    """One restart per distinct ``Δ = s · part(a_source) − part(a_base)`` among the S × P rows.
+
+    Two rules, both exact:
+
+    - at scale 0 the patch is ``−part(a_base)`` whatever the source, so the rows of one
+      base share one restart (with every ordered pair of n prompts, scale 0 costs n
+      restarts instead of n(n − 1));
+    - a row whose source is its own base at scale 1 patches nothing when the source
+      activations are the base's own run (self-patching, or resampling from itself):
+      its outcome is the clean one, no flip and no drop, so it needs no restart.
+
+    Rows are numbered ``scale_index · P + pair_index``, as the sweep lays them out.
+    """
+    S, P = scales.shape[0], pairs.shape[0]
+    row = torch.arange(S * P, device=pairs.device)
+    s, p = row // P, row % P
+    base, source = pairs[p, 0], pairs[p, 1]
+    scale = scales[s]
+    unchanged = (scale == 1) & (base == source) if source_is_base_run else torch.zeros_like(base, dtype=torch.bool)
+    keep = torch.nonzero(~unchanged)[:, 0]
+    key = torch.stack([s, base, torch.where(scale == 0, -1, source)], 1)[keep]
+    distinct, which, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((distinct.shape[0],), S * P, device=pairs.device).scatter_reduce_(0, which, keep, "amin")
+    return Restarts(first // P, first % P, count)
+
+
 def node_activation(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
     """The node's write to the residual stream: ``hook_result`` of the head, or ``hook_mlp_out``."""
     if node.head is None:
