@@ -176,15 +176,20 @@ def test_next_token_task_reads_every_position(tiny_gpt2):
 
 @pytest.mark.parametrize("kind", ["next-token", "logit difference"])
 def test_fast_readout_equals_full_logits_and_log_softmax(tiny_gpt2, kind):
-    """The read-out (fused bias, in-place log-sum-exp, row chunks sharing one buffer) against logits
-    and log_softmax written out."""
+    """The read-out (blocks of rows × vocabulary, a running max and sum of exponentials) against
+    logits and log_softmax written out."""
     generator = torch.Generator().manual_seed(0)
-    w = dataclasses.replace(tiny_gpt2.weights, b_U=torch.randn(tiny_gpt2.weights.cfg.d_vocab, generator=generator))
+    W_U = tiny_gpt2.weights.W_U.clone()
+    W_U[:, 2500] = W_U[:, 7] = 50 * W_U[:, 7]  # a tie for the top in two vocabulary blocks: argmax takes the first
+    b_U = torch.randn(tiny_gpt2.weights.cfg.d_vocab, generator=generator)
+    b_U[2500] = b_U[7]
+    w = dataclasses.replace(tiny_gpt2.weights, W_U=W_U, b_U=b_U)
     resid = torch.randn(5, 9, w.cfg.d_model, generator=generator) * 3
     positions = torch.tensor([0, 3, 8])
     correct = torch.randint(0, w.cfg.d_vocab, (5, 3), generator=generator)
     incorrect = torch.randint(0, w.cfg.d_vocab, (5, 3), generator=generator) if kind == "logit difference" else None
-    out = scaling.readout(w, resid, positions, correct, incorrect, max_logits=2 * 3 * w.cfg.d_vocab)  # 3 chunks
+    # Blocks of 4 rows (of 15) and 1000 tokens: both loops run, and both end on a partial block.
+    out = scaling.readout(w, resid, positions, correct, incorrect, rows_per_block=4, vocab_per_block=1000)
     logits = tf.normalize(w.cfg, resid[:, positions]) @ w.W_U + w.b_U
     if incorrect is None:
         expected = logits.log_softmax(-1).gather(-1, correct[..., None])[..., 0]
@@ -192,6 +197,7 @@ def test_fast_readout_equals_full_logits_and_log_softmax(tiny_gpt2, kind):
         expected = (logits.gather(-1, correct[..., None]) - logits.gather(-1, incorrect[..., None]))[..., 0]
     torch.testing.assert_close(out.metric, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.top1, logits.argmax(-1))
+    assert (out.top1 == 7).any() and not (out.top1 == 2500).any()
 
 
 def test_pairs_are_distinct_equal_length_and_sampled_deterministically(tiny_gpt2):

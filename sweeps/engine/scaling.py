@@ -191,35 +191,64 @@ def readout(
     positions: Int[Tensor, "Q"],
     correct: Int[Tensor, "G Q"],
     incorrect: Int[Tensor, "G Q"] | None,
-    max_logits: int = 1 << 24,
+    rows_per_block: int | None = None,
+    vocab_per_block: int = 8192,
 ) -> Readout:
     """Top-1 token and task metric at ``positions`` of every row.
 
     ``incorrect`` given: metric = logit(correct) − logit(incorrect); else the
-    log-probability of ``correct`` (next-token tasks). Logits are computed in row
-    chunks of at most ``max_logits`` numbers, into one buffer that every chunk reuses
-    (on a CPU a fresh tensor of that size is fresh memory, slow to touch): only the
-    read-out is kept.
+    log-probability of ``correct`` (next-token tasks), which needs the log-sum-exp over
+    the whole vocabulary at every position read out.
+
+    The logits are never held whole: they are made a block of rows × a block of the
+    vocabulary at a time, into one small buffer, and folded into a running max, argmax
+    and (for log-probabilities) a running sum of ``exp(logit − max)``, rescaled when the
+    max grows (the online softmax). A block stays in the CPU's cache between its product
+    and the passes over it; with whole rows of logits (62 MB a chunk) those passes went to
+    memory and cost an eighth of the read-out. The chosen tokens' logits are dot products.
     """
     x = tf.normalize(w.cfg, resid_final[:, positions])  # [G, Q, D]
-    G, Q = x.shape[:2]
-    V = w.cfg.d_vocab
-    rows = max(1, max_logits // (Q * V))
-    buffer = torch.empty(min(rows, G) * Q, V, dtype=x.dtype, device=x.device)
-    metric, top1 = [], []
-    for start in range(0, G, rows):
-        # One product makes the logits (bias fused in); one pass takes the max and the argmax;
-        # the log-sum-exp is then taken in place. log_softmax or logsumexp would each write a
-        # second vocabulary-sized tensor.
-        chunk = x[start : start + rows]
-        g = chunk.shape[0]
-        logits = torch.addmm(w.b_U, chunk.reshape(g * Q, -1), w.W_U, out=buffer[: g * Q]).view(g, Q, V)
-        right = logits.gather(-1, correct[start : start + rows, :, None])[..., 0]
-        top, best = logits.max(-1)
-        top1.append(best)
-        if incorrect is None:
-            total = logits.sub_(top[..., None]).exp_().sum(-1)
-            metric.append(right - top - total.log())
-        else:
-            metric.append(right - logits.gather(-1, incorrect[start : start + rows, :, None])[..., 0])
-    return Readout(torch.cat(metric), torch.cat(top1))
+    G, Q, D = x.shape
+    x = x.reshape(G * Q, D)
+    log_prob = incorrect is None
+    top, top1, total = _running_max_and_exp_sum(w, x, log_prob, rows_per_block, vocab_per_block)
+    right = _token_logits(w, x, correct.reshape(-1))
+    metric = right - top - total.log() if log_prob else right - _token_logits(w, x, incorrect.reshape(-1))
+    return Readout(metric.view(G, Q), top1.view(G, Q))
+
+
+def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, "N"]) -> Float[Tensor, "N"]:
+    """``x · W_U[:, t] + b_U[t]`` for one token per row."""
+    return torch.einsum("nd,dn->n", x, w.W_U[:, tokens]) + w.b_U[tokens]
+
+
+def _running_max_and_exp_sum(
+    w: ModelWeights, x: Float[Tensor, "N D"], exp_sum: bool, rows: int | None, vocab: int
+) -> tuple[Float[Tensor, "N"], Int[Tensor, "N"], Float[Tensor, "N"] | None]:
+    """Per row: the largest logit, its token (the first, as ``argmax``), and (``exp_sum``)
+    ``Σ_v exp(logit_v − largest)``, block by block over rows and vocabulary."""
+    N, V = x.shape[0], w.cfg.d_vocab
+    # On a CPU a block's logits (1024 × 8192 floats, 32 MB) are about what the caches hold;
+    # a GPU wants larger products.
+    rows = rows or (1024 if x.device.type == "cpu" else 8192)
+    buffer = x.new_empty(min(rows, N) * min(vocab, V))
+    tops, top1s, totals = [], [], []
+    for r0 in range(0, N, rows):
+        xr = x[r0 : r0 + rows]
+        n = xr.shape[0]
+        top = xr.new_full((n,), float("-inf"))
+        top1 = torch.zeros(n, dtype=torch.long, device=x.device)
+        total = xr.new_zeros(n)
+        for v0 in range(0, V, vocab):
+            v1 = min(V, v0 + vocab)
+            logits = torch.addmm(w.b_U[v0:v1], xr, w.W_U[:, v0:v1], out=buffer[: n * (v1 - v0)].view(n, v1 - v0))
+            block_top, block_top1 = logits.max(-1)
+            top1 = torch.where(block_top > top, block_top1 + v0, top1)  # ties keep the earlier token
+            new_top = torch.maximum(top, block_top)
+            if exp_sum:
+                total = total * (top - new_top).exp() + logits.sub_(new_top[:, None]).exp_().sum(-1)
+            top = new_top
+        tops.append(top)
+        top1s.append(top1)
+        totals.append(total)
+    return torch.cat(tops), torch.cat(top1s), torch.cat(totals) if exp_sum else None

@@ -263,7 +263,10 @@ def run_blocks(
 
 
 def unembed(w: ModelWeights, resid_final: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
-    return normalize(w.cfg, resid_final) @ w.W_U + w.b_U
+    """Logits, the bias added inside the product: a separate ``+ b_U`` is one more pass over
+    a tensor of B·T·V numbers (400 MB for 32 × 64 tokens of a 49k vocabulary)."""
+    x = normalize(w.cfg, resid_final)
+    return torch.addmm(w.b_U, x.reshape(-1, x.shape[-1]), w.W_U).view(*x.shape[:-1], -1)
 
 
 @dataclass
