@@ -1,6 +1,6 @@
 """Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~9 min, 2 cores)
+    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~8 min, 2 cores)
     python -m benchmarks --prompts 16     # the same at 16 prompts x 64 tokens (~6 min)
     python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (~1 min)
     python -m benchmarks --only scale,ray # some sections
