@@ -1,7 +1,7 @@
 """Sweep speed and memory, as ratios measured side by side in one run.
 
-    python -m benchmarks                  # SmolLM2-135M, text task, 32 prompts x 64 tokens (~8 min, 2 cores)
-    python -m benchmarks --prompts 16     # the same at 16 prompts x 64 tokens (~5 min; about the same ratios)
+    python -m benchmarks                  # SmolLM2-135M, text task, 16 prompts x 64 tokens (~5 min, 2 cores)
+    python -m benchmarks --prompts 32     # the same at 32 prompts x 64 tokens (~8 min; about the same ratios)
     python -m benchmarks --quick          # tiny models, small batches: a smoke test for CI (~1 min)
     python -m benchmarks --only scale,ray # some sections
 
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=parse_sections, default=None, metavar="LIST",
                         help=f"comma-separated sections (default: all of {', '.join(SECTIONS)}, and "
                              "throughput with a GPU or --quick)")
-    parser.add_argument("--prompts", type=_positive, default=32, metavar="N",
+    parser.add_argument("--prompts", type=_positive, default=16, metavar="N",
                         help="prompts in the batch the backup, scale and attribution sections measure on "
-                             "(default 32; the Ray section takes a quarter of them). 16 runs in about 5 "
-                             "minutes on 2 cores and gave about the same ratios")
+                             "(default 16, about 5 minutes on 2 cores; the Ray section takes a quarter of "
+                             "them). 32 takes about 8 minutes and gave about the same ratios")
     parser.add_argument("--tokens", type=_positive, default=64, metavar="T",
                         help="tokens per prompt of that batch (default 64; both are ignored with --quick)")
     args = parser.parse_args(argv)
