@@ -16,8 +16,9 @@ backward) and on IOI (the design's metric, a logit difference at one position).
 Beside the timings, the FLOPs torch counts (``counted_flops``) for the floor and the
 engine over a forward's, on two of the prompts (every count is linear in prompts):
 what each timing ratio would be if every operation ran as fast as the forward's.
-The engine's count is the floor's 3 forwards plus the edge products, the downstream
-rows and the upstream changes (about 0.5 of a forward on SmolLM2).
+The engine's count is the floor's 3 forwards plus the edge products and the upstream
+changes, less the q/k/v projections' backward, which the downstream rows replace
+(``block_backward``): about 0.4 of a forward on SmolLM2.
 """
 
 from __future__ import annotations
