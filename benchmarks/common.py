@@ -53,9 +53,9 @@ class Setup:
 
 
 def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int) -> Setup:
-    bridge = models.load_bridge(models.describe_model(name))
+    bridge, unfoldable = models.load_bridge(models.describe_model(name), with_spec=True)
     bridge.set_use_attn_result(True)
-    weights = models.weights_from_bridge(bridge)
+    weights = models.weights_from_bridge(bridge, unfoldable)
     task = build_task(TaskSpec("text"), bridge.tokenizer, n_prompts=n_prompts, seq_len=seq_len)
     return Setup(name, bridge, weights, task, repeat)
 

@@ -71,7 +71,7 @@ def run(weights_by_name: dict, tokenizer, shape: tuple[int, int], prompts: list[
 def load_weights(names: list[str]) -> dict:
     out = {}
     for name in names:
-        bridge = models.load_bridge(models.describe_model(name))
-        out[name] = models.weights_from_bridge(bridge)
+        bridge, unfoldable = models.load_bridge(models.describe_model(name), with_spec=True)
+        out[name] = models.weights_from_bridge(bridge, unfoldable)
         del bridge
     return out

@@ -42,9 +42,9 @@ class Loaded:
 
     def __init__(self, name: str):
         self.info = models.describe_model(name)
-        self.bridge = models.load_bridge(self.info)
+        self.bridge, unfoldable = models.load_bridge(self.info, with_spec=True)
         self.bridge.set_use_attn_result(True)
-        self.weights = models.weights_from_bridge(self.bridge)
+        self.weights = models.weights_from_bridge(self.bridge, unfoldable)
         self.tokenizer = self.bridge.tokenizer
 
 

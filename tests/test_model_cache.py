@@ -140,7 +140,7 @@ def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gp
 
     os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights were rewritten
     booted = []
-    monkeypatch.setattr(models, "load_bridge", lambda i: booted.append(1) or real_load_bridge(i))
+    monkeypatch.setattr(models, "load_bridge", lambda i, **kw: booted.append(1) or real_load_bridge(i, **kw))
     models.load_model(info)
     assert booted == [1]
 

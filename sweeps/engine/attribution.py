@@ -46,7 +46,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -153,15 +152,12 @@ class Trace:
 
 
 def _qkv(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], edit: Edit | None):
-    xn = tf.normalize(w.cfg, x)
-    q = torch.einsum("btd,hde->bthe", xn, w.W_Q[layer]) + w.b_Q[layer]
-    k = torch.einsum("btd,kde->btke", xn, w.W_K[layer]) + w.b_K[layer]
-    v = torch.einsum("btd,kde->btke", xn, w.W_V[layer]) + w.b_V[layer]
+    q, k, v = tf.qkv(w, layer, tf.sublayer_input(w.cfg, x))
     if edit is not None and edit.layer == layer and edit.site in ("q", "k", "v"):
         # Only this head's input sees the change (path patching of one edge).
         W, b = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}[edit.site]
         h = edit.head
-        one = torch.einsum("btd,de->bte", tf.normalize(w.cfg, x + edit.delta), W[layer, h]) + b[layer, h]
+        one = torch.einsum("btd,de->bte", tf.sublayer_input(w.cfg, x + edit.delta), W[layer, h]) + b[layer, h]
         mask = torch.zeros(W.shape[1], dtype=one.dtype, device=one.device)
         mask[h] = 1.0
         mask = mask[:, None]
@@ -206,13 +202,7 @@ def forward(
         else:
             q, k, v = _qkv(w, layer, x, edit)
         trace.q.append(q), trace.k.append(k), trace.v.append(v)
-        qr, kr = (tf._apply_rotary(q, rope), tf._apply_rotary(k, rope)) if rope is not None else (q, k)
-        z = F.scaled_dot_product_attention(
-            qr.transpose(1, 2),
-            kr.repeat_interleave(cfg.group_size, dim=2).transpose(1, 2),
-            v.repeat_interleave(cfg.group_size, dim=2).transpose(1, 2),
-            is_causal=True,
-        ).transpose(1, 2)
+        z = tf.attend(w, layer, q, k, v, rope)
         trace.z.append(z)
         attn = tf.attention_out(w, layer, z)
         if (d := at("attn_out", layer)) is not None:
@@ -223,9 +213,9 @@ def forward(
             trace.mlp_in.append(mlp_in)
             if (d := at("mlp", layer)) is not None:
                 mlp_in = mlp_in + d
-            normed = tf.normalize(cfg, mlp_in)
+            normed = tf.sublayer_input(cfg, mlp_in)
             trace.mlp_normed.append(normed)
-            out = tf.mlp_from_normalized(w, layer, normed)
+            out = tf.mlp_write(w, layer, tf.mlp_from_normalized(w, layer, normed))
             if (d := at("mlp_out", layer)) is not None:
                 out = out + d
             trace.mlp_out.append(out)
@@ -249,6 +239,13 @@ def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: Tas
     prompt's answer position, or the log-probability of each next token."""
     points = effect_points(w, task)
     x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
+    if w.cfg.final_softcap:  # the metric is on the real, capped logits: plain autograd over them
+        logits = tf.cap_logits(w, x @ w.W_U + w.b_U, x)
+        if task.kind == "logit_diff":
+            right, wrong = task.correct.to(w.device), task.incorrect.to(w.device)
+            return logits.gather(-1, right[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
+        targets = task.clean.to(w.device)[points.batch, points.pos + 1]
+        return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     if task.kind == "logit_diff":
         return (x * points.u).sum(-1) + points.bias
     targets = task.clean.to(w.device)[points.batch, points.pos + 1]
@@ -344,7 +341,7 @@ def norm_vjp_(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B
     centres (LayerNorm only). In place because ``g`` is a slice of the block of
     downstream rows: no ``[N B T D]`` temporary is made.
     """
-    if cfg.norm == "none":
+    if cfg.norm == "none" or not cfg.pre_norm:
         return g
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
@@ -378,8 +375,13 @@ def upstream_deltas(
     out[0] = d_embed
     for layer in range(cfg.n_layers):
         row = upstream_row(cfg, layer, 0)
-        dz = (clean.z[layer] - corrupt.z[layer]).reshape(B * T, cfg.n_heads, -1).transpose(0, 1)
-        torch.bmm(dz, w.W_O[layer], out=out[row : row + cfg.n_heads].view(cfg.n_heads, B * T, D))
+        heads = out[row : row + cfg.n_heads]
+        if cfg.post_norm:  # each head's write is its share of the layer's post-normed output
+            shares = tf.head_writes(w, layer, clean.z[layer]) - tf.head_writes(w, layer, corrupt.z[layer])
+            heads.copy_(shares.permute(2, 0, 1, 3))
+        else:
+            dz = (clean.z[layer] - corrupt.z[layer]).reshape(B * T, cfg.n_heads, -1).transpose(0, 1)
+            torch.bmm(dz, w.W_O[layer], out=heads.view(cfg.n_heads, B * T, D))
         if not cfg.attn_only:
             torch.sub(clean.mlp_out[layer], corrupt.mlp_out[layer], out=out[row + cfg.n_heads])
     return out
@@ -447,7 +449,7 @@ def downstream_rows(
     B, T, H, E = g_q.shape
     K = g_k.shape[2]
     x = clean.resid_pre[layer]
-    if cfg.norm == "none":
+    if cfg.norm == "none" or not cfg.pre_norm:
         inv_s, y = None, None
     else:
         inv_s, y = tf.norm_scale(cfg, x).reciprocal(), tf.normalize(cfg, x)  # [B T 1], [B T D]
@@ -581,6 +583,9 @@ def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_
     node = node_from_name(name)
     if node.head is None:
         return "mlp_out", node.layer, corrupt.mlp_out[node.layer] - clean.mlp_out[node.layer]
+    if w.cfg.post_norm:
+        l, h = node.layer, node.head
+        return "attn_out", l, tf.head_writes(w, l, corrupt.z[l])[:, :, h] - tf.head_writes(w, l, clean.z[l])[:, :, h]
     dz = corrupt.z[node.layer][:, :, node.head] - clean.z[node.layer][:, :, node.head]
     return "attn_out", node.layer, dz @ w.W_O[node.layer, node.head]
 

@@ -81,10 +81,35 @@ def head_direct_effects(
     points: Points,
     scale: Float[Tensor, "P"],
 ) -> Float[Tensor, "*G P H"]:
-    """Direct effect of each head of ``layer`` at each point."""
-    dirs = torch.einsum("hed,pd->phe", w.W_O[layer], points.u) / scale[:, None, None]
-    zp = gather(z, points, z.ndim - 4)
-    return torch.einsum("...phe,phe->...ph", zp, dirs)
+    """Direct effect of each head of ``layer`` at each point.
+
+    Under a post-norm (Gemma 2/3, OLMo 2) a head writes its share
+    ``(z_h W_O[h]) / rms(y) ⊙ w`` of the layer's output ``y``, with ``rms(y)`` of the
+    run ``z`` comes from: the shares sum exactly to the sublayer's write."""
+    zp = gather(z, points, z.ndim - 4)  # [*G P H E]
+    u = points.u
+    if w.cfg.post_norm:
+        u = u * w.ln_attn_post[layer]
+    dirs = torch.einsum("hed,pd->phe", w.W_O[layer], u) / scale[:, None, None]
+    effects = torch.einsum("...phe,phe->...ph", zp, dirs)
+    if w.cfg.post_norm:
+        effects = effects * attention_inv_rms(w, layer, zp)[..., None]
+    return effects
+
+
+def attention_inv_rms(w: ModelWeights, layer: int, zp: Float[Tensor, "*G P H E"]) -> Float[Tensor, "*G P"]:
+    """``1 / rms(y)`` of layer ``layer``'s attention output at the points (post-norm models)."""
+    return tf.post_norm_inv_rms(w.cfg, tf.attention_sum(w, layer, zp))[..., 0]
+
+
+def attention_bias_effects(
+    w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"], points: Points, scale: Float[Tensor, "P"]
+) -> Float[Tensor, "P"]:
+    """Direct effect of the layer's output bias ``b_O`` (which holds the folded value biases)."""
+    if not w.cfg.post_norm:
+        return (points.u @ w.b_O[layer]) / scale
+    inv = attention_inv_rms(w, layer, gather(z, points, 0))
+    return ((points.u * w.ln_attn_post[layer]) @ w.b_O[layer]) * inv / scale
 
 
 def vector_direct_effects(
@@ -104,7 +129,7 @@ def final_scale(w: ModelWeights, run: tf.CleanRun, points: Points) -> Float[Tens
 class Decomposition:
     """Every component's direct effect; they sum to the logit (difference)."""
 
-    embed: Float[Tensor, "P"]  # token + position embedding
+    embed: Float[Tensor, "P"]  # token (scaled, for Gemma) + position embedding
     heads: Float[Tensor, "L P H"]
     attn_bias: Float[Tensor, "L P"]  # b_O of each layer (holds the folded value biases)
     mlps: Float[Tensor, "L P"]
@@ -122,7 +147,7 @@ def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, poi
     scale = final_scale(w, run, points)
     L = w.cfg.n_layers
     heads = torch.stack([head_direct_effects(w, l, run.z[l], points, scale) for l in range(L)])
-    bias = torch.stack([(points.u @ w.b_O[l]) / scale for l in range(L)])
+    bias = torch.stack([attention_bias_effects(w, l, run.z[l], points, scale) for l in range(L)])
     if run.mlp_out is None:
         mlps = torch.zeros(L, points.n, device=scale.device)
     else:

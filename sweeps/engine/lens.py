@@ -33,21 +33,13 @@ class TaskReport:
 
 
 def attention_patterns(w: ModelWeights, run: tf.CleanRun, prompt: int, length: int) -> Float[Tensor, "L H T T"]:
-    """softmax(q·k/√E) of every head on one prompt's real tokens (causal)."""
-    cfg = w.cfg
+    """Every head's attention pattern on one prompt's real tokens (``tf.attention_pattern``:
+    causal, windowed and soft-capped as the model is)."""
     rope = tf.rotary_tables(w, length)
-    out = []
-    for layer in range(cfg.n_layers):
-        x = tf.normalize(cfg, run.resid_pre[layer][prompt : prompt + 1, :length])
-        q = torch.einsum("btd,hde->bthe", x, w.W_Q[layer]) + w.b_Q[layer]
-        k = torch.einsum("btd,kde->btke", x, w.W_K[layer]) + w.b_K[layer]
-        if rope is not None:
-            q, k = tf._apply_rotary(q, rope), tf._apply_rotary(k, rope)
-        k = k.repeat_interleave(cfg.group_size, dim=2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.d_head**0.5
-        mask = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
-        out.append(scores.masked_fill(~mask, float("-inf")).softmax(-1)[0])
-    return torch.stack(out)
+    return torch.stack([
+        tf.attention_pattern(w, layer, run.resid_pre[layer][prompt : prompt + 1, :length], rope)[0]
+        for layer in range(w.cfg.n_layers)
+    ])
 
 
 @torch.no_grad()

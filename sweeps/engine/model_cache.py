@@ -47,7 +47,7 @@ from sweeps.engine.transformer import ModelConfig, ModelWeights
 # Packages whose code turns the source file into weights or a tokenizer.
 CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
 # Our own conversion code: a change to it changes what a load returns.
-CONVERSION_SOURCES = ("models.py", "transformer.py")
+CONVERSION_SOURCES = ("models.py", "transformer.py", "architectures.py")
 
 
 DEFAULT_MAX_GB = 8.0

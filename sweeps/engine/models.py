@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sweeps.engine import model_cache
+from sweeps.engine import architectures, model_cache
 from sweeps.engine.transformer import ModelConfig, ModelWeights
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -73,9 +73,16 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
+# One tiny random model of every family the fast path runs (``architectures.FAMILIES``),
+# with the family's distinctive pieces switched on: ``tiny-gemma2``, ``tiny-olmo2``, ...
+for _family in architectures.FAMILIES:
+    _tiny = dict(_family.tiny)
+    TINY_MODELS.setdefault(
+        f"tiny-{_family.model_types[0].replace('_text', '')}",
+        dict(model_type=_family.model_types[0], config=_tiny.pop("config"), hub_name=_family.examples[0], **_tiny),
+    )
+FAMILY_TINY_MODELS = tuple(f"tiny-{f.model_types[0].replace('_text', '')}" for f in architectures.FAMILIES)
 EMBEDDED_VOCAB = 49152
-# Architectures our forward (transformer.py) implements, by Hugging Face model_type.
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 
 
 class ModelNameError(ValueError):
@@ -95,12 +102,10 @@ class ModelInfo:
 
 def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int]:
     """(n_layers, n_heads, n_ctx) of a Hugging Face config dict, or a ModelNameError."""
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelNameError(
-            f"{where}: architecture {model_type!r} is not supported yet (supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    try:
+        architectures.family_of(cfg.get("model_type"), where)
+    except architectures.ArchitectureError as err:
+        raise ModelNameError(str(err)) from None
     try:
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
@@ -273,14 +278,18 @@ def load_tokenizer(info: ModelInfo):
 
 
 def _tiny_hf_config(name: str):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+    import transformers
 
     spec = dict(TINY_MODELS[name])
     model_type = spec.pop("model_type")
     spec.pop("hub_name")
+    config_name = spec.pop("config", None) or {
+        "gpt2": "GPT2Config", "llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig"}[model_type]
     common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    config_cls = {"gpt2": GPT2Config, "llama": LlamaConfig, "gpt_neox": GPTNeoXConfig}[model_type]
-    return config_cls(**spec, **common)
+    cfg = getattr(transformers, config_name)(**spec, **common)
+    # The bridge picks its adapter from ``architectures``; a config built in code has none.
+    cfg.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+    return cfg
 
 
 def load_hf_model(info: ModelInfo):
@@ -309,64 +318,36 @@ def load_hf_model(info: ModelInfo):
     return model.eval(), tokenizer, info.source
 
 
-def load_bridge(info: ModelInfo):
-    """A TransformerBridge in compatibility mode (HookedTransformer numerics)."""
+def load_bridge(info: ModelInfo, with_spec: bool = False):
+    """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
+    ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
     from transformer_lens.model_bridge import TransformerBridge
 
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
     if info.kind == "checkpoint":
         bridge = load_checkpoint_bridge(info)
+        unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
+        if bridge.cfg.positional_embedding_type == "rotary":
+            found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+            if not found:
+                raise architectures.ArchitectureError(f"{info.name}: a rotary checkpoint without an inv_freq buffer")
+            unfoldable.tensors["rotary_inv_freq"] = found[0].detach().float().clone()[None]
     else:
         hf_model, tokenizer, hub_name = load_hf_model(info)
         bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
+        unfoldable = architectures.read_spec(bridge)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    return bridge
+    return (bridge, unfoldable) if with_spec else bridge
 
 
-def _rotary_inv_freq(bridge) -> torch.Tensor:
-    found = [m for m in bridge.original_model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    if not found:
-        raise NotImplementedError("rotary model without an inv_freq buffer")
-    if len({tuple(m.inv_freq.shape) for m in found}) > 1:
-        raise NotImplementedError("models with several rotary tables (local/global layers) are not supported yet")
-    if getattr(found[0], "attention_scaling", 1.0) not in (None, 1.0):
-        raise NotImplementedError("rotary embeddings with attention scaling are not supported yet")
-    return found[0].inv_freq.detach().float().clone()
-
-
-def _check_supported(c) -> None:
-    """Refuse TransformerLens configs whose numerics our forward does not reproduce."""
-    unsupported = {
-        "use_qk_norm": "query/key normalisation",
-        "use_local_attn": "local attention",
-        "rotary_adjacent_pairs": "GPT-J style (adjacent-pair) rotary",
-        "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index",
-        "use_normalization_before_and_after": "normalisation before and after sublayers",
-        "post_embedding_ln": "a LayerNorm after the embedding",
-    }
-    for flag, what in unsupported.items():
-        if getattr(c, flag, False):
-            raise NotImplementedError(f"{what} is not supported by the sweep's forward yet")
-    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
-        if (getattr(c, cap, -1.0) or -1.0) > 0:
-            raise NotImplementedError("logit soft-capping is not supported by the sweep's forward yet")
-    scale = getattr(c, "attn_scale", -1.0)
-    if not getattr(c, "use_attn_scale", True) or scale not in (-1.0, None) and abs(scale - c.d_head**0.5) > 1e-6:
-        raise NotImplementedError("a non-standard attention scale is not supported by the sweep's forward yet")
-    if getattr(c, "scale_embedding", None) not in (None, False, 1, 1.0):
-        raise NotImplementedError("scaled embeddings are not supported by the sweep's forward yet")
-
-
-def weights_from_bridge(bridge) -> ModelWeights:
-    """Copy the processed weights out of a compatibility-mode bridge."""
+def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWeights:
+    """Copy the processed weights out of a compatibility-mode bridge, with the pieces
+    folding cannot absorb (read by ``architectures.read_spec`` before processing)."""
     c = bridge.cfg
     n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
-    positional = "rotary" if c.positional_embedding_type == "rotary" else "learned"
-    if c.positional_embedding_type not in ("rotary", "standard"):
-        raise NotImplementedError(f"positional embedding {c.positional_embedding_type!r} is not supported")
-    _check_supported(c)
-    inv_freq = _rotary_inv_freq(bridge) if positional == "rotary" else None
+    extra = unfoldable.tensors
+    inv_freq = extra.get("rotary_inv_freq")
     cfg = ModelConfig(
         n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
         d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
@@ -374,38 +355,48 @@ def weights_from_bridge(bridge) -> ModelWeights:
             "none" if c.normalization_type is None
             else "rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm"
         ),
-        eps=float(c.eps), positional=positional, act_fn=c.act_fn or "gelu_new",
+        eps=float(c.eps), positional="rotary" if inv_freq is not None else "learned",
+        act_fn=c.act_fn or "gelu_new",
         gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
         parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
-        rotary_dim=0 if inv_freq is None else 2 * inv_freq.numel(),
+        rotary_dim=0 if inv_freq is None else 2 * inv_freq.shape[-1],
+        **unfoldable.spec,
     )
 
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(name: str, shape: tuple[int, ...], required: bool = False) -> torch.Tensor:
+        """A stacked weight; only a bias may be absent (zero)."""
         try:
             value = getattr(bridge, name)
         except (AttributeError, KeyError):
             value = None
         if value is None:
+            if required:
+                raise architectures.ArchitectureError(f"the model has no {name} weights")
             return torch.zeros(shape)
         return value.detach().float().clone().reshape(shape)
 
     L, H, K, D, E, M = cfg.n_layers, cfg.n_heads, n_kv, cfg.d_model, cfg.d_head, cfg.d_mlp
+    mlp = not cfg.attn_only
+    architectures.check_folded(bridge)
+    W_U, b_U, W_U_mean, b_U_mean = architectures.finish_unembedding(
+        bridge, get("W_U", (D, cfg.d_vocab), True), get("b_U", (cfg.d_vocab,)))
     with torch.no_grad():
         weights = ModelWeights(
             cfg=cfg,
-            W_E=get("W_E", (cfg.d_vocab, D)),
-            W_pos=bridge.W_pos.detach().float().clone() if positional == "learned" else None,
-            W_Q=get("W_Q", (L, H, D, E)), b_Q=get("b_Q", (L, H, E)),
-            W_K=get("W_K", (L, K, D, E)), b_K=get("b_K", (L, K, E)),
-            W_V=get("W_V", (L, K, D, E)), b_V=get("b_V", (L, K, E)),
-            W_O=get("W_O", (L, H, E, D)), b_O=get("b_O", (L, D)),
-            W_in=None if cfg.attn_only else get("W_in", (L, D, M)),
-            W_gate=get("W_gate", (L, D, M)) if cfg.gated_mlp else None,
-            b_in=None if cfg.attn_only else get("b_in", (L, M)),
-            W_out=None if cfg.attn_only else get("W_out", (L, M, D)),
-            b_out=None if cfg.attn_only else get("b_out", (L, D)),
-            W_U=get("W_U", (D, cfg.d_vocab)), b_U=get("b_U", (cfg.d_vocab,)),
+            W_E=get("W_E", (cfg.d_vocab, D), True),
+            W_pos=bridge.W_pos.detach().float().clone() if cfg.positional == "learned" else None,
+            W_Q=get("W_Q", (L, H, D, E), True), b_Q=get("b_Q", (L, H, E)),
+            W_K=get("W_K", (L, K, D, E), True), b_K=get("b_K", (L, K, E)),
+            W_V=get("W_V", (L, K, D, E), True), b_V=get("b_V", (L, K, E)),
+            W_O=get("W_O", (L, H, E, D), True), b_O=get("b_O", (L, D)),
+            W_in=get("W_in", (L, D, M), True) if mlp else None,
+            W_gate=get("W_gate", (L, D, M), True) if cfg.gated_mlp else None,
+            b_in=get("b_in", (L, M)) if mlp else None,
+            W_out=get("W_out", (L, M, D), True) if mlp else None,
+            b_out=get("b_out", (L, D)) if mlp else None,
+            W_U=W_U, b_U=b_U, W_U_mean=W_U_mean, b_U_mean=b_U_mean,
             rotary_inv_freq=inv_freq,
+            **{k: v for k, v in extra.items() if k != "rotary_inv_freq"},
         )
     return weights
 
@@ -454,7 +445,7 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedMod
     second. Tiny models are not cached (they boot in milliseconds)."""
 
     def convert() -> ModelWeights:
-        return weights_from_bridge(load_bridge(info))
+        return weights_from_bridge(*load_bridge(info, with_spec=True))
 
     source = cache_source(info)
     if source is None:

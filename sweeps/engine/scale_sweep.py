@@ -207,16 +207,16 @@ class ScaleComputer:
                 part_base if g.source is g.clean
                 else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
             )
-            resid = scaling.restart_residual(w, node, g.clean)
+            start_at = scaling.restart_point(w, node, g.clean)
             rope = tf.rotary_tables(w, T)
             todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
-            def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, resid=resid,
+            def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, start_at=start_at,
                       rope=rope, todo=todo) -> tuple[Tensor, Tensor, Tensor]:
                 s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
-                final = scaling.resume(w, node, resid[base] + delta, rope)
+                final = scaling.resume(w, node, start_at, base, delta, rope)
                 out = scaling.readout(
                     w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
                 )

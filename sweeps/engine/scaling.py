@@ -146,9 +146,11 @@ def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, "S"], sou
 
 
 def node_activation(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
-    """The node's write to the residual stream: ``hook_result`` of the head, or ``hook_mlp_out``."""
+    """The node's output, as TransformerLens's hooks see it: ``hook_result`` of the head
+    (``z_h W_O[h]``) or ``hook_mlp_out``; under a post-norm, before it (the sublayer's
+    post-norm then runs on the patched output)."""
     if node.head is None:
-        return run.mlp_out[node.layer]
+        return run.mlp_raw[node.layer] if w.cfg.post_norm else run.mlp_out[node.layer]
     return torch.einsum("nte,ed->ntd", run.z[node.layer, :, :, node.head], w.W_O[node.layer, node.head])
 
 
@@ -157,21 +159,42 @@ def restarts_after_attention(w: ModelWeights, node: Node) -> bool:
     return node.head is not None and not (w.cfg.parallel_attn_mlp or w.cfg.attn_only)
 
 
-def restart_residual(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
-    """The clean residual stream where ``node``'s patch enters (see ``resume``)."""
+@dataclass
+class RestartPoint:
+    """Where ``node``'s patch enters the clean run: the stream before the node's sublayer
+    writes (``stream``) and, under a post-norm, the sublayer's clean output before its
+    norm (``out``); without one the patch adds straight to the stream after the write."""
+
+    stream: Float[Tensor, "N T D"]
+    out: Float[Tensor, "N T D"] | None
+
+
+def restart_point(w: ModelWeights, node: Node, run: tf.CleanRun) -> RestartPoint:
+    """The clean state where ``node``'s patch enters (see ``resume``)."""
     l = node.layer
+    if w.cfg.post_norm:
+        if node.head is not None:
+            return RestartPoint(run.resid_pre[l], tf.attention_sum(w, l, run.z[l]))
+        return RestartPoint(run.resid_pre[l] + tf.attention_out(w, l, run.z[l]), run.mlp_raw[l])
     if restarts_after_attention(w, node):
-        return run.resid_pre[l] + tf.attention_out(w, l, run.z[l])
-    return run.resid_pre[l + 1] if l + 1 < w.cfg.n_layers else run.resid_final
+        return RestartPoint(run.resid_pre[l] + tf.attention_out(w, l, run.z[l]), None)
+    return RestartPoint(run.resid_pre[l + 1] if l + 1 < w.cfg.n_layers else run.resid_final, None)
 
 
 def resume(
-    w: ModelWeights, node: Node, resid: Float[Tensor, "G T D"], rope: tuple[Tensor, Tensor] | None
+    w: ModelWeights, node: Node, start: RestartPoint, base: Int[Tensor, "G"], delta: Float[Tensor, "G T D"],
+    rope: tf.Rope,
 ) -> Float[Tensor, "G T D"]:
-    """Run from ``node``'s restart point (residual already patched) to the final residual."""
-    if restarts_after_attention(w, node):
-        return tf.finish_block(w, node.layer, resid, rope)
-    return tf.run_blocks(w, node.layer + 1, resid, rope)
+    """Patch rows ``base`` of the clean run by ``delta`` at ``node`` and run to the final residual."""
+    l = node.layer
+    if start.out is None:
+        resid = start.stream[base] + delta
+        if restarts_after_attention(w, node):
+            return tf.finish_block(w, l, resid, rope)
+        return tf.run_blocks(w, l + 1, resid, rope)
+    if node.head is not None:  # post-norm: the layer's norm runs again on the patched output
+        return tf.finish_block(w, l, start.stream[base] + tf.attention_write(w, l, start.out[base] + delta), rope)
+    return tf.run_blocks(w, l + 1, start.stream[base] + tf.mlp_write(w, l, start.out[base] + delta), rope)
 
 
 # --------------------------------------------------------------------------- #
@@ -213,13 +236,26 @@ def readout(
     log_prob = incorrect is None
     top, top1, total = _running_max_and_exp_sum(w, x, log_prob, rows_per_block, vocab_per_block)
     right = _token_logits(w, x, correct.reshape(-1))
-    metric = right - top - total.log() if log_prob else right - _token_logits(w, x, incorrect.reshape(-1))
+    if w.cfg.final_softcap:  # the task's metric is on the model's real, capped logits
+        right = _capped(w, right, x)
+    if log_prob:
+        metric = right - top - total.log()
+    else:
+        wrong = _token_logits(w, x, incorrect.reshape(-1))
+        metric = right - (_capped(w, wrong, x) if w.cfg.final_softcap else wrong)
     return Readout(metric.view(G, Q), top1.view(G, Q))
 
 
 def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, "N"]) -> Float[Tensor, "N"]:
     """``x · W_U[:, t] + b_U[t]`` for one token per row."""
     return torch.einsum("nd,dn->n", x, w.W_U[:, tokens]) + w.b_U[tokens]
+
+
+def _capped(w: ModelWeights, logits: Float[Tensor, "N *V"], x: Float[Tensor, "N D"]) -> Float[Tensor, "N *V"]:
+    """The real logits of a soft-capped model from centred ones (``tf.cap_logits``), row by row."""
+    offset = x @ w.W_U_mean + w.b_U_mean
+    offset = offset.view(-1, *([1] * (logits.ndim - 1)))
+    return w.cfg.final_softcap * torch.tanh((logits + offset) / w.cfg.final_softcap)
 
 
 def _running_max_and_exp_sum(
@@ -243,6 +279,8 @@ def _running_max_and_exp_sum(
         for v0 in range(0, V, vocab):
             v1 = min(V, v0 + vocab)
             logits = torch.addmm(w.b_U[v0:v1], xr, w.W_U[:, v0:v1], out=buffer[: n * (v1 - v0)].view(n, v1 - v0))
+            if w.cfg.final_softcap:
+                logits = _capped(w, logits, xr)
             block_top, block_top1 = logits.max(-1)
             top1 = torch.where(block_top > top, block_top1 + v0, top1)  # ties keep the earlier token
             new_top = torch.maximum(top, block_top)

@@ -30,6 +30,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture spec: everything the forward needs besides the weights.
+
+    ``architectures.py`` builds it from what a loaded model contains (and says, family
+    by family, which of these pieces each family has). Per-layer fields are tuples with
+    one entry a layer.
+    """
+
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -43,18 +50,52 @@ class ModelConfig:
     act_fn: str
     gated_mlp: bool
     attn_only: bool = False
-    parallel_attn_mlp: bool = False  # GPT-NeoX/Pythia: the MLP reads the block's input too
-    rotary_dim: int = 0  # rotated dimensions of each head (GPT-NeoX rotates only a part)
+    parallel_attn_mlp: bool = False  # GPT-NeoX/Pythia/GPT-J: the MLP reads the block's input too
+    rotary_dim: int = 0  # rotated dimensions of each head (GPT-NeoX and GPT-J rotate only a part)
+    family: str = ""  # the Hugging Face model_type the spec was built for
+    rotary_style: str = "half"  # "half" (rotate_half, Llama/NeoX) | "interleaved" (GPT-J: adjacent pairs)
+    pre_norm: bool = True  # sublayers read norm(resid); False for OLMo 2 (they read the raw stream)
+    post_norm: bool = False  # sublayers write norm(out) (Gemma 2/3, OLMo 2): ``ln_attn_post``/``ln_mlp_post``
+    qk_norm: str = "none"  # "none" | "head" (one RMSNorm per head: Qwen 3, Gemma 3) | "all" (over all heads: OLMo 2)
+    attn_scale: float = 0.0  # multiplies q·k; 0 means 1/sqrt(d_head)
+    attn_softcap: float = 0.0  # scores -> c·tanh(scores/c) (Gemma 2); 0: none
+    final_softcap: float = 0.0  # logits -> c·tanh(logits/c) (Gemma 2); 0: none
+    windows: tuple[int, ...] = ()  # per layer: sliding window (a query sees this many keys, itself included); 0 = global
+    rotary_layer: tuple[int, ...] = ()  # per layer: which rotary table (Gemma 3: local and global bases)
+    embed_scale: float = 1.0  # the embedding is multiplied by this (Gemma: sqrt(d_model))
+    prepend_bos: bool = True  # the model's own rule: tasks start every prompt with BOS
+
+    def __post_init__(self) -> None:
+        # Tuples even when read back from a saved dict (lists): the spec stays hashable.
+        object.__setattr__(self, "windows", tuple(self.windows))
+        object.__setattr__(self, "rotary_layer", tuple(self.rotary_layer))
 
     @property
     def group_size(self) -> int:
         """How many query heads share one key/value head (1 without GQA)."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def scale(self) -> float:
+        return self.attn_scale or self.d_head**-0.5
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if self.windows else 0
+
+    def table(self, layer: int) -> int:
+        return self.rotary_layer[layer] if self.rotary_layer else 0
+
 
 @dataclass
 class ModelWeights:
-    """Processed weights, stacked over layers (TransformerLens naming)."""
+    """Processed weights, stacked over layers (TransformerLens naming).
+
+    Pre-norm weights are folded into the matrices that read them (so ``normalize`` is
+    weight-free); what cannot be folded is kept: the post-norms' and QK-norms' effective
+    weights (``1 + w`` already added for Gemma), and, for soft-capped models, the
+    unembedding's mean over the vocabulary that centring removed (``W_U_mean``, ``b_U_mean``),
+    so the real capped logits can be rebuilt.
+    """
 
     cfg: ModelConfig
     W_E: Float[Tensor, "V D"]
@@ -74,7 +115,13 @@ class ModelWeights:
     b_out: Optional[Float[Tensor, "L D"]]
     W_U: Float[Tensor, "D V"]
     b_U: Float[Tensor, "V"]
-    rotary_inv_freq: Optional[Float[Tensor, "E_half"]]
+    rotary_inv_freq: Optional[Float[Tensor, "n_tables E_half"]]
+    ln_attn_post: Optional[Float[Tensor, "L D"]] = None
+    ln_mlp_post: Optional[Float[Tensor, "L D"]] = None
+    q_norm: Optional[Float[Tensor, "L Nq"]] = None  # Nq = E ("head") or H·E ("all")
+    k_norm: Optional[Float[Tensor, "L Nk"]] = None  # Nk = E ("head") or K·E ("all")
+    W_U_mean: Optional[Float[Tensor, "D"]] = None
+    b_U_mean: Optional[Float[Tensor, ""]] = None
 
     def to(self, device: torch.device | str) -> "ModelWeights":
         moved = {
@@ -110,74 +157,203 @@ def normalize(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "...
     return x / (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
 
 
+def sublayer_input(cfg: ModelConfig, resid: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+    """What a sublayer reads: the normalised stream, or the raw stream without pre-norms (OLMo 2)."""
+    return normalize(cfg, resid) if cfg.pre_norm else resid
+
+
+def rms_norm(x: Float[Tensor, "... N"], weight: Float[Tensor, "N"], eps: float) -> Float[Tensor, "... N"]:
+    """``x / rms(x) ⊙ weight``: a post-norm or a QK-norm (weights are never folded here)."""
+    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
+
+
+def post_norm_inv_rms(cfg: ModelConfig, y: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
+    """``1 / rms(y)`` of a sublayer's output under its post-norm (its heads' shares divide by it)."""
+    return (y.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()
+
+
 # --------------------------------------------------------------------------- #
 # Embedding and rotary position
 # --------------------------------------------------------------------------- #
 
 
 def embed(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T D"]:
-    """Token embedding plus learned position embedding (if the model has one)."""
+    """Token embedding (scaled, for Gemma) plus learned position embedding (if any)."""
     resid = w.W_E[tokens]
+    if w.cfg.embed_scale != 1.0:
+        resid = resid * w.cfg.embed_scale
     if w.cfg.positional == "learned":
         resid = resid + w.W_pos[: tokens.shape[1]]
     return resid
 
 
-def rotary_tables(w: ModelWeights, n_pos: int) -> tuple[Tensor, Tensor] | None:
-    """cos/sin tables [T, rotary_dim] in Hugging Face's "rotate half" layout."""
+Rope = Optional[list]  # one (cos, sin) pair of [T, rotary_dim] tables per rotary table; None without rotary
+
+
+def rotary_tables(w: ModelWeights, n_pos: int) -> Rope:
+    """cos/sin tables [T, rotary_dim] of each rotary table, in the model's own layout:
+    "rotate half" (Llama, NeoX) pairs dimension i with i + rotary_dim/2; "interleaved"
+    (GPT-J) pairs 2i with 2i + 1."""
     if w.cfg.positional != "rotary":
         return None
-    pos = torch.arange(n_pos, device=w.device, dtype=w.rotary_inv_freq.dtype)
-    freqs = torch.outer(pos, w.rotary_inv_freq)
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos(), angles.sin()
+    inv = w.rotary_inv_freq if w.rotary_inv_freq.ndim == 2 else w.rotary_inv_freq[None]
+    pos = torch.arange(n_pos, device=w.device, dtype=inv.dtype)
+    tables = []
+    for row in inv:
+        freqs = torch.outer(pos, row)
+        if w.cfg.rotary_style == "interleaved":
+            angles = freqs.repeat_interleave(2, dim=-1)
+        else:
+            angles = torch.cat([freqs, freqs], dim=-1)
+        tables.append((angles.cos(), angles.sin()))
+    return tables
 
 
-def _apply_rotary(x: Float[Tensor, "B T N E"], rope: tuple[Tensor, Tensor]) -> Float[Tensor, "B T N E"]:
-    """Rotate the first ``rotary_dim`` dimensions of each head; pass the rest through."""
-    cos, sin = (t[: x.shape[1], None, :] for t in rope)
+def apply_rotary(
+    cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, layer: int
+) -> Float[Tensor, "B T N E"]:
+    """Rotate the first ``rotary_dim`` dimensions of each head with ``layer``'s table."""
+    if rope is None:
+        return x
+    cos, sin = (t[: x.shape[1], None, :] for t in rope[cfg.table(layer)])
     dim = cos.shape[-1]
     x_rot, x_pass = x[..., :dim], x[..., dim:]
-    half = dim // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    if cfg.rotary_style == "interleaved":
+        rotated = torch.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], dim=-1).flatten(-2)
+    else:
+        half = dim // 2
+        rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
 # --------------------------------------------------------------------------- #
-# One transformer block, in pieces
+# Attention: the one place it is computed (the sweeps, attribution and the lens use it)
 # --------------------------------------------------------------------------- #
 
 ZEdit = Callable[[Float[Tensor, "B T H E"]], Float[Tensor, "B T H E"]]
 
 
-def attention_z(
-    w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: tuple[Tensor, Tensor] | None
-) -> Float[Tensor, "B T H E"]:
-    """Every head's mixed values ``z`` (TL's ``hook_z``), before ``W_O``.
-
-    Padding is on the right and attention is causal, so a real token never
-    attends to padding: no padding mask is needed for real positions.
-    """
-    cfg = w.cfg
-    x = normalize(cfg, resid)
+def qkv(
+    w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]
+) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T K E"], Float[Tensor, "B T K E"]]:
+    """The raw projections ``x W + b`` of a sublayer input ``x`` (``sublayer_input``):
+    before QK-norm and rotary (attribution differentiates here)."""
     q = torch.einsum("btd,hde->bthe", x, w.W_Q[layer]) + w.b_Q[layer]
     k = torch.einsum("btd,kde->btke", x, w.W_K[layer]) + w.b_K[layer]
     v = torch.einsum("btd,kde->btke", x, w.W_V[layer]) + w.b_V[layer]
-    if rope is not None:
-        q, k = _apply_rotary(q, rope), _apply_rotary(k, rope)
+    return q, k, v
+
+
+def positioned_qk(
+    w: ModelWeights, layer: int, q: Float[Tensor, "B T H E"], k: Float[Tensor, "B T K E"], rope: Rope
+) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T K E"]]:
+    """QK-norm (per head, or over all heads at once as in OLMo 2), then rotary."""
+    cfg = w.cfg
+    if cfg.qk_norm == "head":
+        q, k = rms_norm(q, w.q_norm[layer], cfg.eps), rms_norm(k, w.k_norm[layer], cfg.eps)
+    elif cfg.qk_norm == "all":
+        q = rms_norm(q.flatten(-2), w.q_norm[layer], cfg.eps).view(q.shape)
+        k = rms_norm(k.flatten(-2), w.k_norm[layer], cfg.eps).view(k.shape)
+    return apply_rotary(cfg, q, rope, layer), apply_rotary(cfg, k, rope, layer)
+
+
+def attention_mask(cfg: ModelConfig, layer: int, n_q: int, n_k: int, device) -> Tensor | None:
+    """[T, T] True where a query may attend: causal, and within the layer's sliding window.
+    None for plain causal attention (the fused kernel's own mask).
+
+    Padding is on the right and attention is causal, so a real token never attends to
+    padding: no padding mask is needed for real positions."""
+    window = cfg.window(layer)
+    if window == 0 or window >= n_k:
+        return None
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def attention_scores(
+    w: ModelWeights, layer: int, q: Float[Tensor, "B T H E"], k: Float[Tensor, "B T K E"]
+) -> Float[Tensor, "B H T T"]:
+    """Masked (pre-softmax) scores ``q·k · scale``, soft-capped where the model caps them."""
+    cfg = w.cfg
+    k = k.repeat_interleave(cfg.group_size, dim=2)
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * cfg.scale
+    if cfg.attn_softcap:
+        scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+    T = q.shape[1]
+    mask = attention_mask(cfg, layer, T, T, q.device)
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def attend(
+    w: ModelWeights,
+    layer: int,
+    q: Float[Tensor, "B T H E"],
+    k: Float[Tensor, "B T K E"],
+    v: Float[Tensor, "B T K E"],
+    rope: Rope,
+) -> Float[Tensor, "B T H E"]:
+    """Every head's mixed values ``z`` (TL's ``hook_z``) from the raw projections."""
+    cfg = w.cfg
+    q, k = positioned_qk(w, layer, q, k, rope)
+    if cfg.attn_softcap:  # the cap sits between the product and the softmax: no fused kernel
+        pattern = attention_scores(w, layer, q, k).softmax(-1)
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v.repeat_interleave(cfg.group_size, dim=2))
     # Grouped-query attention: query head h reads key/value head h // group_size.
     k = k.repeat_interleave(cfg.group_size, dim=2)
     v = v.repeat_interleave(cfg.group_size, dim=2)
-    # [B, H, T, T] scores; F.sdpa picks a fused kernel where one exists.
+    T = q.shape[1]
+    mask = attention_mask(cfg, layer, T, T, q.device)
     z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None, scale=cfg.scale,
     )
     return z.transpose(1, 2)
 
 
+def attention_z(w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B T H E"]:
+    """Every head's ``z`` from the stream entering block ``layer``."""
+    return attend(w, layer, *qkv(w, layer, sublayer_input(w.cfg, resid)), rope)
+
+
+def attention_pattern(w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B H T T"]:
+    """softmax of the (masked, capped) scores of every head: TL's ``hook_pattern``."""
+    q, k, _ = qkv(w, layer, sublayer_input(w.cfg, resid))
+    q, k = positioned_qk(w, layer, q, k, rope)
+    return attention_scores(w, layer, q, k).softmax(-1)
+
+
+def attention_sum(w: ModelWeights, layer: int, z: Float[Tensor, "... H E"]) -> Float[Tensor, "... D"]:
+    """``y = Σ_h z_h W_O[h] + b_O``: the attention sublayer's output before any post-norm."""
+    return torch.einsum("...he,hed->...d", z, w.W_O[layer]) + w.b_O[layer]
+
+
+def head_writes(w: ModelWeights, layer: int, z: Float[Tensor, "... H E"]) -> Float[Tensor, "... H D"]:
+    """Each head's write to the stream: ``z_h W_O[h]``, or under a post-norm its share
+    ``(z_h W_O[h]) / rms(y) ⊙ w`` (the shares and ``b_O``'s sum to the sublayer's write)."""
+    out = torch.einsum("...he,hed->...hd", z, w.W_O[layer])
+    if w.cfg.post_norm:
+        inv = post_norm_inv_rms(w.cfg, attention_sum(w, layer, z))  # [..., 1]
+        out = out * inv[..., None, :] * w.ln_attn_post[layer]
+    return out
+
+
+def attention_write(w: ModelWeights, layer: int, y: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+    """What an attention sublayer with output ``y`` adds to the stream (its post-norm, if any)."""
+    return rms_norm(y, w.ln_attn_post[layer], w.cfg.eps) if w.cfg.post_norm else y
+
+
 def attention_out(w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"]) -> Float[Tensor, "B T D"]:
-    """Sum of the heads' writes ``z @ W_O`` plus the layer's output bias."""
-    return torch.einsum("bthe,hed->btd", z, w.W_O[layer]) + w.b_O[layer]
+    """The attention sublayer's write to the stream: the heads' ``z @ W_O`` and ``b_O``,
+    through the post-norm where the model has one."""
+    return attention_write(w, layer, attention_sum(w, layer, z))
+
+
+# --------------------------------------------------------------------------- #
+# MLP
+# --------------------------------------------------------------------------- #
 
 
 def _activation(name: str, x: Tensor) -> Tensor:
@@ -192,12 +368,14 @@ def _activation(name: str, x: Tensor) -> Tensor:
     raise NotImplementedError(f"activation function {name!r} is not supported")
 
 
-def mlp_out(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
-    return mlp_from_normalized(w, layer, normalize(w.cfg, resid_mid))
+def mlp_raw(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    """The MLP's output (before any post-norm) from the stream it reads."""
+    return mlp_from_normalized(w, layer, sublayer_input(w.cfg, resid_mid))
 
 
 def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
-    """The MLP on its already normalised input (attribution differentiates at that input)."""
+    """The MLP (before any post-norm) on its already normalised input (attribution
+    differentiates at that input)."""
     cfg = w.cfg
     pre = x @ w.W_in[layer] + w.b_in[layer]
     if cfg.gated_mlp:
@@ -207,23 +385,40 @@ def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) 
     return post @ w.W_out[layer] + w.b_out[layer]
 
 
+def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+    """What an MLP with output ``m`` adds to the stream (its post-norm, if any)."""
+    return rms_norm(m, w.ln_mlp_post[layer], w.cfg.eps) if w.cfg.post_norm else m
+
+
+def mlp_out(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    """The MLP's write to the stream."""
+    return mlp_write(w, layer, mlp_raw(w, layer, resid_mid))
+
+
+# --------------------------------------------------------------------------- #
+# One transformer block
+# --------------------------------------------------------------------------- #
+
+
 @dataclass
 class BlockOutput:
     resid_post: Float[Tensor, "B T D"]
     z: Float[Tensor, "B T H E"]
-    mlp_out: Optional[Float[Tensor, "B T D"]]
+    mlp_out: Optional[Float[Tensor, "B T D"]]  # the MLP's write (after its post-norm)
+    mlp_raw: Optional[Float[Tensor, "B T D"]] = None  # before its post-norm (post-norm models only)
 
 
 def block(
     w: ModelWeights,
     layer: int,
     resid_pre: Float[Tensor, "B T D"],
-    rope: tuple[Tensor, Tensor] | None,
+    rope: Rope,
     edit_z: ZEdit | None = None,
 ) -> BlockOutput:
-    """One pre-norm block: ``resid += attn(norm(resid)); resid += mlp(norm(resid))``.
+    """One block: ``resid += attn(resid); resid += mlp(resid)``, each sublayer reading
+    its (pre-)norm and writing through its post-norm where the model has them.
 
-    With parallel attention and MLP (GPT-NeoX) both read the block's input.
+    With parallel attention and MLP (GPT-NeoX, GPT-J) both read the block's input.
     ``edit_z`` may replace head outputs (an ablation) before they are written.
     """
     z = attention_z(w, layer, resid_pre, rope)
@@ -232,15 +427,16 @@ def block(
     resid_mid = resid_pre + attention_out(w, layer, z)
     if w.cfg.attn_only:
         return BlockOutput(resid_mid, z, None)
-    out = mlp_out(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
-    return BlockOutput(resid_mid + out, z, out)
+    raw = mlp_raw(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
+    out = mlp_write(w, layer, raw)
+    return BlockOutput(resid_mid + out, z, out, raw if w.cfg.post_norm else None)
 
 
 def finish_block(
     w: ModelWeights,
     layer: int,
     resid_mid: Float[Tensor, "B T D"],
-    rope: tuple[Tensor, Tensor] | None,
+    rope: Rope,
 ) -> Float[Tensor, "B T D"]:
     """From block ``layer``'s residual after attention (``resid_mid``) to the final residual.
 
@@ -253,20 +449,40 @@ def finish_block(
     return run_blocks(w, layer + 1, resid, rope)
 
 
-def run_blocks(
-    w: ModelWeights, start: int, resid: Float[Tensor, "B T D"], rope: tuple[Tensor, Tensor] | None
-) -> Float[Tensor, "B T D"]:
+def run_blocks(w: ModelWeights, start: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B T D"]:
     """Blocks ``start..L-1`` from the residual stream entering block ``start``."""
     for layer in range(start, w.cfg.n_layers):
         resid = block(w, layer, resid, rope).resid_post
     return resid
 
 
+# --------------------------------------------------------------------------- #
+# Unembedding
+# --------------------------------------------------------------------------- #
+
+
 def unembed(w: ModelWeights, resid_final: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
-    """Logits, the bias added inside the product: a separate ``+ b_U`` is one more pass over
-    a tensor of B·T·V numbers (400 MB for 32 × 64 tokens of a 49k vocabulary)."""
+    """Logits before any soft-cap, centred over the vocabulary (HookedTransformer numerics):
+    every direct effect sums to these. The bias is added inside the product: a separate
+    ``+ b_U`` is one more pass over a tensor of B·T·V numbers."""
     x = normalize(w.cfg, resid_final)
     return torch.addmm(w.b_U, x.reshape(-1, x.shape[-1]), w.W_U).view(*x.shape[:-1], -1)
+
+
+def cap_logits(w: ModelWeights, logits: Float[Tensor, "... V"], x: Float[Tensor, "... D"]) -> Float[Tensor, "... V"]:
+    """The model's real logits from the centred pre-cap ``logits`` of normalised streams ``x``:
+    for a soft-capped model, the vocabulary mean that centring removed is added back and
+    the cap applied (``c·tanh(ℓ/c)``); otherwise ``logits`` unchanged (a per-row constant
+    changes no softmax, no argmax and no logit difference)."""
+    if not w.cfg.final_softcap:
+        return logits
+    raw = logits + (x @ w.W_U_mean)[..., None] + w.b_U_mean
+    return w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap)
+
+
+def logits(w: ModelWeights, resid_final: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
+    """The model's real output logits (soft-capped where the model caps them)."""
+    return cap_logits(w, unembed(w, resid_final), normalize(w.cfg, resid_final))
 
 
 @dataclass
@@ -275,24 +491,27 @@ class CleanRun:
 
     resid_pre: Float[Tensor, "L B T D"]  # input of every block
     z: Float[Tensor, "L B T H E"]
-    mlp_out: Optional[Float[Tensor, "L B T D"]]
+    mlp_out: Optional[Float[Tensor, "L B T D"]]  # each MLP's write to the stream
     resid_final: Float[Tensor, "B T D"]
+    mlp_raw: Optional[Float[Tensor, "L B T D"]] = None  # each MLP's output before its post-norm (post-norm models)
 
 
 def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
     """Full forward, keeping each block's input (for restarts) and head ``z``."""
     rope = rotary_tables(w, tokens.shape[1])
     resid = embed(w, tokens)
-    resid_pre, zs, mlps = [], [], []
+    resid_pre, zs, mlps, raws = [], [], [], []
     for layer in range(w.cfg.n_layers):
         resid_pre.append(resid)
         out = block(w, layer, resid, rope)
         zs.append(out.z)
         mlps.append(out.mlp_out)
+        raws.append(out.mlp_raw)
         resid = out.resid_post
     return CleanRun(
         resid_pre=torch.stack(resid_pre),
         z=torch.stack(zs),
         mlp_out=None if w.cfg.attn_only else torch.stack(mlps),
         resid_final=resid,
+        mlp_raw=torch.stack(raws) if w.cfg.post_norm and not w.cfg.attn_only else None,
     )
