@@ -51,11 +51,13 @@ class Family:
     examples: tuple[str, ...]  # hub names
     pieces: frozenset[str]  # see the module docstring
     optional: frozenset[str] = frozenset()  # pieces some checkpoints of the family have (Qwen 2's windows)
-    tiny: dict[str, Any] = field(default_factory=dict)  # a small random test model: config class + kwargs
+    tiny_name: str = ""  # the name of its tiny random test model (``--model tiny-gemma2``)
+    tiny: dict[str, Any] = field(default_factory=dict)  # that model's config class and kwargs
 
 
-def _f(name, model_types, examples, pieces, optional=(), **tiny) -> Family:
-    return Family(name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), tiny)
+def _f(name, model_types, examples, pieces, optional=(), tiny_name="", **tiny) -> Family:
+    tiny_name = tiny_name or f"tiny-{model_types[0].replace('_text', '')}"
+    return Family(name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), tiny_name, tiny)
 
 
 # Tiny random models switch each family's distinctive pieces on: windows shorter than
@@ -67,7 +69,7 @@ FAMILIES: tuple[Family, ...] = (
     _f("GPT-2", ["gpt2"], ["gpt2", "gpt2-medium"], {"pre_norm"},
        config="GPT2Config", n_layer=3, n_head=4, n_embd=64, n_positions=512, initializer_range=0.1),
     _f("GPT-NeoX / Pythia", ["gpt_neox"], ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"],
-       {"pre_norm", "rotary", "parallel"},
+       {"pre_norm", "rotary", "parallel"}, tiny_name="tiny-pythia",
        config="GPTNeoXConfig", num_hidden_layers=3, num_attention_heads=4, hidden_size=64,
        intermediate_size=256, rotary_pct=0.25, use_parallel_residual=True,
        max_position_embeddings=512, initializer_range=0.1),
@@ -75,6 +77,7 @@ FAMILIES: tuple[Family, ...] = (
        config="GPTJConfig", n_layer=3, n_head=4, n_embd=64, rotary_dim=8, n_positions=512,
        initializer_range=0.1),
     _f("Llama 1-3", ["llama"], ["meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M"], {"pre_norm", "rotary"},
+       tiny_name="tiny-llama3",
        config="LlamaConfig", **_SMALL, tie_word_embeddings=False,
        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                             high_freq_factor=4.0, original_max_position_embeddings=64)),

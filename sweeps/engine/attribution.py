@@ -214,6 +214,8 @@ def forward(
             if (d := at("mlp", layer)) is not None:
                 mlp_in = mlp_in + d
             normed = tf.sublayer_input(cfg, mlp_in)
+            if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
+                normed = mlp_in.view_as(mlp_in)
             trace.mlp_normed.append(normed)
             out = tf.mlp_write(w, layer, tf.mlp_from_normalized(w, layer, normed))
             if (d := at("mlp_out", layer)) is not None:

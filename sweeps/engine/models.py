@@ -74,14 +74,13 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 # One tiny random model of every family the fast path runs (``architectures.FAMILIES``),
-# with the family's distinctive pieces switched on: ``tiny-gemma2``, ``tiny-olmo2``, ...
-for _family in architectures.FAMILIES:
-    _tiny = dict(_family.tiny)
-    TINY_MODELS.setdefault(
-        f"tiny-{_family.model_types[0].replace('_text', '')}",
-        dict(model_type=_family.model_types[0], config=_tiny.pop("config"), hub_name=_family.examples[0], **_tiny),
-    )
-FAMILY_TINY_MODELS = tuple(f"tiny-{f.model_types[0].replace('_text', '')}" for f in architectures.FAMILIES)
+# with the family's distinctive pieces switched on and its norm weights moved away from
+# their defaults (``perturb_norms``): ``tiny-gemma2``, ``tiny-olmo2``, ...
+FAMILY_TINY_MODELS = tuple(f.tiny_name for f in architectures.FAMILIES)
+TINY_MODELS.update({
+    f.tiny_name: dict(model_type=f.model_types[0], hub_name=f.examples[0], perturb_norms=True, **f.tiny)
+    for f in architectures.FAMILIES if f.tiny_name not in TINY_MODELS
+})
 EMBEDDED_VOCAB = 49152
 
 
@@ -283,6 +282,7 @@ def _tiny_hf_config(name: str):
     spec = dict(TINY_MODELS[name])
     model_type = spec.pop("model_type")
     spec.pop("hub_name")
+    spec.pop("perturb_norms", None)
     config_name = spec.pop("config", None) or {
         "gpt2": "GPT2Config", "llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig"}[model_type]
     common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -312,6 +312,11 @@ def load_hf_model(info: ModelInfo):
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same tiny model in every process
         model = AutoModelForCausalLM.from_config(cfg)
+        if TINY_MODELS[info.name].get("perturb_norms"):
+            with torch.no_grad():  # a norm weight of exactly 1 (or 0 in Gemma's 1 + w) hides a missing fold
+                for name, param in model.named_parameters():
+                    if ("norm" in name or ".ln" in name) and name.endswith("weight"):
+                        param.add_(0.3 * torch.randn_like(param))
         torch.random.set_rng_state(generator_state)
         return model.eval(), tokenizer, TINY_MODELS[info.name]["hub_name"]
     model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)

@@ -1,0 +1,252 @@
+"""Every family the fast path runs, against the Hugging Face model itself.
+
+One list (``models.FAMILY_TINY_MODELS``: a tiny random model per family, its distinctive
+pieces switched on: windows shorter than the prompts, soft-caps, QK-norm, post-norms, norm
+weights away from their defaults) drives every test here. The references are the Hugging
+Face model's own forward, with PyTorch hooks on its modules where something is ablated or
+scaled: nothing here goes through ``sweeps.engine.transformer`` or the TransformerLens bridge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sweeps.engine import attribution as A
+from sweeps.engine import effects, models
+from sweeps.engine import transformer as tf
+from sweeps.engine.nodes import Node
+from sweeps.engine.scale_sweep import ScaleComputer
+from tasks import TaskSpec, build_task
+
+FAMILIES = list(models.FAMILY_TINY_MODELS)
+# The engine's ``z`` is HookedTransformer's: value biases (and LayerNorm biases folded into
+# them) live in ``b_O``. The hooks below edit the Hugging Face model's ``z``, which holds them;
+# the tiny models' biases are zero (their initialisation; only norm weights are perturbed),
+# so the two ``z`` are the same tensor.
+
+
+def reference_model(name: str):
+    """A fresh copy of the tiny Hugging Face model (the same seeded weights as the engine's)."""
+    hf, _, _ = models.load_hf_model(models.describe_model(name))
+    hf.set_attn_implementation("eager")  # eager attention returns its patterns
+    return hf
+
+
+def layers_of(hf) -> torch.nn.ModuleList:
+    n = hf.config.num_hidden_layers
+    return next(m for m in hf.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+
+def output_projection(layer: torch.nn.Module) -> torch.nn.Module:
+    """The attention's output projection, whose input is every head's ``z`` side by side."""
+    attn = next(getattr(layer, n) for n in ("self_attn", "attn", "attention") if hasattr(layer, n))
+    return next(getattr(attn, n) for n in ("o_proj", "c_proj", "dense", "out_proj") if hasattr(attn, n))
+
+
+def hooked_logits(hf, tokens, head_edit=None, mlp_edit=None, capture_final=False):
+    """Logits of a full forward with optional edits: ``head_edit = (layer, fn(z [B T H E]))``
+    on the output projection's input, ``mlp_edit = (layer, fn(out))`` on the MLP's output."""
+    layers, handles, captured = layers_of(hf), [], {}
+    E = hf.config.head_dim if getattr(hf.config, "head_dim", None) else hf.config.hidden_size // hf.config.num_attention_heads
+    if head_edit is not None:
+        layer, fn = head_edit
+
+        def pre(module, args):
+            x = args[0]
+            return (fn(x.view(*x.shape[:2], -1, E)).reshape(x.shape),)
+
+        handles.append(output_projection(layers[layer]).register_forward_pre_hook(pre))
+    if mlp_edit is not None:
+        layer, fn = mlp_edit
+        handles.append(layers[layer].mlp.register_forward_hook(lambda m, a, out: fn(out)))
+    if capture_final:
+        handles.append(layers[-1].register_forward_hook(
+            lambda m, a, out: captured.__setitem__("final", out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            logits = hf(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return (logits, captured.get("final")) if capture_final else logits
+
+
+def centred(x):
+    return x - x.mean(-1, keepdim=True)
+
+
+def ioi(m, n=4):
+    return build_task(TaskSpec("ioi"), m.tokenizer, n_prompts=n, seed=0)
+
+
+def answer_logit_diff(logits, task):
+    b, pos = torch.arange(task.n_prompts), task.lengths - 1
+    return logits[b, pos, task.correct] - logits[b, pos, task.incorrect]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_equal_the_hugging_face_models(loaded_model, name):
+    """Prompts longer than every sliding window; capped models compared on their real logits."""
+    m = loaded_model(name)
+    task = ioi(m)
+    assert task.clean.shape[1] > max(m.weights.cfg.windows or (0,))
+    ours = tf.logits(m.weights, tf.run(m.weights, task.clean).resid_final)
+    ref = reference_model(name)(task.clean).logits
+    real = torch.arange(task.clean.shape[1])[None] < task.lengths[:, None]
+    torch.testing.assert_close(centred(ours)[real], centred(ref)[real], atol=2e-5 * ref.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_direct_effects_sum_to_the_pre_cap_logit_difference(loaded_model, name):
+    m = loaded_model(name)
+    task = ioi(m)
+    run = tf.run(m.weights, task.clean)
+    points = effects.effect_points(m.weights, task)
+    parts = effects.decompose(m.weights, task.clean, run, points)
+    hf = reference_model(name)
+    if getattr(hf.config, "final_logit_softcapping", None):
+        hf.config.final_logit_softcapping = None  # direct effects are defined before the cap
+    expected = answer_logit_diff(hf(task.clean).logits, task)
+    torch.testing.assert_close(parts.total(), expected, atol=1e-4 * expected.abs().max() + 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_restart_from_each_layer_equals_a_hooked_full_ablated_forward(loaded_model, name):
+    """Resample-ablate one head of each layer; rerun from that layer only."""
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m)
+    clean, corrupt = tf.run(w, task.clean), tf.run(w, task.corrupt)
+    rope = tf.rotary_tables(w, task.clean.shape[1])
+    hf = reference_model(name)
+    head = w.cfg.n_heads - 1
+    for layer in range(w.cfg.n_layers):
+        def edit(z, layer=layer):
+            z = z.clone()
+            z[:, :, head] = corrupt.z[layer][:, :, head]
+            return z
+
+        out = tf.block(w, layer, clean.resid_pre[layer], rope, edit)
+        ours = tf.logits(w, tf.run_blocks(w, layer + 1, out.resid_post, rope))
+        ref = hooked_logits(hf, task.clean, head_edit=(layer, edit))
+        torch.testing.assert_close(centred(ours), centred(ref), atol=2e-5 * ref.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ablated_direct_effects_rebuild_the_hooked_ablated_logit_difference(loaded_model, name):
+    """The backup sweep's ablated direct effects (every component, clean scale ``s``, the
+    ablated head's own layer included: post-norms change its other heads' shares) times
+    ``s / s'`` are the ablated run's pre-cap logit difference, ``s'`` its own final scale."""
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m)
+    clean, corrupt = tf.run(w, task.clean), tf.run(w, task.corrupt)
+    points = effects.effect_points(w, task)
+    parts = effects.decompose(w, task.clean, clean, points)
+    hf = reference_model(name)
+    if getattr(hf.config, "final_logit_softcapping", None):
+        hf.config.final_logit_softcapping = None
+    layer, head = 1, 0
+    ablated = effects.ablate_heads_of_layer(w, layer, [head], clean.resid_pre[layer], corrupt.z[layer][None, :, :, head],
+                                            points, parts.scale)
+
+    def edit(z):
+        z = z.clone()
+        z[:, :, head] = corrupt.z[layer][:, :, head]
+        return z
+
+    logits, final = hooked_logits(hf, task.clean, head_edit=(layer, edit), capture_final=True)
+    expected = answer_logit_diff(logits, task)
+    # Everything before the layer is unchanged; the layer's bias share moves with rms(y) under a post-norm.
+    z_ablated = edit(clean.z[layer])
+    bias = parts.attn_bias.clone()
+    bias[layer] = effects.attention_bias_effects(w, layer, z_ablated, points, parts.scale)
+    total = (parts.embed + parts.heads[:layer].sum((0, 2)) + parts.mlps[:layer].sum(0) + bias.sum(0)
+             + ablated.heads[0].sum((0, 2)) + ablated.mlps[0].sum(0))
+    x = final[points.batch, points.pos]
+    if w.cfg.norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    s_ablated = (x.pow(2).mean(-1) + w.cfg.eps).sqrt()
+    rebuilt = total * parts.scale / s_ablated + parts.unembed_bias
+    torch.testing.assert_close(rebuilt, expected, atol=1e-4 * expected.abs().max() + 1e-5, rtol=0)
+    if w.cfg.post_norm:  # the ablated head's own layer: its other heads' shares moved
+        others = (ablated.heads[0, 0] - parts.heads[layer])[:, [h for h in range(w.cfg.n_heads) if h != head]]
+        assert others.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_scale_sweep_equals_hooked_full_forwards(loaded_model, name):
+    """Scaling a head's and an MLP's output by 2.5 (a self-patch): flips and metric drops
+    against hooks on the Hugging Face model's output projection and MLP."""
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m)
+    n = task.n_prompts
+    pairs = torch.stack([torch.arange(n), torch.arange(n)], 1)
+    computer = ScaleComputer(w, task, pairs, source="clean", subspace="full", pca_k=2, batch_size=3)
+    hf = reference_model(name)
+    clean_logits = hf(task.clean).logits
+    b, pos = torch.arange(n), task.lengths - 1
+    scale = 2.5
+    for node in (Node(1, 1), Node(1, None)):
+        stats = computer.run_node(node, [scale])
+        if node.head is not None:
+            def fn(z):
+                z = z.clone()
+                z[:, :, node.head] *= scale
+                return z
+            logits = hooked_logits(hf, task.clean, head_edit=(node.layer, fn))
+        else:
+            logits = hooked_logits(hf, task.clean, mlp_edit=(node.layer, lambda out: out * scale))
+        flips = (logits[b, pos].argmax(-1) != clean_logits[b, pos].argmax(-1)).sum().item()
+        drop = (answer_logit_diff(clean_logits, task) - answer_logit_diff(logits, task)).sum().item()
+        assert stats.changed[0] == flips, node
+        assert stats.metric_drop[0] == pytest.approx(drop, abs=1e-4 * max(1.0, abs(drop)))
+        if node.head is None and w.cfg.post_norm:
+            assert abs(drop) < 1e-4  # an RMS post-norm undoes scaling its whole sublayer's output
+        else:
+            assert abs(drop) > 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_patterns_equal_the_hugging_face_models(loaded_model, name):
+    from sweeps.engine.lens import attention_patterns
+
+    m = loaded_model(name)
+    task = ioi(m, n=1)
+    T = int(task.lengths[0])
+    ours = attention_patterns(m.weights, tf.run(m.weights, task.clean), 0, T)
+    ref = reference_model(name)(task.clean[:, :T], output_attentions=True).attentions
+    torch.testing.assert_close(ours, torch.stack([a[0] for a in ref]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-olmo2", "tiny-qwen3", "tiny-gptj"])
+def test_attribution_scores_are_derivatives_of_patched_runs(loaded_model, name):
+    """Every node's and edge's score is d(metric)/d(eps) of the run with eps times its
+    change added where it writes (a node) or at one downstream input (an edge)."""
+    m = loaded_model(name)
+    w = m.weights
+    task = build_task(TaskSpec("ioi"), m.tokenizer, 2, 0)
+    graph = A.build_graph(w.cfg)
+    ours = A.attribute(w, graph, task)
+    clean_embed, corrupt_embed = tf.embed(w, task.clean), tf.embed(w, task.corrupt)
+    clean, corrupt = A.forward(w, clean_embed), A.forward(w, corrupt_embed)
+
+    def derivative(upstream: str, site: str, layer: int, head: int | None) -> float:
+        _, _, corrupt_minus_clean = A._upstream_delta(w, upstream, clean, corrupt, clean_embed - corrupt_embed)
+        with torch.enable_grad():
+            eps = torch.zeros((), requires_grad=True)
+            delta = -eps * corrupt_minus_clean
+            if site == "resid":
+                final = clean.resid_final + delta
+            else:
+                final = A.forward(w, clean.resid_pre[layer], layer, A.Edit(site, layer, delta, head)).resid_final
+            (grad,) = torch.autograd.grad(A.metric_terms(w, final, task).sum(), eps)
+        return float(grad)
+
+    edges = [derivative(u, d.input, d.layer, d.head) for d, p in zip(graph.downstream, graph.prefix)
+             for u in graph.upstream[:p]]
+    nodes = [derivative(u, *A._upstream_delta(w, u, clean, corrupt, clean_embed - corrupt_embed)[:2], None)
+             for u in graph.upstream]
+    assert np.abs(edges).max() > 1e-2
+    np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-4, atol=1e-5)
