@@ -9,6 +9,8 @@ scaled: nothing here goes through ``sweeps.engine.transformer`` or the Transform
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +252,75 @@ def test_attribution_scores_are_derivatives_of_patched_runs(loaded_model, name):
     assert np.abs(edges).max() > 1e-2
     np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-olmo2", "tiny-llama3"])
+def test_backup_counts_the_ablated_heads_own_layer_under_post_norms(loaded_model, name):
+    """Under a post-norm, ablating a head changes its layer's other heads' writes (their
+    shares divide by the layer's rms): the backup sum includes them, reported in
+    ``same_layer``; without post-norms that part is exactly zero."""
+    from sweeps.engine.backup_sweep import BackupComputer
+
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m)
+    (result,) = BackupComputer(w, task, "resample", batch_size=4).run_heads(1, [0])
+    clean, corrupt = tf.run(w, task.clean), tf.run(w, task.corrupt)
+    points = effects.effect_points(w, task)
+    parts = effects.decompose(w, task.clean, clean, points)
+    z = clean.z[1].clone()
+    z[:, :, 0] = corrupt.z[1][:, :, 0]
+    own_layer = effects.head_direct_effects(w, 1, z, points, parts.scale) - parts.heads[1]
+    np.testing.assert_allclose(result.same_layer, own_layer[:, 1:].sum(-1).double().numpy(), atol=1e-5)
+    if w.cfg.post_norm:
+        assert np.abs(result.same_layer).max() > 1e-4
+    else:
+        assert np.all(result.same_layer == 0)
+
+
+def lay_hub_cache(hf_home, name: str, hub_name: str) -> None:
+    """Save tiny model ``name`` into a Hugging Face cache under ``hub_name``, as a download
+    would have left it: ``hub/models--ORG--NAME/snapshots/REV/`` and ``refs/main``."""
+    info = models.describe_model(name)
+    hf, tokenizer, _ = models.load_hf_model(info)
+    repo = hf_home / "hub" / f"models--{hub_name.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    hf.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.mark.parametrize("name, hub_name, commands", [
+    ("tiny-gemma2", "google/gemma-2-2b", ["backup", "scale", "attribution", "report"]),
+    ("tiny-qwen3", "Qwen/Qwen3-0.6B", ["backup"]),
+])
+def test_hub_names_load_offline_from_a_hugging_face_cache(tmp_path, name, hub_name, commands):
+    """``--model ORG/NAME`` goes through the hub code path (``from_pretrained`` of a hub
+    name, offline, from the cache), not a directory path; every command runs on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lay_hub_cache(tmp_path / "hf", name, hub_name)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    extra = {
+        "backup": ["--heads", "L1", "--executor", "local"],
+        "scale": ["--nodes", "L1H0,mlp1", "--scales", "0,1,2", "--pairs", "task", "--executor", "local"],
+        "attribution": ["--executor", "local", "--verify-top", "2"],
+        "report": [],
+    }
+    for command in commands:
+        out = tmp_path / command
+        cmd = [sys.executable, str(root / "sweeps" / f"{command}.py"), "--model", hub_name, "--n-prompts", "4",
+               "--wandb", "disabled", "--out", str(out), *extra[command]]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        if command != "report":
+            assert f"model: {hub_name} (" in done.stderr and "fast path" in done.stderr
+        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else None
+        if manifest is not None and "model" in manifest:  # the sweeps' manifests say what ran
+            assert manifest["model"]["kind"] == "hub" and manifest["model"]["source"] == hub_name
+            assert manifest["model"]["path"] == "fast"

@@ -118,7 +118,7 @@ def family_of(model_type: str | None, where: str) -> Family:
     close = difflib.get_close_matches(str(model_type), list(BY_MODEL_TYPE), n=2, cutoff=0.6)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise ArchitectureError(
-        f"{where}: architecture {model_type!r}{hint} has no fast path yet; supported: "
+        f"{where}: architecture {model_type!r} is not supported by the fast path yet{hint}; supported: "
         + ", ".join(f.name for f in FAMILIES)
     )
 

@@ -45,7 +45,8 @@ class HeadResult:
     prompt: np.ndarray  # [P_total] global prompt index of each point
     pos: np.ndarray
     de_clean: np.ndarray  # the ablated head's own clean direct effect
-    backup: np.ndarray  # accumulated change of every head in later layers
+    backup: np.ndarray  # accumulated change of every other head: later layers, and its own layer's (same_layer)
+    same_layer: np.ndarray  # the part of ``backup`` from the other heads of its own layer (non-zero under post-norms)
     mean_delta_heads: np.ndarray  # [L, H] mean change of every head's direct effect
     mean_delta_mlps: np.ndarray  # [L]
 
@@ -102,7 +103,8 @@ class BackupComputer:
     def run_heads(self, layer: int, heads: list[int]) -> list[HeadResult]:
         """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
         L, H = self.weights.cfg.n_layers, self.weights.cfg.n_heads
-        per_head: dict[int, dict[str, list]] = {h: {k: [] for k in ("prompt", "pos", "de", "backup")} for h in heads}
+        per_head: dict[int, dict[str, list]] = {
+            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer")} for h in heads}
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
@@ -126,13 +128,19 @@ class BackupComputer:
                 chunk = heads[start:stop]
                 delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
                 delta_mlps = result.mlps - state.de_mlps[None, layer:]
-                backup = delta_heads[:, 1:].sum(dim=(1, 3))  # layers after `layer`, every head
+                # Under a post-norm the other heads of `layer` change too (their shares of its
+                # output divide by its rms): they are backup like the later layers' heads.
+                others = torch.ones(len(chunk), delta_heads.shape[-1], device=delta_heads.device)
+                others[torch.arange(len(chunk)), torch.tensor(chunk)] = 0.0
+                same_layer = (delta_heads[:, 0] * others[:, None, :]).sum(-1)  # [G, P]
+                backup = delta_heads[:, 1:].sum(dim=(1, 3)) + same_layer  # every other head, this layer and later
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())
                     rec["pos"].append(state.points.pos.cpu().numpy())
                     rec["de"].append(state.de_heads[layer, :, h].double().cpu().numpy())
                     rec["backup"].append(backup[g].double().cpu().numpy())
+                    rec["same_layer"].append(same_layer[g].double().cpu().numpy())
                     sum_heads[h][layer:] += delta_heads[g].sum(1).double().cpu()
                     sum_mlps[h][layer:] += delta_mlps[g].sum(1).double().cpu()
             n_points += state.points.n
@@ -141,6 +149,7 @@ class BackupComputer:
                 layer=layer, head=h,
                 prompt=np.concatenate(per_head[h]["prompt"]), pos=np.concatenate(per_head[h]["pos"]),
                 de_clean=np.concatenate(per_head[h]["de"]), backup=np.concatenate(per_head[h]["backup"]),
+                same_layer=np.concatenate(per_head[h]["same_layer"]),
                 mean_delta_heads=(sum_heads[h] / n_points).numpy(),
                 mean_delta_mlps=(sum_mlps[h] / n_points).numpy(),
             )
@@ -162,6 +171,7 @@ def shard_tables(
                 layer=r.layer, head=r.head, slope=fit.slope, intercept=fit.intercept, r2=fit.r2,
                 n_points=fit.n_points, mean_de=float(r.de_clean.mean()),
                 mean_abs_de=float(np.abs(r.de_clean).mean()), mean_backup=float(r.backup.mean()),
+                mean_same_layer=float(r.same_layer.mean()),
                 slope_ci_low=lo, slope_ci_high=hi,
             )
         )
@@ -193,6 +203,7 @@ def shard_tables(
                     "pos": r.pos.astype(np.int32),
                     "de_clean": r.de_clean,
                     "backup": r.backup,
+                    "same_layer": r.same_layer,
                 }
             )
         )

@@ -179,6 +179,7 @@ def run_sweep(
             code = provenance.code_version()
             store.update_manifest(spec=spec, spec_id=spec_id, code_version=code,
                                   packages=provenance.package_versions(), model=inputs.info.__dict__)
+            print(inputs.info.describe, file=sys.stderr)
             print(f"{header} -> {inputs.out}", file=sys.stderr)
             if not shards:
                 if finish is not None:

@@ -97,19 +97,26 @@ class ModelInfo:
     n_heads: int
     n_ctx: int  # longest prompt the model takes
     has_mlp: bool = True  # False for attention-only models
+    family: str = ""  # the architecture family (``architectures.FAMILIES``) whose spec runs it
+    path: str = "fast"  # which forward runs the sweeps: "fast" (ours, with restarts)
+
+    @property
+    def describe(self) -> str:
+        """One line for the start of a run: which model, which family, which path."""
+        return f"model: {self.name} ({self.family or 'unknown family'}; {self.path} path: our forward, restarts from the ablated layer)"
 
 
-def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int]:
-    """(n_layers, n_heads, n_ctx) of a Hugging Face config dict, or a ModelNameError."""
+def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str]:
+    """(n_layers, n_heads, n_ctx, has_mlp, family) of a Hugging Face config dict, or a ModelNameError."""
     try:
-        architectures.family_of(cfg.get("model_type"), where)
+        family = architectures.family_of(cfg.get("model_type"), where)
     except architectures.ArchitectureError as err:
         raise ModelNameError(str(err)) from None
     try:
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
-        return int(n_layers), int(n_heads), int(n_ctx)
+        return int(n_layers), int(n_heads), int(n_ctx), True, family.name
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
@@ -154,6 +161,7 @@ def describe_model(name: str) -> ModelInfo:
             int(fields["llama.block_count"].contents()),
             int(fields["llama.attention.head_count"].contents()),
             int(fields["llama.context_length"].contents()),
+            family=architectures.BY_MODEL_TYPE["llama"].name,
         )
     if name in TINY_MODELS:
         return ModelInfo(name, "tiny", name, *_check_hf_config(_tiny_hf_config(name).to_dict(), name))
@@ -164,7 +172,8 @@ def describe_model(name: str) -> ModelInfo:
             shape = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg.get("n_ctx") or 2048)
         except (KeyError, TypeError, ValueError):
             raise ModelNameError(f"{name}: the TransformerLens config names no n_layers/n_heads") from None
-        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape, not cfg.get("attn_only", False))
+        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape, not cfg.get("attn_only", False),
+                         family="TransformerLens checkpoint")
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"
         try:
