@@ -49,7 +49,10 @@ def build_task(
     seed: int = 0,
     seq_len: int | None = None,
     data: str | None = None,
+    prepend_bos: bool = True,
 ) -> TaskData:
+    """The task's tensors in ``tokenizer``'s vocabulary. ``prepend_bos``: the model's own rule
+    (``ModelInfo.prepend_bos``): every prompt starts with BOS, or (Qwen) with its first word."""
     if n_prompts is not None and n_prompts <= 0:
         raise TaskError(f"--n-prompts must be positive, got {n_prompts}")
     if spec.name != "text" and (seq_len is not None or data is not None):
@@ -57,18 +60,19 @@ def build_task(
     if spec.name == "ioi":
         from tasks import ioi
 
-        return ioi.build(tokenizer, n_prompts=n_prompts, seed=seed)
+        return ioi.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
     if spec.name == "sentiment":
         from tasks import sentiment
 
-        return sentiment.build(tokenizer, n_prompts=n_prompts, seed=seed)
+        return sentiment.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
     if spec.name == "text":
         from tasks import text
 
-        return text.build(tokenizer, data=data, n_prompts=n_prompts, seq_len=seq_len, seed=seed)
+        return text.build(tokenizer, data=data, n_prompts=n_prompts, seq_len=seq_len, seed=seed,
+                          prepend_bos=prepend_bos)
     from tasks import jsonl
 
-    return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts)
+    return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts, prepend_bos=prepend_bos)
 
 
 __all__ = ["TASKS", "TaskData", "TaskError", "TaskSpec", "build_task", "check_task"]

@@ -84,9 +84,11 @@ def pad_id(tokenizer) -> int:
     return int(value if value is not None else 0)
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """BOS + the text's tokens (what ``bridge.to_tokens`` gives for one prompt)."""
-    return [bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+def encode(tokenizer, text: str, prepend_bos: bool = True) -> list[int]:
+    """BOS + the text's tokens (what ``bridge.to_tokens`` gives for one prompt); without the
+    BOS for models whose rule is to prepend none (Qwen)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [bos_id(tokenizer), *ids] if prepend_bos else list(ids)
 
 
 def is_single_token(tokenizer, word: str) -> bool:
@@ -130,7 +132,8 @@ def logit_diff_task(
     where = where or [f"prompt {i}" for i in range(len(pairs))]
     clean_rows, corrupt_rows, correct, incorrect = [], [], [], []
     for (clean, corrupt, right, wrong), label in zip(pairs, where):
-        c, x = encode(tokenizer, clean), encode(tokenizer, corrupt)
+        bos = params.get("prepend_bos", True)
+        c, x = encode(tokenizer, clean, bos), encode(tokenizer, corrupt, bos)
         if len(c) != len(x):
             raise TaskError(
                 f"{label}: clean and corrupt prompts tokenize to different lengths "

@@ -38,7 +38,7 @@ NAMES = [
 DEFAULT_N_PROMPTS = 64
 
 
-def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
+def build(tokenizer, n_prompts: int | None = None, seed: int = 0, prepend_bos: bool = True) -> TaskData:
     n = DEFAULT_N_PROMPTS if n_prompts is None else n_prompts
     names = [n for n in NAMES if is_single_token(tokenizer, " " + n)]
     if len(names) < 5:
@@ -56,4 +56,6 @@ def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
         pairs.append((clean, corrupt, " " + io, " " + s))
         orders.append(order)
     params = {"n_prompts": n, "seed": seed, "orders": "ABBA+BABA", "corruption": "ABC"}
+    if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
+        params["prepend_bos"] = False
     return logit_diff_task("ioi", params, tokenizer, pairs)

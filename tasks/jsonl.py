@@ -47,7 +47,7 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
     return pairs, where
 
 
-def build(tokenizer, path: str | Path, n_prompts: int | None = None) -> TaskData:
+def build(tokenizer, path: str | Path, n_prompts: int | None = None, prepend_bos: bool = True) -> TaskData:
     pairs, where = read_pairs(path)
     if n_prompts is not None:
         if n_prompts > len(pairs):
@@ -55,4 +55,6 @@ def build(tokenizer, path: str | Path, n_prompts: int | None = None) -> TaskData
         pairs, where = pairs[:n_prompts], where[:n_prompts]
     digest = hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
     params = {"file": str(Path(path).resolve()), "file_hash": digest, "n_prompts": len(pairs)}
+    if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
+        params["prepend_bos"] = False
     return logit_diff_task(Path(path).stem, params, tokenizer, pairs, where)

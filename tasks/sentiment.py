@@ -34,7 +34,7 @@ ANSWERS = {"positive": " great", "negative": " awful"}
 DEFAULT_N_PROMPTS = 50  # as in the seed (25 + 25), or as many as the tokenizer's single-token adjectives allow
 
 
-def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
+def build(tokenizer, n_prompts: int | None = None, seed: int = 0, prepend_bos: bool = True) -> TaskData:
     rng = random.Random(seed)
     pos = [w for w in POSITIVE if is_single_token(tokenizer, w)]
     neg = [w for w in NEGATIVE if is_single_token(tokenizer, w)]
@@ -58,4 +58,6 @@ def build(tokenizer, n_prompts: int | None = None, seed: int = 0) -> TaskData:
         else:
             pairs.append((prompt(neg, k), prompt(pos, k), ANSWERS["negative"], ANSWERS["positive"]))
     params = {"n_prompts": n, "seed": seed, "n_positive_adjectives": len(pos), "n_negative_adjectives": len(neg)}
+    if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
+        params["prepend_bos"] = False
     return logit_diff_task("sentiment", params, tokenizer, pairs)

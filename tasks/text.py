@@ -75,18 +75,20 @@ def build(
     n_prompts: int | None = None,
     seq_len: int | None = None,
     seed: int = 0,
+    prepend_bos: bool = True,
 ) -> TaskData:
     n = DEFAULT_N_PROMPTS if n_prompts is None else n_prompts
     T = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if T < 3:
         raise TaskError(f"--seq-len must be at least 3, got {T}")
     docs, source = read_documents(data)
-    bos = bos_id(tokenizer)
+    head = [bos_id(tokenizer)] if prepend_bos else []  # a window is T tokens, BOS included
+    width = T - len(head)
     windows: list[tuple[int, list[int]]] = []  # (document index, tokens)
     for doc_index, doc in enumerate(docs):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - (T - 1) + 1, T - 1):
-            windows.append((doc_index, [bos, *ids[start : start + T - 1]]))
+        for start in range(0, len(ids) - width + 1, width):
+            windows.append((doc_index, [*head, *ids[start : start + width]]))
     if len(windows) < 2 * n:
         raise TaskError(
             f"the text task needs {2 * n} windows of {T} tokens (clean + corrupt) but {source} "
@@ -102,8 +104,10 @@ def build(
             raise TaskError(f"{source} has too few distinct documents to corrupt with other documents")
         corrupt.append(pool.pop(j))
     params = {"source": source, "n_prompts": n, "seq_len": T, "seed": seed}
+    if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
+        params["prepend_bos"] = False
     return TaskData(
         name="text", kind="next_token", params=params,
         clean=torch.tensor([w for _, w in clean]), corrupt=torch.tensor([w for _, w in corrupt]),
-        lengths=torch.full((n,), T), prompts=[tokenizer.decode(w[1:]) for _, w in clean],
+        lengths=torch.full((n,), T), prompts=[tokenizer.decode(w[len(head):]) for _, w in clean],
     )

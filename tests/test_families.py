@@ -324,3 +324,47 @@ def test_hub_names_load_offline_from_a_hugging_face_cache(tmp_path, name, hub_na
         if manifest is not None and "model" in manifest:  # the sweeps' manifests say what ran
             assert manifest["model"]["kind"] == "hub" and manifest["model"]["source"] == hub_name
             assert manifest["model"]["path"] == "fast"
+
+
+def test_capped_next_token_log_prob_and_its_gradient_equal_autograd(loaded_model):
+    """Gemma 2's chunked, soft-capped log-probability (never [P, V] at once) against
+    log_softmax of the capped logits, and its gradient against autograd's."""
+    m = loaded_model("tiny-gemma2")
+    w = m.weights
+    torch.manual_seed(0)
+    x = torch.randn(70, w.cfg.d_model)
+    targets = torch.randint(0, w.cfg.d_vocab, (70,))
+    old = A.NextTokenLogProb.MAX_LOGITS
+    A.NextTokenLogProb.MAX_LOGITS = 16 * w.cfg.d_vocab  # several chunks
+    try:
+        with torch.enable_grad():
+            xa = x.clone().requires_grad_(True)
+            ours = A.NextTokenLogProb.apply(xa, w.W_U, w.b_U, targets, A.Scratch(), w.cfg.final_softcap,
+                                            w.W_U_mean, w.b_U_mean)
+            (g_ours,) = torch.autograd.grad(ours.sum(), xa)
+            xb = x.clone().requires_grad_(True)
+            raw = xb @ (w.W_U + w.W_U_mean[:, None]) + w.b_U + w.b_U_mean
+            capped = w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap)
+            ref = capped.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+            (g_ref,) = torch.autograd.grad(ref.sum(), xb)
+    finally:
+        A.NextTokenLogProb.MAX_LOGITS = old
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, bos", [("tiny-qwen3", False), ("tiny-qwen2", False), ("tiny-gemma2", True),
+                                       ("tiny-llama3", True)])
+def test_tasks_follow_each_models_bos_rule(name, bos):
+    """Qwen prepends no BOS, Gemma needs one: every task's prompts follow the model's rule."""
+    from tasks.base import bos_id
+
+    info = models.describe_model(name)
+    assert info.prepend_bos is bos
+    tokenizer = models.load_tokenizer(info)
+    for task_name, kw in (("ioi", {}), ("text", {"seq_len": 8})):
+        task = build_task(TaskSpec(task_name), tokenizer, 4, 0, prepend_bos=info.prepend_bos, **kw)
+        starts = task.clean[:, 0]
+        assert bool((starts == bos_id(tokenizer)).all()) is bos, task_name
+        if task_name == "text":
+            assert task.clean.shape[1] == 8

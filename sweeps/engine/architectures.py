@@ -51,13 +51,15 @@ class Family:
     examples: tuple[str, ...]  # hub names
     pieces: frozenset[str]  # see the module docstring
     optional: frozenset[str] = frozenset()  # pieces some checkpoints of the family have (Qwen 2's windows)
+    prepend_bos: bool = True  # the family's BOS rule: Qwen prepends none, Gemma needs one
     tiny_name: str = ""  # the name of its tiny random test model (``--model tiny-gemma2``)
     tiny: dict[str, Any] = field(default_factory=dict)  # that model's config class and kwargs
 
 
-def _f(name, model_types, examples, pieces, optional=(), tiny_name="", **tiny) -> Family:
+def _f(name, model_types, examples, pieces, optional=(), tiny_name="", prepend_bos=True, **tiny) -> Family:
     tiny_name = tiny_name or f"tiny-{model_types[0].replace('_text', '')}"
-    return Family(name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), tiny_name, tiny)
+    return Family(name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), prepend_bos,
+                  tiny_name, tiny)
 
 
 # Tiny random models switch each family's distinctive pieces on: windows shorter than
@@ -84,8 +86,10 @@ FAMILIES: tuple[Family, ...] = (
     _f("Mistral", ["mistral"], ["mistralai/Mistral-7B-v0.1"], {"pre_norm", "rotary", "windows"},
        config="MistralConfig", **_SMALL, sliding_window=4),
     _f("Qwen 2 / 2.5", ["qwen2"], ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2-1.5B"], {"pre_norm", "rotary"}, {"windows"},
+       prepend_bos=False,
        config="Qwen2Config", **_SMALL),
     _f("Qwen 3", ["qwen3"], ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B"], {"pre_norm", "rotary", "qk_norm"}, {"windows"},
+       prepend_bos=False,
        config="Qwen3Config", **_SMALL, head_dim=16),
     _f("Gemma", ["gemma"], ["google/gemma-2b"], {"pre_norm", "rotary", "embed_scale"},
        config="GemmaConfig", **_SMALL, head_dim=16),
@@ -266,7 +270,7 @@ def read_spec(bridge) -> Unfoldable:
     spec["embed_scale"] = embed_scale
     if getattr(c, "parallel_attn_mlp", False):
         found.add("parallel")
-    spec["prepend_bos"] = bool(getattr(c, "default_prepend_bos", True))
+    spec["prepend_bos"] = family.prepend_bos
 
     spec["pre_norm"] = "pre_norm" in found
     spec["post_norm"] = "post_norm" in found

@@ -241,16 +241,18 @@ def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: Tas
     prompt's answer position, or the log-probability of each next token."""
     points = effect_points(w, task)
     x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
-    if w.cfg.final_softcap:  # the metric is on the real, capped logits: plain autograd over them
-        logits = tf.cap_logits(w, x @ w.W_U + w.b_U, x)
-        if task.kind == "logit_diff":
-            right, wrong = task.correct.to(w.device), task.incorrect.to(w.device)
-            return logits.gather(-1, right[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
-        targets = task.clean.to(w.device)[points.batch, points.pos + 1]
-        return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    cap = w.cfg.final_softcap  # the metric is on the model's real, capped logits
+    if task.kind == "logit_diff" and cap:
+        def capped(tokens: Tensor) -> Tensor:
+            raw = torch.einsum("pd,dp->p", x, w.W_U[:, tokens]) + w.b_U[tokens] + x @ w.W_U_mean + w.b_U_mean
+            return cap * torch.tanh(raw / cap)
+
+        return capped(task.correct.to(w.device)) - capped(task.incorrect.to(w.device))
     if task.kind == "logit_diff":
         return (x * points.u).sum(-1) + points.bias
     targets = task.clean.to(w.device)[points.batch, points.pos + 1]
+    if cap:
+        return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, scratch or Scratch(), cap, w.W_U_mean, w.b_U_mean)
     return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, scratch or Scratch())
 
 
@@ -299,17 +301,27 @@ class NextTokenLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Float[Tensor, "P D"], W_U: Float[Tensor, "D V"], b_U: Float[Tensor, "V"],
-                targets: Int[Tensor, "P"], scratch: Scratch) -> Float[Tensor, "P"]:
+                targets: Int[Tensor, "P"], scratch: Scratch, cap: float = 0.0,
+                W_U_mean: Float[Tensor, "D"] | None = None, b_U_mean: Tensor | None = None) -> Float[Tensor, "P"]:
+        """With ``cap`` (Gemma 2's final soft-cap) the logits are ``cap · tanh(raw / cap)`` of the
+        raw (uncentred) logits ``x W_U + b_U + x·W_U_mean + b_U_mean``, and the gradient gains
+        the cap's derivative ``1 − tanh²`` and the mean's direction."""
         need_grad = ctx.needs_input_grad[0]
         out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
         grad = torch.empty_like(x) if need_grad else None
         V = W_U.shape[1]
         chunk = max(1, min(x.shape[0], max(64, NextTokenLogProb.MAX_LOGITS // V)))
         buffer = scratch.get("logits", (chunk, V), x.dtype, x.device)
+        slope = scratch.get("cap_slope", (chunk, V), x.dtype, x.device) if cap else None
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
             n = min(chunk, x.shape[0] - start)
             logits = torch.addmm(b_U, x[rows], W_U, out=buffer[:n])  # [n, V]
+            if cap:
+                offset = x[rows] @ W_U_mean + b_U_mean  # [n]
+                th = torch.tanh(logits.add_(offset[:, None]).div_(cap), out=slope[:n])
+                logits.copy_(th).mul_(cap)
+                th.square_().neg_().add_(1.0)  # d capped / d raw = 1 − tanh²
             t = targets[rows, None]
             picked = logits.gather(-1, t)[:, 0]
             top = logits.amax(-1, keepdim=True)
@@ -319,14 +331,18 @@ class NextTokenLogProb(torch.autograd.Function):
             if need_grad:
                 p = e.div_(total)  # softmax, in place
                 p.scatter_add_(-1, t, torch.full_like(t, -1, dtype=p.dtype))  # softmax − onehot
-                torch.mm(p, W_U.T, out=grad[rows]).neg_()
+                if cap:
+                    p.mul_(slope[:n])
+                    torch.mm(p, W_U.T, out=grad[rows]).add_(p.sum(-1, keepdim=True) * W_U_mean).neg_()
+                else:
+                    torch.mm(p, W_U.T, out=grad[rows]).neg_()
         ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx, g: Float[Tensor, "P"]):
         (grad,) = ctx.saved_tensors
-        return g[:, None] * grad, None, None, None, None
+        return g[:, None] * grad, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #

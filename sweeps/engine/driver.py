@@ -134,7 +134,8 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     out = check_out_dir(args.out or default_out(sweep, args.model, args.task))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
-    task = build_task(task_spec, load_tokenizer(info), args.n_prompts, args.seed, args.seq_len, args.data)
+    task = build_task(task_spec, load_tokenizer(info), args.n_prompts, args.seed, args.seq_len, args.data,
+                      prepend_bos=info.prepend_bos)
     if task.clean.shape[1] > info.n_ctx:
         raise TaskError(f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
                         f"context of {info.n_ctx}; lower --seq-len or shorten the prompts")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sweeps.engine import transformer as tf
 from sweeps.engine.effects import Decomposition, Points, decompose, effect_points, gather
+from sweeps.engine.scaling import running_max_and_exp_sum
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
 
@@ -48,15 +49,17 @@ def task_report(w: ModelWeights, task: TaskData, prompt: int | None = 0) -> Task
     run = tf.run(w, tokens)
     points = effect_points(w, task)
     parts = decompose(w, tokens, run, points)
-    logits = tf.unembed(w, run.resid_final)[points.batch, points.pos]  # [P, V]
+    # The pre-cap logits the direct effects sum to, read at the points only, and the top-1
+    # token in blocks of the vocabulary: [P, V] logits are never held (262k tokens for Gemma).
+    x = tf.normalize(w.cfg, run.resid_final[points.batch, points.pos])  # [P, D]
     if task.kind == "logit_diff":
-        right, wrong = task.correct.to(w.device), task.incorrect.to(w.device)
-        metric = logits.gather(-1, right[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
+        metric = (x * points.u).sum(-1) + points.bias
         correct = (metric > 0).float()
     else:
         targets = tokens[points.batch, points.pos + 1]
-        metric = logits.gather(-1, targets[:, None])[:, 0]
-        correct = (logits.argmax(-1) == targets).float()
+        metric = (x * points.u).sum(-1) + points.bias
+        _, top1, _ = running_max_and_exp_sum(w, x, False, None, 8192)
+        correct = (top1 == targets).float()
 
     # The accumulated stream after each piece, read two ways.
     cfg = w.cfg

@@ -66,6 +66,19 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         model_type="gpt2", hub_name="gpt2", n_layer=12, n_head=12, n_embd=768,
         n_positions=1024, initializer_range=0.02,
     ),
+    # Real shapes with random weights, for the benchmarks of the newer families.
+    "random-gemma3-270m": dict(
+        model_type="gemma3_text", config="Gemma3TextConfig", hub_name="google/gemma-3-270m",
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=640,
+        intermediate_size=2048, vocab_size=262144, sliding_window=512, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, initializer_range=0.02,
+    ),
+    "random-qwen2.5-0.5b": dict(
+        model_type="qwen2", config="Qwen2Config", hub_name="Qwen/Qwen2.5-0.5B",
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896,
+        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, initializer_range=0.02,
+        tie_word_embeddings=True,
+    ),
     "tiny-llama": dict(
         model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
@@ -99,6 +112,7 @@ class ModelInfo:
     has_mlp: bool = True  # False for attention-only models
     family: str = ""  # the architecture family (``architectures.FAMILIES``) whose spec runs it
     path: str = "fast"  # which forward runs the sweeps: "fast" (ours, with restarts)
+    prepend_bos: bool = True  # the family's BOS rule: tasks start every prompt with BOS, or not (Qwen)
 
     @property
     def describe(self) -> str:
@@ -106,8 +120,9 @@ class ModelInfo:
         return f"model: {self.name} ({self.family or 'unknown family'}; {self.path} path: our forward, restarts from the ablated layer)"
 
 
-def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str]:
-    """(n_layers, n_heads, n_ctx, has_mlp, family) of a Hugging Face config dict, or a ModelNameError."""
+def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool]:
+    """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos) of a Hugging Face config
+    dict, or a ModelNameError."""
     try:
         family = architectures.family_of(cfg.get("model_type"), where)
     except architectures.ArchitectureError as err:
@@ -116,7 +131,7 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str]:
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
-        return int(n_layers), int(n_heads), int(n_ctx), True, family.name
+        return int(n_layers), int(n_heads), int(n_ctx), True, family.name, "fast", family.prepend_bos
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
@@ -295,7 +310,7 @@ def _tiny_hf_config(name: str):
     config_name = spec.pop("config", None) or {
         "gpt2": "GPT2Config", "llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig"}[model_type]
     common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    cfg = getattr(transformers, config_name)(**spec, **common)
+    cfg = getattr(transformers, config_name)(**{**common, **spec})
     # The bridge picks its adapter from ``architectures``; a config built in code has none.
     cfg.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
     return cfg

@@ -234,7 +234,7 @@ def readout(
     G, Q, D = x.shape
     x = x.reshape(G * Q, D)
     log_prob = incorrect is None
-    top, top1, total = _running_max_and_exp_sum(w, x, log_prob, rows_per_block, vocab_per_block)
+    top, top1, total = running_max_and_exp_sum(w, x, log_prob, rows_per_block, vocab_per_block)
     right = _token_logits(w, x, correct.reshape(-1))
     if w.cfg.final_softcap:  # the task's metric is on the model's real, capped logits
         right = _capped(w, right, x)
@@ -258,7 +258,7 @@ def _capped(w: ModelWeights, logits: Float[Tensor, "N *V"], x: Float[Tensor, "N 
     return w.cfg.final_softcap * torch.tanh((logits + offset) / w.cfg.final_softcap)
 
 
-def _running_max_and_exp_sum(
+def running_max_and_exp_sum(
     w: ModelWeights, x: Float[Tensor, "N D"], exp_sum: bool, rows: int | None, vocab: int
 ) -> tuple[Float[Tensor, "N"], Int[Tensor, "N"], Float[Tensor, "N"] | None]:
     """Per row: the largest logit, its token (the first, as ``argmax``), and (``exp_sum``)

@@ -8,10 +8,15 @@ docstring says so), so the restart has to be ours.  Owning the forward also
 lets us batch several ablations of one layer into one pass and read exactly
 the activations we need (head outputs ``z``) without a full activation cache.
 
-The weights come from a bridge in compatibility mode (``models.py``): LayerNorm
-and RMSNorm scales are folded into the following matrices and writing weights
-are centred, so every normalisation below is weight-free ("LNPre"/"RMSPre").
-``tests/test_transformer.py`` checks this forward against the bridge's own.
+The weights come from a bridge in compatibility mode (``models.py``): pre-norm
+scales are folded into the following matrices and writing weights are centred,
+so every pre-norm below is weight-free ("LNPre"/"RMSPre"). What cannot be folded
+(post-norms, QK-norms, soft-caps, sliding windows, per-layer rotary tables,
+scaled embeddings) is described by ``ModelConfig``, the architecture spec that
+``architectures.py`` reads off the loaded model. Attention, the MLP and the
+unembedding are each computed once, here; the sweeps, attribution and the lens
+all call these functions. ``tests/test_families.py`` checks this forward against
+the Hugging Face model of every supported family.
 
 Shapes: B batch, T positions, H query heads, K key/value heads, D d_model,
 E d_head, M d_mlp, V vocabulary.
