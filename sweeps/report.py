@@ -74,6 +74,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     except input_errors() as err:
         raise UserError(str(err)) from None
     task, info = inputs.task, inputs.info
+    print(info.describe, file=sys.stderr)
     if args.prompt_index >= task.n_prompts:
         raise UserError(f"--prompt-index {args.prompt_index} is out of range: the task has {task.n_prompts} prompts")
 
@@ -85,14 +86,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(info, device)
-    report = task_report(model.weights, task, args.prompt_index)
+    if model.bridge is not None:
+        from sweeps.engine import bridge_path
+
+        report = bridge_path.task_report(model.bridge, task, args.prompt_index)
+    else:
+        report = task_report(model.weights, task, args.prompt_index)
     tables = build_report(report, info.n_layers, info.n_heads, task.kind)
     tokenizer = load_tokenizer(info)
     ids = task.clean[args.prompt_index, : int(task.lengths[args.prompt_index])].tolist()
     tokens = [tokenizer.decode([i]) for i in ids]
     spec = {"sweep": "report", "model": args.model, "task": task.name, "task_params": task.params,
             "task_hash": task.fingerprint(), "seed": args.seed, "prompt_index": args.prompt_index,
-            "n_layers": info.n_layers, "n_heads": info.n_heads, "weight_hash": model.weight_hash}
+            "n_layers": info.n_layers, "n_heads": info.n_heads, "weight_hash": model.weight_hash,
+            "engine_path": info.path}
     for line in summary_lines(tables, args.top_heads):
         print(line)
     write_task_report(args.out, tables, report, spec, tokens, args.top_heads, args.wandb, args.wandb_project)

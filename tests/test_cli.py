@@ -145,7 +145,10 @@ def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, n
 
 def test_unsupported_architecture_is_refused_before_loading(capsys, no_model_loading, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 6}))
-    assert "architecture 't5' is not supported" in fails(capsys, "--model", str(tmp_path))
+    assert "'t5' is not a causal (decoder-only) language model" in fails(capsys, "--model", str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma9", "num_hidden_layers": 6}))
+    line = fails(capsys, "--model", str(tmp_path))
+    assert "architecture 'gemma9' is unknown" in line and "did you mean gemma" in line
 
 
 def test_the_script_runs_as_users_run_it(tmp_path):

@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from sweeps.engine import attribution as A
+from sweeps.engine import bridge_path
 from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
@@ -115,11 +116,17 @@ class AttributionJob:
     """The attribution sweep as a worker sees it (picklable: the task's tensors)."""
 
     task: TaskData
+    _bridge: object = field(default=None, repr=False)  # the bridge path (``bridge_path.py``), else None
     _weights: object = field(default=None, repr=False)
     _graph: A.Graph | None = field(default=None, repr=False)
     _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
 
     def bind(self, model) -> None:
+        self._bridge = getattr(model, "bridge", None)
+        if self._bridge is not None:
+            bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
+            self._graph = A.build_graph(bridge_path.graph_config(self._bridge))
+            return
         self._weights = model.weights
         self._graph = A.build_graph(model.weights.cfg)
         self._scratch = A.Scratch()
@@ -128,6 +135,8 @@ class AttributionJob:
         batch = self.task.select(slice(shard.start, shard.stop))
         if isinstance(shard, VerifyShard):
             return {"verify_sums": self._verify(batch, shard)}
+        if self._bridge is not None:  # one clean forward and backward and one corrupt forward a batch
+            return attribution_tables(self._graph, bridge_path.attribute(self._bridge, self._graph, batch), shard)
         w, graph = self._weights, self._graph
         per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
         scratch = self._scratch
@@ -147,6 +156,11 @@ class AttributionJob:
         w, graph = self._weights, self._graph
         patched = torch.zeros(len(shard.targets), dtype=torch.float64)
         clean = 0.0
+        if self._bridge is not None:
+            with torch.no_grad():
+                clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
+            patched = bridge_path.patch_metric(self._bridge, graph, batch, list(shard.targets))
+            return _verify_table(shard, patched, clean)
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         for a, b, (metric, sums) in map_chunks(
             batch.n_prompts, per_pass,
@@ -155,14 +169,18 @@ class AttributionJob:
         ):
             clean += metric
             patched += sums
-        return pa.table({
-            "target": [t.label for t in shard.targets],
-            "upstream": [t.upstream for t in shard.targets],
-            "downstream": [t.downstream for t in shard.targets],
-            "input": [t.input for t in shard.targets],
-            "patched_metric": patched.numpy(),
-            "clean_metric": [clean] * len(shard.targets),
-        })
+        return _verify_table(shard, patched, clean)
+
+
+def _verify_table(shard: VerifyShard, patched: torch.Tensor, clean: float) -> pa.Table:
+    return pa.table({
+        "target": [t.label for t in shard.targets],
+        "upstream": [t.upstream for t in shard.targets],
+        "downstream": [t.downstream for t in shard.targets],
+        "input": [t.input for t in shard.targets],
+        "patched_metric": patched.numpy(),
+        "clean_metric": [clean] * len(shard.targets),
+    })
 
 
 @torch.no_grad()

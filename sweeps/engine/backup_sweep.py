@@ -16,7 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sweeps.engine import effects
+from types import SimpleNamespace
+from typing import Any
+
+from sweeps.engine import bridge_path, effects
 from sweeps.engine import transformer as tf
 from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from sweeps.engine.plan import Shard
@@ -30,7 +33,8 @@ class BatchState:
     start: int  # index of the batch's first prompt in the task
     points: effects.Points
     scale: torch.Tensor  # [P] clean final-norm scale
-    resid_pre: torch.Tensor  # [L, B, T, D]
+    resid_pre: torch.Tensor | None  # [L, B, T, D] (the fast path's restarts start here)
+    tokens: torch.Tensor  # [B, T] clean tokens (the bridge path's full forwards start here)
     replacement_z: torch.Tensor | None  # [L, B, T, H, E] corrupt z (resample only)
     de_heads: torch.Tensor  # [L, P, H] clean direct effects
     de_mlps: torch.Tensor  # [L, P]
@@ -53,21 +57,52 @@ class HeadResult:
 
 @dataclass
 class BackupComputer:
-    weights: ModelWeights
+    """With ``weights`` (the fast path) each group of ablations restarts from its layer; with
+    ``bridge`` instead (the bridge path, ``bridge_path.py``) each ablation is a full forward."""
+
+    weights: ModelWeights | None
     task: TaskData
     ablation: str = "resample"
     batch_size: int = 32
+    bridge: Any = None
     _batches: list[BatchState] | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(layers, heads, d_head)."""
+        cfg = self.weights.cfg if self.weights is not None else self.bridge.cfg
+        return cfg.n_layers, cfg.n_heads, cfg.d_head
+
+    @torch.no_grad()
+    def _bridge_state(self, start: int, sub: TaskData) -> tuple[BatchState, Any]:
+        _, cache = bridge_path.run(self.bridge, sub.clean)
+        points = bridge_path.effect_points(self.bridge, sub)
+        decomposition = bridge_path.decompose(self.bridge, cache, points)
+        L = self.shape[0]
+        z = torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(L)])
+        replacement = None
+        if self.ablation == "resample":
+            _, corrupt = bridge_path.run(self.bridge, sub.corrupt)
+            replacement = torch.stack([corrupt[f"blocks.{l}.attn.hook_z"] for l in range(L)])
+        state = BatchState(start=start, points=points, scale=decomposition.scale, resid_pre=None, tokens=sub.clean,
+                           replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps)
+        return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
     def batches(self) -> list[BatchState]:
         """Clean state of every batch, computed on first use and kept."""
         if self._batches is not None:
             return self._batches
-        w, device = self.weights, self.weights.device
         clean_runs, states = [], []
         for start in range(0, self.task.n_prompts, self.batch_size):
             sub = self.task.select(slice(start, start + self.batch_size))
+            if self.bridge is not None:
+                state, run = self._bridge_state(start, sub)
+                states.append(state)
+                if self.ablation == "mean":
+                    clean_runs.append((run, sub.lengths))
+                continue
+            w, device = self.weights, self.weights.device
             tokens = sub.clean.to(device)
             run = tf.run(w, tokens)
             points = effects.effect_points(w, sub)
@@ -75,7 +110,7 @@ class BackupComputer:
             replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
             states.append(
                 BatchState(
-                    start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre,
+                    start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre, tokens=tokens,
                     replacement_z=replacement, de_heads=decomposition.heads,
                     de_mlps=decomposition.mlps,
                 )
@@ -85,7 +120,7 @@ class BackupComputer:
         if self.ablation == "mean":
             mean = effects.mean_z(clean_runs)  # over the whole task, not per batch
             for state in states:
-                L, B, T = state.resid_pre.shape[:3]
+                L, (B, T) = self.shape[0], state.tokens.shape
                 state.replacement_z = mean[:, None, None].expand(L, B, T, *mean.shape[1:])
         self._batches = states
         return states
@@ -95,24 +130,30 @@ class BackupComputer:
         if self.ablation not in effects.ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(effects.ABLATIONS)}")
         if self.ablation == "zero":
-            B, T = state.resid_pre.shape[1:3]
-            return torch.zeros(len(heads), B, T, self.weights.cfg.d_head, device=state.resid_pre.device)
+            B, T = state.tokens.shape
+            return torch.zeros(len(heads), B, T, self.shape[2], device=state.tokens.device)
         return torch.stack([state.replacement_z[layer, :, :, h] for h in heads])
 
     @torch.no_grad()
     def run_heads(self, layer: int, heads: list[int]) -> list[HeadResult]:
         """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
-        L, H = self.weights.cfg.n_layers, self.weights.cfg.n_heads
+        L, H, _ = self.shape
         per_head: dict[int, dict[str, list]] = {
             h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer")} for h in heads}
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
         for state in self.batches():
-            B, T = state.resid_pre.shape[1:3]
+            B, T = state.tokens.shape
 
             def ablate(start: int, stop: int, state=state) -> effects.LayerAblation:
                 chunk = heads[start:stop]
+                if self.bridge is not None:  # one full forward per head
+                    replacement = self._replacement(state, layer, chunk)
+                    outs = [bridge_path.ablate_head(self.bridge, state.tokens, layer, h, replacement[g],
+                                                    state.points, state.scale) for g, h in enumerate(chunk)]
+                    return effects.LayerAblation(layer, list(chunk), torch.stack([o[0] for o in outs]),
+                                                 torch.stack([o[1] for o in outs]))
                 return effects.ablate_heads_of_layer(
                     self.weights, layer, chunk, state.resid_pre[layer],
                     self._replacement(state, layer, chunk), state.points, state.scale,
@@ -122,7 +163,7 @@ class BackupComputer:
                 return (f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
                         f"tokens; use a smaller --batch-size (now {self.batch_size})")
 
-            device = state.resid_pre.device
+            device = state.tokens.device
             per_pass = tokens_per_pass(device) // (B * T)
             for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice, memory_gauge(device)):
                 chunk = heads[start:stop]
@@ -227,7 +268,10 @@ class BackupJob:
     _computer: BackupComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
-        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size)
+        bridge = getattr(model, "bridge", None)
+        if bridge is not None:
+            bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
+        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size, bridge)
 
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
         results = self._computer.run_heads(shard.layer, list(shard.heads))

@@ -190,7 +190,8 @@ def run_sweep(
                 LocalExecutor(args.model, job) if args.executor == "local"
                 else RayExecutor(args.model, job, num_workers=args.num_workers)
             )
-            columns = {"model": args.model, "task": inputs.task.name, "task_hash": spec["task_hash"],
+            columns = {"model": args.model, "engine_path": inputs.info.path,
+                       "task": inputs.task.name, "task_hash": spec["task_hash"],
                        "seed": args.seed, **(columns or {}), "code_version": code, "spec_id": spec_id}
 
             def waves() -> Iterator[list]:

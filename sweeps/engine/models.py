@@ -79,6 +79,27 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, initializer_range=0.02,
         tie_word_embeddings=True,
     ),
+    # Families with no fast path, run through the bridge path (tests).
+    "tiny-stablelm": dict(
+        model_type="stablelm", config="StableLmConfig", hub_name="stabilityai/stablelm-2-1_6b", perturb_norms=True,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=512, initializer_range=0.1,
+    ),
+    "tiny-falcon": dict(
+        model_type="falcon", config="FalconConfig", hub_name="tiiuae/falcon-7b", perturb_norms=True,
+        num_hidden_layers=3, num_attention_heads=4, hidden_size=64, new_decoder_architecture=False,
+        multi_query=True, parallel_attn=True, bias=False, alibi=False, initializer_range=0.1,
+    ),
+    "tiny-cohere": dict(
+        model_type="cohere", config="CohereConfig", hub_name="CohereForAI/c4ai-command-r-v01", perturb_norms=True,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=512, initializer_range=0.1,
+    ),
+    "tiny-mixtral": dict(
+        model_type="mixtral", config="MixtralConfig", hub_name="mistralai/Mixtral-8x7B-v0.1", perturb_norms=True,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1,
+    ),
     "tiny-llama": dict(
         model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
@@ -117,21 +138,69 @@ class ModelInfo:
     @property
     def describe(self) -> str:
         """One line for the start of a run: which model, which family, which path."""
-        return f"model: {self.name} ({self.family or 'unknown family'}; {self.path} path: our forward, restarts from the ablated layer)"
+        how = ("fast path: our forward, restarts from the ablated layer" if self.path == "fast"
+               else "bridge path: TransformerLens's forward and hooks, one full forward per ablation")
+        return f"model: {self.name} ({self.family or 'unknown family'}; {how})"
+
+
+# Models the sweeps cannot ablate heads of: refused by name, before any weights load.
+NO_HEADS = {"mamba", "mamba2", "falcon_mamba", "rwkv", "rwkv7", "hyenadna"}  # state-space / recurrent
+ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "modernbert", "electra", "albert", "distilbert",
+            "deberta", "deberta-v2", "ernie", "megatron-bert", "big_bird", "data2vec-text", "xmod"}  # masked LMs
+HYBRID = {"jamba", "zamba2", "bamba", "falcon_h1", "nemotron_h", "lfm2", "lfm2_moe", "granitemoehybrid",
+          "qwen3_next", "olmo_hybrid", "recurrent_gemma"}  # attention in some layers only
+
+
+def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
+    """(family, path, prepend_bos): a family's fast path, else TransformerLens's bridge for any
+    other decoder-only causal language model it boots, else a one-line ModelNameError."""
+    model_type = cfg.get("model_type")
+    if model_type in architectures.BY_MODEL_TYPE:
+        family = architectures.BY_MODEL_TYPE[model_type]
+        return family.name, "fast", family.prepend_bos
+    if model_type in NO_HEADS:
+        raise ModelNameError(f"{where}: {model_type!r} has no attention heads (a state-space or recurrent model); "
+                             "the sweeps ablate attention heads")
+    if model_type in HYBRID:
+        raise ModelNameError(f"{where}: {model_type!r} mixes attention with state-space layers; not supported")
+    from transformer_lens.factories import architecture_adapter_factory
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        known = list(dict.fromkeys([*architectures.BY_MODEL_TYPE, *CAUSAL]))
+        close = difflib.get_close_matches(str(model_type), known, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelNameError(f"{where}: architecture {model_type!r} is unknown to this transformers{hint}")
+    archs = cfg.get("architectures") or []
+    causal_archs = [a for a in archs if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if (model_type not in CAUSAL or model_type in ENCODERS or cfg.get("is_encoder_decoder")
+            or (archs and not causal_archs)):
+        raise ModelNameError(f"{where}: {model_type!r} is not a causal (decoder-only) language model; "
+                             "the sweeps read next-token logits")
+    names = [*(cfg.get("architectures") or []), CAUSAL[model_type]]
+    supported = architecture_adapter_factory.SUPPORTED_ARCHITECTURES
+    arch = next((a for a in names if a in supported), None)
+    if arch is None:
+        close = difflib.get_close_matches(str(model_type), list(architectures.BY_MODEL_TYPE), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ModelNameError(
+            f"{where}: architecture {model_type!r} is not supported{hint}: it has no fast path "
+            f"({', '.join(f.name for f in architectures.FAMILIES)}) and TransformerLens cannot boot it"
+        )
+    return arch, "bridge", True
 
 
 def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool]:
     """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos) of a Hugging Face config
     dict, or a ModelNameError."""
-    try:
-        family = architectures.family_of(cfg.get("model_type"), where)
-    except architectures.ArchitectureError as err:
-        raise ModelNameError(str(err)) from None
+    family, path, prepend_bos = _path_of(cfg, where)
     try:
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
-        return int(n_layers), int(n_heads), int(n_ctx), True, family.name, "fast", family.prepend_bos
+        return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
@@ -364,7 +433,7 @@ def load_bridge(info: ModelInfo, with_spec: bool = False):
     else:
         hf_model, tokenizer, hub_name = load_hf_model(info)
         bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
-        unfoldable = architectures.read_spec(bridge)
+        unfoldable = architectures.read_spec(bridge) if info.path == "fast" else None
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     return (bridge, unfoldable) if with_spec else bridge
@@ -443,8 +512,9 @@ def weight_hash(weights: ModelWeights) -> str:
 @dataclass
 class LoadedModel:
     info: ModelInfo
-    weights: ModelWeights
+    weights: ModelWeights | None  # the fast path's processed weights
     weight_hash: str
+    bridge: Any = None  # the bridge path's compatibility-mode bridge (``weights`` is then None)
 
 
 def cache_source(info: ModelInfo) -> Path | None:
@@ -468,10 +538,21 @@ def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path | None:
 
 
 def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load, process, copy the weights out and drop the bridge. Processed weights are
-    kept on disk (``model_cache``), keyed on the files they come from: de-quantising the
-    embedded GGUF file and booting the bridge takes 15-30 s, reading them back about a
-    second. Tiny models are not cached (they boot in milliseconds)."""
+    """The fast path: load, process, copy the weights out and drop the bridge. Processed
+    weights are kept on disk (``model_cache``), keyed on the files they come from:
+    de-quantising the embedded GGUF file and booting the bridge is much slower than reading
+    them back. Tiny models are not cached. The bridge path keeps the bridge itself."""
+
+    if info.path == "bridge":
+        bridge = load_bridge(info)
+        with contextlib.suppress(NotImplementedError):
+            bridge.set_use_attn_result(True)
+        bridge.to(device)
+        digest = hashlib.blake2b(digest_size=8)
+        for name, value in sorted(bridge.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        return LoadedModel(info, None, digest.hexdigest(), bridge)
 
     def convert() -> ModelWeights:
         return weights_from_bridge(*load_bridge(info, with_spec=True))

@@ -17,6 +17,7 @@ No Ray here: the executors in ``run.py`` wrap ``ScaleJob``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sweeps.engine import scaling
+from sweeps.engine import bridge_path, scaling
 from sweeps.engine import transformer as tf
 from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
 from sweeps.engine.circuits import Circuit
@@ -89,6 +90,7 @@ class LengthGroup:
     """The prompts of one token length and what their patches need."""
 
     prompts: Int[Tensor, "n"]  # global prompt indices
+    tokens: Int[Tensor, "n T"]  # their clean tokens (the bridge path's forwards start here)
     clean: tf.CleanRun
     source: tf.CleanRun  # where patches come from: `clean` itself, or the corrupt prompts' run
     positions: Int[Tensor, "Q"]  # answer position(s), shared by the whole group
@@ -113,7 +115,10 @@ class NodeStats:
 
 @dataclass
 class ScaleComputer:
-    weights: ModelWeights
+    """With ``weights`` (the fast path) each patch restarts from its node; with ``bridge``
+    instead (``bridge_path.py``) each patched row is one full forward of the bridge."""
+
+    weights: ModelWeights | None
     task: TaskData
     pairs: np.ndarray  # [P, 2] global (base, source), from make_pairs
     source: str = "clean"  # "clean" (other prompts, or self) | "corrupt" (each base's corrupt prompt)
@@ -123,6 +128,16 @@ class ScaleComputer:
     _groups: list[LengthGroup] | None = field(default=None, repr=False)
     _normaliser: float | None = field(default=None, repr=False)
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
+    bridge: Any = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:  # what scaling's read-out and node activations read, from the bridge
+            self.weights = bridge_path.view(self.bridge)
+
+    def _run(self, tokens: Int[Tensor, "N T"]) -> tf.CleanRun:
+        if self.bridge is not None:
+            return bridge_path.clean_run(self.bridge, tokens, self.batch_size)
+        return _run_batched(self.weights, tokens, self.batch_size)
 
     # -- clean state, once per worker -------------------------------------------
 
@@ -144,8 +159,8 @@ class ScaleComputer:
                 raise ValueError("a (base, source) pair joins prompts of different lengths")
             clean_tokens = task.clean[prompts, :T].to(device)
             corrupt_tokens = task.corrupt[prompts, :T].to(device)
-            clean = _run_batched(w, clean_tokens, self.batch_size)
-            corrupt = _run_batched(w, corrupt_tokens, self.batch_size)
+            clean = self._run(clean_tokens)
+            corrupt = self._run(corrupt_tokens)
             if task.kind == "logit_diff":
                 positions = torch.tensor([T - 1], device=device)
                 correct = task.correct[prompts, None].to(device)
@@ -158,7 +173,8 @@ class ScaleComputer:
             drops.append((clean_out.metric - corrupt_out.metric).double().flatten().cpu())
             groups.append(
                 LengthGroup(
-                    prompts=prompts, clean=clean, source=corrupt if self.source == "corrupt" else clean,
+                    prompts=prompts, tokens=clean_tokens, clean=clean,
+                    source=corrupt if self.source == "corrupt" else clean,
                     positions=positions, correct=correct, incorrect=incorrect, clean_out=clean_out,
                     pairs=group_pairs.to(device),
                 )
@@ -207,8 +223,8 @@ class ScaleComputer:
                 part_base if g.source is g.clean
                 else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
             )
-            start_at = scaling.restart_point(w, node, g.clean)
-            rope = tf.rotary_tables(w, T)
+            start_at = scaling.restart_point(w, node, g.clean) if self.bridge is None else None
+            rope = tf.rotary_tables(w, T) if self.bridge is None else None
             todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
             def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, start_at=start_at,
@@ -216,7 +232,10 @@ class ScaleComputer:
                 s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
-                final = scaling.resume(w, node, start_at, base, delta, rope)
+                if self.bridge is not None:  # one full forward a row
+                    final = bridge_path.patched_final(self.bridge, node, g.tokens[base], delta)
+                else:
+                    final = scaling.resume(w, node, start_at, base, delta, rope)
                 out = scaling.readout(
                     w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
                 )
@@ -283,8 +302,12 @@ class ScaleJob:
     _computer: ScaleComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
+        bridge = getattr(model, "bridge", None)
+        if bridge is not None:
+            bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
         self._computer = ScaleComputer(
-            model.weights, self.task, self.pairs, self.source, self.subspace, self.pca_k, self.batch_size
+            model.weights, self.task, self.pairs, self.source, self.subspace, self.pca_k, self.batch_size,
+            bridge=bridge,
         )
 
     def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:

@@ -1,0 +1,499 @@
+"""The bridge path: models without a fast path, through TransformerLens's own forward and hooks.
+
+Every decoder-only causal language model that TransformerLens 4.3 boots and that has no
+family in ``architectures.FAMILIES`` (StableLM, Falcon, Cohere, Mixtral, StarCoder 2,
+Granite, ...) runs the backup sweep, the scale sweep and the task report here. Nothing restarts from the
+middle: each ablation is one full forward of the bridge (in compatibility mode, so with
+HookedTransformer numerics) with a hook on ``hook_z``, as TransformerLens's own patching
+does. It is slower than the fast path and exactly as definitional: a head's direct effect is
+its ``hook_result`` (``z_h W_O[h]``) dotted with the unembedding direction over the clean
+run's ``ln_final.hook_scale``.
+
+That definition holds when every component's write reaches the final norm unchanged, which
+an unknown architecture may break (a post-norm, a logit scale). So the first thing a worker
+does with a model here is the sum check: every component's direct effect must add up to the
+bridge's own logit (difference); a model that fails it is refused with the error, never swept.
+
+Plain functions on a bridge and tensors; no Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sweeps.engine import effects
+from sweeps.engine import transformer as tf
+from sweeps.engine.nodes import Node, node_from_name
+from tasks.base import TaskData
+
+SUM_CHECK_TOLERANCE = 1e-3  # of the largest |logit difference|, as the report's check
+
+
+class BridgePathError(ValueError):
+    """A model the bridge path cannot sweep correctly (found before any shard runs)."""
+
+
+def stacked(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
+    """A stacked weight of the bridge; an absent bias is zero (the bridge raises for one)."""
+    try:
+        value = getattr(bridge, name)
+    except (AttributeError, KeyError):
+        value = None
+    return torch.zeros(shape) if value is None else value.detach()
+
+
+def norm_kind(bridge) -> str:
+    kind = bridge.cfg.normalization_type
+    return "none" if kind is None else "rmsnorm" if kind in ("RMS", "RMSPre") else "layernorm"
+
+
+def effect_points(bridge, task: TaskData) -> effects.Points:
+    """``effects.effect_points`` with the bridge's (compatibility-mode) unembedding."""
+    W_U = bridge.W_U.detach()
+    b_U = stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device)
+    if task.kind == "logit_diff":
+        batch, pos = torch.arange(task.n_prompts), task.answer_pos
+        u = (W_U[:, task.correct] - W_U[:, task.incorrect]).T
+        bias = b_U[task.correct] - b_U[task.incorrect]
+    else:
+        rows = [(b, t) for b in range(task.n_prompts) for t in range(int(task.lengths[b]) - 1)]
+        batch = torch.tensor([b for b, _ in rows])
+        pos = torch.tensor([t for _, t in rows])
+        targets = task.clean[batch, pos + 1]
+        u, bias = W_U[:, targets].T, b_U[targets]
+    if norm_kind(bridge) == "layernorm":
+        u = u - u.mean(-1, keepdim=True)
+    return effects.Points(batch, pos, u.contiguous(), bias)
+
+
+def _names(bridge) -> set[str]:
+    L = bridge.cfg.n_layers
+    names = {"ln_final.hook_scale", "hook_embed", "hook_pos_embed", f"blocks.{L - 1}.hook_resid_post"}
+    for l in range(L):
+        names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out", f"blocks.{l}.hook_resid_pre",
+                  f"blocks.{l}.hook_attn_out"}
+    return names
+
+
+def run(bridge, tokens: Int[Tensor, "B T"], fwd_hooks=()) -> tuple[Tensor, dict[str, Tensor]]:
+    """(logits, cache) of one full forward with ``fwd_hooks``, caching what the sweeps read."""
+    names = _names(bridge)
+    with bridge.hooks(fwd_hooks=list(fwd_hooks)):
+        logits, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name in names)
+    return logits, {k: v for k, v in cache.items()}
+
+
+def head_writes(bridge, cache: dict[str, Tensor], layer: int) -> Float[Tensor, "B T H D"]:
+    """Each head's ``z_h W_O[h]`` (TransformerLens's ``hook_result``)."""
+    return torch.einsum("bthe,hed->bthd", cache[f"blocks.{layer}.attn.hook_z"], bridge.W_O[layer].detach())
+
+
+def final_scale(cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, "P"]:
+    return cache["ln_final.hook_scale"][points.batch, points.pos, 0]
+
+
+def head_effects(bridge, cache, layer: int, points: effects.Points, scale: Tensor) -> Float[Tensor, "P H"]:
+    z = cache[f"blocks.{layer}.attn.hook_z"][points.batch, points.pos]  # [P, H, E]
+    dirs = torch.einsum("hed,pd->phe", bridge.W_O[layer].detach(), points.u) / scale[:, None, None]
+    return torch.einsum("phe,phe->ph", z, dirs)
+
+
+def mlp_effects(cache, layer: int, points: effects.Points, scale: Tensor) -> Float[Tensor, "P"]:
+    out = cache.get(f"blocks.{layer}.hook_mlp_out")
+    if out is None:
+        return torch.zeros(points.n)
+    return (out[points.batch, points.pos] * points.u).sum(-1) / scale
+
+
+def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
+    """Every component's direct effect, from one cached forward."""
+    L = bridge.cfg.n_layers
+    scale = final_scale(cache, points)
+    embed = cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
+    b_O = stacked(bridge, "b_O", (L, bridge.cfg.d_model))
+    return effects.Decomposition(
+        embed=(embed[points.batch, points.pos] * points.u).sum(-1) / scale,
+        heads=torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(L)]),
+        attn_bias=torch.stack([(points.u @ b_O[l]) / scale for l in range(L)]),
+        mlps=torch.stack([mlp_effects(cache, l, points, scale) for l in range(L)]),
+        unembed_bias=points.bias, scale=scale,
+    )
+
+
+def pre_cap_metric(bridge, cache, points: effects.Points) -> Float[Tensor, "P"]:
+    """The (centred, pre-cap) logit (difference) at the points, from the final residual."""
+    L = bridge.cfg.n_layers
+    x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
+    if norm_kind(bridge) == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return (x * points.u).sum(-1) / final_scale(cache, points) + points.bias
+
+
+@torch.no_grad()
+def sum_check(bridge, task: TaskData) -> float:
+    """Max |Σ direct effects − the bridge's own logit (difference)| over the task's first prompts,
+    relative to the largest |logit (difference)|; raises ``BridgePathError`` above tolerance."""
+    small = task.select(slice(0, min(4, task.n_prompts)))
+    logits, cache = run(bridge, small.clean)
+    points = effect_points(bridge, small)
+    total = decompose(bridge, cache, points).total()
+    if small.kind == "logit_diff":
+        b = points.batch
+        real = logits[b, points.pos, small.correct] - logits[b, points.pos, small.incorrect]
+    else:
+        real = logits[points.batch, points.pos].gather(-1, small.clean[points.batch, points.pos + 1][:, None])[:, 0]
+        real = real - logits[points.batch, points.pos].mean(-1)  # the direct effects sum to centred logits
+    error = float((total - real).abs().max() / real.abs().max().clamp(min=1e-6))
+    if error > SUM_CHECK_TOLERANCE:
+        raise BridgePathError(
+            f"{bridge.cfg.model_name if hasattr(bridge.cfg, 'model_name') else 'this model'}: its components' direct "
+            f"effects do not add up to its logits through TransformerLens's hooks (relative error {error:.1e}); "
+            "its architecture writes to the residual stream in a way the sweeps' definitions do not cover yet"
+        )
+    return error
+
+
+@torch.no_grad()
+def ablate_head(
+    bridge,
+    tokens: Int[Tensor, "B T"],
+    layer: int,
+    head: int,
+    replacement: Float[Tensor, "B T E"],
+    points: effects.Points,
+    scale: Float[Tensor, "P"],
+) -> tuple[Float[Tensor, "L_rest P H"], Float[Tensor, "L_rest P"]]:
+    """One full forward with head ``(layer, head)``'s ``z`` replaced; every head's and MLP's
+    direct effect (clean scale) in layers ``layer..L-1``."""
+
+    def patch(z, hook):
+        z = z.clone()
+        z[:, :, head] = replacement
+        return z
+
+    _, cache = run(bridge, tokens, [(f"blocks.{layer}.attn.hook_z", patch)])
+    L = bridge.cfg.n_layers
+    heads = torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(layer, L)])
+    mlps = torch.stack([mlp_effects(cache, l, points, scale) for l in range(layer, L)])
+    return heads, mlps
+
+
+@torch.no_grad()
+def task_report(bridge, task: TaskData, prompt: int | None = 0):
+    """``lens.task_report`` through the bridge's hooks: direct logit attribution, the logit
+    lens and the attention patterns of one prompt, from one cached forward."""
+    from sweeps.engine.lens import TaskReport
+
+    L = bridge.cfg.n_layers
+    names = _names(bridge) | {f"blocks.{l}.attn.hook_pattern" for l in range(L)}
+    logits, cache = bridge.run_with_cache(task.clean, names_filter=lambda name: name in names)
+    cache = {k: v for k, v in cache.items()}
+    points = effect_points(bridge, task)
+    parts = decompose(bridge, cache, points)
+    metric = pre_cap_metric(bridge, cache, points)
+    if task.kind == "logit_diff":
+        correct = (metric > 0).float()
+    else:
+        targets = task.clean[points.batch, points.pos + 1]
+        correct = (logits[points.batch, points.pos].argmax(-1) == targets).float()
+
+    def read(resid: Tensor) -> Tensor:  # normalise this stream with its own scale, unembed
+        x = resid[points.batch, points.pos]
+        if norm_kind(bridge) == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        if norm_kind(bridge) != "none":
+            x = x / (x.pow(2).mean(-1, keepdim=True) + bridge.cfg.eps).sqrt()
+        return (x * points.u).sum(-1) + points.bias
+
+    labels, final_scale, own_scale = ["embed"], [parts.embed], [read(cache["blocks.0.hook_resid_pre"])]
+    running = parts.embed
+    for layer in range(L):
+        running = running + parts.heads[layer].sum(-1) + parts.attn_bias[layer]
+        labels.append(f"{layer}_attn")
+        final_scale.append(running.clone())
+        own_scale.append(read(cache[f"blocks.{layer}.hook_resid_pre"] + cache[f"blocks.{layer}.hook_attn_out"]))
+        running = running + parts.mlps[layer]
+        after = cache[f"blocks.{layer + 1}.hook_resid_pre"] if layer + 1 < L else cache[f"blocks.{L - 1}.hook_resid_post"]
+        labels.append(f"{layer}_mlp")
+        final_scale.append(running.clone())
+        own_scale.append(read(after))
+    patterns = None
+    if prompt is not None:
+        T = int(task.lengths[prompt])
+        patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][prompt, :, :T, :T] for l in range(L)])
+    return TaskReport(
+        points=points, metric=metric, correct=correct, parts=parts, lens_labels=labels,
+        lens_final_scale=torch.stack(final_scale) + points.bias, lens_own_scale=torch.stack(own_scale), patterns=patterns,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# The scale sweep through the bridge
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ReadoutConfig:
+    """What ``scaling.readout`` and ``scaling.node_activation`` read of a model's spec."""
+
+    norm: str
+    eps: float
+    d_vocab: int
+    final_softcap: float = 0.0
+    post_norm: bool = False
+
+
+@dataclass
+class BridgeView:
+    """The bridge's unembedding and output projections in the shape ``scaling`` reads
+    (``cfg``, ``W_U``, ``b_U``, ``W_O``, ``device``): the read-out and the node activations
+    of the scale sweep are then the fast path's own functions."""
+
+    cfg: ReadoutConfig
+    W_U: Tensor
+    b_U: Tensor
+    W_O: Tensor
+    device: torch.device
+
+
+def view(bridge) -> BridgeView:
+    c = bridge.cfg
+    W_U = bridge.W_U.detach()
+    return BridgeView(ReadoutConfig(norm_kind(bridge), float(c.eps), W_U.shape[1]), W_U,
+                      stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device), bridge.W_O.detach(), W_U.device)
+
+
+@torch.no_grad()
+def clean_run(bridge, tokens: Int[Tensor, "N T"], batch_size: int) -> tf.CleanRun:
+    """A ``CleanRun`` (block inputs, every head's ``z``, every MLP's output, the final stream)
+    from the bridge's cached forwards, ``batch_size`` prompts at a time."""
+    L = bridge.cfg.n_layers
+    parts = []
+    for i in range(0, tokens.shape[0], batch_size):
+        _, cache = run(bridge, tokens[i : i + batch_size])
+        parts.append(tf.CleanRun(
+            resid_pre=torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)]),
+            z=torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(L)]),
+            mlp_out=torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
+            resid_final=cache[f"blocks.{L - 1}.hook_resid_post"],
+        ))
+    if len(parts) == 1:
+        return parts[0]
+    return tf.CleanRun(*(torch.cat([getattr(p, f) for p in parts], 0 if f == "resid_final" else 1)
+                         for f in ("resid_pre", "z", "mlp_out", "resid_final")))
+
+
+@torch.no_grad()
+def patched_final(bridge, node: Node, tokens: Int[Tensor, "G T"], delta: Float[Tensor, "G T D"]) -> Float[Tensor, "G T D"]:
+    """The final residual stream of a full forward of ``tokens`` with ``delta`` added where
+    ``node`` writes (a head's share of ``hook_attn_out``, or ``hook_mlp_out``)."""
+    site = f"blocks.{node.layer}.hook_attn_out" if node.head is not None else f"blocks.{node.layer}.hook_mlp_out"
+    L = bridge.cfg.n_layers
+    final = f"blocks.{L - 1}.hook_resid_post"
+    with bridge.hooks(fwd_hooks=[(site, lambda act, hook: act + delta)]):
+        _, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name == final)
+    return cache[final]
+
+
+# --------------------------------------------------------------------------- #
+# Attribution through the bridge (seed 001's recipe: gradients at split q/k/v inputs)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """What ``attribution.build_graph`` reads of a model's shape."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    attn_only: bool = False
+    parallel_attn_mlp: bool = False
+
+
+def graph_config(bridge) -> GraphConfig:
+    c = bridge.cfg
+    return GraphConfig(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads,
+                       bool(getattr(c, "attn_only", False)), bool(getattr(c, "parallel_attn_mlp", False)))
+
+
+def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
+    """Σ over the points of the logit difference, or of each next token's log-probability."""
+    b = torch.arange(task.n_prompts)
+    if task.kind == "logit_diff":
+        pos = task.answer_pos
+        return (logits[b, pos, task.correct] - logits[b, pos, task.incorrect]).sum()
+    total = logits.new_zeros(())
+    for i in range(task.n_prompts):
+        T = int(task.lengths[i])
+        total = total + logits[i, : T - 1].log_softmax(-1).gather(-1, task.clean[i, 1:T, None]).sum()
+    return total
+
+
+def _norm_vjp(kind: str, eps: float, x: Tensor, g: Tensor) -> Tensor:
+    """``J^T g`` of a weight-free LayerNorm/RMSNorm at ``x`` (compatibility mode folds the weights)."""
+    if kind == "none":
+        return g
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+        g = g - g.mean(-1, keepdim=True)
+    inv_s = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    y = x * inv_s
+    return (g - y * (y * g).mean(-1, keepdim=True)) * inv_s
+
+
+def attribute(bridge, graph, task: TaskData):
+    """Node and edge scores of one batch (``attribution.BatchAttribution``) from one corrupt
+    forward and one clean forward and backward of the bridge, with gradients kept at every
+    downstream input: each head's own copy of the stream for q, k and v (split inputs), the
+    MLP's normalised input (pulled back through its weight-free norm by hand) and the final
+    stream. Node scores are taken directly (the gradient where the node writes), and the
+    edges are checked against them: by the chain rule a node's edges sum to its score, so a
+    bridge whose hooks do not see the graph this way raises instead of returning scores."""
+    from sweeps.engine.attribution import BatchAttribution
+
+    L, kind, eps = bridge.cfg.n_layers, norm_kind(bridge), float(bridge.cfg.eps)
+    parallel = graph_config(bridge).parallel_attn_mlp
+    W_O = bridge.W_O.detach()
+    writes = (["blocks.0.hook_resid_pre"] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
+              + [f"blocks.{l}.hook_attn_out" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)])
+    reads = ([f"blocks.{l}.hook_{x}_input" for l in range(L) for x in "qkv"]
+             + [f"blocks.{l}.mlp.hook_in" for l in range(L)] + ["ln_final.hook_in"]
+             + [f"blocks.{l}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}" for l in range(L)])
+    bridge.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad():
+            corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+        acts: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(act, hook):
+                if name.endswith("mlp.hook_in") or name == "ln_final.hook_in":
+                    act = act.clone()  # a copy read by this input alone
+                if act.requires_grad:
+                    act.retain_grad()
+                acts[name] = act
+                return act
+            return hook
+
+        with torch.enable_grad():
+            logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, keep(n)) for n in sorted(set(writes) | set(reads))])
+            clean_metric = metric_sum(logits, task)
+            clean_metric.backward()
+    finally:
+        bridge.set_use_split_qkv_input(False)
+
+    def delta(u: str) -> Tensor:
+        if u == "embed":
+            return acts["blocks.0.hook_resid_pre"].detach() - corrupt["blocks.0.hook_resid_pre"]
+        node = node_from_name(u)
+        if node.head is None:
+            name = f"blocks.{node.layer}.hook_mlp_out"
+            return acts[name].detach() - corrupt[name]
+        name = f"blocks.{node.layer}.attn.hook_z"
+        dz = acts[name].detach()[:, :, node.head] - corrupt[name][:, :, node.head]
+        return dz @ W_O[node.layer, node.head]
+
+    def grad_after(u: str) -> Tensor:
+        if u == "embed":
+            return acts["blocks.0.hook_resid_pre"].grad
+        node = node_from_name(u)
+        return acts[f"blocks.{node.layer}.{'hook_mlp_out' if node.head is None else 'hook_attn_out'}"].grad
+
+    def grad_at(d) -> Tensor:
+        if d.input in ("q", "k", "v"):
+            return acts[f"blocks.{d.layer}.hook_{d.input}_input"].grad[:, :, d.head]
+        if d.input == "mlp":
+            x = acts[f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"].detach()
+            return _norm_vjp(kind, eps, x, acts[f"blocks.{d.layer}.mlp.hook_in"].grad)
+        return acts["ln_final.hook_in"].grad
+
+    with torch.no_grad():
+        deltas = {u: delta(u) for u in graph.upstream}
+        nodes = torch.tensor([float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream], dtype=torch.float64)
+        edges = []
+        for d, p in zip(graph.downstream, graph.prefix):
+            g = grad_at(d)
+            edges += [float((g * deltas[u]).sum()) for u in graph.upstream[:p]]
+        edges = torch.tensor(edges, dtype=torch.float64)
+    from sweeps.engine.attribution import node_scores
+
+    summed = node_scores(graph, edges)
+    error = float((summed - nodes).abs().max() / nodes.abs().max().clamp(min=1e-6))
+    if error > 1e-3:
+        raise BridgePathError(f"attribution through the bridge's hooks: a node's edges do not sum to its score "
+                              f"(relative error {error:.1e}); this architecture's inputs are not hooked as the graph assumes")
+    return BatchAttribution(
+        nodes=nodes, edges=edges, clean_metric=float(clean_metric.detach()),
+        corrupt_metric=float(metric_sum(corrupt_logits, task)), n_points=int(effect_points(bridge, task).n),
+    )
+
+
+def _normalize(kind: str, eps: float, x: Tensor) -> Tensor:
+    if kind == "none":
+        return x
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+
+
+@torch.no_grad()
+def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
+    """``attribution.patch_metric`` through hooks: Σ metric with each target's corrupt value
+    patched into a full clean forward. A node: its write is replaced by its corrupt write for
+    every reader. An edge ``u → d``: only ``d``'s input sees it (``d``'s own split q/k/v input,
+    the MLP's normalised input recomputed from the changed stream, or the final stream)."""
+    L, kind, eps = bridge.cfg.n_layers, norm_kind(bridge), float(bridge.cfg.eps)
+    parallel = graph_config(bridge).parallel_attn_mlp
+    W_O = bridge.W_O.detach()
+    writes = {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(L)} | {
+        f"blocks.{l}.hook_mlp_out" for l in range(L)}
+    _, clean = bridge.run_with_cache(task.clean, names_filter=lambda n: n in writes)
+    _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+
+    def change(u: str) -> tuple[str, Tensor]:
+        """(where u writes, corrupt − clean of its write)."""
+        if u == "embed":
+            name = "blocks.0.hook_resid_pre"
+            return name, corrupt[name] - clean[name]
+        node = node_from_name(u)
+        if node.head is None:
+            name = f"blocks.{node.layer}.hook_mlp_out"
+            return name, corrupt[name] - clean[name]
+        z = f"blocks.{node.layer}.attn.hook_z"
+        dz = corrupt[z][:, :, node.head] - clean[z][:, :, node.head]
+        return f"blocks.{node.layer}.hook_attn_out", dz @ W_O[node.layer, node.head]
+
+    out = []
+    bridge.set_use_split_qkv_input(True)
+    try:
+        for target in targets:
+            site, delta = change(target.upstream)
+            hooks = []
+            if target.downstream is None:
+                hooks.append((site, lambda act, hook, delta=delta: act + delta))
+            else:
+                d = next(x for x in graph.downstream if x.name == target.downstream and x.input == target.input)
+                if d.input in ("q", "k", "v"):
+                    def one_head(act, hook, delta=delta, h=d.head):
+                        act = act.clone()
+                        act[:, :, h] = act[:, :, h] + delta
+                        return act
+                    hooks.append((f"blocks.{d.layer}.hook_{d.input}_input", one_head))
+                elif d.input == "mlp":
+                    seen = {}
+                    stream = f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"
+                    hooks.append((stream, lambda act, hook, seen=seen: seen.__setitem__("x", act) or act))
+                    hooks.append((f"blocks.{d.layer}.mlp.hook_in",
+                                  lambda act, hook, seen=seen, delta=delta: _normalize(kind, eps, seen["x"] + delta)))
+                else:
+                    hooks.append(("ln_final.hook_in", lambda act, hook, delta=delta: act + delta))
+            logits = bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
+            out.append(float(metric_sum(logits, task)))
+    finally:
+        bridge.set_use_split_qkv_input(False)
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,153 @@
+"""The bridge path (``sweeps/engine/bridge_path.py``): models with no fast path, through
+TransformerLens's own forward and hooks.
+
+Checked two ways: equal to the fast path (an independent computation: our own forward and
+restarts) on families that have both, forcing the bridge path on them; and run end to end,
+every command, on families that have no fast path at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sweeps.engine import attribution as A
+from sweeps.engine import bridge_path, models
+from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.engine.lens import task_report
+from sweeps.engine.nodes import Node
+from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from tasks import TaskSpec, build_task
+
+BOTH_PATHS = ["tiny-llama3", "tiny-pythia"]  # sequential grouped-query; parallel attention + MLP
+BRIDGE_ONLY = ["tiny-stablelm", "tiny-falcon", "tiny-cohere", "tiny-mixtral"]
+
+
+@pytest.fixture(scope="module")
+def both():
+    """name -> (fast-path model, the same model on the bridge path, task)."""
+    out = {}
+    for name in BOTH_PATHS:
+        info = models.describe_model(name)
+        task = build_task(TaskSpec("ioi"), models.load_tokenizer(info), 6, 0)
+        out[name] = (models.load_model(info), models.load_model(dataclasses.replace(info, path="bridge")), task)
+    return out
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_backup_through_the_bridge_equals_the_fast_path(both, name):
+    fast, bridge, task = both[name]
+    for ablation in ("resample", "mean"):
+        ours = BackupComputer(fast.weights, task, ablation, 4).run_heads(1, [0, 2])
+        theirs = BackupComputer(None, task, ablation, 4, bridge.bridge).run_heads(1, [0, 2])
+        for a, b in zip(ours, theirs):
+            assert np.abs(a.backup).max() > 1e-3
+            np.testing.assert_allclose(b.backup, a.backup, atol=1e-5)
+            np.testing.assert_allclose(b.de_clean, a.de_clean, atol=1e-5)
+            np.testing.assert_allclose(b.mean_delta_mlps, a.mean_delta_mlps, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_scale_sweep_through_the_bridge_equals_the_fast_path(both, name):
+    fast, bridge, task = both[name]
+    pairs = make_pairs(task, "all", 6, 0, False)
+    for subspace in ("full", "high_variance"):
+        ours = ScaleComputer(fast.weights, task, pairs, subspace=subspace, batch_size=4)
+        theirs = ScaleComputer(None, task, pairs, subspace=subspace, batch_size=4, bridge=bridge.bridge)
+        for node in (Node(1, 1), Node(0, None)):
+            a, b = ours.run_node(node, [0.0, 2.0]), theirs.run_node(node, [0.0, 2.0])
+            np.testing.assert_array_equal(b.changed, a.changed)
+            np.testing.assert_allclose(b.metric_drop, a.metric_drop, atol=1e-4)
+        assert theirs.normaliser() == pytest.approx(ours.normaliser(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_attribution_and_real_patching_through_the_bridge_equal_the_fast_path(both, name):
+    fast, bridge, task = both[name]
+    graph = A.build_graph(fast.weights.cfg)
+    assert A.build_graph(bridge_path.graph_config(bridge.bridge)) == graph
+    ours, theirs = A.attribute(fast.weights, graph, task), bridge_path.attribute(bridge.bridge, graph, task)
+    torch.testing.assert_close(theirs.edges, ours.edges, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs.nodes, ours.nodes, atol=1e-5, rtol=1e-4)
+    assert theirs.clean_metric == pytest.approx(ours.clean_metric, abs=1e-4)
+    k = [d.name for d in graph.downstream if d.input == "k"][-1]
+    targets = [A.Target("embed"), A.Target("L1H2"), A.Target("mlp0"), A.Target("L0H1", "L2H3", "q"),
+               A.Target("mlp0", k, "k"), A.Target("embed", "mlp1", "mlp"), A.Target("L1H0", "resid_final", "resid")]
+    torch.testing.assert_close(bridge_path.patch_metric(bridge.bridge, graph, task, targets),
+                               A.patch_metric(fast.weights, graph, task, targets), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_task_report_through_the_bridge_equals_the_fast_path(both, name):
+    fast, bridge, task = both[name]
+    ours, theirs = task_report(fast.weights, task), bridge_path.task_report(bridge.bridge, task)
+    for field in ("metric", "correct", "lens_final_scale", "lens_own_scale", "patterns"):
+        torch.testing.assert_close(getattr(theirs, field), getattr(ours, field), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs.parts.heads, ours.parts.heads, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_whose_components_do_not_add_up_is_refused(both):
+    """The sum check: the bridge path sweeps a model only if its components' direct effects
+    add up to its own logits; logits scaled after the unembedding (what an unfolded logit
+    scale would do) break that, and the model is refused."""
+    _, bridge, task = both["tiny-llama3"]
+    assert bridge_path.sum_check(bridge.bridge, task) < 1e-4
+    with pytest.raises(bridge_path.BridgePathError, match="do not add up"):
+        bridge_path.sum_check(_ScaledLogits(bridge.bridge), task)
+
+
+class _ScaledLogits:
+    """A bridge whose logits are its own times 1.5: what an unfolded logit scale would do."""
+
+    def __init__(self, bridge):
+        self._bridge = bridge
+
+    def __getattr__(self, name):
+        return getattr(self._bridge, name)
+
+    def hooks(self, *args, **kwargs):
+        return self._bridge.hooks(*args, **kwargs)
+
+    def run_with_cache(self, *args, **kwargs):
+        logits, cache = self._bridge.run_with_cache(*args, **kwargs)
+        return logits * 1.5, cache
+
+
+@pytest.mark.parametrize("name", BRIDGE_ONLY)
+def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, capsys):
+    """StableLM, Falcon, Cohere and Mixtral: backup, scale, attribution (with real patching of
+    its top scores) and the report, from the command line; the manifest and the rows say
+    which path ran."""
+    from sweeps import attribution, backup, report, scale
+
+    info = models.describe_model(name)
+    assert info.path == "bridge"
+    common = ["--model", name, "--n-prompts", "4", "--wandb", "disabled"]
+    assert backup.main([*common, "--heads", "L1", "--executor", "local", "--out", str(tmp_path / "b")]) == 0
+    assert "bridge path" in capsys.readouterr().err
+    assert scale.main([*common, "--nodes", "L1H0,mlp0", "--scales", "0,2", "--pairs", "task", "--executor", "local",
+                       "--out", str(tmp_path / "s")]) == 0
+    assert attribution.main([*common, "--verify-top", "2", "--executor", "local", "--out", str(tmp_path / "a")]) == 0
+    assert report.main([*common, "--out", str(tmp_path / "r")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["model"]["path"] == "bridge"
+    slopes = pq.read_table(next((tmp_path / "b" / "slopes").glob("*.parquet"))).to_pandas()
+    assert set(slopes["engine_path"]) == {"bridge"} and np.isfinite(slopes["slope"]).all()
+    verify = pq.read_table(tmp_path / "a" / "verify").to_pandas() if (tmp_path / "a" / "verify").exists() else None
+    assert verify is None or len(verify) > 0
+
+
+@pytest.mark.parametrize("model_type, config, message", [
+    ("mamba", dict(hidden_size=64, num_hidden_layers=2), "no attention heads"),
+    ("bert", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "not a causal"),
+    ("jamba", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "state-space"),
+])
+def test_models_without_heads_or_not_causal_are_refused_before_loading(tmp_path, model_type, config, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **config}))
+    with pytest.raises(models.ModelNameError, match=message):
+        models.describe_model(str(tmp_path))
