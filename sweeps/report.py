@@ -74,9 +74,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     except input_errors() as err:
         raise UserError(str(err)) from None
     task, info = inputs.task, inputs.info
-    print(info.describe, file=sys.stderr)
     if args.prompt_index >= task.n_prompts:
         raise UserError(f"--prompt-index {args.prompt_index} is out of range: the task has {task.n_prompts} prompts")
+    print(info.describe, file=sys.stderr)
 
     import torch
 

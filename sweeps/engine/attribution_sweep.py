@@ -122,7 +122,7 @@ class AttributionJob:
     _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
 
     def bind(self, model) -> None:
-        self._bridge = getattr(model, "bridge", None)
+        self._bridge = bridge_path.bridge_of(model)
         if self._bridge is not None:
             bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
             self._graph = A.build_graph(bridge_path.graph_config(self._bridge))

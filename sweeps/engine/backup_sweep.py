@@ -268,7 +268,7 @@ class BackupJob:
     _computer: BackupComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
-        bridge = getattr(model, "bridge", None)
+        bridge = bridge_path.bridge_of(model)
         if bridge is not None:
             bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
         self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size, bridge)

@@ -37,6 +37,11 @@ class BridgePathError(ValueError):
     """A model the bridge path cannot sweep correctly (found before any shard runs)."""
 
 
+def bridge_of(model):
+    """The bridge a loaded model runs on when it is on the bridge path (no fast-path weights), else None."""
+    return getattr(model, "bridge", None) if getattr(model, "weights", None) is None else None
+
+
 def stacked(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
     """A stacked weight of the bridge; an absent bias is zero (the bridge raises for one)."""
     try:

@@ -302,7 +302,7 @@ class ScaleJob:
     _computer: ScaleComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
-        bridge = getattr(model, "bridge", None)
+        bridge = bridge_path.bridge_of(model)
         if bridge is not None:
             bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
         self._computer = ScaleComputer(
