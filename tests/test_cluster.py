@@ -167,9 +167,9 @@ def test_ray_job_submit_with_the_checkout_as_working_dir(local_cluster, tmp_path
 
 
 def test_readme_gcp_sections_make_a_valid_cluster_yaml(tmp_path, capsys):
-    """The README's GCP variant of cluster.yaml (its provider, auth and node types) passes validation."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### On GCP"):]
+    """docs/cluster.md's GCP variant of cluster.yaml (its provider, auth and node types) passes validation."""
+    readme = (ROOT / "docs" / "cluster.md").read_text()
+    section = readme[readme.index("## On GCP"):]
     block = section[section.index("```yaml") + len("```yaml"):section.index("```", section.index("```yaml") + 3)]
     gcp = yaml.safe_load(block)
     assert set(gcp) == {"provider", "auth", "available_node_types"}

@@ -184,7 +184,7 @@ def test_scale_sweep_equals_hooked_full_forwards(loaded_model, name):
     w, task = m.weights, ioi(m)
     n = task.n_prompts
     pairs = torch.stack([torch.arange(n), torch.arange(n)], 1)
-    computer = ScaleComputer(w, task, pairs, source="clean", subspace="full", pca_k=2, batch_size=3)
+    computer = ScaleComputer(w, task, pairs, source="clean", subspace="full", pca_k=2, batch_size=1)
     hf = reference_model(name)
     clean_logits = hf(task.clean).logits
     b, pos = torch.arange(n), task.lengths - 1
@@ -291,39 +291,51 @@ def lay_hub_cache(hf_home, name: str, hub_name: str) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
-@pytest.mark.parametrize("name, hub_name, commands", [
-    ("tiny-gemma2", "google/gemma-2-2b", ["backup", "scale", "attribution", "report"]),
-    ("tiny-qwen3", "Qwen/Qwen3-0.6B", ["backup"]),
-])
-def test_hub_names_load_offline_from_a_hugging_face_cache(tmp_path, name, hub_name, commands):
-    """``--model ORG/NAME`` goes through the hub code path (``from_pretrained`` of a hub
-    name, offline, from the cache), not a directory path; every command runs on it."""
+HUB_SCRIPT = """
+import json, sys
+from pathlib import Path
+from sweeps import attribution, backup, report, scale
+out, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+common = ["--n-prompts", "4", "--wandb", "disabled"]
+for i, model in enumerate(runs):
+    d = out / str(i)
+    assert backup.main(["--model", model, *common, "--heads", "L1", "--executor", "local", "--out", str(d / "b")]) == 0
+    assert scale.main(["--model", model, *common, "--nodes", "L1H0,mlp1", "--scales", "0,2", "--pairs", "task",
+                       "--executor", "local", "--out", str(d / "s")]) == 0
+    assert attribution.main(["--model", model, *common, "--verify-top", "1", "--executor", "local",
+                             "--out", str(d / "a")]) == 0
+    assert report.main(["--model", model, *common, "--out", str(d / "r")]) == 0
+"""
+
+
+def test_every_family_runs_every_command_from_a_hub_name_and_from_a_directory(tmp_path):
+    """Each family's tiny model is saved into a laid Hugging Face cache under its family's
+    first example hub name. With ``HF_HUB_OFFLINE=1`` every command runs from that hub name
+    (the hub code path: ``from_pretrained`` of a repo id, from the cache), and from the
+    snapshot directory (the local-directory path). One process runs them all."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    lay_hub_cache(tmp_path / "hf", name, hub_name)
+    from sweeps.engine import architectures
+
+    runs = []
+    for family in architectures.FAMILIES:
+        hub_name = family.examples[0] if "/" in family.examples[0] else f"test-org/{family.examples[0]}"
+        lay_hub_cache(tmp_path / "hf", family.tiny_name, hub_name)
+        repo = tmp_path / "hf" / "hub" / f"models--{hub_name.replace('/', '--')}"
+        runs += [hub_name, str(next((repo / "snapshots").iterdir()))]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     root = Path(__file__).resolve().parents[1]
-    extra = {
-        "backup": ["--heads", "L1", "--executor", "local"],
-        "scale": ["--nodes", "L1H0,mlp1", "--scales", "0,1,2", "--pairs", "task", "--executor", "local"],
-        "attribution": ["--executor", "local", "--verify-top", "2"],
-        "report": [],
-    }
-    for command in commands:
-        out = tmp_path / command
-        cmd = [sys.executable, str(root / "sweeps" / f"{command}.py"), "--model", hub_name, "--n-prompts", "4",
-               "--wandb", "disabled", "--out", str(out), *extra[command]]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-        assert done.returncode == 0, (command, done.stderr[-3000:])
-        if command != "report":
-            assert f"model: {hub_name} (" in done.stderr and "fast path" in done.stderr
-        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else None
-        if manifest is not None and "model" in manifest:  # the sweeps' manifests say what ran
-            assert manifest["model"]["kind"] == "hub" and manifest["model"]["source"] == hub_name
-            assert manifest["model"]["path"] == "fast"
+    done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "out"), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, model in enumerate(runs):
+        manifest = json.loads((tmp_path / "out" / str(i) / "b" / "manifest.json").read_text())
+        assert manifest["model"]["path"] == "fast", model
+        assert manifest["model"]["kind"] == ("hub" if i % 2 == 0 else "local"), model
+        assert (tmp_path / "out" / str(i) / "r" / "attention.html").is_file()
 
 
 def test_capped_next_token_log_prob_and_its_gradient_equal_autograd(loaded_model):

@@ -1,5 +1,5 @@
 """Real faults on a real local Ray: workers, drivers and nodes killed, Ctrl-C, W&B down,
-memory running out. What each proves is listed in the README's "Guarantees"."""
+memory running out. What each proves is listed in docs/guarantees.md."""
 
 import json
 import os

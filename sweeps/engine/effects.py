@@ -84,8 +84,8 @@ def head_direct_effects(
     """Direct effect of each head of ``layer`` at each point.
 
     Under a post-norm (Gemma 2/3, OLMo 2) a head writes its share
-    ``(z_h W_O[h]) / rms(y) ⊙ w`` of the layer's output ``y``, with ``rms(y)`` of the
-    run ``z`` comes from: the shares sum exactly to the sublayer's write."""
+    ``(z_h W_O[h]) / rms(y) ⊙ w`` of the layer's output ``y``, with the ``rms(y)`` of the
+    run that ``z`` comes from: the shares sum exactly to the sublayer's write."""
     zp = gather(z, points, z.ndim - 4)  # [*G P H E]
     u = points.u
     if w.cfg.post_norm:

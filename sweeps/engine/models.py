@@ -164,9 +164,8 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
     if model_type in HYBRID:
         raise ModelNameError(f"{where}: {model_type!r} mixes attention with state-space layers; not supported")
     from transformer_lens.factories import architecture_adapter_factory
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
-
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
     if model_type not in CONFIG_MAPPING_NAMES:
         known = list(dict.fromkeys([*architectures.BY_MODEL_TYPE, *CAUSAL]))
@@ -179,7 +178,7 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
             or (archs and not causal_archs)):
         raise ModelNameError(f"{where}: {model_type!r} is not a causal (decoder-only) language model; "
                              "the sweeps read next-token logits")
-    names = [*(cfg.get("architectures") or []), CAUSAL[model_type]]
+    names = [*archs, CAUSAL[model_type]]
     supported = architecture_adapter_factory.SUPPORTED_ARCHITECTURES
     arch = next((a for a in names if a in supported), None)
     if arch is None:
@@ -270,7 +269,9 @@ def describe_model(name: str) -> ModelInfo:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelNameError(f"cannot read {config_path}: {err}") from None
         return ModelInfo(name, "local", str(Path(name).resolve()), *_check_hf_config(cfg, str(config_path)))
-    official = resolve_hub_name(name) or (name if "/" in name else None)
+    # A repo id is used as written (the Hugging Face cache is case-sensitive); aliases
+    # (gpt2-small, pythia-410m) resolve through TransformerLens.
+    official = name if "/" in name else resolve_hub_name(name)
     if official is None:
         local_names = [DEFAULT_MODEL, *TINY_MODELS]
         close = difflib.get_close_matches(name, local_names + _hub_candidates(), n=3, cutoff=0.6)
@@ -416,6 +417,19 @@ def load_hf_model(info: ModelInfo):
     return model.eval(), tokenizer, info.source
 
 
+def _check_checkpoint(c, name: str) -> None:
+    """A TransformerLens-native checkpoint's config sets the old flags itself (no adapter reads
+    its pieces): refuse those our forward does not implement for such a model."""
+    flags = {"use_qk_norm": "QK-norm", "use_local_attn": "local attention",
+             "use_normalization_before_and_after": "post-norms", "post_embedding_ln": "a norm after the embedding",
+             "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index"}
+    found = [what for flag, what in flags.items() if getattr(c, flag, False)]
+    found += ["soft-capping"] * any((getattr(c, cap, -1.0) or -1.0) > 0
+                                    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"))
+    if found:
+        raise architectures.ArchitectureError(f"{name}: a TransformerLens checkpoint with {', '.join(found)} is not supported")
+
+
 def load_bridge(info: ModelInfo, with_spec: bool = False):
     """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
     ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
@@ -424,6 +438,7 @@ def load_bridge(info: ModelInfo, with_spec: bool = False):
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
     if info.kind == "checkpoint":
         bridge = load_checkpoint_bridge(info)
+        _check_checkpoint(bridge.cfg, info.name)
         unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
         if bridge.cfg.positional_embedding_type == "rotary":
             found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]

@@ -82,6 +82,7 @@ def _run_batched(w: ModelWeights, tokens: Int[Tensor, "N T"], batch_size: int) -
         z=torch.cat([r.z for r in runs], 1),
         mlp_out=None if runs[0].mlp_out is None else torch.cat([r.mlp_out for r in runs], 1),
         resid_final=torch.cat([r.resid_final for r in runs], 0),
+        mlp_raw=None if runs[0].mlp_raw is None else torch.cat([r.mlp_raw for r in runs], 1),
     )
 
 
