@@ -1,22 +1,64 @@
-"""``python -m sweeps validate CLUSTER_YAML``: check a Ray cluster config before ``ray up``.
+"""``interp-sweeps`` (or ``python -m sweeps``): every command of the project behind one name.
 
-Runs Ray's own validation and this project's needs (the checkout mounted and
-installed on every node); prints one line either way; exit code 0 or 2.
+    interp-sweeps backup      [ARGS]   the backup-slope sweep (sweeps/backup.py)
+    interp-sweeps scale       [ARGS]   the all-nodes x all-scales sweep (sweeps/scale.py)
+    interp-sweeps attribution [ARGS]   the attribution sweep (sweeps/attribution.py)
+    interp-sweeps report      [ARGS]   the task report: DLA, logit lens, attention (sweeps/report.py)
+    interp-sweeps analyze SWEEP DIR    tables, figures and a W&B run from saved results
+    interp-sweeps validate CLUSTER_YAML   check a Ray cluster config the way `ray up` will
+    interp-sweeps models               the supported model families and which path runs each
+    interp-sweeps tasks                the built-in tasks
+
+``interp-sweeps COMMAND --help`` explains each. The entry scripts stay runnable on their own
+(``python sweeps/backup.py ...``, ``ray submit cluster.yaml sweeps/backup.py -- ...``).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 
 from sweeps.engine.cli import ArgumentParser
 
+# Commands that are whole programs of their own: everything after the name is theirs.
+DELEGATED = {
+    "backup": ("sweeps.backup", "the backup-slope sweep: ablate each head, fit how later heads compensate"),
+    "scale": ("sweeps.scale", "the all-nodes x all-scales sweep: patch each node at many scales"),
+    "attribution": ("sweeps.attribution", "the attribution sweep: every node and edge, checked by real patching"),
+    "report": ("sweeps.report", "the task report: direct logit attribution, logit lens, attention patterns"),
+    "analyze": ("analysis.__main__", "tables, figures and a W&B run from a sweep's saved results"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m sweeps", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
+    parser = ArgumentParser(
+        prog="interp-sweeps", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distributed ablation sweeps for mechanistic interpretability.",
+        epilog="`interp-sweeps COMMAND --help` explains each command. The entry scripts also run on their own:\n"
+               "python sweeps/backup.py ..., ray submit cluster.yaml sweeps/backup.py -- ...",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     p = sub.add_parser("validate", help="check a Ray cluster config (cluster.yaml) the way `ray up` will")
     p.add_argument("config", help="the cluster config, e.g. cluster.yaml")
+    sub.add_parser("models", help="the supported model families and which path runs each")
+    sub.add_parser("tasks", help="the built-in tasks (or give a .jsonl file to --task)")
     args = parser.parse_args(argv)
+    if args.command == "models":
+        return _models()
+    if args.command == "tasks":
+        from tasks import TASKS
+
+        for name, what in TASKS.items():
+            print(f"{name:10s} {what}")
+        print(f"{'FILE.jsonl':10s} your own logit-difference task: one {{clean, corrupt, correct, incorrect}} a line")
+        return 0
 
     from sweeps.engine.cluster_config import ClusterConfigError, check_cluster_config, describe
 
@@ -26,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.config}: valid ({describe(config)})")
+    return 0
+
+
+def _models() -> int:
+    from sweeps.engine.architectures import FAMILIES
+    from sweeps.engine.models import DEFAULT_MODEL
+
+    print(f"{'family':18s} {'path':6s} {'tiny test model':15s} example hub names")
+    for f in FAMILIES:
+        print(f"{f.name:18s} {'fast':6s} {f.tiny_name:15s} {', '.join(f.examples)}")
+    print(f"{'any other decoder':18s} {'bridge':6s} {'tiny-stablelm':15s} any causal LM TransformerLens boots "
+          "(StableLM, Falcon, Cohere, Mixtral, ...): one full forward per ablation")
+    print(f"\ndefault: {DEFAULT_MODEL} (SmolLM2-135M-Instruct, embedded, offline). Refused by name: state-space, "
+          "hybrid and non-causal models.")
     return 0
 
 

@@ -22,6 +22,30 @@ def pytest_configure(config):
     os.environ["SWEEPS_CACHE_DIR"] = config.sweeps_cache
 
 
+# The slow tier (``pytest -m "not slow"`` leaves it out for everyday work; ``make test`` and CI
+# run everything): the real embedded model, Ray clusters and subprocess faults, benchmarks,
+# and every family's commands from the hub.
+SLOW_MODULES = {"test_cluster.py", "test_faults.py", "test_benchmarks.py"}
+SLOW_FIXTURES = {"smollm", "ray_session", "local_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or "smollm2-135m" in item.nodeid):
+            item.add_marker(pytest.mark.slow)
+
+
+def needs(what: str, missing: str | None) -> None:
+    """Skip, saying why, where ``what`` is missing; under ``CI=true`` (``.ci/run``, which
+    installs it) a missing piece of infrastructure is a failure, never a silent skip."""
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI: {what} is missing ({missing}); .ci/run installs it")
+    pytest.skip(f"no {what} here: {missing}")
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "sweeps_cache", ""), ignore_errors=True)
 

@@ -57,14 +57,6 @@ def unavailable() -> str | None:
     return None
 
 
-def install_tools() -> None:
-    """``openssh-server`` and ``rsync`` from Debian's packages, if missing and we may (root, apt-get)."""
-    if _which("sshd") and _which("rsync") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return
-    subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server", "rsync"], capture_output=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
-
-
 def _which(tool: str) -> str | None:
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
 
@@ -249,7 +241,6 @@ class LocalCluster:
 def main() -> int:
     import tempfile
 
-    install_tools()
     why = unavailable()
     if why:
         print(f"no local cluster here: {why}")

@@ -118,6 +118,7 @@ class _ScaledLogits:
         return logits * 1.5, cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BRIDGE_ONLY)
 def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, capsys):
     """StableLM, Falcon, Cohere and Mixtral: backup, scale, attribution (with real patching of

@@ -151,6 +151,7 @@ def test_unsupported_architecture_is_refused_before_loading(capsys, no_model_loa
     assert "architecture 'gemma9' is unknown" in line and "did you mean gemma" in line
 
 
+@pytest.mark.slow
 def test_the_script_runs_as_users_run_it(tmp_path):
     """``python sweeps/backup.py ...`` as a subprocess (the path `ray submit` takes too)."""
     import subprocess
@@ -228,3 +229,39 @@ def test_prompts_of_different_lengths_give_no_pairs(capsys, no_model_loading, tm
     path = jsonl(tmp_path, GOOD, short)
     line = scale_fails(capsys, tmp_path, "--task", path)
     assert "no two distinct prompts have the same token length" in line and "--pairs task" in line
+
+
+# --------------------------------------------------------------------------- #
+# interp-sweeps: one command for all of them
+# --------------------------------------------------------------------------- #
+
+
+def test_interp_sweeps_lists_every_command_and_delegates(capsys):
+    from sweeps.__main__ import main as interp_sweeps
+
+    with pytest.raises(SystemExit) as exit_:
+        interp_sweeps(["--help"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    for command in ("backup", "scale", "attribution", "report", "analyze", "validate", "models", "tasks"):
+        assert f"    {command}" in listed, command
+    assert interp_sweeps(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "Gemma 2" in out and "tiny-olmo2" in out and "bridge" in out
+    assert interp_sweeps(["tasks"]) == 0
+    assert "ioi" in capsys.readouterr().out
+    # A delegated command is the script itself: its own checks, its own one-line errors.
+    assert interp_sweeps(["backup", "--model", "tiny-gtp2"]) == 2
+    assert "did you mean tiny-gpt2" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.slow
+def test_interp_sweeps_is_installed_as_a_command():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "interp-sweeps"
+    assert script.is_file(), "pip install -e . installs the interp-sweeps command ([project.scripts])"
+    done = subprocess.run([str(script), "models"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "OLMo 2" in done.stdout

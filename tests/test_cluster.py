@@ -14,7 +14,8 @@ from sweeps import backup
 from sweeps.__main__ import main as sweeps_main
 from sweeps.engine.cluster_config import check_cluster_config
 from sweeps.engine.provenance import source_hash
-from tests.local_cluster import LocalCluster, install_tools, unavailable
+from tests.conftest import needs
+from tests.local_cluster import LocalCluster, unavailable
 from tests.test_sweep import assert_same_tables, tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +83,7 @@ def test_unreadable_or_unparsable_config(tmp_path, capsys):
 def local_cluster(tmp_path):
     """Makes on-premise clusters on this machine (tests/local_cluster.py); skips, saying why, where
     sshd cannot run; stops their sshds (and so every process of the cluster) afterwards."""
-    install_tools()
-    why = unavailable()
-    if why:
-        pytest.skip(f"no local SSH cluster: {why}")
+    needs("local SSH cluster (root, sshd, rsync)", unavailable())
     made = []
 
     def make(**options) -> LocalCluster:

@@ -308,6 +308,7 @@ for i, model in enumerate(runs):
 """
 
 
+@pytest.mark.slow
 def test_every_family_runs_every_command_from_a_hub_name_and_from_a_directory(tmp_path):
     """Each family's tiny model is saved into a laid Hugging Face cache under its family's
     first example hub name. With ``HF_HUB_OFFLINE=1`` every command runs from that hub name

@@ -14,6 +14,7 @@ from sweeps import report as report_cli
 from sweeps.engine.lens import task_report
 from tasks import build_task, check_task
 from tests import reference
+from tests.conftest import needs
 from tests.wandb_records import history_and_summary
 
 
@@ -93,9 +94,9 @@ def _chromium() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium here: apt-get install chromium (CI installs it)")
 def test_attention_page_renders_in_headless_chromium(report_dir, tmp_path):
     """The page's script ran in a real browser: every head's token view was built."""
+    needs("Chromium", None if _chromium() else "apt-get install chromium")
     page = Path(report_dir / "attention.html").resolve()
     dom = subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
