@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from analysis import plots
+from analysis import plots, self_repair
 from analysis.attribution import DERIVED, AttributionResults, head_grid, top_edges_table, top_nodes_table
 from analysis.backup import (
     BackupResults,
@@ -57,6 +57,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
         folder / "compensation_by_layer", xlabel="downstream layer", ylabel="ablated head",
         colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns), yticks=list(by_layer.index),
     )
+    figures.update(self_repair.figures(results.self_repair, folder, f"{model}, {task}"))
     if scatter_heads is None:  # the heads of the summary table
         table = summary_table(results, k=2)
         scatter_heads = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in table["head"]]
@@ -129,13 +130,16 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
         "top_heads": summary_table(results),
         "responses_top": responses[["up_layer", "up_head", "down_layer", "down_head", "down_kind", "mean_delta"]],
     }
+    if not results.self_repair.empty:
+        tables["self_repair_heads"] = self_repair.head_table(results.self_repair, "top")
+        tables["self_repair_layers"] = self_repair.layer_table(results.self_repair, "top")
     finite = results.slopes.dropna(subset=["slope"])
     summary = {
         "n_heads_swept": int(len(results.slopes)),
         "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
     }
     return _log_run("backup", results.out, results.spec, results.manifest, tables, figures, summary,
-                    ("slopes", "responses", "points"), mode, project)
+                    ("slopes", "responses", "points", "self_repair"), mode, project)
 
 
 def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:

@@ -9,7 +9,10 @@ every head in layers > l*; its least-squares slope against the head's own
 clean direct effect says how much of the head's effect is compensated
 (slope > 0: backed up; slope < 0: later heads make it worse).
 
-Writes Parquet datasets slopes/, responses/, points/ and a manifest under
+It also splits each head's total effect exactly into its own change and the repair by the
+other heads, the MLPs and the final norm (Rushing & Nanda 2024): self_repair/.
+
+Writes Parquet datasets slopes/, responses/, points/, self_repair/ and a manifest under
 --out, then plots and a W&B run (offline by default). Re-running the same
 command resumes: finished shards are skipped.
 
@@ -39,14 +42,14 @@ from sweeps.engine.cli import (
 )
 from sweeps.engine.effects import ABLATIONS
 
-DATASETS = ("slopes", "responses", "points")
+DATASETS = ("slopes", "responses", "points", "self_repair")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="sweeps/backup.py",
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]),
-        epilog="\n".join(__doc__.split("\n\n")[3:]),
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:4]),
+        epilog="\n".join(__doc__.split("\n\n")[4:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_options(parser, "backup")
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bootstrap", type=non_negative_int, default=200, metavar="N",
                    help="bootstrap resamples (of whole prompts) for the slope's 95%% interval "
                    "(default 200; 0 to skip)")
+    g.add_argument("--top-fraction", type=float, default=0.02, metavar="F",
+                   help="the self-repair decomposition's 'top' selection: the fraction of points with the "
+                   "largest clean direct effect of the ablated head (default 0.02, as Rushing & Nanda 2024; "
+                   "1 = every point)")
     g.add_argument("--heads-per-shard", type=positive_int, metavar="N",
                    help="split each layer's heads into shards of N (default: one shard per layer)")
     return parser
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     try:  # cheap checks first: nothing here loads model weights
         if args.fit_threshold < 0 or args.fit_threshold != args.fit_threshold:
             raise PlanError(f"--fit-threshold must be a number >= 0, got {args.fit_threshold}")
+        if not 0 < args.top_fraction <= 1:
+            raise PlanError(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
         inputs = prepare_inputs(args, "backup")
         heads = parse_heads(args.heads, inputs.info.n_layers, inputs.info.n_heads)
     except input_errors() as err:
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     spec = {
         "sweep": "backup", "model": args.model, "task": task.name, "task_params": task.params,
         "task_hash": task.fingerprint(), "seed": args.seed, "ablation": args.ablation,
-        "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap,
+        "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap, "top_fraction": args.top_fraction,
     }
 
     def plan(done: set[str]):
@@ -97,7 +106,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                         f"{len(heads)} heads requested, {len(heads) - len(todo)} already done, "
                         f"{len(shards)} shards to run")
 
-    job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed)
+    job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed,
+                    args.top_fraction)
     failures = run_sweep(
         args, argv, "sweeps/backup.py", inputs, spec, DATASETS, plan, job,
         units=lambda s: len(s.heads), unit_name="head",
@@ -115,6 +125,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"no finished shards in {out}; re-run the same command to retry", file=sys.stderr)
         return 1
     print(summary_text(summary_table(results)))
+    from analysis.self_repair import summary_lines
+
+    for line in summary_lines(results.self_repair, args.top_fraction, inputs.info.n_layers):
+        print(line)
     if not args.no_report:
         from analysis.report import write_backup_report
 

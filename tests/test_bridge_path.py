@@ -50,6 +50,8 @@ def test_backup_through_the_bridge_equals_the_fast_path(both, name):
             np.testing.assert_allclose(b.backup, a.backup, atol=1e-5)
             np.testing.assert_allclose(b.de_clean, a.de_clean, atol=1e-5)
             np.testing.assert_allclose(b.mean_delta_mlps, a.mean_delta_mlps, atol=1e-5)
+            for term in ("total_effect", "own_change", "heads", "mlps", "final_norm"):  # the self-repair split
+                np.testing.assert_allclose(b.repair[term], a.repair[term], atol=1e-5, err_msg=term)
 
 
 @pytest.mark.parametrize("name", BOTH_PATHS)

@@ -381,3 +381,41 @@ def test_tasks_follow_each_models_bos_rule(name, bos):
         assert bool((starts == bos_id(tokenizer)).all()) is bos, task_name
         if task_name == "text":
             assert task.clean.shape[1] == 8
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_self_repair_splits_the_total_effect_exactly(loaded_model, name):
+    """Per point: own change + other heads + MLPs + final norm = the total effect (exact), and
+    the total effect is the change of the pre-cap logit difference of a hooked full ablated
+    forward of the Hugging Face model; soft-capped models' capped change likewise."""
+    from sweeps.engine.backup_sweep import BackupComputer
+
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m)
+    layer, head = 1, 0
+    (r,) = BackupComputer(w, task, "resample", batch_size=3).run_heads(layer, [head])
+    t = r.repair
+    np.testing.assert_allclose(t["own_change"] + t["heads"] + t["mlps"] + t["final_norm"], t["total_effect"],
+                               atol=1e-5 * max(1.0, np.abs(t["total_effect"]).max()))
+    np.testing.assert_allclose(t["self_repair"], t["total_effect"] - t["own_change"], atol=1e-6)
+    assert np.abs(t["final_norm"]).max() > 1e-5 and np.abs(t["heads"]).max() > 1e-5
+
+    corrupt = tf.run(w, task.corrupt)
+
+    def edit(z):
+        z = z.clone()
+        z[:, :, head] = corrupt.z[layer][:, :, head]
+        return z
+
+    hf = reference_model(name)
+    capped = answer_logit_diff(hf(task.clean).logits, task), answer_logit_diff(
+        hooked_logits(hf, task.clean, head_edit=(layer, edit)), task)
+    if getattr(hf.config, "final_logit_softcapping", None):
+        np.testing.assert_allclose(t["total_effect_capped"], (capped[1] - capped[0]).double().numpy(), atol=1e-4)
+        hf.config.final_logit_softcapping = None
+    else:
+        assert np.isnan(t["total_effect_capped"]).all()
+    clean, ablated = answer_logit_diff(hf(task.clean).logits, task), answer_logit_diff(
+        hooked_logits(hf, task.clean, head_edit=(layer, edit)), task)
+    np.testing.assert_allclose(t["total_effect"], (ablated - clean).double().numpy(),
+                               atol=1e-4 * max(1.0, float(clean.abs().max())))

@@ -154,3 +154,43 @@ def test_growing_the_head_list_adds_only_the_new_heads(tmp_path, monkeypatch):
     assert [c for c in calls if c.startswith("L00")] == ["L00H0.3"]  # only the heads not done yet
     slopes = tables(out)["slopes"]
     assert len(slopes) == 12 and not slopes.duplicated(["layer", "head"]).any()
+
+
+def test_self_repair_dataset_is_the_points_summarised(tmp_path, capsys):
+    """self_repair/ rows are the means (and clipped shares) of the per-point terms in points/,
+    over every point and over the top --top-fraction by the head's clean direct effect,
+    recomputed here with pandas; the summary is printed in words and the figures written."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from sweeps import backup
+
+    out = tmp_path / "o"
+    assert backup.main(["--model", "tiny-llama3", "--executor", "local", "--n-prompts", "8", "--heads", "L1H0,L2",
+                        "--top-fraction", "0.25", "--wandb", "disabled", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on the top 25% of points" in printed and "the final norm repairs" in printed
+    points = pq.read_table(out / "points").to_pandas()
+    repair = pq.read_table(out / "self_repair").to_pandas()
+    assert len(repair) == 2 * 5 and set(repair.selection) == {"all", "top"}
+    for (layer, head), pts in points.groupby(["layer", "head"]):
+        for selection in ("all", "top"):
+            row = repair[(repair.layer == layer) & (repair["head"] == head) & (repair.selection == selection)].iloc[0]
+            chosen = pts if selection == "all" else pts.nlargest(math.ceil(0.25 * len(pts)), "de_clean")
+            assert row.n_points == len(chosen)
+            for term in ("total_effect", "own_change", "self_repair", "heads", "same_layer", "mlps", "final_norm"):
+                assert row[term] == pytest.approx(chosen[term].mean(), abs=1e-9), term
+            for term in ("heads", "mlps", "final_norm"):
+                share = (chosen[term] / chosen.de_clean).clip(0, 1).mean()
+                assert row[f"frac_{term}"] == pytest.approx(share, abs=1e-9), term
+    assert (out / "plots" / "self_repair.png").is_file() and (out / "plots" / "self_repair_layers.png").is_file()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_top_fraction_outside_zero_one_is_one_line(tmp_path, capsys, value):
+    from sweeps import backup
+
+    assert backup.main(["--model", "tiny-gpt2", "--top-fraction", value, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --top-fraction must be in (0, 1], got {float(value)}"

@@ -26,6 +26,10 @@ from sweeps.engine.plan import Shard
 from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
 
+# Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
+SELF_REPAIR_TERMS = ("total_effect", "own_change", "self_repair", "heads", "mlps", "final_norm", "total_effect_capped")
+
+
 @dataclass
 class BatchState:
     """What one batch's clean (and corrupt) runs leave behind for the ablations."""
@@ -38,6 +42,9 @@ class BatchState:
     replacement_z: torch.Tensor | None  # [L, B, T, H, E] corrupt z (resample only)
     de_heads: torch.Tensor  # [L, P, H] clean direct effects
     de_mlps: torch.Tensor  # [L, P]
+    de_bias: torch.Tensor | None = None  # [L, P] each layer's b_O share (fast path)
+    clean_dot: torch.Tensor | None = None  # [P] x · u of the clean final stream (its logit is this / s + bias)
+    clean_normed: torch.Tensor | None = None  # [P, D] the clean final stream, normalised (soft-capped models)
 
 
 @dataclass
@@ -51,6 +58,7 @@ class HeadResult:
     de_clean: np.ndarray  # the ablated head's own clean direct effect
     backup: np.ndarray  # accumulated change of every other head: later layers, and its own layer's (same_layer)
     same_layer: np.ndarray  # the part of ``backup`` from the other heads of its own layer (non-zero under post-norms)
+    repair: dict[str, np.ndarray]  # per point: the self-repair decomposition (``SELF_REPAIR_TERMS``)
     mean_delta_heads: np.ndarray  # [L, H] mean change of every head's direct effect
     mean_delta_mlps: np.ndarray  # [L]
 
@@ -84,8 +92,12 @@ class BackupComputer:
         if self.ablation == "resample":
             _, corrupt = bridge_path.run(self.bridge, sub.corrupt)
             replacement = torch.stack([corrupt[f"blocks.{l}.attn.hook_z"] for l in range(L)])
+        x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
+        if bridge_path.norm_kind(self.bridge) == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
         state = BatchState(start=start, points=points, scale=decomposition.scale, resid_pre=None, tokens=sub.clean,
-                           replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps)
+                           replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps,
+                           clean_dot=(x * points.u).sum(-1))
         return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
@@ -108,11 +120,13 @@ class BackupComputer:
             points = effects.effect_points(w, sub)
             decomposition = effects.decompose(w, tokens, run, points)
             replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
+            dot, _, normed = effects.final_read(w, run.resid_final, points)
             states.append(
                 BatchState(
                     start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre, tokens=tokens,
                     replacement_z=replacement, de_heads=decomposition.heads,
-                    de_mlps=decomposition.mlps,
+                    de_mlps=decomposition.mlps, de_bias=decomposition.attn_bias, clean_dot=dot,
+                    clean_normed=normed if w.cfg.final_softcap else None,
                 )
             )
             if self.ablation == "mean":
@@ -124,6 +138,50 @@ class BackupComputer:
                 state.replacement_z = mean[:, None, None].expand(L, B, T, *mean.shape[1:])
         self._batches = states
         return states
+
+    def _self_repair(self, state: BatchState, layer: int, chunk: list[int], result: effects.LayerAblation,
+                     delta_heads: torch.Tensor, delta_mlps: torch.Tensor, backup: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each ablated head's total effect split exactly into its own change and the repair by
+        the other heads, the MLPs and the final norm, at every point ([G, P] each).
+
+        ``total_effect`` is the change of the logit (difference) read with each run's own final
+        scale (``s′`` for the ablated run), before any soft-cap; every other term uses the clean
+        ``s``. With ``x`` / ``x′`` the clean / ablated final streams (``· u`` at the point), the
+        components' changes add up to ``(x′ − x)·u / s``, so
+        ``final_norm = (s/s′ − 1)·(x′·u)/s`` makes ``own + heads + mlps + final_norm = total``."""
+        s, s_ablated = state.scale, result.final_scale
+        g = torch.arange(len(chunk))
+        own = delta_heads[g, 0, :, torch.tensor(chunk)]  # [G, P]
+        heads = backup
+        if result.attn_bias is not None and state.de_bias is not None:  # b_O's share moves under a post-norm
+            heads = heads + (result.attn_bias - state.de_bias[None, layer:]).sum(1)
+        mlps = delta_mlps.sum(1)
+        total = result.final_dot / s_ablated - state.clean_dot / s
+        final_norm = (s / s_ablated - 1) * result.final_dot / s
+        out = {"total_effect": total, "own_change": own, "self_repair": total - own, "heads": heads,
+               "mlps": mlps, "final_norm": final_norm}
+        out["total_effect_capped"] = self._capped_change(state, result) if result.final_normed is not None \
+            else torch.full_like(total, float("nan"))
+        return out
+
+    def _capped_change(self, state: BatchState, result: effects.LayerAblation) -> torch.Tensor:
+        """The change of the model's real, soft-capped logit (difference) at each point."""
+        w, task = self.weights, self.task
+        sub = task.select(slice(state.start, state.start + state.tokens.shape[0]))
+        points = state.points
+        if sub.kind == "logit_diff":
+            tokens = [sub.correct.to(w.device)[points.batch], sub.incorrect.to(w.device)[points.batch]]
+        else:
+            tokens = [state.tokens[points.batch, points.pos + 1]]
+
+        def metric(x: torch.Tensor) -> torch.Tensor:  # x: [*G, P, D] normalised
+            values = []
+            for t in tokens:
+                raw = (x * (w.W_U[:, t].T + w.W_U_mean)).sum(-1) + w.b_U[t] + w.b_U_mean
+                values.append(w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap))
+            return values[0] - values[1] if len(values) == 2 else values[0]
+
+        return metric(result.final_normed) - metric(state.clean_normed)[None]
 
     def _replacement(self, state: BatchState, layer: int, heads: list[int]) -> torch.Tensor:
         """What each of ``heads``' ``z`` is replaced with, at every position: [G, B, T, E]."""
@@ -139,7 +197,7 @@ class BackupComputer:
         """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
         L, H, _ = self.shape
         per_head: dict[int, dict[str, list]] = {
-            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer")} for h in heads}
+            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer", *SELF_REPAIR_TERMS)} for h in heads}
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
@@ -152,8 +210,9 @@ class BackupComputer:
                     replacement = self._replacement(state, layer, chunk)
                     outs = [bridge_path.ablate_head(self.bridge, state.tokens, layer, h, replacement[g],
                                                     state.points, state.scale) for g, h in enumerate(chunk)]
-                    return effects.LayerAblation(layer, list(chunk), torch.stack([o[0] for o in outs]),
-                                                 torch.stack([o[1] for o in outs]))
+                    return effects.LayerAblation(
+                        layer, list(chunk), torch.cat([o.heads for o in outs]), torch.cat([o.mlps for o in outs]),
+                        None, torch.cat([o.final_dot for o in outs]), torch.cat([o.final_scale for o in outs]))
                 return effects.ablate_heads_of_layer(
                     self.weights, layer, chunk, state.resid_pre[layer],
                     self._replacement(state, layer, chunk), state.points, state.scale,
@@ -175,6 +234,7 @@ class BackupComputer:
                 others[torch.arange(len(chunk)), torch.tensor(chunk)] = 0.0
                 same_layer = (delta_heads[:, 0] * others[:, None, :]).sum(-1)  # [G, P]
                 backup = delta_heads[:, 1:].sum(dim=(1, 3)) + same_layer  # every other head, this layer and later
+                repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())
@@ -182,6 +242,8 @@ class BackupComputer:
                     rec["de"].append(state.de_heads[layer, :, h].double().cpu().numpy())
                     rec["backup"].append(backup[g].double().cpu().numpy())
                     rec["same_layer"].append(same_layer[g].double().cpu().numpy())
+                    for term, values in repair.items():
+                        rec[term].append(values[g].double().cpu().numpy())
                     sum_heads[h][layer:] += delta_heads[g].sum(1).double().cpu()
                     sum_mlps[h][layer:] += delta_mlps[g].sum(1).double().cpu()
             n_points += state.points.n
@@ -191,6 +253,7 @@ class BackupComputer:
                 prompt=np.concatenate(per_head[h]["prompt"]), pos=np.concatenate(per_head[h]["pos"]),
                 de_clean=np.concatenate(per_head[h]["de"]), backup=np.concatenate(per_head[h]["backup"]),
                 same_layer=np.concatenate(per_head[h]["same_layer"]),
+                repair={term: np.concatenate(per_head[h][term]) for term in SELF_REPAIR_TERMS},
                 mean_delta_heads=(sum_heads[h] / n_points).numpy(),
                 mean_delta_mlps=(sum_mlps[h] / n_points).numpy(),
             )
@@ -198,12 +261,34 @@ class BackupComputer:
         ]
 
 
+def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
+    """One head's self-repair rows: the means of each term over every point (``all``) and over
+    the top ``top_fraction`` of points by the head's signed clean direct effect (``top``), and
+    the mean clipped shares ``clip(term / DE, 0, 1)`` of the heads, the MLPs and the final norm."""
+    n = r.de_clean.size
+    order = np.argsort(-r.de_clean, kind="stable")
+    rows = []
+    for selection, keep, fraction in (("all", np.arange(n), 1.0),
+                                      ("top", order[: max(1, int(np.ceil(top_fraction * n)))], top_fraction)):
+        de = r.de_clean[keep]
+        terms = {"same_layer": r.same_layer[keep], **{t: r.repair[t][keep] for t in SELF_REPAIR_TERMS}}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = {f"frac_{t}": float(np.nanmean(np.clip(terms[t] / de, 0, 1)))
+                      for t in ("heads", "mlps", "final_norm")}
+        rows.append(dict(layer=r.layer, head=r.head, selection=selection, top_fraction=fraction,
+                         n_points=int(keep.size), mean_de=float(de.mean()),
+                         **{t: float(np.mean(v)) for t, v in terms.items()}, **shares))
+    return rows
+
+
 def shard_tables(
-    results: list[HeadResult], fit_threshold: float = 0.0, n_boot: int = 200, seed: int = 0
+    results: list[HeadResult], fit_threshold: float = 0.0, n_boot: int = 200, seed: int = 0,
+    top_fraction: float = 0.02,
 ) -> dict[str, pa.Table]:
-    """The shard's rows of the three datasets (provenance is added by the store)."""
-    slopes, responses, points = [], [], []
+    """The shard's rows of the four datasets (provenance is added by the store)."""
+    slopes, responses, points, repair = [], [], [], []
     for r in results:
+        repair += self_repair_rows(r, top_fraction)
         fit = effects.fit_line(r.de_clean, r.backup, fit_threshold)
         keep = np.abs(r.de_clean) > fit_threshold if fit_threshold > 0 else slice(None)
         lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], r.prompt[keep], n_boot, seed)
@@ -245,6 +330,7 @@ def shard_tables(
                     "de_clean": r.de_clean,
                     "backup": r.backup,
                     "same_layer": r.same_layer,
+                    **r.repair,
                 }
             )
         )
@@ -252,6 +338,7 @@ def shard_tables(
         "slopes": pa.Table.from_pylist(slopes),
         "responses": pa.concat_tables(responses),
         "points": pa.concat_tables(points),
+        "self_repair": pa.Table.from_pylist(repair),
     }
 
 
@@ -265,6 +352,7 @@ class BackupJob:
     fit_threshold: float = 0.0
     n_boot: int = 200
     seed: int = 0
+    top_fraction: float = 0.02
     _computer: BackupComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
@@ -275,4 +363,4 @@ class BackupJob:
 
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
         results = self._computer.run_heads(shard.layer, list(shard.heads))
-        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed)
+        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed, self.top_fraction)

@@ -171,9 +171,10 @@ def ablate_head(
     replacement: Float[Tensor, "B T E"],
     points: effects.Points,
     scale: Float[Tensor, "P"],
-) -> tuple[Float[Tensor, "L_rest P H"], Float[Tensor, "L_rest P"]]:
-    """One full forward with head ``(layer, head)``'s ``z`` replaced; every head's and MLP's
-    direct effect (clean scale) in layers ``layer..L-1``."""
+) -> effects.LayerAblation:
+    """One full forward with head ``(layer, head)``'s ``z`` replaced: every head's and MLP's
+    direct effect (clean scale) in layers ``layer..L-1``, and the run's own final stream at
+    the points (``G`` = 1)."""
 
     def patch(z, hook):
         z = z.clone()
@@ -184,7 +185,11 @@ def ablate_head(
     L = bridge.cfg.n_layers
     heads = torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(layer, L)])
     mlps = torch.stack([mlp_effects(cache, l, points, scale) for l in range(layer, L)])
-    return heads, mlps
+    x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
+    if norm_kind(bridge) == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return effects.LayerAblation(layer, [head], heads[None], mlps[None], None,
+                                 (x * points.u).sum(-1)[None], final_scale(cache, points)[None])
 
 
 @torch.no_grad()

@@ -103,12 +103,13 @@ def attention_inv_rms(w: ModelWeights, layer: int, zp: Float[Tensor, "*G P H E"]
 
 
 def attention_bias_effects(
-    w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"], points: Points, scale: Float[Tensor, "P"]
-) -> Float[Tensor, "P"]:
-    """Direct effect of the layer's output bias ``b_O`` (which holds the folded value biases)."""
+    w: ModelWeights, layer: int, z: Float[Tensor, "*G B T H E"], points: Points, scale: Float[Tensor, "P"]
+) -> Float[Tensor, "*G P"]:
+    """Direct effect of the layer's output bias ``b_O`` (which holds the folded value biases);
+    under a post-norm its share divides by the run's own ``rms(y)``."""
     if not w.cfg.post_norm:
         return (points.u @ w.b_O[layer]) / scale
-    inv = attention_inv_rms(w, layer, gather(z, points, 0))
+    inv = attention_inv_rms(w, layer, gather(z, points, z.ndim - 4))
     return ((points.u * w.ln_attn_post[layer]) @ w.b_O[layer]) * inv / scale
 
 
@@ -179,13 +180,30 @@ def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, "B"]]]) -> Float[Tensor, "L
 class LayerAblation:
     """Direct effects after ablating each head of a group, all in one layer ``l*``.
 
-    ``heads``/``mlps`` cover layers ``l*..L-1`` only: earlier layers cannot change.
+    ``heads``/``mlps``/``attn_bias`` cover layers ``l*..L-1`` only: earlier layers cannot
+    change. ``final_dot`` and ``final_scale`` are the ablated run's own final stream at the
+    points (``x′ · u`` and its final-norm scale ``s′``): its logit (difference) is
+    ``final_dot / final_scale`` plus the unembedding bias (the self-repair decomposition).
     """
 
     layer: int
     upstream: list[int]
     heads: Float[Tensor, "G L_rest P H"]
     mlps: Float[Tensor, "G L_rest P"]
+    attn_bias: Float[Tensor, "G L_rest P"] | None = None  # b_O's share (moves with rms(y) under post-norms)
+    final_dot: Float[Tensor, "G P"] | None = None
+    final_scale: Float[Tensor, "G P"] | None = None
+    final_normed: Float[Tensor, "G P D"] | None = None  # normalised x′ at the points (soft-capped models only)
+
+
+def final_read(w: ModelWeights, resid_final: Float[Tensor, "*G B T D"], points: Points):
+    """(``x · u``, ``s``, normalised ``x``) of a run's final stream at the points; ``x`` centred
+    for LayerNorm models (``u`` is)."""
+    x = gather(resid_final, points, resid_final.ndim - 3)
+    s = tf.norm_scale(w.cfg, x)
+    if w.cfg.norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return (x * points.u).sum(-1), s[..., 0], x / s
 
 
 def ablate_heads_of_layer(
@@ -212,16 +230,20 @@ def ablate_heads_of_layer(
         return z.view(G * B, *z.shape[2:])
 
     resid = resid_pre.repeat(G, 1, 1)
-    head_des, mlp_des = [], []
+    head_des, mlp_des, bias_des = [], [], []
     for l in range(layer, w.cfg.n_layers):
         out = tf.block(w, l, resid, rope, edit if l == layer else None)
-        head_des.append(head_direct_effects(w, l, out.z.view(G, B, T, *out.z.shape[2:]), points, scale))
+        z = out.z.view(G, B, T, *out.z.shape[2:])
+        head_des.append(head_direct_effects(w, l, z, points, scale))
+        bias_des.append(attention_bias_effects(w, l, z, points, scale).expand(G, points.n))
         if out.mlp_out is None:
             mlp_des.append(torch.zeros(G, points.n, device=resid.device))
         else:
             mlp_des.append(vector_direct_effects(out.mlp_out.view(G, B, T, -1), points, scale))
         resid = out.resid_post
-    return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
+    dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
+    return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1),
+                         torch.stack(bias_des, 1), dot, s, normed if w.cfg.final_softcap else None)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,124 @@
+"""The self-repair decomposition (Rushing & Nanda 2024) from a backup sweep's ``self_repair/`` rows.
+
+Per ablated head, on its ``top`` points (the top ``--top-fraction`` by its clean direct effect,
+the paper's setting) or on ``all`` of them: the total effect on the logit (difference), the
+head's own change, and the repair by the other heads, the MLPs and the final norm (means, and
+the paper's mean clipped shares ``clip(term / DE, 0, 1)``). Pandas and matplotlib only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+
+TERMS = ("own_change", "heads", "mlps", "final_norm")
+LABELS = {"own_change": "own (the ablated head)", "heads": "other heads", "mlps": "MLPs", "final_norm": "final norm"}
+
+
+def head_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
+    """One row a head: its clean direct effect, the terms, and the self-repair fraction
+    ``self_repair / DE`` (of the means; > 0: the rest of the model repairs, < 0: it breaks further)."""
+    rows = repair[repair.selection == selection].copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows["self_repair_fraction"] = rows["self_repair"] / rows["mean_de"]
+    columns = ["layer", "head", "n_points", "mean_de", "total_effect", "own_change", "self_repair", "heads",
+               "same_layer", "mlps", "final_norm", "frac_heads", "frac_mlps", "frac_final_norm",
+               "self_repair_fraction"]
+    return rows[[c for c in columns if c in rows]].reset_index(drop=True)
+
+
+def layer_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
+    """The per-layer means of every head's terms, relative to the mean direct effect."""
+    heads = head_table(repair, selection)
+    table = heads.groupby("layer")[["mean_de", "total_effect", *TERMS, "self_repair", "frac_heads", "frac_mlps",
+                                    "frac_final_norm", "self_repair_fraction"]].mean()
+    return table.reset_index()
+
+
+def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int) -> list[str]:
+    """What the decomposition says, in words."""
+    if repair.empty:
+        return []
+    layers = layer_table(repair, "top")
+    where = f"the top {top_fraction:.0%} of points by each head's direct effect" if top_fraction < 1 else "every point"
+    lines = [f"Self-repair (Rushing & Nanda 2024), on {where}:"]
+    overall = head_table(repair, "top")[["frac_heads", "frac_mlps", "frac_final_norm"]].mean()
+    lines.append(f"  mean clipped shares of a head's direct effect over every swept head: other heads "
+                 f"{overall.frac_heads:.0%}, MLPs {overall.frac_mlps:.0%}, final norm {overall.frac_final_norm:.0%}")
+    for layer in sorted({int(layers.layer.max()), max(0, n_layers - 2)} & set(layers.layer.astype(int))):
+        row = layers[layers.layer == layer].iloc[0]
+        lines.append(f"  the final norm repairs {row.frac_final_norm:.0%} of the direct effect of layer {layer}'s "
+                     f"heads; other heads {row.frac_heads:.0%}, MLPs {row.frac_mlps:.0%}")
+    finite = layers.dropna(subset=["self_repair_fraction"])
+    if len(finite) >= 2:
+        early, late = finite.iloc[: max(1, len(finite) // 3)], finite.iloc[-max(1, len(finite) // 3):]
+        lines.append(f"  self-repair fraction (self-repair / direct effect, layer means): "
+                     f"{early.self_repair_fraction.mean():+.2f} in the first layers swept, "
+                     f"{late.self_repair_fraction.mean():+.2f} in the last (> 0: repaired, < 0: made worse)")
+    return lines
+
+
+def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
+    """The paper's Figure 1 (every head's self-repair fraction against its layer, the layer mean
+    as a line) and a per-layer stacked breakdown of the total effect; PNGs under ``folder``."""
+    if repair.empty:
+        return {}
+    out = {}
+    heads = head_table(repair, "top")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = heads.dropna(subset=["self_repair_fraction"])
+    ax.scatter(finite.layer, finite.self_repair_fraction, s=12, alpha=0.6, label="one head")
+    means = finite.groupby("layer").self_repair_fraction.mean()
+    ax.plot(means.index, means.values, color="black", lw=1.5, label="layer mean")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title=f"Self-repair fraction per head\n{title}", xlabel="layer of the ablated head",
+           ylabel="self-repair / direct effect")
+    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    out["self_repair"] = folder / "self_repair.png"
+    fig.savefig(out["self_repair"], dpi=120)
+    plt.close(fig)
+    go.Figure(
+        [go.Scatter(x=finite.layer, y=finite.self_repair_fraction, mode="markers", name="one head",
+                    text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])]),
+         go.Scatter(x=means.index, y=means.values, mode="lines", name="layer mean")],
+        layout=dict(title="Self-repair fraction per head", xaxis_title="layer", yaxis_title="self-repair / direct effect",
+                    template="plotly_white"),
+    ).write_html(out["self_repair"].with_suffix(".html"), include_plotlyjs="cdn")
+
+    layers = layer_table(repair, "top")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pos_bottom = np.zeros(len(layers))
+    neg_bottom = np.zeros(len(layers))
+    for term, color in zip(TERMS, ("#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e")):
+        values = layers[term].to_numpy()
+        bottom = np.where(values >= 0, pos_bottom, neg_bottom)
+        ax.bar(layers.layer, values, bottom=bottom, color=color, label=LABELS[term])
+        pos_bottom += np.clip(values, 0, None)
+        neg_bottom += np.clip(values, None, 0)
+    ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title=f"What makes up a head's total effect, by layer (layer means)\n{title}",
+           xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    out["self_repair_layers"] = folder / "self_repair_layers.png"
+    fig.savefig(out["self_repair_layers"], dpi=120)
+    plt.close(fig)
+    go.Figure(
+        [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
+        + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],
+        layout=dict(title="What makes up a head's total effect, by layer", barmode="relative",
+                    xaxis_title="layer", yaxis_title="change of the logit (difference)", template="plotly_white"),
+    ).write_html(out["self_repair_layers"].with_suffix(".html"), include_plotlyjs="cdn")
+    return out
