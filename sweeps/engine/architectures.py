@@ -83,7 +83,7 @@ FAMILIES: tuple[Family, ...] = (
        config="LlamaConfig", **_SMALL, tie_word_embeddings=False,
        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                             high_freq_factor=4.0, original_max_position_embeddings=64)),
-    _f("Mistral", ["mistral"], ["mistralai/Mistral-7B-v0.1"], {"pre_norm", "rotary", "windows"},
+    _f("Mistral", ["mistral"], ["mistralai/Mistral-7B-v0.1"], {"pre_norm", "rotary"}, {"windows"},  # v0.3: no window
        config="MistralConfig", **_SMALL, sliding_window=4),
     _f("Qwen 2 / 2.5", ["qwen2"], ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2-1.5B"], {"pre_norm", "rotary"}, {"windows"},
        prepend_bos=False,
