@@ -72,7 +72,9 @@ def test_manifest_records_provenance_and_analysis_refuses_files_of_another_spec(
     assert re.fullmatch(r"\S+\+g[0-9a-f]{10}(-dirty\.[0-9a-f]{8})?", manifest["code_version"])
     assert re.fullmatch(r"[0-9a-f]{16,}", manifest["weight_hash"])
     # someone copies one shard of sweep b (another seed) into a, manifest entry and all
-    for name in ("slopes", "responses", "points"):
+    from sweeps.backup import DATASETS
+
+    for name in DATASETS:
         shutil.copy(b / name / "L01H0-3.parquet", a / name / "L01H0-3.parquet")
     manifest["shards"]["L01H0-3"] = json.loads((b / "manifest.json").read_text())["shards"]["L01H0-3"]
     (a / "manifest.json").write_text(json.dumps(manifest))

@@ -449,7 +449,15 @@ def load_bridge(info: ModelInfo, with_spec: bool = False):
         hf_model, tokenizer, hub_name = load_hf_model(info)
         bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
         unfoldable = architectures.read_spec(bridge) if info.path == "fast" else None
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    # TransformerLens says what it leaves unprocessed on the root logger (Gemma 2's uncentred
+    # unembedding): what the sweeps need of it is read and checked in architectures.py.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    finally:
+        root.setLevel(level)
     bridge.eval()
     return (bridge, unfoldable) if with_spec else bridge
 
