@@ -62,13 +62,18 @@ def run(s: Setup) -> list[Ratio]:
     # Each layer's restart is timed right after a forward, and the ratio taken per pair: this
     # machine's slow spells (seconds to minutes) then hit both sides of a ratio alike. The
     # forward is warmed first: its first call after other work page-faults a fresh logits tensor.
-    paired_forwards, per_head = [], []
+    # The self-repair decomposition's cost: the same heads without it, timed beside each layer's.
+    bare = BackupComputer(w, task, "resample", batch_size=n, self_repair=False)
+    bare._batches = computer.batches()  # the same clean state
+    paired_forwards, per_head, without = [], [], []
     for layer in layers:
         paired_forwards.append(timed(lambda: forward_logits(w, task.clean), warmup=True))
         per_head.append(timed(lambda: computer.run_heads(layer, list(range(H)))) / H)
+        without.append(timed(lambda: bare.run_heads(layer, list(range(H)))) / H)
     forward = statistics.median(paired_forwards)
     engine = statistics.mean(per_head)
     engine_ratio = statistics.mean(h / f for h, f in zip(per_head, paired_forwards))
+    repair_ratio = statistics.mean(h / b for h, b in zip(per_head, without))
 
     # Seed 000's recipe costs a full forward whatever the head, so one head is enough to time;
     # its numbers are checked against the engine's (the tests check this too).
@@ -93,6 +98,7 @@ def run(s: Setup) -> list[Ratio]:
         ("forward to logits (TransformerLens bridge)", bridge_forward),
         ("clean state, once per sweep", state_seconds),
         ("engine, per upstream head (sweep mean)", engine),
+        ("engine without the self-repair decomposition, per head", statistics.mean(without)),
         ("seed-style, per upstream head", seed),
     ], forward)
     print(f"engine per head / the forward timed just before it, mean over layers {layers}: {engine_ratio:.3f}")
@@ -102,6 +108,7 @@ def run(s: Setup) -> list[Ratio]:
           f"({relative:.1e} of the largest |backup|; float32 sums in a different order)\n")
     return [
         Ratio("backup", "engine per head / forward", engine_ratio, "<= 0.5"),
+        Ratio("backup", "per head with / without the self-repair decomposition", repair_ratio, "<= 1.05"),
         Ratio("backup", "seed-style per head / engine per head", seed / engine, ">= 2.5"),
         Ratio("backup", "max |engine - seed-style| / max |backup|", relative, "<= 1e-3"),
     ]

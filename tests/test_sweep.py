@@ -194,3 +194,18 @@ def test_top_fraction_outside_zero_one_is_one_line(tmp_path, capsys, value):
     assert backup.main(["--model", "tiny-gpt2", "--top-fraction", value, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --top-fraction must be in (0, 1], got {float(value)}"
+
+
+def test_the_backup_numbers_do_not_depend_on_the_self_repair_decomposition(loaded_model):
+    """Switching the decomposition off (what the benchmark compares against) changes no backup."""
+    from sweeps.engine.backup_sweep import BackupComputer
+    from tasks import TaskSpec, build_task
+
+    m = loaded_model("tiny-gemma2")
+    task = build_task(TaskSpec("ioi"), m.tokenizer, 6, 0)
+    with_ = BackupComputer(m.weights, task, "resample", 3).run_heads(1, [0, 3])
+    without = BackupComputer(m.weights, task, "resample", 3, self_repair=False).run_heads(1, [0, 3])
+    for a, b in zip(with_, without):
+        np.testing.assert_array_equal(a.backup, b.backup)
+        np.testing.assert_array_equal(a.mean_delta_heads, b.mean_delta_heads)
+        assert np.isfinite(a.repair["final_norm"]).all() and np.isnan(b.repair["final_norm"]).all()

@@ -73,6 +73,7 @@ class BackupComputer:
     ablation: str = "resample"
     batch_size: int = 32
     bridge: Any = None
+    self_repair: bool = True  # also the self-repair decomposition (off only to measure what it costs)
     _batches: list[BatchState] | None = field(default=None, repr=False)
 
     @property
@@ -215,7 +216,7 @@ class BackupComputer:
                         None, torch.cat([o.final_dot for o in outs]), torch.cat([o.final_scale for o in outs]))
                 return effects.ablate_heads_of_layer(
                     self.weights, layer, chunk, state.resid_pre[layer],
-                    self._replacement(state, layer, chunk), state.points, state.scale,
+                    self._replacement(state, layer, chunk), state.points, state.scale, self.self_repair,
                 )
 
             def advice(B=B, T=T) -> str:
@@ -234,7 +235,10 @@ class BackupComputer:
                 others[torch.arange(len(chunk)), torch.tensor(chunk)] = 0.0
                 same_layer = (delta_heads[:, 0] * others[:, None, :]).sum(-1)  # [G, P]
                 backup = delta_heads[:, 1:].sum(dim=(1, 3)) + same_layer  # every other head, this layer and later
-                repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
+                if self.self_repair:
+                    repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
+                else:
+                    repair = {t: torch.full_like(backup, float("nan")) for t in SELF_REPAIR_TERMS}
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())

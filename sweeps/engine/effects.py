@@ -214,11 +214,13 @@ def ablate_heads_of_layer(
     replacement: Float[Tensor, "G B T E"],
     points: Points,
     scale: Float[Tensor, "P"],
+    read_final: bool = True,
 ) -> LayerAblation:
     """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
 
     All G ablations run as one batch of G copies of the prompts, restarting
-    from the clean residual stream entering block ``layer``.
+    from the clean residual stream entering block ``layer``. ``read_final`` also reads what
+    the self-repair decomposition needs (each layer's ``b_O`` share, the final stream).
     """
     G, (B, T, _) = len(heads), resid_pre.shape
     rope = tf.rotary_tables(w, T)
@@ -235,12 +237,15 @@ def ablate_heads_of_layer(
         out = tf.block(w, l, resid, rope, edit if l == layer else None)
         z = out.z.view(G, B, T, *out.z.shape[2:])
         head_des.append(head_direct_effects(w, l, z, points, scale))
-        bias_des.append(attention_bias_effects(w, l, z, points, scale).expand(G, points.n))
+        if read_final:
+            bias_des.append(attention_bias_effects(w, l, z, points, scale).expand(G, points.n))
         if out.mlp_out is None:
             mlp_des.append(torch.zeros(G, points.n, device=resid.device))
         else:
             mlp_des.append(vector_direct_effects(out.mlp_out.view(G, B, T, -1), points, scale))
         resid = out.resid_post
+    if not read_final:
+        return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
     dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
     return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1),
                          torch.stack(bias_des, 1), dot, s, normed if w.cfg.final_softcap else None)
