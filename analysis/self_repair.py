@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
+from analysis import plots  # noqa: E402
+
 TERMS = ("own_change", "heads", "mlps", "final_norm")
 LABELS = {"own_change": "own (the ablated head)", "heads": "other heads", "mlps": "MLPs", "final_norm": "final norm"}
 
@@ -83,10 +85,7 @@ def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
            ylabel="self-repair / direct effect")
     ax.legend(fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    out["self_repair"] = folder / "self_repair.png"
-    fig.savefig(out["self_repair"], dpi=120)
-    plt.close(fig)
+    out["self_repair"] = plots._save(fig, folder / "self_repair")
     go.Figure(
         [go.Scatter(x=finite.layer, y=finite.self_repair_fraction, mode="markers", name="one head",
                     text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])]),
@@ -111,10 +110,7 @@ def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
            xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
     ax.legend(fontsize=7, ncol=2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    out["self_repair_layers"] = folder / "self_repair_layers.png"
-    fig.savefig(out["self_repair_layers"], dpi=120)
-    plt.close(fig)
+    out["self_repair_layers"] = plots._save(fig, folder / "self_repair_layers")
     go.Figure(
         [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
         + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],

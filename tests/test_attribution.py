@@ -202,6 +202,16 @@ def test_every_score_is_the_derivative_of_its_patched_run(loaded_model, name, ta
     task = _task(m.tokenizer, task_name, n=2, **({"seq_len": 8} if task_name == "text" else {}))
     graph = A.build_graph(w.cfg)
     ours = A.attribute(w, graph, task)
+    nodes, edges = scores_by_derivatives(w, graph, task)
+    assert len(edges) == graph.n_edges and np.abs(edges).max() > 1e-2
+    np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-4, atol=1e-5)
+
+
+def scores_by_derivatives(w, graph: A.Graph, task) -> tuple[list[float], list[float]]:
+    """(node scores, edge scores in graph order), each ``d metric / d eps`` of the clean run with
+    ``eps · (clean_u − corrupt_u)`` added where ``u`` writes (a node) or at ``d``'s input alone
+    (an edge): one autograd pass per score, through an ``Edit`` of the forward."""
     clean_embed, corrupt_embed = tf.embed(w, task.clean), tf.embed(w, task.corrupt)
     clean, corrupt = A.forward(w, clean_embed), A.forward(w, corrupt_embed)
 
@@ -221,9 +231,7 @@ def test_every_score_is_the_derivative_of_its_patched_run(loaded_model, name, ta
              for u in graph.upstream[:p]]
     nodes = [derivative(u, *A._upstream_delta(w, u, clean, corrupt, clean_embed - corrupt_embed)[:2], None)
              for u in graph.upstream]
-    assert len(edges) == graph.n_edges and np.abs(edges).max() > 1e-2
-    np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-4, atol=1e-5)
+    return nodes, edges
 
 
 def test_next_token_scores_equal_hooked_gradients(tiny_gpt2):

@@ -93,12 +93,9 @@ class BackupComputer:
         if self.ablation == "resample":
             _, corrupt = bridge_path.run(self.bridge, sub.corrupt)
             replacement = torch.stack([corrupt[f"blocks.{l}.attn.hook_z"] for l in range(L)])
-        x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
-        if bridge_path.norm_kind(self.bridge) == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
         state = BatchState(start=start, points=points, scale=decomposition.scale, resid_pre=None, tokens=sub.clean,
                            replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps,
-                           clean_dot=(x * points.u).sum(-1))
+                           clean_dot=bridge_path.final_dot(self.bridge, cache, points))
         return state, SimpleNamespace(z=z)
 
     @torch.no_grad()

@@ -129,13 +129,14 @@ def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
     )
 
 
+def final_dot(bridge, cache, points: effects.Points) -> Float[Tensor, "P"]:
+    """``x · u`` of a cached run's final stream at the points (``effects.final_read``)."""
+    return effects.final_read(view(bridge), cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"], points)[0]
+
+
 def pre_cap_metric(bridge, cache, points: effects.Points) -> Float[Tensor, "P"]:
     """The (centred, pre-cap) logit (difference) at the points, from the final residual."""
-    L = bridge.cfg.n_layers
-    x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
-    if norm_kind(bridge) == "layernorm":
-        x = x - x.mean(-1, keepdim=True)
-    return (x * points.u).sum(-1) / final_scale(cache, points) + points.bias
+    return final_dot(bridge, cache, points) / final_scale(cache, points) + points.bias
 
 
 @torch.no_grad()
@@ -185,11 +186,8 @@ def ablate_head(
     L = bridge.cfg.n_layers
     heads = torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(layer, L)])
     mlps = torch.stack([mlp_effects(cache, l, points, scale) for l in range(layer, L)])
-    x = cache[f"blocks.{L - 1}.hook_resid_post"][points.batch, points.pos]
-    if norm_kind(bridge) == "layernorm":
-        x = x - x.mean(-1, keepdim=True)
     return effects.LayerAblation(layer, [head], heads[None], mlps[None], None,
-                                 (x * points.u).sum(-1)[None], final_scale(cache, points)[None])
+                                 final_dot(bridge, cache, points)[None], final_scale(cache, points)[None])
 
 
 @torch.no_grad()
@@ -211,13 +209,10 @@ def task_report(bridge, task: TaskData, prompt: int | None = 0):
         targets = task.clean[points.batch, points.pos + 1]
         correct = (logits[points.batch, points.pos].argmax(-1) == targets).float()
 
+    cfg = view(bridge).cfg
+
     def read(resid: Tensor) -> Tensor:  # normalise this stream with its own scale, unembed
-        x = resid[points.batch, points.pos]
-        if norm_kind(bridge) == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        if norm_kind(bridge) != "none":
-            x = x / (x.pow(2).mean(-1, keepdim=True) + bridge.cfg.eps).sqrt()
-        return (x * points.u).sum(-1) + points.bias
+        return (tf.normalize(cfg, resid[points.batch, points.pos]) * points.u).sum(-1) + points.bias
 
     labels, final_scale, own_scale = ["embed"], [parts.embed], [read(cache["blocks.0.hook_resid_pre"])]
     running = parts.embed
@@ -248,13 +243,16 @@ def task_report(bridge, task: TaskData, prompt: int | None = 0):
 
 @dataclass(frozen=True)
 class ReadoutConfig:
-    """What ``scaling.readout`` and ``scaling.node_activation`` read of a model's spec."""
+    """What ``scaling.readout``, ``scaling.node_activation``, ``transformer.normalize`` and
+    ``attribution.norm_vjp_`` read of a model's spec (compatibility mode folds the norms'
+    weights, so they are weight-free as the fast path's are)."""
 
     norm: str
     eps: float
     d_vocab: int
     final_softcap: float = 0.0
     post_norm: bool = False
+    pre_norm: bool = True
 
 
 @dataclass
@@ -344,18 +342,6 @@ def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
     return total
 
 
-def _norm_vjp(kind: str, eps: float, x: Tensor, g: Tensor) -> Tensor:
-    """``J^T g`` of a weight-free LayerNorm/RMSNorm at ``x`` (compatibility mode folds the weights)."""
-    if kind == "none":
-        return g
-    if kind == "layernorm":
-        x = x - x.mean(-1, keepdim=True)
-        g = g - g.mean(-1, keepdim=True)
-    inv_s = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-    y = x * inv_s
-    return (g - y * (y * g).mean(-1, keepdim=True)) * inv_s
-
-
 def attribute(bridge, graph, task: TaskData):
     """Node and edge scores of one batch (``attribution.BatchAttribution``) from one corrupt
     forward and one clean forward and backward of the bridge, with gradients kept at every
@@ -364,9 +350,9 @@ def attribute(bridge, graph, task: TaskData):
     stream. Node scores are taken directly (the gradient where the node writes), and the
     edges are checked against them: by the chain rule a node's edges sum to its score, so a
     bridge whose hooks do not see the graph this way raises instead of returning scores."""
-    from sweeps.engine.attribution import BatchAttribution
+    from sweeps.engine.attribution import BatchAttribution, node_scores, norm_vjp_
 
-    L, kind, eps = bridge.cfg.n_layers, norm_kind(bridge), float(bridge.cfg.eps)
+    L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp
     W_O = bridge.W_O.detach()
     writes = (["blocks.0.hook_resid_pre"] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
@@ -419,7 +405,7 @@ def attribute(bridge, graph, task: TaskData):
             return acts[f"blocks.{d.layer}.hook_{d.input}_input"].grad[:, :, d.head]
         if d.input == "mlp":
             x = acts[f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"].detach()
-            return _norm_vjp(kind, eps, x, acts[f"blocks.{d.layer}.mlp.hook_in"].grad)
+            return norm_vjp_(cfg, x, acts[f"blocks.{d.layer}.mlp.hook_in"].grad[None].clone())[0]
         return acts["ln_final.hook_in"].grad
 
     with torch.no_grad():
@@ -430,8 +416,6 @@ def attribute(bridge, graph, task: TaskData):
             g = grad_at(d)
             edges += [float((g * deltas[u]).sum()) for u in graph.upstream[:p]]
         edges = torch.tensor(edges, dtype=torch.float64)
-    from sweeps.engine.attribution import node_scores
-
     summed = node_scores(graph, edges)
     error = float((summed - nodes).abs().max() / nodes.abs().max().clamp(min=1e-6))
     if error > 1e-3:
@@ -443,21 +427,13 @@ def attribute(bridge, graph, task: TaskData):
     )
 
 
-def _normalize(kind: str, eps: float, x: Tensor) -> Tensor:
-    if kind == "none":
-        return x
-    if kind == "layernorm":
-        x = x - x.mean(-1, keepdim=True)
-    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-
-
 @torch.no_grad()
 def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
     """``attribution.patch_metric`` through hooks: Σ metric with each target's corrupt value
     patched into a full clean forward. A node: its write is replaced by its corrupt write for
     every reader. An edge ``u → d``: only ``d``'s input sees it (``d``'s own split q/k/v input,
     the MLP's normalised input recomputed from the changed stream, or the final stream)."""
-    L, kind, eps = bridge.cfg.n_layers, norm_kind(bridge), float(bridge.cfg.eps)
+    L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp
     W_O = bridge.W_O.detach()
     writes = {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(L)} | {
@@ -499,7 +475,7 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
                     stream = f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"
                     hooks.append((stream, lambda act, hook, seen=seen: seen.__setitem__("x", act) or act))
                     hooks.append((f"blocks.{d.layer}.mlp.hook_in",
-                                  lambda act, hook, seen=seen, delta=delta: _normalize(kind, eps, seen["x"] + delta)))
+                                  lambda act, hook, seen=seen, delta=delta: tf.normalize(cfg, seen["x"] + delta)))
                 else:
                     hooks.append(("ln_final.hook_in", lambda act, hook, delta=delta: act + delta))
             logits = bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
