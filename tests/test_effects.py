@@ -106,11 +106,9 @@ def test_restart_equals_full_ablated_forward_and_earlier_layers_do_not_change(ti
         return z
 
     rope = tf.rotary_tables(w, task.clean.shape[1])
-    resid, full_de = tf.embed(w, task.clean), []
-    for l in range(w.cfg.n_layers):
-        out = tf.block(w, l, resid, rope, ablate if l == layer else None)
-        full_de.append(effects.head_direct_effects(w, l, out.z, points, scale))
-        resid = out.resid_post
+    full_de = []
+    for out in tf.blocks(w, tf.embed(w, task.clean), 0, [tf.Edit("z", layer, replace=ablate)], rope=rope):
+        full_de.append(effects.head_direct_effects(w, out.layer, out.z, points, scale))
     full_de = torch.stack(full_de)
     assert torch.equal(full_de[:layer], clean_de[:layer])  # bit for bit
     restart = effects.ablate_heads_of_layer(

@@ -130,8 +130,8 @@ def test_restart_from_each_layer_equals_a_hooked_full_ablated_forward(loaded_mod
             z[:, :, head] = corrupt.z[layer][:, :, head]
             return z
 
-        out = tf.block(w, layer, clean.resid_pre[layer], rope, edit)
-        ours = tf.logits(w, tf.run_blocks(w, layer + 1, out.resid_post, rope))
+        ablated = tf.forward(w, clean.resid_pre[layer], layer, [tf.Edit("z", layer, replace=edit)], rope=rope)
+        ours = tf.logits(w, ablated.resid_final)
         ref = hooked_logits(hf, task.clean, head_edit=(layer, edit))
         torch.testing.assert_close(centred(ours), centred(ref), atol=2e-5 * ref.abs().max(), rtol=0)
 

@@ -34,11 +34,51 @@ def test_restart_from_a_layer_equals_full_forward(tiny_llama):
     w = tiny_llama.weights
     tokens = tiny_llama.bridge.to_tokens(PROMPTS)
     run = tf.run(w, tokens)
-    rope = tf.rotary_tables(w, tokens.shape[1])
-    resid = run.resid_pre[1]
-    for layer in range(1, w.cfg.n_layers):
-        resid = tf.block(w, layer, resid, rope).resid_post
-    torch.testing.assert_close(resid, run.resid_final)
+    torch.testing.assert_close(tf.forward(w, run.resid_pre[1], 1).resid_final, run.resid_final)
+    torch.testing.assert_close(tf.run_blocks(w, 2, run.resid_pre[2], None), run.resid_final)
+
+
+def test_forward_records_only_what_it_is_asked_for(tiny_llama):
+    w = tiny_llama.weights
+    tokens = tiny_llama.bridge.to_tokens(PROMPTS)
+    trace = tf.forward(w, tf.embed(w, tokens), 1, record=("z", "mlp_out"))
+    assert len(trace.z) == len(trace.mlp_out) == w.cfg.n_layers - 1
+    assert trace.q == trace.resid_pre == []
+    with pytest.raises(ValueError, match="cannot record"):
+        tf.forward(w, tf.embed(w, tokens), record=("attn_pattern",))
+
+
+def test_edits_reject_unknown_sites_and_ambiguous_changes():
+    delta = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="unknown intervention site"):
+        tf.Edit("hook_z", 0, delta)
+    with pytest.raises(ValueError, match="exactly one"):
+        tf.Edit("z", 0, delta, replace=lambda z: z)
+    with pytest.raises(ValueError, match="additive"):
+        tf.Edit("q", 0, replace=lambda q: q)
+
+
+@pytest.mark.parametrize("site", ["q", "k", "v"])
+def test_a_change_per_head_input_equals_one_edit_per_head(tiny_llama, site):
+    """The ``[B T n D]`` form of a q/k/v edit (every head its own change, as edge-level
+    circuits need) equals one single-head edit for each head (those are checked against
+    hooked path patching in test_attribution), and changes only the heads it is given."""
+    torch.manual_seed(0)
+    w = tiny_llama.weights
+    tokens = tiny_llama.bridge.to_tokens(PROMPTS)
+    clean = tf.forward(w, tf.embed(w, tokens), record=("resid_pre", "z"))
+    layer = 1
+    n = w.cfg.n_heads if site == "q" else w.cfg.n_kv_heads
+    delta = torch.randn(*tokens.shape, n, w.cfg.d_model)
+    delta[:, :, 0] = 0  # head 0 reads the clean stream
+    x = clean.resid_pre[layer]
+    every = tf.forward(w, x, layer, [tf.Edit(site, layer, delta)], record=("z",))
+    one_by_one = tf.forward(w, x, layer, [tf.Edit(site, layer, delta[:, :, h], head=h) for h in range(n)], record=("z",))
+    torch.testing.assert_close(every.resid_final, one_by_one.resid_final)
+    torch.testing.assert_close(every.z[0], one_by_one.z[0])
+    assert not torch.allclose(every.resid_final, clean.resid_final)
+    if site == "q":  # a query head's z depends on its own query only
+        torch.testing.assert_close(every.z[0][:, :, 0], clean.z[layer][:, :, 0])
 
 
 def test_bos_and_right_padding_match_bridge_tokens(smollm):

@@ -34,16 +34,16 @@ parallel (GPT-NeoX) and grouped-query models alike; so node scores are taken
 as those sums (``node_scores``), and the tests check them against the
 gradients at the stream taken directly.
 
-The forward here is ``transformer.py``'s, written out with the q/k/v and MLP
-input tensors exposed, and with one optional ``Edit`` (an additive change at
-one site) so that the same code runs the real patching that ``--verify-top``
-compares the scores against.
+The forward is the engine's own (``transformer.forward``): the clean run records
+the q/k/v and MLP inputs it differentiates at, and real patching (what
+``--verify-top`` compares the scores against) is that forward with one ``Edit``,
+an additive change at one named site.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -52,7 +52,7 @@ from torch import Tensor
 from sweeps.engine import transformer as tf
 from sweeps.engine.effects import effect_points
 from sweeps.engine.nodes import Node, node_from_name
-from sweeps.engine.transformer import ModelConfig, ModelWeights
+from sweeps.engine.transformer import Edit, ModelConfig, ModelWeights, Trace, forward
 from tasks.base import TaskData
 
 EMBED = "embed"
@@ -118,116 +118,14 @@ def build_graph(cfg: ModelConfig) -> Graph:
     return Graph(tuple(upstream), tuple(downstream), tuple(prefix))
 
 
-# --------------------------------------------------------------------------- #
-# The forward, with its inputs exposed and one optional edit
-# --------------------------------------------------------------------------- #
+# The records attribution reads from the engine's forward (``transformer.forward``):
+# its clean run differentiates at q, k, v, the MLP's normalised input and each block's
+# input; real patching reads where each node writes.
+CLEAN_RECORD = ("resid_pre", "q", "k", "v", "z", "mlp_in", "mlp_normed", "mlp_out", "resid_post")
+WRITES_RECORD = ("resid_pre", "z", "mlp_out")
 
-
-@dataclass(frozen=True)
-class Edit:
-    """Add ``delta`` at one site: where a node writes (``embed``, ``attn_out``,
-    ``mlp_out``) or at one downstream input only (``q``/``k``/``v`` of one head,
-    ``mlp`` input, ``resid`` = the final residual stream)."""
-
-    site: str
-    layer: int
-    delta: Float[Tensor, "B T D"]
-    head: int | None = None
-
-
-@dataclass
-class Trace:
-    """The tensors attribution differentiates at or patches with, per layer run."""
-
-    resid_pre: list[Tensor] = field(default_factory=list)  # [B T D] each block's input
-    q: list[Tensor] = field(default_factory=list)  # [B T H E] before the rotary embedding
-    k: list[Tensor] = field(default_factory=list)  # [B T K E]
-    v: list[Tensor] = field(default_factory=list)  # [B T K E]
-    z: list[Tensor] = field(default_factory=list)  # [B T H E]
-    mlp_in: list[Tensor] = field(default_factory=list)  # [B T D] what the MLP reads, before its norm
-    mlp_normed: list[Tensor] = field(default_factory=list)  # [B T D] normalize(mlp_in)
-    mlp_out: list[Tensor] = field(default_factory=list)  # [B T D]
-    resid_post: list[Tensor] = field(default_factory=list)  # [B T D] each block's output (a cut forward only)
-    resid_final: Tensor | None = None
-
-
-def _qkv(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], edit: Edit | None):
-    q, k, v = tf.qkv(w, layer, tf.sublayer_input(w.cfg, x))
-    if edit is not None and edit.layer == layer and edit.site in ("q", "k", "v"):
-        # Only this head's input sees the change (path patching of one edge).
-        W, b = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}[edit.site]
-        h = edit.head
-        one = torch.einsum("btd,de->bte", tf.sublayer_input(w.cfg, x + edit.delta), W[layer, h]) + b[layer, h]
-        mask = torch.zeros(W.shape[1], dtype=one.dtype, device=one.device)
-        mask[h] = 1.0
-        mask = mask[:, None]
-        if edit.site == "q":
-            q = q * (1 - mask) + one[:, :, None] * mask
-        elif edit.site == "k":
-            k = k * (1 - mask) + one[:, :, None] * mask
-        else:
-            v = v * (1 - mask) + one[:, :, None] * mask
-    return q, k, v
-
-
-def forward(
-    w: ModelWeights,
-    resid: Float[Tensor, "B T D"],
-    start: int = 0,
-    edit: Edit | None = None,
-    cut: bool = False,
-) -> Trace:
-    """Blocks ``start..L-1`` from the stream entering block ``start``, recording a Trace.
-
-    ``cut`` (attribution's clean run, with autograd on): each block's graph is its own.
-    The block's input and its q, k and v are leaves, so that ``block_backward`` can run
-    the backward one block at a time, and never through the q/k/v projections: the
-    downstream rows are those products, head by head, and the gradient at the block's
-    input is their sum (plus the skip and MLP paths)."""
-    cfg = w.cfg
-    rope = tf.rotary_tables(w, resid.shape[1])
-
-    def at(site: str, layer: int) -> Tensor | None:
-        return edit.delta if edit is not None and edit.site == site and edit.layer == layer else None
-
-    trace = Trace()
-    if (d := at("embed", start)) is not None:
-        resid = resid + d
-    for layer in range(start, cfg.n_layers):
-        x = resid.detach().requires_grad_(True) if cut else resid
-        trace.resid_pre.append(x)
-        if cut:
-            with torch.no_grad():
-                q, k, v = (t.requires_grad_(True) for t in _qkv(w, layer, x, edit))
-        else:
-            q, k, v = _qkv(w, layer, x, edit)
-        trace.q.append(q), trace.k.append(k), trace.v.append(v)
-        z = tf.attend(w, layer, q, k, v, rope)
-        trace.z.append(z)
-        attn = tf.attention_out(w, layer, z)
-        if (d := at("attn_out", layer)) is not None:
-            attn = attn + d
-        resid = after_heads = x + attn
-        if not cfg.attn_only:
-            mlp_in = x if cfg.parallel_attn_mlp else after_heads
-            trace.mlp_in.append(mlp_in)
-            if (d := at("mlp", layer)) is not None:
-                mlp_in = mlp_in + d
-            normed = tf.sublayer_input(cfg, mlp_in)
-            if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
-                normed = mlp_in.view_as(mlp_in)
-            trace.mlp_normed.append(normed)
-            out = tf.mlp_write(w, layer, tf.mlp_from_normalized(w, layer, normed))
-            if (d := at("mlp_out", layer)) is not None:
-                out = out + d
-            trace.mlp_out.append(out)
-            resid = after_heads + out
-        if cut:
-            trace.resid_post.append(resid)
-    if (d := at("resid", cfg.n_layers)) is not None:
-        resid = resid + d
-    trace.resid_final = resid
-    return trace
+# The forward's intervention site at each downstream input.
+INPUT_SITE = {"q": "q", "k": "k", "v": "v", "mlp": "mlp_in", "resid": "resid_final"}
 
 
 # --------------------------------------------------------------------------- #
@@ -532,11 +430,11 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
     with torch.no_grad():
         corrupt_embedded = tf.embed(w, corrupt_tokens)
-        corrupt = forward(w, corrupt_embedded)
+        corrupt = forward(w, corrupt_embedded, record=("z", "mlp_out"))
         corrupt_metric = metric_terms(w, corrupt.resid_final, task, scratch).sum()
         embedded = tf.embed(w, clean_tokens)
     with torch.enable_grad():
-        clean = forward(w, embedded, cut=True)
+        clean = forward(w, embedded, record=CLEAN_RECORD, cut=True)
         final = clean.resid_final.detach().requires_grad_(True)
         terms = metric_terms(w, final, task, scratch)
         (g_final,) = torch.autograd.grad(terms.sum(), final)
@@ -597,7 +495,7 @@ class Target:
 def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_embed: Tensor) -> tuple[str, int, Tensor]:
     """(write site, layer, corrupt − clean) of one upstream node."""
     if name == EMBED:
-        return "embed", 0, -d_embed
+        return "resid_pre", 0, -d_embed
     node = node_from_name(name)
     if node.head is None:
         return "mlp_out", node.layer, corrupt.mlp_out[node.layer] - clean.mlp_out[node.layer]
@@ -629,7 +527,7 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
     clean_embed = tf.embed(w, clean_tokens)
     corrupt_embed = tf.embed(w, corrupt_tokens)
     d_embed = clean_embed - corrupt_embed
-    clean, corrupt = forward(w, clean_embed), forward(w, corrupt_embed)
+    clean, corrupt = forward(w, clean_embed, record=WRITES_RECORD), forward(w, corrupt_embed, record=WRITES_RECORD)
     L = w.cfg.n_layers
     scratch = Scratch()
     out = []
@@ -637,14 +535,11 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
         site, layer, delta = _upstream_delta(w, target.upstream, clean, corrupt, d_embed)
         if target.downstream is not None:
             d = _downstream(graph, target.downstream, target.input)
-            site, layer = d.input, d.layer
+            site, layer = INPUT_SITE[d.input], d.layer
             head = d.head
         else:
             head = None
-        if site == "resid":
-            final = clean.resid_final + delta
-        else:
-            resid = clean.resid_pre[layer] if layer < L else clean.resid_final
-            final = forward(w, resid, layer, Edit(site, layer, delta, head)).resid_final
+        resid = clean.resid_pre[layer] if layer < L else clean.resid_final
+        final = forward(w, resid, layer, [Edit(site, layer, delta, head)]).resid_final
         out.append(metric_terms(w, final, task, scratch).sum())
     return torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)

@@ -231,16 +231,15 @@ def ablate_heads_of_layer(
             z[g, :, :, head] = replacement[g]
         return z.view(G * B, *z.shape[2:])
 
-    resid = resid_pre.repeat(G, 1, 1)
     head_des, mlp_des, bias_des = [], [], []
-    for l in range(layer, w.cfg.n_layers):
-        out = tf.block(w, l, resid, rope, edit if l == layer else None)
+    for out in tf.blocks(w, resid_pre.repeat(G, 1, 1), layer, [tf.Edit("z", layer, replace=edit)], rope=rope):
+        l = out.layer
         z = out.z.view(G, B, T, *out.z.shape[2:])
         head_des.append(head_direct_effects(w, l, z, points, scale))
         if read_final:
             bias_des.append(attention_bias_effects(w, l, z, points, scale).expand(G, points.n))
         if out.mlp_out is None:
-            mlp_des.append(torch.zeros(G, points.n, device=resid.device))
+            mlp_des.append(torch.zeros(G, points.n, device=z.device))
         else:
             mlp_des.append(vector_direct_effects(out.mlp_out.view(G, B, T, -1), points, scale))
         resid = out.resid_post

@@ -24,7 +24,7 @@ E d_head, M d_mlp, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -235,9 +235,6 @@ def apply_rotary(
 # Attention: the one place it is computed (the sweeps, attribution and the lens use it)
 # --------------------------------------------------------------------------- #
 
-ZEdit = Callable[[Float[Tensor, "B T H E"]], Float[Tensor, "B T H E"]]
-
-
 def qkv(
     w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]
 ) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T K E"], Float[Tensor, "B T K E"]]:
@@ -318,11 +315,6 @@ def attend(
     return z.transpose(1, 2)
 
 
-def attention_z(w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B T H E"]:
-    """Every head's ``z`` from the stream entering block ``layer``."""
-    return attend(w, layer, *qkv(w, layer, sublayer_input(w.cfg, resid)), rope)
-
-
 def attention_pattern(w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B H T T"]:
     """softmax of the (masked, capped) scores of every head: TL's ``hook_pattern``."""
     q, k, _ = qkv(w, layer, sublayer_input(w.cfg, resid))
@@ -373,11 +365,6 @@ def _activation(name: str, x: Tensor) -> Tensor:
     raise NotImplementedError(f"activation function {name!r} is not supported")
 
 
-def mlp_raw(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
-    """The MLP's output (before any post-norm) from the stream it reads."""
-    return mlp_from_normalized(w, layer, sublayer_input(w.cfg, resid_mid))
-
-
 def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
     """The MLP (before any post-norm) on its already normalised input (attribution
     differentiates at that input)."""
@@ -395,46 +382,217 @@ def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[T
     return rms_norm(m, w.ln_mlp_post[layer], w.cfg.eps) if w.cfg.post_norm else m
 
 
-def mlp_out(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
-    """The MLP's write to the stream."""
-    return mlp_write(w, layer, mlp_raw(w, layer, resid_mid))
+# --------------------------------------------------------------------------- #
+# The forward: one block loop, with named intervention sites
+# --------------------------------------------------------------------------- #
+#
+# Every sweep runs this loop: the clean run (``run``), the backup sweep's ablated
+# restarts (a ``z`` edit), the scale sweep's patched restarts (``finish_block``,
+# ``run_blocks``), attribution's clean run (``cut``) and its real patching (additive
+# edits at one site). A block, with the sites an ``Edit`` can change, in order:
+#
+#     resid_pre ──► q, k, v ──► z ──► attn_out ──► resid_mid = resid_pre + attn_out
+#     mlp_in (resid_mid; resid_pre when parallel) ──► mlp_out ──► resid_post = resid_mid + mlp_out
+#
+# and after the last block ``resid_final``. ``q``/``k``/``v`` edits change the input of one
+# head's projection only (path patching of one edge), or of each head at once.
+
+SITES = ("resid_pre", "q", "k", "v", "z", "attn_out", "mlp_in", "mlp_out", "resid_final")
 
 
-# --------------------------------------------------------------------------- #
-# One transformer block
-# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Edit:
+    """An intervention at one named site (``SITES``) of one layer: add ``delta``, or
+    replace the value by ``replace(value)``.
+
+    ``q``/``k``/``v`` edits act on what the projection *reads* (the stream before its
+    norm): with ``head`` set, only that head (query head for ``q``, key/value head for
+    ``k``/``v``) reads ``stream + delta``; without it ``delta`` is ``[B T n D]``, one change
+    per head. ``resid_final`` takes ``layer = n_layers``.
+    """
+
+    site: str
+    layer: int
+    delta: Optional[Tensor] = None
+    head: Optional[int] = None
+    replace: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"unknown intervention site {self.site!r}; sites: {', '.join(SITES)}")
+        if (self.delta is None) == (self.replace is None):
+            raise ValueError("an Edit takes exactly one of delta and replace")
+        if self.replace is not None and self.site in ("q", "k", "v"):
+            raise ValueError("q/k/v edits are additive changes of a head's input")
+
+    def apply(self, value: Tensor) -> Tensor:
+        return self.replace(value) if self.replace is not None else value + self.delta
 
 
 @dataclass
-class BlockOutput:
-    resid_post: Float[Tensor, "B T D"]
-    z: Float[Tensor, "B T H E"]
-    mlp_out: Optional[Float[Tensor, "B T D"]]  # the MLP's write (after its post-norm)
-    mlp_raw: Optional[Float[Tensor, "B T D"]] = None  # before its post-norm (post-norm models only)
+class BlockState:
+    """Every activation of one block as the forward computed it (after any edit).
 
-
-def block(
-    w: ModelWeights,
-    layer: int,
-    resid_pre: Float[Tensor, "B T D"],
-    rope: Rope,
-    edit_z: ZEdit | None = None,
-) -> BlockOutput:
-    """One block: ``resid += attn(resid); resid += mlp(resid)``, each sublayer reading
-    its (pre-)norm and writing through its post-norm where the model has them.
-
-    With parallel attention and MLP (GPT-NeoX, GPT-J) both read the block's input.
-    ``edit_z`` may replace head outputs (an ablation) before they are written.
+    Blocks restarted after their attention (``from_mid``) have no ``resid_pre``, ``q``,
+    ``k``, ``v`` or ``z``; attention-only blocks have no MLP fields; ``mlp_raw`` (the
+    MLP's output before its post-norm) is the same tensor as ``mlp_out`` without one.
     """
-    z = attention_z(w, layer, resid_pre, rope)
-    if edit_z is not None:
-        z = edit_z(z)
-    resid_mid = resid_pre + attention_out(w, layer, z)
-    if w.cfg.attn_only:
-        return BlockOutput(resid_mid, z, None)
-    raw = mlp_raw(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
-    out = mlp_write(w, layer, raw)
-    return BlockOutput(resid_mid + out, z, out, raw if w.cfg.post_norm else None)
+
+    layer: int
+    resid_pre: Optional[Float[Tensor, "B T D"]] = None
+    q: Optional[Float[Tensor, "B T H E"]] = None  # raw projections: before QK-norm and rotary
+    k: Optional[Float[Tensor, "B T K E"]] = None
+    v: Optional[Float[Tensor, "B T K E"]] = None
+    z: Optional[Float[Tensor, "B T H E"]] = None
+    resid_mid: Optional[Float[Tensor, "B T D"]] = None
+    mlp_in: Optional[Float[Tensor, "B T D"]] = None  # the stream the MLP reads, before its norm
+    mlp_normed: Optional[Float[Tensor, "B T D"]] = None  # sublayer_input(mlp_in), a node of its own
+    mlp_raw: Optional[Float[Tensor, "B T D"]] = None
+    mlp_out: Optional[Float[Tensor, "B T D"]] = None  # the MLP's write to the stream
+    resid_post: Optional[Float[Tensor, "B T D"]] = None
+
+
+Edits = dict  # (site, layer) -> [Edit, ...]
+
+
+def _by_site(edits) -> Edits:
+    index: Edits = {}
+    for e in edits:
+        index.setdefault((e.site, e.layer), []).append(e)
+    return index
+
+
+def _edited(index: Edits, site: str, layer: int, value: Tensor) -> Tensor:
+    for e in index.get((site, layer), ()):
+        value = e.apply(value)
+    return value
+
+
+def _projections(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], index: Edits):
+    """q, k, v of the stream ``x``, with any head's input edited."""
+    q, k, v = qkv(w, layer, sublayer_input(w.cfg, x))
+    if not index:
+        return q, k, v
+    out = {"q": q, "k": k, "v": v}
+    for site, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
+        for e in index.get((site, layer), ()):
+            if e.head is None:  # every head reads its own changed stream
+                moved = sublayer_input(w.cfg, x[:, :, None] + e.delta)  # [B T n D]
+                out[site] = torch.einsum("bthd,hde->bthe", moved, W[layer]) + b[layer]
+            else:
+                one = torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]
+                t = out[site].clone()
+                t[:, :, e.head] = one
+                out[site] = t
+    return out["q"], out["k"], out["v"]
+
+
+def blocks(
+    w: ModelWeights,
+    resid: Float[Tensor, "B T D"],
+    start: int = 0,
+    edits=(),
+    *,
+    stop: Optional[int] = None,
+    from_mid: bool = False,
+    cut: bool = False,
+    rope: Rope = None,
+):
+    """Run blocks ``start..stop-1`` from the stream entering block ``start`` (with
+    ``from_mid``: block ``start``'s stream after its attention), yielding each block's
+    ``BlockState``. A caller that keeps nothing holds one block's activations at a time.
+
+    Each sublayer reads its pre-norm (or the raw stream without one) and writes through
+    its post-norm where the model has them; with parallel attention and MLP (GPT-NeoX,
+    GPT-J) the MLP reads the block's input.
+
+    ``cut`` (attribution's clean run, autograd on): each block's graph is its own. The
+    block's input and its q, k and v are leaves, so that attribution's backward can run
+    one block at a time and never through the q/k/v projections.
+    """
+    cfg = w.cfg
+    stop = cfg.n_layers if stop is None else stop
+    if rope is None:
+        rope = rotary_tables(w, resid.shape[1])
+    index = _by_site(edits)
+    if from_mid and cfg.parallel_attn_mlp:
+        raise ValueError("from_mid: in a parallel attention/MLP block the MLP reads resid_pre")
+    for layer in range(start, stop):
+        s = BlockState(layer)
+        if from_mid and layer == start:
+            s.resid_mid = resid
+        else:
+            resid = _edited(index, "resid_pre", layer, resid)
+            x = s.resid_pre = resid.detach().requires_grad_(True) if cut else resid
+            if cut:
+                with torch.no_grad():
+                    q, k, v = (t.requires_grad_(True) for t in _projections(w, layer, x, index))
+            else:
+                q, k, v = _projections(w, layer, x, index)
+            s.q, s.k, s.v = q, k, v
+            s.z = _edited(index, "z", layer, attend(w, layer, q, k, v, rope))
+            s.resid_mid = x + _edited(index, "attn_out", layer, attention_out(w, layer, s.z))
+        if cfg.attn_only:
+            s.resid_post = s.resid_mid
+        else:
+            mlp_in = s.mlp_in = _edited(index, "mlp_in", layer, s.resid_pre if cfg.parallel_attn_mlp else s.resid_mid)
+            normed = sublayer_input(cfg, mlp_in)
+            if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
+                normed = mlp_in.view_as(mlp_in)
+            s.mlp_normed = normed
+            s.mlp_raw = mlp_from_normalized(w, layer, normed)
+            s.mlp_out = _edited(index, "mlp_out", layer, mlp_write(w, layer, s.mlp_raw))
+            s.resid_post = s.resid_mid + s.mlp_out
+        yield s
+        resid = s.resid_post
+
+
+RECORDABLE = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_normed", "mlp_raw", "mlp_out", "resid_post")
+
+
+@dataclass
+class Trace:
+    """What ``forward`` recorded: for each name asked for, one tensor per block run (empty
+    lists for names not asked for), and the final residual stream."""
+
+    resid_final: Float[Tensor, "B T D"]
+    resid_pre: list[Tensor] = field(default_factory=list)
+    q: list[Tensor] = field(default_factory=list)
+    k: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    z: list[Tensor] = field(default_factory=list)
+    resid_mid: list[Tensor] = field(default_factory=list)
+    mlp_in: list[Tensor] = field(default_factory=list)
+    mlp_normed: list[Tensor] = field(default_factory=list)
+    mlp_raw: list[Tensor] = field(default_factory=list)
+    mlp_out: list[Tensor] = field(default_factory=list)
+    resid_post: list[Tensor] = field(default_factory=list)
+
+
+def forward(
+    w: ModelWeights,
+    resid: Float[Tensor, "B T D"],
+    start: int = 0,
+    edits=(),
+    *,
+    record=(),
+    from_mid: bool = False,
+    cut: bool = False,
+    rope: Rope = None,
+) -> Trace:
+    """Blocks ``start..L-1`` (see ``blocks``), then any ``resid_final`` edit; records the
+    activations named in ``record`` (``RECORDABLE``) and nothing else, so a restart keeps
+    no more memory than it asks for."""
+    unknown = set(record) - set(RECORDABLE)
+    if unknown:
+        raise ValueError(f"cannot record {sorted(unknown)}; recordable: {', '.join(RECORDABLE)}")
+    kept: dict[str, list[Tensor]] = {name: [] for name in record}
+    for s in blocks(w, resid, start, edits, from_mid=from_mid, cut=cut, rope=rope):
+        for name, values in kept.items():
+            values.append(getattr(s, name))
+        resid = s.resid_post
+    resid = _edited(_by_site(edits), "resid_final", w.cfg.n_layers, resid)
+    return Trace(resid_final=resid, **kept)
 
 
 def finish_block(
@@ -443,22 +601,15 @@ def finish_block(
     resid_mid: Float[Tensor, "B T D"],
     rope: Rope,
 ) -> Float[Tensor, "B T D"]:
-    """From block ``layer``'s residual after attention (``resid_mid``) to the final residual.
-
-    Runs the rest of block ``layer`` (its MLP) and every later block. Not for
-    parallel attention/MLP models, whose MLP reads the block's input instead.
-    """
-    if w.cfg.parallel_attn_mlp:
-        raise ValueError("finish_block: in a parallel attention/MLP block the MLP reads resid_pre")
-    resid = resid_mid if w.cfg.attn_only else resid_mid + mlp_out(w, layer, resid_mid)
-    return run_blocks(w, layer + 1, resid, rope)
+    """From block ``layer``'s residual after attention (``resid_mid``) to the final residual:
+    the rest of block ``layer`` (its MLP) and every later block. Not for parallel
+    attention/MLP models, whose MLP reads the block's input instead."""
+    return forward(w, resid_mid, layer, from_mid=True, rope=rope).resid_final
 
 
 def run_blocks(w: ModelWeights, start: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B T D"]:
     """Blocks ``start..L-1`` from the residual stream entering block ``start``."""
-    for layer in range(start, w.cfg.n_layers):
-        resid = block(w, layer, resid, rope).resid_post
-    return resid
+    return forward(w, resid, start, rope=rope).resid_final
 
 
 # --------------------------------------------------------------------------- #
@@ -502,21 +653,14 @@ class CleanRun:
 
 
 def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
-    """Full forward, keeping each block's input (for restarts) and head ``z``."""
-    rope = rotary_tables(w, tokens.shape[1])
-    resid = embed(w, tokens)
-    resid_pre, zs, mlps, raws = [], [], [], []
-    for layer in range(w.cfg.n_layers):
-        resid_pre.append(resid)
-        out = block(w, layer, resid, rope)
-        zs.append(out.z)
-        mlps.append(out.mlp_out)
-        raws.append(out.mlp_raw)
-        resid = out.resid_post
+    """Full forward, keeping each block's input (for restarts), head ``z`` and MLP writes."""
+    post = w.cfg.post_norm and not w.cfg.attn_only
+    names = ("resid_pre", "z") + (() if w.cfg.attn_only else ("mlp_out",)) + (("mlp_raw",) if post else ())
+    trace = forward(w, embed(w, tokens), record=names)
     return CleanRun(
-        resid_pre=torch.stack(resid_pre),
-        z=torch.stack(zs),
-        mlp_out=None if w.cfg.attn_only else torch.stack(mlps),
-        resid_final=resid,
-        mlp_raw=torch.stack(raws) if w.cfg.post_norm and not w.cfg.attn_only else None,
+        resid_pre=torch.stack(trace.resid_pre),
+        z=torch.stack(trace.z),
+        mlp_out=None if w.cfg.attn_only else torch.stack(trace.mlp_out),
+        resid_final=trace.resid_final,
+        mlp_raw=torch.stack(trace.mlp_raw) if post else None,
     )
