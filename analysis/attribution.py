@@ -36,8 +36,8 @@ class AttributionResults:
     out: Location  # the results directory or URI
     spec: dict
     manifest: dict
-    nodes: pd.DataFrame  # node, layer, head, kind, score, abs_rank
-    edges: pd.DataFrame  # upstream, downstream, input, score, abs_rank
+    nodes: pd.DataFrame  # node, layer, head, kind, score, abs_rank, method
+    edges: pd.DataFrame  # upstream, downstream, input, score, abs_rank, method (empty: exact, nodes only)
     verify: pd.DataFrame  # kind, target, upstream, downstream, input, score, patch_effect
     n_prompts: int  # prompts whose batches are in
     n_points: int
@@ -48,6 +48,11 @@ class AttributionResults:
     @property
     def complete(self) -> bool:
         return self.n_prompts == self.spec.get("n_prompts")
+
+    @property
+    def method(self) -> str:
+        """How the scores were made: eap, eap-ig-inputs, eap-ig-activations or exact."""
+        return str(self.spec.get("method", "eap"))
 
     @property
     def n_layers(self) -> int:
@@ -126,8 +131,11 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
     edge_sums = frames["edge_sums"]
     keys = ["upstream", "downstream", "input"]
     edges = edge_sums.groupby(keys, sort=False, observed=True)["raw"].sum().reset_index()
+    edges = edges[np.isfinite(edges.raw.to_numpy(dtype=float))]  # --method exact on a large model: nodes only
     edges = _ranked(pd.DataFrame({
         **{k: edges[k].astype(str) for k in keys}, "score": edges.raw.to_numpy() / normaliser}))
+    method = spec.get("method", "eap")
+    nodes, edges = nodes.assign(method=method), edges.assign(method=method)
     verify = _verify_table(spec, frames["verify_sums"], nodes, edges, normaliser)
     return AttributionResults(
         out=out, spec=spec, manifest=manifest, nodes=nodes, edges=edges, verify=verify,

@@ -303,3 +303,58 @@ def patched_metric_by_hooks(bridge, task, upstream: str, downstream=None) -> flo
 
         logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(where, hook)])
     return float(ld_or_logp_sum(bridge, logits, task))
+
+
+def ig_attribution_by_hooks(bridge, task, graph, steps: int, activations: bool = False) -> np.ndarray:
+    """EAP-IG edge scores (raw sums, graph order) by hooks on full forwards of the clean
+    prompts: the gradient at each split input, averaged over ``steps`` runs with an activation
+    set to ``corrupt + k/steps (clean − corrupt)`` (k = 1..steps), times ``clean_u − corrupt_u``.
+    Inputs: the interpolated activation is the embedding (``blocks.0.hook_resid_pre``) and
+    every edge uses those runs. Activations: one group at a time (the embedding, one layer's
+    heads' results, one MLP's output), and the edges out of a group use its own runs."""
+    with split_inputs(bridge):
+        ups = sorted({_upstream_hook(u)[0] for u in graph.upstream})
+        reads = sorted({_input_hook(bridge, d.layer, d.input) for d in graph.downstream})
+        _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in ups)
+        _, clean = bridge.run_with_cache(task.clean, names_filter=lambda n: n in ups)
+
+        def gradients(name: str, alpha: float) -> dict:
+            acts = {}
+
+            def interpolate(act, hook):  # a leaf: the gradient flows from here on
+                return (corrupt[name] + alpha * (clean[name] - corrupt[name])).requires_grad_(True)
+
+            def keep(read):
+                def hook(act, hook):
+                    act = act.clone()
+                    act.retain_grad()
+                    acts[read] = act
+                    return act
+
+                return hook
+
+            with torch.enable_grad():
+                logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(name, interpolate)] + [(r, keep(r)) for r in reads])
+                ld_or_logp_sum(bridge, logits, task).backward()
+            return {r: acts[r].grad for r in reads}
+
+        groups = sorted({_upstream_hook(u)[0] for u in graph.upstream}) if activations else ["blocks.0.hook_resid_pre"]
+        edges = np.zeros(graph.n_edges)
+        for group in groups:
+            for k in range(1, steps + 1):
+                grads = gradients(group, k / steps)
+                i = 0
+                for d, p in zip(graph.downstream, graph.prefix):
+                    g = grads[_input_hook(bridge, d.layer, d.input)]
+                    if g is None:  # read before the interpolated group: no gradient reaches it
+                        i += p
+                        continue
+                    g = _select_head(bridge, g, d.input, d.head)
+                    for j, u in enumerate(graph.upstream[:p]):
+                        name, head = _upstream_hook(u)
+                        if not activations or name == group:
+                            change = clean[name] - corrupt[name]
+                            change = change if head is None else change[:, :, head]
+                            edges[i + j] += float((g * change).sum())
+                    i += p
+    return edges / steps

@@ -418,3 +418,29 @@ def test_report_of_an_attribution_sweep(tmp_path):
         assert history.get(f"{key}/_type") == '"table-file"', sorted(history)
     assert float(summary["faithfulness/node_sign_agreement"]) >= 0
     assert any(name.startswith("attribution-results-") for name in artifacts)
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
+def test_integrated_gradients_with_one_step_equal_eap(tiny_llama, method):
+    w, task = tiny_llama.weights, _task(tiny_llama.tokenizer)
+    graph = A.build_graph(w.cfg)
+    eap = A.attribute(w, graph, task)
+    ig = A.attribute(w, graph, task, method=method, steps=1)
+    torch.testing.assert_close(ig.edges, eap.edges, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ig.nodes, eap.nodes, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
+def test_integrated_gradients_equal_hooked_interpolated_gradients(loaded_model, name, method):
+    """EAP-IG on sequential, grouped-query and parallel models against hooks on full forwards
+    with the embeddings (inputs) or one group's outputs (activations) interpolated."""
+    m = loaded_model(name)
+    task = _task(m.tokenizer, n=3)
+    graph = A.build_graph(m.weights.cfg)
+    ours = A.attribute(m.weights, graph, task, method=method, steps=3)
+    edges = reference.ig_attribution_by_hooks(m.bridge, task, graph, steps=3, activations=method.endswith("activations"))
+    assert np.abs(edges).max() > 1e-3
+    np.testing.assert_allclose(ours.edges.numpy(), edges, rtol=1e-4, atol=2e-5)
+    eap = A.attribute(m.weights, graph, task)
+    assert not np.allclose(ours.edges.numpy(), eap.edges.numpy(), rtol=1e-3, atol=1e-4)  # the steps mattered

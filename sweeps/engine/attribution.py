@@ -420,11 +420,78 @@ def block_backward(
     return grads[-1] + rows[:n_qkv].sum(0)
 
 
-def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | None = None) -> BatchAttribution:
-    """Node and edge scores of one batch: one clean forward+backward, one corrupt forward.
+METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 
-    Pass the same ``scratch`` to consecutive calls (passes of one shard) to reuse their
-    large buffers."""
+
+def _metric_gradient(w: ModelWeights, trace: Trace, task: TaskData, scratch: Scratch) -> tuple[Tensor, Tensor]:
+    """(the metric's terms, their summed gradient at the final stream) of a ``cut`` trace."""
+    final = trace.resid_final.detach().requires_grad_(True)
+    terms = metric_terms(w, final, task, scratch)
+    (g_final,) = torch.autograd.grad(terms.sum(), final)
+    return terms.detach(), g_final
+
+
+def _gradient_rows(w: ModelWeights, graph: Graph, trace: Trace, g_final: Tensor, scratch: Scratch,
+                   consume, first: int = 0) -> None:
+    """The clean run's backward, block by block from the last down to block ``first``
+    (``trace`` recorded from block 0, or padded so that ``trace.q[layer]`` is that layer's):
+    calls ``consume(layers, rows, prefix)`` with each block of consecutive layers' downstream
+    rows (the final stream's row after the last layer's) and their prefixes in ``graph``."""
+    L = w.cfg.n_layers
+    per_layer = rows_per_layer(w.cfg)
+    layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
+    B, T, D = g_final.shape
+    block = scratch.get("rows", (min(L, layers_per_block) * per_layer + 1, B, T, D), g_final.dtype, g_final.device)
+    g = g_final
+    for b in reversed(range(first, L, layers_per_block)):
+        layers = range(b, min(L, b + layers_per_block))
+        n = len(layers) * per_layer
+        prefix = list(graph.prefix[layers[0] * per_layer : layers[0] * per_layer + n])
+        if layers[-1] == L - 1:  # the final stream reads every upstream node
+            block[n].copy_(g_final)
+            n, prefix = n + 1, [*prefix, graph.prefix[-1]]
+        for i in reversed(range(len(layers))):
+            g = block_backward(w, layers[i], trace, g, block[i * per_layer : (i + 1) * per_layer])
+        consume(layers, block[:n], prefix)
+
+
+def _edge_scores_of_run(w, graph, trace, g_final, flat, scratch) -> Tensor:
+    """Every edge's ``gradient at d · (clean_u − corrupt_u)`` for one ``cut`` run (Graph order)."""
+    parts: list[Tensor] = []
+
+    def consume(layers, rows, prefix):
+        parts.append(edge_products(flat, rows.flatten(1), prefix))
+
+    _gradient_rows(w, graph, trace, g_final, scratch, consume)
+    return torch.cat(parts[::-1])
+
+
+def _ig_alphas(steps: int) -> list[float]:
+    """The interpolation points ``k / steps``, k = 1..steps (a right Riemann sum that ends at
+    the clean run: one step is plain EAP), the clean end first."""
+    return [k / steps for k in range(steps, 0, -1)]
+
+
+def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | None = None,
+              method: str = "eap", steps: int = 1) -> BatchAttribution:
+    """Node and edge scores of one batch (raw sums), by ``method``:
+
+    - ``eap``: the gradient at each downstream input of the clean run, times each upstream
+      node's change ``clean_u − corrupt_u``: one clean forward+backward, one corrupt forward.
+    - ``eap-ig-inputs``: the gradient averaged over ``steps`` runs whose input embeddings lie
+      on the line from the corrupt to the clean ones (``k / steps``, k = 1..steps), times the
+      same changes (Hanna et al. 2024): ``steps`` forwards+backwards.
+    - ``eap-ig-activations``: for the edges out of each group of upstream nodes (the
+      embeddings, one layer's heads, one MLP), the gradient averaged over ``steps`` runs in
+      which that group's output alone lies on the line from its corrupt to its clean value;
+      each run restarts at the group's layer.
+    - ``exact``: see ``exact_scores`` (real patching; not here).
+
+    With one step both IG methods equal ``eap`` (tested). Node scores are the sums of their
+    edges (exact, see ``node_scores``). Pass the same ``scratch`` to consecutive calls
+    (passes of one shard) to reuse their large buffers."""
+    if method not in METHODS[:3]:
+        raise ValueError(f"attribute: unknown gradient method {method!r}")
     cfg, device = w.cfg, w.device
     scratch = scratch or Scratch()
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
@@ -433,45 +500,86 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
         corrupt = forward(w, corrupt_embedded, record=("z", "mlp_out"))
         corrupt_metric = metric_terms(w, corrupt.resid_final, task, scratch).sum()
         embedded = tf.embed(w, clean_tokens)
+        d_embed = embedded - corrupt_embedded
     with torch.enable_grad():
         clean = forward(w, embedded, record=CLEAN_RECORD, cut=True)
-        final = clean.resid_final.detach().requires_grad_(True)
-        terms = metric_terms(w, final, task, scratch)
-        (g_final,) = torch.autograd.grad(terms.sum(), final)
-    L = cfg.n_layers
+        terms, g_final = _metric_gradient(w, clean, task, scratch)
     with torch.no_grad():
-        deltas = upstream_deltas(w, clean, corrupt, embedded - corrupt_embedded, scratch)
+        deltas = upstream_deltas(w, clean, corrupt, d_embed, scratch)
         flat = deltas.flatten(1)  # [U, B·T·D]
-
-        # Edge scores: the gradient at each downstream input, pulled back through that
-        # input's own projection and norm, against every upstream change written before it.
-        # The backward runs block by block from the last, writing each block's rows; the
-        # rows of consecutive layers (and, with the last layer, the final stream's) go into
-        # one product (edge_products), written into one block of rows that every product
-        # reuses (fresh memory is slow to touch).
-        per_layer = rows_per_layer(cfg)
-        layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
-        block = scratch.get("rows", (min(L, layers_per_block) * per_layer + 1, *clean_tokens.shape, cfg.d_model),
-                            flat.dtype, device)
-        firsts = range(0, L, layers_per_block)
-        edges: list[Tensor] = [torch.empty(0)] * len(firsts)
-        g = g_final
-        for b in reversed(range(len(firsts))):
-            layers = range(firsts[b], min(L, firsts[b] + layers_per_block))
-            n = len(layers) * per_layer
-            prefix = list(graph.prefix[layers[0] * per_layer : layers[0] * per_layer + n])
-            if layers[-1] == L - 1:  # the final stream reads every upstream node
-                block[n].copy_(g_final)
-                n, prefix = n + 1, [*prefix, graph.prefix[-1]]
-            for i in reversed(range(len(layers))):
-                g = block_backward(w, layers[i], clean, g, block[i * per_layer : (i + 1) * per_layer])
-            edges[b] = edge_products(flat, block[:n].flatten(1), prefix)
-        edge_scores = torch.cat(edges).double().cpu()
+        if method == "eap-ig-activations":
+            edge_scores = _ig_activation_edges(w, graph, task, clean, corrupt, d_embed, flat, steps, scratch)
+        else:
+            # The gradient at each downstream input, pulled back through that input's own
+            # projection and norm, against every upstream change written before it; the
+            # backward runs block by block from the last (``_gradient_rows``).
+            edge_scores = _edge_scores_of_run(w, graph, clean, g_final, flat, scratch)
+            for alpha in _ig_alphas(steps)[1:] if method == "eap-ig-inputs" else ():
+                with torch.enable_grad():
+                    run = forward(w, corrupt_embedded + alpha * d_embed, record=CLEAN_RECORD, cut=True)
+                    _, g = _metric_gradient(w, run, task, scratch)
+                edge_scores += _edge_scores_of_run(w, graph, run, g, flat, scratch)
+                del run
+            if method == "eap-ig-inputs":
+                edge_scores /= steps
+        edge_scores = edge_scores.double().cpu()
         assert edge_scores.numel() == graph.n_edges
     return BatchAttribution(
         nodes=node_scores(graph, edge_scores), edges=edge_scores,
-        clean_metric=float(terms.detach().sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
+        clean_metric=float(terms.sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
     )
+
+
+def _edge_offsets(graph: Graph) -> Tensor:
+    """Index of each downstream input's first edge in the Graph-order edge vector."""
+    return torch.tensor([0, *torch.tensor(graph.prefix).cumsum(0)[:-1].tolist()])
+
+
+def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, flat, steps, scratch) -> Tensor:
+    """EAP-IG-activations: edges out of each group (the embeddings; one layer's heads; one
+    MLP) score against the gradient averaged over ``steps`` runs with the group's output
+    interpolated ``corrupt + α (clean − corrupt)``, restarted from the clean stream at the
+    group's layer (nothing before it changes)."""
+    cfg = w.cfg
+    L = cfg.n_layers
+    edges = torch.zeros(graph.n_edges, dtype=flat.dtype, device=flat.device)
+    offsets = _edge_offsets(graph).to(flat.device)
+    groups = [("embed", 0, [0])]
+    for layer in range(L):
+        groups.append(("heads", layer, [upstream_row(cfg, layer, h) for h in range(cfg.n_heads)]))
+        if not cfg.attn_only:
+            groups.append(("mlp", layer, [upstream_row(cfg, layer, None)]))
+    for kind, layer, upstream in groups:
+        first_row = upstream[0]
+        for alpha in _ig_alphas(steps):
+            if kind == "embed":
+                edit = tf.Edit("resid_pre", 0, replace=lambda x, a=alpha: x - (1 - a) * d_embed)
+            elif kind == "heads":
+                dz = clean.z[layer] - corrupt.z[layer]
+                edit = tf.Edit("z", layer, replace=lambda z, a=alpha, dz=dz: z - (1 - a) * dz)
+            else:
+                dm = clean.mlp_out[layer] - corrupt.mlp_out[layer]
+                edit = tf.Edit("mlp_out", layer, replace=lambda m, a=alpha, dm=dm: m - (1 - a) * dm)
+            with torch.enable_grad():
+                run = forward(w, clean.resid_pre[layer].detach(), layer, [edit], record=CLEAN_RECORD, cut=True)
+                for name in CLEAN_RECORD:  # index the restarted run's records by absolute layer
+                    setattr(run, name, [None] * layer + getattr(run, name))
+                _, g = _metric_gradient(w, run, task, scratch)
+
+            def consume(layers, rows, prefix, upstream=upstream, first_row=first_row):
+                # Only the downstream inputs that read this group: prefix beyond its rows.
+                start = layers[0] * rows_per_layer(cfg)
+                reads = [i for i, p in enumerate(prefix) if p > first_row]
+                if not reads:
+                    return
+                sel = torch.tensor(reads, device=rows.device)
+                scores = flat[upstream] @ rows.flatten(1)[sel].T  # [n_group, n_reads]
+                at = offsets[start + sel][None, :] + torch.tensor(upstream, device=rows.device)[:, None]
+                edges.index_add_(0, at.flatten(), scores.flatten())
+
+            _gradient_rows(w, graph, run, g, scratch, consume, first=layer)
+            del run
+    return edges / steps
 
 
 # --------------------------------------------------------------------------- #
@@ -543,3 +651,27 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
         final = forward(w, resid, layer, [Edit(site, layer, delta, head)]).resid_final
         out.append(metric_terms(w, final, task, scratch).sum())
     return torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
+# Above this many edges ``--method exact`` patches nodes only: one restarted forward an edge.
+MAX_EXACT_EDGES = 5000
+
+
+@torch.no_grad()
+def exact_scores(w: ModelWeights, graph: Graph, task: TaskData, with_edges: bool) -> BatchAttribution:
+    """``--method exact``: each node's (and, ``with_edges``, each edge's) score is the real
+    change of the metric when it alone is patched to its corrupt value, ``m(clean) −
+    m(patched)`` summed over the batch's points (``patch_metric``). Without edges the edge
+    scores are NaN."""
+    targets = [Target(u) for u in graph.upstream]
+    if with_edges:
+        targets += [Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
+                    for u in graph.upstream[:p]]
+    patched = patch_metric(w, graph, task, targets)
+    clean_terms = metric_terms(w, forward(w, tf.embed(w, task.clean.to(w.device))).resid_final, task)
+    corrupt = float(metric_terms(w, forward(w, tf.embed(w, task.corrupt.to(w.device))).resid_final, task).sum())
+    clean = float(clean_terms.sum())
+    U = len(graph.upstream)
+    edges = clean - patched[U:] if with_edges else torch.full((graph.n_edges,), float("nan"), dtype=torch.float64)
+    return BatchAttribution(nodes=clean - patched[:U], edges=edges, clean_metric=clean, corrupt_metric=corrupt,
+                            n_points=int(clean_terms.shape[0]))

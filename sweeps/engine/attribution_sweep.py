@@ -116,6 +116,9 @@ class AttributionJob:
     """The attribution sweep as a worker sees it (picklable: the task's tensors)."""
 
     task: TaskData
+    method: str = "eap"  # attribution.METHODS
+    steps: int = 1  # interpolation steps of the EAP-IG methods
+    exact_edges: bool = False  # --method exact: patch every edge too (small models only)
     _bridge: object = field(default=None, repr=False)  # the bridge path (``bridge_path.py``), else None
     _weights: object = field(default=None, repr=False)
     _graph: A.Graph | None = field(default=None, repr=False)
@@ -135,6 +138,8 @@ class AttributionJob:
         batch = self.task.select(slice(shard.start, shard.stop))
         if isinstance(shard, VerifyShard):
             return {"verify_sums": self._verify(batch, shard)}
+        if self.method == "exact":
+            return attribution_tables(self._graph, self._exact(batch), shard)
         if self._bridge is not None:  # one clean forward and backward and one corrupt forward a batch
             return attribution_tables(self._graph, bridge_path.attribute(self._bridge, self._graph, batch), shard)
         w, graph = self._weights, self._graph
@@ -147,10 +152,39 @@ class AttributionJob:
                     "use shorter prompts or a machine with more memory")
 
         for _, _, part in map_chunks(batch.n_prompts, per_pass,
-                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch), advice,
+                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch,
+                                                              self.method, self.steps), advice,
                                      memory_gauge(w.device)):
             total = add(total, part)
         return attribution_tables(graph, total, shard)
+
+    def _exact(self, batch: TaskData) -> A.BatchAttribution:
+        """Real patching of every node (and edge): raw sums ``m(clean) − m(patched)``, like the
+        gradient methods' (``attribution.exact_scores``)."""
+        graph = self._graph
+        if self._bridge is not None:
+            targets = [A.Target(u) for u in graph.upstream]
+            if self.exact_edges:
+                targets += [A.Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
+                            for u in graph.upstream[:p]]
+            with torch.no_grad():
+                clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
+                corrupt = float(bridge_path.metric_sum(self._bridge(batch.corrupt), batch))
+            scores = clean - bridge_path.patch_metric(self._bridge, graph, batch, targets)
+            U = len(graph.upstream)
+            edges = scores[U:] if self.exact_edges else torch.full((graph.n_edges,), float("nan"), dtype=torch.float64)
+            return A.BatchAttribution(scores[:U], edges, clean, corrupt,
+                                      int(bridge_path.effect_points(self._bridge, batch).n))
+        w = self._weights
+        per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
+        total = None
+        for _, _, part in map_chunks(
+            batch.n_prompts, per_pass,
+            lambda a, b: A.exact_scores(w, graph, batch.select(slice(a, b)), self.exact_edges),
+            lambda: "out of memory patching one prompt; use shorter prompts", memory_gauge(w.device),
+        ):
+            total = add(total, part)
+        return total
 
     def _verify(self, batch: TaskData, shard: VerifyShard) -> pa.Table:
         w, graph = self._weights, self._graph

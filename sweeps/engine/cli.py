@@ -131,6 +131,14 @@ def _path_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def default_out(sweep: str, model: str, task: str) -> Path:
     """``results/<sweep>/<model>__<task>``, e.g. results/backup/smollm2-135m__ioi."""
     return Path("results") / sweep / f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"

@@ -134,6 +134,25 @@ class ModelInfo:
     family: str = ""  # the architecture family (``architectures.FAMILIES``) whose spec runs it
     path: str = "fast"  # which forward runs the sweeps: "fast" (ours, with restarts)
     prepend_bos: bool = True  # the family's BOS rule: tasks start every prompt with BOS, or not (Qwen)
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: one per query head
+    parallel: bool = False  # attention and MLP read the same stream (GPT-NeoX, GPT-J)
+
+    @property
+    def n_edges(self) -> int:
+        """Edges of the model's attribution graph (``attribution.build_graph``), from its shape alone."""
+        H, K, L = self.n_heads, self.n_kv_heads or self.n_heads, self.n_layers
+        mlp = 1 if self.has_mlp else 0
+        stride = H + mlp
+        total = 0
+        for layer in range(L):
+            before = 1 + layer * stride
+            total += (H + 2 * K) * before + mlp * (before + (0 if self.parallel else H))
+        return total + 1 + L * stride
+
+    @property
+    def n_nodes(self) -> int:
+        """Upstream nodes: the embeddings, every head, every MLP."""
+        return 1 + self.n_layers * (self.n_heads + (1 if self.has_mlp else 0))
 
     @property
     def describe(self) -> str:
@@ -191,15 +210,17 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
     return arch, "bridge", True
 
 
-def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool]:
-    """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos) of a Hugging Face config
-    dict, or a ModelNameError."""
+def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool, int, bool]:
+    """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos, n_kv_heads, parallel) of a
+    Hugging Face config dict, or a ModelNameError."""
     family, path, prepend_bos = _path_of(cfg, where)
     try:
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
-        return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos
+        n_kv = cfg.get("num_key_value_heads") or n_heads
+        parallel = bool(cfg.get("use_parallel_residual", False)) or cfg.get("model_type") == "gptj"
+        return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos, int(n_kv), parallel
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
@@ -245,6 +266,7 @@ def describe_model(name: str) -> ModelInfo:
             int(fields["llama.attention.head_count"].contents()),
             int(fields["llama.context_length"].contents()),
             family=architectures.BY_MODEL_TYPE["llama"].name,
+            n_kv_heads=int(fields["llama.attention.head_count_kv"].contents()),
         )
     if name in TINY_MODELS:
         return ModelInfo(name, "tiny", name, *_check_hf_config(_tiny_hf_config(name).to_dict(), name))
