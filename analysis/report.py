@@ -277,3 +277,24 @@ def write_attribution_report(results: AttributionResults, wandb_mode: str = "off
     _report("attribution", results.out,
             lambda: log_attribution_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures
+
+
+def write_circuit_report(results, wandb_mode: str = "offline", project: str = "interp-sweeps") -> dict[str, Path]:
+    """The faithfulness plot under ``OUT/plots`` and a W&B run, from ``load_circuit_results``."""
+    from analysis.circuit import DERIVED as CIRCUIT_DERIVED, curve_figure
+
+    folder = report_dir(results.out) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"faithfulness": curve_figure(results, folder)}
+    summary = results.summary()
+
+    def log() -> str | None:
+        values = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric}
+        for row in summary.itertuples():
+            values[f"cpr/{row.circuit}"], values[f"cmd/{row.circuit}"] = row.cpr, row.cmd
+        return _log_run("circuit", results.out, results.spec, results.manifest,
+                        {"faithfulness": results.faithfulness, "summary": summary}, figures, values,
+                        tuple(d for d in CIRCUIT_DERIVED if (results.out / d).is_dir()), wandb_mode, project)
+
+    _report("circuit", results.out, log, wandb_mode)
+    return figures

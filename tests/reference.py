@@ -358,3 +358,76 @@ def ig_attribution_by_hooks(bridge, task, graph, steps: int, activations: bool =
                             edges[i + j] += float((g * change).sum())
                     i += p
     return edges / steps
+
+
+def circuit_metric_by_hooks(bridge, task, graph, edges: set[tuple[str, str, str]]) -> float:
+    """Σ metric of the clean prompts where each downstream input reads its stream minus
+    (this run's − the corrupt run's) output of every upstream node whose edge to it is not in
+    ``edges`` ((upstream, downstream name, input) triples): hooks capture each node's output
+    as the run makes it, and every split q/k/v input, MLP input and the final stream is edited."""
+    with split_inputs(bridge):
+        ups = sorted({_upstream_hook(u)[0] for u in graph.upstream})
+        _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in ups)
+        current = {}
+        by_read: dict[str, list] = {}
+        for d, p in zip(graph.downstream, graph.prefix):
+            by_read.setdefault(_input_hook(bridge, d.layer, d.input), []).append((d, p))
+
+        def capture(name):  # hooks are keyed by the name asked for (the bridge may alias it)
+            def hook(act, hook):
+                current[name] = act.detach().clone()
+                return act
+            return hook
+
+        def read(name):
+            def hook(act, hook):
+                return edited(act, name)
+            return hook
+
+        def edited(act, where):
+            act = act.clone()
+            for d, p in by_read[where]:
+                change = torch.zeros(())
+                for u in graph.upstream[:p]:
+                    if (u, d.name, d.input) in edges:
+                        continue
+                    name, head = _upstream_hook(u)
+                    diff = current[name] - corrupt[name]
+                    change = change + (diff if head is None else diff[:, :, head])
+                if d.head is None:
+                    act = act - change
+                elif d.input in ("k", "v") and act.shape[2] != _n_kv(bridge):
+                    g = act.shape[2] // _n_kv(bridge)
+                    act[:, :, d.head * g : (d.head + 1) * g] -= change[:, :, None]
+                else:
+                    act[:, :, d.head] -= change
+            return act
+
+        logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, capture(n)) for n in ups] + [(n, read(n)) for n in by_read])
+    return float(ld_or_logp_sum(bridge, logits, task))
+
+
+def node_circuit_metric_by_hooks(bridge, task, nodes: set[str], upstream: list[str]) -> float:
+    """Σ metric of the clean prompts with every node outside ``nodes`` giving its corrupt
+    output: hooks replace each such head's result, MLP output or the embedding."""
+    outside = [u for u in upstream if u not in nodes]
+    names = sorted({_upstream_hook(u)[0] for u in outside})
+    _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in names)
+    heads: dict[str, list[int]] = {}
+    for u in outside:
+        name, head = _upstream_hook(u)
+        heads.setdefault(name, []).append(head)
+
+    def patch(name):  # keyed by the name asked for (the bridge may alias it)
+        def hook(act, hook):
+            act = act.clone()
+            for head in heads[name]:
+                if head is None:
+                    act = corrupt[name].clone()
+                else:
+                    act[:, :, head] = corrupt[name][:, :, head]
+            return act
+        return hook
+
+    logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, patch(n)) for n in names])
+    return float(ld_or_logp_sum(bridge, logits, task))

@@ -55,7 +55,7 @@ def test_edits_reject_unknown_sites_and_ambiguous_changes():
     with pytest.raises(ValueError, match="exactly one"):
         tf.Edit("z", 0, delta, replace=lambda z: z)
     with pytest.raises(ValueError, match="additive"):
-        tf.Edit("q", 0, replace=lambda q: q)
+        tf.Edit("q", 0, head=1, replace=lambda q: q)
 
 
 @pytest.mark.parametrize("site", ["q", "k", "v"])

@@ -142,3 +142,71 @@ def load_circuit(text: str | None, model: str, n_layers: int, n_heads: int, has_
         f"--circuit {text!r} is neither a file nor a preset.{hint} Presets: {', '.join(PRESETS)}; "
         "or a JSON/YAML list of nodes (L9H6, 9.6, mlp9); or top:K@DIR of an attribution sweep"
     )
+
+
+# --------------------------------------------------------------------------- #
+# Circuits to evaluate (sweeps/circuit.py): nodes or edges of the attribution graph
+# --------------------------------------------------------------------------- #
+
+
+def edge_name(upstream: str, downstream: str, input: str) -> str:
+    """``L0H1->L2H3.q``: an edge of the attribution graph, as circuit files write it."""
+    return f"{upstream}->{downstream}.{input}"
+
+
+def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
+    """(level, membership in graph order) of a circuit file: a JSON/YAML list (or
+    ``{"nodes": [...]}`` / ``{"edges": [...]}``) of node names (``embed``, ``L9H6``, ``9.6``,
+    ``mlp9``, ``L9H*``, ``L9``) or of edges ``upstream->downstream.input`` (``L0H1->L2H3.q``,
+    ``embed->L1KV0.k``, ``mlp3->mlp4.mlp``, ``L5H1->resid_final.resid``; ``:input`` works too).
+    Every name is checked against ``graph``; a name it lacks is an error naming it."""
+    if not path.is_file():
+        raise CircuitError(f"circuit file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # json/yaml parse errors
+        raise CircuitError(f"cannot parse circuit file {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = data.get("edges", data.get("nodes"))
+    if not isinstance(data, list) or not data:
+        raise CircuitError(f"circuit file {path} must hold a non-empty list of nodes or of edges")
+    items = [str(item).strip() for item in data]
+    edges = ["->" in item for item in items]
+    if any(edges) and not all(edges):
+        raise CircuitError(f"circuit file {path} mixes nodes and edges; list one kind")
+    if all(edges):
+        index = {}
+        for d, p in zip(graph.downstream, graph.prefix):
+            for u in graph.upstream[:p]:
+                index[edge_name(u, d.name, d.input)] = len(index)
+        member = [False] * graph.n_edges
+        for item in items:
+            upstream, _, rest = item.partition("->")
+            down, sep, input = rest.rpartition(".") if "." in rest else rest.rpartition(":")
+            name = edge_name(upstream.strip(), down.strip(), input.strip())
+            if name not in index:
+                close = difflib.get_close_matches(name, list(index), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise CircuitError(f"circuit file {path}: the model has no edge {item!r}{hint}; write "
+                                   "upstream->downstream.input, e.g. L0H1->L2H3.q or mlp3->resid_final.resid")
+            member[index[name]] = True
+        return "edge", member
+    n_layers = sum(1 for d in graph.downstream if d.input == "q" and d.head == 0)
+    n_heads = sum(1 for d in graph.downstream if d.input == "q" and d.layer == 0)
+    has_mlp = any(d.input == "mlp" for d in graph.downstream)
+    names = set()
+    for item in items:
+        if item == "embed":
+            names.add(item)
+            continue
+        try:
+            names.update(n.name for n in parse_node_pattern(item, n_layers, n_heads, has_mlp, f"{path}: entry"))
+        except NodeError as err:
+            raise CircuitError(str(err)) from None
+    return "node", [u in names for u in graph.upstream]

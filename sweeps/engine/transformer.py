@@ -408,7 +408,8 @@ class Edit:
     ``q``/``k``/``v`` edits act on what the projection *reads* (the stream before its
     norm): with ``head`` set, only that head (query head for ``q``, key/value head for
     ``k``/``v``) reads ``stream + delta``; without it ``delta`` is ``[B T n D]``, one change
-    per head. ``resid_final`` takes ``layer = n_layers``.
+    per head, and ``replace(stream)`` returns every head's own input ``[B T n D]``.
+    ``resid_final`` takes ``layer = n_layers``.
     """
 
     site: str
@@ -422,8 +423,8 @@ class Edit:
             raise ValueError(f"unknown intervention site {self.site!r}; sites: {', '.join(SITES)}")
         if (self.delta is None) == (self.replace is None):
             raise ValueError("an Edit takes exactly one of delta and replace")
-        if self.replace is not None and self.site in ("q", "k", "v"):
-            raise ValueError("q/k/v edits are additive changes of a head's input")
+        if self.replace is not None and self.site in ("q", "k", "v") and self.head is not None:
+            raise ValueError("a one-head q/k/v edit is an additive change of that head's input")
 
     def apply(self, value: Tensor) -> Tensor:
         return self.replace(value) if self.replace is not None else value + self.delta
@@ -477,7 +478,7 @@ def _projections(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], index: 
     for site, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
         for e in index.get((site, layer), ()):
             if e.head is None:  # every head reads its own changed stream
-                moved = sublayer_input(w.cfg, x[:, :, None] + e.delta)  # [B T n D]
+                moved = sublayer_input(w.cfg, e.replace(x) if e.replace is not None else x[:, :, None] + e.delta)
                 out[site] = torch.einsum("bthd,hde->bthe", moved, W[layer]) + b[layer]
             else:
                 one = torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Circuit evaluation: how faithful is a circuit, and how fast does a ranking find one?
+
+A circuit keeps its edges (or nodes) clean and takes everything outside it from
+the corrupt run: at edge level each downstream input (q of each head, k and v of
+each key/value head, each MLP's input, the final stream) receives this run's
+value of the upstream nodes whose edge is in the circuit and the corrupt run's
+value of the rest; at node level every node outside the circuit (the embeddings,
+a head, an MLP) gives its corrupt output to every reader. Faithfulness =
+(m(C) - m(corrupt)) / (m(clean) - m(corrupt)): 1 is the full model, 0 the
+corrupt run (the empty circuit is exactly the corrupt run, the full one the
+clean run).
+
+--from DIR evaluates the top edges (or nodes) of an attribution result at each
+of --sizes (fractions of all edges or nodes, top by |score|): a faithfulness
+curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
+between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
+exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
+circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
+(upstream->downstream.input, e.g. L0H1->L2H3.q, embed->L1KV0.k,
+mlp3->resid_final.resid).
+
+One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
+faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
+faithfulness) and summary.json (cpr, cmd per curve) under --out, a plot
+(faithfulness.png/.html) and a W&B run. Model and task default to the first
+--from result's.
+
+Examples:
+  python sweeps/attribution.py --model tiny-gpt2 --executor local
+  python sweeps/circuit.py --from results/attribution/tiny-gpt2__ioi --executor local
+  python sweeps/circuit.py --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
+  python sweeps/circuit.py --circuit my_circuit.yaml --model gpt2-small
+  ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.engine.cli import ArgumentParser, UserError, add_common_options, cli_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    sections = __doc__.split("\n\n")
+    parser = ArgumentParser(
+        prog="sweeps/circuit.py",
+        description="\n\n".join(sections[:4]),
+        epilog="\n".join(sections[4:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_options(parser, "circuit")
+    parser.set_defaults(model=None, task=None)  # default: the first --from result's
+    g = parser.add_argument_group("circuit evaluation")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
+                      help="attribution results (sweeps/attribution.py --out): one faithfulness curve each")
+    what.add_argument("--circuit", metavar="FILE", help="one circuit: a JSON/YAML list of nodes or of edges")
+    g.add_argument("--level", choices=("node", "edge"),
+                   help="with --from: rank edges (default) or nodes; with --circuit: what the file lists")
+    g.add_argument("--sizes", metavar="LIST",
+                   help="comma-separated fractions in (0, 1] of the edges (nodes) to keep, top by |score| "
+                   "(default: 16 log-spaced from 0.001 to 1)")
+    return parser
+
+
+def parse_sizes(text: str | None) -> list[float]:
+    """``"0.01,0.1,1"`` -> sorted fractions; a one-line error for anything outside (0, 1]."""
+    from sweeps.engine.circuit_eval import default_sizes
+
+    if text is None:
+        return [s for s in default_sizes() if s > 0]
+    sizes = set()
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise UserError(f"--sizes item {item!r} is not a number") from None
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise UserError(f"--sizes item {item!r} must be a fraction in (0, 1]")
+        sizes.add(value)
+    if not sizes:
+        raise UserError("--sizes is empty; give e.g. 0.001,0.01,0.1,1")
+    return sorted(sizes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(build_parser, run, argv)
+
+
+def _curves_from_results(args, graph) -> list:
+    """One ranking a --from directory: its edge (or node) scores in graph order."""
+    from analysis.attribution import load_attribution_results
+    from analysis.results import ResultsError
+    from sweeps.engine.circuit_sweep import Curve
+    from sweeps.engine.circuits import edge_name
+
+    curves, labels = [], set()
+    for source in args.sources:
+        try:
+            results = load_attribution_results(source)
+        except ResultsError as err:
+            raise UserError(f"--from {source}: {err}") from None
+        if results.spec.get("model") != args.model:
+            raise UserError(f"--from {source} holds results for {results.spec.get('model')}, not {args.model}")
+        if args.level == "node":
+            by = dict(zip(results.nodes.node, results.nodes.score))
+            names = list(graph.upstream)
+        else:
+            if results.edges.empty:
+                raise UserError(f"--from {source} has no edge scores ({results.method} scored nodes only); "
+                                "use --level node")
+            by = {edge_name(u, d, i): s for u, d, i, s in zip(results.edges.upstream, results.edges.downstream,
+                                                                  results.edges.input, results.edges.score)}
+            names = [edge_name(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
+                     for u in graph.upstream[:p]]
+        missing = [n for n in names if n not in by]
+        if missing:
+            raise UserError(f"--from {source}: no score for {len(missing)} of the model's {args.level}s "
+                            f"(e.g. {missing[0]}); is it an attribution result for this model?")
+        label = results.method + (f" ({results.spec.get('ig_steps')} steps)" if results.method.startswith("eap-ig") else "")
+        if label in labels:
+            label = f"{label} [{Path(str(source)).name}]"
+        labels.add(label)
+        curves.append(Curve(label, str(source), args.level, scores=tuple(float(by[n]) for n in names)))
+    return curves
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    # Imports here keep --help instant.
+    from analysis.circuit import DATASETS, DERIVED, load_circuit_results, summary_lines
+    from sweeps.engine.attribution import build_graph
+    from sweeps.engine.bridge_path import GraphConfig
+    from sweeps.engine.circuit_sweep import CircuitJob, Curve, plan_circuits
+    from sweeps.engine.circuits import CircuitError, read_graph_circuit
+    from sweeps.engine.cli import DEFAULT_MODEL
+    from sweeps.engine.driver import input_errors, prepare_inputs, print_failures, run_sweep
+
+    sizes = parse_sizes(args.sizes)
+    if args.sources:  # model, task and prompts default to the first result's
+        first = Path(str(args.sources[0])) / "sweep.json"
+        try:
+            spec0 = json.loads(first.read_text()) if first.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            spec0 = {}
+        args.model = args.model or spec0.get("model")
+        args.task = args.task or spec0.get("task")
+        if args.n_prompts is None and spec0.get("n_prompts") and args.task == spec0.get("task"):
+            args.n_prompts = int(spec0["n_prompts"])
+        args.level = args.level or "edge"
+    args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
+    try:  # cheap checks first: nothing here loads model weights
+        inputs = prepare_inputs(args, "circuit")
+    except input_errors() as err:
+        raise UserError(str(err)) from None
+    info, task = inputs.info, inputs.task
+    if info.path != "fast":
+        raise UserError(f"circuit evaluation runs on the fast path's families; {args.model} runs on the bridge path")
+    graph = build_graph(GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads,
+                                    not info.has_mlp, info.parallel))
+    if args.circuit:
+        try:
+            level, member = read_graph_circuit(Path(args.circuit), graph)
+        except CircuitError as err:
+            raise UserError(str(err)) from None
+        if args.level and args.level != level:
+            raise UserError(f"--level {args.level}, but {args.circuit} lists {level}s")
+        args.level = level
+        curves = [Curve(Path(args.circuit).name, args.circuit, level, fixed=tuple(member))]
+    else:
+        curves = _curves_from_results(args, graph)
+    fingerprint = hashlib.blake2b(repr([(c.label, c.scores, c.fixed) for c in curves]).encode(),
+                                  digest_size=8).hexdigest()
+    n_circuits = len(plan_circuits(curves, sizes, set()))
+    spec = {
+        "sweep": "circuit", "model": args.model, "task": task.name, "task_params": task.params,
+        "task_hash": task.fingerprint(), "seed": args.seed, "metric": task.kind, "n_prompts": task.n_prompts,
+        "level": args.level, "sizes": sizes, "curves": [[c.label, c.source] for c in curves],
+        "curves_hash": fingerprint, "n_circuits": n_circuits,
+    }
+
+    def plan(done: set[str]):
+        todo = plan_circuits(curves, sizes, done)
+        return todo, (f"circuit evaluation ({args.level} level): {args.model} on {task.name}, {len(curves)} "
+                      f"curve(s), {n_circuits} circuits, {n_circuits - len(todo)} done, {len(todo)} to run")
+
+    def finish(store) -> None:
+        """faithfulness/ and summary.json (under the sweep's lock)."""
+        import pyarrow as pa
+
+        results = load_circuit_results(inputs.out)
+        store.write_derived("faithfulness", pa.Table.from_pandas(results.faithfulness, preserve_index=False))
+        summary = results.summary()
+        (store.out / "summary.json").write_atomic(json.dumps({
+            "clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
+            "n_points": results.n_points, "curves": json.loads(summary.to_json(orient="records")),
+        }, indent=2).encode())
+
+    failures = run_sweep(
+        args, argv, "sweeps/circuit.py", inputs, spec, DATASETS, plan, CircuitJob(task, curves),
+        units=lambda s: 1, unit_name="circuit", cost=lambda s: 1.0,
+        columns={"n_prompts": task.n_prompts}, derived=DERIVED, finish=finish,
+    )
+    if isinstance(failures, int):
+        return failures
+    print_failures(failures)
+    if failures:
+        return 1
+    results = load_circuit_results(inputs.out)
+    print()
+    print("\n".join(summary_lines(results)))
+    if not args.no_report:
+        from analysis.report import write_circuit_report
+
+        write_circuit_report(results, wandb_mode=args.wandb, project=args.wandb_project)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

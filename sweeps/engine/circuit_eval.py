@@ -1,0 +1,179 @@
+"""Circuit evaluation: the metric of a circuit, and faithfulness curves (MIB's CPR and CMD).
+
+Plain functions on tensors; no Ray, no I/O.
+
+A circuit is a set of edges of the attribution graph (``attribution.Graph``): upstream
+nodes (the embeddings, each head, each MLP) to downstream inputs (q of each head, k and
+v of each key/value head, each MLP's input, the final stream). Running it: the clean
+prompts go through the model, and every downstream input ``d`` reads
+
+    x_d = stream − Σ_{u → d not in the circuit} (a_u − a*_u)
+
+where ``stream`` is what ``d`` would read in this run, ``a_u`` the output of ``u`` in this
+same run and ``a*_u`` its output in the corrupt run: the edges in the circuit carry the
+run's own values, the rest the corrupt ones. A node-level circuit is the edge circuit of
+every edge out of its nodes: a node outside it gives its corrupt output to every reader.
+The empty circuit is the corrupt run and the full one the clean run, exactly (tested).
+
+An upstream node's output is what it adds to the stream: the embedding, ``z_h W_O[h]``
+of a head, the MLP's write. Under a post-norm a sublayer writes ``P(y)``, ``y = Σ_h z_h
+W_O[h] + b_O``, and a head's output is its share ``(z_h W_O[h] + b_O / H) / rms(y) ⊙ w``
+(the shares sum to ``P(y)``, so the empty circuit is still the corrupt run).
+
+Faithfulness of a circuit ``C``: ``(m(C) − m(corrupt)) / (m(clean) − m(corrupt))``, the
+metric summed over the task's points. Over circuits of growing size (fractions of the
+edges or nodes, top by |score|) it makes a curve; MIB's CPR is the area under it and CMD
+the area between it and 1 (``|1 − f|``), both over the fraction axis (trapezoids).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from sweeps.engine import transformer as tf
+from sweeps.engine.attribution import Graph, metric_terms, rows_per_layer, upstream_row
+from sweeps.engine.transformer import ModelWeights
+from tasks.base import TaskData
+
+LEVELS = ("node", "edge")
+
+
+def default_sizes() -> list[float]:
+    """Log-spaced fractions from 0.1 % to 100 %, with 0 (the corrupt run) first."""
+    return [0.0, *np.round(np.logspace(-3, 0, 16), 6).tolist()]
+
+
+def node_edge_mask(graph: Graph, nodes: set[str]) -> Bool[Tensor, "n_edges"]:
+    """The edge circuit of a node circuit: every edge out of one of ``nodes``."""
+    inside = torch.tensor([u in nodes for u in graph.upstream])
+    return torch.cat([inside[:p] for p in graph.prefix])
+
+
+def top_mask(scores: Float[Tensor, "n"], k: int) -> Bool[Tensor, "n"]:
+    """The ``k`` entries of highest |score| (ties: the first in order)."""
+    mask = torch.zeros(scores.shape[0], dtype=torch.bool)
+    if k > 0:
+        order = torch.argsort(-scores.abs().nan_to_num(-1.0), stable=True)
+        mask[order[:k]] = True
+    return mask
+
+
+def head_outputs(w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"]) -> Float[Tensor, "B T H D"]:
+    """Each head's output (see the module docstring): ``z_h W_O[h]``, or its post-norm share
+    with ``b_O / H``."""
+    out = torch.einsum("bthe,hed->bthd", z, w.W_O[layer])
+    if w.cfg.post_norm:
+        inv = tf.post_norm_inv_rms(w.cfg, tf.attention_sum(w, layer, z))  # [B T 1]
+        out = (out + w.b_O[layer] / w.cfg.n_heads) * inv[..., None, :] * w.ln_attn_post[layer]
+    return out
+
+
+class CircuitRunner:
+    """Evaluates circuits of one batch: the corrupt run's node outputs are taken once."""
+
+    def __init__(self, w: ModelWeights, graph: Graph, task: TaskData):
+        self.w, self.graph, self.task = w, graph, task
+        cfg, device = w.cfg, w.device
+        self.clean_tokens = task.clean.to(device)
+        with torch.no_grad():
+            corrupt_embed = tf.embed(w, task.corrupt.to(device))
+            corrupt = tf.forward(w, corrupt_embed, record=("z", "mlp_out"))
+            U = len(graph.upstream)
+            B, T = self.clean_tokens.shape
+            self.corrupt_out = torch.empty(U, B, T, cfg.d_model, device=device)  # a*_u
+            self.corrupt_out[0] = corrupt_embed
+            for layer in range(cfg.n_layers):
+                row = upstream_row(cfg, layer, 0)
+                self.corrupt_out[row : row + cfg.n_heads] = head_outputs(w, layer, corrupt.z[layer]).permute(2, 0, 1, 3)
+                if not cfg.attn_only:
+                    self.corrupt_out[row + cfg.n_heads] = corrupt.mlp_out[layer]
+            self.corrupt_metric = float(metric_terms(w, corrupt.resid_final, task).sum())
+            self.clean_metric = float(metric_terms(w, tf.forward(w, tf.embed(w, self.clean_tokens)).resid_final,
+                                                   task).sum())
+        self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
+
+    @torch.no_grad()
+    def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
+        """Σ metric over the batch's points with only the edges of ``mask`` carrying clean values."""
+        w, graph, cfg = self.w, self.graph, self.w.cfg
+        if mask.shape[0] != graph.n_edges:
+            raise ValueError(f"a circuit mask of {mask.shape[0]} edges for a graph of {graph.n_edges}")
+        missing = (~mask.to(w.device)).to(self.corrupt_out.dtype)
+        diff = torch.zeros_like(self.corrupt_out)  # a_u − a*_u of this run, filled as it runs
+        flat = diff.flatten(1)
+        B, T, D = self.corrupt_out.shape[1:]
+        per_layer = rows_per_layer(cfg)
+
+        def removed(first: int, n: int) -> Float[Tensor, "n B T D"]:
+            """Σ over the out-of-circuit edges of downstream rows first..first+n−1 of (a_u − a*_u)."""
+            p = graph.prefix[first + n - 1]  # rows of one site share a prefix
+            weights = torch.stack([missing[self.offsets[i] : self.offsets[i] + p] for i in range(first, first + n)])
+            return (weights @ flat[:p]).view(n, B, T, D)
+
+        def record_embed(x):
+            diff[0] = x - self.corrupt_out[0]
+            return x
+
+        def reads(first: int, n: int):
+            def edit(x):  # [B T D] -> each head's own input [B T n D]
+                return x[:, :, None] - removed(first, n).permute(1, 2, 0, 3)
+            return edit
+
+        def record_heads(layer: int):
+            def edit(z):
+                row = upstream_row(cfg, layer, 0)
+                diff[row : row + cfg.n_heads] = (head_outputs(w, layer, z).permute(2, 0, 1, 3)
+                                                 - self.corrupt_out[row : row + cfg.n_heads])
+                return z
+            return edit
+
+        def record_mlp(layer: int):
+            def edit(out):
+                row = upstream_row(cfg, layer, None)
+                diff[row] = out - self.corrupt_out[row]
+                return out
+            return edit
+
+        def read_one(index: int):
+            def edit(x):
+                return x - removed(index, 1)[0]
+            return edit
+
+        H, K = cfg.n_heads, cfg.n_kv_heads
+        edits = [tf.Edit("resid_pre", 0, replace=record_embed)]
+        for layer in range(cfg.n_layers):
+            first = layer * per_layer
+            edits += [
+                tf.Edit("q", layer, replace=reads(first, H)),
+                tf.Edit("k", layer, replace=reads(first + H, K)),
+                tf.Edit("v", layer, replace=reads(first + H + K, K)),
+                tf.Edit("z", layer, replace=record_heads(layer)),
+            ]
+            if not cfg.attn_only:
+                edits += [tf.Edit("mlp_in", layer, replace=read_one(first + H + 2 * K)),
+                          tf.Edit("mlp_out", layer, replace=record_mlp(layer))]
+        edits.append(tf.Edit("resid_final", cfg.n_layers, replace=read_one(len(graph.downstream) - 1)))
+        final = tf.forward(w, tf.embed(w, self.clean_tokens), 0, edits).resid_final
+        return float(metric_terms(w, final, self.task).sum())
+
+
+def faithfulness(metric: float, clean: float, corrupt: float) -> float:
+    """``(m(C) − m(corrupt)) / (m(clean) − m(corrupt))``; NaN when clean = corrupt."""
+    gap = clean - corrupt
+    return (metric - corrupt) / gap if abs(gap) > 1e-12 else math.nan
+
+
+def area_scores(fractions, faith) -> tuple[float, float]:
+    """(CPR, CMD) of a faithfulness curve over circuit fractions in [0, 1] (MIB): the area
+    under ``f`` and the area under ``|1 − f|``, by trapezoids over the fractions given."""
+    x, f = np.asarray(fractions, dtype=float), np.asarray(faith, dtype=float)
+    order = np.argsort(x)
+    x, f = x[order], f[order]
+    if len(x) < 2:
+        return math.nan, math.nan
+    return float(np.trapezoid(f, x)), float(np.trapezoid(np.abs(1.0 - f), x))

@@ -1,0 +1,138 @@
+"""The circuit sweep on one worker: shards are circuits (one size of one curve).
+
+A ``CircuitShard`` (``C1_edge_0000360``: curve 1, its 360 top edges) evaluates one circuit
+over every prompt of the task, in passes sized for the device, and returns raw sums (the
+circuit's metric, the clean and corrupt metric, the number of points), so faithfulness is
+exact however the prompts were split. A curve is a ranking (an attribution result's
+scores, top by |score|) or one fixed circuit (a file).
+
+No Ray here: the executors in ``run.py`` wrap ``CircuitJob``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sweeps.engine import attribution as A
+from sweeps.engine import circuit_eval as CE
+from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
+from tasks.base import TaskData
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One faithfulness curve: circuits of growing size from one ranking, or one fixed circuit.
+
+    ``scores`` (graph order: edges at edge level, upstream nodes at node level) ranks the
+    candidates by |score|; ``fixed`` is a circuit's membership in the same order."""
+
+    label: str  # the method of an attribution result, or the circuit file's name
+    source: str  # the attribution results directory or the circuit file
+    level: str  # "node" | "edge"
+    scores: tuple[float, ...] = ()
+    fixed: tuple[bool, ...] = ()
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.scores or self.fixed)
+
+
+@dataclass(frozen=True)
+class CircuitShard:
+    curve: int  # index into the job's curves
+    size: float  # fraction of the candidates (1.0 for a fixed circuit)
+    k: int  # candidates in the circuit
+
+    @property
+    def id(self) -> str:
+        return f"C{self.curve}_{self.k:07d}"
+
+
+def sizes_to_k(sizes: list[float], n: int) -> list[tuple[float, int]]:
+    """(fraction, number of candidates) for each size: at least one candidate, distinct k."""
+    seen, out = set(), []
+    for size in sorted(sizes):
+        k = min(n, max(1, round(size * n)))
+        if k not in seen:
+            seen.add(k)
+            out.append((size, k))
+    return out
+
+
+def plan_circuits(curves: list[Curve], sizes: list[float], done: set[str]) -> list[CircuitShard]:
+    shards = []
+    for i, curve in enumerate(curves):
+        if curve.fixed:
+            shards.append(CircuitShard(i, 1.0, int(sum(curve.fixed))))
+        else:
+            shards += [CircuitShard(i, size, k) for size, k in sizes_to_k(sizes, curve.n_candidates)]
+    return [s for s in shards if s.id not in done]
+
+
+def circuit_mask(graph: A.Graph, curve: Curve, k: int) -> tuple[torch.Tensor, int, int]:
+    """(edge mask, n_nodes, n_edges) of curve's circuit with ``k`` candidates. ``n_nodes``
+    counts the upstream nodes with at least one edge in the circuit."""
+    if curve.fixed:
+        chosen = torch.tensor(curve.fixed, dtype=torch.bool)
+    else:
+        chosen = CE.top_mask(torch.tensor(curve.scores, dtype=torch.float64), k)
+    if curve.level == "node":
+        mask = CE.node_edge_mask(graph, {u for u, c in zip(graph.upstream, chosen.tolist()) if c})
+    else:
+        mask = chosen
+    upstream = torch.cat([torch.arange(p) for p in graph.prefix])
+    n_nodes = int(torch.unique(upstream[mask]).numel())
+    return mask, n_nodes, int(mask.sum())
+
+
+@dataclass
+class CircuitJob:
+    """The circuit sweep as a worker sees it (picklable: the task's tensors and the curves)."""
+
+    task: TaskData
+    curves: list[Curve]
+    _weights: object = field(default=None, repr=False)
+    _graph: A.Graph | None = field(default=None, repr=False)
+    _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
+
+    def bind(self, model) -> None:
+        if getattr(model, "weights", None) is None:
+            raise ValueError("circuit evaluation runs on the fast path's families only")
+        self._weights = model.weights
+        self._graph = A.build_graph(model.weights.cfg)
+        for curve in self.curves:
+            expected = self._graph.n_edges if curve.level == "edge" else len(self._graph.upstream)
+            if curve.n_candidates != expected:
+                raise ValueError(f"curve {curve.label}: {curve.n_candidates} {curve.level}s, the model has {expected}")
+
+    def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
+        w, graph, task = self._weights, self._graph, self.task
+        curve = self.curves[shard.curve]
+        mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
+        # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
+        per_pass = max(1, tokens_per_pass(w.device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
+        totals = np.zeros(4)
+
+        def evaluate(a: int, b: int) -> np.ndarray:
+            runner = self._runners.get((a, b))
+            if runner is None:
+                runner = CE.CircuitRunner(w, graph, task.select(slice(a, b)))
+                if len(self._runners) < 64:
+                    self._runners[(a, b)] = runner
+            points = int(A.effect_points(w, runner.task).n)
+            return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, points])
+
+        for _, _, part in map_chunks(task.n_prompts, per_pass, evaluate,
+                                     lambda: "out of memory evaluating a circuit on one prompt; use shorter prompts",
+                                     memory_gauge(w.device)):
+            totals += part
+        return {"circuit_sums": pa.table({
+            "curve": [shard.curve], "circuit": [curve.label], "source": [curve.source], "level": [curve.level],
+            "size": [shard.size], "k": [shard.k], "n_nodes": [n_nodes], "n_edges": [n_edges],
+            "metric_sum": [totals[0]], "clean_sum": [totals[1]], "corrupt_sum": [totals[2]],
+            "n_points": [int(totals[3])],
+        })}
