@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale attribution report test bench clean
+.PHONY: setup sweep scale attribution circuit report test bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ scale: $(STAMP)
 ## The attribution sweep (seeds 001-003): every node and edge, then --verify-top by real patching.
 attribution: $(STAMP)
 	$(BIN)/python sweeps/attribution.py $(ARGS)
+
+## Circuit evaluation: faithfulness curves of attribution results (ARGS="--from results/attribution/...").
+circuit: $(STAMP)
+	$(BIN)/python sweeps/circuit.py $(ARGS)
 
 ## Seed 002's report for a task: DLA, logit lens, attention page (ARGS="--task sentiment").
 report: $(STAMP)

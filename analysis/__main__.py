@@ -1,4 +1,4 @@
-"""``python -m analysis backup|scale|attribution RESULTS_DIR``: plots, tables and a W&B run from saved results."""
+"""``python -m analysis backup|scale|attribution|circuit RESULTS_DIR``: plots, tables and a W&B run from saved results."""
 
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
     p = _subcommand(sub, "attribution")
     p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-heads tables (default 10)")
+    _subcommand(sub, "circuit")
     args = parser.parse_args(argv)
+    if args.command == "circuit":
+        return _circuit(args)
     if args.command == "scale":
         return _scale(args)
     if args.command == "attribution":
@@ -100,3 +103,21 @@ def _attribution(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _circuit(args) -> int:
+    from analysis.circuit import load_circuit_results, summary_lines
+    from analysis.report import write_circuit_report
+    from analysis.results import ResultsError
+
+    try:
+        results = load_circuit_results(args.out, args.allow_mixed_specs)
+    except ResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not results.complete:
+        print(f"warning: {len(results.faithfulness)} of {results.spec.get('n_circuits')} circuits are in",
+              file=sys.stderr)
+    print("\n".join(summary_lines(results)))
+    write_circuit_report(results, args.wandb, args.wandb_project)
+    return 0

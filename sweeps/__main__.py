@@ -3,6 +3,7 @@
     interp-sweeps backup      [ARGS]   the backup-slope sweep (sweeps/backup.py)
     interp-sweeps scale       [ARGS]   the all-nodes x all-scales sweep (sweeps/scale.py)
     interp-sweeps attribution [ARGS]   the attribution sweep (sweeps/attribution.py)
+    interp-sweeps circuit     [ARGS]   circuit evaluation: faithfulness curves, CPR, CMD (sweeps/circuit.py)
     interp-sweeps report      [ARGS]   the task report: DLA, logit lens, attention (sweeps/report.py)
     interp-sweeps analyze SWEEP DIR    tables, figures and a W&B run from saved results
     interp-sweeps validate CLUSTER_YAML   check a Ray cluster config the way `ray up` will
@@ -26,6 +27,7 @@ DELEGATED = {
     "backup": ("sweeps.backup", "the backup-slope sweep: ablate each head, fit how later heads compensate"),
     "scale": ("sweeps.scale", "the all-nodes x all-scales sweep: patch each node at many scales"),
     "attribution": ("sweeps.attribution", "the attribution sweep: every node and edge, checked by real patching"),
+    "circuit": ("sweeps.circuit", "circuit evaluation: faithfulness of circuits and of rankings (CPR, CMD)"),
     "report": ("sweeps.report", "the task report: direct logit attribution, logit lens, attention patterns"),
     "analyze": ("analysis.__main__", "tables, figures and a W&B run from a sweep's saved results"),
 }

@@ -430,6 +430,7 @@ def test_integrated_gradients_with_one_step_equal_eap(tiny_llama, method):
     torch.testing.assert_close(ig.nodes, eap.nodes, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
 @pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
 def test_integrated_gradients_equal_hooked_interpolated_gradients(loaded_model, name, method):
@@ -446,6 +447,7 @@ def test_integrated_gradients_equal_hooked_interpolated_gradients(loaded_model, 
     assert not np.allclose(ours.edges.numpy(), eap.edges.numpy(), rtol=1e-3, atol=1e-4)  # the steps mattered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_exact_node_scores_equal_the_scale_sweeps_metric_drop_at_scale_one(loaded_model, name):
     """``--method exact`` against an independent patcher: the scale sweep, each prompt's
@@ -468,6 +470,7 @@ def test_exact_node_scores_equal_the_scale_sweeps_metric_drop_at_scale_one(loade
     assert exact.nodes.abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_exact_edge_scores_are_real_path_patching(tiny_llama):
     """Every edge's exact score is the hooked path patch of that edge alone (a sample of edges
     of every input kind, grouped-query key/value heads included)."""

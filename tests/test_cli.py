@@ -232,6 +232,77 @@ def test_prompts_of_different_lengths_give_no_pairs(capsys, no_model_loading, tm
 
 
 # --------------------------------------------------------------------------- #
+# The attribution methods and circuit evaluation
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "eap-ig"], "unknown --method 'eap-ig' (did you mean 'eap'?)"),
+    (["--method", "eap-ig-inputs", "--ig-steps", "0"], "--ig-steps"),
+])
+def test_bad_attribution_methods(capsys, no_model_loading, tmp_path, args, message):
+    from sweeps import attribution
+
+    line = fails(capsys, "--model", "tiny-gpt2", "--out", str(tmp_path / "out"), *args, command=attribution)
+    assert message in line
+
+
+def test_exact_attribution_says_when_it_patches_nodes_only(capsys, no_model_loading, tmp_path, monkeypatch):
+    """The embedded model has too many edges for exact edge patching: one line says so
+    before anything runs."""
+    from sweeps import attribution
+    from sweeps.engine import driver
+
+    monkeypatch.setattr(driver, "run_sweep", lambda *a, **k: 0)
+    assert attribution.main(["--method", "exact", "--out", str(tmp_path / "out"), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "has 70,651 edges, more than --max-exact-edges 5,000" in out and "its 301 nodes only" in out
+
+
+def test_model_shape_counts_the_attribution_graph(loaded_model):
+    """``ModelInfo.n_edges`` (from the config alone, before loading) is the built graph's."""
+    from sweeps.engine.attribution import build_graph
+
+    for name in ("tiny-gpt2", "tiny-llama", "tiny-pythia"):
+        info = models.describe_model(name)
+        graph = build_graph(loaded_model(name).weights.cfg)
+        assert (info.n_edges, info.n_nodes) == (graph.n_edges, len(graph.upstream)), name
+
+
+def circuit_fails(capsys, tmp_path, *args) -> str:
+    from sweeps import circuit
+
+    return fails(capsys, "--model", "tiny-llama", "--out", str(tmp_path / "out"), *args, command=circuit)
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ("0.5,0", "'0' must be a fraction in (0, 1]"),
+    ("1.5", "'1.5' must be a fraction in (0, 1]"),
+    ("a", "'a' is not a number"),
+])
+def test_bad_circuit_sizes(capsys, no_model_loading, tmp_path, sizes, message):
+    (tmp_path / "c.json").write_text('["L0H1"]')
+    assert message in circuit_fails(capsys, tmp_path, "--circuit", str(tmp_path / "c.json"), "--sizes", sizes)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('["L0H1", "L7H0"]', "layer 7 is out of range"),
+    ('["L0H1->L2H3.q", "mlp9->mlp10.mlp"]', "the model has no edge 'mlp9->mlp10.mlp'"),
+    ('["L0H1->L2H3.z"]', "the model has no edge 'L0H1->L2H3.z'"),
+    ('["L0H1", "L0H1->L2H3.q"]', "mixes nodes and edges"),
+    ('[]', "non-empty list"),
+])
+def test_circuits_naming_what_the_model_lacks(capsys, no_model_loading, tmp_path, content, message):
+    (tmp_path / "c.json").write_text(content)
+    assert message in circuit_fails(capsys, tmp_path, "--circuit", str(tmp_path / "c.json"))
+
+
+def test_circuit_from_a_directory_without_results(capsys, no_model_loading, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "holds no sweep results" in circuit_fails(capsys, tmp_path, "--from", str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- #
 # interp-sweeps: one command for all of them
 # --------------------------------------------------------------------------- #
 
@@ -243,7 +314,7 @@ def test_interp_sweeps_lists_every_command_and_delegates(capsys):
         interp_sweeps(["--help"])
     assert exit_.value.code == 0
     listed = capsys.readouterr().out
-    for command in ("backup", "scale", "attribution", "report", "analyze", "validate", "models", "tasks"):
+    for command in ("backup", "scale", "attribution", "circuit", "report", "analyze", "validate", "models", "tasks"):
         assert f"    {command}" in listed, command
     assert interp_sweeps(["models"]) == 0
     out = capsys.readouterr().out
