@@ -130,6 +130,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         pairs = make_pairs(task, args.pairs, args.max_pairs, args.seed, args.self_patch)
     except input_errors() as err:
         raise UserError(str(err)) from None
+    if circuit is not None:
+        print(f"circuit {circuit.label}: {len(circuit.nodes)} nodes, {', '.join(circuit.names())}", file=sys.stderr)
     if circuit is not None and circuit.model and circuit.model != args.model:
         print(f"note: circuit {circuit.label} describes {circuit.model}; on {args.model} its nodes are "
               "labels at the same positions only", file=sys.stderr)

@@ -401,6 +401,15 @@ def test_top_nodes_become_the_scale_sweeps_circuit(tmp_path):
     patchable = nodes[nodes.kind != "embed"].node.head(3).tolist()
     circuit = load_circuit(f"top:3@{out}", "tiny-gpt2", 3, 4)
     assert sorted(n.name for n in circuit.nodes) == sorted(patchable)
+    assert circuit.label.endswith("(eap)")
+    # Any method's result serves: exact scores rank the nodes by their real patching effect.
+    exact = tmp_path / "exact"
+    assert run_attribution(exact, "--verify-top", "0", "--method", "exact", model="tiny-gpt2") == 0
+    nodes = pd.read_parquet(exact / "nodes")
+    assert set(nodes.method) == {"exact"}
+    circuit = load_circuit(f"top:3@{exact}", "tiny-gpt2", 3, 4)
+    assert sorted(n.name for n in circuit.nodes) == sorted(nodes[nodes.kind != "embed"].node.head(3))
+    assert circuit.label.endswith("(exact)")
 
 
 def test_report_of_an_attribution_sweep(tmp_path):

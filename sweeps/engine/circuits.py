@@ -131,8 +131,10 @@ def load_circuit(text: str | None, model: str, n_layers: int, n_heads: int, has_
         nodes = _nodes(preset["nodes"], f"preset {name} ({preset['model']})", n_layers, n_heads, has_mlp)
         return Circuit(name, nodes, preset["model"])
     if text.startswith("top:"):
-        nodes, _ = _top_k(text, model, n_layers, n_heads, has_mlp)
-        return Circuit(text, nodes)
+        nodes, directory = _top_k(text, model, n_layers, n_heads, has_mlp)
+        spec_path = Path(directory) / "sweep.json"
+        method = json.loads(spec_path.read_text()).get("method", "eap") if spec_path.is_file() else "eap"
+        return Circuit(f"{text} ({method})", nodes)
     path = Path(text)
     if path.is_file():
         return Circuit(text, _nodes(_read_file(path), f"circuit file {path}", n_layers, n_heads, has_mlp))
