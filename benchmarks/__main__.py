@@ -9,6 +9,7 @@ Sections (each prints its own table, then one summary table of every ratio):
   backup       cost per upstream head / one forward pass to logits; seed 000's recipe beside it
   scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; seed 004's loop
   attribution  the whole attribution sweep / one forward of the dataset; against autograd's floor
+  circuits     EAP, one EAP-IG step and one circuit evaluation / one forward, on IOI
   families     backup per head and scale per row / a forward on SmolLM2, Gemma-3-270M's and
                Qwen2.5-0.5B's shapes (random weights; a 262k and a 152k vocabulary)
   ray          the Ray executor with one and two workers against the in-process one
@@ -32,11 +33,11 @@ import time
 
 import torch
 
-from benchmarks import attribution, backup, families, growth, memory, profile, ray_overhead, scale, throughput
+from benchmarks import attribution, backup, circuits, families, growth, memory, profile, ray_overhead, scale, throughput
 from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 from sweeps.engine.allocator import keep_freed_memory
 
-SECTIONS = ("backup", "scale", "attribution", "families", "ray", "memory", "growth")
+SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
 EXTRA = ("profile", "throughput")  # only when asked for (throughput: also with a GPU, and in --quick)
 
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "backup": lambda: backup.run(setup),
         "scale": lambda: scale.run(setup),
         "attribution": lambda: attribution.run(setup),
+        "circuits": lambda: circuits.run(setup),
         "families": lambda: families.run(args.quick),
         "ray": lambda: ray_overhead.run(setup),
         "memory": lambda: (memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32)) if args.quick
