@@ -85,6 +85,23 @@ def test_attribution_and_real_patching_through_the_bridge_equal_the_fast_path(bo
 
 
 @pytest.mark.parametrize("name", BOTH_PATHS)
+def test_exact_attribution_through_the_bridge_equals_the_fast_path(both, name):
+    """``--method exact`` on both paths (the job's own shard code): every node and edge."""
+    from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
+
+    fast, bridge, task = both[name]
+    tables = []
+    for model in (fast, bridge):
+        job = AttributionJob(task, "exact", exact_edges=True)
+        job.bind(model)
+        tables.append(job.run_shard(AttributionShard(0, task.n_prompts)))
+    for name_ in ("node_sums", "edge_sums"):
+        ours, theirs = (t[name_].column("raw").to_numpy() for t in tables)
+        assert np.abs(ours).max() > 1e-3
+        np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
 def test_task_report_through_the_bridge_equals_the_fast_path(both, name):
     fast, bridge, task = both[name]
     ours, theirs = task_report(fast.weights, task), bridge_path.task_report(bridge.bridge, task)

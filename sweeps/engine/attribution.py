@@ -657,17 +657,22 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
 MAX_EXACT_EDGES = 5000
 
 
+def every_target(graph: Graph, with_edges: bool) -> list[Target]:
+    """Every node, then (``with_edges``) every edge in Graph order."""
+    targets = [Target(u) for u in graph.upstream]
+    if with_edges:
+        targets += [Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
+                    for u in graph.upstream[:p]]
+    return targets
+
+
 @torch.no_grad()
 def exact_scores(w: ModelWeights, graph: Graph, task: TaskData, with_edges: bool) -> BatchAttribution:
     """``--method exact``: each node's (and, ``with_edges``, each edge's) score is the real
     change of the metric when it alone is patched to its corrupt value, ``m(clean) −
     m(patched)`` summed over the batch's points (``patch_metric``). Without edges the edge
     scores are NaN."""
-    targets = [Target(u) for u in graph.upstream]
-    if with_edges:
-        targets += [Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
-                    for u in graph.upstream[:p]]
-    patched = patch_metric(w, graph, task, targets)
+    patched = patch_metric(w, graph, task, every_target(graph, with_edges))
     clean_terms = metric_terms(w, forward(w, tf.embed(w, task.clean.to(w.device))).resid_final, task)
     corrupt = float(metric_terms(w, forward(w, tf.embed(w, task.corrupt.to(w.device))).resid_final, task).sum())
     clean = float(clean_terms.sum())

@@ -163,10 +163,7 @@ class AttributionJob:
         gradient methods' (``attribution.exact_scores``)."""
         graph = self._graph
         if self._bridge is not None:
-            targets = [A.Target(u) for u in graph.upstream]
-            if self.exact_edges:
-                targets += [A.Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
-                            for u in graph.upstream[:p]]
+            targets = A.every_target(graph, self.exact_edges)
             with torch.no_grad():
                 clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
                 corrupt = float(bridge_path.metric_sum(self._bridge(batch.corrupt), batch))

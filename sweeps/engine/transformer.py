@@ -25,7 +25,7 @@ E d_head, M d_mlp, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -453,10 +453,10 @@ class BlockState:
     resid_post: Optional[Float[Tensor, "B T D"]] = None
 
 
-Edits = dict  # (site, layer) -> [Edit, ...]
+Edits = dict[tuple[str, int], list[Edit]]  # the edits of a forward by (site, layer)
 
 
-def _by_site(edits) -> Edits:
+def _by_site(edits: Sequence[Edit]) -> Edits:
     index: Edits = {}
     for e in edits:
         index.setdefault((e.site, e.layer), []).append(e)
@@ -492,13 +492,13 @@ def blocks(
     w: ModelWeights,
     resid: Float[Tensor, "B T D"],
     start: int = 0,
-    edits=(),
+    edits: Sequence[Edit] = (),
     *,
     stop: Optional[int] = None,
     from_mid: bool = False,
     cut: bool = False,
     rope: Rope = None,
-):
+) -> Iterator[BlockState]:
     """Run blocks ``start..stop-1`` from the stream entering block ``start`` (with
     ``from_mid``: block ``start``'s stream after its attention), yielding each block's
     ``BlockState``. A caller that keeps nothing holds one block's activations at a time.
@@ -574,9 +574,9 @@ def forward(
     w: ModelWeights,
     resid: Float[Tensor, "B T D"],
     start: int = 0,
-    edits=(),
+    edits: Sequence[Edit] = (),
     *,
-    record=(),
+    record: Sequence[str] = (),
     from_mid: bool = False,
     cut: bool = False,
     rope: Rope = None,
