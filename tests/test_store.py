@@ -46,11 +46,11 @@ def test_store_on_a_filesystem_without_local_paths(tmp_path):
         store.prepare({"sweep": "t"}, resume=True)
         store.write_shard("s1", {"a": table}, {})
         store.write_shard("s2", {"a": table}, {})
-        assert store.completed() == {"s1", "s2"}
+        assert store.reconcile() == {"s1", "s2"}
         disk = tmp_path / "bucket" / "sweep" / "a"
         (disk / "s2.parquet").write_bytes((disk / "s2.parquet").read_bytes()[:-20])
         (disk / ".s3.parquet.tmp").write_bytes(b"half")
-        assert store.completed() == {"s1"}  # the damaged file is set aside, not trusted
+        assert store.reconcile() == {"s1"}  # the damaged file is set aside, not trusted
         assert sorted(p.name for p in disk.iterdir()) == ["s1.parquet"]
     assert not (tmp_path / "bucket" / "sweep" / ".lock").exists()  # released
     with store.lock():  # and can be taken again
@@ -84,3 +84,37 @@ def test_manifest_records_provenance_and_analysis_refuses_files_of_another_spec(
     assert "L01H0-3.parquet belongs to a different sweep" in err and "seed: 0 there vs 1 in this file" in err
     assert "--allow-mixed-specs" in err and len(err.strip().splitlines()) == 1
     assert analysis_main(["backup", str(a), "--wandb", "disabled", "--allow-mixed-specs"]) == 0
+
+
+def test_the_in_process_executor_runs_a_failing_shard_once_and_goes_on():
+    """A shard that raises is reported with its error and not retried (in one process it
+    would raise again); the shards after it still run."""
+    from dataclasses import dataclass
+
+    import pyarrow as pa
+
+    from sweeps.engine.run import LocalExecutor
+
+    @dataclass(frozen=True)
+    class Shard:
+        id: str
+
+    class Job:
+        calls: list[str] = []
+
+        def bind(self, model) -> None:
+            pass
+
+        def run_shard(self, shard):
+            self.calls.append(shard.id)
+            if shard.id == "bad":
+                raise ValueError("this shard cannot be computed")
+            return {"rows": pa.table({"x": [1]})}
+
+    job = Job()
+    executor = LocalExecutor("tiny-gpt2", job)
+    executor.start()
+    done = [shard.id for shard, _, _ in executor.run([Shard("a"), Shard("bad"), Shard("b")])]
+    assert done == ["a", "b"] and job.calls == ["a", "bad", "b"]
+    (failure,) = executor.failures
+    assert failure.shard.id == "bad" and failure.attempts == 1 and "cannot be computed" in failure.error

@@ -176,7 +176,7 @@ def run_sweep(
     try:
         with store.lock():
             store.prepare(spec, resume=args.resume)
-            shards, header = plan(store.completed())
+            shards, header = plan(store.reconcile())
             code = provenance.code_version()
             store.update_manifest(spec=spec, spec_id=spec_id, code_version=code,
                                   packages=provenance.package_versions(), model=inputs.info.__dict__)
@@ -202,7 +202,7 @@ def run_sweep(
                         raise RuntimeError(f"shards {sorted(ids)[:3]} did not commit; see {store.out}/manifest.json")
                     ran |= ids
                     yield more
-                    more, header = plan(store.completed())
+                    more, header = plan(store.reconcile())
                     if more:
                         print(header, file=sys.stderr)
 
@@ -224,6 +224,7 @@ def run_sweep(
 def print_failures(failures: list[Failure]) -> None:
     """Each shard that failed for good, with its error, and how to retry."""
     for failure in failures:
-        print(f"shard {failure.shard.id} failed after {failure.attempts} tries: {failure.error}", file=sys.stderr)
+        tries = f"after {failure.attempts} tries" if failure.attempts > 1 else "(not retried: it would fail the same way)"
+        print(f"shard {failure.shard.id} failed {tries}: {failure.error}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)

@@ -136,12 +136,17 @@ class Failure:
 
 
 class LocalExecutor:
-    """In-process: one worker, shards one after another. No Ray at all."""
+    """In-process: one worker, shards one after another. No Ray at all.
+
+    A shard that raises is a failure at once, not retried: in one process on one machine
+    the same shard raises the same error again (a pass that runs out of memory is already
+    halved and retried inside the shard, by ``chunking.map_chunks``). The other shards go on.
+    """
 
     name = "local"
 
-    def __init__(self, model_name: str, job: Job, max_attempts: int = 2):
-        self.model_name, self.job, self.max_attempts = model_name, job, max_attempts
+    def __init__(self, model_name: str, job: Job):
+        self.model_name, self.job = model_name, job
         self.failures: list[Failure] = []
         self.worker: ShardWorker | None = None
 
@@ -151,15 +156,12 @@ class LocalExecutor:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         for shard in shards:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    tables, record = self.worker.run(shard)
-                except (RuntimeError, ValueError) as err:
-                    if attempt == self.max_attempts:
-                        self.failures.append(Failure(shard, f"{type(err).__name__}: {err}", attempt))
-                    continue
-                yield shard, tables, record
-                break
+            try:
+                tables, record = self.worker.run(shard)
+            except (RuntimeError, ValueError) as err:
+                self.failures.append(Failure(shard, f"{type(err).__name__}: {err}", 1))
+                continue
+            yield shard, tables, record
 
     def shutdown(self) -> None:
         self.worker = None

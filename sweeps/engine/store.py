@@ -191,8 +191,12 @@ class ResultStore:
                 return False
         return True
 
-    def completed(self) -> set[str]:
-        """Committed, intact shards; every other file is set aside in ``.trash``."""
+    def reconcile(self) -> set[str]:
+        """Check every committed shard against the manifest and return the intact ones.
+
+        Not a plain query: a shard whose files are damaged or missing is dropped from the
+        manifest, and every file no intact shard owns is moved to ``.trash`` (so a later
+        run recomputes it). Call it under ``lock()``."""
         manifest = self.manifest()
         good = {sid for sid, rec in manifest["shards"].items() if self._valid(sid, rec)}
         bad = set(manifest["shards"]) - good
