@@ -22,11 +22,11 @@ setup: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/python sweeps/backup.py $(ARGS)
 
-## The scale sweep (seed 004): every head and MLP x 12 scales; pass options with ARGS="...".
+## The scale sweep: every head and MLP x 12 scales; pass options with ARGS="...".
 scale: $(STAMP)
 	$(BIN)/python sweeps/scale.py $(ARGS)
 
-## The attribution sweep (seeds 001-003): every node and edge, then --verify-top by real patching.
+## The attribution sweep: every node and edge, then --verify-top by real patching.
 attribution: $(STAMP)
 	$(BIN)/python sweeps/attribution.py $(ARGS)
 

@@ -182,7 +182,7 @@ def head_grid(nodes: pd.DataFrame, n_layers: int, n_heads: int, column: str = "s
 
 
 def seed_style(name: str) -> str:
-    """``L5H5`` -> ``5:5`` (seed 001's notation); other names unchanged."""
+    """``L5H5`` -> ``5:5`` (the attribution-patching notebook's notation); other names unchanged."""
     if name.startswith("L") and "H" in name:
         layer, head = name[1:].split("H")
         return f"{layer}:{head}"

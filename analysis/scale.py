@@ -41,7 +41,7 @@ def load_scale_results(out: str | Path | Location, allow_mixed: bool = False) ->
 
 
 def wide(effects: pd.DataFrame, column: str = "causal_effect") -> pd.DataFrame:
-    """Nodes × scales (seed 004's table), nodes in model order, with their status."""
+    """Nodes × scales (the scale-ablation notebook's table), nodes in model order, with their status."""
     nodes = effects.drop_duplicates("node")[["node", "status"]]
     table = effects.pivot(index="node", columns="scale", values=column)
     table = table.loc[nodes["node"]]

@@ -83,7 +83,7 @@ def write_task_report(
     )
     figures["logit_lens"], _ = plots.lines(
         list(tables.lens.checkpoint),
-        {"divided by the final norm's scale (seed 002)": tables.lens.final_scale.to_numpy(),
+        {"divided by the final norm's scale": tables.lens.final_scale.to_numpy(),
          "normalised at each checkpoint (logit lens)": tables.lens.own_scale.to_numpy()},
         f"{metric.capitalize()} from the accumulated residual stream ({where})", folder / "logit_lens",
         "accumulated up to", metric,

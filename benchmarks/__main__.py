@@ -6,8 +6,8 @@
     python -m benchmarks --only scale,ray # some sections
 
 Sections (each prints its own table, then one summary table of every ratio):
-  backup       cost per upstream head / one forward pass to logits; seed 000's recipe beside it
-  scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; seed 004's loop
+  backup       cost per upstream head / one forward pass to logits; the self-repair notebook's recipe beside it
+  scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; the scale-ablation notebook's loop
   attribution  the whole attribution sweep / one forward of the dataset; against autograd's floor
   circuits     EAP, one EAP-IG step and one circuit evaluation / one forward, on IOI
   families     backup per head and scale per row / a forward on SmolLM2, Gemma-3-270M's and

@@ -1,4 +1,4 @@
-"""Backup sweep: cost per upstream head against one forward pass, and against seed 000's recipe.
+"""Backup sweep: cost per upstream head against one forward pass, and against the self-repair notebook's recipe.
 
 Three timings on the same batch:
 - forward: one plain forward of the batch to logits with our forward (the unit);
@@ -7,7 +7,7 @@ Three timings on the same batch:
   restart's cost is linear in the layers after it (the growth section shows it),
   so that is a whole sweep's mean; its ratio to the forward is taken against a
   forward timed just before each layer's restart;
-- seed-style: seed 000's recipe per head: a full hooked forward through the
+- notebook-style: the self-repair notebook's recipe per head: a full hooked forward through the
   TransformerLens bridge with a full activation cache, then every head's direct
   effect from the stacked ``hook_result``s.
 """
@@ -23,7 +23,7 @@ from sweeps.engine.backup_sweep import BackupComputer
 
 
 def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
-    """One head the way seed 000 does it: full forward, full cache, stacked head results."""
+    """One head the way the self-repair notebook does it: full forward, full cache, stacked head results."""
     name = f"blocks.{layer}.attn.hook_z"
 
     def patch(z, hook):
@@ -99,16 +99,16 @@ def run(s: Setup) -> list[Ratio]:
         ("clean state, once per sweep", state_seconds),
         ("engine, per upstream head (sweep mean)", engine),
         ("engine without the self-repair decomposition, per head", statistics.mean(without)),
-        ("seed-style, per upstream head", seed),
+        ("notebook-style, per upstream head", seed),
     ], forward)
     print(f"engine per head / the forward timed just before it, mean over layers {layers}: {engine_ratio:.3f}")
-    print(f"engine speed-up over seed-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
+    print(f"engine speed-up over notebook-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
           f"~{state_seconds + engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
-    print(f"max |engine - seed-style| accumulated backup of L{layer}H0: {max_diff:.2e} "
+    print(f"max |engine - notebook-style| accumulated backup of L{layer}H0: {max_diff:.2e} "
           f"({relative:.1e} of the largest |backup|; float32 sums in a different order)\n")
     return [
         Ratio("backup", "engine per head / forward", engine_ratio, "<= 0.5"),
         Ratio("backup", "per head with / without the self-repair decomposition", repair_ratio, "<= 1.05"),
-        Ratio("backup", "seed-style per head / engine per head", seed / engine, ">= 2.5"),
-        Ratio("backup", "max |engine - seed-style| / max |backup|", relative, "<= 1e-3"),
+        Ratio("backup", "notebook-style per head / engine per head", seed / engine, ">= 2.5"),
+        Ratio("backup", "max |engine - notebook-style| / max |backup|", relative, "<= 1e-3"),
     ]

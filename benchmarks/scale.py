@@ -1,4 +1,4 @@
-"""Scale sweep: cost per (node, scale, pair) against one pair's forward, and against seed 004's loop.
+"""Scale sweep: cost per (node, scale, pair) against one pair's forward, and against the scale-ablation notebook's loop.
 
 - forward: one plain forward of the batch to logits, divided by its prompts (the forward of
   one pair's patched prompt);
@@ -7,7 +7,7 @@
   at every position) and on IOI (one answer position per prompt). Rows with equal patches
   share a restart (scale 0 ignores the source), so the restarts a row are reported too:
   the engine's cost per row is about the cost per restart times that;
-- seed-style: seed 004's loop, one source ``run_with_cache`` and one hooked full forward
+- notebook-style: the scale-ablation notebook's loop, one source ``run_with_cache`` and one hooked full forward
   per node, scale and batch of pairs.
 """
 
@@ -116,7 +116,7 @@ def run(s: Setup) -> list[Ratio]:
     print_timings([
         ("forward of one prompt to logits (the unit)", forward),
         ("engine, per (node, scale, pair)", engine),
-        ("seed-style, per (node, scale, pair)", seed),
+        ("notebook-style, per (node, scale, pair)", seed),
     ], forward, digits=5)
     rows = len(SCALES) * len(pairs)
     print(f"engine per (node, scale, pair) / the forward timed just before it, mean over the nodes: {ratio:.3f}")
@@ -126,7 +126,7 @@ def run(s: Setup) -> list[Ratio]:
     print(f"per restart, over a forward's: multiply-adds (replayed blocks + read-out of every position) {floor:.2f}, "
           f"the engine's FLOPs as torch counts them {counted:.2f}; times {restarts}/{rows} restarts a row: "
           f"{floor * restarts / rows:.2f} and {counted * restarts / rows:.2f}")
-    print(f"engine speed-up over seed-style per (node, scale, pair): {seed / engine:.2f}x")
+    print(f"engine speed-up over notebook-style per (node, scale, pair): {seed / engine:.2f}x")
     print(f"\nthe same nodes on IOI: {len(ioi_pairs)} pairs of equal-length prompts ({ioi_tokens:.1f} tokens on "
           f"average), one answer position each")
     print_timings([
@@ -147,5 +147,5 @@ def run(s: Setup) -> list[Ratio]:
         Ratio("scale", "IOI: engine per (node, scale, pair) / forward", ioi_ratio, "<= 0.6"),
         Ratio("scale", "IOI: restarts per (node, scale, pair)", ioi_restarts / ioi_rows),
         Ratio("scale", "IOI: multiply-adds per restart / forward's", ioi_floor),
-        Ratio("scale", "seed-style / engine, per (node, scale, pair)", seed / engine),
+        Ratio("scale", "notebook-style / engine, per (node, scale, pair)", seed / engine),
     ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Attribution sweep (seeds 001-003): attribution-patching scores of every node and every edge.
+"""Attribution sweep: attribution-patching scores of every node and every edge.
 
 One clean forward + backward and one corrupt forward per batch of prompts
 score, to first order, what patching each component's corrupt value into the

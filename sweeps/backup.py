@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Backup-slope sweep (seed 000): ablate every upstream head, measure how later heads compensate.
+"""Backup-slope sweep: ablate every upstream head, measure how later heads compensate.
 
 For each upstream head (l*, h*): replace its output at every position (resample
 from the corrupt prompts by default), rerun the model from layer l*, and

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Task report (seeds 002 and 003): direct logit attribution, logit lens and attention patterns.
+"""Task report: direct logit attribution, logit lens and attention patterns.
 
 For any task (ioi, sentiment, text, a .jsonl file), one clean run of the model gives:
 the mean logit difference (or next-token logit) and accuracy; the direct logit
@@ -7,7 +7,7 @@ attribution of every layer and every head (a layers x heads heatmap); the logit
 lens of the accumulated residual stream over layers; the attention patterns of
 the top --top-heads positive and negative heads on one prompt, as a
 self-contained HTML page; and the sum check: embeddings + every head + every
-MLP + biases add up to the real logit difference (seed 002's assert_close).
+MLP + biases add up to the real logit difference (the logit-attribution notebook's assert_close).
 A failed sum check exits with code 1.
 
 Writes plots/, tables/*.csv, attention.html and manifest.json under --out, and
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-index", type=non_negative_int, default=0, metavar="I",
                    help="the prompt whose attention patterns are shown (default 0)")
     g.add_argument("--top-heads", type=positive_int, default=3, metavar="K",
-                   help="heads shown per sign in the attention page (default 3, as seed 002)")
+                   help="heads shown per sign in the attention page (default 3, as the logit-attribution notebook)")
     g.add_argument("--out", type=Path, metavar="DIR", help="output directory (default results/report/<model>__<task>)")
     g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
                    help="W&B logging: offline (default), online or disabled")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""All-nodes × all-scales ablation sweep (seed 004): patch every head and MLP at many scales.
+"""All-nodes × all-scales ablation sweep: patch every head and MLP at many scales.
 
 For every node (each attention head's output, each MLP's output), every scale
 and every (base, source) pair of prompts, the node's activation on the base
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the base prompt's own activation (pure scaling) instead of patching the "
                    "source's (default: --no-self-patch)")
     g.add_argument("--pairs", choices=("all", "task"), default="all",
-                   help="all (default): ordered pairs of distinct prompts of equal length, as seed 004; "
+                   help="all (default): ordered pairs of distinct prompts of equal length, as the scale-ablation notebook; "
                    "task: each prompt with its own corrupt prompt")
     g.add_argument("--max-pairs", type=positive_int, default=DEFAULT_MAX_PAIRS, metavar="N",
                    help=f"at most N pairs, a deterministic sample (default {DEFAULT_MAX_PAIRS})")

@@ -1,6 +1,6 @@
 """What every task produces: token tensors, answer positions, answers, a metric.
 
-A task turns a tokenizer into a ``TaskData``.  Conventions (DESIGN §2):
+A task turns a tokenizer into a ``TaskData``.  Conventions:
 - every prompt starts with BOS and is padded on the **right**, so a prompt's
   answer position is its own last real token (``lengths - 1``), never ``-1``;
 - the clean and corrupt prompt of one pair tokenize to the same length;

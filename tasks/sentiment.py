@@ -1,4 +1,4 @@
-"""Movie-review sentiment (seed 003): does the model continue with " great" or " awful"?
+"""Movie-review sentiment: does the model continue with " great" or " awful"?
 
 "This movie was a {adj1} viewing experience, and the plot and acting were
 {adj2}. Overall, the film was" -> " great" after positive adjectives, " awful"

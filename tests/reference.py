@@ -1,7 +1,7 @@
 """Independent, straightforward implementations to check the engine against.
 
 Everything here goes through the TransformerLens bridge (full forwards, full
-activation caches, hooks), the way seed 000 does it, never through
+activation caches, hooks), the way the self-repair notebook does it, never through
 ``sweeps.engine.transformer``.
 """
 
@@ -53,7 +53,7 @@ def mlp_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
 
 def resample_caches(bridge, task, layer: int, head: int):
     """Full activation caches of the clean run and of the run with one head's ``hook_z``
-    resampled from the corrupt prompts (a hook on a full forward, as seed 000 does)."""
+    resampled from the corrupt prompts (a hook on a full forward, as the self-repair notebook does)."""
     _, clean_cache = bridge.run_with_cache(task.clean)
     _, corrupt_cache = bridge.run_with_cache(task.corrupt)
     name = f"blocks.{layer}.attn.hook_z"
@@ -113,7 +113,7 @@ def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, so
     """Seed 004's recipe, one (base, source) pair at a time with hooks on full forwards.
 
     ``replace(a_base, a_source, scale) -> a_new`` acts on one prompt's [T, D]
-    activation (default: ``scale * a_source``, seed 004's first half).
+    activation (default: ``scale * a_source``, the scale-ablation notebook's first half).
     ``source_tokens`` defaults to the clean prompts. Returns (fraction of
     answer points whose top-1 token changed, summed clean - patched metric,
     number of points).
@@ -154,7 +154,7 @@ def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, so
 
 
 # --------------------------------------------------------------------------- #
-# Attribution patching (seed 001's recipe: hooks on split q/k/v inputs)
+# Attribution patching (the attribution-patching notebook's recipe: hooks on split q/k/v inputs)
 # --------------------------------------------------------------------------- #
 
 
@@ -221,7 +221,7 @@ class split_inputs:
 
 
 def attribution_by_hooks(bridge, task, graph, downstream=lambda d: True) -> tuple[np.ndarray, np.ndarray]:
-    """(node scores, edge scores in graph order), raw sums: seed 001's two forwards and one
+    """(node scores, edge scores in graph order), raw sums: the attribution-patching notebook's two forwards and one
     backward with gradients cached at every split input, then grad · (clean − corrupt).
     Edges into downstream inputs that ``downstream(d)`` rejects are left NaN."""
     L = bridge.cfg.n_layers

@@ -1,4 +1,4 @@
-"""Attribution patching (seed 001) against seed 001's own recipe, run through the bridge's hooks."""
+"""Attribution patching against the attribution-patching notebook's own recipe, run through the bridge's hooks."""
 
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def test_patching_everything_upstream_of_the_end_gives_the_corrupt_run(tiny_gpt2
 
 
 # --------------------------------------------------------------------------- #
-# The embedded model: seed 001's recipe, and attribution against real patching
+# The embedded model: the attribution-patching notebook's recipe, and attribution against real patching
 # --------------------------------------------------------------------------- #
 
 

@@ -1,5 +1,5 @@
 """``python -m benchmarks --quick`` runs every section (CI checks that it runs and that the fast and
-seed-style paths agree, never its timings). Its own process: the Ray section starts a private Ray."""
+notebook-style paths agree, never its timings). Its own process: the Ray section starts a private Ray."""
 
 import subprocess
 import sys
@@ -21,9 +21,9 @@ def test_quick_benchmark_runs_every_section_and_the_paths_agree():
     out = proc.stdout
     summary = out[out.index("## summary"):].splitlines()[2:]
     assert {line.split()[0] for line in summary} == set(default_sections(quick=True))
-    agreement = next(line for line in summary if "max |engine - seed-style| / max |backup|" in line)
+    agreement = next(line for line in summary if "max |engine - notebook-style| / max |backup|" in line)
     assert float(agreement.split()[-4]) < 1e-4, agreement  # the same numbers from both paths
-    assert "engine speed-up over seed-style per (node, scale, pair)" in out
+    assert "engine speed-up over notebook-style per (node, scale, pair)" in out
     assert "throughput, 2 workers over 1" in out
     rates = [line for line in summary if line.startswith("throughput")]
     assert len(rates) == 4 and all(float(line.split()[-1]) > 0 for line in rates)  # 2 models x (backup, scale)

@@ -1,4 +1,4 @@
-"""Direct effects and ablations (DESIGN §1.1-1.2) against independent computations."""
+"""Direct effects and ablations (README: the backup-slope sweep) against independent computations."""
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ def test_direct_effects_sum_to_logit_difference(loaded_model, name):
 
 
 def test_embedded_model_prefers_mary_by_about_4_6(smollm):
-    """DESIGN's figure for SmolLM2 on the classic IOI prompt, from the sum of direct effects."""
+    """The documented figure for SmolLM2 on the classic IOI prompt, from the sum of direct effects."""
     from tasks.base import logit_diff_task
 
     prompt = "When John and Mary went to the shops, John gave the bag to"

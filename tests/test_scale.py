@@ -1,4 +1,4 @@
-"""The scale sweep (DESIGN §1.3, seed 004) against independent computations."""
+"""The scale sweep (README: the all-nodes × all-scales sweep) against independent computations."""
 
 import dataclasses
 import json
@@ -85,7 +85,7 @@ def test_scale_one_self_patch_and_resample_from_itself_change_nothing(tiny_llama
      ("tiny-pythia", "low_variance", "corrupt"), ("smollm2-135m", "full", "clean")],
 )
 def test_engine_equals_hooked_full_forwards_pair_by_pair(loaded_model, name, subspace, source):
-    """One (node, scale) at a time with hooks on hook_result / hook_mlp_out, as seed 004 does."""
+    """One (node, scale) at a time with hooks on hook_result / hook_mlp_out, as the scale-ablation notebook does."""
     m = loaded_model(name)
     task = ioi(m, n=12)
     pairs = make_pairs(task, "task" if source == "corrupt" else "all", 8, 0, False)
@@ -146,7 +146,7 @@ def test_distinct_restarts_are_the_distinct_patches_written_out(source_is_base_r
 
 def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(tiny_llama):
     """Every ordered pair, so each base has several sources: scale 0 restarts once per base,
-    and the sums still count every pair, as seed 004's loop over pairs does."""
+    and the sums still count every pair, as the scale-ablation notebook's loop over pairs does."""
     task = ioi(tiny_llama, n=10)
     pairs = make_pairs(task, "all", None, 0, False)
     bases = len(set(pairs[:, 0].tolist()))
@@ -215,7 +215,7 @@ def test_pairs_are_distinct_equal_length_and_sampled_deterministically(tiny_gpt2
 
 
 # --------------------------------------------------------------------------- #
-# The known circuit: seed 004's picture, through the CLI and a TL checkpoint
+# The known circuit: the scale-ablation notebook's picture, through the CLI and a TL checkpoint
 # --------------------------------------------------------------------------- #
 
 

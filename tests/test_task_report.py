@@ -25,7 +25,7 @@ def test_components_add_up_to_the_logit_difference(loaded_model, name):
     rep = task_report(m.weights, task, prompt=None)
     real = reference.logit_diffs(m.bridge, task)
     torch.testing.assert_close(rep.metric, real, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(rep.parts.total(), real, atol=1e-3, rtol=1e-4)  # seed 002's assert_close
+    torch.testing.assert_close(rep.parts.total(), real, atol=1e-3, rtol=1e-4)  # the logit-attribution notebook's assert_close
     # per-head DLA against the bridge's full hook_result cache
     _, cache = m.bridge.run_with_cache(task.clean)
     b, pos = torch.arange(task.n_prompts), task.lengths - 1

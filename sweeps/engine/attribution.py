@@ -1,4 +1,4 @@
-"""Attribution patching (DESIGN §1.4, seed 001): node and edge scores on one batch.
+"""Attribution patching (docs/circuits.md): node and edge scores on one batch.
 
 Plain functions on tensors; no Ray, no I/O.
 

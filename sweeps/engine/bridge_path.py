@@ -308,7 +308,7 @@ def patched_final(bridge, node: Node, tokens: Int[Tensor, "G T"], delta: Float[T
 
 
 # --------------------------------------------------------------------------- #
-# Attribution through the bridge (seed 001's recipe: gradients at split q/k/v inputs)
+# Attribution through the bridge (the attribution-patching notebook's recipe: gradients at split q/k/v inputs)
 # --------------------------------------------------------------------------- #
 
 

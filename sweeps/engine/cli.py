@@ -81,7 +81,7 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--task", default="ioi", metavar="NAME_OR_FILE",
-        help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (seed 003's movie "
+        help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (the sentiment notebook's movie "
         "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
         "documents, corrupt = other documents); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '

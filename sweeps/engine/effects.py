@@ -1,4 +1,4 @@
-"""The math of DESIGN §1.1–1.2 on one batch: direct effects, ablations, the fit.
+"""The backup sweep's math on one batch: direct effects, ablations, the fit.
 
 Plain functions on tensors; no Ray, no I/O.
 
@@ -6,7 +6,7 @@ A *point* is one (prompt, position) where a direct effect is read:
 - logit-difference tasks: each prompt's answer position, direction
   ``u = W_U[:, correct] - W_U[:, incorrect]``;
 - next-token tasks: every real position ``t`` but the last, direction
-  ``u = W_U[:, X[t+1]]`` (seed 000 drops the first target and the last
+  ``u = W_U[:, X[t+1]]`` (the self-repair notebook drops the first target and the last
   prediction so they align).
 The direct effect of a component writing ``r`` is ``(r / s) · u`` with ``s`` the
 final norm's scale of the **clean** run. For LayerNorm models the norm also
@@ -264,7 +264,7 @@ class Fit:
 
 
 def fit_line(x: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> Fit:
-    """Least squares ``y ≈ slope·x + intercept`` (seed 000: lstsq with a ones column).
+    """Least squares ``y ≈ slope·x + intercept`` (the self-repair notebook: lstsq with a ones column).
 
     ``threshold`` keeps only points with ``|x| > threshold`` (0: every point).
     """

@@ -28,7 +28,7 @@ class TaskReport:
     correct: Float[Tensor, "P"]  # 1 where the model gets the point right (ld > 0, or top-1 = next token)
     parts: Decomposition  # every component's direct effect; sums to ``metric``
     lens_labels: list[str]
-    lens_final_scale: Float[Tensor, "C P"]  # accumulated stream, divided by the final norm's scale (seed 002)
+    lens_final_scale: Float[Tensor, "C P"]  # accumulated stream, divided by the final norm's scale
     lens_own_scale: Float[Tensor, "C P"]  # accumulated stream, normalised by its own scale (the logit lens)
     patterns: Float[Tensor, "L H T T"] | None  # attention of one prompt, every head
 

@@ -11,7 +11,7 @@ Names:
   with random weights and SmolLM2's tokenizer, for speed and memory
   measurements at a realistic size without a download.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
-- a local TransformerLens checkpoint directory, InterpBench style (seed 004):
+- a local TransformerLens checkpoint directory, InterpBench style:
   a config dict (``ll_model_cfg.pkl`` or ``tl_config.json``) plus a state dict
   (``ll_model.pth``), in HookedTransformer's or the bridge's key format, and a
   tokenizer (files saved in the directory, or ``tokenizer_name`` in the config).

@@ -1,4 +1,4 @@
-"""The all-nodes × all-scales sweep (seed 004) on one worker.
+"""The all-nodes × all-scales sweep on one worker.
 
 ``ScaleComputer`` holds one model replica and one task. Once, it runs every
 prompt (and its corrupt partner) and keeps, per group of prompts of equal
@@ -10,7 +10,7 @@ whose patches are provably equal share one restart (``scaling.distinct_restarts`
 scale 0 ignores the source; a self-patch at scale 1 changes nothing).
 
 Pairs are formed among prompts of equal token length, because a patch is
-position by position (DESIGN §2: aligned prompts). ``make_pairs`` builds them.
+position by position (prompts of one length align position by position). ``make_pairs`` builds them.
 No Ray here: the executors in ``run.py`` wrap ``ScaleJob``.
 """
 
@@ -46,7 +46,7 @@ def make_pairs(task: TaskData, mode: str, max_pairs: int | None, seed: int, self
     (mode ``all``), the base's own corrupt prompt (``task``), or the base itself
     (``self_patch``: pure scaling, the source is not used).
 
-    ``all``: every ordered pair of distinct prompts of equal length (seed 004:
+    ``all``: every ordered pair of distinct prompts of equal length (the scale-ablation notebook:
     every combination of unique inputs), then a deterministic sample of
     ``max_pairs`` if there are more.
     """

@@ -1,11 +1,11 @@
-"""The math of DESIGN §1.3 (seed 004) on tensors: subspaces, patches, restarts, read-outs.
+"""The scale sweep's math on tensors: subspaces, patches, restarts, read-outs.
 
 Plain functions; no Ray, no I/O. A *node* is a head's output or an MLP's output
 (``nodes.py``); its activation ``a`` is a ``[B, T, D]`` residual-stream write.
 
 Patching node ``n`` of a base input with a source input at scale ``s``:
 
-- ``full``: ``a ← s · a_src`` (seed 004's first half);
+- ``full``: ``a ← s · a_src`` (the scale-ablation notebook's first half);
 - ``high_variance``: write ``a = μ + P(a − μ) + R`` with ``P`` the projection on
   the node's top-``k`` principal directions at that position; replace only
   ``P(a − μ)`` by ``s · P(a_src − μ)``;
