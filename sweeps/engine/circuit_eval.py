@@ -103,20 +103,38 @@ class CircuitRunner:
         w, graph, cfg = self.w, self.graph, self.w.cfg
         if mask.shape[0] != graph.n_edges:
             raise ValueError(f"a circuit mask of {mask.shape[0]} edges for a graph of {graph.n_edges}")
-        missing = (~mask.to(w.device)).to(self.corrupt_out.dtype)
-        diff = torch.zeros_like(self.corrupt_out)  # a_u − a*_u of this run, filled as it runs
+        mask = mask.to(w.device)
+        diff = torch.empty_like(self.corrupt_out)  # a_u − a*_u of this run: row u is written when u runs
         flat = diff.flatten(1)
         B, T, D = self.corrupt_out.shape[1:]
         per_layer = rows_per_layer(cfg)
+        prefix_sums: dict[int, Tensor] = {}  # p -> Σ_{u < p} (a_u − a*_u), as the rows are written
+        running = torch.zeros_like(flat[0])
+
+        def written(upto: int) -> None:
+            nonlocal running
+            start = max(prefix_sums, default=0)
+            running = running + flat[start:upto].sum(0)
+            prefix_sums[upto] = running
 
         def removed(first: int, n: int) -> Float[Tensor, "n B T D"]:
-            """Σ over the out-of-circuit edges of downstream rows first..first+n−1 of (a_u − a*_u)."""
+            """Σ over the out-of-circuit edges of downstream rows first..first+n−1 of (a_u − a*_u).
+
+            Taken over whichever is smaller, the edges in the circuit or those outside it: all of
+            the prefix minus the kept ones, or the missing ones alone; only the upstream rows
+            some reader uses enter the product, so a small (or nearly full) circuit is cheap."""
             p = graph.prefix[first + n - 1]  # rows of one site share a prefix
-            weights = torch.stack([missing[self.offsets[i] : self.offsets[i] + p] for i in range(first, first + n)])
-            return (weights @ flat[:p]).view(n, B, T, D)
+            keep = torch.stack([mask[self.offsets[i] : self.offsets[i] + p] for i in range(first, first + n)])
+            if keep.float().mean() < 0.5:
+                cols = keep.any(0).nonzero()[:, 0]
+                kept = keep[:, cols].to(flat.dtype) @ flat[cols]
+                return (prefix_sums[p][None] - kept).view(n, B, T, D)
+            cols = (~keep).any(0).nonzero()[:, 0]
+            return ((~keep)[:, cols].to(flat.dtype) @ flat[cols]).view(n, B, T, D)
 
         def record_embed(x):
             diff[0] = x - self.corrupt_out[0]
+            written(1)
             return x
 
         def reads(first: int, n: int):
@@ -129,6 +147,7 @@ class CircuitRunner:
                 row = upstream_row(cfg, layer, 0)
                 diff[row : row + cfg.n_heads] = (head_outputs(w, layer, z).permute(2, 0, 1, 3)
                                                  - self.corrupt_out[row : row + cfg.n_heads])
+                written(row + cfg.n_heads)
                 return z
             return edit
 
@@ -136,6 +155,7 @@ class CircuitRunner:
             def edit(out):
                 row = upstream_row(cfg, layer, None)
                 diff[row] = out - self.corrupt_out[row]
+                written(row + 1)
                 return out
             return edit
 
