@@ -381,13 +381,17 @@ def mlp_raw(w: ModelWeights, layer: int, resid_mid: Float[Tensor, "B T D"]) -> F
 def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
     """The MLP (before any post-norm) on its already normalised input (attribution
     differentiates at that input)."""
+    return mlp_hidden(w, layer, x) @ w.W_out[layer] + w.b_out[layer]
+
+
+def mlp_hidden(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T M"]:
+    """The MLP's neuron activations (TL's ``mlp.hook_post``, what ``W_out`` reads) on its
+    normalised input: its output is ``Σ_n a_n W_out[n] + b_out``."""
     cfg = w.cfg
     pre = x @ w.W_in[layer] + w.b_in[layer]
     if cfg.gated_mlp:
-        post = _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre
-    else:
-        post = _activation(cfg.act_fn, pre)
-    return post @ w.W_out[layer] + w.b_out[layer]
+        return _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre
+    return _activation(cfg.act_fn, pre)
 
 
 def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
@@ -411,6 +415,7 @@ class BlockOutput:
     z: Float[Tensor, "B T H E"]
     mlp_out: Optional[Float[Tensor, "B T D"]]  # the MLP's write (after its post-norm)
     mlp_raw: Optional[Float[Tensor, "B T D"]] = None  # before its post-norm (post-norm models only)
+    mlp_hidden: Optional[Float[Tensor, "B T M"]] = None  # its neuron activations (``keep_hidden`` only)
 
 
 def block(
@@ -419,12 +424,14 @@ def block(
     resid_pre: Float[Tensor, "B T D"],
     rope: Rope,
     edit_z: ZEdit | None = None,
+    keep_hidden: bool = False,
 ) -> BlockOutput:
     """One block: ``resid += attn(resid); resid += mlp(resid)``, each sublayer reading
     its (pre-)norm and writing through its post-norm where the model has them.
 
     With parallel attention and MLP (GPT-NeoX, GPT-J) both read the block's input.
     ``edit_z`` may replace head outputs (an ablation) before they are written.
+    ``keep_hidden`` also returns the MLP's neuron activations (the same computation).
     """
     z = attention_z(w, layer, resid_pre, rope)
     if edit_z is not None:
@@ -432,9 +439,11 @@ def block(
     resid_mid = resid_pre + attention_out(w, layer, z)
     if w.cfg.attn_only:
         return BlockOutput(resid_mid, z, None)
-    raw = mlp_raw(w, layer, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
+    x = sublayer_input(w.cfg, resid_pre if w.cfg.parallel_attn_mlp else resid_mid)
+    hidden = mlp_hidden(w, layer, x)
+    raw = hidden @ w.W_out[layer] + w.b_out[layer]
     out = mlp_write(w, layer, raw)
-    return BlockOutput(resid_mid + out, z, out, raw if w.cfg.post_norm else None)
+    return BlockOutput(resid_mid + out, z, out, raw if w.cfg.post_norm else None, hidden if keep_hidden else None)
 
 
 def finish_block(
@@ -499,16 +508,19 @@ class CleanRun:
     mlp_out: Optional[Float[Tensor, "L B T D"]]  # each MLP's write to the stream
     resid_final: Float[Tensor, "B T D"]
     mlp_raw: Optional[Float[Tensor, "L B T D"]] = None  # each MLP's output before its post-norm (post-norm models)
+    last_hidden: Optional[Float[Tensor, "B T M"]] = None  # the last MLP's neuron activations (``keep_last_hidden``)
 
 
-def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
-    """Full forward, keeping each block's input (for restarts) and head ``z``."""
+def run(w: ModelWeights, tokens: Int[Tensor, "B T"], keep_last_hidden: bool = False) -> CleanRun:
+    """Full forward, keeping each block's input (for restarts) and head ``z`` (and, with
+    ``keep_last_hidden``, the last MLP's neuron activations)."""
     rope = rotary_tables(w, tokens.shape[1])
     resid = embed(w, tokens)
     resid_pre, zs, mlps, raws = [], [], [], []
+    last = w.cfg.n_layers - 1
     for layer in range(w.cfg.n_layers):
         resid_pre.append(resid)
-        out = block(w, layer, resid, rope)
+        out = block(w, layer, resid, rope, keep_hidden=keep_last_hidden and layer == last)
         zs.append(out.z)
         mlps.append(out.mlp_out)
         raws.append(out.mlp_raw)
@@ -519,4 +531,5 @@ def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
         mlp_out=None if w.cfg.attn_only else torch.stack(mlps),
         resid_final=resid,
         mlp_raw=torch.stack(raws) if w.cfg.post_norm and not w.cfg.attn_only else None,
+        last_hidden=out.mlp_hidden,
     )
