@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(summary_text(summary_table(results)))
     from analysis.self_repair import summary_lines
 
-    for line in summary_lines(results.self_repair, args.top_fraction, inputs.info.n_layers):
+    for line in summary_lines(results.self_repair, args.top_fraction, inputs.info.n_layers, results.neurons):
         print(line)
     if not args.no_report:
         from analysis.report import write_backup_report
