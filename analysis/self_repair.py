@@ -67,10 +67,10 @@ def neuron_lines(neurons: pd.DataFrame, k: int = 3) -> list[str]:
     heads = heads.reindex(heads.mlp_term.abs().sort_values(ascending=False).index).head(k)
     lines = []
     for row in heads.itertuples():
-        what = "repair" if row.mlp_term > 0 else "harm (it makes the ablation worse)"
+        what = "repair" if row.mlp_term > 0 else "anti-repair (it deepens the ablation)"
         lines.append(f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
-                     f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}); neuron {row.first} alone "
-                     f"{row.first_share:.0%}")
+                     f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}; neuron {row.first} alone "
+                     f"{row.first_share:.0%})")
     return lines
 
 

@@ -264,20 +264,9 @@ class BackupComputer:
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
         batches = self.batches()
-        split_neurons = self.self_repair and batches[0].neuron_dirs is not None
-        if split_neurons:  # which points each head's selections keep (self_repair_rows' rule), batch by batch
-            offsets = np.cumsum([0] + [s.points.n for s in batches])
-            chosen: dict[int, dict[str, list[torch.Tensor]]] = {}
-            neuron_sums: dict[int, dict[str, dict[str, Any]]] = {}
-            for h in heads:
-                de = np.concatenate([s.de_heads[layer, :, h].double().cpu().numpy() for s in batches])
-                chosen[h], neuron_sums[h] = {}, {}
-                for selection, keep, fraction in selections(de, self.top_fraction):
-                    mask = np.zeros(de.size, bool)
-                    mask[keep] = True
-                    chosen[h][selection] = [torch.from_numpy(mask[a:b]).to(s.tokens.device)
-                                            for s, a, b in zip(batches, offsets[:-1], offsets[1:])]
-                    neuron_sums[h][selection] = dict(fraction=fraction, n=int(keep.size), delta=0.0, clean=0.0, bias=0.0)
+        neurons = None
+        if self.self_repair and batches[0].neuron_dirs is not None:
+            neurons = _NeuronSums(batches, layer, heads, self.top_fraction)
         for index, state in enumerate(batches):
             B, T = state.tokens.shape
 
@@ -317,14 +306,8 @@ class BackupComputer:
                     repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
                 else:
                     repair = {t: torch.full_like(backup, float("nan")) for t in SELF_REPAIR_TERMS}
-                if split_neurons:
-                    delta_neurons, delta_bias = self._neuron_changes(state, result)
-                    for g, h in enumerate(chunk):
-                        for selection, sums in neuron_sums[h].items():
-                            keep = chosen[h][selection][index]
-                            sums["delta"] = sums["delta"] + delta_neurons[g][keep].sum(0, dtype=torch.float64).cpu()
-                            sums["clean"] = sums["clean"] + state.de_neurons[keep].sum(0, dtype=torch.float64).cpu()
-                            sums["bias"] += float(delta_bias[g][keep].sum(dtype=torch.float64))
+                if neurons is not None:
+                    neurons.add(index, state, chunk, *self._neuron_changes(state, result))
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())
@@ -349,17 +332,59 @@ class BackupComputer:
             )
             for h in heads
         ]
-        if split_neurons:
+        if neurons is not None:
             for r in results:
-                r.neurons = {}
-                for selection, keep, _ in selections(r.de_clean, self.top_fraction):
-                    sums = neuron_sums[r.head][selection]
-                    n = sums["n"]
-                    r.neurons[selection] = NeuronSplit(
-                        top_fraction=sums["fraction"], n_points=n, delta=(sums["delta"] / n).numpy(),
-                        clean=(sums["clean"] / n).numpy(), bias=sums["bias"] / n,
-                        mlp_term=float(np.mean(r.repair["last_mlp"][keep])))
+                r.neurons = neurons.splits(r)
         return results
+
+
+class _NeuronSums:
+    """Per ablated head and selection (``all``, ``top``: the points ``self_repair_rows`` keeps),
+    the sums over the selected points of each last-MLP neuron's change of direct effect, of its
+    clean direct effect and of the bias's change, batch by batch."""
+
+    def __init__(self, batches: list[BatchState], layer: int, heads: list[int], top_fraction: float):
+        offsets = np.cumsum([0] + [s.points.n for s in batches])
+        self.top_fraction = top_fraction
+        self.masks: dict[int, list[torch.Tensor]] = {}  # the top selection's points, per batch
+        self.sums: dict[int, dict[str, dict[str, Any]]] = {}
+        for h in heads:
+            de = np.concatenate([s.de_heads[layer, :, h].double().cpu().numpy() for s in batches])
+            self.sums[h] = {}
+            for selection, keep, fraction in selections(de, top_fraction):
+                self.sums[h][selection] = dict(n=int(keep.size), fraction=fraction, delta=0.0, clean=0.0, bias=0.0)
+                if selection == "top":
+                    mask = np.zeros(de.size, bool)
+                    mask[keep] = True
+                    self.masks[h] = [torch.from_numpy(mask[a:b]).to(s.tokens.device)
+                                     for s, a, b in zip(batches, offsets[:-1], offsets[1:])]
+        self._clean_all: tuple[int, torch.Tensor] | None = None
+
+    def add(self, index: int, state: BatchState, chunk: list[int], delta: torch.Tensor, bias: torch.Tensor) -> None:
+        """Batch ``index``'s changes for the heads of ``chunk``: ``delta`` [G, P, M], ``bias`` [G, P]."""
+        if self._clean_all is None or self._clean_all[0] != index:  # the same for every head
+            self._clean_all = index, state.de_neurons.sum(0, dtype=torch.float64).cpu()
+        for g, h in enumerate(chunk):
+            for selection, sums in self.sums[h].items():
+                if selection == "all":
+                    keep, clean = slice(None), self._clean_all[1]
+                else:
+                    keep = self.masks[h][index]
+                    clean = state.de_neurons[keep].sum(0, dtype=torch.float64).cpu()
+                sums["delta"] = sums["delta"] + delta[g][keep].sum(0, dtype=torch.float64).cpu()
+                sums["clean"] = sums["clean"] + clean
+                sums["bias"] += float(bias[g][keep].sum(dtype=torch.float64))
+
+    def splits(self, r: HeadResult) -> dict[str, NeuronSplit]:
+        out = {}
+        for selection, keep, _ in selections(r.de_clean, self.top_fraction):
+            sums = self.sums[r.head][selection]
+            n = sums["n"]
+            out[selection] = NeuronSplit(
+                top_fraction=sums["fraction"], n_points=n, delta=(sums["delta"] / n).numpy(),
+                clean=(sums["clean"] / n).numpy(), bias=sums["bias"] / n,
+                mlp_term=float(np.mean(r.repair["last_mlp"][keep])))
+        return out
 
 
 def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
