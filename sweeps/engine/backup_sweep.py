@@ -143,8 +143,8 @@ class BackupComputer:
                 state.neuron_dirs, bridge_path.last_hidden(self.bridge, cache, points), None)
         elif self.self_repair and not self._warned:
             self._warned = True
-            print("note: the bridge exposes no neurons of the last MLP that rebuild its output (a mixture of "
-                  "experts?): neurons/ stays empty", file=sys.stderr)
+            print("note: no neurons of the last MLP rebuild its output through the bridge's hooks (a mixture of "
+                  "experts, or no MLP): neurons/ stays empty", file=sys.stderr)
         return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
@@ -221,7 +221,7 @@ class BackupComputer:
         """The change of each last-MLP neuron's direct effect (clean ``s``), [G, P, M], and of its
         bias's share, [G, P]: together they sum to the ``last_mlp`` term at every point."""
         ablated = effects.neuron_direct_effects(state.neuron_dirs, result.last_hidden, result.last_inv_rms)
-        delta = ablated - state.de_neurons[None]
+        delta = ablated.sub_(state.de_neurons)  # in place: a pass over [G, P, M] less
         if state.last_inv_rms is None:  # without a post-norm b_out's share cannot move
             return delta, torch.zeros(delta.shape[:2], device=delta.device)
         return delta, state.last_bias_dir * (result.last_inv_rms - state.last_inv_rms[None])
@@ -362,18 +362,22 @@ class _NeuronSums:
 
     def add(self, index: int, state: BatchState, chunk: list[int], delta: torch.Tensor, bias: torch.Tensor) -> None:
         """Batch ``index``'s changes for the heads of ``chunk``: ``delta`` [G, P, M], ``bias`` [G, P]."""
+        # Sums over a batch's points in float32 (pairwise: exact to float32's precision; a float64
+        # copy of [G, P, M] would cost more than the rest of the split), across batches in float64.
         if self._clean_all is None or self._clean_all[0] != index:  # the same for every head
-            self._clean_all = index, state.de_neurons.sum(0, dtype=torch.float64).cpu()
+            self._clean_all = index, state.de_neurons.sum(0).double().cpu()
+        everything = delta.sum(1).double().cpu()  # [G, M]
         for g, h in enumerate(chunk):
             for selection, sums in self.sums[h].items():
                 if selection == "all":
-                    keep, clean = slice(None), self._clean_all[1]
+                    keep, clean, changed = slice(None), self._clean_all[1], everything[g]
                 else:
                     keep = self.masks[h][index]
-                    clean = state.de_neurons[keep].sum(0, dtype=torch.float64).cpu()
-                sums["delta"] = sums["delta"] + delta[g][keep].sum(0, dtype=torch.float64).cpu()
+                    clean = state.de_neurons[keep].sum(0).double().cpu()
+                    changed = delta[g][keep].sum(0).double().cpu()
+                sums["delta"] = sums["delta"] + changed
                 sums["clean"] = sums["clean"] + clean
-                sums["bias"] += float(bias[g][keep].sum(dtype=torch.float64))
+                sums["bias"] += float(bias[g][keep].double().sum())
 
     def splits(self, r: HeadResult) -> dict[str, NeuronSplit]:
         out = {}

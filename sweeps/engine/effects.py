@@ -144,7 +144,7 @@ def neuron_direct_effects(
     ``1 / rms(m)`` of the run's MLP output under a post-norm (None without): with the bias's
     share (``mlp_bias_effects``) they sum exactly to the MLP's direct effect."""
     out = hidden * directions
-    return out if inv_rms is None else out * inv_rms[..., None]
+    return out if inv_rms is None else out.mul_(inv_rms[..., None])
 
 
 def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, "P"]) -> Float[Tensor, "P"]:
