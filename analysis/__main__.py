@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_text(summary_table(results, args.top, args.min_de_fraction)))
     from analysis.self_repair import summary_lines
 
-    for line in summary_lines(results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers):
+    for line in summary_lines(results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers,
+                              results.neurons):
         print(line)
     write_backup_report(results, args.wandb, args.wandb_project, scatter)
     return 0

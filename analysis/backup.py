@@ -26,6 +26,7 @@ class BackupResults:
     responses: pd.DataFrame
     points: pd.DataFrame
     self_repair: pd.DataFrame  # per (head, selection): the self-repair decomposition's means
+    neurons: pd.DataFrame  # per (head, selection, rank): the last MLP's top neurons by |change of direct effect|
 
     @property
     def n_layers(self) -> int:
@@ -41,15 +42,18 @@ class BackupResults:
 
 def load_results(out: str | Path | Location, allow_mixed: bool = False) -> BackupResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, ("slopes", "responses", "points", "self_repair"), "backup",
-                                            allow_mixed)
+    spec, manifest, frames = read_committed(out, ("slopes", "responses", "points", "self_repair", "neurons"),
+                                            "backup", allow_mixed)
     slopes = frames["slopes"]
     if not slopes.empty:
         slopes = slopes.sort_values(["layer", "head"]).reset_index(drop=True)
     repair = frames["self_repair"]
     if not repair.empty:
         repair = repair.sort_values(["selection", "layer", "head"]).reset_index(drop=True)
-    return BackupResults(out, spec, manifest, slopes, frames["responses"], frames["points"], repair)
+    neurons = frames["neurons"]
+    if not neurons.empty:
+        neurons = neurons.sort_values(["selection", "layer", "head", "rank"]).reset_index(drop=True)
+    return BackupResults(out, spec, manifest, slopes, frames["responses"], frames["points"], repair, neurons)
 
 
 def grid(slopes: pd.DataFrame, column: str, n_layers: int, n_heads: int) -> np.ndarray:

@@ -133,13 +133,15 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
     if not results.self_repair.empty:
         tables["self_repair_heads"] = self_repair.head_table(results.self_repair, "top")
         tables["self_repair_layers"] = self_repair.layer_table(results.self_repair, "top")
+    if not results.neurons.empty:
+        tables["self_repair_neurons"] = self_repair.neuron_table(results.neurons, "top")
     finite = results.slopes.dropna(subset=["slope"])
     summary = {
         "n_heads_swept": int(len(results.slopes)),
         "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
     }
     return _log_run("backup", results.out, results.spec, results.manifest, tables, figures, summary,
-                    ("slopes", "responses", "points", "self_repair"), mode, project)
+                    ("slopes", "responses", "points", "self_repair", "neurons"), mode, project)
 
 
 def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:

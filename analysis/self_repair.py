@@ -3,7 +3,8 @@
 Per ablated head, on its ``top`` points (the top ``--top-fraction`` by its clean direct effect,
 the paper's setting) or on ``all`` of them: the total effect on the logit (difference), the
 head's own change, and the repair by the other heads, the MLPs and the final norm (means, and
-the paper's mean clipped shares ``clip(term / DE, 0, 1)``). Pandas and matplotlib only.
+the paper's mean clipped shares ``clip(term / DE, 0, 1)``); and from ``neurons/``, the last
+layer's MLP term split per neuron (anti-erasure). Pandas and matplotlib only.
 """
 
 from __future__ import annotations
@@ -45,7 +46,36 @@ def layer_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
     return table.reset_index()
 
 
-def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int) -> list[str]:
+def neuron_table(neurons: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
+    """Each head's top neurons of the last MLP, rank 1 first: the mean change of each one's
+    direct effect (``delta_de``), its clean direct effect, its share of the MLP's term and the
+    running share down to its rank."""
+    rows = neurons[neurons.selection == selection]
+    columns = ["layer", "head", "rank", "neuron", "mlp_layer", "delta_de", "clean_de", "share", "cum_share",
+               "top_share", "mlp_term", "n_points"]
+    return rows.sort_values(["layer", "head", "rank"])[[c for c in columns if c in rows]].reset_index(drop=True)
+
+
+def neuron_lines(neurons: pd.DataFrame, k: int = 3) -> list[str]:
+    """The ``k`` heads whose last-MLP term (on their top points) is largest, in words: how much of
+    it their top neurons carry."""
+    if neurons is None or neurons.empty:
+        return []
+    heads = neuron_table(neurons, "top").groupby(["layer", "head"], as_index=False).agg(
+        n=("rank", "size"), mlp_layer=("mlp_layer", "first"), mlp_term=("mlp_term", "first"),
+        top_share=("top_share", "first"), first=("neuron", "first"), first_share=("share", "first"))
+    heads = heads.reindex(heads.mlp_term.abs().sort_values(ascending=False).index).head(k)
+    lines = []
+    for row in heads.itertuples():
+        what = "repair" if row.mlp_term > 0 else "anti-repair (it deepens the ablation)"
+        lines.append(f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
+                     f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}; neuron {row.first} alone "
+                     f"{row.first_share:.0%})")
+    return lines
+
+
+def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
+                  neurons: pd.DataFrame | None = None) -> list[str]:
     """What the decomposition says, in words."""
     if repair.empty:
         return []
@@ -65,7 +95,7 @@ def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int) -> l
         lines.append(f"  self-repair fraction (self-repair / direct effect, layer means): "
                      f"{early.self_repair_fraction.mean():+.2f} in the first layers swept, "
                      f"{late.self_repair_fraction.mean():+.2f} in the last (> 0: repaired, < 0: made worse)")
-    return lines
+    return lines + neuron_lines(neurons)
 
 
 def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:

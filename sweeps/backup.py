@@ -10,9 +10,10 @@ clean direct effect says how much of the head's effect is compensated
 (slope > 0: backed up; slope < 0: later heads make it worse).
 
 It also splits each head's total effect exactly into its own change and the repair by the
-other heads, the MLPs and the final norm (Rushing & Nanda 2024): self_repair/.
+other heads, the MLPs and the final norm (Rushing & Nanda 2024): self_repair/; and the last
+layer's MLP term per neuron (anti-erasure): the top --top-neurons neurons of each head, neurons/.
 
-Writes Parquet datasets slopes/, responses/, points/, self_repair/ and a manifest under
+Writes Parquet datasets slopes/, responses/, points/, self_repair/, neurons/ and a manifest under
 --out, then plots and a W&B run (offline by default). Re-running the same
 command resumes: finished shards are skipped.
 
@@ -42,7 +43,7 @@ from sweeps.engine.cli import (
 )
 from sweeps.engine.effects import ABLATIONS
 
-DATASETS = ("slopes", "responses", "points", "self_repair")
+DATASETS = ("slopes", "responses", "points", "self_repair", "neurons")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the self-repair decomposition's 'top' selection: the fraction of points with the "
                    "largest clean direct effect of the ablated head (default 0.02, as Rushing & Nanda 2024; "
                    "1 = every point)")
+    g.add_argument("--top-neurons", type=int, default=20, metavar="K",
+                   help="neurons/: the K neurons of the last layer's MLP whose direct effect changes most "
+                   "when a head is ablated, per head and selection (default 20)")
     g.add_argument("--heads-per-shard", type=positive_int, metavar="N",
                    help="split each layer's heads into shards of N (default: one shard per layer)")
     return parser
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise PlanError(f"--fit-threshold must be a number >= 0, got {args.fit_threshold}")
         if not 0 < args.top_fraction <= 1:
             raise PlanError(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+        if args.top_neurons < 1:
+            raise PlanError(f"--top-neurons must be >= 1, got {args.top_neurons}")
         inputs = prepare_inputs(args, "backup")
         heads = parse_heads(args.heads, inputs.info.n_layers, inputs.info.n_heads)
     except input_errors() as err:
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "sweep": "backup", "model": args.model, "task": task.name, "task_params": task.params,
         "task_hash": task.fingerprint(), "seed": args.seed, "ablation": args.ablation,
         "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap, "top_fraction": args.top_fraction,
+        "top_neurons": args.top_neurons,
     }
 
     def plan(done: set[str]):
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                         f"{len(shards)} shards to run")
 
     job = BackupJob(task, args.ablation, args.batch_size, args.fit_threshold, args.bootstrap, args.seed,
-                    args.top_fraction)
+                    args.top_fraction, args.top_neurons)
     failures = run_sweep(
         args, argv, "sweeps/backup.py", inputs, spec, DATASETS, plan, job,
         units=lambda s: len(s.heads), unit_name="head",
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(summary_text(summary_table(results)))
     from analysis.self_repair import summary_lines
 
-    for line in summary_lines(results.self_repair, args.top_fraction, inputs.info.n_layers):
+    for line in summary_lines(results.self_repair, args.top_fraction, inputs.info.n_layers, results.neurons):
         print(line)
     if not args.no_report:
         from analysis.report import write_backup_report

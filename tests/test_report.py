@@ -46,11 +46,14 @@ def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, m
     history, summary, artifacts = history_and_summary(runs[0])
     expected = {"slopes": "table-file", "top_heads": "table-file", "responses_top": "table-file",
                 "plots/slopes": "image-file", "plots/compensation": "image-file",
-                "plots/scatter_L1H2": "image-file", "html/slopes": "html-file"}
+                "plots/scatter_L1H2": "image-file", "html/slopes": "html-file", "self_repair_heads": "table-file",
+                "self_repair_neurons": "table-file"}
     for key, kind in expected.items():  # media are logged as nested {_type, path, sha256, ...}
         assert history.get(f"{key}/_type") == f'"{kind}"', sorted(history)
     media = runs[0].parent / "files"
     table = media / history["slopes/path"].strip('"')
     assert table.is_file() and '"slope"' in table.read_text()  # the table's own rows, on disk
+    neurons = (media / history["self_repair_neurons/path"].strip('"')).read_text()
+    assert '"delta_de"' in neurons and '"cum_share"' in neurons
     assert summary["n_heads_swept"] == "12"
     assert any(name.startswith("backup-results-") for name in artifacts)

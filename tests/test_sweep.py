@@ -196,6 +196,64 @@ def test_top_fraction_outside_zero_one_is_one_line(tmp_path, capsys, value):
     assert err == f"error: --top-fraction must be in (0, 1], got {float(value)}"
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_top_neurons_below_one_is_one_line(tmp_path, capsys, value):
+    from sweeps import backup
+
+    assert backup.main(["--model", "tiny-gpt2", "--top-neurons", value, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --top-neurons must be >= 1, got {value}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_neurons_dataset_ranks_the_last_mlps_neurons_of_each_head(tmp_path, capsys):
+    """neurons/: --top-neurons rows per (head, selection), ranked by |delta_de|, each share the
+    neuron's change over the mean of points/' last_mlp on the same points; with every neuron
+    kept the changes add up to that mean. Loaded, tabled and printed by the analysis."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from analysis.backup import load_results
+    from analysis.self_repair import neuron_table
+    from sweeps import backup
+
+    def run(out, k):
+        assert backup.main(["--model", "tiny-llama3", "--executor", "local", "--n-prompts", "8", "--heads",
+                            "L0H1,L2H0,L2H1", "--top-fraction", "0.25", "--top-neurons", str(k), "--wandb", "disabled",
+                            "--no-report", "--out", str(out)]) == 0
+        return pq.read_table(out / "points").to_pandas(), pq.read_table(out / "neurons").to_pandas()
+
+    points, neurons = run(tmp_path / "k3", 3)
+    assert "neurons of layer 2's MLP carry" in capsys.readouterr().out
+    assert len(neurons) == 3 * 2 * 3 and set(neurons.mlp_layer) == {2}
+    for (layer, head, selection), rows in neurons.groupby(["layer", "head", "selection"]):
+        rows = rows.sort_values("rank")
+        assert list(rows["rank"]) == [1, 2, 3] and rows.neuron.is_unique
+        assert (np.diff(rows.delta_de.abs()) <= 0).all()
+        pts = points[(points.layer == layer) & (points["head"] == head)]
+        chosen = pts if selection == "all" else pts.nlargest(math.ceil(0.25 * len(pts)), "de_clean")
+        assert (rows.n_points == len(chosen)).all()
+        assert rows.mlp_term.iloc[0] == pytest.approx(chosen.last_mlp.mean(), abs=1e-12)
+        np.testing.assert_allclose(rows.share, rows.delta_de / rows.mlp_term, rtol=1e-12)
+        np.testing.assert_allclose(rows.cum_share, np.cumsum(rows.share), rtol=1e-12)
+        assert (rows.top_share == rows.cum_share.iloc[-1]).all()
+    assert (points.mlps - points.last_mlp).abs().max() > 1e-6  # the earlier MLPs' share too
+
+    d_mlp = 128  # tiny-llama3's
+    _, every = run(tmp_path / "all", 10_000)
+    assert len(every) == 3 * 2 * d_mlp
+    for _, rows in every.groupby(["layer", "head", "selection"]):
+        assert sorted(rows.neuron) == list(range(d_mlp))
+        total = rows.delta_de.sum() + rows.mlp_bias.iloc[0]
+        assert total == pytest.approx(rows.mlp_term.iloc[0], abs=1e-6 * max(1.0, abs(rows.mlp_term.iloc[0])))
+        assert rows.top_share.iloc[0] == pytest.approx(1.0, abs=1e-4)
+
+    results = load_results(tmp_path / "k3")
+    table = neuron_table(results.neurons, "top")
+    assert len(table) == 3 * 3 and list(table["rank"][:3]) == [1, 2, 3]
+
+
 def test_the_backup_numbers_do_not_depend_on_the_self_repair_decomposition(loaded_model):
     """Switching the decomposition off (what the benchmark compares against) changes no backup."""
     from sweeps.engine.backup_sweep import BackupComputer

@@ -10,6 +10,7 @@ No Ray here: the executors in ``run.py`` wrap this class.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,17 @@ from sweeps.engine.transformer import ModelWeights
 from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
-SELF_REPAIR_TERMS = ("total_effect", "own_change", "self_repair", "heads", "mlps", "final_norm", "total_effect_capped")
+# ``last_mlp`` is the part of ``mlps`` from the last layer's MLP (split per neuron in neurons/).
+SELF_REPAIR_TERMS = ("total_effect", "own_change", "self_repair", "heads", "mlps", "last_mlp", "final_norm",
+                     "total_effect_capped")
+
+# neurons/: per (ablated head, selection), the last MLP's top neurons by |mean change of direct effect|.
+NEURON_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("head", pa.int32()), ("selection", pa.string()), ("top_fraction", pa.float64()),
+    ("n_points", pa.int64()), ("mlp_layer", pa.int32()), ("rank", pa.int32()), ("neuron", pa.int32()),
+    ("delta_de", pa.float64()), ("clean_de", pa.float64()), ("share", pa.float64()), ("cum_share", pa.float64()),
+    ("top_share", pa.float64()), ("mlp_term", pa.float64()), ("mlp_bias", pa.float64()),
+])
 
 
 @dataclass
@@ -45,6 +56,11 @@ class BatchState:
     de_bias: torch.Tensor | None = None  # [L, P] each layer's b_O share (fast path)
     clean_dot: torch.Tensor | None = None  # [P] x · u of the clean final stream (its logit is this / s + bias)
     clean_normed: torch.Tensor | None = None  # [P, D] the clean final stream, normalised (soft-capped models)
+    # The last MLP split per neuron (None where it is not computed: no MLP, no neurons the bridge exposes)
+    neuron_dirs: torch.Tensor | None = None  # [P, M] (W_out[n]·u)/s, ⊙ the post-norm's weight under one
+    de_neurons: torch.Tensor | None = None  # [P, M] each neuron's clean direct effect
+    last_bias_dir: torch.Tensor | None = None  # [P] (b_out·u)/s of the last MLP (post-norm models)
+    last_inv_rms: torch.Tensor | None = None  # [P] 1 / rms of the last MLP's clean output (post-norm models)
 
 
 @dataclass
@@ -61,6 +77,28 @@ class HeadResult:
     repair: dict[str, np.ndarray]  # per point: the self-repair decomposition (``SELF_REPAIR_TERMS``)
     mean_delta_heads: np.ndarray  # [L, H] mean change of every head's direct effect
     mean_delta_mlps: np.ndarray  # [L]
+    neurons: dict[str, "NeuronSplit"] | None = None  # per selection: the last MLP's term split per neuron
+
+
+@dataclass
+class NeuronSplit:
+    """One head's ``last_mlp`` term split per neuron of the last layer's MLP, as means over one
+    selection of points: ``delta.sum() + bias = mlp_term`` (the bias moves only under a post-norm)."""
+
+    top_fraction: float
+    n_points: int
+    delta: np.ndarray  # [M] mean change of each neuron's direct effect (clean scale)
+    clean: np.ndarray  # [M] mean clean direct effect of each neuron
+    bias: float  # mean change of b_out's share
+    mlp_term: float  # mean of ``last_mlp``
+
+
+def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.ndarray, float]]:
+    """(name, indices of the points, fraction) of the two selections: ``all`` the points, and the
+    ``top`` ``top_fraction`` of them by the head's signed clean direct effect (at least one)."""
+    n = de_clean.size
+    order = np.argsort(-de_clean, kind="stable")
+    return [("all", np.arange(n), 1.0), ("top", order[: max(1, int(np.ceil(top_fraction * n)))], top_fraction)]
 
 
 @dataclass
@@ -74,7 +112,9 @@ class BackupComputer:
     batch_size: int = 32
     bridge: Any = None
     self_repair: bool = True  # also the self-repair decomposition (off only to measure what it costs)
+    top_fraction: float = 0.02  # the "top" selection of the neuron split (as self_repair_rows')
     _batches: list[BatchState] | None = field(default=None, repr=False)
+    _warned: bool = field(default=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,6 +136,15 @@ class BackupComputer:
         state = BatchState(start=start, points=points, scale=decomposition.scale, resid_pre=None, tokens=sub.clean,
                            replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps,
                            clean_dot=bridge_path.final_dot(self.bridge, cache, points))
+        W_out = bridge_path.last_mlp_out(self.bridge, cache) if self.self_repair else None
+        if W_out is not None:
+            state.neuron_dirs = torch.einsum("md,pd->pm", W_out, points.u) / decomposition.scale[:, None]
+            state.de_neurons = effects.neuron_direct_effects(
+                state.neuron_dirs, bridge_path.last_hidden(self.bridge, cache, points), None)
+        elif self.self_repair and not self._warned:
+            self._warned = True
+            print("note: no neurons of the last MLP rebuild its output through the bridge's hooks (a mixture of "
+                  "experts, or no MLP): neurons/ stays empty", file=sys.stderr)
         return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
@@ -114,19 +163,25 @@ class BackupComputer:
                 continue
             w, device = self.weights, self.weights.device
             tokens = sub.clean.to(device)
-            run = tf.run(w, tokens)
+            run = tf.run(w, tokens, keep_last_hidden=self.self_repair)
             points = effects.effect_points(w, sub)
             decomposition = effects.decompose(w, tokens, run, points)
             replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
             dot, _, normed = effects.final_read(w, run.resid_final, points)
-            states.append(
-                BatchState(
-                    start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre, tokens=tokens,
-                    replacement_z=replacement, de_heads=decomposition.heads,
-                    de_mlps=decomposition.mlps, de_bias=decomposition.attn_bias, clean_dot=dot,
-                    clean_normed=normed if w.cfg.final_softcap else None,
-                )
+            state = BatchState(
+                start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre, tokens=tokens,
+                replacement_z=replacement, de_heads=decomposition.heads,
+                de_mlps=decomposition.mlps, de_bias=decomposition.attn_bias, clean_dot=dot,
+                clean_normed=normed if w.cfg.final_softcap else None,
             )
+            if run.last_hidden is not None:  # the last MLP split per neuron (self-repair decomposition)
+                state.neuron_dirs = effects.neuron_directions(w, points, decomposition.scale)
+                if w.cfg.post_norm:
+                    state.last_inv_rms = tf.post_norm_inv_rms(w.cfg, effects.gather(run.mlp_raw[-1], points, 0))[..., 0]
+                    state.last_bias_dir = effects.mlp_bias_direction(w, points, decomposition.scale)
+                state.de_neurons = effects.neuron_direct_effects(
+                    state.neuron_dirs, effects.gather(run.last_hidden, points, 0), state.last_inv_rms)
+            states.append(state)
             if self.ablation == "mean":
                 clean_runs.append((run, sub.lengths.to(device)))
         if self.ablation == "mean":
@@ -157,10 +212,19 @@ class BackupComputer:
         total = result.final_dot / s_ablated - state.clean_dot / s
         final_norm = (s / s_ablated - 1) * result.final_dot / s
         out = {"total_effect": total, "own_change": own, "self_repair": total - own, "heads": heads,
-               "mlps": mlps, "final_norm": final_norm}
+               "mlps": mlps, "last_mlp": delta_mlps[:, -1], "final_norm": final_norm}
         out["total_effect_capped"] = self._capped_change(state, result) if result.final_normed is not None \
             else torch.full_like(total, float("nan"))
         return out
+
+    def _neuron_changes(self, state: BatchState, result: effects.LayerAblation) -> tuple[torch.Tensor, torch.Tensor]:
+        """The change of each last-MLP neuron's direct effect (clean ``s``), [G, P, M], and of its
+        bias's share, [G, P]: together they sum to the ``last_mlp`` term at every point."""
+        ablated = effects.neuron_direct_effects(state.neuron_dirs, result.last_hidden, result.last_inv_rms)
+        delta = ablated.sub_(state.de_neurons)  # in place: a pass over [G, P, M] less
+        if state.last_inv_rms is None:  # without a post-norm b_out's share cannot move
+            return delta, torch.zeros(delta.shape[:2], device=delta.device)
+        return delta, state.last_bias_dir * (result.last_inv_rms - state.last_inv_rms[None])
 
     def _capped_change(self, state: BatchState, result: effects.LayerAblation) -> torch.Tensor:
         """The change of the model's real, soft-capped logit (difference) at each point."""
@@ -199,7 +263,11 @@ class BackupComputer:
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
-        for state in self.batches():
+        batches = self.batches()
+        neurons = None
+        if self.self_repair and batches[0].neuron_dirs is not None:
+            neurons = _NeuronSums(batches, layer, heads, self.top_fraction)
+        for index, state in enumerate(batches):
             B, T = state.tokens.shape
 
             def ablate(start: int, stop: int, state=state) -> effects.LayerAblation:
@@ -207,10 +275,12 @@ class BackupComputer:
                 if self.bridge is not None:  # one full forward per head
                     replacement = self._replacement(state, layer, chunk)
                     outs = [bridge_path.ablate_head(self.bridge, state.tokens, layer, h, replacement[g],
-                                                    state.points, state.scale) for g, h in enumerate(chunk)]
+                                                    state.points, state.scale, state.neuron_dirs is not None)
+                            for g, h in enumerate(chunk)]
                     return effects.LayerAblation(
                         layer, list(chunk), torch.cat([o.heads for o in outs]), torch.cat([o.mlps for o in outs]),
-                        None, torch.cat([o.final_dot for o in outs]), torch.cat([o.final_scale for o in outs]))
+                        None, torch.cat([o.final_dot for o in outs]), torch.cat([o.final_scale for o in outs]),
+                        last_hidden=torch.cat([o.last_hidden for o in outs]) if state.neuron_dirs is not None else None)
                 return effects.ablate_heads_of_layer(
                     self.weights, layer, chunk, state.resid_pre[layer],
                     self._replacement(state, layer, chunk), state.points, state.scale, self.self_repair,
@@ -236,6 +306,8 @@ class BackupComputer:
                     repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
                 else:
                     repair = {t: torch.full_like(backup, float("nan")) for t in SELF_REPAIR_TERMS}
+                if neurons is not None:
+                    neurons.add(index, state, chunk, *self._neuron_changes(state, result))
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())
@@ -248,7 +320,7 @@ class BackupComputer:
                     sum_heads[h][layer:] += delta_heads[g].sum(1).double().cpu()
                     sum_mlps[h][layer:] += delta_mlps[g].sum(1).double().cpu()
             n_points += state.points.n
-        return [
+        results = [
             HeadResult(
                 layer=layer, head=h,
                 prompt=np.concatenate(per_head[h]["prompt"]), pos=np.concatenate(per_head[h]["pos"]),
@@ -260,17 +332,71 @@ class BackupComputer:
             )
             for h in heads
         ]
+        if neurons is not None:
+            for r in results:
+                r.neurons = neurons.splits(r)
+        return results
+
+
+class _NeuronSums:
+    """Per ablated head and selection (``all``, ``top``: the points ``self_repair_rows`` keeps),
+    the sums over the selected points of each last-MLP neuron's change of direct effect, of its
+    clean direct effect and of the bias's change, batch by batch."""
+
+    def __init__(self, batches: list[BatchState], layer: int, heads: list[int], top_fraction: float):
+        offsets = np.cumsum([0] + [s.points.n for s in batches])
+        self.top_fraction = top_fraction
+        self.masks: dict[int, list[torch.Tensor]] = {}  # the top selection's points, per batch
+        self.sums: dict[int, dict[str, dict[str, Any]]] = {}
+        for h in heads:
+            de = np.concatenate([s.de_heads[layer, :, h].double().cpu().numpy() for s in batches])
+            self.sums[h] = {}
+            for selection, keep, fraction in selections(de, top_fraction):
+                self.sums[h][selection] = dict(n=int(keep.size), fraction=fraction, delta=0.0, clean=0.0, bias=0.0)
+                if selection == "top":
+                    mask = np.zeros(de.size, bool)
+                    mask[keep] = True
+                    self.masks[h] = [torch.from_numpy(mask[a:b]).to(s.tokens.device)
+                                     for s, a, b in zip(batches, offsets[:-1], offsets[1:])]
+        self._clean_all: tuple[int, torch.Tensor] | None = None
+
+    def add(self, index: int, state: BatchState, chunk: list[int], delta: torch.Tensor, bias: torch.Tensor) -> None:
+        """Batch ``index``'s changes for the heads of ``chunk``: ``delta`` [G, P, M], ``bias`` [G, P]."""
+        # Sums over a batch's points in float32 (pairwise: exact to float32's precision; a float64
+        # copy of [G, P, M] would cost more than the rest of the split), across batches in float64.
+        if self._clean_all is None or self._clean_all[0] != index:  # the same for every head
+            self._clean_all = index, state.de_neurons.sum(0).double().cpu()
+        everything = delta.sum(1).double().cpu()  # [G, M]
+        for g, h in enumerate(chunk):
+            for selection, sums in self.sums[h].items():
+                if selection == "all":
+                    keep, clean, changed = slice(None), self._clean_all[1], everything[g]
+                else:
+                    keep = self.masks[h][index]
+                    clean = state.de_neurons[keep].sum(0).double().cpu()
+                    changed = delta[g][keep].sum(0).double().cpu()
+                sums["delta"] = sums["delta"] + changed
+                sums["clean"] = sums["clean"] + clean
+                sums["bias"] += float(bias[g][keep].double().sum())
+
+    def splits(self, r: HeadResult) -> dict[str, NeuronSplit]:
+        out = {}
+        for selection, keep, _ in selections(r.de_clean, self.top_fraction):
+            sums = self.sums[r.head][selection]
+            n = sums["n"]
+            out[selection] = NeuronSplit(
+                top_fraction=sums["fraction"], n_points=n, delta=(sums["delta"] / n).numpy(),
+                clean=(sums["clean"] / n).numpy(), bias=sums["bias"] / n,
+                mlp_term=float(np.mean(r.repair["last_mlp"][keep])))
+        return out
 
 
 def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
     """One head's self-repair rows: the means of each term over every point (``all``) and over
     the top ``top_fraction`` of points by the head's signed clean direct effect (``top``), and
     the mean clipped shares ``clip(term / DE, 0, 1)`` of the heads, the MLPs and the final norm."""
-    n = r.de_clean.size
-    order = np.argsort(-r.de_clean, kind="stable")
     rows = []
-    for selection, keep, fraction in (("all", np.arange(n), 1.0),
-                                      ("top", order[: max(1, int(np.ceil(top_fraction * n)))], top_fraction)):
+    for selection, keep, fraction in selections(r.de_clean, top_fraction):
         de = r.de_clean[keep]
         terms = {"same_layer": r.same_layer[keep], **{t: r.repair[t][keep] for t in SELF_REPAIR_TERMS}}
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -282,14 +408,35 @@ def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
     return rows
 
 
+def neuron_rows(r: HeadResult, top_neurons: int, n_layers: int) -> list[dict]:
+    """One head's neurons/ rows: per selection, the ``top_neurons`` neurons of the last MLP with
+    the largest |mean change of direct effect|, rank 1 first; ``share`` is that change over the
+    MLP's mean term (``mlp_term``), ``cum_share`` the running sum of the shares down to this
+    rank, ``top_share`` the share of all the rows shown."""
+    rows = []
+    for selection, split in (r.neurons or {}).items():
+        order = np.argsort(-np.abs(split.delta), kind="stable")[:top_neurons]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = split.delta[order] / split.mlp_term if split.mlp_term != 0 else np.full(order.size, np.nan)
+        cumulative = np.cumsum(shares)
+        for rank, (neuron, share, cum) in enumerate(zip(order, shares, cumulative), start=1):
+            rows.append(dict(layer=r.layer, head=r.head, selection=selection, top_fraction=split.top_fraction,
+                             n_points=split.n_points, mlp_layer=n_layers - 1, rank=rank, neuron=int(neuron),
+                             delta_de=float(split.delta[neuron]), clean_de=float(split.clean[neuron]),
+                             share=float(share), cum_share=float(cum), top_share=float(cumulative[-1]),
+                             mlp_term=split.mlp_term, mlp_bias=split.bias))
+    return rows
+
+
 def shard_tables(
     results: list[HeadResult], fit_threshold: float = 0.0, n_boot: int = 200, seed: int = 0,
-    top_fraction: float = 0.02,
+    top_fraction: float = 0.02, top_neurons: int = 20,
 ) -> dict[str, pa.Table]:
-    """The shard's rows of the four datasets (provenance is added by the store)."""
-    slopes, responses, points, repair = [], [], [], []
+    """The shard's rows of the five datasets (provenance is added by the store)."""
+    slopes, responses, points, repair, neurons = [], [], [], [], []
     for r in results:
         repair += self_repair_rows(r, top_fraction)
+        neurons += neuron_rows(r, top_neurons, r.mean_delta_mlps.size)
         fit = effects.fit_line(r.de_clean, r.backup, fit_threshold)
         keep = np.abs(r.de_clean) > fit_threshold if fit_threshold > 0 else slice(None)
         lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], r.prompt[keep], n_boot, seed)
@@ -340,6 +487,7 @@ def shard_tables(
         "responses": pa.concat_tables(responses),
         "points": pa.concat_tables(points),
         "self_repair": pa.Table.from_pylist(repair),
+        "neurons": pa.Table.from_pylist(neurons, schema=NEURON_SCHEMA),
     }
 
 
@@ -354,14 +502,16 @@ class BackupJob:
     n_boot: int = 200
     seed: int = 0
     top_fraction: float = 0.02
+    top_neurons: int = 20
     _computer: BackupComputer | None = field(default=None, repr=False)
 
     def bind(self, model) -> None:
         bridge = bridge_path.bridge_of(model)
         if bridge is not None:
             bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
-        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size, bridge)
+        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size, bridge,
+                                        top_fraction=self.top_fraction)
 
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
         results = self._computer.run_heads(shard.layer, list(shard.heads))
-        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed, self.top_fraction)
+        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed, self.top_fraction, self.top_neurons)

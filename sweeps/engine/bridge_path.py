@@ -77,7 +77,8 @@ def effect_points(bridge, task: TaskData) -> effects.Points:
 
 def _names(bridge) -> set[str]:
     L = bridge.cfg.n_layers
-    names = {"ln_final.hook_scale", "hook_embed", "hook_pos_embed", f"blocks.{L - 1}.hook_resid_post"}
+    names = {"ln_final.hook_scale", "hook_embed", "hook_pos_embed", f"blocks.{L - 1}.hook_resid_post",
+             f"blocks.{L - 1}.mlp.hook_post"}
     for l in range(L):
         names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out", f"blocks.{l}.hook_resid_pre",
                   f"blocks.{l}.hook_attn_out"}
@@ -112,6 +113,28 @@ def mlp_effects(cache, layer: int, points: effects.Points, scale: Tensor) -> Flo
     if out is None:
         return torch.zeros(points.n)
     return (out[points.batch, points.pos] * points.u).sum(-1) / scale
+
+
+def last_mlp_out(bridge, cache: dict[str, Tensor]) -> Tensor | None:
+    """``W_out`` [M, D] of the last layer's MLP when its neurons (``mlp.hook_post``) rebuild the
+    MLP's output in this cached run (``Σ_n a_n W_out[n] + b_out = hook_mlp_out``), else None: a
+    mixture of experts, or an MLP whose hooks do not see its neurons this way."""
+    L = bridge.cfg.n_layers
+    hidden, out = cache.get(f"blocks.{L - 1}.mlp.hook_post"), cache.get(f"blocks.{L - 1}.hook_mlp_out")
+    try:
+        W_out = bridge.W_out[L - 1].detach()
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+    if hidden is None or out is None or hidden.shape[-1] != W_out.shape[0]:
+        return None
+    b_out = stacked(bridge, "b_out", (L, W_out.shape[1])).to(W_out.device)[L - 1]
+    error = float((hidden @ W_out + b_out - out).abs().max() / out.abs().max().clamp(min=1e-6))
+    return W_out if error <= SUM_CHECK_TOLERANCE else None
+
+
+def last_hidden(bridge, cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, "P M"]:
+    """The last MLP's neuron activations at the points."""
+    return cache[f"blocks.{bridge.cfg.n_layers - 1}.mlp.hook_post"][points.batch, points.pos]
 
 
 def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
@@ -172,10 +195,11 @@ def ablate_head(
     replacement: Float[Tensor, "B T E"],
     points: effects.Points,
     scale: Float[Tensor, "P"],
+    neurons: bool = False,
 ) -> effects.LayerAblation:
     """One full forward with head ``(layer, head)``'s ``z`` replaced: every head's and MLP's
     direct effect (clean scale) in layers ``layer..L-1``, and the run's own final stream at
-    the points (``G`` = 1)."""
+    the points (``G`` = 1); with ``neurons``, the last MLP's neuron activations at the points."""
 
     def patch(z, hook):
         z = z.clone()
@@ -187,7 +211,8 @@ def ablate_head(
     heads = torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(layer, L)])
     mlps = torch.stack([mlp_effects(cache, l, points, scale) for l in range(layer, L)])
     return effects.LayerAblation(layer, [head], heads[None], mlps[None], None,
-                                 final_dot(bridge, cache, points)[None], final_scale(cache, points)[None])
+                                 final_dot(bridge, cache, points)[None], final_scale(cache, points)[None],
+                                 last_hidden=last_hidden(bridge, cache, points)[None] if neurons else None)
 
 
 @torch.no_grad()

@@ -126,6 +126,35 @@ def final_scale(w: ModelWeights, run: tf.CleanRun, points: Points) -> Float[Tens
     return gather(tf.norm_scale(w.cfg, run.resid_final)[..., 0], points, 0)
 
 
+def neuron_directions(w: ModelWeights, points: Points, scale: Float[Tensor, "P"]) -> Float[Tensor, "P M"]:
+    """``(W_out[n] · u) / s`` of each neuron of the last layer's MLP at each point (``s`` the
+    clean scale): a neuron with activation ``a_n`` writes ``a_n W_out[n]``, so its direct
+    effect is ``a_n`` times this. Under a post-norm the MLP writes ``w ⊙ m / rms(m)`` and a
+    neuron's share is ``a_n W_out[n] ⊙ w / rms(m)``: ``u`` is multiplied by ``w`` here and
+    ``neuron_direct_effects`` divides by the run's own ``rms(m)``."""
+    layer = w.cfg.n_layers - 1
+    u = points.u * w.ln_mlp_post[layer] if w.cfg.post_norm else points.u
+    return torch.einsum("md,pd->pm", w.W_out[layer], u) / scale[:, None]
+
+
+def neuron_direct_effects(
+    directions: Float[Tensor, "P M"], hidden: Float[Tensor, "*G P M"], inv_rms: Float[Tensor, "*G P"] | None
+) -> Float[Tensor, "*G P M"]:
+    """Each neuron's direct effect from its activations at the points (``hidden``) and the
+    ``1 / rms(m)`` of the run's MLP output under a post-norm (None without): with the bias's
+    share (``mlp_bias_effects``) they sum exactly to the MLP's direct effect."""
+    out = hidden * directions
+    return out if inv_rms is None else out.mul_(inv_rms[..., None])
+
+
+def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, "P"]) -> Float[Tensor, "P"]:
+    """``(b_out · u) / s`` of the last layer's MLP (``⊙ w`` under a post-norm, whose share
+    divides by the run's ``rms(m)``: it moves only there)."""
+    layer = w.cfg.n_layers - 1
+    u = points.u * w.ln_mlp_post[layer] if w.cfg.post_norm else points.u
+    return (u @ w.b_out[layer]) / scale
+
+
 @dataclass
 class Decomposition:
     """Every component's direct effect; they sum to the logit (difference)."""
@@ -194,6 +223,8 @@ class LayerAblation:
     final_dot: Float[Tensor, "G P"] | None = None
     final_scale: Float[Tensor, "G P"] | None = None
     final_normed: Float[Tensor, "G P D"] | None = None  # normalised x′ at the points (soft-capped models only)
+    last_hidden: Float[Tensor, "G P M"] | None = None  # the last MLP's neuron activations at the points
+    last_inv_rms: Float[Tensor, "G P"] | None = None  # 1 / rms of the last MLP's output (post-norm models)
 
 
 def final_read(w: ModelWeights, resid_final: Float[Tensor, "*G B T D"], points: Points):
@@ -220,7 +251,8 @@ def ablate_heads_of_layer(
 
     All G ablations run as one batch of G copies of the prompts, restarting
     from the clean residual stream entering block ``layer``. ``read_final`` also reads what
-    the self-repair decomposition needs (each layer's ``b_O`` share, the final stream).
+    the self-repair decomposition needs (each layer's ``b_O`` share, the final stream, and the
+    last MLP's neuron activations at the points, which its restart computes anyway).
     """
     G, (B, T, _) = len(heads), resid_pre.shape
     rope = tf.rotary_tables(w, T)
@@ -232,8 +264,14 @@ def ablate_heads_of_layer(
         return z.view(G * B, *z.shape[2:])
 
     head_des, mlp_des, bias_des = [], [], []
+    last, hidden, inv_rms = w.cfg.n_layers - 1, None, None
     for out in tf.blocks(w, resid_pre.repeat(G, 1, 1), layer, [tf.Edit("z", layer, replace=edit)], rope=rope):
         l = out.layer
+        if read_final and l == last and out.mlp_hidden is not None:
+            hidden = gather(out.mlp_hidden.view(G, B, T, -1), points, 1)
+            if w.cfg.post_norm:
+                raw = gather(out.mlp_raw.view(G, B, T, -1), points, 1)
+                inv_rms = tf.post_norm_inv_rms(w.cfg, raw)[..., 0]
         z = out.z.view(G, B, T, *out.z.shape[2:])
         head_des.append(head_direct_effects(w, l, z, points, scale))
         if read_final:
@@ -247,7 +285,7 @@ def ablate_heads_of_layer(
         return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
     dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
     return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1),
-                         torch.stack(bias_des, 1), dot, s, normed if w.cfg.final_softcap else None)
+                         torch.stack(bias_des, 1), dot, s, normed if w.cfg.final_softcap else None, hidden, inv_rms)
 
 
 # --------------------------------------------------------------------------- #

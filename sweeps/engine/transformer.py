@@ -368,13 +368,17 @@ def _activation(name: str, x: Tensor) -> Tensor:
 def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
     """The MLP (before any post-norm) on its already normalised input (attribution
     differentiates at that input)."""
+    return mlp_hidden(w, layer, x) @ w.W_out[layer] + w.b_out[layer]
+
+
+def mlp_hidden(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T M"]:
+    """The MLP's neuron activations (TL's ``mlp.hook_post``, what ``W_out`` reads) on its
+    normalised input: its output is ``Σ_n a_n W_out[n] + b_out``."""
     cfg = w.cfg
     pre = x @ w.W_in[layer] + w.b_in[layer]
     if cfg.gated_mlp:
-        post = _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre
-    else:
-        post = _activation(cfg.act_fn, pre)
-    return post @ w.W_out[layer] + w.b_out[layer]
+        return _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre
+    return _activation(cfg.act_fn, pre)
 
 
 def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
@@ -448,6 +452,7 @@ class BlockState:
     resid_mid: Optional[Float[Tensor, "B T D"]] = None
     mlp_in: Optional[Float[Tensor, "B T D"]] = None  # the stream the MLP reads, before its norm
     mlp_normed: Optional[Float[Tensor, "B T D"]] = None  # sublayer_input(mlp_in), a node of its own
+    mlp_hidden: Optional[Float[Tensor, "B T M"]] = None  # the neuron activations W_out reads (TL's mlp.hook_post)
     mlp_raw: Optional[Float[Tensor, "B T D"]] = None
     mlp_out: Optional[Float[Tensor, "B T D"]] = None  # the MLP's write to the stream
     resid_post: Optional[Float[Tensor, "B T D"]] = None
@@ -541,14 +546,16 @@ def blocks(
             if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
                 normed = mlp_in.view_as(mlp_in)
             s.mlp_normed = normed
-            s.mlp_raw = mlp_from_normalized(w, layer, normed)
+            s.mlp_hidden = mlp_hidden(w, layer, normed)
+            s.mlp_raw = s.mlp_hidden @ w.W_out[layer] + w.b_out[layer]
             s.mlp_out = _edited(index, "mlp_out", layer, mlp_write(w, layer, s.mlp_raw))
             s.resid_post = s.resid_mid + s.mlp_out
         yield s
         resid = s.resid_post
 
 
-RECORDABLE = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_normed", "mlp_raw", "mlp_out", "resid_post")
+RECORDABLE = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_normed", "mlp_hidden", "mlp_raw", "mlp_out",
+              "resid_post")
 
 
 @dataclass
@@ -565,6 +572,7 @@ class Trace:
     resid_mid: list[Tensor] = field(default_factory=list)
     mlp_in: list[Tensor] = field(default_factory=list)
     mlp_normed: list[Tensor] = field(default_factory=list)
+    mlp_hidden: list[Tensor] = field(default_factory=list)
     mlp_raw: list[Tensor] = field(default_factory=list)
     mlp_out: list[Tensor] = field(default_factory=list)
     resid_post: list[Tensor] = field(default_factory=list)
@@ -651,12 +659,16 @@ class CleanRun:
     mlp_out: Optional[Float[Tensor, "L B T D"]]  # each MLP's write to the stream
     resid_final: Float[Tensor, "B T D"]
     mlp_raw: Optional[Float[Tensor, "L B T D"]] = None  # each MLP's output before its post-norm (post-norm models)
+    last_hidden: Optional[Float[Tensor, "B T M"]] = None  # the last MLP's neuron activations (``keep_last_hidden``)
 
 
-def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
-    """Full forward, keeping each block's input (for restarts), head ``z`` and MLP writes."""
+def run(w: ModelWeights, tokens: Int[Tensor, "B T"], keep_last_hidden: bool = False) -> CleanRun:
+    """Full forward, keeping each block's input (for restarts), head ``z`` and MLP writes
+    (and, with ``keep_last_hidden``, the last MLP's neuron activations)."""
     post = w.cfg.post_norm and not w.cfg.attn_only
     names = ("resid_pre", "z") + (() if w.cfg.attn_only else ("mlp_out",)) + (("mlp_raw",) if post else ())
+    if keep_last_hidden and not w.cfg.attn_only:
+        names += ("mlp_hidden",)
     trace = forward(w, embed(w, tokens), record=names)
     return CleanRun(
         resid_pre=torch.stack(trace.resid_pre),
@@ -664,4 +676,5 @@ def run(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> CleanRun:
         mlp_out=None if w.cfg.attn_only else torch.stack(trace.mlp_out),
         resid_final=trace.resid_final,
         mlp_raw=torch.stack(trace.mlp_raw) if post else None,
+        last_hidden=trace.mlp_hidden[-1] if trace.mlp_hidden else None,
     )
