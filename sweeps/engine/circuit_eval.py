@@ -120,26 +120,37 @@ class CircuitRunner:
         def removed(first: int, n: int) -> Float[Tensor, "n B T D"]:
             """Σ over the out-of-circuit edges of downstream rows first..first+n−1 of (a_u − a*_u).
 
-            Taken over whichever is smaller, the edges in the circuit or those outside it: all of
-            the prefix minus the kept ones, or the missing ones alone; only the upstream rows
-            some reader uses enter the product, so a small (or nearly full) circuit is cheap."""
-            p = graph.prefix[first + n - 1]  # rows of one site share a prefix
+            Taken over whichever is smaller, the edges in the circuit or those outside it (the
+            first as all of the prefix minus the kept ones); when the upstream rows that take
+            part are few, only they are read."""
+            p = graph.prefix[first + n - 1]  # rows of one site (and q, k, v of one layer) share a prefix
             keep = torch.stack([mask[self.offsets[i] : self.offsets[i] + p] for i in range(first, first + n)])
-            if keep.float().mean() < 0.5:
-                cols = keep.any(0).nonzero()[:, 0]
-                kept = keep[:, cols].to(flat.dtype) @ flat[cols]
-                return (prefix_sums[p][None] - kept).view(n, B, T, D)
-            cols = (~keep).any(0).nonzero()[:, 0]
-            return ((~keep)[:, cols].to(flat.dtype) @ flat[cols]).view(n, B, T, D)
+            use_kept = bool(keep.float().mean() < 0.5)
+            chosen = keep if use_kept else ~keep
+            cols = chosen.any(0).nonzero()[:, 0]
+            if 2 * len(cols) < p:
+                part = chosen[:, cols].to(flat.dtype) @ flat[cols]
+            else:
+                part = chosen.to(flat.dtype) @ flat[:p]
+            return (prefix_sums[p][None] - part if use_kept else part).view(n, B, T, D)
 
         def record_embed(x):
             diff[0] = x - self.corrupt_out[0]
             written(1)
             return x
 
-        def reads(first: int, n: int):
+        attention_reads: dict[int, Tensor] = {}  # layer -> the removed sums of its q, k and v rows
+
+        def reads(layer: int, offset: int, n: int):
+            """Each head's q (k, v) input: the q, k and v rows of a layer share their upstream
+            nodes, so their sums are taken in one product (when q is read; k and v follow)."""
             def edit(x):  # [B T D] -> each head's own input [B T n D]
-                return x[:, :, None] - removed(first, n).permute(1, 2, 0, 3)
+                if offset == 0:
+                    attention_reads[layer] = removed(layer * per_layer, cfg.n_heads + 2 * cfg.n_kv_heads)
+                part = attention_reads[layer][offset : offset + n]
+                if offset + n == cfg.n_heads + 2 * cfg.n_kv_heads:
+                    del attention_reads[layer]
+                return x[:, :, None] - part.permute(1, 2, 0, 3)
             return edit
 
         def record_heads(layer: int):
@@ -169,9 +180,9 @@ class CircuitRunner:
         for layer in range(cfg.n_layers):
             first = layer * per_layer
             edits += [
-                tf.Edit("q", layer, replace=reads(first, H)),
-                tf.Edit("k", layer, replace=reads(first + H, K)),
-                tf.Edit("v", layer, replace=reads(first + H + K, K)),
+                tf.Edit("q", layer, replace=reads(layer, 0, H)),
+                tf.Edit("k", layer, replace=reads(layer, H, K)),
+                tf.Edit("v", layer, replace=reads(layer, H + K, K)),
                 tf.Edit("z", layer, replace=record_heads(layer)),
             ]
             if not cfg.attn_only:
