@@ -148,10 +148,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     sizes = parse_sizes(args.sizes)
     if args.sources:  # model, task and prompts default to the first result's
-        first = Path(str(args.sources[0])) / "sweep.json"
+        from sweeps.engine.location import Location, LocationError
+
         try:
+            first = Location.parse(args.sources[0]) / "sweep.json"
             spec0 = json.loads(first.read_text()) if first.is_file() else {}
-        except (OSError, json.JSONDecodeError):
+        except (LocationError, OSError, json.JSONDecodeError):
             spec0 = {}
         args.model = args.model or spec0.get("model")
         args.task = args.task or spec0.get("task")
