@@ -25,6 +25,7 @@ from analysis.backup import (
 )
 from analysis.results import report_dir
 from analysis.scale import ScaleResults, status_lines, summary_tables, wide
+from sweeps.engine import console
 from sweeps.engine.location import Location
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
@@ -150,7 +151,7 @@ def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wand
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"warning: W&B logging failed ({type(err).__name__}: {reason}); the Parquet results are "
-              f"complete; retry with: python -m analysis {kind} {out} --wandb {wandb_mode}", file=sys.stderr)
+              f"complete; retry with: {console.command('-m analysis', kind, str(out), '--wandb', wandb_mode)}", file=sys.stderr)
         return
     if run_dir:
         hint = " (upload later with `wandb sync`)" if wandb_mode == "offline" else ""
