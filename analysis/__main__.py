@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the top heads of the summary)")
     p.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
     p.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
-                   help="rank only heads whose mean |direct effect| is at least F times the largest "
-                   "head's (default 0.1)")
+                   help="rank (and colour in the heatmaps) only heads whose mean |direct effect| is at least "
+                   "F times the largest head's (default 0.1)")
+    p.add_argument("--min-r2", type=float, default=0.0, metavar="R",
+                   help="also require the slope's fit to have r² >= R (default 0: no such condition)")
     p = _subcommand(sub, "scale")
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
     p = _subcommand(sub, "attribution")
@@ -49,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ResultsError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary_text(summary_table(results, args.top, args.min_de_fraction)))
+    print(summary_text(summary_table(results, args.top, args.min_de_fraction, args.min_r2)))
     from analysis.self_repair import summary_lines
 
     for line in summary_lines(results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers):
         print(line)
-    write_backup_report(results, args.wandb, args.wandb_project, scatter)
+    write_backup_report(results, args.wandb, args.wandb_project, scatter, args.min_de_fraction, args.min_r2)
     return 0
 
 

@@ -21,6 +21,10 @@ from analysis.backup import (
     compensation_by_layer,
     compensation_matrix,
     grid,
+    legible_columns,
+    legible_rows,
+    meaningful,
+    meaningful_rule,
     summary_table,
 )
 from analysis.results import report_dir
@@ -31,36 +35,85 @@ from sweeps.engine.location import Location
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
 
-def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
-    """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it)."""
+def sampled(spec: dict, manifest: dict | None = None) -> str:
+    """What a sweep ran on, for titles: ``smollm2-135m on ioi, 64 prompts, resample ablation``."""
+    params = spec.get("task_params") or {}
+    parts = [f"{spec.get('model', '?')} on {spec.get('task', '?')}"]
+    if params.get("n_prompts"):
+        parts.append(f"{params['n_prompts']} prompts" + (f" x {params['seq_len']} tokens" if params.get("seq_len") else ""))
+    if spec.get("ablation"):
+        parts.append(f"{spec['ablation']} ablation")
+    return ", ".join(parts)
+
+
+LEGIBLE_ROWS, LEGIBLE_COLUMNS = 25, 30  # the compensation matrix's PNG: this many ablated and responding heads
+
+
+def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None,
+                   min_de_fraction: float = 0.1, min_r2: float = 0.0) -> dict[str, Path]:
+    """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it).
+
+    Heads whose fit is not ``meaningful`` are grey in the slope heatmap (the caption says
+    the rule) and left out of the compensation PNGs; their numbers stay in the HTML and
+    the Parquet datasets."""
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     L, H = results.n_layers, results.n_heads
-    model, task = results.spec.get("model", "?"), results.spec.get("task", "?")
+    where = sampled(results.spec)
+    n_swept = len(results.slopes)
     figures = {}
+    ok = meaningful(results.slopes, min_de_fraction, min_r2)
+    keep = grid(results.slopes.assign(ok=ok.astype(float)), "ok", L, H)
+    rule = meaningful_rule(results.slopes, min_de_fraction, min_r2)
     figures["slopes"], _ = plots.heatmap(
-        grid(results.slopes, "slope", L, H), f"Backup slope per head ({model}, {task})",
-        folder / "slopes", colorbar="slope (>0: backed up)", clip_quantile=0.95,
+        grid(results.slopes, "slope", L, H), f"Backup slope per ablated head ({where}; {n_swept} of {L * H} "
+        "heads swept)", folder / "slopes", colorbar="slope (> 0: later heads compensate)",
+        mask=keep == 0, caption=f"Grey: {int((~ok).sum())} heads whose fit is not meaningful (meaningful: "
+        f"{rule}); white: not swept. Every head's value: slopes.html.",
     )
     figures["direct_effects"], _ = plots.heatmap(
-        grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({model}, {task})",
-        folder / "direct_effects", colorbar="direct effect",
+        grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({where})",
+        folder / "direct_effects", colorbar="mean direct effect", caption="White: not swept.",
     )
     matrix = compensation_matrix(results.responses, L, H)
-    figures["compensation"], _ = plots.heatmap(
-        matrix.to_numpy(), "Compensatory response: mean change of each downstream head's direct effect",
-        folder / "compensation", xlabel="downstream head", ylabel="ablated head", colorbar="mean Δ direct effect",
-        xticks=list(matrix.columns), yticks=list(matrix.index),
+    up_names = [f"L{l}H{h}" for l, h in zip(results.slopes.layer, results.slopes["head"])]
+    chosen = [name for name, good in zip(up_names, ok) if good]
+    rows = legible_rows(matrix, chosen, LEGIBLE_ROWS)
+    others = matrix.mask(np.equal.outer(matrix.index.to_numpy(), matrix.columns.to_numpy()))  # no self cells
+    columns = legible_columns(others.loc[rows], LEGIBLE_COLUMNS) if rows else []
+    title = f"Compensatory response: mean change of each downstream head's direct effect ({where})"
+    itself = np.equal.outer(np.array(rows, dtype=object), np.array(columns, dtype=object)).reshape(len(rows), len(columns))
+    plots.heatmap_png(
+        matrix.loc[rows, columns].to_numpy(), title, folder / "compensation", xlabel="downstream head",
+        ylabel="ablated head", colorbar="mean Δ direct effect", xticks=columns, yticks=rows, mask=itself,
+        caption=f"{len(rows)} of the {matrix.shape[0]} ablated heads (the largest summed responses among the "
+        f"{len(chosen)} with a meaningful fit: {rule}) x the {len(columns)} of {matrix.shape[1]} downstream heads "
+        "that respond most." + (" Grey: the ablated head itself (its own loss, not a response)." if itself.any()
+                                else "") + " The full matrix: compensation.html and the responses/ dataset.",
     )
+    figures["compensation"] = folder / "compensation.png"
+    plots.heatmap_html(matrix.to_numpy(), title, folder / "compensation", xlabel="downstream head",
+                       ylabel="ablated head", colorbar="mean Δ direct effect", xticks=list(matrix.columns),
+                       yticks=list(matrix.index), mask=others.isna().to_numpy() & matrix.notna().to_numpy(),
+                       caption="every ablated head x every downstream head; grey: the ablated head itself")
     by_layer = compensation_by_layer(results.responses, L, H)
-    figures["compensation_by_layer"], _ = plots.heatmap(
-        by_layer.to_numpy(), "Compensatory response by downstream layer (attention heads, then MLPs)",
-        folder / "compensation_by_layer", xlabel="downstream layer", ylabel="ablated head",
-        colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns), yticks=list(by_layer.index),
+    layer_rows = legible_rows(by_layer, chosen, 2 * LEGIBLE_ROWS)
+    layer_columns = [c for c in by_layer.columns if by_layer.loc[layer_rows, c].abs().max() > 0]
+    title = f"Compensatory response by downstream layer: its heads summed, then its MLP ({where})"
+    plots.heatmap_png(
+        by_layer.loc[layer_rows, layer_columns].to_numpy(), title, folder / "compensation_by_layer",
+        xlabel="downstream layer", ylabel="ablated head", colorbar="summed mean Δ direct effect",
+        xticks=layer_columns, yticks=layer_rows,
+        caption=f"{len(layer_rows)} of the {by_layer.shape[0]} ablated heads (the largest summed response among "
+        f"the meaningful ones). Every head: compensation_by_layer.html.",
     )
-    figures.update(self_repair.figures(results.self_repair, folder, f"{model}, {task}"))
+    figures["compensation_by_layer"] = folder / "compensation_by_layer.png"
+    plots.heatmap_html(by_layer.to_numpy(), title, folder / "compensation_by_layer", xlabel="downstream layer",
+                       ylabel="ablated head", colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns),
+                       yticks=list(by_layer.index))
+    figures.update(self_repair.figures(results.self_repair, folder, where))
     if scatter_heads is None:  # the heads of the summary table
-        table = summary_table(results, k=2)
+        table = summary_table(results, 2, min_de_fraction, min_r2)
         scatter_heads = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in table["head"]]
     for layer, head in scatter_heads:
         row = results.slopes[(results.slopes.layer == layer) & (results.slopes["head"] == head)]
@@ -70,7 +123,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
         pts = results.head_points(layer, head)
         figures[f"scatter_L{layer}H{head}"], _ = plots.scatter_with_fit(
             pts.de_clean.to_numpy(), pts.backup.to_numpy(), float(row.slope.iloc[0]),
-            float(row.intercept.iloc[0]), f"Accumulated backup of L{layer}H{head} ({model}, {task})",
+            float(row.intercept.iloc[0]), f"Accumulated backup of L{layer}H{head} ({where})",
             folder / f"scatter_L{layer}H{head}",
             hover=[f"prompt {p}, pos {t}" for p, t in zip(pts.prompt, pts.pos)],
         )
@@ -99,7 +152,7 @@ def _log_run(
         payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
         for name, png in figures.items():
             payload[f"plots/{name}"] = wandb.Image(str(png))
-            payload[f"html/{name}"] = wandb.Html(png.with_suffix(".html").read_text(), inject=False)
+            payload[f"html/{name}"] = wandb.Html(plots.standalone_html(png.with_suffix(".html")), inject=False)
         for name, page in (pages or {}).items():
             payload[f"html/{name}"] = wandb.Html(page.read_text(), inject=False)
         run.log(payload)
@@ -159,9 +212,10 @@ def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wand
 
 
 def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
-                        scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
+                        scatter_heads: list[tuple[int, int]] | None = None, min_de_fraction: float = 0.1,
+                        min_r2: float = 0.0) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
-    figures = backup_figures(results, scatter_heads)
+    figures = backup_figures(results, scatter_heads, min_de_fraction, min_r2)
     _report("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures
 

@@ -86,13 +86,13 @@ def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
     ax.legend(fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair"] = plots._save(fig, folder / "self_repair")
-    go.Figure(
+    plots.write_html(go.Figure(
         [go.Scatter(x=finite.layer, y=finite.self_repair_fraction, mode="markers", name="one head",
                     text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])]),
          go.Scatter(x=means.index, y=means.values, mode="lines", name="layer mean")],
         layout=dict(title="Self-repair fraction per head", xaxis_title="layer", yaxis_title="self-repair / direct effect",
                     template="plotly_white"),
-    ).write_html(out["self_repair"].with_suffix(".html"), include_plotlyjs="cdn")
+    ), out["self_repair"].with_suffix(".html"))
 
     layers = layer_table(repair, "top")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -111,10 +111,10 @@ def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
     ax.legend(fontsize=7, ncol=2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair_layers"] = plots._save(fig, folder / "self_repair_layers")
-    go.Figure(
+    plots.write_html(go.Figure(
         [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
         + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],
         layout=dict(title="What makes up a head's total effect, by layer", barmode="relative",
                     xaxis_title="layer", yaxis_title="change of the logit (difference)", template="plotly_white"),
-    ).write_html(out["self_repair_layers"].with_suffix(".html"), include_plotlyjs="cdn")
+    ), out["self_repair_layers"].with_suffix(".html"))
     return out
