@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also require the slope's fit to have r² >= R (default 0: no such condition)")
     p = _subcommand(sub, "scale")
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
+    p.add_argument("--min-break", type=float, default=0.5, metavar="E",
+                   help="'breaks the model off-distribution': a causal effect of at least E at the smallest or "
+                   "largest scale (default 0.5)")
     p = _subcommand(sub, "attribution")
-    p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-heads tables (default 10)")
+    p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-nodes tables (default 10)")
     args = parser.parse_args(argv)
     if args.command == "scale":
         return _scale(args)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 def _scale(args) -> int:
     from analysis.report import write_scale_report
     from analysis.results import ResultsError
-    from analysis.scale import load_scale_results, summary_tables
+    from analysis.scale import load_scale_results, summary_tables, table_text
 
     try:
         results = load_scale_results(args.out, args.allow_mixed_specs)
@@ -73,14 +76,14 @@ def _scale(args) -> int:
     if results.effects.empty:
         print(f"error: {args.out} holds no finished shards yet", file=sys.stderr)
         return 2
-    for title, table in summary_tables(results, args.top).items():
-        print(f"\n{title}\n{table.to_string()}")
-    write_scale_report(results, args.wandb, args.wandb_project)
+    for title, table in summary_tables(results, args.top, args.min_break).items():
+        print(table_text(title, table))
+    write_scale_report(results, args.wandb, args.wandb_project, args.min_break)
     return 0
 
 
 def _attribution(args) -> int:
-    from analysis.attribution import load_attribution_results, top_edges_table, top_nodes_table
+    from analysis.attribution import load_attribution_results, summary_text
     from analysis.report import write_attribution_report
     from analysis.results import ResultsError
 
@@ -92,10 +95,7 @@ def _attribution(args) -> int:
     if not results.complete:
         print(f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
               "scores cover those", file=sys.stderr)
-    print(f"Top {args.top} edges by |score|\n{top_edges_table(results, args.top).to_string(index=False)}")
-    print(f"\nTop {args.top} heads by |score|\n{top_nodes_table(results, args.top).to_string(index=False)}")
-    if not results.verify.empty:
-        print(f"\nAttribution against real patching\n{results.faithfulness().to_string(index=False)}")
+    print(summary_text(results, args.top))
     write_attribution_report(results, args.wandb, args.wandb_project)
     return 0
 

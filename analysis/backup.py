@@ -72,8 +72,9 @@ def compensation_matrix(responses: pd.DataFrame, n_layers: int, n_heads: int) ->
 
 
 def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) -> pd.DataFrame:
-    """Upstream head × downstream layer: summed mean change of that layer's heads, and its MLP
-    as a separate column block (``mlp L``), the readable summary of the full matrix. The
+    """Upstream head × downstream layer: summed mean change of that layer's heads (column
+    ``L5H*``, the pattern that names them), then each MLP (``mlp5``) as a separate block of
+    columns; the readable summary of the full matrix. The
     ablated head's own change (its lost direct effect) is no response and is left out."""
     labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
     itself = ((responses.down_kind == "attn_head") & (responses.down_layer == responses.up_layer)
@@ -81,9 +82,9 @@ def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) 
     responses = responses[~itself.fillna(False).astype(bool)]
     table = responses.assign(
         up=[labels[l * n_heads + h] for l, h in zip(responses.up_layer, responses.up_head)],
-        column=[f"{'mlp ' if k == 'mlp' else 'attn '}L{l}" for k, l in zip(responses.down_kind, responses.down_layer)],
+        column=[f"mlp{l}" if k == "mlp" else f"L{l}H*" for k, l in zip(responses.down_kind, responses.down_layer)],
     ).pivot_table(index="up", columns="column", values="mean_delta", aggfunc="sum")
-    order = [f"attn L{l}" for l in range(n_layers)] + [f"mlp L{l}" for l in range(n_layers)]
+    order = [f"L{l}H*" for l in range(n_layers)] + [f"mlp{l}" for l in range(n_layers)]
     rows = [label for label in labels if label in table.index]
     return table.reindex(index=rows, columns=[c for c in order if c in table.columns])
 

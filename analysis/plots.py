@@ -128,8 +128,7 @@ def heatmap_png(
     cell_h = float(np.clip(14 / max(rows, 1), 0.12, 0.4))
     width, height = 2.8 + cell_w * cols, 1.8 + cell_h * rows
     fig, ax = plt.subplots(figsize=(max(width, 6.0), max(height, 3.0)))
-    cmap = plt.get_cmap("RdBu" if scale.diverging else "viridis").copy()
-    cmap.set_bad((0, 0, 0, 0))  # NaN: the axes' white shows through
+    cmap = plt.get_cmap("RdBu" if scale.diverging else "viridis").with_extremes(bad=(0, 0, 0, 0))  # NaN: white
     extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)
     if mask.any():
         ax.imshow(np.where(mask, 1.0, np.nan), cmap=ListedColormap([MASKED_GREY]), vmin=0, vmax=1,
@@ -232,35 +231,55 @@ def scatter_with_fit(
     return png, html
 
 
-STATUS_COLOURS = {"in_circuit": "#2ca02c", "not_in_circuit": "#ff7f0e", "unlabelled": "#1f77b4"}
+STATUS_COLOURS = {"in_circuit": "#2ca02c", "not_in_circuit": "#ff7f0e", "unlabelled": "#8c8c8c"}
+NAMED_COLOURS = ("#1f77b4", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#000000")
+
+
+NAMED_LINES = 8  # effect_lines names this many nodes in its PNG
 
 
 def effect_lines(
     scales: list[float], lines: dict[str, list[tuple[str, np.ndarray]]], title: str, path: Path,
-    ylabel: str = "causal effect",
+    ylabel: str = "causal effect", named: int = NAMED_LINES,
 ) -> tuple[Path, Path]:
     """Seed 004's figure: effect against scale, one line per node, coloured by circuit status.
 
-    The scale axis is symlog (0 and 10 on one axis, linear below 1); hover the
-    HTML version for node names.
+    The ``named`` nodes with the largest |effect| at any scale are drawn bold, each in its
+    own colour and named in the legend with its status, so the PNG reads without hovering;
+    every other node is a thin line in its status colour. The scale axis is symlog (0 and 10
+    on one axis, linear below 1). The HTML version names every line on hover.
     """
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for status, nodes in lines.items():
+    every = [(status, node, np.asarray(values, dtype=float)) for status, nodes in lines.items()
+             for node, values in nodes]
+    peak = [np.nanmax(np.abs(v)) if np.isfinite(v).any() else -1.0 for _, _, v in every]
+    top = set(np.argsort(peak)[::-1][:named].tolist())
+    fig, ax = plt.subplots(figsize=(9, 5))
+    counts = {status: sum(1 for i, (s, _, _) in enumerate(every) if s == status and i not in top) for status in lines}
+    labelled = set()
+    for i, (status, _, values) in enumerate(every):
+        if i in top:
+            continue
         colour = STATUS_COLOURS.get(status, "grey")
-        alpha = max(0.15, min(0.9, 8 / max(len(nodes), 1)))
-        for i, (_, values) in enumerate(nodes):
-            ax.plot(scales, values, color=colour, alpha=alpha, lw=1, marker=".", ms=3,
-                    label=f"{status} ({len(nodes)})" if i == 0 else None)
+        alpha = max(0.12, min(0.8, 8 / max(counts[status], 1)))
+        ax.plot(scales, values, color=colour, alpha=alpha, lw=0.8, marker=".", ms=2,
+                label=f"other {status.replace('_', ' ')} nodes ({counts[status]})" if status not in labelled else None)
+        labelled.add(status)
+    for rank, i in enumerate(sorted(top, key=lambda j: -peak[j])):
+        status, node, values = every[i]
+        suffix = "" if status == "unlabelled" else f" ({status.replace('_', ' ')})"
+        ax.plot(scales, values, color=NAMED_COLOURS[rank % len(NAMED_COLOURS)], lw=2.0, marker="o", ms=3.5, label=f"{node}{suffix}",
+                ls="-" if status != "not_in_circuit" else "--")
     ax.set_xscale("symlog", linthresh=1.0)
     if len(scales) <= 16:
         ax.set_xticks(scales, [f"{s:g}" for s in scales], fontsize=7)
         ax.minorticks_off()
     ax.axvline(1.0, color="grey", lw=0.5, ls="--")
-    ax.set(title=title, xlabel="scale (symlog)", ylabel=ylabel)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    ax.set_title(_fit_text(title, 8.5, 11), fontsize=11)
+    ax.set(xlabel="scale (symlog)", ylabel=ylabel)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title=f"top {len(top)} by |effect| at any scale", title_fontsize=8)
     png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
     plt.close(fig)
     traces = []
     for status, nodes in lines.items():

@@ -28,7 +28,7 @@ from analysis.backup import (
     summary_table,
 )
 from analysis.results import report_dir
-from analysis.scale import ScaleResults, status_lines, summary_tables, wide
+from analysis.scale import MIN_BREAK, ScaleResults, status_lines, summary_tables, wide
 from sweeps.engine import console
 from sweeps.engine.location import Location
 
@@ -254,10 +254,11 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     return figures
 
 
-def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str,
+                       min_break: float = MIN_BREAK) -> str | None:
     effects = results.effects.drop(columns=[c for c in ("shard",) if c in results.effects])
     tables = {"effects": effects, "effects_wide": wide(results.effects).reset_index()}
-    for title, table in summary_tables(results).items():
+    for title, table in summary_tables(results, min_break=min_break).items():
         key = "summary/" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:60]
         tables[key] = table.reset_index()
     summary = {"n_nodes": int(results.effects["node"].nunique()), "n_scales": len(results.scales)}
@@ -265,10 +266,12 @@ def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: st
                     ("effects",), mode, project)
 
 
-def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps") -> dict[str, Path]:
+def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
+                       min_break: float = MIN_BREAK) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
     figures = scale_figures(results)
-    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project, min_break),
+            wandb_mode)
     return figures
 
 
@@ -310,7 +313,7 @@ def log_attribution_to_wandb(results: AttributionResults, figures: dict[str, Pat
         "nodes": results.nodes.assign(head=results.nodes["head"].astype("float64")),  # W&B tables have no nullable ints
         "edges_top": results.edges.head(WANDB_TABLE_MAX_ROWS),
         "top_edges": top_edges_table(results, 50),
-        "top_heads": top_nodes_table(results, 50),
+        "top_nodes": top_nodes_table(results, 50),
     }
     summary = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
                "n_prompts": results.n_prompts, "n_edges": int(len(results.edges))}

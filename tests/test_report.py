@@ -30,7 +30,7 @@ def test_tables_and_grids(results_dir):
     assert by_layer.shape == (12, 6)  # 3 attention-layer columns, then 3 MLP-layer columns
     heads_only = r.responses[(r.responses.up_layer == 1) & (r.responses.up_head == 0)
                              & (r.responses.down_kind == "attn_head") & (r.responses.down_layer == 2)]
-    assert by_layer.loc["L1H0", "attn L2"] == pytest.approx(heads_only.mean_delta.sum())
+    assert by_layer.loc["L1H0", "L2H*"] == pytest.approx(heads_only.mean_delta.sum())
     table = summary_table(r)
     assert {"kind", "head", "slope", "ci95", "r2"} <= set(table.columns) and len(table) > 0
 
