@@ -18,6 +18,7 @@ measures that patch for real (``patch_effect``, same units).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,5 +246,6 @@ def summary_text(results: AttributionResults, k: int = 10) -> str:
               f"{top_nodes_table(results, k).to_string(index=False)}\n{best_of_each_kind(results)}"]
     if not results.verify.empty:
         blocks.append(f"Attribution against real patching (top {results.spec.get('verify_top')})\n"
-                      f"{results.faithfulness().to_string(index=False)}\n" + "\n".join(faithfulness_lines(results)))
+                      f"{results.faithfulness().to_string(index=False)}\n"
+                      + "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in faithfulness_lines(results)))
     return "\n\n".join(blocks)

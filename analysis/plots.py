@@ -98,19 +98,28 @@ def _tick_labels(ax, axis: str, n: int, labels: list[str] | None, cell_inches: f
     positions = list(range(0, n, step))
     text = [labels[i] for i in positions] if labels is not None else [str(i) for i in positions]
     if axis == "x":
-        rotation = 90 if labels is not None and max(map(len, text), default=0) > 2 else 0
+        rotation = 90 if labels is not None and max(map(len, text), default=0) > 3 else 0
         ax.set_xticks(positions, text, fontsize=fontsize, rotation=rotation)
     else:
         ax.set_yticks(positions, text, fontsize=fontsize)
 
 
-def heatmap_png(
-    values: np.ndarray, title: str, path: Path, xlabel: str = "head", ylabel: str = "layer",
+def heatmap_png(values: np.ndarray, title: str, path: Path, **kwargs) -> Path:
+    """``heatmap_figure`` saved as ``path`` with suffix ``.png``."""
+    fig, _, _ = heatmap_figure(values, title, **kwargs)
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def heatmap_figure(
+    values: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
     colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
     clip_quantile: float | None = None, value_range: tuple[float, float] | None = None,
     mask: np.ndarray | None = None, caption: str = "",
-) -> Path:
-    """A heatmap a reader can take in at once.
+):
+    """A heatmap a reader can take in at once: (figure, axes, its ``ColourScale``).
 
     Colours go only to meaningful cells: ``mask`` marks cells drawn grey (the caption says
     why); NaN cells (nothing measured) stay white. The colour scale spans the real range
@@ -124,8 +133,9 @@ def heatmap_png(
     mask = np.zeros(values.shape, bool) if mask is None else np.asarray(mask, bool) & np.isfinite(values)
     shown = np.where(mask, np.nan, values)
     scale = colour_scale(shown, clip_quantile, value_range)
-    cell_w = float(np.clip(12 / max(cols, 1), 0.12, 0.5))
-    cell_h = float(np.clip(14 / max(rows, 1), 0.12, 0.4))
+    # cells large enough for a label each where the figure allows (at most 20 x 22 inches of cells)
+    cell_w = min(float(np.clip(12 / max(cols, 1), 0.12, 0.5)), 20 / max(cols, 1))
+    cell_h = min(float(np.clip(14 / max(rows, 1), 0.12, 0.4)), 22 / max(rows, 1))
     width, height = 2.8 + cell_w * cols, 1.8 + cell_h * rows
     fig, ax = plt.subplots(figsize=(max(width, 6.0), max(height, 3.0)))
     cmap = plt.get_cmap("RdBu" if scale.diverging else "viridis").with_extremes(bad=(0, 0, 0, 0))  # NaN: white
@@ -156,10 +166,7 @@ def heatmap_png(
     if caption:
         ax.annotate(_fit_text(caption, fig_width - 0.3, 8), xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label),
                     xytext=(0, -6), textcoords="offset points", va="top", ha="left", fontsize=8, color="#333333")
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return png
+    return fig, ax, scale
 
 
 def heatmap_html(
@@ -337,8 +344,9 @@ def agreement(
     for i, (name, (x, y, labels)) in enumerate(groups.items()):
         ax.scatter(x, y, s=18, alpha=0.8, color=f"C{i}", label=name)
         worst = np.argsort(-np.abs(np.asarray(y) - np.asarray(x)))[:3]
-        for j in worst:
-            ax.annotate(labels[j], (x[j], y[j]), fontsize=6, alpha=0.8)
+        for j in worst:  # each group's labels on its own side, so that a node and its edge do not overlap
+            ax.annotate(labels[j], (x[j], y[j]), xytext=(5, 4 if i % 2 == 0 else -10), textcoords="offset points",
+                        fontsize=7, alpha=0.9, color=f"C{i}")
         traces.append(go.Scatter(x=x, y=y, mode="markers", name=name, text=labels,
                                  hovertemplate="%{text}<br>score %{x:.4f}<br>patched %{y:.4f}<extra></extra>"))
     ax.axhline(0, color="grey", lw=0.5)

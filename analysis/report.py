@@ -230,8 +230,9 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     spec = results.spec
-    where = f"{spec.get('model', '?')}, {spec.get('task', '?')}, {spec.get('subspace', 'full')}" + (
-        ", self-patch" if spec.get("self_patch") else f", {spec.get('pairs', '?')} pairs"
+    n_pairs = int(results.effects["n_pairs"].max()) if "n_pairs" in results.effects else "?"
+    where = f"{sampled(spec)}, {spec.get('subspace', 'full')} activations, " + (
+        f"self-patch of {n_pairs} prompts" if spec.get("self_patch") else f"{n_pairs} {spec.get('pairs', '?')} pairs"
     )
     scales = results.scales
     figures = {}
@@ -244,14 +245,28 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
         folder / "metric_change", ylabel="metric change (0 clean, 1 corrupt)",
     )
     table = wide(results.effects)
-    figures["causal_effect_heatmap"], _ = plots.heatmap(
-        table.drop(columns="status").to_numpy(dtype=float), f"Causal effect per node and scale ({where})",
-        folder / "causal_effect_heatmap", xlabel="scale", ylabel="node", colorbar="causal effect",
-        xticks=list(table.columns[1:]), yticks=[f"{n} ({s[:3]})" if s != "unlabelled" else n
-                                               for n, s in zip(table.index, table.status)],
-        value_range=(0.0, 1.0),
+    values = table.drop(columns="status")
+    names = [f"{n} *" if s == "in_circuit" else n for n, s in zip(table.index, table.status)]
+    circuit = "; *: in the circuit" if (table.status == "in_circuit").any() else ""
+    title = f"Causal effect per node and scale ({where})"
+    shown = values.max(axis=1).nlargest(LEGIBLE_NODES).index if len(values) > LEGIBLE_NODES else values.index
+    rows = [i for i, node in enumerate(values.index) if node in set(shown)]
+    plots.heatmap_png(
+        values.iloc[rows].to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
+        ylabel="node", colorbar="causal effect (fraction of answers changed)", xticks=list(values.columns),
+        yticks=[names[i] for i in rows], value_range=(0.0, 1.0),
+        caption=(f"The {len(rows)} of {len(values)} nodes with the largest effect at any scale, in model order"
+                 if len(rows) < len(values) else f"Every node ({len(values)}), in model order")
+        + f"{circuit}. Every node: causal_effect_heatmap.html and the effects/ dataset.",
     )
+    figures["causal_effect_heatmap"] = folder / "causal_effect_heatmap.png"
+    plots.heatmap_html(values.to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
+                       ylabel="node", colorbar="causal effect", xticks=list(values.columns), yticks=names,
+                       value_range=(0.0, 1.0))
     return figures
+
+
+LEGIBLE_NODES = 40  # rows of the scale sweep's heatmap PNG
 
 
 def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str,
@@ -284,7 +299,7 @@ def attribution_figures(results: AttributionResults, n_edges: int = 30) -> dict[
     """Per-head (and MLP) node scores, the top edges, and attribution against real patching."""
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
-    where = f"{results.spec.get('model', '?')}, {results.spec.get('task', '?')}"
+    where = sampled(results.spec)
     L, H = results.n_layers, results.n_heads
     figures = {}
     embed = results.nodes[results.nodes.kind == "embed"].score
