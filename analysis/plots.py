@@ -72,8 +72,7 @@ def colour_scale(shown: np.ndarray, clip_quantile: float | None = None,
     if value_range is not None:
         lo, hi = value_range
         outside = finite.size and (finite.max() > hi or finite.min() < lo)
-        return ColourScale(lo, hi, False, None, f"colours span {lo:g} to {hi:g}" + (
-            "; ▲▼ cells beyond" if outside else ""))
+        return ColourScale(lo, hi, False, None, f"colours span {lo:g} to {hi:g}; ▲▼ cells beyond" if outside else "")
     largest = float(np.abs(finite).max()) if finite.size else 1.0
     largest = largest or 1.0
     if clip_quantile is not None and finite.size:
@@ -251,15 +250,16 @@ def effect_lines(
 ) -> tuple[Path, Path]:
     """Seed 004's figure: effect against scale, one line per node, coloured by circuit status.
 
-    The ``named`` nodes with the largest |effect| at any scale are drawn bold, each in its
+    The ``named`` nodes with the largest mean |effect| over the scales are drawn bold, each in its
     own colour and named in the legend with its status, so the PNG reads without hovering;
     every other node is a thin line in its status colour. The scale axis is symlog (0 and 10
     on one axis, linear below 1). The HTML version names every line on hover.
     """
     every = [(status, node, np.asarray(values, dtype=float)) for status, nodes in lines.items()
              for node, values in nodes]
-    peak = [np.nanmax(np.abs(v)) if np.isfinite(v).any() else -1.0 for _, _, v in every]
-    top = set(np.argsort(peak)[::-1][:named].tolist())
+    # ranked by mean |effect| over the scales (many nodes reach the maximum at some extreme scale)
+    peak = [float(np.nanmean(np.abs(v))) if np.isfinite(v).any() else -1.0 for _, _, v in every]
+    top = set(np.argsort(peak, kind="stable")[::-1][:named].tolist())
     fig, ax = plt.subplots(figsize=(9, 5))
     counts = {status: sum(1 for i, (s, _, _) in enumerate(every) if s == status and i not in top) for status in lines}
     labelled = set()
@@ -284,7 +284,7 @@ def effect_lines(
     ax.set_title(_fit_text(title, 8.5, 11), fontsize=11)
     ax.set(xlabel="scale (symlog)", ylabel=ylabel)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title=f"top {len(top)} by |effect| at any scale", title_fontsize=8)
+              title=f"top {len(top)} by mean |effect| over the scales", title_fontsize=8)
     png = path.with_suffix(".png")
     fig.savefig(png, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -249,13 +249,13 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     names = [f"{n} *" if s == "in_circuit" else n for n, s in zip(table.index, table.status)]
     circuit = "; *: in the circuit" if (table.status == "in_circuit").any() else ""
     title = f"Causal effect per node and scale ({where})"
-    shown = values.max(axis=1).nlargest(LEGIBLE_NODES).index if len(values) > LEGIBLE_NODES else values.index
+    shown = values.mean(axis=1).nlargest(LEGIBLE_NODES).index if len(values) > LEGIBLE_NODES else values.index
     rows = [i for i, node in enumerate(values.index) if node in set(shown)]
     plots.heatmap_png(
         values.iloc[rows].to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
         ylabel="node", colorbar="causal effect (fraction of answers changed)", xticks=list(values.columns),
         yticks=[names[i] for i in rows], value_range=(0.0, 1.0),
-        caption=(f"The {len(rows)} of {len(values)} nodes with the largest effect at any scale, in model order"
+        caption=(f"The {len(rows)} of {len(values)} nodes with the largest mean effect over the scales, in model order"
                  if len(rows) < len(values) else f"Every node ({len(values)}), in model order")
         + f"{circuit}. Every node: causal_effect_heatmap.html and the effects/ dataset.",
     )

@@ -1,5 +1,6 @@
 """Analysis reads only the results; its offline W&B run holds the tables and images."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,5 +53,11 @@ def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, m
     media = runs[0].parent / "files"
     table = media / history["slopes/path"].strip('"')
     assert table.is_file() and '"slope"' in table.read_text()  # the table's own rows, on disk
+    page = (media / history["html/slopes/path"].strip('"')).read_text()  # the W&B copy of slopes.html
+    assert "<script" in page and not re.search(r"<script[^>]*\bsrc=", page)  # plotly inlined: works offline
+    assert len(page) > 1_000_000  # the library itself
+    for name in ("slopes", "compensation", "compensation_by_layer"):  # beside the results: one local copy
+        assert re.findall(r'<script[^>]*\bsrc="([^"]*)"', (plots / f"{name}.html").read_text()) == ["plotly.min.js"]
+    assert (plots / "plotly.min.js").stat().st_size > 1_000_000
     assert summary["n_heads_swept"] == "12"
     assert any(name.startswith("backup-results-") for name in artifacts)
