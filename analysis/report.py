@@ -27,23 +27,12 @@ from analysis.backup import (
     meaningful_rule,
     summary_table,
 )
-from analysis.results import report_dir
+from analysis.results import report_dir, sampled
 from analysis.scale import MIN_BREAK, ScaleResults, status_lines, summary_tables, wide
 from sweeps.engine import console
 from sweeps.engine.location import Location
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
-
-
-def sampled(spec: dict, manifest: dict | None = None) -> str:
-    """What a sweep ran on, for titles: ``smollm2-135m on ioi, 64 prompts, resample ablation``."""
-    params = spec.get("task_params") or {}
-    parts = [f"{spec.get('model', '?')} on {spec.get('task', '?')}"]
-    if params.get("n_prompts"):
-        parts.append(f"{params['n_prompts']} prompts" + (f" x {params['seq_len']} tokens" if params.get("seq_len") else ""))
-    if spec.get("ablation"):
-        parts.append(f"{spec['ablation']} ablation")
-    return ", ".join(parts)
 
 
 LEGIBLE_ROWS, LEGIBLE_COLUMNS = 25, 30  # the compensation matrix's PNG: this many ablated and responding heads
