@@ -209,14 +209,18 @@ def best_of_each_kind(results: AttributionResults) -> str:
 
 
 AGREES = 0.8  # a Pearson r of score against real effect from which the summary calls them in agreement
-NAMED_OUTLIERS = 3
+NAMED_OUTLIERS = 3  # at most this many targets named as furthest off
+WHY = ("Attribution is first-order: it predicts each patch from the gradient of the clean run, as if the "
+       "metric were linear in the patched activation. A patch that moves the model far from the clean run "
+       "breaks that, above all in the embeddings and early MLPs, which rewrite the model's input. Where "
+       "score and real effect differ, trust the real effect (verify/, plots/faithfulness.png).")
 
 
 def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> list[str]:
     """What the verification says, in words: per kind (nodes, edges), whether attribution
-    predicted the real patches, and where it did not, which targets are furthest off and why
-    that happens."""
-    lines = []
+    predicted the real patches; where it did not, the targets furthest off (those off by at
+    least a quarter of the largest miss), the correlation without them, and why that happens."""
+    lines, disagree = [], False
     for row in results.faithfulness().itertuples():
         group = results.verify[results.verify.kind == row.kind]
         what = f"top {row.n} {row.kind}s"
@@ -224,19 +228,17 @@ def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> l
         if np.isfinite(row.pearson) and row.pearson >= agrees:
             lines.append(f"{what}: attribution predicts real patching ({numbers}).")
             continue
-        off = (group.patch_effect - group.score).abs().sort_values(ascending=False).index[:NAMED_OUTLIERS]
+        disagree = True
+        miss = (group.patch_effect - group.score).abs().sort_values(ascending=False)
+        off = miss[miss >= 0.25 * miss.iloc[0]].index[:NAMED_OUTLIERS] if len(miss) else miss.index
         named = ", ".join(f"{group.target[i]} (score {group.score[i]:+.2f}, real {group.patch_effect[i]:+.2f})"
                           for i in off)
         rest = group.drop(index=off)
         without = _correlation(rest.score.to_numpy(float), rest.patch_effect.to_numpy(float))
-        lines.append(
-            f"{what}: attribution and real patching DISAGREE ({numbers}). Attribution is first-order: it "
-            "predicts each patch from the gradient of the clean run, as if the metric were linear in the "
-            "patched activation. Patches that move the model far from the clean run break that, above all "
-            "the embeddings and early MLPs, which rewrite the model's input. Furthest off here: "
-            f"{named}" + (f"; without them r = {without:.2f}" if np.isfinite(without) else "")
-            + ". Where they differ, trust the real effect (verify/, plots/faithfulness.png).")
-    return lines
+        lines.append(f"{what}: attribution and real patching DISAGREE ({numbers}); furthest off: {named}"
+                     + (f"; without {'it' if len(off) == 1 else 'them'} r = {without:.2f}" if np.isfinite(without)
+                        else "") + ".")
+    return lines + ([WHY] if disagree else [])
 
 
 def summary_text(results: AttributionResults, k: int = 10) -> str:
