@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sweeps.engine.cli import ArgumentParser
+from sweeps.engine.cli import ArgumentParser, add_verbose_option
+from sweeps.engine.console import set_verbose
 
 
 def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", default="interp-sweeps")
     p.add_argument("--allow-mixed-specs", action="store_true",
                    help="read shard files written under different sweep specs together (refused by default)")
+    add_verbose_option(p)
     return p
 
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _subcommand(sub, "attribution")
     p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-nodes tables (default 10)")
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     if args.command == "scale":
         return _scale(args)
     if args.command == "attribution":
