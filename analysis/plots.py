@@ -84,7 +84,7 @@ def colour_scale(shown: np.ndarray, clip_quantile: float | None = None,
     return ColourScale(-largest, largest, True)
 
 
-def _fit_text(text: str, width_inches: float, fontsize: float) -> str:
+def fit_text(text: str, width_inches: float, fontsize: float) -> str:
     """``text`` wrapped to lines that fit ``width_inches`` at ``fontsize`` points."""
     chars = max(20, int(width_inches * 72 / (0.55 * fontsize)))
     return "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
@@ -157,13 +157,13 @@ def heatmap_figure(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig_width = fig.get_size_inches()[0]
-    ax.set_title(_fit_text(title, fig_width - 0.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, fig_width - 0.5, 11), fontsize=11)
     extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get((above.any(), below.any()), "neither")
     label = colorbar + (f"\n{scale.note}" if scale.note else "")
     bar = fig.colorbar(im, ax=ax, extend=extend, fraction=0.08 if cols > 8 else 0.12, pad=0.02)
-    bar.set_label(_fit_text(label, max(height - 1.0, 2.5), 8), fontsize=8)
+    bar.set_label(fit_text(label, max(height - 1.0, 2.5), 8), fontsize=8)
     if caption:
-        ax.annotate(_fit_text(caption, fig_width - 0.3, 8), xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label),
+        ax.annotate(fit_text(caption, fig_width - 0.3, 8), xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label),
                     xytext=(0, -6), textcoords="offset points", va="top", ha="left", fontsize=8, color="#333333")
     return fig, ax, scale
 
@@ -223,7 +223,7 @@ def scatter_with_fit(
         ax.legend(loc="best", fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_title(_fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
     ax.set(xlabel="direct effect of the head (clean)", ylabel="accumulated backup")
     fig.tight_layout()
     png = path.with_suffix(".png")
@@ -282,7 +282,7 @@ def effect_lines(
         ax.set_xticks(scales, [f"{s:g}" for s in scales], fontsize=7)
         ax.minorticks_off()
     ax.axvline(1.0, color="grey", lw=0.5, ls="--")
-    ax.set_title(_fit_text(title, 8.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, 8.5, 11), fontsize=11)
     ax.set(xlabel="scale (symlog)", ylabel=ylabel)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
               title=f"top {len(top)} by mean |effect| over the scales", title_fontsize=8)
@@ -320,7 +320,7 @@ def bars(labels: list[str], values: np.ndarray, title: str, path: Path, xlabel: 
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_title(_fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
     ax.set(xlabel=xlabel)
     png = _save(fig, path)
     html = path.with_suffix(".html")
@@ -353,7 +353,7 @@ def agreement(
                                  hovertemplate="%{text}<br>score %{x:.4f}<br>patched %{y:.4f}<extra></extra>"))
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_title(_fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend(loc="best", fontsize=8)
     png = _save(fig, path)
@@ -373,7 +373,7 @@ def lines(
     step = max(1, len(x_labels) // 30)
     ax.set_xticks(range(0, len(x_labels), step), x_labels[::step], rotation=90, fontsize=6)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title(_fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
+    ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend(loc="best", fontsize=8)
     png = _save(fig, path)

@@ -94,7 +94,7 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
                    label=f"direct effect < {min_de_fraction:g} x the largest (noise; clipped to the axis)")
         ax.set_ylim(lo - 1.5 * pad, hi + 1.5 * pad)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title(plots._fit_text(f"Self-repair fraction per head\n{title}", 6.5, 11), fontsize=11)
+    ax.set_title(plots.fit_text(f"Self-repair fraction per head\n{title}", 6.5, 11), fontsize=11)
     ax.set(xlabel="layer of the ablated head", ylabel="self-repair / direct effect")
     ax.legend(fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -119,7 +119,7 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
         neg_bottom += np.clip(values, None, 0)
     ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title(plots._fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11),
+    ax.set_title(plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11),
                  fontsize=11)
     ax.set(xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
     ax.legend(fontsize=7, ncol=2)
