@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sweeps.engine.cli import ArgumentParser
+from sweeps.engine.cli import ArgumentParser, add_verbose_option
+from sweeps.engine.console import set_verbose
 
 
 def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def _subcommand(sub, sweep: str) -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", default="interp-sweeps")
     p.add_argument("--allow-mixed-specs", action="store_true",
                    help="read shard files written under different sweep specs together (refused by default)")
+    add_verbose_option(p)
     return p
 
 
@@ -27,14 +29,20 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the top heads of the summary)")
     p.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
     p.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
-                   help="rank only heads whose mean |direct effect| is at least F times the largest "
-                   "head's (default 0.1)")
+                   help="rank (and colour in the heatmaps) only heads whose mean |direct effect| is at least "
+                   "F times the largest head's (default 0.1)")
+    p.add_argument("--min-r2", type=float, default=0.0, metavar="R",
+                   help="also require the slope's fit to have r² >= R (default 0: no such condition)")
     p = _subcommand(sub, "scale")
     p.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
+    p.add_argument("--min-break", type=float, default=0.5, metavar="E",
+                   help="'breaks the model off-distribution': a causal effect of at least E at the smallest or "
+                   "largest scale (default 0.5)")
     p = _subcommand(sub, "attribution")
-    p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-heads tables (default 10)")
+    p.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-nodes tables (default 10)")
     _subcommand(sub, "circuit")
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     if args.command == "circuit":
         return _circuit(args)
     if args.command == "scale":
@@ -52,20 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ResultsError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary_text(summary_table(results, args.top, args.min_de_fraction)))
+    print(summary_text(summary_table(results, args.top, args.min_de_fraction, args.min_r2)))
     from analysis.self_repair import summary_lines
 
     for line in summary_lines(results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers,
                               results.neurons):
         print(line)
-    write_backup_report(results, args.wandb, args.wandb_project, scatter)
+    write_backup_report(results, args.wandb, args.wandb_project, scatter, args.min_de_fraction, args.min_r2)
     return 0
 
 
 def _scale(args) -> int:
     from analysis.report import write_scale_report
     from analysis.results import ResultsError
-    from analysis.scale import load_scale_results, summary_tables
+    from analysis.scale import load_scale_results, summary_tables, table_text
 
     try:
         results = load_scale_results(args.out, args.allow_mixed_specs)
@@ -75,14 +83,14 @@ def _scale(args) -> int:
     if results.effects.empty:
         print(f"error: {args.out} holds no finished shards yet", file=sys.stderr)
         return 2
-    for title, table in summary_tables(results, args.top).items():
-        print(f"\n{title}\n{table.to_string()}")
-    write_scale_report(results, args.wandb, args.wandb_project)
+    for title, table in summary_tables(results, args.top, args.min_break).items():
+        print(table_text(title, table))
+    write_scale_report(results, args.wandb, args.wandb_project, args.min_break)
     return 0
 
 
 def _attribution(args) -> int:
-    from analysis.attribution import load_attribution_results, top_edges_table, top_nodes_table
+    from analysis.attribution import load_attribution_results, summary_text
     from analysis.report import write_attribution_report
     from analysis.results import ResultsError
 
@@ -94,10 +102,7 @@ def _attribution(args) -> int:
     if not results.complete:
         print(f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
               "scores cover those", file=sys.stderr)
-    print(f"Top {args.top} edges by |score|\n{top_edges_table(results, args.top).to_string(index=False)}")
-    print(f"\nTop {args.top} heads by |score|\n{top_nodes_table(results, args.top).to_string(index=False)}")
-    if not results.verify.empty:
-        print(f"\nAttribution against real patching\n{results.faithfulness().to_string(index=False)}")
+    print(summary_text(results, args.top))
     write_attribution_report(results, args.wandb, args.wandb_project)
     return 0
 

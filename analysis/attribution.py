@@ -18,6 +18,7 @@ measures that patch for real (``patch_effect``, same units).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
 from sweeps.engine.location import Location
+from sweeps.engine.nodes import edge_name
 
 DATASETS = ("node_sums", "edge_sums", "batches", "verify_sums")
 DERIVED = ("nodes", "edges", "verify")
@@ -181,24 +183,79 @@ def head_grid(nodes: pd.DataFrame, n_layers: int, n_heads: int, column: str = "s
     return grid
 
 
-def seed_style(name: str) -> str:
-    """``L5H5`` -> ``5:5`` (the attribution-patching notebook's notation); other names unchanged."""
-    if name.startswith("L") and "H" in name:
-        layer, head = name[1:].split("H")
-        return f"{layer}:{head}"
-    return name
+KIND_WORDS = {"attn_head": "head", "mlp": "MLP", "embed": "embeddings"}
 
 
 def top_edges_table(results: AttributionResults, k: int = 10) -> pd.DataFrame:
     top = results.edges.head(k)
     return pd.DataFrame({
-        "rank": top.abs_rank, "edge": [f"{seed_style(u)} -> {seed_style(d)} ({i})"
-                                        for u, d, i in zip(top.upstream, top.downstream, top.input)],
+        "rank": top.abs_rank,
+        "edge": [edge_name(u, d, i) for u, d, i in zip(top.upstream, top.downstream, top.input)],
         "score": top.score,
     })
 
 
-def top_nodes_table(results: AttributionResults, k: int = 10, kind: str | None = "attn_head") -> pd.DataFrame:
+def top_nodes_table(results: AttributionResults, k: int = 10, kind: str | None = None) -> pd.DataFrame:
+    """The ``k`` nodes with the largest |score|: every kind (heads, MLPs, the embeddings)
+    unless ``kind`` picks one."""
     nodes = results.nodes if kind is None else results.nodes[results.nodes.kind == kind]
     top = nodes.head(k)
-    return pd.DataFrame({"rank": top.abs_rank, "node": top.node, "score": top.score})
+    return pd.DataFrame({"rank": top.abs_rank, "node": top.node, "kind": top.kind.map(KIND_WORDS).fillna(top.kind),
+                         "score": top.score})
+
+
+def best_of_each_kind(results: AttributionResults) -> str:
+    """One line: the top node of each kind, so an MLP or the embeddings never hide behind heads
+    (or heads behind them)."""
+    parts = []
+    for kind, word in KIND_WORDS.items():
+        nodes = results.nodes[results.nodes.kind == kind]
+        if len(nodes):
+            best = nodes.iloc[0]
+            parts.append(f"{word} {best.node} {best.score:+.3f} (rank {best.abs_rank})")
+    return "top node of each kind: " + ", ".join(parts)
+
+
+AGREES = 0.8  # a Pearson r of score against real effect from which the summary calls them in agreement
+NAMED_OUTLIERS = 3  # at most this many targets named as furthest off
+WHY = ("Attribution is first-order: it predicts each patch from the gradient of the clean run, as if the "
+       "metric were linear in the patched activation. A patch that moves the model far from the clean run "
+       "breaks that, above all in the embeddings and early MLPs, which rewrite the model's input. Where "
+       "score and real effect differ, trust the real effect (verify/, plots/faithfulness.png).")
+
+
+def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> list[str]:
+    """What the verification says, in words: per kind (nodes, edges), whether attribution
+    predicted the real patches; where it did not, the targets furthest off (those off by at
+    least a quarter of the largest miss), the correlation without them, and why that happens."""
+    lines, disagree = [], False
+    for row in results.faithfulness().itertuples():
+        group = results.verify[results.verify.kind == row.kind]
+        what = f"top {row.n} {row.kind}s"
+        numbers = f"Pearson r {row.pearson:.2f}, signs agree on {row.sign_agreement:.0%}"
+        if np.isfinite(row.pearson) and row.pearson >= agrees:
+            lines.append(f"{what}: attribution predicts real patching ({numbers}).")
+            continue
+        disagree = True
+        miss = (group.patch_effect - group.score).abs().sort_values(ascending=False)
+        off = miss[miss >= 0.25 * miss.iloc[0]].index[:NAMED_OUTLIERS] if len(miss) else miss.index
+        named = ", ".join(f"{group.target[i]} (score {group.score[i]:+.2f}, real {group.patch_effect[i]:+.2f})"
+                          for i in off)
+        rest = group.drop(index=off)
+        without = _correlation(rest.score.to_numpy(float), rest.patch_effect.to_numpy(float))
+        lines.append(f"{what}: attribution and real patching DISAGREE ({numbers}); furthest off: {named}"
+                     + (f"; without {'it' if len(off) == 1 else 'them'} r = {without:.2f}" if np.isfinite(without)
+                        else "") + ".")
+    return lines + ([WHY] if disagree else [])
+
+
+def summary_text(results: AttributionResults, k: int = 10) -> str:
+    """What the attribution commands print: the top edges and nodes, and the verification."""
+    blocks = [f"Top {k} edges by |score|\n{top_edges_table(results, k).to_string(index=False)}",
+              f"Top {k} nodes by |score| (heads, MLPs and the embeddings)\n"
+              f"{top_nodes_table(results, k).to_string(index=False)}\n{best_of_each_kind(results)}"]
+    if not results.verify.empty:
+        blocks.append(f"Attribution against real patching (top {results.spec.get('verify_top')})\n"
+                      f"{results.faithfulness().to_string(index=False)}\n"
+                      + "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in faithfulness_lines(results)))
+    return "\n\n".join(blocks)

@@ -76,16 +76,60 @@ def compensation_matrix(responses: pd.DataFrame, n_layers: int, n_heads: int) ->
 
 
 def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) -> pd.DataFrame:
-    """Upstream head × downstream layer: summed mean change of that layer's heads, and its MLP
-    as a separate column block (``mlp L``), the readable summary of the full matrix."""
+    """Upstream head × downstream layer: summed mean change of that layer's heads (column
+    ``L5H*``, the pattern that names them), then each MLP (``mlp5``) as a separate block of
+    columns; the readable summary of the full matrix. The
+    ablated head's own change (its lost direct effect) is no response and is left out."""
     labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    itself = ((responses.down_kind == "attn_head") & (responses.down_layer == responses.up_layer)
+              & (responses.down_head == responses.up_head))
+    responses = responses[~itself.fillna(False).astype(bool)]
     table = responses.assign(
         up=[labels[l * n_heads + h] for l, h in zip(responses.up_layer, responses.up_head)],
-        column=[f"{'mlp ' if k == 'mlp' else 'attn '}L{l}" for k, l in zip(responses.down_kind, responses.down_layer)],
+        column=[f"mlp{l}" if k == "mlp" else f"L{l}H*" for k, l in zip(responses.down_kind, responses.down_layer)],
     ).pivot_table(index="up", columns="column", values="mean_delta", aggfunc="sum")
-    order = [f"attn L{l}" for l in range(n_layers)] + [f"mlp L{l}" for l in range(n_layers)]
+    order = [f"L{l}H*" for l in range(n_layers)] + [f"mlp{l}" for l in range(n_layers)]
     rows = [label for label in labels if label in table.index]
     return table.reindex(index=rows, columns=[c for c in order if c in table.columns])
+
+
+def meaningful(slopes: pd.DataFrame, min_de_fraction: float = 0.1, min_r2: float = 0.0) -> pd.Series:
+    """Per head (a row of ``slopes``): whether its backup fit means something.
+
+    A head with almost no direct effect has a tiny x-range, and a slope that is mostly
+    noise (on SmolLM2's IOI, L0H3's slope is 33 with r² 0.03 and mean |DE| 0.0008). So a
+    head counts only when its mean |direct effect| is at least ``min_de_fraction`` of the
+    largest head's, and its fit's r² at least ``min_r2`` (0: no r² condition). The console
+    table ranks only these heads, and the heatmaps colour only these.
+    """
+    largest = slopes.mean_abs_de.max()
+    return (slopes.mean_abs_de >= min_de_fraction * largest) & (slopes.r2.fillna(0.0) >= min_r2)
+
+
+def meaningful_rule(slopes: pd.DataFrame, min_de_fraction: float = 0.1, min_r2: float = 0.0) -> str:
+    """``meaningful``'s condition in words, with its threshold on these results."""
+    rule = (f"mean |direct effect| >= {min_de_fraction:g} x the largest head's "
+            f"= {min_de_fraction * slopes.mean_abs_de.max():.3g}, --min-de-fraction")
+    return rule + (f"; r² >= {min_r2:g}, --min-r2" if min_r2 > 0 else "")
+
+
+def legible_rows(matrix: pd.DataFrame, rows: list[str], k: int) -> list[str]:
+    """Of ``rows`` (labels of ``matrix``), the ``k`` with the largest summed |value|, in the
+    matrix's own order."""
+    rows = [r for r in matrix.index if r in set(rows)]
+    if len(rows) <= k:
+        return rows
+    strongest = set(matrix.loc[rows].abs().sum(axis=1).nlargest(k).index)
+    return [r for r in rows if r in strongest]
+
+
+def legible_columns(matrix: pd.DataFrame, k: int) -> list[str]:
+    """The ``k`` columns with the largest |value| anywhere, in the matrix's own order; columns
+    that are empty or all 0 never."""
+    peak = matrix.abs().max(axis=0).fillna(0.0)
+    peak = peak[peak > 0]
+    strongest = set(peak.nlargest(k).index)
+    return [c for c in matrix.columns if c in strongest]
 
 
 def summary_text(table: pd.DataFrame) -> str:
@@ -96,20 +140,18 @@ def summary_text(table: pd.DataFrame) -> str:
     return table.to_string(index=False)
 
 
-def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1) -> pd.DataFrame:
+def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1,
+                  min_r2: float = 0.0) -> pd.DataFrame:
     """The most backed-up and most anti-backed-up heads, ranked conservatively.
 
-    Backup is compensation of a head's *direct* effect, so only heads whose
-    mean |direct effect| is at least ``min_de_fraction`` of the largest head's
-    are ranked (a head with almost no direct effect has a tiny x-range and a
-    slope that is mostly noise). They are ranked by the cautious end of the
+    Backup is compensation of a head's *direct* effect, so only heads whose fit is
+    ``meaningful`` are ranked. They are ranked by the cautious end of the
     slope's 95 % bootstrap interval: backed-up heads by its lower bound,
     anti-backup heads by its upper bound (by the slope itself when the sweep
     ran no bootstrap).
     """
-    s = results.slopes.dropna(subset=["slope"])
+    s = results.slopes[meaningful(results.slopes, min_de_fraction, min_r2)].dropna(subset=["slope"])
     s = s[s.mean_backup.abs() + s.slope.abs() > 0]  # the last layer has no downstream heads
-    s = s[s.mean_abs_de >= min_de_fraction * results.slopes.mean_abs_de.max()]
     columns = ["kind", "head", "slope", "ci95", "r2", "mean_de", "mean_abs_de", "n_points"]
     if s.empty:
         return pd.DataFrame(columns=columns)

@@ -125,7 +125,7 @@ def curve_figure(results: CircuitResults, folder: Path) -> Path:
            ylabel="faithfulness (1 = full model, 0 = corrupt)")
     ax.legend(loc="best", fontsize=8)
     png = plots._save(fig, folder / "faithfulness")
-    go.Figure(traces, layout=dict(title=title, xaxis=dict(type="log", title=f"fraction of {level}s kept"),
-                                  yaxis_title="faithfulness", template="plotly_white")
-              ).write_html(png.with_suffix(".html"), include_plotlyjs="cdn")
+    plots.write_html(go.Figure(traces, layout=dict(title=title, xaxis=dict(type="log", title=f"fraction of {level}s kept"),
+                                                   yaxis_title="faithfulness", template="plotly_white")),
+                     png.with_suffix(".html"))
     return png

@@ -21,45 +21,88 @@ from analysis.backup import (
     compensation_by_layer,
     compensation_matrix,
     grid,
+    legible_columns,
+    legible_rows,
+    meaningful,
+    meaningful_rule,
     summary_table,
 )
-from analysis.results import report_dir
-from analysis.scale import ScaleResults, status_lines, summary_tables, wide
+from analysis.results import report_dir, sampled
+from analysis.scale import MIN_BREAK, ScaleResults, status_lines, summary_tables, wide
+from sweeps.engine import console
 from sweeps.engine.location import Location
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
 
-def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
-    """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it)."""
+LEGIBLE_ROWS, LEGIBLE_COLUMNS = 25, 30  # the compensation matrix's PNG: this many ablated and responding heads
+
+
+def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None,
+                   min_de_fraction: float = 0.1, min_r2: float = 0.0) -> dict[str, Path]:
+    """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it).
+
+    Heads whose fit is not ``meaningful`` are grey in the slope heatmap (the caption says
+    the rule) and left out of the compensation PNGs; their numbers stay in the HTML and
+    the Parquet datasets."""
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     L, H = results.n_layers, results.n_heads
-    model, task = results.spec.get("model", "?"), results.spec.get("task", "?")
+    where = sampled(results.spec)
+    n_swept = len(results.slopes)
     figures = {}
+    ok = meaningful(results.slopes, min_de_fraction, min_r2)
+    keep = grid(results.slopes.assign(ok=ok.astype(float)), "ok", L, H)
+    rule = meaningful_rule(results.slopes, min_de_fraction, min_r2)
     figures["slopes"], _ = plots.heatmap(
-        grid(results.slopes, "slope", L, H), f"Backup slope per head ({model}, {task})",
-        folder / "slopes", colorbar="slope (>0: backed up)", clip_quantile=0.95,
+        grid(results.slopes, "slope", L, H), f"Backup slope per ablated head ({where}; {n_swept} of {L * H} "
+        "heads swept)", folder / "slopes", colorbar="slope (> 0: later heads compensate)",
+        mask=keep == 0, caption=f"Grey: {int((~ok).sum())} heads whose fit is not meaningful (meaningful: "
+        f"{rule}); white: not swept. Every head's value: slopes.html.",
     )
     figures["direct_effects"], _ = plots.heatmap(
-        grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({model}, {task})",
-        folder / "direct_effects", colorbar="direct effect",
+        grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({where})",
+        folder / "direct_effects", colorbar="mean direct effect", caption="White: not swept.",
     )
     matrix = compensation_matrix(results.responses, L, H)
-    figures["compensation"], _ = plots.heatmap(
-        matrix.to_numpy(), "Compensatory response: mean change of each downstream head's direct effect",
-        folder / "compensation", xlabel="downstream head", ylabel="ablated head", colorbar="mean Δ direct effect",
-        xticks=list(matrix.columns), yticks=list(matrix.index),
+    up_names = [f"L{l}H{h}" for l, h in zip(results.slopes.layer, results.slopes["head"])]
+    chosen = [name for name, good in zip(up_names, ok) if good]
+    rows = legible_rows(matrix, chosen, LEGIBLE_ROWS)
+    others = matrix.mask(np.equal.outer(matrix.index.to_numpy(), matrix.columns.to_numpy()))  # no self cells
+    columns = legible_columns(others.loc[rows], LEGIBLE_COLUMNS) if rows else []
+    title = f"Compensatory response: mean change of each downstream head's direct effect ({where})"
+    itself = np.equal.outer(np.array(rows, dtype=object), np.array(columns, dtype=object)).reshape(len(rows), len(columns))
+    plots.heatmap_png(
+        matrix.loc[rows, columns].to_numpy(), title, folder / "compensation", xlabel="downstream head",
+        ylabel="ablated head", colorbar="mean Δ direct effect", xticks=columns, yticks=rows, mask=itself,
+        caption=f"{len(rows)} of the {matrix.shape[0]} ablated heads (the largest summed responses among the "
+        f"{len(chosen)} with a meaningful fit: {rule}) x the {len(columns)} of {matrix.shape[1]} downstream heads "
+        "that respond most." + (" Grey: the ablated head itself (its own loss, not a response)." if itself.any()
+                                else "") + " The full matrix: compensation.html and the responses/ dataset.",
     )
+    figures["compensation"] = folder / "compensation.png"
+    plots.heatmap_html(matrix.to_numpy(), title, folder / "compensation", xlabel="downstream head",
+                       ylabel="ablated head", colorbar="mean Δ direct effect", xticks=list(matrix.columns),
+                       yticks=list(matrix.index), mask=others.isna().to_numpy() & matrix.notna().to_numpy(),
+                       caption="every ablated head x every downstream head; grey: the ablated head itself")
     by_layer = compensation_by_layer(results.responses, L, H)
-    figures["compensation_by_layer"], _ = plots.heatmap(
-        by_layer.to_numpy(), "Compensatory response by downstream layer (attention heads, then MLPs)",
-        folder / "compensation_by_layer", xlabel="downstream layer", ylabel="ablated head",
-        colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns), yticks=list(by_layer.index),
+    layer_rows = legible_rows(by_layer, chosen, 2 * LEGIBLE_ROWS)
+    layer_columns = [c for c in by_layer.columns if by_layer.loc[layer_rows, c].abs().max() > 0]
+    title = f"Compensatory response by downstream layer: its heads summed, then its MLP ({where})"
+    plots.heatmap_png(
+        by_layer.loc[layer_rows, layer_columns].to_numpy(), title, folder / "compensation_by_layer",
+        xlabel="downstream layer", ylabel="ablated head", colorbar="summed mean Δ direct effect",
+        xticks=layer_columns, yticks=layer_rows,
+        caption=f"{len(layer_rows)} of the {by_layer.shape[0]} ablated heads (the largest summed response among "
+        f"the meaningful ones). Every head: compensation_by_layer.html.",
     )
-    figures.update(self_repair.figures(results.self_repair, folder, f"{model}, {task}"))
+    figures["compensation_by_layer"] = folder / "compensation_by_layer.png"
+    plots.heatmap_html(by_layer.to_numpy(), title, folder / "compensation_by_layer", xlabel="downstream layer",
+                       ylabel="ablated head", colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns),
+                       yticks=list(by_layer.index))
+    figures.update(self_repair.figures(results.self_repair, folder, where))
     if scatter_heads is None:  # the heads of the summary table
-        table = summary_table(results, k=2)
+        table = summary_table(results, 2, min_de_fraction, min_r2)
         scatter_heads = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in table["head"]]
     for layer, head in scatter_heads:
         row = results.slopes[(results.slopes.layer == layer) & (results.slopes["head"] == head)]
@@ -69,7 +112,7 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
         pts = results.head_points(layer, head)
         figures[f"scatter_L{layer}H{head}"], _ = plots.scatter_with_fit(
             pts.de_clean.to_numpy(), pts.backup.to_numpy(), float(row.slope.iloc[0]),
-            float(row.intercept.iloc[0]), f"Accumulated backup of L{layer}H{head} ({model}, {task})",
+            float(row.intercept.iloc[0]), f"Accumulated backup of L{layer}H{head} ({where})",
             folder / f"scatter_L{layer}H{head}",
             hover=[f"prompt {p}, pos {t}" for p, t in zip(pts.prompt, pts.pos)],
         )
@@ -98,7 +141,7 @@ def _log_run(
         payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
         for name, png in figures.items():
             payload[f"plots/{name}"] = wandb.Image(str(png))
-            payload[f"html/{name}"] = wandb.Html(png.with_suffix(".html").read_text(), inject=False)
+            payload[f"html/{name}"] = wandb.Html(plots.standalone_html(png.with_suffix(".html")), inject=False)
         for name, page in (pages or {}).items():
             payload[f"html/{name}"] = wandb.Html(page.read_text(), inject=False)
         run.log(payload)
@@ -152,7 +195,7 @@ def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wand
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"warning: W&B logging failed ({type(err).__name__}: {reason}); the Parquet results are "
-              f"complete; retry with: python -m analysis {kind} {out} --wandb {wandb_mode}", file=sys.stderr)
+              f"complete; retry with: {console.command('-m analysis', kind, str(out), '--wandb', wandb_mode)}", file=sys.stderr)
         return
     if run_dir:
         hint = " (upload later with `wandb sync`)" if wandb_mode == "offline" else ""
@@ -160,9 +203,10 @@ def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wand
 
 
 def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
-                        scatter_heads: list[tuple[int, int]] | None = None) -> dict[str, Path]:
+                        scatter_heads: list[tuple[int, int]] | None = None, min_de_fraction: float = 0.1,
+                        min_r2: float = 0.0) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
-    figures = backup_figures(results, scatter_heads)
+    figures = backup_figures(results, scatter_heads, min_de_fraction, min_r2)
     _report("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures
 
@@ -177,8 +221,9 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     spec = results.spec
-    where = f"{spec.get('model', '?')}, {spec.get('task', '?')}, {spec.get('subspace', 'full')}" + (
-        ", self-patch" if spec.get("self_patch") else f", {spec.get('pairs', '?')} pairs"
+    n_pairs = int(results.effects["n_pairs"].max()) if "n_pairs" in results.effects else "?"
+    where = f"{sampled(spec)}, {spec.get('subspace', 'full')} activations, " + (
+        f"self-patch of {n_pairs} prompts" if spec.get("self_patch") else f"{n_pairs} {spec.get('pairs', '?')} pairs"
     )
     scales = results.scales
     figures = {}
@@ -191,20 +236,35 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
         folder / "metric_change", ylabel="metric change (0 clean, 1 corrupt)",
     )
     table = wide(results.effects)
-    figures["causal_effect_heatmap"], _ = plots.heatmap(
-        table.drop(columns="status").to_numpy(dtype=float), f"Causal effect per node and scale ({where})",
-        folder / "causal_effect_heatmap", xlabel="scale", ylabel="node", colorbar="causal effect",
-        xticks=list(table.columns[1:]), yticks=[f"{n} ({s[:3]})" if s != "unlabelled" else n
-                                               for n, s in zip(table.index, table.status)],
-        value_range=(0.0, 1.0),
+    values = table.drop(columns="status")
+    names = [f"{n} *" if s == "in_circuit" else n for n, s in zip(table.index, table.status)]
+    circuit = "; *: in the circuit" if (table.status == "in_circuit").any() else ""
+    title = f"Causal effect per node and scale ({where})"
+    shown = values.mean(axis=1).nlargest(LEGIBLE_NODES).index if len(values) > LEGIBLE_NODES else values.index
+    rows = [i for i, node in enumerate(values.index) if node in set(shown)]
+    plots.heatmap_png(
+        values.iloc[rows].to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
+        ylabel="node", colorbar="causal effect (fraction of answers changed)", xticks=list(values.columns),
+        yticks=[names[i] for i in rows], value_range=(0.0, 1.0),
+        caption=(f"The {len(rows)} of {len(values)} nodes with the largest mean effect over the scales, in model order"
+                 if len(rows) < len(values) else f"Every node ({len(values)}), in model order")
+        + f"{circuit}. Every node: causal_effect_heatmap.html and the effects/ dataset.",
     )
+    figures["causal_effect_heatmap"] = folder / "causal_effect_heatmap.png"
+    plots.heatmap_html(values.to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
+                       ylabel="node", colorbar="causal effect", xticks=list(values.columns), yticks=names,
+                       value_range=(0.0, 1.0))
     return figures
 
 
-def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+LEGIBLE_NODES = 40  # rows of the scale sweep's heatmap PNG
+
+
+def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str,
+                       min_break: float = MIN_BREAK) -> str | None:
     effects = results.effects.drop(columns=[c for c in ("shard",) if c in results.effects])
     tables = {"effects": effects, "effects_wide": wide(results.effects).reset_index()}
-    for title, table in summary_tables(results).items():
+    for title, table in summary_tables(results, min_break=min_break).items():
         key = "summary/" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:60]
         tables[key] = table.reset_index()
     summary = {"n_nodes": int(results.effects["node"].nunique()), "n_scales": len(results.scales)}
@@ -212,10 +272,12 @@ def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: st
                     ("effects",), mode, project)
 
 
-def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps") -> dict[str, Path]:
+def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
+                       min_break: float = MIN_BREAK) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
     figures = scale_figures(results)
-    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project, min_break),
+            wandb_mode)
     return figures
 
 
@@ -228,7 +290,7 @@ def attribution_figures(results: AttributionResults, n_edges: int = 30) -> dict[
     """Per-head (and MLP) node scores, the top edges, and attribution against real patching."""
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
-    where = f"{results.spec.get('model', '?')}, {results.spec.get('task', '?')}"
+    where = sampled(results.spec)
     L, H = results.n_layers, results.n_heads
     figures = {}
     embed = results.nodes[results.nodes.kind == "embed"].score
@@ -257,7 +319,7 @@ def log_attribution_to_wandb(results: AttributionResults, figures: dict[str, Pat
         "nodes": results.nodes.assign(head=results.nodes["head"].astype("float64")),  # W&B tables have no nullable ints
         "edges_top": results.edges.head(WANDB_TABLE_MAX_ROWS),
         "top_edges": top_edges_table(results, 50),
-        "top_heads": top_nodes_table(results, 50),
+        "top_nodes": top_nodes_table(results, 50),
     }
     summary = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
                "n_prompts": results.n_prompts, "n_edges": int(len(results.edges))}

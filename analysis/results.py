@@ -78,3 +78,14 @@ def read_committed(
             parts.append(frame)
         frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return spec, manifest, frames
+
+
+def sampled(spec: dict) -> str:
+    """What a sweep ran on, for titles: ``smollm2-135m on ioi, 64 prompts, resample ablation``."""
+    params = spec.get("task_params") or {}
+    parts = [f"{spec.get('model', '?')} on {spec.get('task', '?')}"]
+    if params.get("n_prompts"):
+        parts.append(f"{params['n_prompts']} prompts" + (f" x {params['seq_len']} tokens" if params.get("seq_len") else ""))
+    if spec.get("ablation"):
+        parts.append(f"{spec['ablation']} ablation")
+    return ", ".join(parts)

@@ -55,8 +55,17 @@ def _reference_scale(scales: list[float]) -> float:
     return min(scales, key=lambda s: abs(s - 1.0))
 
 
-def summary_tables(results: ScaleResults, k: int = 10) -> dict[str, pd.DataFrame]:
-    """What the sweep found, as the few tables a researcher reads first."""
+QUIET_AT_ONE = 0.05  # "does not matter at scale 1": at most this causal effect there
+MIN_BREAK = 0.5  # "breaks the model": at least this causal effect at an extreme scale (default)
+
+
+def summary_tables(results: ScaleResults, k: int = 10, min_break: float = MIN_BREAK) -> dict[str, pd.DataFrame]:
+    """What the sweep found, as the few tables a researcher reads first.
+
+    A node "breaks the model off-distribution" when its causal effect at the smallest or
+    the largest scale is at least ``min_break`` (the fraction of answers that change)
+    while at scale 1 it is at most ``QUIET_AT_ONE``; both bounds are in the table's title.
+    """
     effects = results.effects
     scales = results.scales
     one = _reference_scale(scales)
@@ -73,14 +82,19 @@ def summary_tables(results: ScaleResults, k: int = 10) -> dict[str, pd.DataFrame
     top = table.loc[at_one.sort_values(ascending=False).index[:k], show]
     tables[f"Nodes with the largest causal effect at scale {one:g}"] = top.round(3)
     if extremes:
-        quiet = table[at_one <= 0.05]
-        breaks = quiet[extremes].max(axis=1).sort_values(ascending=False)
-        breakers = quiet.loc[breaks.index[:k], show]
-        if not breakers.empty:
-            tables[f"Nodes that do not matter at scale {one:g} but break the model off-distribution"] = (
-                breakers.round(3)
-            )
+        quiet = table[at_one <= QUIET_AT_ONE]
+        breaks = quiet[extremes].max(axis=1)
+        breaks = breaks[breaks >= min_break].sort_values(ascending=False)
+        title = (f"Nodes that do not matter at scale {one:g} (causal effect <= {QUIET_AT_ONE:g}) but break the model "
+                 f"off-distribution (causal effect >= {min_break:g} at scale {' or '.join(extremes)}; "
+                 f"{len(breaks)} nodes)")
+        tables[title] = quiet.loc[breaks.index[:k], show].round(3)
     return tables
+
+
+def table_text(title: str, table: pd.DataFrame) -> str:
+    """A summary table as printed: its title, then its rows (or that there are none)."""
+    return f"\n{title}\n" + ("  (none)" if table.empty else table.to_string())
 
 
 def status_lines(effects: pd.DataFrame, column: str = "causal_effect") -> dict[str, list[tuple[str, np.ndarray]]]:

@@ -98,31 +98,44 @@ def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
     return lines + neuron_lines(neurons)
 
 
-def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
+def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: float = 0.1) -> dict[str, Path]:
     """The paper's Figure 1 (every head's self-repair fraction against its layer, the layer mean
-    as a line) and a per-layer stacked breakdown of the total effect; PNGs under ``folder``."""
+    as a line) and a per-layer stacked breakdown of the total effect; PNGs under ``folder``.
+
+    A fraction over a head with almost no direct effect is noise (a ratio to nearly 0), so in
+    Figure 1 heads whose |mean direct effect| on their top points is below ``min_de_fraction``
+    of the largest are grey and left out of the y-range and the layer mean (they are still
+    in the HTML page and the tables)."""
     if repair.empty:
         return {}
     out = {}
     heads = head_table(repair, "top")
     fig, ax = plt.subplots(figsize=(7, 4))
     finite = heads.dropna(subset=["self_repair_fraction"])
-    ax.scatter(finite.layer, finite.self_repair_fraction, s=12, alpha=0.6, label="one head")
-    means = finite.groupby("layer").self_repair_fraction.mean()
+    meaningful = finite.mean_de.abs() >= min_de_fraction * finite.mean_de.abs().max()
+    shown, noise = finite[meaningful], finite[~meaningful]
+    ax.scatter(shown.layer, shown.self_repair_fraction, s=12, alpha=0.7, label="one head")
+    means = shown.groupby("layer").self_repair_fraction.mean()
     ax.plot(means.index, means.values, color="black", lw=1.5, label="layer mean")
+    if len(shown):
+        lo, hi = float(shown.self_repair_fraction.min()), float(shown.self_repair_fraction.max())
+        pad = 0.1 * (hi - lo or 1.0)
+        ax.scatter(noise.layer, noise.self_repair_fraction.clip(lo - pad, hi + pad), s=8, color=plots.MASKED_GREY,
+                   label=f"direct effect < {min_de_fraction:g} x the largest (noise; clipped to the axis)")
+        ax.set_ylim(lo - 1.5 * pad, hi + 1.5 * pad)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(title=f"Self-repair fraction per head\n{title}", xlabel="layer of the ablated head",
-           ylabel="self-repair / direct effect")
-    ax.legend(fontsize=8)
+    ax.set_title(plots.fit_text(f"Self-repair fraction per head\n{title}", 6.5, 11), fontsize=11)
+    ax.set(xlabel="layer of the ablated head", ylabel="self-repair / direct effect")
+    ax.legend(fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair"] = plots._save(fig, folder / "self_repair")
-    go.Figure(
+    plots.write_html(go.Figure(
         [go.Scatter(x=finite.layer, y=finite.self_repair_fraction, mode="markers", name="one head",
                     text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])]),
          go.Scatter(x=means.index, y=means.values, mode="lines", name="layer mean")],
         layout=dict(title="Self-repair fraction per head", xaxis_title="layer", yaxis_title="self-repair / direct effect",
                     template="plotly_white"),
-    ).write_html(out["self_repair"].with_suffix(".html"), include_plotlyjs="cdn")
+    ), out["self_repair"].with_suffix(".html"))
 
     layers = layer_table(repair, "top")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -136,15 +149,16 @@ def figures(repair: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
         neg_bottom += np.clip(values, None, 0)
     ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(title=f"What makes up a head's total effect, by layer (layer means)\n{title}",
-           xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
+    ax.set_title(plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11),
+                 fontsize=11)
+    ax.set(xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
     ax.legend(fontsize=7, ncol=2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair_layers"] = plots._save(fig, folder / "self_repair_layers")
-    go.Figure(
+    plots.write_html(go.Figure(
         [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
         + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],
         layout=dict(title="What makes up a head's total effect, by layer", barmode="relative",
                     xaxis_title="layer", yaxis_title="change of the logit (difference)", template="plotly_white"),
-    ).write_html(out["self_repair_layers"].with_suffix(".html"), include_plotlyjs="cdn")
+    ), out["self_repair_layers"].with_suffix(".html"))
     return out

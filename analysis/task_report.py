@@ -16,6 +16,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.attention_html import attention_page
+from analysis.results import sampled
 
 
 @dataclass
@@ -68,7 +69,7 @@ def write_task_report(
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
-    where = f"{spec['model']}, {spec['task']}"
+    where = sampled(spec)
     metric = tables.summary["metric"]
     L, H = int(spec["n_layers"]), int(spec["n_heads"])
     figures = {}

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--method exact patches every edge only if the model has at most N edges "
                    "(one forward each; default 5000), else nodes only")
     g.add_argument("--top", type=positive_int, default=10, metavar="N",
-                   help="rows of the printed top-edges and top-heads tables (default 10)")
+                   help="rows of the printed top-edges and top-nodes tables (default 10)")
     return parser
 
 
@@ -158,17 +158,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if failures:
         return 1
 
-    from analysis.attribution import top_edges_table, top_nodes_table
+    from analysis.attribution import summary_text
 
     results = load_attribution_results(inputs.out)
     metric = "logit difference" if task.kind == "logit_diff" else "log-probability"
     print(f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
           f"(mean over {results.n_points} points)")
-    print(f"\nTop {args.top} edges by |score|\n{top_edges_table(results, args.top).to_string(index=False)}")
-    print(f"\nTop {args.top} heads by |score|\n{top_nodes_table(results, args.top).to_string(index=False)}")
-    if not results.verify.empty:
-        print(f"\nAttribution against real patching (top {args.verify_top})\n"
-              f"{results.faithfulness().to_string(index=False)}")
+    print(f"\n{summary_text(results, args.top)}")
     if not args.no_report:
         from analysis.report import write_attribution_report
 

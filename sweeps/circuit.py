@@ -17,8 +17,8 @@ curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
 between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
 exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
 circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
-(upstream->downstream.input, e.g. L0H1->L2H3.q, embed->L1KV0.k,
-mlp3->resid_final.resid).
+(upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
+L5H1->resid_final: the names the attribution sweep prints).
 
 One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
 faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
@@ -103,7 +103,8 @@ def _curves_from_results(args, graph) -> list:
     from analysis.attribution import load_attribution_results
     from analysis.results import ResultsError
     from sweeps.engine.circuit_sweep import Curve
-    from sweeps.engine.circuits import edge_name
+    from sweeps.engine.circuits import graph_edges
+    from sweeps.engine.nodes import edge_name
 
     curves, labels = [], set()
     for source in args.sources:
@@ -120,14 +121,14 @@ def _curves_from_results(args, graph) -> list:
             if results.edges.empty:
                 raise UserError(f"--from {source} has no edge scores ({results.method} scored nodes only); "
                                 "use --level node")
-            by = {edge_name(u, d, i): s for u, d, i, s in zip(results.edges.upstream, results.edges.downstream,
-                                                                  results.edges.input, results.edges.score)}
-            names = [edge_name(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
-                     for u in graph.upstream[:p]]
+            by = {(u, d, i): s for u, d, i, s in zip(results.edges.upstream, results.edges.downstream,
+                                                         results.edges.input, results.edges.score)}
+            names = [(u, d.name, d.input) for u, d in graph_edges(graph)]
         missing = [n for n in names if n not in by]
         if missing:
+            example = missing[0] if isinstance(missing[0], str) else edge_name(*missing[0])
             raise UserError(f"--from {source}: no score for {len(missing)} of the model's {args.level}s "
-                            f"(e.g. {missing[0]}); is it an attribution result for this model?")
+                            f"(e.g. {example}); is it an attribution result for this model?")
         label = results.method + (f" ({results.spec.get('ig_steps')} steps)" if results.method.startswith("eap-ig") else "")
         if label in labels:
             label = f"{label} [{Path(str(source)).name}]"

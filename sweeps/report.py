@@ -33,6 +33,7 @@ from sweeps.engine.cli import (
     ArgumentParser,
     UserError,
     add_model_task_options,
+    add_verbose_option,
     cli_main,
     non_negative_int,
     positive_int,
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
                    help="W&B logging: offline (default), online or disabled")
     g.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
+    add_verbose_option(g)
     return parser
 
 
@@ -71,8 +73,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     args.out = args.out or default_out("report", args.model, args.task)
     try:
         inputs = prepare_inputs(args, "report")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     except input_errors() as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # what check_out_dir could not foresee, e.g. a read-only filesystem
+        raise UserError(f"--out {args.out}: cannot create it ({err.strerror or err})") from None
     task, info = inputs.task, inputs.info
     if args.prompt_index >= task.n_prompts:
         raise UserError(f"--prompt-index {args.prompt_index} is out of range: the task has {task.n_prompts} prompts")

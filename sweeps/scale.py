@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "task: each prompt with its own corrupt prompt")
     g.add_argument("--max-pairs", type=positive_int, default=DEFAULT_MAX_PAIRS, metavar="N",
                    help=f"at most N pairs, a deterministic sample (default {DEFAULT_MAX_PAIRS})")
+    g.add_argument("--min-break", type=float, default=0.5, metavar="E",
+                   help="the summary's 'breaks the model off-distribution': a causal effect of at least E at "
+                   "the smallest or largest scale (default 0.5: half the answers change); results do not "
+                   "depend on it")
     g.add_argument("--scales-per-shard", type=positive_int, metavar="N",
                    help="split the scales into shards of N (default: one shard per layer, all scales)")
     return parser
@@ -119,6 +123,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from sweeps.engine.scale_sweep import ScaleJob, make_pairs
 
     try:  # cheap checks first: nothing here loads model weights
+        if not 0 <= args.min_break <= 1:
+            raise PlanError(f"--min-break is a causal effect, between 0 and 1; got {args.min_break}")
         scales = parse_scales(args.scales)
         inputs = prepare_inputs(args, "scale")
         info, task = inputs.info, inputs.task
@@ -168,18 +174,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return failures
     print_failures(failures)
 
-    from analysis.scale import load_scale_results, summary_tables
+    from analysis.scale import load_scale_results, summary_tables, table_text
 
     results = load_scale_results(inputs.out)
     if results.effects.empty:
         print(f"no finished shards in {inputs.out}; re-run the same command to retry", file=sys.stderr)
         return 1
-    for title, table in summary_tables(results).items():
-        print(f"\n{title}\n{table.to_string()}")
+    for title, table in summary_tables(results, min_break=args.min_break).items():
+        print(table_text(title, table))
     if not args.no_report:
         from analysis.report import write_scale_report
 
-        write_scale_report(results, wandb_mode=args.wandb, project=args.wandb_project)
+        write_scale_report(results, wandb_mode=args.wandb, project=args.wandb_project, min_break=args.min_break)
     return 1 if failures else 0
 
 

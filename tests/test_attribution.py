@@ -497,3 +497,29 @@ def test_exact_edge_scores_are_real_path_patching(tiny_llama):
                 checked.add(d.input)
         i += p
     assert checked == {"q", "k", "v", "mlp", "resid"}
+
+
+def _verified(scores: list[float], effects: list[float]):
+    """Attribution results holding only a verification of nodes ``N0``, ``N1``, ..."""
+    import pandas as pd
+
+    from analysis.attribution import AttributionResults
+
+    verify = pd.DataFrame({"kind": "node", "target": [f"N{i}" for i in range(len(scores))], "upstream": None,
+                           "downstream": None, "input": None, "score": scores, "patch_effect": effects})
+    return AttributionResults(out=None, spec={"verify_top": len(scores)}, manifest={}, nodes=pd.DataFrame(),
+                              edges=pd.DataFrame(), verify=verify, n_prompts=1, n_points=1, clean_metric=1.0,
+                              corrupt_metric=0.0, normaliser=1.0)
+
+
+def test_the_console_says_in_words_when_verification_disagrees_and_why():
+    from analysis.attribution import WHY, faithfulness_lines
+
+    scores = [0.6, 0.3, 0.2, -0.2, -0.1, -0.26]
+    agreeing = faithfulness_lines(_verified(scores, [0.62, 0.28, 0.21, -0.19, -0.12, -0.25]))
+    assert agreeing == ["top 6 nodes: attribution predicts real patching (Pearson r 1.00, signs agree on 100%)."]
+    # the last node is an embedding: score -0.26, patching it costs the whole task
+    lines = faithfulness_lines(_verified(scores, [0.62, 0.28, 0.21, -0.19, -0.12, 1.0]))
+    assert lines[0].startswith("top 6 nodes: attribution and real patching DISAGREE (Pearson r ")
+    assert "furthest off: N5 (score -0.26, real +1.00); without it r = 1.00." in lines[0]
+    assert lines[1] == WHY and "first-order" in WHY and "embeddings and early MLPs" in WHY

@@ -111,10 +111,8 @@ def test_circuit_sweep_curves_resume_and_report(tmp_path, tiny_llama, capsys):
     np.testing.assert_allclose(full.faithfulness, 1.0, atol=1e-4)
     # One point of the curve, recomputed directly: the top 10 % of edges by |EAP score|.
     edges = pd.read_parquet(eap / "edges")
-    from sweeps.engine.circuits import edge_name
-
-    score = {edge_name(u, d, i): s for u, d, i, s in zip(edges.upstream, edges.downstream, edges.input, edges.score)}
-    names = [edge_name(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]
+    score = {(u, d, i): s for u, d, i, s in zip(edges.upstream, edges.downstream, edges.input, edges.score)}
+    names = [(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]
     k = round(0.1 * graph.n_edges)
     mask = CE.top_mask(torch.tensor([score[n] for n in names]), k)
     expected = CE.faithfulness(runner.metric(mask), runner.clean_metric, runner.corrupt_metric)
@@ -144,7 +142,7 @@ def test_a_circuit_file_of_nodes_or_edges(tmp_path, tiny_llama, capsys):
     for content, mask in (
         ('["embed", "L0H1", "mlp1", "L2H*"]',
          CE.node_edge_mask(graph, {"embed", "L0H1", "mlp1", *(f"L2H{h}" for h in range(4))})),
-        ("edges:\n  - embed->L1H0.q\n  - L0H2->L1KV1.k\n  - mlp1->resid_final.resid\n",
+        ("edges:\n  - embed->L1H0.q\n  - L0H2->L1KV1.k\n  - mlp1->resid_final\n",
          None),
     ):
         path = tmp_path / ("c.json" if content.startswith("[") else "c.yaml")

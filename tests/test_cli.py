@@ -1,10 +1,12 @@
 """Bad input is rejected with one line, before any model weights load."""
 
 import json
+import os
+import time
 
 import pytest
 
-from sweeps import backup, scale
+from sweeps import attribution, backup, report, scale
 from sweeps.engine import models
 
 
@@ -122,6 +124,71 @@ def test_output_path_is_a_file(capsys, no_model_loading, tmp_path):
     path = tmp_path / "file.txt"
     path.write_text("x")
     assert "is a file" in fails(capsys, "--model", "tiny-gpt2", "--out", str(path))
+
+
+def _bad_out(tmp_path, case: str) -> str:
+    """An ``--out`` that cannot be used: under a file, a file, or where nothing can be written."""
+    (tmp_path / "file.txt").write_text("x")
+    if case == "under a file":
+        return str(tmp_path / "file.txt" / "results")
+    if case == "a file":
+        return str(tmp_path / "file.txt")
+    if os.geteuid() == 0:  # root writes through any mode bits: /proc has no room for directories
+        return "/proc/interp-sweeps-test/results"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    return str(locked / "results")
+
+
+@pytest.mark.parametrize("case", ["under a file", "a file", "not writable"])
+@pytest.mark.parametrize("command", [backup, scale, attribution, report], ids=lambda c: c.__name__.split(".")[-1])
+def test_every_bad_out_is_one_error_line_and_exit_2(capsys, no_model_loading, tmp_path, case, command):
+    line = fails(capsys, "--model", "tiny-gpt2", "--out", _bad_out(tmp_path, case),
+                 command=command)
+    assert line.startswith("error: --out ") and len(line) < 300
+    assert {"under a file": "is a file, not a directory", "a file": "is a file; give a directory",
+            "not writable": "cannot create it"}[case] in line
+
+
+def test_a_hub_name_without_internet_fails_at_once_in_one_line(capsys, no_model_loading, tmp_path, monkeypatch):
+    """No retries with backoff: one look at the hub, then its cache only."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test: the probe sets it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.monotonic()
+    line = fails(capsys, "--model", "EleutherAI/pythia-14m", "--out", str(tmp_path / "o"))
+    assert time.monotonic() - start < 20, "the hub was retried"
+    assert "is not in the local Hugging Face cache, and 127.0.0.1 cannot be reached" in line
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"  # what the workers inherit
+
+
+@pytest.mark.slow
+def test_a_ray_run_prints_only_its_own_lines_unless_verbose(tmp_path):
+    """Ray's token-authentication warning and its actor-constructor error line are not ours to
+    print; ``--verbose`` shows Ray's warnings again."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_ADDRESS": "local"}
+    cmd = [sys.executable, "sweeps/backup.py", "--model", "tiny-gpt2", "--executor", "ray", "--num-workers", "1",
+           "--n-prompts", "6", "--heads", "L1", "--wandb", "disabled", "--no-report", "--out", str(tmp_path / "o")]
+    repo = Path(__file__).resolve().parents[1]
+    quiet = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [line.strip() for line in re.split(r"[\r\n]", quiet.stderr) if line.strip()]
+    foreign = [line for line in lines if not line.startswith(("model:", "backup sweep:", "Ray:"))
+               and "ray×1:" not in line]  # the rest is the progress bar
+    assert not foreign, foreign
+    assert any(line.startswith("Ray: RAY_ADDRESS=local; started") for line in lines)
+    loud = subprocess.run([*cmd, "--verbose", "--no-resume"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert loud.returncode == 0, loud.stderr
+    assert "Token authentication is enabled for this Ray cluster" in loud.stderr
 
 
 def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path, monkeypatch):
@@ -287,8 +354,9 @@ def test_bad_circuit_sizes(capsys, no_model_loading, tmp_path, sizes, message):
 
 @pytest.mark.parametrize("content,message", [
     ('["L0H1", "L7H0"]', "layer 7 is out of range"),
-    ('["L0H1->L2H3.q", "mlp9->mlp10.mlp"]', "the model has no edge 'mlp9->mlp10.mlp'"),
-    ('["L0H1->L2H3.z"]', "the model has no edge 'L0H1->L2H3.z'"),
+    ('["L0H1->L2H3.q", "mlp9->mlp10"]', "the model has no edge 'mlp9->mlp10'"),
+    ('["L0H1->L2H3.z"]', "'L0H1->L2H3.z'"),
+    ('["L2H3->L0H1.q"]', "the model has no edge 'L2H3->L0H1.q'"),
     ('["L0H1", "L0H1->L2H3.q"]', "mixes nodes and edges"),
     ('[]', "non-empty list"),
 ])

@@ -3,6 +3,7 @@ memory running out. What each proves is listed in docs/guarantees.md."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
         driver.kill()
         raise AssertionError(driver.communicate()[1][-3000:])
     os.killpg(driver.pid, signal.SIGINT)
-    _, err = driver.communicate(timeout=60)
+    out_text, err = driver.communicate(timeout=60)
     assert driver.returncode == 130, err
     kept = committed(out)
     assert 1 <= len(kept) < 12
@@ -171,9 +172,11 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
     resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
     _, still_alive = psutil.wait_procs(ray_processes, timeout=20)
     assert not still_alive, [p.cmdline()[:2] for p in still_alive]  # Ray was shut down
-    assert resume.startswith("python sweeps/backup.py ")
-    done = subprocess.run([sys.executable, *resume.split()[1:]], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    # the interpreter that ran it (a bare `python` may be another one, without torch), then the script
+    interpreter, script, *_ = shlex.split(resume)
+    assert (REPO / interpreter).absolute() == Path(sys.executable).absolute() and script == "sweeps/backup.py"
+    assert "(raylet)" not in out_text + err and "will be retried" not in out_text + err  # Ray's own notes
+    done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
 
@@ -196,7 +199,9 @@ def test_wandb_failure_leaves_complete_results_and_logging_can_be_redone(fault, 
     assert done.returncode == 0, done.stderr
     [warning] = [line for line in done.stderr.splitlines() if "W&B" in line]
     assert warning.startswith("warning: W&B logging failed") and "the Parquet results are complete" in warning
-    assert warning.endswith(f"retry with: python -m analysis backup {out} --wandb online")
+    interpreter, *retry = shlex.split(warning.split("retry with: ")[1])  # the interpreter that ran it
+    assert (REPO / interpreter).absolute() == Path(sys.executable).absolute()
+    assert retry == ["-m", "analysis", "backup", str(out), "--wandb", "online"]
     assert len(tables(out)["slopes"]) == 12 and (out / "plots" / "slopes.png").is_file()
     failed_runs = set((tmp_path / "wandb").rglob("run-*.wandb"))
     # W&B works again: log from the results directory alone

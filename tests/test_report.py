@@ -1,5 +1,6 @@
 """Analysis reads only the results; its offline W&B run holds the tables and images."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_tables_and_grids(results_dir):
     assert by_layer.shape == (12, 6)  # 3 attention-layer columns, then 3 MLP-layer columns
     heads_only = r.responses[(r.responses.up_layer == 1) & (r.responses.up_head == 0)
                              & (r.responses.down_kind == "attn_head") & (r.responses.down_layer == 2)]
-    assert by_layer.loc["L1H0", "attn L2"] == pytest.approx(heads_only.mean_delta.sum())
+    assert by_layer.loc["L1H0", "L2H*"] == pytest.approx(heads_only.mean_delta.sum())
     table = summary_table(r)
     assert {"kind", "head", "slope", "ci95", "r2"} <= set(table.columns) and len(table) > 0
 
@@ -55,5 +56,11 @@ def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, m
     assert table.is_file() and '"slope"' in table.read_text()  # the table's own rows, on disk
     neurons = (media / history["self_repair_neurons/path"].strip('"')).read_text()
     assert '"delta_de"' in neurons and '"cum_share"' in neurons
+    page = (media / history["html/slopes/path"].strip('"')).read_text()  # the W&B copy of slopes.html
+    assert "<script" in page and not re.search(r"<script[^>]*\bsrc=", page)  # plotly inlined: works offline
+    assert len(page) > 1_000_000  # the library itself
+    for name in ("slopes", "compensation", "compensation_by_layer"):  # beside the results: one local copy
+        assert re.findall(r'<script[^>]*\bsrc="([^"]*)"', (plots / f"{name}.html").read_text()) == ["plotly.min.js"]
+    assert (plots / "plotly.min.js").stat().st_size > 1_000_000
     assert summary["n_heads_swept"] == "12"
     assert any(name.startswith("backup-results-") for name in artifacts)

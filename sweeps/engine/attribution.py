@@ -51,12 +51,10 @@ from torch import Tensor
 
 from sweeps.engine import transformer as tf
 from sweeps.engine.effects import effect_points
-from sweeps.engine.nodes import Node, node_from_name
+from sweeps.engine.nodes import EMBED, FINAL, Node, edge_name, node_from_name
 from sweeps.engine.transformer import Edit, ModelConfig, ModelWeights, Trace, forward
 from tasks.base import TaskData
 
-EMBED = "embed"
-FINAL = "resid_final"
 INPUTS = ("q", "k", "v", "mlp", "resid")
 
 
@@ -597,7 +595,8 @@ class Target:
 
     @property
     def label(self) -> str:
-        return self.upstream if self.downstream is None else f"{self.upstream}->{self.downstream}:{self.input}"
+        """Its name (docs/naming.md): ``L23H3``, or an edge ``L23H3->L24H4.q``."""
+        return self.upstream if self.downstream is None else edge_name(self.upstream, self.downstream, self.input)
 
 
 def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_embed: Tensor) -> tuple[str, int, Tensor]:

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.engine.nodes import Node, NodeError, node_from_name, parse_node_pattern
+from sweeps.engine.nodes import Node, NodeError, edge_name, node_from_name, parse_edge, parse_node_pattern
 
 _IOI_GPT2_SMALL = {
     "name movers": "9.6 9.9 10.0",
@@ -151,16 +151,11 @@ def load_circuit(text: str | None, model: str, n_layers: int, n_heads: int, has_
 # --------------------------------------------------------------------------- #
 
 
-def edge_name(upstream: str, downstream: str, input: str) -> str:
-    """``L0H1->L2H3.q``: an edge of the attribution graph, as circuit files write it."""
-    return f"{upstream}->{downstream}.{input}"
-
-
 def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
     """(level, membership in graph order) of a circuit file: a JSON/YAML list (or
     ``{"nodes": [...]}`` / ``{"edges": [...]}``) of node names (``embed``, ``L9H6``, ``9.6``,
-    ``mlp9``, ``L9H*``, ``L9``) or of edges ``upstream->downstream.input`` (``L0H1->L2H3.q``,
-    ``embed->L1KV0.k``, ``mlp3->mlp4.mlp``, ``L5H1->resid_final.resid``; ``:input`` works too).
+    ``mlp9``, ``L9H*``, ``L9``) or of edges as ``docs/naming.md`` writes them (``L0H1->L2H3.q``,
+    ``embed->L1KV0.k``, ``mlp3->mlp4``, ``L5H1->resid_final``; older spellings parse too).
     Every name is checked against ``graph``; a name it lacks is an error naming it."""
     if not path.is_file():
         raise CircuitError(f"circuit file {path} does not exist")
@@ -183,21 +178,20 @@ def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
     if any(edges) and not all(edges):
         raise CircuitError(f"circuit file {path} mixes nodes and edges; list one kind")
     if all(edges):
-        index = {}
-        for d, p in zip(graph.downstream, graph.prefix):
-            for u in graph.upstream[:p]:
-                index[edge_name(u, d.name, d.input)] = len(index)
+        index = {(u, d.name, d.input): i for i, (u, d) in enumerate(graph_edges(graph))}
         member = [False] * graph.n_edges
         for item in items:
-            upstream, _, rest = item.partition("->")
-            down, sep, input = rest.rpartition(".") if "." in rest else rest.rpartition(":")
-            name = edge_name(upstream.strip(), down.strip(), input.strip())
-            if name not in index:
-                close = difflib.get_close_matches(name, list(index), n=1, cutoff=0.6)
+            try:
+                key = parse_edge(item)
+            except NodeError as err:
+                raise CircuitError(f"circuit file {path}: {err}") from None
+            if key not in index:
+                wanted = edge_name(*key)
+                close = difflib.get_close_matches(wanted, [edge_name(*k) for k in index], n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise CircuitError(f"circuit file {path}: the model has no edge {item!r}{hint}; write "
-                                   "upstream->downstream.input, e.g. L0H1->L2H3.q or mlp3->resid_final.resid")
-            member[index[name]] = True
+                                   "upstream->reader.input, e.g. L0H1->L2H3.q, L0H1->L2KV0.k or mlp3->resid_final")
+            member[index[key]] = True
         return "edge", member
     n_layers = sum(1 for d in graph.downstream if d.input == "q" and d.head == 0)
     n_heads = sum(1 for d in graph.downstream if d.input == "q" and d.layer == 0)
@@ -212,3 +206,8 @@ def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
         except NodeError as err:
             raise CircuitError(str(err)) from None
     return "node", [u in names for u in graph.upstream]
+
+
+def graph_edges(graph):
+    """(upstream name, Downstream) of every edge of an attribution graph, in Graph order."""
+    return [(u, d) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]

@@ -32,6 +32,9 @@ def cli_main(
     """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2, running out
     of memory outside a shard (shards report their own) one line and exit code 1."""
     args = build_parser().parse_args(argv)
+    from sweeps.engine.console import set_verbose
+
+    set_verbose(getattr(args, "verbose", False))
     try:
         return run(args, argv if argv is not None else sys.argv[1:])
     except UserError as err:
@@ -124,6 +127,13 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip shards already finished in --out (default); --no-resume discards them")
     g.add_argument("--no-report", action="store_true", help="write only the Parquet results, no plots or W&B")
+    add_verbose_option(g)
+
+
+def add_verbose_option(group) -> None:
+    group.add_argument("--verbose", action="store_true",
+                       help="also show third-party warnings and retries (Ray, Hugging Face, TransformerLens); "
+                       "hidden by default")
 
 
 def _path_safe(name: str) -> str:

@@ -7,17 +7,20 @@ runs it with ``run_shards``: start workers, run shards, write, report progress.
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from sweeps.engine import console
 from sweeps.engine.location import Location
 from sweeps.engine.run import Failure
 from sweeps.engine.store import ResultStore, StoreError, check_out_dir, with_provenance
+
+REPO = Path(__file__).resolve().parents[2]  # the entry scripts (sweeps/backup.py, ...) are relative to it
 
 
 def run_shards(
@@ -171,7 +174,7 @@ def run_sweep(
     from sweeps.engine.run import LocalExecutor, RayExecutor
 
     store = ResultStore(inputs.out, datasets, derived)
-    resume_hint = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    resume_hint = console.command(REPO / script, *argv)
     spec_id = provenance.spec_id(spec)
     try:
         with store.lock():

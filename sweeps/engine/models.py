@@ -304,14 +304,64 @@ def describe_model(name: str) -> ModelInfo:
         )
     from transformers import AutoConfig
 
+    unreachable = hub_offline_unless_reachable()
     try:
         cfg = AutoConfig.from_pretrained(official)
     except OSError as err:
+        if unreachable:
+            raise ModelNameError(
+                f"hub model {official!r} is not in the local Hugging Face cache, and {unreachable}; "
+                "connect, or download it once where there is internet"
+            ) from None
         raise ModelNameError(
             f"cannot read the config of hub model {official!r} (no internet or no such repo): "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     return ModelInfo(name, "hub", official, *_check_hf_config(cfg.to_dict(), official))
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_offline_unless_reachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Switch Hugging Face to offline mode (cache only) when its hub cannot be reached.
+
+    Without this, every look-up of a hub file without internet retries five times with
+    backoff (about half a minute of ``Retrying in 8s`` lines) before it fails. One TCP
+    connection to the hub's endpoint (``HF_ENDPOINT``), given ``timeout`` seconds
+    (name resolution included), decides instead. Offline mode is set in this process
+    and, through ``HF_HUB_OFFLINE``, in the processes it starts (Ray workers), so a
+    model already in the cache loads from it. Returns why the hub is unreachable, or
+    None when it is reachable or ``HF_HUB_OFFLINE`` was set already.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err.strerror or type(err).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    if outcome and outcome[0] is None:
+        return None
+    reason = outcome[0] if outcome else f"no answer in {timeout:g} s"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    return f"{host} cannot be reached ({reason})"
 
 
 # --------------------------------------------------------------------------- #

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sweeps.engine.nodes import Node
+from sweeps.engine.nodes import Node, NodeError, parse_node_pattern
 
 
 class PlanError(ValueError):
@@ -45,13 +45,13 @@ def compress_ranges(values: tuple[int, ...]) -> str:
     return ".".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in parts)
 
 
-_HEAD = re.compile(r"^(?:L(?P<l1>\d+)H(?P<h1>\d+|\*)|(?P<l2>\d+)\.(?P<h2>\d+|\*)|L(?P<l3>\d+))$", re.IGNORECASE)
-
-
 def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
     """``"L23H3,23.0,L5"`` -> sorted unique (layer, head); None/"all" -> every head.
 
-    Accepted items: ``L23H3``, ``23.3``, ``L23H*``/``23.*``/``L23`` (every head of a layer).
+    An item is any head name or pattern ``nodes.parse_node_pattern`` reads (``L23H3``,
+    ``23.3``, ``23:3``, ``L23H*``, ``L23`` for every head of a layer, a shard name such as
+    ``L05H0-8``); the heads it names are taken, an MLP it names is not (heads are what the
+    backup sweep ablates).
     """
     every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     if text is None or text.strip().lower() == "all":
@@ -61,20 +61,15 @@ def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int
     if not items:
         raise PlanError("--heads is empty; give e.g. L5H1,9.6 or leave it out for every head")
     for item in items:
-        m = _HEAD.match(item)
-        if not m:
-            raise PlanError(f"--heads item {item!r} is not a head; write L5H1, 5.1, L5H* or L5")
-        layer = int(m["l1"] or m["l2"] or m["l3"])
-        head_text = m["h1"] or m["h2"] or "*"
-        if not 0 <= layer < n_layers:
-            raise PlanError(f"--heads item {item!r}: layer {layer} is out of range (the model has layers 0-{n_layers - 1})")
-        if head_text == "*":
-            chosen.update((layer, h) for h in range(n_heads))
-            continue
-        head = int(head_text)
-        if not 0 <= head < n_heads:
-            raise PlanError(f"--heads item {item!r}: head {head} is out of range (the model has heads 0-{n_heads - 1})")
-        chosen.add((layer, head))
+        try:
+            nodes = parse_node_pattern(item, n_layers, n_heads, True, "--heads item")
+        except NodeError as err:
+            raise PlanError(str(err).replace("is not a node; write L9H6, 9.6 or mlp9 (L9 or L9H* for a whole layer)",
+                                             "is not a head; write L5H1, 5.1, L5H* or L5")) from None
+        heads = [(n.layer, n.head) for n in nodes if n.head is not None]
+        if not heads:
+            raise PlanError(f"--heads item {item!r} is an MLP; the backup sweep ablates heads (write L5H1 or L5)")
+        chosen.update(heads)
     return sorted(chosen)
 
 

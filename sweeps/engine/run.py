@@ -18,7 +18,6 @@ its node lost) is replaced and its shard goes back in the queue.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -30,6 +29,7 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
+from sweeps.engine import console
 from sweeps.engine.allocator import keep_freed_memory
 from sweeps.engine.chunking import out_of_memory
 from sweeps.engine.models import describe_model, load_model
@@ -61,14 +61,33 @@ def _ray_placement() -> dict[str, Any]:
     return {"node_id": node_id, "node_ip": node_ip, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
+@dataclass(frozen=True)
+class JobRef:
+    """A job in Ray's object store, handed to an actor inside this wrapper so that Ray
+    passes the reference itself (a small inline argument) rather than resolving it."""
+
+    ref: Any
+
+    def get(self) -> Job:
+        import ray
+
+        return ray.get(self.ref)
+
+
 class ShardWorker:
-    """One model replica serving many shards.
+    """One model replica serving many shards of one job.
+
+    In process (``LocalExecutor``) the job comes with the constructor. A Ray actor gets it
+    by ``bind`` once started, and with every shard (``run``), so that an actor Ray
+    restarts after a crash (its constructor run again, without the job) takes it up with
+    the shard it retries. The constructor never takes the job from Ray's object store:
+    Ray logs an error line for every actor whose constructor does, while restarts are on.
 
     On a CPU it sets its process's ``malloc`` to keep freed memory (``allocator.py``);
-    in process (``LocalExecutor``) that is the caller's process.
+    in process that is the caller's process.
     """
 
-    def __init__(self, model_name: str, job: Job, device: str | None = None):
+    def __init__(self, model_name: str, job: Job | None = None, device: str | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.where = {
@@ -80,13 +99,23 @@ class ShardWorker:
         if device == "cpu":
             keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
         self.model = load_model(describe_model(model_name), device)
-        self.job = job
-        self.job.bind(self.model)
+        self.job: Job | None = None
+        if job is not None:
+            self.bind(job)
+
+    def bind(self, job: Job | JobRef) -> dict[str, Any]:
+        """Take up ``job`` unless one is bound already; this worker's ``info()``."""
+        if self.job is None:
+            self.job = job.get() if isinstance(job, JobRef) else job
+            self.job.bind(self.model)
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         return {**self.where, "weight_hash": self.model.weight_hash}
 
-    def run(self, shard: Shard) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    def run(self, shard: Shard, job: Job | JobRef | None = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+        if self.job is None:
+            self.bind(job)
         start = time.perf_counter()
         try:
             tables = self.job.run_shard(shard)
@@ -173,23 +202,32 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
     ``RAY_ADDRESS`` names the cluster to join; ``RAY_ADDRESS=local`` starts a
     private local Ray even when another one runs on this machine. Returns True
     if this call connected (and so should disconnect or shut down).
+
+    Ray's own log lines (its token-authentication warning, its notes that a shard will be
+    retried) and the workers' output reach the console only with ``--verbose``
+    (``console.py``); a shard's error comes back as its exception either way, and one that
+    fails for good is reported by the driver.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    if not console.verbose():  # "Task ... failed. There are 2 retries remaining, so the task will be retried"
+        os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":  # Ray's own spelling for "start a new local cluster, join none"
         address = None
     else:
         try:
-            ray.init(address=address or "auto", logging_level=logging.WARNING)
+            ray.init(address=address or "auto", logging_level=console.library_level(),
+                     log_to_driver=console.verbose())
             print(f"Ray: joined the running cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr)
             return True
         except ConnectionError:
             if address:
                 raise
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             logging_level=console.library_level(), log_to_driver=console.verbose())
     why = "RAY_ADDRESS=local" if os.environ.get("RAY_ADDRESS") == "local" else "no running cluster found"
     print(f"Ray: {why}; started a local single-node Ray", file=sys.stderr)
     return True
@@ -238,19 +276,17 @@ class RayExecutor:
         retries = self.max_attempts - 1
         self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries,
                                                            max_task_retries=retries)
-        self._job_ref = ray.put(self.job)  # the task's tensors go to the object store once
+        self._job_ref = JobRef(ray.put(self.job))  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
-            return ray.get([a.info.remote() for a in self.actors])
-        except ray.exceptions.RayActorError as err:
+            return ray.get([a.bind.remote(self._job_ref) for a in self.actors])
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             cause = str(err).strip().splitlines()
             raise RuntimeError(f"a Ray worker failed to start (loading {self.model_name}): "
                                f"{cause[-1] if cause else err}") from None
 
     def _new_actor(self):
-        # The job stays referenced by us, so a restarted actor can fetch it again (Ray
-        # logs a warning about exactly that for every actor with restarts on; harmless here).
-        return self._remote_cls.remote(self.model_name, self._job_ref)
+        return self._remote_cls.remote(self.model_name)  # its job comes with bind and each shard
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         """Yield each shard once, as it finishes.
@@ -274,7 +310,7 @@ class RayExecutor:
 
         def submit(actor, shard) -> None:
             # Ray retries the shard itself: after a crash (on the restarted actor) or an exception
-            in_flight[actor.run.options(retry_exceptions=True).remote(shard)] = (shard, actor)
+            in_flight[actor.run.options(retry_exceptions=True).remote(shard, self._job_ref)] = (shard, actor)
             copies[shard] = copies.get(shard, 0) + 1
 
         while pending or any(shard not in settled for shard, _ in in_flight.values()):
@@ -336,10 +372,15 @@ class RayExecutor:
             self.failures.append(Failure(shard, error, losses[shard] * self.max_attempts))
 
     def shutdown(self) -> None:
+        """Stop the pool. When this executor connected to Ray, disconnecting ends its actors
+        (they belong to this driver) without killing them one by one: a kill under a running
+        shard makes Ray print that the shard "will be retried", after our own last line."""
         import ray
 
+        if self.started_ray:
+            self.actors = []
+            ray.shutdown()
+            return
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-        if self.started_ray:
-            ray.shutdown()

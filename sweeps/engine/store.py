@@ -71,14 +71,37 @@ def _write_json_atomic(file: Location, data: Any) -> None:
 
 
 def check_out_dir(out: str | Path | Location) -> Location:
-    """Cheap checks before anything loads; the parsed location."""
+    """Cheap checks before anything loads; the parsed location.
+
+    A local ``--out`` must be a directory this process can write, or one it can create:
+    its nearest existing ancestor is a writable directory. Remote locations are checked
+    only for what can be asked without writing (that they are not a file).
+    """
     try:
         location = Location.parse(out)
         if location.is_file():
             raise StoreError(f"--out {out} is a file; give a directory")
     except (LocationError, OSError) as err:
         raise StoreError(f"--out {out}: {str(err).splitlines()[0]}") from None
+    if location.local is not None:
+        problem = _local_dir_problem(location.local)
+        if problem:
+            raise StoreError(f"--out {out}: {problem}")
     return location
+
+
+def _local_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used or created as a results directory, or None."""
+    if path.is_dir():
+        return None if os.access(path, os.W_OK | os.X_OK) else "the directory is not writable"
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create it: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {parent} is not writable"
+    return None
 
 
 def spec_differences(old: dict, new: dict, labels: tuple[str, str] = ("here", "now")) -> list[str]:
@@ -107,7 +130,10 @@ class ResultStore:
         lock. Object stores have no locks: there a ``.lock`` file names its
         owner, and a second sweep refuses to start while it exists.
         """
-        self.out.mkdir()
+        try:
+            self.out.mkdir()
+        except OSError as err:  # e.g. a read-only filesystem that access() did not report
+            raise StoreError(f"--out {self.out}: cannot create it ({str(err).splitlines()[0]})") from None
         if self.out.local is None:
             with self._lease():
                 yield
