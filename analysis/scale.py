@@ -79,6 +79,11 @@ def summary_tables(results: ScaleResults, k: int = 10, min_break: float = MIN_BR
     at_one = table[f"{one:g}"]
     extremes = [f"{s:g}" for s in (scales[0], scales[-1]) if s != one]
     show = ["status", *dict.fromkeys([f"{scales[0]:g}", f"{one:g}", f"{scales[-1]:g}"])]
+    circuit = results.spec.get("circuit")
+    if circuit:  # the circuit's own nodes (e.g. top:K@DIR of an attribution result, any method)
+        inside = table[table.status == "in_circuit"]
+        tables[f"The circuit {circuit['label']}: {len(circuit['nodes'])} nodes, {len(inside)} swept"] = \
+            inside[show].round(3)
     top = table.loc[at_one.sort_values(ascending=False).index[:k], show]
     tables[f"Nodes with the largest causal effect at scale {one:g}"] = top.round(3)
     if extremes:

@@ -238,11 +238,14 @@ def effects(out) -> pd.DataFrame:
     return frame.sort_values(["node", "scale"]).reset_index(drop=True)
 
 
-def test_known_circuit_shows_seed_004s_picture(known, tmp_path):
+def test_known_circuit_shows_seed_004s_picture(known, tmp_path, capsys):
     model, task, circuit = known
     out = tmp_path / "o"
     assert scale.main(["--model", str(model), "--task", str(task), "--circuit", str(circuit), "--executor",
                        "local", "--no-report", "--out", str(out)]) == 0
+    printed = capsys.readouterr()  # the circuit's nodes, at the start and in the summary
+    assert f"circuit {circuit}: {len(known_circuit.CIRCUIT)} nodes, L0H0, mlp1" in printed.err
+    assert f"The circuit {circuit}: {len(known_circuit.CIRCUIT)} nodes, {len(known_circuit.CIRCUIT)} swept" in printed.out
     table = effects(out).pivot(index="node", columns="scale", values="causal_effect")
     status = effects(out).drop_duplicates("node").set_index("node")["status"]
     assert set(status[status == "in_circuit"].index) == set(known_circuit.CIRCUIT)
