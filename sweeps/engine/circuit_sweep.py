@@ -1,6 +1,6 @@
 """The circuit sweep on one worker: shards are circuits (one size of one curve).
 
-A ``CircuitShard`` (``C1_edge_0000360``: curve 1, its 360 top edges) evaluates one circuit
+A ``CircuitShard`` (``C1_0000360``: curve 1, its 360 top edges or nodes) evaluates one circuit
 over every prompt of the task, in passes sized for the device, and returns raw sums (the
 circuit's metric, the clean and corrupt metric, the number of points), so faithfulness is
 exact however the prompts were split. A curve is a ranking (an attribution result's

@@ -148,7 +148,7 @@ class ScaleComputer:
             return self._groups
         w, task, device = self.weights, self.task, self.weights.device
         lengths = task.lengths
-        pairs = torch.tensor(self.pairs)
+        pairs = torch.as_tensor(self.pairs)
         groups, drops = [], []
         for T in sorted(set(lengths.tolist())):
             prompts = torch.nonzero(lengths == T)[:, 0]
