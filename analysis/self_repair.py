@@ -75,8 +75,10 @@ def neuron_lines(neurons: pd.DataFrame, k: int = 3) -> list[str]:
 
 
 def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
-                  neurons: pd.DataFrame | None = None) -> list[str]:
-    """What the decomposition says, in words."""
+                  neurons: pd.DataFrame | None = None, min_de_fraction: float = 0.1) -> list[str]:
+    """What the decomposition says, in words. The self-repair fraction is a ratio to the
+    head's direct effect, noise for a head with almost none: its layer means take only heads
+    whose |mean direct effect| is at least ``min_de_fraction`` of the largest (as Figure 1)."""
     if repair.empty:
         return []
     layers = layer_table(repair, "top")
@@ -89,12 +91,15 @@ def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
         row = layers[layers.layer == layer].iloc[0]
         lines.append(f"  the final norm repairs {row.frac_final_norm:.0%} of the direct effect of layer {layer}'s "
                      f"heads; other heads {row.frac_heads:.0%}, MLPs {row.frac_mlps:.0%}")
-    finite = layers.dropna(subset=["self_repair_fraction"])
+    heads = head_table(repair, "top").dropna(subset=["self_repair_fraction"])
+    heads = heads[heads.mean_de.abs() >= min_de_fraction * heads.mean_de.abs().max()]
+    finite = heads.groupby("layer").self_repair_fraction.mean()
     if len(finite) >= 2:
-        early, late = finite.iloc[: max(1, len(finite) // 3)], finite.iloc[-max(1, len(finite) // 3):]
-        lines.append(f"  self-repair fraction (self-repair / direct effect, layer means): "
-                     f"{early.self_repair_fraction.mean():+.2f} in the first layers swept, "
-                     f"{late.self_repair_fraction.mean():+.2f} in the last (> 0: repaired, < 0: made worse)")
+        third = max(1, len(finite) // 3)
+        lines.append(f"  self-repair fraction (self-repair / direct effect, layer means over the {len(heads)} heads "
+                     f"whose |direct effect| is at least {min_de_fraction:.0%} of the largest): "
+                     f"{finite.iloc[:third].mean():+.2f} in the first layers, "
+                     f"{finite.iloc[-third:].mean():+.2f} in the last (> 0: repaired, < 0: made worse)")
     return lines + neuron_lines(neurons)
 
 

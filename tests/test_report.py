@@ -64,3 +64,21 @@ def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, m
     assert (plots / "plotly.min.js").stat().st_size > 1_000_000
     assert summary["n_heads_swept"] == "12"
     assert any(name.startswith("backup-results-") for name in artifacts)
+
+
+def test_the_printed_self_repair_fraction_leaves_out_heads_whose_direct_effect_is_noise():
+    """A head with almost no direct effect has a meaningless ratio (here 50): the layer means
+    of the summary line take only heads at or above 10 % of the largest |direct effect|."""
+    import pandas as pd
+
+    from analysis.self_repair import summary_lines
+
+    rows = []
+    for layer, head, de, repaired in [(0, 0, 1.0, 0.1), (0, 1, 0.001, 0.05), (1, 0, 0.8, 0.4), (2, 0, 0.9, 0.45)]:
+        rows.append(dict(layer=layer, head=head, selection="top", top_fraction=0.5, n_points=4, mean_de=de,
+                         total_effect=-de + repaired, own_change=-de, self_repair=repaired, heads=repaired,
+                         same_layer=0.0, mlps=0.0, final_norm=0.0, frac_heads=0.1, frac_mlps=0.0,
+                         frac_final_norm=0.0))
+    line = [l for l in summary_lines(pd.DataFrame(rows), 0.5, 3) if "self-repair fraction" in l][0]
+    assert "over the 3 heads whose |direct effect| is at least 10% of the largest" in line
+    assert "+0.10 in the first layers, +0.50 in the last" in line  # the noisy head's 50 is left out
