@@ -99,7 +99,8 @@ class CircuitRunner:
 
     @torch.no_grad()
     def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
-        """Σ metric over the batch's points with only the edges of ``mask`` carrying clean values."""
+        """Σ metric over the batch's points with the edges of ``mask`` carrying this run's values
+        and every other edge its upstream node's corrupt-run value."""
         w, graph, cfg = self.w, self.graph, self.w.cfg
         if mask.shape[0] != graph.n_edges:
             raise ValueError(f"a circuit mask of {mask.shape[0]} edges for a graph of {graph.n_edges}")
