@@ -70,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _scale(args) -> int:
-    from analysis.report import write_scale_report
+def _load(loader, args):
+    """``loader(out, allow_mixed)``'s results, or None after one ``error:`` line (exit code 2)."""
     from analysis.results import ResultsError
-    from analysis.scale import load_scale_results, summary_tables, table_text
 
     try:
-        results = load_scale_results(args.out, args.allow_mixed_specs)
+        return loader(args.out, args.allow_mixed_specs)
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def _scale(args) -> int:
+    from analysis.report import write_scale_report
+    from analysis.scale import load_scale_results, summary_tables, table_text
+
+    results = _load(load_scale_results, args)
+    if results is None:
         return 2
     if results.effects.empty:
         print(f"error: {args.out} holds no finished shards yet", file=sys.stderr)
@@ -92,12 +100,9 @@ def _scale(args) -> int:
 def _attribution(args) -> int:
     from analysis.attribution import load_attribution_results, summary_text
     from analysis.report import write_attribution_report
-    from analysis.results import ResultsError
 
-    try:
-        results = load_attribution_results(args.out, args.allow_mixed_specs)
-    except ResultsError as err:
-        print(f"error: {err}", file=sys.stderr)
+    results = _load(load_attribution_results, args)
+    if results is None:
         return 2
     if not results.complete:
         print(f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
@@ -107,19 +112,12 @@ def _attribution(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _circuit(args) -> int:
     from analysis.circuit import load_circuit_results, summary_lines
     from analysis.report import write_circuit_report
-    from analysis.results import ResultsError
 
-    try:
-        results = load_circuit_results(args.out, args.allow_mixed_specs)
-    except ResultsError as err:
-        print(f"error: {err}", file=sys.stderr)
+    results = _load(load_circuit_results, args)
+    if results is None:
         return 2
     if not results.complete:
         print(f"warning: {len(results.faithfulness)} of {results.spec.get('n_circuits')} circuits are in",
@@ -127,3 +125,7 @@ def _circuit(args) -> int:
     print("\n".join(summary_lines(results)))
     write_circuit_report(results, args.wandb, args.wandb_project)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

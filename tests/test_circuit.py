@@ -129,6 +129,15 @@ def test_circuit_sweep_curves_resume_and_report(tmp_path, tiny_llama, capsys):
     assert circuit.main(args + ["--no-report"]) == 0
     assert "0 to run" in capsys.readouterr().err
     pd.testing.assert_frame_equal(pd.read_parquet(out / "faithfulness"), faith)
+    # The report again from the results alone, as users run it (python -m, a process of its own).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "analysis", "circuit", str(out), "--wandb", "disabled"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "eap (edges): CPR" in done.stdout
 
 
 def test_a_circuit_file_of_nodes_or_edges(tmp_path, tiny_llama, capsys):
