@@ -46,25 +46,19 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.engine.cli import (
-    ArgumentParser,
     UserError,
     add_common_options,
     cli_main,
     non_negative_int,
     positive_int,
+    script_parser,
 )
 
 DEFAULT_VERIFY_TOP = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    sections = __doc__.split("\n\n")
-    parser = ArgumentParser(
-        prog="sweeps/attribution.py",
-        description="\n\n".join(sections[:4]),
-        epilog="\n".join(sections[4:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("sweeps/attribution.py", __doc__)
     add_common_options(parser, "attribution")
     g = parser.add_argument_group("attribution sweep")
     g.add_argument("--verify-top", type=non_negative_int, default=DEFAULT_VERIFY_TOP, metavar="K",

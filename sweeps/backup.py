@@ -33,26 +33,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import (
-    ArgumentParser,
-    UserError,
-    add_common_options,
-    cli_main,
-    non_negative_int,
-    positive_int,
-)
+from sweeps.engine.cli import UserError, add_common_options, cli_main, non_negative_int, positive_int, script_parser
 from sweeps.engine.effects import ABLATIONS
 
 DATASETS = ("slopes", "responses", "points", "self_repair", "neurons")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="sweeps/backup.py",
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:4]),
-        epilog="\n".join(__doc__.split("\n\n")[4:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("sweeps/backup.py", __doc__)
     add_common_options(parser, "backup")
     g = parser.add_argument_group("backup sweep")
     g.add_argument("--heads", metavar="LIST",

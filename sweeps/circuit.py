@@ -46,17 +46,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import ArgumentParser, UserError, add_common_options, cli_main
+from sweeps.engine.cli import UserError, add_common_options, cli_main, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    sections = __doc__.split("\n\n")
-    parser = ArgumentParser(
-        prog="sweeps/circuit.py",
-        description="\n\n".join(sections[:4]),
-        epilog="\n".join(sections[4:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("sweeps/circuit.py", __doc__)
     add_common_options(parser, "circuit")
     parser.set_defaults(model=None, task=None)  # default: the first --from result's
     g = parser.add_argument_group("circuit evaluation")

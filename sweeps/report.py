@@ -30,24 +30,20 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.engine.cli import (
-    ArgumentParser,
     UserError,
     add_model_task_options,
     add_verbose_option,
     cli_main,
     non_negative_int,
     positive_int,
+    script_parser,
 )
 
 SUM_CHECK_TOLERANCE = 1e-3  # float32 sums of ~300 components of size ~1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    sections = __doc__.split("\n\n")
-    parser = ArgumentParser(
-        prog="sweeps/report.py", description="\n\n".join(sections[:3]), epilog="\n".join(sections[3:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("sweeps/report.py", __doc__, description_sections=3)
     add_model_task_options(parser)
     g = parser.add_argument_group("report")
     g.add_argument("--prompt-index", type=non_negative_int, default=0, metavar="I",

@@ -41,7 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import ArgumentParser, UserError, add_common_options, cli_main, positive_int
+from sweeps.engine.cli import UserError, add_common_options, cli_main, positive_int, script_parser
 
 DATASETS = ("effects",)
 DEFAULT_SCALES = "0,0.1,0.2,0.5,0.7,0.8,1,1.2,1.4,2,5,10"
@@ -50,13 +50,7 @@ DEFAULT_MAX_PAIRS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    sections = __doc__.split("\n\n")
-    parser = ArgumentParser(
-        prog="sweeps/scale.py",
-        description="\n\n".join(sections[:4]),
-        epilog="\n".join(sections[4:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("sweeps/scale.py", __doc__)
     add_common_options(parser, "scale")
     g = parser.add_argument_group("scale sweep")
     g.add_argument("--scales", default=DEFAULT_SCALES, metavar="LIST",

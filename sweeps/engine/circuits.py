@@ -70,17 +70,21 @@ def _nodes(items: list, where: str, n_layers: int, n_heads: int, has_mlp: bool) 
     return frozenset(nodes)
 
 
-def _read_file(path: Path) -> list:
+def _parse(path: Path):
+    """A circuit file's JSON (``.json``) or YAML (anything else) content."""
     text = path.read_text()
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+            return json.loads(text)
+        import yaml
 
-            data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except Exception as err:  # json/yaml parse errors
         raise CircuitError(f"cannot parse circuit file {path}: {str(err).splitlines()[0]}") from None
+
+
+def _read_file(path: Path) -> list:
+    data = _parse(path)
     if isinstance(data, dict):
         data = data.get("nodes")
     if not isinstance(data, list):
@@ -159,16 +163,7 @@ def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
     Every name is checked against ``graph``; a name it lacks is an error naming it."""
     if not path.is_file():
         raise CircuitError(f"circuit file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as err:  # json/yaml parse errors
-        raise CircuitError(f"cannot parse circuit file {path}: {str(err).splitlines()[0]}") from None
+    data = _parse(path)
     if isinstance(data, dict):
         data = data.get("edges", data.get("nodes"))
     if not isinstance(data, list) or not data:

@@ -49,6 +49,18 @@ def cli_main(
         return 1
 
 
+def script_parser(prog: str, doc: str, description_sections: int = 4) -> ArgumentParser:
+    """An entry script's parser: the first ``description_sections`` paragraphs of its
+    docstring above the options, the rest (examples) below them."""
+    sections = doc.split("\n\n")
+    return ArgumentParser(
+        prog=prog,
+        description="\n\n".join(sections[:description_sections]),
+        epilog="\n".join(sections[description_sections:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _whole_number(text: str, minimum: int, requirement: str) -> int:
     try:
         value = int(text)
