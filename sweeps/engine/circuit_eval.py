@@ -93,8 +93,9 @@ class CircuitRunner:
                 if not cfg.attn_only:
                     self.corrupt_out[row + cfg.n_heads] = corrupt.mlp_out[layer]
             self.corrupt_metric = float(metric_terms(w, corrupt.resid_final, task).sum())
-            self.clean_metric = float(metric_terms(w, tf.forward(w, tf.embed(w, self.clean_tokens)).resid_final,
-                                                   task).sum())
+            clean_terms = metric_terms(w, tf.forward(w, tf.embed(w, self.clean_tokens)).resid_final, task)
+            self.clean_metric = float(clean_terms.sum())
+            self.n_points = int(clean_terms.shape[0])  # the points the metric sums over
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
 
     @torch.no_grad()

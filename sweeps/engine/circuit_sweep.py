@@ -123,8 +123,7 @@ class CircuitJob:
                 runner = CE.CircuitRunner(w, graph, task.select(slice(a, b)))
                 if len(self._runners) < 64:
                     self._runners[(a, b)] = runner
-            points = int(A.effect_points(w, runner.task).n)
-            return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, points])
+            return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, runner.n_points])
 
         for _, _, part in map_chunks(task.n_prompts, per_pass, evaluate,
                                      lambda: "out of memory evaluating a circuit on one prompt; use shorter prompts",

@@ -24,7 +24,7 @@ E d_head, M d_mlp, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -554,10 +554,6 @@ def blocks(
         resid = s.resid_post
 
 
-RECORDABLE = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_normed", "mlp_hidden", "mlp_raw", "mlp_out",
-              "resid_post")
-
-
 @dataclass
 class Trace:
     """What ``forward`` recorded: for each name asked for, one tensor per block run (empty
@@ -576,6 +572,9 @@ class Trace:
     mlp_raw: list[Tensor] = field(default_factory=list)
     mlp_out: list[Tensor] = field(default_factory=list)
     resid_post: list[Tensor] = field(default_factory=list)
+
+
+RECORDABLE = tuple(f.name for f in fields(Trace) if f.name != "resid_final")  # BlockState's activations
 
 
 def forward(
