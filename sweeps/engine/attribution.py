@@ -620,9 +620,25 @@ def _downstream(graph: Graph, name: str, input: str) -> Downstream:
     raise ValueError(f"no downstream input {name}:{input} in this model")
 
 
-@torch.no_grad()
+@dataclass
+class Patched:
+    """What ``patch_targets`` measured on one batch: the patched runs and the two it patches between."""
+
+    metric: Float[Tensor, "n"]  # Σ metric with each target patched
+    clean_terms: Float[Tensor, "P"]  # the clean run's metric at each point
+    corrupt_metric: float  # Σ metric of the corrupt run
+
+
 def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Target]) -> Float[Tensor, "n"]:
-    """Σ metric over the batch with each target's corrupt value patched into the clean run.
+    """Σ metric over the batch with each target's corrupt value patched into the clean run
+    (``patch_targets``)."""
+    return patch_targets(w, graph, task, targets).metric
+
+
+@torch.no_grad()
+def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Target]) -> Patched:
+    """Σ metric over the batch with each target's corrupt value patched into the clean run,
+    and the clean and corrupt runs' own metric (read off the forwards the patches start from).
 
     A node: its output is replaced by its corrupt output for every reader.
     An edge ``u → d``: only ``d``'s input sees ``u``'s corrupt value (path
@@ -649,7 +665,11 @@ def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Ta
         resid = clean.resid_pre[layer] if layer < L else clean.resid_final
         final = forward(w, resid, layer, [Edit(site, layer, delta, head)]).resid_final
         out.append(metric_terms(w, final, task, scratch).sum())
-    return torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
+    return Patched(
+        metric=torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64),
+        clean_terms=metric_terms(w, clean.resid_final, task, scratch),
+        corrupt_metric=float(metric_terms(w, corrupt.resid_final, task, scratch).sum()),
+    )
 
 
 # Above this many edges ``--method exact`` patches nodes only: one restarted forward an edge.
@@ -671,11 +691,16 @@ def exact_scores(w: ModelWeights, graph: Graph, task: TaskData, with_edges: bool
     change of the metric when it alone is patched to its corrupt value, ``m(clean) −
     m(patched)`` summed over the batch's points (``patch_metric``). Without edges the edge
     scores are NaN."""
-    patched = patch_metric(w, graph, task, every_target(graph, with_edges))
-    clean_terms = metric_terms(w, forward(w, tf.embed(w, task.clean.to(w.device))).resid_final, task)
-    corrupt = float(metric_terms(w, forward(w, tf.embed(w, task.corrupt.to(w.device))).resid_final, task).sum())
-    clean = float(clean_terms.sum())
+    p = patch_targets(w, graph, task, every_target(graph, with_edges))
+    return exact_attribution(graph, p.metric, float(p.clean_terms.sum()), p.corrupt_metric,
+                             int(p.clean_terms.shape[0]), with_edges)
+
+
+def exact_attribution(graph: Graph, patched: Float[Tensor, "n"], clean: float, corrupt: float, n_points: int,
+                      with_edges: bool) -> BatchAttribution:
+    """Exact scores ``m(clean) − m(patched)`` from the patched metric of ``every_target``'s
+    targets (either path); without edges the edge scores are NaN."""
     U = len(graph.upstream)
     edges = clean - patched[U:] if with_edges else torch.full((graph.n_edges,), float("nan"), dtype=torch.float64)
     return BatchAttribution(nodes=clean - patched[:U], edges=edges, clean_metric=clean, corrupt_metric=corrupt,
-                            n_points=int(clean_terms.shape[0]))
+                            n_points=n_points)

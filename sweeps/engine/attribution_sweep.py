@@ -167,11 +167,9 @@ class AttributionJob:
             with torch.no_grad():
                 clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
                 corrupt = float(bridge_path.metric_sum(self._bridge(batch.corrupt), batch))
-            scores = clean - bridge_path.patch_metric(self._bridge, graph, batch, targets)
-            U = len(graph.upstream)
-            edges = scores[U:] if self.exact_edges else torch.full((graph.n_edges,), float("nan"), dtype=torch.float64)
-            return A.BatchAttribution(scores[:U], edges, clean, corrupt,
-                                      int(bridge_path.effect_points(self._bridge, batch).n))
+            patched = bridge_path.patch_metric(self._bridge, graph, batch, targets)
+            return A.exact_attribution(graph, patched, clean, corrupt,
+                                       int(bridge_path.effect_points(self._bridge, batch).n), self.exact_edges)
         w = self._weights
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         total = None
@@ -216,7 +214,5 @@ def _verify_table(shard: VerifyShard, patched: torch.Tensor, clean: float) -> pa
 
 @torch.no_grad()
 def _verify_chunk(w, graph: A.Graph, task: TaskData, targets: list[A.Target]) -> tuple[float, torch.Tensor]:
-    from sweeps.engine import transformer as tf
-
-    clean = float(A.metric_terms(w, tf.run(w, task.clean.to(w.device)).resid_final, task).sum())
-    return clean, A.patch_metric(w, graph, task, targets)
+    patched = A.patch_targets(w, graph, task, targets)
+    return float(patched.clean_terms.sum()), patched.metric
