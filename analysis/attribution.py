@@ -132,8 +132,8 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
         ["node", "layer", "head", "kind", "score"]])
     edge_sums = frames["edge_sums"]
     keys = ["upstream", "downstream", "input"]
-    edges = edge_sums.groupby(keys, sort=False, observed=True)["raw"].sum().reset_index()
-    edges = edges[np.isfinite(edges.raw.to_numpy(dtype=float))]  # --method exact on a large model: nodes only
+    edges = edge_sums.groupby(keys, sort=False, observed=True)["raw"].sum(min_count=1).reset_index()
+    edges = edges[np.isfinite(edges.raw.to_numpy(dtype=float))]  # all-NaN sums (exact, nodes only) stay NaN and go
     edges = _ranked(pd.DataFrame({
         **{k: edges[k].astype(str) for k in keys}, "score": edges.raw.to_numpy() / normaliser}))
     method = spec.get("method", "eap")
@@ -251,7 +251,9 @@ def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> l
 
 def summary_text(results: AttributionResults, k: int = 10) -> str:
     """What the attribution commands print: the top edges and nodes, and the verification."""
-    blocks = [f"Top {k} edges by |score|\n{top_edges_table(results, k).to_string(index=False)}",
+    edges = (f"Top {k} edges by |score|\n{top_edges_table(results, k).to_string(index=False)}" if len(results.edges)
+             else f"No edge scores: --method {results.method} scored the nodes only")
+    blocks = [edges,
               f"Top {k} nodes by |score| (heads, MLPs and the embeddings)\n"
               f"{top_nodes_table(results, k).to_string(index=False)}\n{best_of_each_kind(results)}"]
     if not results.verify.empty:

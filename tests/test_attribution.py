@@ -523,3 +523,19 @@ def test_the_console_says_in_words_when_verification_disagrees_and_why():
     assert lines[0].startswith("top 6 nodes: attribution and real patching DISAGREE (Pearson r ")
     assert "furthest off: N5 (score -0.26, real +1.00); without it r = 1.00." in lines[0]
     assert lines[1] == WHY and "first-order" in WHY and "embeddings and early MLPs" in WHY
+
+
+def test_exact_nodes_only_leaves_no_edge_scores_across_shards(tmp_path, capsys):
+    """Above --max-exact-edges the edges are not patched: summed over several shards they stay
+    unscored (not 0), so neither the edges/ dataset nor the verification ranks them."""
+    import pandas as pd
+
+    out = tmp_path / "o"
+    assert run_attribution(out, "--method", "exact", "--max-exact-edges", "0", "--verify-top", "2") == 0
+    printed = capsys.readouterr()
+    assert "patching its 16 nodes only" in printed.out
+    assert "No edge scores: --method exact scored the nodes only" in printed.out
+    assert pd.read_parquet(out / "edges").empty
+    verify = pd.read_parquet(out / "verify")
+    assert list(verify.kind) == ["node", "node"]
+    np.testing.assert_allclose(verify.score, verify.patch_effect, rtol=1e-4, atol=1e-5)  # exact is the patch
