@@ -34,7 +34,7 @@ attribution: $(STAMP)
 circuit: $(STAMP)
 	$(BIN)/python sweeps/circuit.py $(ARGS)
 
-## Seed 002's report for a task: DLA, logit lens, attention page (ARGS="--task sentiment").
+## The task report: DLA, logit lens, attention page (ARGS="--task sentiment").
 report: $(STAMP)
 	$(BIN)/python sweeps/report.py $(ARGS)
 

@@ -1,4 +1,4 @@
-"""A self-contained HTML page of attention patterns (the logit-attribution notebook's circuitsvis view, offline).
+"""A self-contained HTML page of attention patterns (the usual DLA walkthrough's circuitsvis view, offline).
 
 ``circuitsvis`` installs, but its pages load their JavaScript from a CDN at
 view time, so they are blank on a machine without internet (and in W&B's

@@ -1,6 +1,6 @@
 """An attribution sweep's results: the shards' raw sums added up into scores.
 
-Each shard holds raw sums over its batch of prompts (``sweeps/engine/attribution_sweep.py``).
+Each shard holds raw sums over its batch of prompts (``sweeps/jobs/attribution.py``).
 Summed over every batch and divided once by the task's normaliser, they are
 the scores of the whole dataset, exactly: the mean of the metric's gradient
 over prompts is the sum of the batches' sums over the number of prompts.
@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.engine.location import Location
-from sweeps.engine.nodes import edge_name
+from sweeps.runtime.location import Location
+from sweeps.core.nodes import edge_name
+from sweeps.registry.attribution import AttributionSweep
 
-DATASETS = ("node_sums", "edge_sums", "batches", "verify_sums")
-DERIVED = ("nodes", "edges", "verify")
+DATASETS, DERIVED = AttributionSweep.datasets, AttributionSweep.derived  # what its shards and its finish write
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
 
 def top_targets(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> list:
     """The K highest-|score| nodes and the K highest-|score| edges, in rank order."""
-    from sweeps.engine.attribution import Target
+    from sweeps.core.attribution import Target
 
     top_nodes = [Target(n) for n in nodes.sort_values("abs_rank").node.head(k)]
     top_edges = [Target(r.upstream, r.downstream, r.input)
@@ -149,7 +149,7 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
 def _verify_table(spec: dict, sums: pd.DataFrame, nodes: pd.DataFrame, edges: pd.DataFrame,
                   normaliser: float) -> pd.DataFrame:
     """Score against the real patch effect for the current top targets (complete batches only)."""
-    from sweeps.engine.attribution_sweep import VerifyShard, batch_ranges
+    from sweeps.jobs.attribution import VerifyShard, batch_ranges
 
     columns = ["kind", "target", "upstream", "downstream", "input", "score", "patch_effect"]
     k = int(spec.get("verify_top") or 0)

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.engine.location import Location
+from sweeps.runtime.location import Location
+from sweeps.registry.backup import BackupSweep
 
 __all__ = ["BackupResults", "ResultsError", "load_results"]
 
@@ -42,7 +43,7 @@ class BackupResults:
 
 def load_results(out: str | Path | Location, allow_mixed: bool = False) -> BackupResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, ("slopes", "responses", "points", "self_repair", "neurons"),
+    spec, manifest, frames = read_committed(out, BackupSweep.datasets,
                                             "backup", allow_mixed)
     slopes = frames["slopes"]
     if not slopes.empty:

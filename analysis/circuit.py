@@ -1,6 +1,6 @@
 """A circuit sweep's results: faithfulness of each circuit, curves, CPR and CMD.
 
-Each shard holds one circuit's raw sums over every prompt (``sweeps/engine/circuit_sweep.py``):
+Each shard holds one circuit's raw sums over every prompt (``sweeps/jobs/circuit.py``):
 the metric with the circuit, and the clean and corrupt metric. Faithfulness is
 ``(m(C) − m(corrupt)) / (m(clean) − m(corrupt))`` of the sums. A curve (one ranking,
 circuits of growing size) gets MIB's two areas over the fraction of edges or nodes kept:
@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.engine.circuit_eval import area_scores, faithfulness
-from sweeps.engine.location import Location
+from sweeps.core.circuit_eval import area_scores, faithfulness
+from sweeps.runtime.location import Location
+from sweeps.registry.circuit import CircuitSweep
 
-DATASETS = ("circuit_sums",)
-DERIVED = ("faithfulness",)
+DATASETS, DERIVED = CircuitSweep.datasets, CircuitSweep.derived  # what its shards and its finish write
 COLUMNS = ["circuit", "source", "level", "size", "k", "n_nodes", "n_edges", "metric", "faithfulness"]
 
 

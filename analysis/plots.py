@@ -213,7 +213,7 @@ def scatter_with_fit(
     x: np.ndarray, y: np.ndarray, slope: float, intercept: float, title: str, path: Path,
     hover: list[str] | None = None,
 ) -> tuple[Path, Path]:
-    """Seed 000's scatter: clean direct effect vs accumulated backup, with the fitted line."""
+    """The backup scatter: clean direct effect vs accumulated backup, with the fitted line."""
     lo, hi = (float(np.min(x)), float(np.max(x))) if len(x) else (0.0, 1.0)
     line_x = np.linspace(lo, hi, 50)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -249,7 +249,7 @@ def effect_lines(
     scales: list[float], lines: dict[str, list[tuple[str, np.ndarray]]], title: str, path: Path,
     ylabel: str = "causal effect", named: int = NAMED_LINES,
 ) -> tuple[Path, Path]:
-    """Seed 004's figure: effect against scale, one line per node, coloured by circuit status.
+    """The scale-ablation figure: effect against scale, one line per node, coloured by circuit status.
 
     The ``named`` nodes with the largest mean |effect| over the scales are drawn bold, each in its
     own colour and named in the legend with its status, so the PNG reads without hovering;

@@ -29,8 +29,8 @@ from analysis.backup import (
 )
 from analysis.results import report_dir, sampled
 from analysis.scale import MIN_BREAK, ScaleResults, status_lines, summary_tables, wide
-from sweeps.engine import console
-from sweeps.engine.location import Location
+from sweeps.runtime import console
+from sweeps.runtime.location import Location
 
 WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 
@@ -217,7 +217,7 @@ def write_backup_report(results: BackupResults, wandb_mode: str = "offline", pro
 
 
 def scale_figures(results: ScaleResults) -> dict[str, Path]:
-    """Seed 004's line plots (causal effect and metric change against scale) and a heatmap."""
+    """The scale-ablation line plots (causal effect and metric change against scale) and a heatmap."""
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     spec = results.spec

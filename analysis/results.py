@@ -1,6 +1,6 @@
 """Reading any sweep's results directory: only shards the manifest committed, one spec.
 
-The manifest is the commit record of a results directory (``sweeps/engine/store.py``):
+The manifest is the commit record of a results directory (``sweeps/runtime/store.py``):
 a Parquet file it does not list is never read, and a listed file that cannot
 be read is an error that says how to recompute it.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from sweeps.engine.location import Location, LocationError
-from sweeps.engine.store import CorruptFile, read_committed_table, spec_differences
+from sweeps.runtime.location import Location, LocationError
+from sweeps.runtime.store import CorruptFile, read_committed_table, spec_differences
 
 
 class ResultsError(ValueError):

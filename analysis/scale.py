@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import open_results, read_committed
-from sweeps.engine.location import Location
+from sweeps.runtime.location import Location
+from sweeps.registry.scale import ScaleSweep
 
 STATUS_ORDER = ("in_circuit", "not_in_circuit", "unlabelled")
 
@@ -31,7 +32,7 @@ class ScaleResults:
 
 def load_scale_results(out: str | Path | Location, allow_mixed: bool = False) -> ScaleResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, ("effects",), "scale", allow_mixed)
+    spec, manifest, frames = read_committed(out, ScaleSweep.datasets, "scale", allow_mixed)
     effects = frames["effects"]
     if not effects.empty:
         order = effects["head"].fillna(1 << 30)  # a layer's heads, then its MLP
@@ -41,7 +42,7 @@ def load_scale_results(out: str | Path | Location, allow_mixed: bool = False) ->
 
 
 def wide(effects: pd.DataFrame, column: str = "causal_effect") -> pd.DataFrame:
-    """Nodes × scales (the scale-ablation notebook's table), nodes in model order, with their status."""
+    """Nodes × scales (the usual scale-ablation loop's table), nodes in model order, with their status."""
     nodes = effects.drop_duplicates("node")[["node", "status"]]
     table = effects.pivot(index="node", columns="scale", values=column)
     table = table.loc[nodes["node"]]

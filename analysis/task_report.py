@@ -1,4 +1,4 @@
-"""Seed 002's report for any task: tables, figures, the attention page and a W&B run.
+"""The task report for any task: tables, figures, the attention page and a W&B run.
 
 ``build_report`` turns a ``lens.TaskReport`` (tensors) into pandas tables;
 ``write_task_report`` writes them with the figures under ``OUT`` and logs one

@@ -6,8 +6,8 @@
     python -m benchmarks --only scale,ray # some sections
 
 Sections (each prints its own table, then one summary table of every ratio):
-  backup       cost per upstream head / one forward pass to logits; the self-repair notebook's recipe beside it
-  scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; the scale-ablation notebook's loop
+  backup       cost per upstream head / one forward pass to logits; the usual hooked recipe beside it
+  scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; the usual scale-ablation loop's loop
   attribution  the whole attribution sweep / one forward of the dataset; against autograd's floor
   circuits     EAP, one EAP-IG step and one circuit evaluation / one forward, on IOI
   families     backup per head and scale per row / a forward on SmolLM2, Gemma-3-270M's and
@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import attribution, backup, circuits, families, growth, memory, profile, ray_overhead, scale, throughput
 from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
-from sweeps.engine.allocator import keep_freed_memory
+from sweeps.runtime.allocator import keep_freed_memory
 
 SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
 EXTRA = ("profile", "throughput")  # only when asked for (throughput: also with a GPU, and in --quick)

@@ -28,10 +28,10 @@ import statistics
 import torch
 
 from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print_timings, timed
-from sweeps.engine import transformer as tf
-from sweeps.engine.attribution import build_graph, metric_terms
-from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard, prompts_per_pass
-from sweeps.engine.chunking import map_chunks, memory_gauge
+from sweeps.core import transformer as tf
+from sweeps.core.attribution import build_graph, metric_terms
+from sweeps.jobs.attribution import AttributionJob, AttributionShard, prompts_per_pass
+from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks import TaskSpec, build_task
 
 

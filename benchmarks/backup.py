@@ -1,4 +1,4 @@
-"""Backup sweep: cost per upstream head against one forward pass, and against the self-repair notebook's recipe.
+"""Backup sweep: cost per upstream head against one forward pass, and against the usual hooked recipe.
 
 Three timings on the same batch:
 - forward: one plain forward of the batch to logits with our forward (the unit);
@@ -7,7 +7,7 @@ Three timings on the same batch:
   restart's cost is linear in the layers after it (the growth section shows it),
   so that is a whole sweep's mean; its ratio to the forward is taken against a
   forward timed just before each layer's restart;
-- notebook-style: the self-repair notebook's recipe per head: a full hooked forward through the
+- notebook-style: the usual hooked recipe per head: a full hooked forward through the
   TransformerLens bridge with a full activation cache, then every head's direct
   effect from the stacked ``hook_result``s.
 """
@@ -19,11 +19,11 @@ import statistics
 import torch
 
 from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
-from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.jobs.backup import BackupJob
 
 
 def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
-    """One head the way the self-repair notebook does it: full forward, full cache, stacked head results."""
+    """One head the way a hooked notebook loop does it: full forward, full cache, stacked head results."""
     name = f"blocks.{layer}.attn.hook_z"
 
     def patch(z, hook):
@@ -56,14 +56,14 @@ def run(s: Setup) -> list[Ratio]:
     L, H, n = w.cfg.n_layers, w.cfg.n_heads, task.n_prompts
     bridge_forward = timed(lambda: bridge(task.clean), warmup=True)
 
-    computer = BackupComputer(w, task, "resample", batch_size=n)
+    computer = BackupJob(task, "resample", batch_size=n).bind(w)
     state_seconds = timed(computer.batches)  # the clean state: computed once per sweep, not per head
     layers = middle_layers(L)
     # Each layer's restart is timed right after a forward, and the ratio taken per pair: this
     # machine's slow spells (seconds to minutes) then hit both sides of a ratio alike. The
     # forward is warmed first: its first call after other work page-faults a fresh logits tensor.
     # The self-repair decomposition's cost: the same heads without it, timed beside each layer's.
-    bare = BackupComputer(w, task, "resample", batch_size=n, self_repair=False)
+    bare = BackupJob(task, "resample", batch_size=n, self_repair=False).bind(w)
     bare._batches = computer.batches()  # the same clean state
     paired_forwards, per_head, without = [], [], []
     for layer in layers:
@@ -75,7 +75,7 @@ def run(s: Setup) -> list[Ratio]:
     engine_ratio = statistics.mean(h / f for h, f in zip(per_head, paired_forwards))
     repair_ratio = statistics.mean(h / b for h, b in zip(per_head, without))
 
-    # Seed 000's recipe costs a full forward whatever the head, so one head is enough to time;
+    # the hooked reference recipe costs a full forward whatever the head, so one head is enough to time;
     # its numbers are checked against the engine's (the tests check this too).
     state = computer.batches()[0]
     layer = layers[len(layers) // 2]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
-from sweeps.engine import attribution as A
-from sweeps.engine import circuit_eval as CE
+from sweeps.core import attribution as A
+from sweeps.core import circuit_eval as CE
 from tasks import TaskSpec, build_task
 
 

@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.engine import models
-from sweeps.engine import transformer as tf
+from sweeps.runtime import models
+from sweeps.core import transformer as tf
 from tasks import TaskSpec, build_task
 from tasks.base import TaskData
 

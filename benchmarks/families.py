@@ -19,11 +19,12 @@ import statistics
 import torch
 
 from benchmarks.common import Ratio, print_table, timed
-from sweeps.engine import models, scaling
-from sweeps.engine import transformer as tf
-from sweeps.engine.backup_sweep import BackupComputer
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from sweeps.runtime import models
+from sweeps.core import scaling
+from sweeps.core import transformer as tf
+from sweeps.jobs.backup import BackupJob
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 
 MODELS = ("smollm2-135m", "random-gemma3-270m", "random-qwen2.5-0.5b")
@@ -45,7 +46,7 @@ def measure(name: str, n_prompts: int, seq_len: int) -> tuple[list[str], list[Ra
     L, H = w.cfg.n_layers, w.cfg.n_heads
     layer = L // 2
 
-    backup = BackupComputer(w, task, "resample", batch_size=n_prompts)
+    backup = BackupJob(task, "resample", batch_size=n_prompts).bind(w)
     backup.batches()  # the clean state: once per sweep
     forward_log_probs(w, task.clean)  # warm-up
     forwards, heads = [], []
@@ -56,7 +57,7 @@ def measure(name: str, n_prompts: int, seq_len: int) -> tuple[list[str], list[Ra
 
     pairs = make_pairs(task, "all", n_prompts // 2, 0, False)
     rows = len(SCALES) * len(pairs)
-    scale = ScaleComputer(w, task, pairs, batch_size=n_prompts)
+    scale = ScaleJob(task, pairs, batch_size=n_prompts).bind(w)
     scale.groups()
     ratios = []
     for node in (Node(layer, 0), Node(layer, None)):

@@ -13,15 +13,15 @@ import statistics
 
 from benchmarks.backup import middle_layers
 from benchmarks.common import Ratio, forward_logits, print_table, timed
-from sweeps.engine import models
-from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.runtime import models
+from sweeps.jobs.backup import BackupJob
 from tasks import TaskSpec, build_task
 
 
 def per_head(w, task) -> tuple[float, float]:
     """(clean-state seconds, mean seconds per upstream head)."""
     H = w.cfg.n_heads
-    computer = BackupComputer(w, task, "resample", batch_size=task.n_prompts)
+    computer = BackupJob(task, "resample", batch_size=task.n_prompts).bind(w)
     state = timed(computer.batches)
     head = statistics.mean(timed(lambda l=l: computer.run_heads(l, list(range(H)))) / H
                            for l in middle_layers(w.cfg.n_layers))

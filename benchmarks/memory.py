@@ -32,10 +32,10 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     """Run in the child: the worker's memory before and during a sweep of ``n_heads`` heads."""
     import torch
 
-    from sweeps.engine.backup_sweep import BackupJob
-    from sweeps.engine.models import describe_model, load_tokenizer
-    from sweeps.engine.plan import plan_backup
-    from sweeps.engine.run import LocalExecutor
+    from sweeps.jobs.backup import BackupJob
+    from sweeps.runtime.models import describe_model, load_tokenizer
+    from sweeps.jobs.plan import plan_backup
+    from sweeps.runtime.executors import LocalExecutor
     from tasks import TaskSpec, build_task
 
     torch.set_grad_enabled(False)

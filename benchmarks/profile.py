@@ -12,10 +12,10 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.attribution import _Model
 from benchmarks.common import Setup
 from benchmarks.scale import SCALES
-from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
-from sweeps.engine.backup_sweep import BackupComputer
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from sweeps.jobs.attribution import AttributionJob, AttributionShard
+from sweeps.jobs.backup import BackupJob
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, make_pairs
 
 
 def _top(fn, title: str, rows: int = 8) -> None:
@@ -33,12 +33,12 @@ def _top(fn, title: str, rows: int = 8) -> None:
 def run(s: Setup) -> list:
     w, task = s.weights, s.task
     L, H = w.cfg.n_layers, w.cfg.n_heads
-    backup = BackupComputer(w, task, "resample", batch_size=task.n_prompts)
+    backup = BackupJob(task, "resample", batch_size=task.n_prompts).bind(w)
     backup.batches()
     print(f"## profile: {s.name}, text task, {s.shape}")
     _top(lambda: backup.run_heads(L // 2, list(range(H))), f"backup: every head of layer {L // 2}, one restart")
     pairs = make_pairs(task, "all", task.n_prompts, 0, False)
-    scale = ScaleComputer(w, task, pairs, batch_size=task.n_prompts)
+    scale = ScaleJob(task, pairs, batch_size=task.n_prompts).bind(w)
     scale.groups()
     _top(lambda: scale.run_node(Node(L // 2, 0), SCALES), f"scale: head L{L // 2}H0 at {len(SCALES)} scales")
     job = AttributionJob(task)

@@ -15,9 +15,9 @@ import statistics
 import time
 
 from benchmarks.common import Ratio, Setup, print_table
-from sweeps.engine.backup_sweep import BackupJob
-from sweeps.engine.plan import plan_backup
-from sweeps.engine.run import LocalExecutor, RayExecutor, connect_ray
+from sweeps.jobs.backup import BackupJob
+from sweeps.jobs.plan import plan_backup
+from sweeps.runtime.executors import LocalExecutor, RayExecutor, connect_ray
 
 
 def _started(executor) -> float:

@@ -1,13 +1,13 @@
-"""Scale sweep: cost per (node, scale, pair) against one pair's forward, and against the scale-ablation notebook's loop.
+"""Scale sweep: cost per (node, scale, pair) against one pair's forward, and against the usual scale-ablation loop's loop.
 
 - forward: one plain forward of the batch to logits, divided by its prompts (the forward of
   one pair's patched prompt);
-- engine: ``ScaleComputer.run_node`` over every scale and pair, nodes at evenly spaced layers,
+- engine: ``ScaleJob.run_node`` over every scale and pair, nodes at evenly spaced layers,
   on the text task (every position is an answer: the read-out needs the whole vocabulary
   at every position) and on IOI (one answer position per prompt). Rows with equal patches
   share a restart (scale 0 ignores the source), so the restarts a row are reported too:
   the engine's cost per row is about the cost per restart times that;
-- notebook-style: the scale-ablation notebook's loop, one source ``run_with_cache`` and one hooked full forward
+- notebook-style: the usual scale-ablation loop's loop, one source ``run_with_cache`` and one hooked full forward
   per node, scale and batch of pairs.
 """
 
@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.backup import sample_layers
 from benchmarks.common import Ratio, Setup, counted_flops, forward_logits, print_timings, timed
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 from tasks.base import TaskData
 
@@ -29,7 +29,7 @@ SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
 
 
 def seed_style_node(bridge, task, pairs: torch.Tensor, node: Node, scale: float) -> torch.Tensor:
-    """Seed 004's recipe for one (node, scale) and one batch of pairs: the source batch's
+    """The hooked reference recipe for one (node, scale) and one batch of pairs: the source batch's
     full activation cache, then a hooked full forward of the base batch; top-1 tokens."""
     name = f"blocks.{node.layer}.hook_mlp_out" if node.head is None else f"blocks.{node.layer}.attn.hook_result"
     _, cache = bridge.run_with_cache(task.clean[pairs[:, 1]])
@@ -75,7 +75,7 @@ def _per_node_scale_pair(w, task: TaskData, nodes: list[Node]) -> tuple[float, f
     n = task.n_prompts
     pairs = make_pairs(task, "all", n // 2, 0, False)  # 6 scales x n/2 pairs: one restart pass a node
     rows = len(SCALES) * len(pairs)
-    computer = ScaleComputer(w, task, pairs, batch_size=n)
+    computer = ScaleJob(task, pairs, batch_size=n).bind(w)
     computer.groups()  # the clean state: once per sweep
     forward_logits(w, task.clean)  # warm-up
     forwards, engines, restarts = [], [], []
@@ -90,7 +90,7 @@ def counted_ratio(w, task: TaskData, nodes: list[Node]) -> float:
     """The engine's FLOPs per restart over one prompt's forward's, as torch counts them, on
     the first 4 prompts (2 pairs; every count is linear in restarts)."""
     small = task.select(slice(0, min(4, task.n_prompts)))
-    computer = ScaleComputer(w, small, make_pairs(small, "all", 2, 0, False), batch_size=small.n_prompts)
+    computer = ScaleJob(small, make_pairs(small, "all", 2, 0, False), batch_size=small.n_prompts).bind(w)
     computer.groups()  # the clean state: not per (node, scale, pair)
     restarts = []
     engine = sum(counted_flops(lambda nd=nd: restarts.append(computer.run_node(nd, SCALES).n_restarts))
@@ -105,7 +105,7 @@ def run(s: Setup) -> list[Ratio]:
     nodes = [Node(l, 0) for l in layers] + [Node(layers[len(layers) // 2], None)]
     forward, engine, ratio, pairs, restarts = _per_node_scale_pair(w, task, nodes)
     batch = torch.as_tensor(pairs)
-    # Seed 004's loop costs two full forwards whatever the node: one node is enough to time.
+    # The hooked loop costs two full forwards whatever the node: one node is enough to time.
     seed = timed(lambda: seed_style_node(bridge, task, batch, nodes[0], 2.0)) / len(pairs)
     # A task with one answer position per prompt: the read-out is that position only.
     ioi = build_task(TaskSpec("ioi"), bridge.tokenizer, n_prompts=task.n_prompts)

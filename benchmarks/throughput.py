@@ -28,9 +28,9 @@ import torch
 from benchmarks.backup import sample_layers
 from benchmarks.common import Ratio, print_table, timed
 from benchmarks.scale import SCALES
-from sweeps.engine.backup_sweep import BackupComputer
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from sweeps.jobs.backup import BackupJob
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 
 
@@ -115,13 +115,13 @@ def measure(name: str, w, tokenizer, n_prompts: int, seq_len: int, device: torch
     task = build_task(TaskSpec("text"), tokenizer, n_prompts=n_prompts, seq_len=seq_len)
     layers = sample_layers(L, 3)
 
-    backup = BackupComputer(w, task, "resample", batch_size=n_prompts)
+    backup = BackupJob(task, "resample", batch_size=n_prompts).bind(w)
     backup.batches()  # the clean state, once per sweep: not per head
     backup_row = _sweep(device, "backup", lambda: [backup.run_heads(layer, list(range(H))) for layer in layers])
     backup_row.update(model=name, unit="heads/s", rate=len(layers) * H / backup_row["seconds"])
 
     pairs = make_pairs(task, "all", n_prompts // 2, 0, False)
-    scale = ScaleComputer(w, task, pairs, batch_size=n_prompts)
+    scale = ScaleJob(task, pairs, batch_size=n_prompts).bind(w)
     scale.groups()
     nodes = [Node(layer, 0) for layer in layers] + [Node(layers[len(layers) // 2], None)]
     if w.cfg.attn_only:

@@ -17,27 +17,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from sweeps.engine.cli import ArgumentParser
+from sweeps.registry.cli import ArgumentParser
 
-# Commands that are whole programs of their own: everything after the name is theirs.
-DELEGATED = {
-    "backup": ("sweeps.backup", "the backup-slope sweep: ablate each head, fit how later heads compensate"),
-    "scale": ("sweeps.scale", "the all-nodes x all-scales sweep: patch each node at many scales"),
-    "attribution": ("sweeps.attribution", "the attribution sweep: every node and edge, checked by real patching"),
-    "circuit": ("sweeps.circuit", "circuit evaluation: faithfulness of circuits and of rankings (CPR, CMD)"),
-    "report": ("sweeps.report", "the task report: direct logit attribution, logit lens, attention patterns"),
-    "analyze": ("analysis.__main__", "tables, figures and a W&B run from a sweep's saved results"),
-}
+ANALYZE_HELP = "tables, figures and a W&B run from a sweep's saved results"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sweeps.registry import SWEEPS
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
+    if argv and argv[0] in SWEEPS:  # a sweep is a whole program: everything after its name is its own
+        return SWEEPS[argv[0]].main(argv[1:])
+    if argv and argv[0] == "analyze":
+        from analysis.__main__ import main as analyze
+
+        return analyze(argv[1:], prog="interp-sweeps analyze")
     parser = ArgumentParser(
         prog="interp-sweeps", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distributed ablation sweeps for mechanistic interpretability.",
@@ -45,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                "python sweeps/backup.py ..., ray submit cluster.yaml sweeps/backup.py -- ...",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in DELEGATED.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    for name, cls in SWEEPS.items():
+        sub.add_parser(name, help=cls.summary_line, add_help=False)
+    sub.add_parser("analyze", help=ANALYZE_HELP, add_help=False)
     p = sub.add_parser("validate", help="check a Ray cluster config (cluster.yaml) the way `ray up` will")
     p.add_argument("config", help="the cluster config, e.g. cluster.yaml")
     sub.add_parser("models", help="the supported model families and which path runs each")
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'FILE.jsonl':10s} your own logit-difference task: one {{clean, corrupt, correct, incorrect}} a line")
         return 0
 
-    from sweeps.engine.cluster_config import ClusterConfigError, check_cluster_config, describe
+    from sweeps.runtime.cluster_config import ClusterConfigError, check_cluster_config, describe
 
     try:
         config = check_cluster_config(args.config)
@@ -74,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _models() -> int:
-    from sweeps.engine.architectures import FAMILIES
-    from sweeps.engine.models import DEFAULT_MODEL
+    from sweeps.core.architectures import FAMILIES
+    from sweeps.runtime.models import DEFAULT_MODEL
 
     print(f"{'family':18s} {'path':6s} {'tiny test model':15s} example hub names")
     for f in FAMILIES:

@@ -1,187 +1,19 @@
 #!/usr/bin/env python
 """All-nodes × all-scales ablation sweep: patch every head and MLP at many scales.
 
-For every node (each attention head's output, each MLP's output), every scale
-and every (base, source) pair of prompts, the node's activation on the base
-prompt is replaced by scale × its activation on the source prompt, and the
-model reruns from that node on. The causal effect of (node, scale) is the
-fraction of pairs whose top-1 prediction at the answer position(s) changes
-from the clean one; metric_change is the mean drop of the task metric,
-normalised so 0 = clean and 1 = the task's corrupt prompts. Seed 004's
-picture: nodes outside the circuit have effect ~0 at scale 1 but ~1 at scale
-0 or >= 5; nodes in the circuit stay high at every scale.
-
-Subspace modes fit a PCA (--pca-k components) per node and position over the
-task's prompts: high_variance patches only the activation's component in the
-top directions (around the mean), low_variance only the rest.
---self-patch scales the base's own activation instead of patching the
-source's. Pairs are distinct prompts of equal token length (patches are
-position by position), capped at --max-pairs by a seeded sample.
-
-Writes the Parquet dataset effects/ and a manifest under --out, then plots
-(effect against scale per node, coloured by circuit status; a nodes x scales
-heatmap) and a W&B run (offline by default). Re-running the same command
-resumes.
-
-Examples:
-  python sweeps/scale.py --model tiny-gpt2 --executor local
-  python sweeps/scale.py --circuit ioi-gpt2-small --model gpt2-small --subspace high_variance
-  python sweeps/scale.py --circuit circuit.yaml --pairs task --nodes L9,L10,mlp11
-  python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
-  ray submit cluster.yaml sweeps/scale.py -- --model gpt2-small --circuit ioi
+The entry script `ray submit` uploads; the sweep itself (options, spec, shards, job, report)
+is ``ScaleSweep`` in sweeps/registry/scale.py. ``python sweeps/scale.py --help`` explains it.
 """
 
-from __future__ import annotations
-
-import argparse
-import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.engine.cli import UserError, add_common_options, cli_main, positive_int, script_parser
+from sweeps.registry import ScaleSweep
 
-DATASETS = ("effects",)
-DEFAULT_SCALES = "0,0.1,0.2,0.5,0.7,0.8,1,1.2,1.4,2,5,10"
-SUBSPACE_CHOICES = ("full", "high_variance", "low_variance")
-DEFAULT_MAX_PAIRS = 64
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = script_parser("sweeps/scale.py", __doc__)
-    add_common_options(parser, "scale")
-    g = parser.add_argument_group("scale sweep")
-    g.add_argument("--scales", default=DEFAULT_SCALES, metavar="LIST",
-                   help=f"comma-separated scales >= 0 (default {DEFAULT_SCALES})")
-    g.add_argument("--nodes", metavar="LIST",
-                   help="nodes to patch: L9H6, 9.6, mlp9, L9H* (a layer's heads), L9 (its heads and "
-                   "MLP) (default: every head and MLP)")
-    g.add_argument("--circuit", metavar="FILE_OR_PRESET",
-                   help="label nodes in_circuit / not_in_circuit: a JSON/YAML list of nodes, a preset "
-                   "(ioi-gpt2-small), or top:K@DIR (the K top nodes of an attribution sweep's results) "
-                   "(default: every node 'unlabelled')")
-    g.add_argument("--subspace", choices=SUBSPACE_CHOICES, default="full",
-                   help="full (default): the whole activation; high_variance: only its top --pca-k PCA "
-                   "directions; low_variance: only the rest")
-    g.add_argument("--pca-k", type=positive_int, default=2, metavar="K",
-                   help="principal directions per node and position for the subspace modes (default 2)")
-    g.add_argument("--self-patch", action=argparse.BooleanOptionalAction, default=False,
-                   help="scale the base prompt's own activation (pure scaling) instead of patching the "
-                   "source's (default: --no-self-patch)")
-    g.add_argument("--pairs", choices=("all", "task"), default="all",
-                   help="all (default): ordered pairs of distinct prompts of equal length, as the scale-ablation notebook; "
-                   "task: each prompt with its own corrupt prompt")
-    g.add_argument("--max-pairs", type=positive_int, default=DEFAULT_MAX_PAIRS, metavar="N",
-                   help=f"at most N pairs, a deterministic sample (default {DEFAULT_MAX_PAIRS})")
-    g.add_argument("--min-break", type=float, default=0.5, metavar="E",
-                   help="the summary's 'breaks the model off-distribution': a causal effect of at least E at "
-                   "the smallest or largest scale (default 0.5: half the answers change); results do not "
-                   "depend on it")
-    g.add_argument("--scales-per-shard", type=positive_int, metavar="N",
-                   help="split the scales into shards of N (default: one shard per layer, all scales)")
-    return parser
-
-
-def parse_scales(text: str) -> list[float]:
-    """``"0,0.5,1"`` -> sorted unique scales; a one-line PlanError for anything else."""
-    from sweeps.engine.plan import PlanError
-
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise PlanError("--scales is empty; give e.g. 0,0.5,1,2,5")
-    scales = set()
-    for item in items:
-        try:
-            value = float(item)
-        except ValueError:
-            raise PlanError(f"--scales item {item!r} is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise PlanError(f"--scales item {item!r} must be a finite number >= 0")
-        scales.add(value)
-    return sorted(scales)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli_main(build_parser, run, argv)
-
-
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    # Imports here keep --help instant.
-    from sweeps.engine.circuits import load_circuit
-    from sweeps.engine.driver import input_errors, prepare_inputs, print_failures, run_sweep
-    from sweeps.engine.nodes import parse_nodes
-    from sweeps.engine.plan import PlanError, plan_scale
-    from sweeps.engine.provenance import spec_id
-    from sweeps.engine.scale_sweep import ScaleJob, make_pairs
-
-    try:  # cheap checks first: nothing here loads model weights
-        if not 0 <= args.min_break <= 1:
-            raise PlanError(f"--min-break is a causal effect, between 0 and 1; got {args.min_break}")
-        scales = parse_scales(args.scales)
-        inputs = prepare_inputs(args, "scale")
-        info, task = inputs.info, inputs.task
-        nodes = parse_nodes(args.nodes, info.n_layers, info.n_heads, info.has_mlp)
-        circuit = load_circuit(args.circuit, args.model, info.n_layers, info.n_heads, info.has_mlp)
-        if args.subspace != "full" and args.pca_k >= task.n_prompts:
-            raise PlanError(f"--pca-k {args.pca_k} needs more prompts than that (have {task.n_prompts}); "
-                            "lower --pca-k or raise --n-prompts")
-        pairs = make_pairs(task, args.pairs, args.max_pairs, args.seed, args.self_patch)
-    except input_errors() as err:
-        raise UserError(str(err)) from None
-    if circuit is not None:
-        print(f"circuit {circuit.label}: {len(circuit.nodes)} nodes, {', '.join(circuit.names())}", file=sys.stderr)
-    if circuit is not None and circuit.model and circuit.model != args.model:
-        print(f"note: circuit {circuit.label} describes {circuit.model}; on {args.model} its nodes are "
-              "labels at the same positions only", file=sys.stderr)
-    spec = {
-        "sweep": "scale", "model": args.model, "task": task.name, "task_params": task.params,
-        "task_hash": task.fingerprint(), "seed": args.seed, "scales": scales, "subspace": args.subspace,
-        "pca_k": args.pca_k if args.subspace != "full" else None, "self_patch": args.self_patch,
-        "pairs": "self" if args.self_patch else args.pairs, "max_pairs": args.max_pairs,
-        "pairs_hash": spec_id({"pairs": pairs.tolist()}),
-        "circuit": None if circuit is None else {"label": circuit.label, "nodes": circuit.names()},
-    }
-
-    def plan(done: set[str]):
-        shards = plan_scale(nodes, len(scales), done, args.scales_per_shard)
-        todo = sum(len(s.nodes) * len(s.scales) for s in shards)
-        total = len(nodes) * len(scales)
-        return shards, (f"scale sweep: {args.model} on {task.name} ({task.n_prompts} prompts, {len(pairs)} "
-                        f"{spec['pairs']} pairs), {len(nodes)} nodes x {len(scales)} scales, "
-                        f"{args.subspace}, {total - todo} of {total} done, {len(shards)} shards to run")
-
-    job = ScaleJob(
-        task, pairs, scales, source="corrupt" if spec["pairs"] == "task" else "clean",
-        subspace=args.subspace, self_patch=args.self_patch, pca_k=args.pca_k, batch_size=args.batch_size,
-        circuit=circuit,
-    )
-    failures = run_sweep(
-        args, argv, "sweeps/scale.py", inputs, spec, DATASETS, plan, job,
-        units=lambda s: len(s.nodes) * len(s.scales), unit_name="node-scale",
-        # each (node, scale) replays the layers from the node on, for every pair
-        cost=lambda s: len(s.nodes) * len(s.scales) * (info.n_layers - s.layer),
-        columns={"n_prompts": task.n_prompts},
-    )
-    if isinstance(failures, int):
-        return failures
-    print_failures(failures)
-
-    from analysis.scale import load_scale_results, summary_tables, table_text
-
-    results = load_scale_results(inputs.out)
-    if results.effects.empty:
-        print(f"no finished shards in {inputs.out}; re-run the same command to retry", file=sys.stderr)
-        return 1
-    for title, table in summary_tables(results, min_break=args.min_break).items():
-        print(table_text(title, table))
-    if not args.no_report:
-        from analysis.report import write_scale_report
-
-        write_scale_report(results, wandb_mode=args.wandb, project=args.wandb_project, min_break=args.min_break)
-    return 1 if failures else 0
-
+main = ScaleSweep.main
 
 if __name__ == "__main__":
     sys.exit(main())

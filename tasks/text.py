@@ -1,4 +1,4 @@
-"""Next-token prediction on documents (the self-repair notebook's web-text setting).
+"""Next-token prediction on documents (the web-text setting of Rushing & Nanda 2024).
 
 Sources for ``--data``:
 - nothing: the offline corpus shipped in ``tasks/data/corpus.jsonl``;
@@ -6,7 +6,7 @@ Sources for ``--data``:
   (one ``{"text": ...}`` object a line);
 - ``hf:NAME`` or ``hf:NAME:SPLIT``: a Hugging Face dataset with a ``text``
   column (needs internet and ``pip install datasets``), e.g.
-  ``hf:stas/openwebtext-10k`` as in the self-repair notebook.
+  ``hf:stas/openwebtext-10k`` as in Rushing & Nanda 2024.
 
 Documents are cut into windows of ``seq_len`` tokens (BOS + ``seq_len - 1``
 document tokens), shuffled with ``seed``; the first ``n_prompts`` windows are

@@ -27,7 +27,9 @@ if __name__ == "__main__":
     import transformers  # noqa: F401
 
     import analysis.backup  # noqa: F401
-    from sweeps.engine import backup_sweep, driver, models, run  # noqa: F401
+    from sweeps.jobs import backup as backup_sweep  # noqa: F401
+    from sweeps.registry import driver
+    from sweeps.runtime import models, executors as run
 
     numpy.ones((256, 256)) @ numpy.ones((256, 256))  # OpenBLAS's buffers
     torch.ones(256, 256) @ torch.ones(256, 256)

@@ -9,13 +9,13 @@ import tempfile
 import pytest
 import torch
 
-from sweeps.engine import models
+from sweeps.runtime import models
 
 torch.set_grad_enabled(False)
 
 
 def pytest_configure(config):
-    """The suite's own on-disk model cache (sweeps.engine.model_cache), empty at the start,
+    """The suite's own on-disk model cache (sweeps.runtime.model_cache), empty at the start,
     shared by every process the tests start (CLI runs, Ray workers) and removed at the end:
     the tests neither read nor fill the user's ~/.cache."""
     config.sweeps_cache = tempfile.mkdtemp(prefix="sweeps-test-cache-")

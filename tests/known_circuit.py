@@ -1,4 +1,4 @@
-"""A 2-layer model with a known circuit, weights set by hand, saved as the scale-ablation notebook loads one.
+"""A 2-layer model with a known circuit, weights set by hand, saved as the usual scale-ablation loop loads one.
 
 The task: ``BOS x y`` -> ``g(x)``, six colours ``x`` mapped to six numbers
 ``g(x)``, ``y`` a noun the model ignores. The circuit:
@@ -15,7 +15,7 @@ constant dimension c feeds two "guard" tokens with logits ``30(1 − c)`` and
 wins; at c ≤ 0.5 or c ≥ 1.5 a guard token wins. So out-of-circuit nodes have
 no effect at scale 1 but break the model at scale 0 and scales ≥ 5, while
 patching a circuit node from another input changes the answer at any scale:
-the scale-ablation notebook's picture, by construction.
+the scale-ablation picture, by construction.
 
 The checkpoint is InterpBench's layout: ``ll_model_cfg.pkl`` (a
 TransformerLens config dict), ``ll_model.pth`` (a HookedTransformer-format

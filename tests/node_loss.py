@@ -13,10 +13,10 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from sweeps.engine.backup_sweep import BackupJob
-from sweeps.engine.models import describe_model, load_tokenizer
-from sweeps.engine.plan import plan_backup
-from sweeps.engine.run import LocalExecutor, RayExecutor
+from sweeps.jobs.backup import BackupJob
+from sweeps.runtime.models import describe_model, load_tokenizer
+from sweeps.jobs.plan import plan_backup
+from sweeps.runtime.executors import LocalExecutor, RayExecutor
 from tasks import TaskSpec, build_task
 
 

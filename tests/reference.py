@@ -1,8 +1,8 @@
 """Independent, straightforward implementations to check the engine against.
 
 Everything here goes through the TransformerLens bridge (full forwards, full
-activation caches, hooks), the way the self-repair notebook does it, never through
-``sweeps.engine.transformer``.
+activation caches, hooks), the way a hooked notebook loop does it, never through
+``sweeps.core.transformer``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def mlp_direct_effects(bridge, cache, clean_scale, task) -> torch.Tensor:
 
 def resample_caches(bridge, task, layer: int, head: int):
     """Full activation caches of the clean run and of the run with one head's ``hook_z``
-    resampled from the corrupt prompts (a hook on a full forward, as the self-repair notebook does)."""
+    resampled from the corrupt prompts (a hook on a full forward, as a hooked notebook loop does)."""
     _, clean_cache = bridge.run_with_cache(task.clean)
     _, corrupt_cache = bridge.run_with_cache(task.corrupt)
     name = f"blocks.{layer}.attn.hook_z"
@@ -69,7 +69,7 @@ def resample_caches(bridge, task, layer: int, head: int):
 
 
 def resample_backup(bridge, task, layer: int, head: int):
-    """Seed 000's recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept,
+    """the hooked reference recipe for one head: (clean DE [L,B,H], ablated DE [L,B,H], slope, intercept,
     change of every MLP's direct effect [L, B])."""
     b = torch.arange(task.n_prompts)
     pos = task.lengths - 1
@@ -87,7 +87,7 @@ def resample_backup(bridge, task, layer: int, head: int):
 
 
 def next_token_backup(bridge, task, layer: int, head: int):
-    """Seed 000 on text: (clean DE of the head, accumulated backup), both [B * (T-1)], row-major."""
+    """The hooked reference on text: (clean DE of the head, accumulated backup), both [B * (T-1)], row-major."""
     clean_cache, ablated_cache = resample_caches(bridge, task, layer, head)
     scale = clean_cache["ln_final.hook_scale"][:, :-1]  # [B, T-1, 1]
     directions = bridge.W_U[:, task.clean[:, 1:]].permute(1, 2, 0)  # [B, T-1, D]: next tokens
@@ -110,10 +110,10 @@ def node_hook(layer: int, head: int | None) -> str:
 
 
 def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, source_tokens=None):
-    """Seed 004's recipe, one (base, source) pair at a time with hooks on full forwards.
+    """The hooked reference recipe, one (base, source) pair at a time with hooks on full forwards.
 
     ``replace(a_base, a_source, scale) -> a_new`` acts on one prompt's [T, D]
-    activation (default: ``scale * a_source``, the scale-ablation notebook's first half).
+    activation (default: ``scale * a_source``, the usual scale-ablation loop's first half).
     ``source_tokens`` defaults to the clean prompts. Returns (fraction of
     answer points whose top-1 token changed, summed clean - patched metric,
     number of points).
@@ -154,7 +154,7 @@ def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, so
 
 
 # --------------------------------------------------------------------------- #
-# Attribution patching (the attribution-patching notebook's recipe: hooks on split q/k/v inputs)
+# Attribution patching (the textbook recipe: hooks on split q/k/v inputs)
 # --------------------------------------------------------------------------- #
 
 
@@ -221,7 +221,7 @@ class split_inputs:
 
 
 def attribution_by_hooks(bridge, task, graph, downstream=lambda d: True) -> tuple[np.ndarray, np.ndarray]:
-    """(node scores, edge scores in graph order), raw sums: the attribution-patching notebook's two forwards and one
+    """(node scores, edge scores in graph order), raw sums: the textbook recipe's two forwards and one
     backward with gradients cached at every split input, then grad · (clean − corrupt).
     Edges into downstream inputs that ``downstream(d)`` rejects are left NaN."""
     L = bridge.cfg.n_layers

@@ -9,7 +9,7 @@ import sys
 import time
 
 from sweeps import backup
-from sweeps.engine import backup_sweep
+from sweeps.jobs import backup as backup_sweep
 
 
 class SlowJob(backup_sweep.BackupJob):

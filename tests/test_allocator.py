@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (200 tensors of 2 MB), free it all, and count the page faults of doing it again.
 CHILD = """
 import json, resource, sys, torch
-from sweeps.engine.allocator import keep_freed_memory
+from sweeps.runtime.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 
 def cycle():

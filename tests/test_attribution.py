@@ -1,4 +1,4 @@
-"""Attribution patching against the attribution-patching notebook's own recipe, run through the bridge's hooks."""
+"""Attribution patching against the textbook recipe, run through the bridge's hooks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import transformer as tf
-from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
+from sweeps.core import attribution as A
+from sweeps.core import transformer as tf
+from sweeps.jobs.attribution import AttributionJob, AttributionShard
 from tasks import build_task, check_task
 from tests import reference
 
@@ -279,7 +279,7 @@ def test_patching_everything_upstream_of_the_end_gives_the_corrupt_run(tiny_gpt2
 
 
 # --------------------------------------------------------------------------- #
-# The embedded model: the attribution-patching notebook's recipe, and attribution against real patching
+# The embedded model: the textbook recipe, and attribution against real patching
 # --------------------------------------------------------------------------- #
 
 
@@ -393,7 +393,7 @@ def test_resume_recomputes_only_missing_batches(tmp_path, capsys):
 def test_top_nodes_become_the_scale_sweeps_circuit(tmp_path):
     import pandas as pd
 
-    from sweeps.engine.circuits import load_circuit
+    from sweeps.core.circuits import load_circuit
 
     out = tmp_path / "o"
     assert run_attribution(out, "--verify-top", "0", model="tiny-gpt2") == 0
@@ -462,15 +462,15 @@ def test_exact_node_scores_equal_the_scale_sweeps_metric_drop_at_scale_one(loade
     """``--method exact`` against an independent patcher: the scale sweep, each prompt's
     corrupt prompt as the source (``--pairs task``), at scale 1 replaces a node's output
     by its corrupt output; its summed metric drop is the node's exact score."""
-    from sweeps.engine.nodes import node_from_name
-    from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+    from sweeps.core.nodes import node_from_name
+    from sweeps.jobs.scale import ScaleJob, make_pairs
 
     m = loaded_model(name)
     task = _task(m.tokenizer)
     graph = A.build_graph(m.weights.cfg)
     exact = A.exact_scores(m.weights, graph, task, with_edges=False)
     assert exact.edges.isnan().all()
-    computer = ScaleComputer(m.weights, task, make_pairs(task, "task", None, 0, False), source="corrupt", batch_size=6)
+    computer = ScaleJob(task, make_pairs(task, "task", None, 0, False), source="corrupt", batch_size=6).bind(m.weights)
     for row, name_ in enumerate(graph.upstream):
         if name_ == "embed":
             continue

@@ -1,4 +1,4 @@
-"""The bridge path (``sweeps/engine/bridge_path.py``): models with no fast path, through
+"""The bridge path (``sweeps/core/bridge_path.py``): models with no fast path, through
 TransformerLens's own forward and hooks.
 
 Checked two ways: equal to the fast path (an independent computation: our own forward and
@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import bridge_path, models
-from sweeps.engine.backup_sweep import BackupComputer
-from sweeps.engine.lens import task_report
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, make_pairs
+from sweeps.core import attribution as A
+from sweeps.core import bridge_path
+from sweeps.runtime import models
+from sweeps.jobs.backup import BackupJob
+from sweeps.core.lens import task_report
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 
 BOTH_PATHS = ["tiny-llama3", "tiny-pythia"]  # sequential grouped-query; parallel attention + MLP
@@ -43,8 +44,8 @@ def both():
 def test_backup_through_the_bridge_equals_the_fast_path(both, name):
     fast, bridge, task = both[name]
     for ablation in ("resample", "mean"):
-        ours = BackupComputer(fast.weights, task, ablation, 4).run_heads(1, [0, 2])
-        theirs = BackupComputer(None, task, ablation, 4, bridge.bridge).run_heads(1, [0, 2])
+        ours = BackupJob(task, ablation, 4).bind(fast.weights).run_heads(1, [0, 2])
+        theirs = BackupJob(task, ablation, 4).bind(bridge.bridge).run_heads(1, [0, 2])
         for a, b in zip(ours, theirs):
             assert np.abs(a.backup).max() > 1e-3
             np.testing.assert_allclose(b.backup, a.backup, atol=1e-5)
@@ -64,8 +65,8 @@ def test_scale_sweep_through_the_bridge_equals_the_fast_path(both, name):
     fast, bridge, task = both[name]
     pairs = make_pairs(task, "all", 6, 0, False)
     for subspace in ("full", "high_variance"):
-        ours = ScaleComputer(fast.weights, task, pairs, subspace=subspace, batch_size=4)
-        theirs = ScaleComputer(None, task, pairs, subspace=subspace, batch_size=4, bridge=bridge.bridge)
+        ours = ScaleJob(task, pairs, subspace=subspace, batch_size=4).bind(fast.weights)
+        theirs = ScaleJob(task, pairs, subspace=subspace, batch_size=4).bind(bridge.bridge)
         for node in (Node(1, 1), Node(0, None)):
             a, b = ours.run_node(node, [0.0, 2.0]), theirs.run_node(node, [0.0, 2.0])
             np.testing.assert_array_equal(b.changed, a.changed)
@@ -92,7 +93,7 @@ def test_attribution_and_real_patching_through_the_bridge_equal_the_fast_path(bo
 @pytest.mark.parametrize("name", BOTH_PATHS)
 def test_exact_attribution_through_the_bridge_equals_the_fast_path(both, name):
     """``--method exact`` on both paths (the job's own shard code): every node and edge."""
-    from sweeps.engine.attribution_sweep import AttributionJob, AttributionShard
+    from sweeps.jobs.attribution import AttributionJob, AttributionShard
 
     fast, bridge, task = both[name]
     tables = []

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.engine import chunking
-from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.runtime import chunking
+from sweeps.jobs.backup import BackupJob
 from tasks import TaskSpec, build_task
 
 
@@ -87,11 +87,11 @@ def test_one_unit_that_does_not_fit_is_a_clear_error():
 
 def test_a_backup_sweep_whose_passes_grow_gives_the_same_results(tiny_gpt2, monkeypatch):
     """One head a pass at first; the fake gauge then lets the rest of the layer into one pass."""
-    from sweeps.engine import backup_sweep
+    from sweeps.jobs import backup as backup_sweep
 
     task = build_task(TaskSpec("ioi"), tiny_gpt2.tokenizer, n_prompts=6, seed=0)
     H = tiny_gpt2.weights.cfg.n_heads
-    expected = BackupComputer(tiny_gpt2.weights, task).run_heads(1, list(range(H)))
+    expected = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, list(range(H)))
 
     tokens = int(task.clean.numel())
     gpu = FakeGPU(capacity=100 * tokens, unit=tokens)
@@ -104,7 +104,7 @@ def test_a_backup_sweep_whose_passes_grow_gives_the_same_results(tiny_gpt2, monk
     monkeypatch.setattr(backup_sweep, "tokens_per_pass", lambda device: tokens)  # one head a pass
     monkeypatch.setattr(backup_sweep, "memory_gauge", lambda device: gpu)
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", measured)
-    got = BackupComputer(tiny_gpt2.weights, task).run_heads(1, list(range(H)))
+    got = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, list(range(H)))
     assert gpu.sizes == [1, H - 1]
     for a, b in zip(got, expected):
         assert (a.layer, a.head) == (b.layer, b.head)

@@ -1,4 +1,4 @@
-"""Circuit evaluation (sweeps/engine/circuit_eval.py, sweeps/circuit.py) against hooks on full forwards."""
+"""Circuit evaluation (sweeps/core/circuit_eval.py, sweeps/circuit.py) against hooks on full forwards."""
 
 import json
 import random
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import circuit_eval as CE
-from sweeps.engine import models
+from sweeps.core import attribution as A
+from sweeps.core import circuit_eval as CE
+from sweeps.runtime import models
 from tasks import build_task, check_task
 from tests import reference
 

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from sweeps.engine.circuits import CircuitError, load_circuit
-from sweeps.engine.nodes import Node, NodeError, all_nodes, node_from_name, parse_nodes
+from sweeps.core.circuits import CircuitError, load_circuit
+from sweeps.core.nodes import Node, NodeError, all_nodes, node_from_name, parse_nodes
 
 
 def test_ioi_preset_is_the_23_heads_of_wang_et_al():

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from sweeps import attribution, backup, report, scale
-from sweeps.engine import models
+from sweeps.runtime import models
 
 
 @pytest.fixture
@@ -318,7 +318,7 @@ def test_exact_attribution_says_when_it_patches_nodes_only(capsys, no_model_load
     """The embedded model has too many edges for exact edge patching: one line says so
     before anything runs."""
     from sweeps import attribution
-    from sweeps.engine import driver
+    from sweeps.registry import driver
 
     monkeypatch.setattr(driver, "run_sweep", lambda *a, **k: 0)
     assert attribution.main(["--method", "exact", "--out", str(tmp_path / "out"), "--no-report"]) == 0
@@ -328,7 +328,7 @@ def test_exact_attribution_says_when_it_patches_nodes_only(capsys, no_model_load
 
 def test_model_shape_counts_the_attribution_graph(loaded_model):
     """``ModelInfo.n_edges`` (from the config alone, before loading) is the built graph's."""
-    from sweeps.engine.attribution import build_graph
+    from sweeps.core.attribution import build_graph
 
     for name in ("tiny-gpt2", "tiny-llama", "tiny-pythia"):
         info = models.describe_model(name)
@@ -404,3 +404,72 @@ def test_interp_sweeps_is_installed_as_a_command():
     assert script.is_file(), "pip install -e . installs the interp-sweeps command ([project.scripts])"
     done = subprocess.run([str(script), "models"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "OLMo 2" in done.stdout
+
+
+# --------------------------------------------------------------------------- #
+# The sweep registry: every command is built from it
+# --------------------------------------------------------------------------- #
+
+
+def test_every_registered_sweep_has_its_entry_script_subcommand_and_analysis(capsys):
+    import importlib
+    from pathlib import Path
+
+    from analysis.__main__ import main as analyze
+    from sweeps.__main__ import main as interp_sweeps
+    from sweeps.registry import SWEEPS
+
+    repo = Path(__file__).resolve().parents[1]
+    assert list(SWEEPS) == ["backup", "scale", "attribution", "circuit", "report"]
+    for name, cls in SWEEPS.items():
+        assert cls.name == name and (repo / cls.script).is_file(), name
+        assert importlib.import_module(f"sweeps.{name}").main == cls.main  # the script runs the class
+        with pytest.raises(SystemExit):
+            interp_sweeps([name, "--help"])
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"usage: {cls.script}") and cls.__doc__.splitlines()[0] in shown, name
+        if cls.analyzable:
+            with pytest.raises(SystemExit):
+                analyze([name, "--help"])
+            assert "the sweep's --out directory" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit) as exit_:  # the report has no results to analyze: its outputs are the report
+        analyze(["report", "x"])
+    assert exit_.value.code == 2 and "invalid choice: 'report'" in capsys.readouterr().err
+
+
+def test_an_unknown_sweep_is_named_with_the_closest_one():
+    from sweeps.registry import UserError, sweep_named
+
+    with pytest.raises(UserError, match=r"unknown sweep 'bakup' \(did you mean 'backup'\?\); sweeps: backup, scale"):
+        sweep_named("bakup")
+
+
+def test_a_sweeps_own_options_carry_into_its_summary_and_report():
+    """--top and --min-break given to the scale sweep are the ones its summary uses, not the
+    analysis defaults; options the sweep does not have keep those defaults."""
+    from sweeps.registry import ScaleSweep
+
+    args = ScaleSweep.parser().parse_args(["--min-break", "0.9", "--wandb", "disabled"])
+    options = ScaleSweep.analysis_options(args, "results/x")
+    assert options.min_break == 0.9 and options.wandb == "disabled" and options.out == "results/x"
+    assert options.top == 10  # the analysis default: the scale sweep has no --top
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    """core (the math) <- runtime <- jobs <- registry: checked on every import statement, also
+    the ones inside functions."""
+    import ast
+    from pathlib import Path
+
+    sweeps = Path(__file__).resolve().parents[1] / "sweeps"
+    allowed = {"core": {"core"}, "runtime": {"core", "runtime"}, "jobs": {"core", "runtime", "jobs"}}
+    for layer, may in allowed.items():
+        for path in sorted((sweeps / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "analysis" or parts[0] == "sweeps" and len(parts) > 1:
+                        used = "analysis" if parts[0] == "analysis" else parts[1]
+                        assert used in may, f"{path.relative_to(sweeps.parent)} imports {name}"

@@ -12,8 +12,8 @@ import yaml
 
 from sweeps import backup
 from sweeps.__main__ import main as sweeps_main
-from sweeps.engine.cluster_config import check_cluster_config
-from sweeps.engine.provenance import source_hash
+from sweeps.runtime.cluster_config import check_cluster_config
+from sweeps.runtime.provenance import source_hash
 from tests.conftest import needs
 from tests.local_cluster import LocalCluster, unavailable
 from tests.test_sweep import assert_same_tables, tables

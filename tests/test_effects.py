@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.engine import effects
-from sweeps.engine import transformer as tf
-from sweeps.engine.backup_sweep import BackupComputer
+from sweeps.core import effects
+from sweeps.core import transformer as tf
+from sweeps.jobs.backup import BackupJob
 from tasks import TaskSpec, build_task
 from tests import reference
 
@@ -70,10 +70,10 @@ def test_mixed_length_batch_equals_each_prompt_alone(tiny_llama):
 
 @pytest.mark.parametrize("name,heads", [("tiny-gpt2", [(1, 2), (0, 0)]), ("smollm2-135m", [(20, 4)])])
 def test_engine_backup_equals_independent_full_forward(loaded_model, name, heads):
-    """Seed 000's recipe (full hooked forward, full cache, lstsq) gives the engine's numbers."""
+    """The hooked reference recipe (full hooked forward, full cache, lstsq) gives the engine's numbers."""
     m = loaded_model(name)
     task = ioi(m, n=12)
-    computer = BackupComputer(m.weights, task, "resample", batch_size=5)  # 3 uneven batches
+    computer = BackupJob(task, "resample", batch_size=5).bind(m.weights)  # 3 uneven batches
     for layer, head in heads:
         [result] = computer.run_heads(layer, [head])
         clean, ablated, slope, intercept, mlp_delta = reference.resample_backup(m.bridge, task, layer, head)
@@ -123,7 +123,7 @@ def test_resample_from_identical_prompts_changes_nothing(tiny_llama):
     task = ioi(m, n=6)
     same = task.select(slice(None))
     same.corrupt = same.clean.clone()  # "resample" from the clean prompts themselves
-    computer = BackupComputer(m.weights, same, "resample", batch_size=6)
+    computer = BackupJob(same, "resample", batch_size=6).bind(m.weights)
     for layer in range(m.weights.cfg.n_layers):
         for r in computer.run_heads(layer, list(range(m.weights.cfg.n_heads))):
             np.testing.assert_allclose(r.mean_delta_heads, 0.0, atol=1e-6)
@@ -142,7 +142,7 @@ def test_zero_and_mean_ablation_set_the_heads_output(tiny_gpt2):
     mean = torch.cat(real).mean(0)
     direction = torch.einsum("ed,pd->pe", w.W_O[layer, head], points.u) / scale[:, None]
     for ablation, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
-        [r] = BackupComputer(w, task, ablation).run_heads(layer, [head])
+        [r] = BackupJob(task, ablation).bind(w).run_heads(layer, [head])
         expected = (direction @ value).numpy() - r.de_clean  # the ablated head's own new effect
         assert r.mean_delta_heads[layer, head] == pytest.approx(expected.mean(), abs=1e-5)
         assert np.abs(r.mean_delta_heads[layer + 1 :]).sum() > 0
@@ -169,28 +169,28 @@ def test_fit_line_matches_numpy_and_threshold():
 
 def test_mean_ablation_uses_the_whole_task_whatever_the_batch_size(tiny_gpt2):
     task = ioi(tiny_gpt2, n=7)
-    [a] = BackupComputer(tiny_gpt2.weights, task, "mean", batch_size=3).run_heads(1, [2])
-    [b] = BackupComputer(tiny_gpt2.weights, task, "mean", batch_size=7).run_heads(1, [2])
+    [a] = BackupJob(task, "mean", batch_size=3).bind(tiny_gpt2.weights).run_heads(1, [2])
+    [b] = BackupJob(task, "mean", batch_size=7).bind(tiny_gpt2.weights).run_heads(1, [2])
     np.testing.assert_allclose(a.backup, b.backup, atol=1e-5)
     np.testing.assert_allclose(a.mean_delta_heads, b.mean_delta_heads, atol=1e-5)
 
 
 def test_next_token_backup_equals_independent_full_forward(tiny_gpt2):
-    """Seed 000's own setting: every position, direction W_U[:, next token], LayerNorm model."""
+    """The classic backup setting: every position, direction W_U[:, next token], LayerNorm model."""
     m = tiny_gpt2
     task = build_task(TaskSpec("text"), m.tokenizer, n_prompts=4, seq_len=12)
     layer, head = 1, 3
-    [result] = BackupComputer(m.weights, task, "resample", batch_size=3).run_heads(layer, [head])
+    [result] = BackupJob(task, "resample", batch_size=3).bind(m.weights).run_heads(layer, [head])
     x, backup = reference.next_token_backup(m.bridge, task, layer, head)
     np.testing.assert_allclose(result.de_clean, x, atol=1e-4)
     np.testing.assert_allclose(result.backup, backup, atol=1e-4)
 
 
 def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch):
-    from sweeps.engine import backup_sweep
+    from sweeps.jobs import backup as backup_sweep
 
     task = ioi(tiny_gpt2, n=6)
-    expected = BackupComputer(tiny_gpt2.weights, task).run_heads(1, [0, 1, 2, 3])
+    expected = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, [0, 1, 2, 3])
     real = effects.ablate_heads_of_layer
     sizes = []
 
@@ -201,7 +201,7 @@ def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch
         return real(w, layer, heads, *args)
 
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", small_memory)
-    got = BackupComputer(tiny_gpt2.weights, task).run_heads(1, [0, 1, 2, 3])
+    got = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, [0, 1, 2, 3])
     assert sizes[0] == 4 and sizes[-4:] == [1, 1, 1, 1]  # halved until it fits
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.backup, b.backup, atol=1e-6)
@@ -212,4 +212,4 @@ def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch
 
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", no_memory)
     with pytest.raises(RuntimeError, match="use a smaller --batch-size"):
-        BackupComputer(tiny_gpt2.weights, task, batch_size=6).run_heads(1, [0, 1])
+        BackupJob(task, batch_size=6).bind(tiny_gpt2.weights).run_heads(1, [0, 1])

@@ -4,7 +4,7 @@ One list (``models.FAMILY_TINY_MODELS``: a tiny random model per family, its dis
 pieces switched on: windows shorter than the prompts, soft-caps, QK-norm, post-norms, norm
 weights away from their defaults) drives every test here. The references are the Hugging
 Face model's own forward, with PyTorch hooks on its modules where something is ablated or
-scaled: nothing here goes through ``sweeps.engine.transformer`` or the TransformerLens bridge.
+scaled: nothing here goes through ``sweeps.core.transformer`` or the TransformerLens bridge.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import effects, models
-from sweeps.engine import transformer as tf
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer
+from sweeps.core import attribution as A
+from sweeps.core import effects
+from sweeps.runtime import models
+from sweeps.core import transformer as tf
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob
 from tasks import TaskSpec, build_task
 from tests.test_attribution import scores_by_derivatives
 
@@ -185,7 +186,7 @@ def test_scale_sweep_equals_hooked_full_forwards(loaded_model, name):
     w, task = m.weights, ioi(m)
     n = task.n_prompts
     pairs = torch.stack([torch.arange(n), torch.arange(n)], 1)
-    computer = ScaleComputer(w, task, pairs, source="clean", subspace="full", pca_k=2, batch_size=1)
+    computer = ScaleJob(task, pairs, source="clean", subspace="full", pca_k=2, batch_size=1).bind(w)
     hf = reference_model(name)
     clean_logits = hf(task.clean).logits
     b, pos = torch.arange(n), task.lengths - 1
@@ -212,7 +213,7 @@ def test_scale_sweep_equals_hooked_full_forwards(loaded_model, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_attention_patterns_equal_the_hugging_face_models(loaded_model, name):
-    from sweeps.engine.lens import attention_patterns
+    from sweeps.core.lens import attention_patterns
 
     m = loaded_model(name)
     task = ioi(m, n=1)
@@ -242,11 +243,11 @@ def test_backup_counts_the_ablated_heads_own_layer_under_post_norms(loaded_model
     """Under a post-norm, ablating a head changes its layer's other heads' writes (their
     shares divide by the layer's rms): the backup sum includes them, reported in
     ``same_layer``; without post-norms that part is exactly zero."""
-    from sweeps.engine.backup_sweep import BackupComputer
+    from sweeps.jobs.backup import BackupJob
 
     m = loaded_model(name)
     w, task = m.weights, ioi(m)
-    (result,) = BackupComputer(w, task, "resample", batch_size=4).run_heads(1, [0])
+    (result,) = BackupJob(task, "resample", batch_size=4).bind(w).run_heads(1, [0])
     clean, corrupt = tf.run(w, task.clean), tf.run(w, task.corrupt)
     points = effects.effect_points(w, task)
     parts = effects.decompose(w, task.clean, clean, points)
@@ -302,7 +303,7 @@ def test_every_family_runs_every_command_from_a_hub_name_and_from_a_directory(tm
     import sys
     from pathlib import Path
 
-    from sweeps.engine import architectures
+    from sweeps.core import architectures
 
     runs = []
     for family in architectures.FAMILIES:
@@ -371,12 +372,12 @@ def test_self_repair_splits_the_total_effect_exactly(loaded_model, name):
     """Per point: own change + other heads + MLPs + final norm = the total effect (exact), and
     the total effect is the change of the pre-cap logit difference of a hooked full ablated
     forward of the Hugging Face model; soft-capped models' capped change likewise."""
-    from sweeps.engine.backup_sweep import BackupComputer
+    from sweeps.jobs.backup import BackupJob
 
     m = loaded_model(name)
     w, task = m.weights, ioi(m)
     layer, head = 1, 0
-    (r,) = BackupComputer(w, task, "resample", batch_size=3).run_heads(layer, [head])
+    (r,) = BackupJob(task, "resample", batch_size=3).bind(w).run_heads(layer, [head])
     t = r.repair
     np.testing.assert_allclose(t["own_change"] + t["heads"] + t["mlps"] + t["final_norm"], t["total_effect"],
                                atol=1e-5 * max(1.0, np.abs(t["total_effect"]).max()))
@@ -422,12 +423,12 @@ def test_the_last_mlps_neurons_split_its_self_repair_term_exactly(loaded_model, 
     """At every point, the changes of the last MLP's neurons' direct effects (and of its bias's
     share, which moves only under a post-norm) add up to ``last_mlp``: the last layer's part of
     the ``mlps`` term, rebuilt here from a restart of our forward, layer by layer."""
-    from sweeps.engine.backup_sweep import BackupComputer
+    from sweeps.jobs.backup import BackupJob
 
     m = loaded_model(name)
     w, task = m.weights, ioi(m, 6)
     layer, head = 1, 0
-    computer = BackupComputer(w, task, "resample", batch_size=4, top_fraction=0.5)  # two batches
+    computer = BackupJob(task, "resample", batch_size=4, top_fraction=0.5).bind(w)  # two batches
     calls = neuron_changes_of(computer)
     (r,) = computer.run_heads(layer, [head])
     assert len(calls) == 2
@@ -470,12 +471,12 @@ def test_each_neurons_change_equals_hooks_on_the_hugging_face_model(loaded_model
     ``down_proj`` of the last layer × ``(W_out[n] ⊙ w_post · ũ) / (rms(m) · s)``, with ``ũ`` the
     unembedding difference times the final norm's weight, ``s`` the clean final stream's rms and,
     under a post-norm (Gemma 2, OLMo 2), ``rms(m)`` of each run's own MLP output."""
-    from sweeps.engine.backup_sweep import BackupComputer
+    from sweeps.jobs.backup import BackupJob
 
     m = loaded_model(name)
     w, task = m.weights, ioi(m, 6)
     layer, head = 0, 1
-    computer = BackupComputer(w, task, "resample", batch_size=4)
+    computer = BackupJob(task, "resample", batch_size=4).bind(w)
     calls = neuron_changes_of(computer)
     computer.run_heads(layer, [head])
     ours = torch.cat([d[0] for d, _ in calls]).double()

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeps.engine.backup_sweep import BackupJob
-from sweeps.engine.plan import plan_backup
-from sweeps.engine.run import LocalExecutor, RayExecutor
+from sweeps.jobs.backup import BackupJob
+from sweeps.jobs.plan import plan_backup
+from sweeps.runtime.executors import LocalExecutor, RayExecutor
 from tasks import TaskSpec, build_task
 from tests.test_sweep import assert_same_tables, sweep, tables
 

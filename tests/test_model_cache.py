@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweeps.engine import model_cache as disk_cache
-from sweeps.engine import models
+from sweeps.runtime import model_cache as disk_cache
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 
 

@@ -10,10 +10,10 @@ import pytest
 from analysis.attribution import load_attribution_results, summary_text, top_edges_table, top_nodes_table
 from analysis.backup import compensation_by_layer, load_results, summary_table
 from sweeps import attribution, backup
-from sweeps.engine.attribution import Target, build_graph
-from sweeps.engine.circuits import load_circuit
-from sweeps.engine.models import describe_model
-from sweeps.engine.nodes import (
+from sweeps.core.attribution import Target, build_graph
+from sweeps.core.circuits import load_circuit
+from sweeps.runtime.models import describe_model
+from sweeps.core.nodes import (
     EMBED,
     Node,
     NodeError,
@@ -25,8 +25,8 @@ from sweeps.engine.nodes import (
     parse_node_pattern,
     parse_nodes,
 )
-from sweeps.engine.plan import parse_heads, plan_backup, plan_scale
-from sweeps.engine.transformer import ModelConfig
+from sweeps.jobs.plan import parse_heads, plan_backup, plan_scale
+from sweeps.core.transformer import ModelConfig
 
 L, H = 30, 9  # SmolLM2's shape
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sweeps import scale
-from sweeps.engine import scaling
-from sweeps.engine import transformer as tf
-from sweeps.engine.nodes import Node
-from sweeps.engine.scale_sweep import ScaleComputer, ScaleJob, make_pairs
+from sweeps.core import scaling
+from sweeps.core import transformer as tf
+from sweeps.core.nodes import Node
+from sweeps.jobs.scale import ScaleJob, ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 from tests import known_circuit, reference
 
@@ -70,7 +70,7 @@ def test_scale_one_self_patch_and_resample_from_itself_change_nothing(tiny_llama
     task = ioi(tiny_llama)
     self_pairs = make_pairs(task, "all", None, 0, self_patch=True)
     assert (self_pairs[:, 0] == self_pairs[:, 1]).all() and len(self_pairs) == task.n_prompts
-    computer = ScaleComputer(tiny_llama.weights, task, self_pairs, subspace=subspace, batch_size=4)
+    computer = ScaleJob(task, self_pairs, subspace=subspace, batch_size=4).bind(tiny_llama.weights)
     for node in (Node(0, 1), Node(1, None), Node(2, 3)):
         stats = computer.run_node(node, [1.0])
         assert stats.changed[0] == 0  # exactly: no answer flips
@@ -85,11 +85,11 @@ def test_scale_one_self_patch_and_resample_from_itself_change_nothing(tiny_llama
      ("tiny-pythia", "low_variance", "corrupt"), ("smollm2-135m", "full", "clean")],
 )
 def test_engine_equals_hooked_full_forwards_pair_by_pair(loaded_model, name, subspace, source):
-    """One (node, scale) at a time with hooks on hook_result / hook_mlp_out, as the scale-ablation notebook does."""
+    """One (node, scale) at a time with hooks on hook_result / hook_mlp_out, as the usual scale-ablation loop does."""
     m = loaded_model(name)
     task = ioi(m, n=12)
     pairs = make_pairs(task, "task" if source == "corrupt" else "all", 8, 0, False)
-    computer = ScaleComputer(m.weights, task, pairs, source=source, subspace=subspace, pca_k=2, batch_size=5)
+    computer = ScaleJob(task, pairs, source=source, subspace=subspace, pca_k=2, batch_size=5).bind(m.weights)
     L, H = m.weights.cfg.n_layers, m.weights.cfg.n_heads
     nodes = [Node(1, H - 1), Node(0, None)] if name != "smollm2-135m" else [Node(L - 6, 2)]
     scales = [0.0, 1.0, 2.5]
@@ -146,12 +146,12 @@ def test_distinct_restarts_are_the_distinct_patches_written_out(source_is_base_r
 
 def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(tiny_llama):
     """Every ordered pair, so each base has several sources: scale 0 restarts once per base,
-    and the sums still count every pair, as the scale-ablation notebook's loop over pairs does."""
+    and the sums still count every pair, as the usual scale-ablation loop's loop over pairs does."""
     task = ioi(tiny_llama, n=10)
     pairs = make_pairs(task, "all", None, 0, False)
     bases = len(set(pairs[:, 0].tolist()))
     assert bases < len(pairs)
-    stats = ScaleComputer(tiny_llama.weights, task, pairs, batch_size=4).run_node(Node(1, 2), [0.0, 2.0])
+    stats = ScaleJob(task, pairs, batch_size=4).bind(tiny_llama.weights).run_node(Node(1, 2), [0.0, 2.0])
     assert stats.n_restarts == bases + len(pairs)
     for i, k in enumerate([0.0, 2.0]):
         effect, drop, points = reference.scale_patch_effect(tiny_llama.bridge, task, pairs, 1, 2, k)
@@ -159,7 +159,7 @@ def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(
         assert stats.changed[i] / points == pytest.approx(effect, abs=1e-9)
         assert stats.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)))
     self_pairs = make_pairs(task, "all", None, 0, self_patch=True)
-    stats = ScaleComputer(tiny_llama.weights, task, self_pairs, batch_size=4).run_node(Node(1, 2), [1.0, 0.0])
+    stats = ScaleJob(task, self_pairs, batch_size=4).bind(tiny_llama.weights).run_node(Node(1, 2), [1.0, 0.0])
     assert stats.n_restarts == len(self_pairs)  # scale 1 of a self-patch needs none
     assert stats.changed[0] == 0 and stats.metric_drop[0] == 0 and stats.n_pairs == len(self_pairs)
 
@@ -167,7 +167,7 @@ def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(
 def test_next_token_task_reads_every_position(tiny_gpt2):
     task = build_task(TaskSpec("text"), tiny_gpt2.tokenizer, n_prompts=4, seq_len=12, seed=0)
     pairs = make_pairs(task, "all", 5, 0, False)
-    stats = ScaleComputer(tiny_gpt2.weights, task, pairs, batch_size=2).run_node(Node(1, 0), [0.5])
+    stats = ScaleJob(task, pairs, batch_size=2).bind(tiny_gpt2.weights).run_node(Node(1, 0), [0.5])
     effect, drop, points = reference.scale_patch_effect(tiny_gpt2.bridge, task, pairs, 1, 0, 0.5)
     assert stats.n_points == points == 5 * 11
     assert stats.changed[0] / points == pytest.approx(effect)
@@ -215,7 +215,7 @@ def test_pairs_are_distinct_equal_length_and_sampled_deterministically(tiny_gpt2
 
 
 # --------------------------------------------------------------------------- #
-# The known circuit: the scale-ablation notebook's picture, through the CLI and a TL checkpoint
+# The known circuit: the scale-ablation picture, through the CLI and a TL checkpoint
 # --------------------------------------------------------------------------- #
 
 
@@ -261,8 +261,8 @@ def test_known_circuit_shows_seed_004s_picture(known, tmp_path, capsys):
 
 
 def test_tl_checkpoint_directory_loads_through_boot_native(known, loaded_model):
-    from sweeps.engine import models
-    from sweeps.engine import transformer as tf
+    from sweeps.runtime import models
+    from sweeps.core import transformer as tf
 
     model, _, _ = known
     info = models.describe_model(str(model))

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from sweeps.engine.location import Location
-from sweeps.engine.store import ResultStore, StoreError
+from sweeps.runtime.location import Location
+from sweeps.runtime.store import ResultStore, StoreError
 from tests.test_sweep import assert_same_tables, count_shards, sweep, tables
 
 
@@ -72,9 +72,9 @@ def test_manifest_records_provenance_and_analysis_refuses_files_of_another_spec(
     assert re.fullmatch(r"\S+\+g[0-9a-f]{10}(-dirty\.[0-9a-f]{8})?", manifest["code_version"])
     assert re.fullmatch(r"[0-9a-f]{16,}", manifest["weight_hash"])
     # someone copies one shard of sweep b (another seed) into a, manifest entry and all
-    from sweeps.backup import DATASETS
+    from sweeps.registry import BackupSweep
 
-    for name in DATASETS:
+    for name in BackupSweep.datasets:
         shutil.copy(b / name / "L01H0-3.parquet", a / name / "L01H0-3.parquet")
     manifest["shards"]["L01H0-3"] = json.loads((b / "manifest.json").read_text())["shards"]["L01H0-3"]
     (a / "manifest.json").write_text(json.dumps(manifest))
@@ -93,7 +93,7 @@ def test_the_in_process_executor_runs_a_failing_shard_once_and_goes_on():
 
     import pyarrow as pa
 
-    from sweeps.engine.run import LocalExecutor
+    from sweeps.runtime.executors import LocalExecutor
 
     @dataclass(frozen=True)
     class Shard:

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from sweeps import backup
-from sweeps.engine.backup_sweep import BackupJob
-from sweeps.engine.store import ResultStore
+from sweeps.jobs.backup import BackupJob
+from sweeps.registry import BackupSweep
+from sweeps.runtime.store import ResultStore
 
 ORIGINAL_RUN_SHARD = BackupJob.run_shard
 PROVENANCE = ["model", "weight_hash", "task", "task_hash", "seed", "ablation", "code_version", "spec_id"]
@@ -132,7 +133,7 @@ def test_corrupt_or_uncommitted_files_are_set_aside_and_recomputed(tmp_path, mon
 
 def test_second_sweep_into_a_busy_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "o"
-    store = ResultStore(out, backup.DATASETS)
+    store = ResultStore(out, BackupSweep.datasets)
     with store.lock():
         assert sweep(out) == 2
     assert "another sweep" in capsys.readouterr().err
@@ -256,13 +257,13 @@ def test_neurons_dataset_ranks_the_last_mlps_neurons_of_each_head(tmp_path, caps
 
 def test_the_backup_numbers_do_not_depend_on_the_self_repair_decomposition(loaded_model):
     """Switching the decomposition off (what the benchmark compares against) changes no backup."""
-    from sweeps.engine.backup_sweep import BackupComputer
+    from sweeps.jobs.backup import BackupJob
     from tasks import TaskSpec, build_task
 
     m = loaded_model("tiny-gemma2")
     task = build_task(TaskSpec("ioi"), m.tokenizer, 6, 0)
-    with_ = BackupComputer(m.weights, task, "resample", 3).run_heads(1, [0, 3])
-    without = BackupComputer(m.weights, task, "resample", 3, self_repair=False).run_heads(1, [0, 3])
+    with_ = BackupJob(task, "resample", 3).bind(m.weights).run_heads(1, [0, 3])
+    without = BackupJob(task, "resample", 3, self_repair=False).bind(m.weights).run_heads(1, [0, 3])
     for a, b in zip(with_, without):
         np.testing.assert_array_equal(a.backup, b.backup)
         np.testing.assert_array_equal(a.mean_delta_heads, b.mean_delta_heads)

@@ -1,4 +1,4 @@
-"""Seed 002's report: DLA adds up, the lens ends at the real logits, attention equals the bridge's,
+"""The task report: DLA adds up, the lens ends at the real logits, attention equals the bridge's,
 and the HTML page renders in a real headless browser."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sweeps import report as report_cli
-from sweeps.engine.lens import task_report
+from sweeps.core.lens import task_report
 from tasks import build_task, check_task
 from tests import reference
 from tests.conftest import needs
@@ -25,7 +25,7 @@ def test_components_add_up_to_the_logit_difference(loaded_model, name):
     rep = task_report(m.weights, task, prompt=None)
     real = reference.logit_diffs(m.bridge, task)
     torch.testing.assert_close(rep.metric, real, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(rep.parts.total(), real, atol=1e-3, rtol=1e-4)  # the logit-attribution notebook's assert_close
+    torch.testing.assert_close(rep.parts.total(), real, atol=1e-3, rtol=1e-4)  # the usual assert_close of a DLA walkthrough
     # per-head DLA against the bridge's full hook_result cache
     _, cache = m.bridge.run_with_cache(task.clean)
     b, pos = torch.arange(task.n_prompts), task.lengths - 1

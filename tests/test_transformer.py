@@ -1,9 +1,9 @@
-"""Our forward (sweeps.engine.transformer) against the TransformerLens bridge's."""
+"""Our forward (sweeps.core.transformer) against the TransformerLens bridge's."""
 
 import pytest
 import torch
 
-from sweeps.engine import transformer as tf
+from sweeps.core import transformer as tf
 
 PROMPTS = [
     "When John and Mary went to the shops, John gave the bag to",

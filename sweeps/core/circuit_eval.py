@@ -35,9 +35,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from sweeps.engine import transformer as tf
-from sweeps.engine.attribution import Graph, metric_terms, rows_per_layer, upstream_row
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import transformer as tf
+from sweeps.core.attribution import Graph, metric_terms, rows_per_layer, upstream_row
+from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
 LEVELS = ("node", "edge")

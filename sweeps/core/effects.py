@@ -6,7 +6,7 @@ A *point* is one (prompt, position) where a direct effect is read:
 - logit-difference tasks: each prompt's answer position, direction
   ``u = W_U[:, correct] - W_U[:, incorrect]``;
 - next-token tasks: every real position ``t`` but the last, direction
-  ``u = W_U[:, X[t+1]]`` (the self-repair notebook drops the first target and the last
+  ``u = W_U[:, X[t+1]]`` (a hooked notebook loop drops the first target and the last
   prediction so they align).
 The direct effect of a component writing ``r`` is ``(r / s) · u`` with ``s`` the
 final norm's scale of the **clean** run. For LayerNorm models the norm also
@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.engine import transformer as tf
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import transformer as tf
+from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
 ABLATIONS = ("resample", "zero", "mean")
@@ -302,7 +302,7 @@ class Fit:
 
 
 def fit_line(x: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> Fit:
-    """Least squares ``y ≈ slope·x + intercept`` (the self-repair notebook: lstsq with a ones column).
+    """Least squares ``y ≈ slope·x + intercept`` (a hooked notebook loop: lstsq with a ones column).
 
     ``threshold`` keeps only points with ``|x| > threshold`` (0: every point).
     """

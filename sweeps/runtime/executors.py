@@ -29,10 +29,10 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
-from sweeps.engine import console
-from sweeps.engine.allocator import keep_freed_memory
-from sweeps.engine.chunking import out_of_memory
-from sweeps.engine.models import describe_model, load_model
+from sweeps.runtime import console
+from sweeps.runtime.allocator import keep_freed_memory
+from sweeps.runtime.chunking import out_of_memory
+from sweeps.runtime.models import describe_model, load_model
 
 
 class Shard(Protocol):

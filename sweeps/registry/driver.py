@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from sweeps.engine import console
-from sweeps.engine.location import Location
-from sweeps.engine.run import Failure
-from sweeps.engine.store import ResultStore, StoreError, check_out_dir, with_provenance
+from sweeps.runtime import console
+from sweeps.runtime.location import Location
+from sweeps.runtime.executors import Failure
+from sweeps.runtime.store import ResultStore, StoreError, check_out_dir, with_provenance
 
 REPO = Path(__file__).resolve().parents[2]  # the entry scripts (sweeps/backup.py, ...) are relative to it
 
@@ -115,11 +115,11 @@ class SweepInputs:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad user input (reported as one line, exit code 2)."""
-    from sweeps.engine.circuits import CircuitError
-    from sweeps.engine.models import ModelNameError
-    from sweeps.engine.nodes import NodeError
-    from sweeps.engine.plan import PlanError
-    from sweeps.engine.scale_sweep import PairsError
+    from sweeps.core.circuits import CircuitError
+    from sweeps.runtime.models import ModelNameError
+    from sweeps.core.nodes import NodeError
+    from sweeps.jobs.plan import PlanError
+    from sweeps.jobs.scale import PairsError
     from tasks import TaskError
 
     return (ModelNameError, TaskError, PlanError, StoreError, NodeError, CircuitError, PairsError)
@@ -130,8 +130,8 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
 
     Raises one of ``input_errors()``; only the tokenizer is loaded.
     """
-    from sweeps.engine.cli import default_out
-    from sweeps.engine.models import describe_model, load_tokenizer
+    from sweeps.registry.cli import default_out
+    from sweeps.runtime.models import describe_model, load_tokenizer
     from tasks import TaskError, build_task, check_task
 
     out = check_out_dir(args.out or default_out(sweep, args.model, args.task))
@@ -170,8 +170,8 @@ def run_sweep(
     ``derived`` names the store's derived datasets (cleared with ``--no-resume``);
     ``finish(store)`` writes them, still under the lock, once no shard failed.
     """
-    from sweeps.engine import provenance
-    from sweeps.engine.run import LocalExecutor, RayExecutor
+    from sweeps.runtime import provenance
+    from sweeps.runtime.executors import LocalExecutor, RayExecutor
 
     store = ResultStore(inputs.out, datasets, derived)
     resume_hint = console.command(REPO / script, *argv)
@@ -214,7 +214,7 @@ def run_sweep(
                 finish(store)
             return failures
     except StoreError as err:
-        from sweeps.engine.cli import UserError
+        from sweeps.registry.cli import UserError
 
         raise UserError(str(err)) from None
     except KeyboardInterrupt:

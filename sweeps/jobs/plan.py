@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sweeps.engine.nodes import Node, NodeError, parse_node_pattern
+from sweeps.core.nodes import Node, NodeError, parse_node_pattern
 
 
 class PlanError(ValueError):

@@ -5,14 +5,14 @@ Plain functions; no Ray, no I/O. A *node* is a head's output or an MLP's output
 
 Patching node ``n`` of a base input with a source input at scale ``s``:
 
-- ``full``: ``a ← s · a_src`` (the scale-ablation notebook's first half);
+- ``full``: ``a ← s · a_src`` (the usual scale-ablation loop's first half);
 - ``high_variance``: write ``a = μ + P(a − μ) + R`` with ``P`` the projection on
   the node's top-``k`` principal directions at that position; replace only
   ``P(a − μ)`` by ``s · P(a_src − μ)``;
 - ``low_variance``: replace only the rest ``R = (a − μ) − P(a − μ)``.
 
-With ``self_patch`` the source is the base itself (pure scaling). The
-notebook summed the coefficients ``a · v_k`` without multiplying them by the
+With ``self_patch`` the source is the base itself (pure scaling). A common
+shortcut sums the coefficients ``a · v_k`` without multiplying them by the
 directions; the projection here is the intended ``Σ_k ((a − μ) · v_k) v_k``.
 
 A patch changes the residual stream by ``Δ = a_new − a`` exactly where the
@@ -29,9 +29,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sweeps.engine import transformer as tf
-from sweeps.engine.nodes import Node
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import transformer as tf
+from sweeps.core.nodes import Node
+from sweeps.core.transformer import ModelWeights
 
 SUBSPACES = ("full", "high_variance", "low_variance")
 

@@ -1,11 +1,12 @@
 """The backup-slope sweep on one worker: per-batch clean state, per-shard work.
 
-``BackupComputer`` holds one model replica and one task. It computes the clean
-run of every batch once (block inputs, clean direct effects, the corrupt
-run's head outputs) and then serves shards: a shard is a group of upstream
-heads in one layer, ablated together as one batched restart from that layer.
-It returns plain numpy arrays; ``shard_tables`` turns them into Arrow tables.
-No Ray here: the executors in ``run.py`` wrap this class.
+``BackupJob`` holds one task and the sweep's settings (picklable: that is what
+the executors send to a worker); ``bind`` gives it one model replica. It computes
+the clean run of every batch once (block inputs, clean direct effects, the
+corrupt run's head outputs) and then serves shards: a shard is a group of
+upstream heads in one layer, ablated together as one batched restart from that
+layer. ``run_heads`` returns plain numpy arrays; ``shard_tables`` turns them
+into Arrow tables. No Ray here: the executors (``sweeps/runtime/executors.py``) run this class.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from types import SimpleNamespace
 from typing import Any
 
-from sweeps.engine import bridge_path, effects
-from sweeps.engine import transformer as tf
-from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
-from sweeps.engine.plan import Shard
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import bridge_path, effects
+from sweeps.core import transformer as tf
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.jobs.plan import Shard
+from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
@@ -102,19 +103,36 @@ def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.
 
 
 @dataclass
-class BackupComputer:
-    """With ``weights`` (the fast path) each group of ablations restarts from its layer; with
-    ``bridge`` instead (the bridge path, ``bridge_path.py``) each ablation is a full forward."""
+class BackupJob:
+    """The backup sweep on one worker. With fast-path ``weights`` each group of ablations
+    restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
+    each ablation is a full forward. Both are set by ``bind``, not pickled with the job."""
 
-    weights: ModelWeights | None
     task: TaskData
     ablation: str = "resample"
     batch_size: int = 32
-    bridge: Any = None
+    fit_threshold: float = 0.0
+    n_boot: int = 200
+    seed: int = 0
+    top_fraction: float = 0.02  # self_repair/'s and neurons/' "top" selection
+    top_neurons: int = 20
     self_repair: bool = True  # also the self-repair decomposition (off only to measure what it costs)
-    top_fraction: float = 0.02  # the "top" selection of the neuron split (as self_repair_rows')
+    weights: ModelWeights | None = field(default=None, repr=False)
+    bridge: Any = field(default=None, repr=False)
     _batches: list[BatchState] | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
+
+    def bind(self, model) -> "BackupJob":
+        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
+        self.weights, self.bridge = bridge_path.replica(model)
+        if self.bridge is not None:
+            bridge_path.sum_check(self.bridge, self.task)  # the definitions hold for this model, or a clear error
+        self._batches = None
+        return self
+
+    def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
+        results = self.run_heads(shard.layer, list(shard.heads))
+        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed, self.top_fraction, self.top_neurons)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -489,29 +507,3 @@ def shard_tables(
         "self_repair": pa.Table.from_pylist(repair),
         "neurons": pa.Table.from_pylist(neurons, schema=NEURON_SCHEMA),
     }
-
-
-@dataclass
-class BackupJob:
-    """The backup sweep as a worker sees it (picklable: task tensors + settings)."""
-
-    task: TaskData
-    ablation: str = "resample"
-    batch_size: int = 32
-    fit_threshold: float = 0.0
-    n_boot: int = 200
-    seed: int = 0
-    top_fraction: float = 0.02
-    top_neurons: int = 20
-    _computer: BackupComputer | None = field(default=None, repr=False)
-
-    def bind(self, model) -> None:
-        bridge = bridge_path.bridge_of(model)
-        if bridge is not None:
-            bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
-        self._computer = BackupComputer(model.weights, self.task, self.ablation, self.batch_size, bridge,
-                                        top_fraction=self.top_fraction)
-
-    def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
-        results = self._computer.run_heads(shard.layer, list(shard.heads))
-        return shard_tables(results, self.fit_threshold, self.n_boot, self.seed, self.top_fraction, self.top_neurons)

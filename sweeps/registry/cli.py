@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from sweeps.engine.models import DEFAULT_MODEL, TINY_MODELS
-
 
 class UserError(ValueError):
     """Bad input, reported as one line before anything expensive runs."""
@@ -32,7 +30,7 @@ def cli_main(
     """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2, running out
     of memory outside a shard (shards report their own) one line and exit code 1."""
     args = build_parser().parse_args(argv)
-    from sweeps.engine.console import set_verbose
+    from sweeps.runtime.console import set_verbose
 
     set_verbose(getattr(args, "verbose", False))
     try:
@@ -85,6 +83,8 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
 
 
 def add_model_task_options(parser: argparse.ArgumentParser) -> None:
+    from sweeps.runtime.models import DEFAULT_MODEL, TINY_MODELS
+
     g = parser.add_argument_group("model and task")
     g.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME",
@@ -96,7 +96,7 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--task", default="ioi", metavar="NAME_OR_FILE",
-        help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (the sentiment notebook's movie "
+        help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (classic movie "
         "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
         "documents, corrupt = other documents); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '

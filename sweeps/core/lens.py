@@ -1,4 +1,4 @@
-"""Seed 002's task report on tensors: direct logit attribution, logit lens, attention patterns.
+"""The task report on tensors: direct logit attribution, logit lens, attention patterns.
 
 Plain functions; no Ray, no I/O. Everything reads one clean run (``tf.run``)
 at a task's points (``effects.effect_points``): each prompt's answer position
@@ -14,10 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sweeps.engine import transformer as tf
-from sweeps.engine.effects import Decomposition, Points, decompose, effect_points, gather
-from sweeps.engine.scaling import running_max_and_exp_sum
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import transformer as tf
+from sweeps.core.effects import Decomposition, Points, decompose, effect_points, gather
+from sweeps.core.scaling import running_max_and_exp_sum
+from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
 

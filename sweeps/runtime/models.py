@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
-from sweeps.engine import architectures, model_cache
-from sweeps.engine.transformer import ModelConfig, ModelWeights
+from sweeps.core import architectures
+from sweeps.runtime import model_cache
+from sweeps.core.transformer import ModelConfig, ModelWeights
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"

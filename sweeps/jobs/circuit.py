@@ -6,7 +6,7 @@ circuit's metric, the clean and corrupt metric, the number of points), so faithf
 exact however the prompts were split. A curve is a ranking (an attribution result's
 scores, top by |score|) or one fixed circuit (a file).
 
-No Ray here: the executors in ``run.py`` wrap ``CircuitJob``.
+No Ray here: the executors (``sweeps/runtime/executors.py``) run ``CircuitJob``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import circuit_eval as CE
-from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.core import attribution as A
+from sweeps.core import circuit_eval as CE
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
 

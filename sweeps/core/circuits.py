@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.engine.nodes import Node, NodeError, edge_name, node_from_name, parse_edge, parse_node_pattern
+from sweeps.core.nodes import Node, NodeError, edge_name, node_from_name, parse_edge, parse_node_pattern
 
 _IOI_GPT2_SMALL = {
     "name movers": "9.6 9.9 10.0",

@@ -41,13 +41,13 @@ from typing import Callable
 
 import torch
 
-from sweeps.engine.provenance import package_versions
-from sweeps.engine.transformer import ModelConfig, ModelWeights
+from sweeps.runtime.provenance import package_versions
+from sweeps.core.transformer import ModelConfig, ModelWeights
 
 # Packages whose code turns the source file into weights or a tokenizer.
 CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
 # Our own conversion code: a change to it changes what a load returns.
-CONVERSION_SOURCES = ("models.py", "transformer.py", "architectures.py")
+CONVERSION_SOURCES = ("runtime/models.py", "core/transformer.py", "core/architectures.py")  # under sweeps/
 
 
 DEFAULT_MAX_GB = 8.0
@@ -106,7 +106,7 @@ def entry_key(source: Path, what: str, label: str | None = None) -> str:
     unique to its content's inputs; it starts with ``label`` (default: the source's stem)."""
     parts = [what, *_source_parts(source)]
     parts += [f"{name}=={version}" for name, version in package_versions(CONVERTERS).items()]
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # sweeps/
     digest = hashlib.blake2b(digest_size=10)
     for part in parts:
         digest.update(part.encode() + b"\0")

@@ -12,7 +12,7 @@ head, ``z_h @ W_O[h]``, without the layer's output bias) or one MLP's output
   several (``.q``, ``.k``, ``.v``); ``L9H6->mlp10`` and ``L9H6->resid_final`` need none.
 
 Every name an output prints parses back (``parse_node_pattern``, ``parse_edge``), and so do
-the older spellings: ``9.6`` and ``9:6`` (seed 001), ``MLP9``, zero-padded layers, edges as
+the older spellings: ``9.6`` and ``9:6``, ``MLP9``, zero-padded layers, edges as
 ``9:6 -> 10:7 (q)`` or ``L9H6->L10H7:q``. Shard names are ranges of these (``L05H0-8``: heads
 0-8 of layer 5; ``L05H0-8M_S0-11``: those and ``mlp5``, at scales 0-11) and parse back to
 their nodes too.

@@ -25,9 +25,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.engine import effects
-from sweeps.engine import transformer as tf
-from sweeps.engine.nodes import Node, node_from_name
+from sweeps.core import effects
+from sweeps.core import transformer as tf
+from sweeps.core.nodes import Node, node_from_name
 from tasks.base import TaskData
 
 SUM_CHECK_TOLERANCE = 1e-3  # of the largest |logit difference|, as the report's check
@@ -40,6 +40,16 @@ class BridgePathError(ValueError):
 def bridge_of(model):
     """The bridge a loaded model runs on when it is on the bridge path (no fast-path weights), else None."""
     return getattr(model, "bridge", None) if getattr(model, "weights", None) is None else None
+
+
+def replica(model) -> tuple[tf.ModelWeights | None, Any]:
+    """``(weights, bridge)`` for a job to run on, one of them None: ``model`` is a loaded model
+    (``models.LoadedModel``: its fast-path weights, else its bridge), fast-path weights, or a bridge."""
+    if isinstance(model, tf.ModelWeights):
+        return model, None
+    if hasattr(model, "weight_hash"):  # a LoadedModel
+        return model.weights, bridge_of(model)
+    return None, model
 
 
 def stacked(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
@@ -219,7 +229,7 @@ def ablate_head(
 def task_report(bridge, task: TaskData, prompt: int | None = 0):
     """``lens.task_report`` through the bridge's hooks: direct logit attribution, the logit
     lens and the attention patterns of one prompt, from one cached forward."""
-    from sweeps.engine.lens import TaskReport
+    from sweeps.core.lens import TaskReport
 
     L = bridge.cfg.n_layers
     names = _names(bridge) | {f"blocks.{l}.attn.hook_pattern" for l in range(L)}
@@ -333,7 +343,7 @@ def patched_final(bridge, node: Node, tokens: Int[Tensor, "G T"], delta: Float[T
 
 
 # --------------------------------------------------------------------------- #
-# Attribution through the bridge (the attribution-patching notebook's recipe: gradients at split q/k/v inputs)
+# Attribution through the bridge (the textbook recipe: gradients at split q/k/v inputs)
 # --------------------------------------------------------------------------- #
 
 
@@ -375,7 +385,7 @@ def attribute(bridge, graph, task: TaskData):
     stream. Node scores are taken directly (the gradient where the node writes), and the
     edges are checked against them: by the chain rule a node's edges sum to its score, so a
     bridge whose hooks do not see the graph this way raises instead of returning scores."""
-    from sweeps.engine.attribution import BatchAttribution, node_scores, norm_vjp_
+    from sweeps.core.attribution import BatchAttribution, node_scores, norm_vjp_
 
     L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp

@@ -11,7 +11,7 @@ top-ranked nodes and edges for real on its batch (``attribution.patch_metric``),
 again as raw sums. The driver plans these after every attribution shard is
 in, from the aggregated ranking.
 
-No Ray here: the executors in ``run.py`` wrap ``AttributionJob``.
+No Ray here: the executors (``sweeps/runtime/executors.py``) run ``AttributionJob``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from sweeps.engine import attribution as A
-from sweeps.engine import bridge_path
-from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.core import attribution as A
+from sweeps.core import bridge_path
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sweeps.engine.location import Location, LocationError
+from sweeps.runtime.location import Location, LocationError
 
 SPEC_FILE = "sweep.json"
 MANIFEST_FILE = "manifest.json"

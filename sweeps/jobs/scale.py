@@ -1,6 +1,8 @@
 """The all-nodes × all-scales sweep on one worker.
 
-``ScaleComputer`` holds one model replica and one task. Once, it runs every
+``ScaleJob`` holds one task, its pairs and the sweep's settings (picklable:
+that is what the executors send to a worker); ``bind`` gives it one model
+replica. Once, it runs every
 prompt (and its corrupt partner) and keeps, per group of prompts of equal
 length, each block's input, every head's ``z``, every MLP's output and the
 clean read-out. A node's patches then restart from the node (``scaling.py``):
@@ -11,7 +13,7 @@ scale 0 ignores the source; a self-patch at scale 1 changes nothing).
 
 Pairs are formed among prompts of equal token length, because a patch is
 position by position (prompts of one length align position by position). ``make_pairs`` builds them.
-No Ray here: the executors in ``run.py`` wrap ``ScaleJob``.
+No Ray here: the executors (``sweeps/runtime/executors.py``) run ``ScaleJob``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sweeps.engine import bridge_path, scaling
-from sweeps.engine import transformer as tf
-from sweeps.engine.chunking import map_chunks, memory_gauge, tokens_per_pass
-from sweeps.engine.circuits import Circuit
-from sweeps.engine.nodes import Node
-from sweeps.engine.plan import ScaleShard
-from sweeps.engine.transformer import ModelWeights
+from sweeps.core import bridge_path, scaling
+from sweeps.core import transformer as tf
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.core.circuits import Circuit
+from sweeps.core.nodes import Node
+from sweeps.jobs.plan import ScaleShard
+from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
 PAIR_MODES = ("all", "task")
@@ -46,7 +48,7 @@ def make_pairs(task: TaskData, mode: str, max_pairs: int | None, seed: int, self
     (mode ``all``), the base's own corrupt prompt (``task``), or the base itself
     (``self_patch``: pure scaling, the source is not used).
 
-    ``all``: every ordered pair of distinct prompts of equal length (the scale-ablation notebook:
+    ``all``: every ordered pair of distinct prompts of equal length (the usual scale-ablation loop:
     every combination of unique inputs), then a deterministic sample of
     ``max_pairs`` if there are more.
     """
@@ -115,25 +117,39 @@ class NodeStats:
 
 
 @dataclass
-class ScaleComputer:
-    """With ``weights`` (the fast path) each patch restarts from its node; with ``bridge``
-    instead (``bridge_path.py``) each patched row is one full forward of the bridge."""
+class ScaleJob:
+    """The scale sweep on one worker. With fast-path ``weights`` each patch restarts from its
+    node; with a ``bridge`` instead (``bridge_path.py``) each patched row is one full forward of
+    the bridge. Both are set by ``bind``, not pickled with the job."""
 
-    weights: ModelWeights | None
     task: TaskData
     pairs: np.ndarray  # [P, 2] global (base, source), from make_pairs
+    scales: tuple[float, ...] = ()  # the sweep's sorted scales; a shard names indices into them
     source: str = "clean"  # "clean" (other prompts, or self) | "corrupt" (each base's corrupt prompt)
     subspace: str = "full"
+    self_patch: bool = False
     pca_k: int = 2
     batch_size: int = 32
+    circuit: Circuit | None = None  # labels the rows in_circuit / not_in_circuit
+    weights: ModelWeights | None = field(default=None, repr=False)
+    bridge: Any = field(default=None, repr=False)
     _groups: list[LengthGroup] | None = field(default=None, repr=False)
     _normaliser: float | None = field(default=None, repr=False)
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
-    bridge: Any = None
 
-    def __post_init__(self) -> None:
-        if self.weights is None:  # what scaling's read-out and node activations read, from the bridge
-            self.weights = bridge_path.view(self.bridge)
+    def bind(self, model) -> "ScaleJob":
+        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
+        self.weights, self.bridge = bridge_path.replica(model)
+        if self.bridge is not None:
+            bridge_path.sum_check(self.bridge, self.task)  # the definitions hold for this model, or a clear error
+            self.weights = bridge_path.view(self.bridge)  # what the read-out and node activations read
+        self._groups, self._normaliser, self._subspaces = None, None, {}
+        return self
+
+    def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
+        scales = [self.scales[i] for i in shard.scales]
+        stats = [self.run_node(node, scales) for node in shard.nodes]
+        return {"effects": effects_table(stats, self.normaliser(), self.subspace, self.self_patch, self.circuit)}
 
     def _run(self, tokens: Int[Tensor, "N T"]) -> tf.CleanRun:
         if self.bridge is not None:
@@ -285,34 +301,3 @@ def effects_table(
         ("n_pairs", pa.int64()), ("n_points", pa.int64()),
     ])
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-@dataclass
-class ScaleJob:
-    """The scale sweep as a worker sees it (picklable: task tensors, pairs, settings)."""
-
-    task: TaskData
-    pairs: np.ndarray
-    scales: list[float]
-    source: str = "clean"
-    subspace: str = "full"
-    self_patch: bool = False
-    pca_k: int = 2
-    batch_size: int = 32
-    circuit: Circuit | None = None
-    _computer: ScaleComputer | None = field(default=None, repr=False)
-
-    def bind(self, model) -> None:
-        bridge = bridge_path.bridge_of(model)
-        if bridge is not None:
-            bridge_path.sum_check(bridge, self.task)  # the definitions hold for this model, or a clear error
-        self._computer = ScaleComputer(
-            model.weights, self.task, self.pairs, self.source, self.subspace, self.pca_k, self.batch_size,
-            bridge=bridge,
-        )
-
-    def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
-        scales = [self.scales[i] for i in shard.scales]
-        stats = [self._computer.run_node(node, scales) for node in shard.nodes]
-        table = effects_table(stats, self._computer.normaliser(), self.subspace, self.self_patch, self.circuit)
-        return {"effects": table}

@@ -49,10 +49,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.engine import transformer as tf
-from sweeps.engine.effects import effect_points
-from sweeps.engine.nodes import EMBED, FINAL, Node, edge_name, node_from_name
-from sweeps.engine.transformer import Edit, ModelConfig, ModelWeights, Trace, forward
+from sweeps.core import transformer as tf
+from sweeps.core.effects import effect_points
+from sweeps.core.nodes import EMBED, FINAL, Node, edge_name, node_from_name
+from sweeps.core.transformer import Edit, ModelConfig, ModelWeights, Trace, forward
 from tasks.base import TaskData
 
 INPUTS = ("q", "k", "v", "mlp", "resid")

@@ -1,1 +1,0 @@
-"""The engine the sweep scripts share: models, effects (math), tasks wiring, plan, store, executors."""

@@ -1,0 +1,210 @@
+"""``Sweep``: what one kind of sweep is, in one class.
+
+A sweep class owns everything the commands need to know about its kind:
+
+- its command line (``add_options``; the class docstring is its ``--help``),
+- one run (an instance): cheap input checks (``prepare``), the spec that
+  resume compares (``spec``), shard planning (``plan``), the worker job
+  (``job``), progress units and cost, the datasets each shard writes and
+  those written from all of them at the end (``finish``),
+- its results: the loader (``load``), the console summary (``summary``) and the
+  report (figures, tables, W&B: ``report``), shared by the sweep command and
+  ``interp-sweeps analyze NAME DIR``.
+
+``run`` strings them together for every sharded sweep; ``sweeps/registry/driver.py``
+does the locking, resuming and shard loop, ``sweeps/runtime/executors.py`` the
+workers. To add a sweep: subclass, fill these in, list the class in
+``sweeps/registry/__init__.py`` and add a three-line entry script under
+``sweeps/`` (docs/layout.md, "Adding a sweep").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, ClassVar
+
+from sweeps.registry.cli import ArgumentParser, UserError, add_common_options, add_verbose_option, cli_main, script_parser
+
+
+class Sweep:
+    """Subclasses set the class attributes below and override the methods that raise."""
+
+    name: ClassVar[str]  # the subcommand, results/<name>/..., the spec's "sweep"
+    script: ClassVar[str]  # the entry script under the repository (what `ray submit` uploads)
+    summary_line: ClassVar[str]  # one line for `interp-sweeps --help`
+    help_sections: ClassVar[int] = 4  # paragraphs of the docstring above the options in --help
+    datasets: ClassVar[tuple[str, ...]] = ()  # what every shard writes
+    derived: ClassVar[tuple[str, ...]] = ()  # written from all shards by ``finish``, once none failed
+    unit_name: ClassVar[str] = "shard"  # what the progress bar counts
+    analyzable: ClassVar[bool] = True  # has results ``interp-sweeps analyze`` reads back
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.inputs: Any = None  # driver.SweepInputs, set by ``prepare``
+
+    # -- the command line -------------------------------------------------------
+
+    @classmethod
+    def parser(cls) -> ArgumentParser:
+        parser = script_parser(cls.script, cls.__doc__ or "", cls.help_sections)
+        cls.add_options(parser)
+        return parser
+
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        """The options every sweep shares; subclasses add their own group after these."""
+        add_common_options(parser, cls.name)
+
+    @classmethod
+    def main(cls, argv: list[str] | None = None) -> int:
+        """The entry script: parse, run; bad input is one ``error:`` line and exit code 2."""
+        return cli_main(cls.parser, lambda args, full_argv: cls(args).run(full_argv), argv)
+
+    # -- one run ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Check the input and parse what the run needs, before any model weights load.
+
+        Raises one of ``driver.input_errors()`` or ``UserError``. The base checks the output
+        directory, task and model name (``driver.prepare_inputs``)."""
+        from sweeps.registry.driver import prepare_inputs
+
+        self.inputs = prepare_inputs(self.args, self.name)
+
+    def spec(self) -> dict:
+        """What the results depend on: a resumed run must match it exactly."""
+        raise NotImplementedError
+
+    def plan(self, done: set[str]) -> tuple[list, str]:
+        """The shards still to run given the finished shard ids, and a one-line header. Asked
+        again after each wave: more shards may follow from finished ones (none ends the sweep)."""
+        raise NotImplementedError
+
+    def job(self):
+        """The picklable job every worker binds to its model replica (``sweeps/jobs/``)."""
+        raise NotImplementedError
+
+    def units(self, shard) -> int:
+        """How many ``unit_name`` a shard holds (the progress bar's count)."""
+        return 1
+
+    def cost(self, shard) -> float:
+        """A shard's relative compute (the progress bar's time left)."""
+        return float(self.units(shard))
+
+    def columns(self) -> dict[str, Any]:
+        """Sweep-specific provenance columns of every row."""
+        return {"n_prompts": self.inputs.task.n_prompts}
+
+    def finish(self, store) -> None:
+        """Write ``derived`` from all shards (under the sweep's lock, once none failed)."""
+
+    def run(self, argv: list[str]) -> int:
+        """Check, run every shard (resuming), then print the summary and write the report."""
+        from sweeps.registry.driver import input_errors, print_failures, run_sweep
+
+        try:  # cheap checks first: nothing here loads model weights
+            self.prepare()
+        except input_errors() as err:
+            raise UserError(str(err)) from None
+        failures = run_sweep(
+            self.args, argv, self.script, self.inputs, self.spec(), self.datasets, self.plan, self.job(),
+            units=self.units, unit_name=self.unit_name, cost=self.cost, columns=self.columns(),
+            derived=self.derived, finish=self.finish if self.derived else None,
+        )
+        if isinstance(failures, int):
+            return failures
+        print_failures(failures)
+        if failures and self.derived:  # the derived datasets wait for every shard
+            return 1
+        results = self.load(self.inputs.out)
+        if self.is_empty(results):
+            print(f"no finished shards in {self.inputs.out}; re-run the same command to retry", file=sys.stderr)
+            return 1
+        options = self.analysis_options(self.args, self.inputs.out)
+        self.check_options(results, options)
+        for line in self.summary(results, options):
+            print(line)
+        if not self.args.no_report:
+            self.report(results, options)
+        return 1 if failures else 0
+
+    # -- results: the sweep's last step, and `interp-sweeps analyze NAME DIR` -------
+
+    @classmethod
+    def analysis_parser(cls, prog: str) -> ArgumentParser:
+        parser = ArgumentParser(prog=prog, description=f"Tables, figures and a W&B run from a {cls.name} "
+                                "sweep's results directory.")
+        cls.add_analysis_arguments(parser)
+        return parser
+
+    @classmethod
+    def add_analysis_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("out", help="the sweep's --out directory or URI")
+        parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+                            help="W&B logging: offline (default), online or disabled")
+        parser.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
+        parser.add_argument("--allow-mixed-specs", action="store_true",
+                            help="read shard files written under different sweep specs together (refused by default)")
+        add_verbose_option(parser)
+        cls.add_analysis_options(parser)
+
+    @classmethod
+    def add_analysis_options(cls, parser: argparse.ArgumentParser) -> None:
+        """Options of the summary and report only (they never change the results)."""
+
+    @classmethod
+    def analysis_options(cls, args: argparse.Namespace, out) -> argparse.Namespace:
+        """The analysis options after a sweep: their defaults, overridden by the sweep's own
+        options of the same name (``--top``, ``--min-break``, ``--wandb``, ...)."""
+        options = cls.analysis_parser(cls.name).parse_args([str(out)])
+        for key in vars(options):
+            if key != "out" and hasattr(args, key):
+                setattr(options, key, getattr(args, key))
+        return options
+
+    @staticmethod
+    def load(out, allow_mixed: bool = False):
+        """The results under ``out`` (raises ``analysis.results.ResultsError``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def is_empty(cls, results) -> bool:
+        """No finished shard is in yet."""
+        return False
+
+    @classmethod
+    def check_options(cls, results, options: argparse.Namespace) -> None:
+        """Check the analysis options against the results (raise ``UserError``)."""
+
+    @classmethod
+    def summary(cls, results, options: argparse.Namespace) -> list[str]:
+        """The lines printed at the end of the sweep (and by analyze)."""
+        raise NotImplementedError
+
+    @classmethod
+    def report(cls, results, options: argparse.Namespace) -> None:
+        """Figures, tables and the W&B run."""
+        raise NotImplementedError
+
+    @classmethod
+    def analyze(cls, argv: list[str], prog: str) -> int:
+        """``interp-sweeps analyze NAME DIR [options]``: summary and report from saved results."""
+        from analysis.results import ResultsError
+        from sweeps.runtime.console import set_verbose
+
+        options = cls.analysis_parser(prog).parse_args(argv)
+        set_verbose(options.verbose)
+        try:
+            results = cls.load(options.out, options.allow_mixed_specs)
+            if cls.is_empty(results):
+                raise UserError(f"{options.out} holds no finished shards yet")
+            cls.check_options(results, options)
+        except (ResultsError, UserError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for line in cls.summary(results, options):
+            print(line)
+        cls.report(results, options)
+        return 0

@@ -1,0 +1,236 @@
+"""Circuit evaluation as a command (the worker's side: ``sweeps/jobs/circuit.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+from sweeps.registry.base import Sweep
+from sweeps.registry.cli import UserError
+
+
+def parse_sizes(text: str | None) -> list[float]:
+    """``"0.01,0.1,1"`` -> sorted fractions; a one-line error for anything outside (0, 1]."""
+    from sweeps.core.circuit_eval import default_sizes
+
+    if text is None:
+        return [s for s in default_sizes() if s > 0]
+    sizes = set()
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise UserError(f"--sizes item {item!r} is not a number") from None
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise UserError(f"--sizes item {item!r} must be a fraction in (0, 1]")
+        sizes.add(value)
+    if not sizes:
+        raise UserError("--sizes is empty; give e.g. 0.001,0.01,0.1,1")
+    return sorted(sizes)
+
+
+class CircuitSweep(Sweep):
+    """Circuit evaluation: how faithful is a circuit, and how fast does a ranking find one?
+
+A circuit keeps its edges (or nodes) clean and takes everything outside it from
+the corrupt run: at edge level each downstream input (q of each head, k and v of
+each key/value head, each MLP's input, the final stream) receives this run's
+value of the upstream nodes whose edge is in the circuit and the corrupt run's
+value of the rest; at node level every node outside the circuit (the embeddings,
+a head, an MLP) gives its corrupt output to every reader. Faithfulness =
+(m(C) - m(corrupt)) / (m(clean) - m(corrupt)): 1 is the full model, 0 the
+corrupt run (the empty circuit is exactly the corrupt run, the full one the
+clean run).
+
+--from DIR evaluates the top edges (or nodes) of an attribution result at each
+of --sizes (fractions of all edges or nodes, top by |score|): a faithfulness
+curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
+between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
+exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
+circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
+(upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
+L5H1->resid_final: the names the attribution sweep prints).
+
+One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
+faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
+faithfulness) and summary.json (cpr, cmd per curve) under --out, a plot
+(faithfulness.png/.html) and a W&B run. Model and task default to the first
+--from result's.
+
+Examples:
+  python sweeps/attribution.py --model tiny-gpt2 --executor local
+  python sweeps/circuit.py --from results/attribution/tiny-gpt2__ioi --executor local
+  python sweeps/circuit.py --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
+  python sweeps/circuit.py --circuit my_circuit.yaml --model gpt2-small
+  ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
+"""
+
+    name = "circuit"
+    script = "sweeps/circuit.py"
+    summary_line = "circuit evaluation: faithfulness of circuits and of rankings (CPR, CMD)"
+    datasets = ("circuit_sums",)
+    derived = ("faithfulness",)
+    unit_name = "circuit"
+
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_options(parser)
+        parser.set_defaults(model=None, task=None)  # default: the first --from result's
+        g = parser.add_argument_group("circuit evaluation")
+        what = g.add_mutually_exclusive_group(required=True)
+        what.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
+                          help="attribution results (sweeps/attribution.py --out): one faithfulness curve each")
+        what.add_argument("--circuit", metavar="FILE", help="one circuit: a JSON/YAML list of nodes or of edges")
+        g.add_argument("--level", choices=("node", "edge"),
+                       help="with --from: rank edges (default) or nodes; with --circuit: what the file lists")
+        g.add_argument("--sizes", metavar="LIST",
+                       help="comma-separated fractions in (0, 1] of the edges (nodes) to keep, top by |score| "
+                       "(default: 16 log-spaced from 0.001 to 1)")
+
+    def prepare(self) -> None:
+        from sweeps.core.attribution import build_graph
+        from sweeps.core.bridge_path import GraphConfig
+        from sweeps.core.circuits import CircuitError, read_graph_circuit
+        from sweeps.jobs.circuit import Curve, plan_circuits
+        from sweeps.runtime.models import DEFAULT_MODEL
+
+        args = self.args
+        self.sizes = parse_sizes(args.sizes)
+        if args.sources:  # model, task and prompts default to the first result's
+            from sweeps.runtime.location import Location, LocationError
+
+            try:
+                first = Location.parse(args.sources[0]) / "sweep.json"
+                spec0 = json.loads(first.read_text()) if first.is_file() else {}
+            except (LocationError, OSError, json.JSONDecodeError):
+                spec0 = {}
+            args.model = args.model or spec0.get("model")
+            args.task = args.task or spec0.get("task")
+            if args.n_prompts is None and spec0.get("n_prompts") and args.task == spec0.get("task"):
+                args.n_prompts = int(spec0["n_prompts"])
+            args.level = args.level or "edge"
+        args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
+        super().prepare()
+        info = self.inputs.info
+        if info.path != "fast":
+            raise UserError(f"circuit evaluation runs on the fast path's families; {args.model} runs on the "
+                            "bridge path")
+        graph = build_graph(GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads,
+                                        not info.has_mlp, info.parallel))
+        if args.circuit:
+            try:
+                level, member = read_graph_circuit(Path(args.circuit), graph)
+            except CircuitError as err:
+                raise UserError(str(err)) from None
+            if args.level and args.level != level:
+                raise UserError(f"--level {args.level}, but {args.circuit} lists {level}s")
+            args.level = level
+            self.curves = [Curve(Path(args.circuit).name, args.circuit, level, fixed=tuple(member))]
+        else:
+            self.curves = self._curves_from_results(graph)
+        self.n_circuits = len(plan_circuits(self.curves, self.sizes, set()))
+
+    def _curves_from_results(self, graph) -> list:
+        """One ranking a --from directory: its edge (or node) scores in graph order."""
+        from analysis.attribution import load_attribution_results
+        from analysis.results import ResultsError
+        from sweeps.core.circuits import graph_edges
+        from sweeps.core.nodes import edge_name
+        from sweeps.jobs.circuit import Curve
+
+        args = self.args
+        curves, labels = [], set()
+        for source in args.sources:
+            try:
+                results = load_attribution_results(source)
+            except ResultsError as err:
+                raise UserError(f"--from {source}: {err}") from None
+            if results.spec.get("model") != args.model:
+                raise UserError(f"--from {source} holds results for {results.spec.get('model')}, not {args.model}")
+            if args.level == "node":
+                by = dict(zip(results.nodes.node, results.nodes.score))
+                names = list(graph.upstream)
+            else:
+                if results.edges.empty:
+                    raise UserError(f"--from {source} has no edge scores ({results.method} scored nodes only); "
+                                    "use --level node")
+                by = {(u, d, i): s for u, d, i, s in zip(results.edges.upstream, results.edges.downstream,
+                                                             results.edges.input, results.edges.score)}
+                names = [(u, d.name, d.input) for u, d in graph_edges(graph)]
+            missing = [n for n in names if n not in by]
+            if missing:
+                example = missing[0] if isinstance(missing[0], str) else edge_name(*missing[0])
+                raise UserError(f"--from {source}: no score for {len(missing)} of the model's {args.level}s "
+                                f"(e.g. {example}); is it an attribution result for this model?")
+            label = results.method + (f" ({results.spec.get('ig_steps')} steps)"
+                                      if results.method.startswith("eap-ig") else "")
+            if label in labels:
+                label = f"{label} [{Path(str(source)).name}]"
+            labels.add(label)
+            curves.append(Curve(label, str(source), args.level, scores=tuple(float(by[n]) for n in names)))
+        return curves
+
+    def spec(self) -> dict:
+        args, task, curves = self.args, self.inputs.task, self.curves
+        fingerprint = hashlib.blake2b(repr([(c.label, c.scores, c.fixed) for c in curves]).encode(),
+                                      digest_size=8).hexdigest()
+        return {
+            "sweep": "circuit", "model": args.model, "task": task.name, "task_params": task.params,
+            "task_hash": task.fingerprint(), "seed": args.seed, "metric": task.kind, "n_prompts": task.n_prompts,
+            "level": args.level, "sizes": self.sizes, "curves": [[c.label, c.source] for c in curves],
+            "curves_hash": fingerprint, "n_circuits": self.n_circuits,
+        }
+
+    def plan(self, done: set[str]) -> tuple[list, str]:
+        from sweeps.jobs.circuit import plan_circuits
+
+        todo = plan_circuits(self.curves, self.sizes, done)
+        return todo, (f"circuit evaluation ({self.args.level} level): {self.args.model} on "
+                      f"{self.inputs.task.name}, {len(self.curves)} curve(s), {self.n_circuits} circuits, "
+                      f"{self.n_circuits - len(todo)} done, {len(todo)} to run")
+
+    def job(self):
+        from sweeps.jobs.circuit import CircuitJob
+
+        return CircuitJob(self.inputs.task, self.curves)
+
+    def finish(self, store) -> None:
+        """faithfulness/ and summary.json."""
+        import pyarrow as pa
+
+        results = self.load(self.inputs.out)
+        store.write_derived("faithfulness", pa.Table.from_pandas(results.faithfulness, preserve_index=False))
+        summary = results.summary()
+        (store.out / "summary.json").write_atomic(json.dumps({
+            "clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
+            "n_points": results.n_points, "curves": json.loads(summary.to_json(orient="records")),
+        }, indent=2).encode())
+
+    # -- results ---------------------------------------------------------------------
+
+    @staticmethod
+    def load(out, allow_mixed: bool = False):
+        from analysis.circuit import load_circuit_results
+
+        return load_circuit_results(out, allow_mixed)
+
+    @classmethod
+    def summary(cls, results, options: argparse.Namespace) -> list[str]:
+        from analysis.circuit import summary_lines
+
+        if not results.complete:
+            print(f"warning: {len(results.faithfulness)} of {results.spec.get('n_circuits')} circuits are in",
+                  file=sys.stderr)
+        return ["", *summary_lines(results)]
+
+    @classmethod
+    def report(cls, results, options: argparse.Namespace) -> None:
+        from analysis.report import write_circuit_report
+
+        write_circuit_report(results, options.wandb, options.wandb_project)
