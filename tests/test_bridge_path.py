@@ -108,6 +108,27 @@ def test_exact_attribution_through_the_bridge_equals_the_fast_path(both, name):
 
 
 @pytest.mark.parametrize("name", BOTH_PATHS)
+def test_eap_ig_inputs_through_the_bridge_equals_the_fast_path(both, name):
+    """``--method eap-ig-inputs`` on both paths (the job's own shard code): the bridge
+    interpolates its block-0 input by a hook, the fast path its embedded tokens; three steps
+    move the scores away from plain EAP, and both paths move them the same way."""
+    from sweeps.jobs.attribution import AttributionJob, AttributionShard
+
+    fast, bridge, task = both[name]
+    shard = AttributionShard(0, task.n_prompts)
+    edges = {}
+    for path, model in (("fast", fast), ("bridge", bridge)):
+        for steps in (1, 3):
+            tables = AttributionJob(task, "eap-ig-inputs", steps).bind(model).run_shard(shard)
+            edges[path, steps] = tables["edge_sums"].column("raw").to_numpy()
+    assert np.abs(edges["fast", 3] - edges["fast", 1]).max() > 1e-3 * np.abs(edges["fast", 1]).max()
+    for steps in (1, 3):
+        np.testing.assert_allclose(edges["bridge", steps], edges["fast", steps], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="fast path's families only"):
+        AttributionJob(task, "eap-ig-activations", 3).bind(bridge)
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
 def test_task_report_through_the_bridge_equals_the_fast_path(both, name):
     fast, bridge, task = both[name]
     ours, theirs = task_report(fast.weights, task), bridge_path.task_report(bridge.bridge, task)
@@ -160,6 +181,13 @@ def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, caps
     assert scale.main([*common, "--nodes", "L1H0,mlp0", "--scales", "0,2", "--pairs", "task", "--executor", "local",
                        "--out", str(tmp_path / "s")]) == 0
     assert attribution.main([*common, "--verify-top", "2", "--executor", "local", "--out", str(tmp_path / "a")]) == 0
+    assert attribution.main([*common, "--method", "eap-ig-inputs", "--ig-steps", "2", "--verify-top", "0",
+                             "--executor", "local", "--out", str(tmp_path / "ig")]) == 0
+    ig = pq.read_table(tmp_path / "ig" / "edges").to_pandas()
+    assert set(ig["method"]) == {"eap-ig-inputs"} and np.isfinite(ig["score"]).all() and (ig["score"] != 0).any()
+    capsys.readouterr()
+    assert attribution.main([*common, "--method", "eap-ig-activations", "--out", str(tmp_path / "no")]) == 2
+    assert "fast path's families" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert report.main([*common, "--out", str(tmp_path / "r")]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["model"]["path"] == "bridge"

@@ -464,7 +464,7 @@ def _edge_scores_of_run(w, graph, trace, g_final, flat, scratch) -> Tensor:
     return torch.cat(parts[::-1])
 
 
-def _ig_alphas(steps: int) -> list[float]:
+def ig_alphas(steps: int) -> list[float]:
     """The interpolation points ``k / steps``, k = 1..steps (a right Riemann sum that ends at
     the clean run: one step is plain EAP), the clean end first."""
     return [k / steps for k in range(steps, 0, -1)]
@@ -512,7 +512,7 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
             # projection and norm, against every upstream change written before it; the
             # backward runs block by block from the last (``_gradient_rows``).
             edge_scores = _edge_scores_of_run(w, graph, clean, g_final, flat, scratch)
-            for alpha in _ig_alphas(steps)[1:] if method == "eap-ig-inputs" else ():
+            for alpha in ig_alphas(steps)[1:] if method == "eap-ig-inputs" else ():
                 with torch.enable_grad():
                     run = forward(w, corrupt_embedded + alpha * d_embed, record=CLEAN_RECORD, cut=True)
                     _, g = _metric_gradient(w, run, task, scratch)
@@ -549,7 +549,7 @@ def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, 
             groups.append(("mlp", layer, [upstream_row(cfg, layer, None)]))
     for kind, layer, upstream in groups:
         first_row = upstream[0]
-        for alpha in _ig_alphas(steps):
+        for alpha in ig_alphas(steps):
             if kind == "embed":
                 edit = tf.Edit("resid_pre", 0, replace=lambda x, a=alpha: x - (1 - a) * d_embed)
             elif kind == "heads":

@@ -377,15 +377,20 @@ def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
     return total
 
 
-def attribute(bridge, graph, task: TaskData):
+def attribute(bridge, graph, task: TaskData, steps: int = 1):
     """Node and edge scores of one batch (``attribution.BatchAttribution``) from one corrupt
-    forward and one clean forward and backward of the bridge, with gradients kept at every
+    forward and ``steps`` forwards and backwards of the bridge, with gradients kept at every
     downstream input: each head's own copy of the stream for q, k and v (split inputs), the
     MLP's normalised input (pulled back through its weight-free norm by hand) and the final
     stream. Node scores are taken directly (the gradient where the node writes), and the
     edges are checked against them: by the chain rule a node's edges sum to its score, so a
-    bridge whose hooks do not see the graph this way raises instead of returning scores."""
-    from sweeps.core.attribution import BatchAttribution, node_scores, norm_vjp_
+    bridge whose hooks do not see the graph this way raises instead of returning scores.
+
+    ``steps`` > 1 is EAP-IG-inputs: the gradients are averaged over runs whose embedded
+    inputs (``blocks.0.hook_resid_pre``) lie at ``k / steps`` (k = steps..1) of the way from
+    the corrupt to the clean ones, the first of them the clean run itself; the changes they
+    multiply stay ``clean − corrupt`` (as ``attribution.attribute``)."""
+    from sweeps.core.attribution import BatchAttribution, ig_alphas, node_scores, norm_vjp_
 
     L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp
@@ -395,11 +400,17 @@ def attribute(bridge, graph, task: TaskData):
     reads = ([f"blocks.{l}.hook_{x}_input" for l in range(L) for x in "qkv"]
              + [f"blocks.{l}.mlp.hook_in" for l in range(L)] + ["ln_final.hook_in"]
              + [f"blocks.{l}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}" for l in range(L)])
-    bridge.set_use_split_qkv_input(True)
-    try:
-        with torch.no_grad():
-            corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+    with torch.no_grad():
+        corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+
+    def run_with_grads(alpha: float) -> tuple[dict[str, Tensor], Tensor]:
+        """One forward (inputs ``alpha`` of the way from corrupt to clean) and backward: every
+        write and read with its gradient, and the metric."""
         acts: dict[str, Tensor] = {}
+
+        def interpolate(act, hook):
+            base = corrupt["blocks.0.hook_resid_pre"]
+            return base + alpha * (act - base)
 
         def keep(name: str):
             def hook(act, hook):
@@ -411,22 +422,29 @@ def attribute(bridge, graph, task: TaskData):
                 return act
             return hook
 
-        with torch.enable_grad():
-            logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, keep(n)) for n in sorted(set(writes) | set(reads))])
-            clean_metric = metric_sum(logits, task)
-            clean_metric.backward()
-    finally:
-        bridge.set_use_split_qkv_input(False)
+        hooks = [] if alpha == 1 else [("blocks.0.hook_resid_pre", interpolate)]
+        hooks += [(n, keep(n)) for n in sorted(set(writes) | set(reads))]
+        bridge.set_use_split_qkv_input(True)
+        try:
+            with torch.enable_grad():
+                metric = metric_sum(bridge.run_with_hooks(task.clean, fwd_hooks=hooks), task)
+                metric.backward()
+        finally:
+            bridge.set_use_split_qkv_input(False)
+        return acts, metric.detach()
+
+    acts, clean_metric = run_with_grads(1.0)
+    clean_acts = acts
 
     def delta(u: str) -> Tensor:
         if u == "embed":
-            return acts["blocks.0.hook_resid_pre"].detach() - corrupt["blocks.0.hook_resid_pre"]
+            return clean_acts["blocks.0.hook_resid_pre"].detach() - corrupt["blocks.0.hook_resid_pre"]
         node = node_from_name(u)
         if node.head is None:
             name = f"blocks.{node.layer}.hook_mlp_out"
-            return acts[name].detach() - corrupt[name]
+            return clean_acts[name].detach() - corrupt[name]
         name = f"blocks.{node.layer}.attn.hook_z"
-        dz = acts[name].detach()[:, :, node.head] - corrupt[name][:, :, node.head]
+        dz = clean_acts[name].detach()[:, :, node.head] - corrupt[name][:, :, node.head]
         return dz @ W_O[node.layer, node.head]
 
     def grad_after(u: str) -> Tensor:
@@ -445,19 +463,27 @@ def attribute(bridge, graph, task: TaskData):
 
     with torch.no_grad():
         deltas = {u: delta(u) for u in graph.upstream}
-        nodes = torch.tensor([float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream], dtype=torch.float64)
-        edges = []
-        for d, p in zip(graph.downstream, graph.prefix):
-            g = grad_at(d)
-            edges += [float((g * deltas[u]).sum()) for u in graph.upstream[:p]]
-        edges = torch.tensor(edges, dtype=torch.float64)
+    nodes = torch.zeros(len(graph.upstream), dtype=torch.float64)
+    edges = torch.zeros(graph.n_edges, dtype=torch.float64)
+    for alpha in ig_alphas(steps):
+        if alpha != 1:
+            acts, _ = run_with_grads(alpha)
+        with torch.no_grad():
+            nodes += torch.tensor([float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream],
+                                  dtype=torch.float64)
+            run_edges = []
+            for d, p in zip(graph.downstream, graph.prefix):
+                g = grad_at(d)
+                run_edges += [float((g * deltas[u]).sum()) for u in graph.upstream[:p]]
+            edges += torch.tensor(run_edges, dtype=torch.float64)
+    nodes, edges = nodes / steps, edges / steps
     summed = node_scores(graph, edges)
     error = float((summed - nodes).abs().max() / nodes.abs().max().clamp(min=1e-6))
     if error > 1e-3:
         raise BridgePathError(f"attribution through the bridge's hooks: a node's edges do not sum to its score "
                               f"(relative error {error:.1e}); this architecture's inputs are not hooked as the graph assumes")
     return BatchAttribution(
-        nodes=nodes, edges=edges, clean_metric=float(clean_metric.detach()),
+        nodes=nodes, edges=edges, clean_metric=float(clean_metric),
         corrupt_metric=float(metric_sum(corrupt_logits, task)), n_points=int(effect_points(bridge, task).n),
     )
 

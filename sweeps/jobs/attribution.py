@@ -124,15 +124,18 @@ class AttributionJob:
     _graph: A.Graph | None = field(default=None, repr=False)
     _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
 
-    def bind(self, model) -> None:
-        self._bridge = bridge_path.bridge_of(model)
+    def bind(self, model) -> "AttributionJob":
+        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
+        self._weights, self._bridge = bridge_path.replica(model)
         if self._bridge is not None:
+            if self.method == "eap-ig-activations":
+                raise ValueError("eap-ig-activations runs on the fast path's families only")
             bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
             self._graph = A.build_graph(bridge_path.graph_config(self._bridge))
-            return
-        self._weights = model.weights
-        self._graph = A.build_graph(model.weights.cfg)
+            return self
+        self._graph = A.build_graph(self._weights.cfg)
         self._scratch = A.Scratch()
+        return self
 
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
@@ -140,8 +143,9 @@ class AttributionJob:
             return {"verify_sums": self._verify(batch, shard)}
         if self.method == "exact":
             return attribution_tables(self._graph, self._exact(batch), shard)
-        if self._bridge is not None:  # one clean forward and backward and one corrupt forward a batch
-            return attribution_tables(self._graph, bridge_path.attribute(self._bridge, self._graph, batch), shard)
+        if self._bridge is not None:  # one corrupt forward and `steps` forwards and backwards a batch
+            scores = bridge_path.attribute(self._bridge, self._graph, batch, self.steps)
+            return attribution_tables(self._graph, scores, shard)
         w, graph = self._weights, self._graph
         per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
         scratch = self._scratch

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from sweeps.core import attribution as A
+from sweeps.core import bridge_path
 from sweeps.core import circuit_eval as CE
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
@@ -99,15 +100,17 @@ class CircuitJob:
     _graph: A.Graph | None = field(default=None, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
 
-    def bind(self, model) -> None:
-        if getattr(model, "weights", None) is None:
+    def bind(self, model) -> "CircuitJob":
+        """Use ``model`` (a loaded model or fast-path weights) from now on; returns the job."""
+        self._weights, bridge = bridge_path.replica(model)
+        if bridge is not None:
             raise ValueError("circuit evaluation runs on the fast path's families only")
-        self._weights = model.weights
-        self._graph = A.build_graph(model.weights.cfg)
+        self._graph = A.build_graph(self._weights.cfg)
         for curve in self.curves:
             expected = self._graph.n_edges if curve.level == "edge" else len(self._graph.upstream)
             if curve.n_candidates != expected:
                 raise ValueError(f"curve {curve.label}: {curve.n_candidates} {curve.level}s, the model has {expected}")
+        return self
 
     def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
         w, graph, task = self._weights, self._graph, self.task

@@ -87,9 +87,9 @@ Examples:
             args.out = f"{default_out('attribution', args.model, args.task)}__{args.method}"
         super().prepare()
         info = self.inputs.info
-        if args.method.startswith("eap-ig") and info.path != "fast":
-            raise UserError(f"--method {args.method} runs on the fast path's families; {args.model} runs on the "
-                            "bridge path: use --method eap or exact")
+        if args.method == "eap-ig-activations" and info.path != "fast":
+            raise UserError(f"--method eap-ig-activations runs on the fast path's families; {args.model} runs on "
+                            "the bridge path: use --method eap-ig-inputs, eap or exact")
         self.steps = args.ig_steps if args.method.startswith("eap-ig") else 1
         self.exact_edges = args.method == "exact" and info.n_edges <= args.max_exact_edges
         if args.method == "exact" and not self.exact_edges:
