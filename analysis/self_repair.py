@@ -58,20 +58,34 @@ def neuron_table(neurons: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
 
 def neuron_lines(neurons: pd.DataFrame, k: int = 3) -> list[str]:
     """The ``k`` heads whose last-MLP term (on their top points) is largest, in words: how much of
-    it their top neurons carry."""
+    it their top neurons carry. Where the top neurons push both ways and mostly cancel, the line
+    says so and gives both sides, instead of a small net share alone."""
     if neurons is None or neurons.empty:
         return []
-    heads = neuron_table(neurons, "top").groupby(["layer", "head"], as_index=False).agg(
+    table = neuron_table(neurons, "top")
+    table = table.assign(with_term=table.share.clip(lower=0), against_term=table.share.clip(upper=0))
+    heads = table.groupby(["layer", "head"], as_index=False).agg(
         n=("rank", "size"), mlp_layer=("mlp_layer", "first"), mlp_term=("mlp_term", "first"),
-        top_share=("top_share", "first"), first=("neuron", "first"), first_share=("share", "first"))
+        top_share=("top_share", "first"), first=("neuron", "first"), first_share=("share", "first"),
+        with_term=("with_term", "sum"), against_term=("against_term", "sum"))
     heads = heads.reindex(heads.mlp_term.abs().sort_values(ascending=False).index).head(k)
     lines = []
     for row in heads.itertuples():
         what = "repair" if row.mlp_term > 0 else "anti-repair (it deepens the ablation)"
-        lines.append(f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
-                     f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}; neuron {row.first} alone "
-                     f"{row.first_share:.0%})")
+        start = (f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
+                 f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}")
+        if cancelling(row.with_term, row.against_term):
+            lines.append(f"{start}), but only as a balance: {row.with_term:.0%} with the term, "
+                         f"{row.against_term:.0%} against it (neuron {row.first} alone {row.first_share:.0%})")
+        else:
+            lines.append(f"{start}; neuron {row.first} alone {row.first_share:.0%})")
     return lines
+
+
+def cancelling(with_term: float, against_term: float) -> bool:
+    """Neurons that push both ways by more than their net share: each side is over half the term,
+    and the two together more than twice what is left of it."""
+    return with_term > 0.5 and against_term < -0.5 and with_term - against_term > 2 * abs(with_term + against_term)
 
 
 def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,

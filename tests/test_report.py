@@ -82,3 +82,26 @@ def test_the_printed_self_repair_fraction_leaves_out_heads_whose_direct_effect_i
     line = [l for l in summary_lines(pd.DataFrame(rows), 0.5, 3) if "self-repair fraction" in l][0]
     assert "over the 3 heads whose |direct effect| is at least 10% of the largest" in line
     assert "+0.10 in the first layers, +0.50 in the last" in line  # the noisy head's 50 is left out
+
+
+def test_the_neuron_line_says_when_the_top_neurons_cancel():
+    """Two heads' last-MLP terms split over three neurons: for L1H0 the neurons all push with the
+    term (the line gives the net share); for L1H1 two of them push +110 % and −105 % and leave
+    +10 %: the line gives both sides, not the small net share alone."""
+    import pandas as pd
+
+    from analysis.self_repair import neuron_lines
+
+    rows = []
+    for head, term, deltas in [(0, 0.2, [0.1, 0.06, 0.02]), (1, 0.1, [-0.105, 0.11, 0.005])]:
+        order = sorted(range(3), key=lambda i: -abs(deltas[i]))
+        shares = [deltas[i] / term for i in order]
+        for rank, i in enumerate(order, start=1):
+            rows.append(dict(layer=1, head=head, selection="top", rank=rank, neuron=100 + i, mlp_layer=2,
+                             delta_de=deltas[i], clean_de=0.0, share=shares[rank - 1],
+                             cum_share=sum(shares[:rank]), top_share=sum(shares), mlp_term=term, n_points=4))
+    first, second = neuron_lines(pd.DataFrame(rows))
+    assert "L1H0" in first and "carry 90% of its repair" in first and "neuron 100 alone 50%" in first
+    assert "balance" not in first
+    assert "L1H1" in second and "carry 10% of its repair" in second
+    assert "only as a balance: 115% with the term, -105% against it (neuron 101 alone 110%)" in second
