@@ -129,6 +129,28 @@ def test_eap_ig_inputs_through_the_bridge_equals_the_fast_path(both, name):
 
 
 @pytest.mark.parametrize("name", BOTH_PATHS)
+def test_circuit_evaluation_through_the_bridge_equals_the_fast_path(both, name):
+    """The same edge and node circuits (random, a third of the graph) evaluated by hooks on
+    the bridge's forward and by the fast path's edge masks give the same metric; the bridge's
+    empty and full circuits are its corrupt and clean runs."""
+    from sweeps.core import circuit_eval as CE
+
+    fast, bridge, task = both[name]
+    graph = A.build_graph(bridge_path.graph_config(bridge.bridge))
+    ours, theirs = CE.CircuitRunner(fast.weights, graph, task), bridge_path.CircuitRunner(bridge.bridge, graph, task)
+    generator = torch.Generator().manual_seed(0)
+    nodes = {u for u in graph.upstream if torch.rand((), generator=generator) < 0.5}
+    masks = [torch.rand(graph.n_edges, generator=generator) < 0.3, CE.node_edge_mask(graph, nodes),
+             torch.zeros(graph.n_edges, dtype=torch.bool), torch.ones(graph.n_edges, dtype=torch.bool)]
+    values = [(theirs.metric(m), ours.metric(m)) for m in masks]
+    for got, expected in values:
+        assert got == pytest.approx(expected, abs=1e-4, rel=1e-4)
+    assert values[2][0] == pytest.approx(theirs.corrupt_metric, abs=1e-4)
+    assert values[3][0] == pytest.approx(theirs.clean_metric, abs=1e-4)
+    assert abs(values[0][0] - theirs.clean_metric) > 1e-3 and abs(values[0][0] - theirs.corrupt_metric) > 1e-3
+
+
+@pytest.mark.parametrize("name", BOTH_PATHS)
 def test_task_report_through_the_bridge_equals_the_fast_path(both, name):
     fast, bridge, task = both[name]
     ours, theirs = task_report(fast.weights, task), bridge_path.task_report(bridge.bridge, task)
@@ -168,9 +190,9 @@ class _ScaledLogits:
 @pytest.mark.parametrize("name", BRIDGE_ONLY)
 def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, capsys):
     """StableLM, Falcon, Cohere and Mixtral: backup, scale, attribution (with real patching of
-    its top scores) and the report, from the command line; the manifest and the rows say
-    which path ran."""
-    from sweeps import attribution, backup, report, scale
+    its top scores, and EAP-IG), circuit evaluation and the report, from the command line; the
+    manifest and the rows say which path ran."""
+    from sweeps import attribution, backup, circuit, report, scale
 
     info = models.describe_model(name)
     assert info.path == "bridge"
@@ -188,6 +210,10 @@ def test_every_command_runs_on_a_family_without_a_fast_path(tmp_path, name, caps
     capsys.readouterr()
     assert attribution.main([*common, "--method", "eap-ig-activations", "--out", str(tmp_path / "no")]) == 2
     assert "fast path's families" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert circuit.main(["--from", str(tmp_path / "ig"), "--sizes", "0.05,1", "--wandb", "disabled",
+                         "--executor", "local", "--out", str(tmp_path / "c")]) == 0
+    faith = pq.read_table(tmp_path / "c" / "faithfulness").to_pandas().sort_values("size")
+    assert len(faith) == 2 and faith.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-4)  # all edges: clean
     assert report.main([*common, "--out", str(tmp_path / "r")]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["model"]["path"] == "bridge"

@@ -330,9 +330,16 @@ def test_model_shape_counts_the_attribution_graph(loaded_model):
     """``ModelInfo.n_edges`` (from the config alone, before loading) is the built graph's."""
     from sweeps.core.attribution import build_graph
 
+    from sweeps.core import bridge_path
+
     for name in ("tiny-gpt2", "tiny-llama", "tiny-pythia"):
         info = models.describe_model(name)
         graph = build_graph(loaded_model(name).weights.cfg)
+        assert (info.n_edges, info.n_nodes) == (graph.n_edges, len(graph.upstream)), name
+    # The bridge path: Falcon is multi-query and parallel, Cohere parallel, StableLM neither
+    for name in ("tiny-falcon", "tiny-cohere", "tiny-stablelm"):
+        info = models.describe_model(name)
+        graph = build_graph(bridge_path.graph_config(models.load_model(info).bridge))
         assert (info.n_edges, info.n_nodes) == (graph.n_edges, len(graph.upstream)), name
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from sweeps.core import effects
@@ -544,3 +545,114 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
     finally:
         bridge.set_use_split_qkv_input(False)
     return torch.tensor(out, dtype=torch.float64)
+
+
+class CircuitRunner:
+    """``circuit_eval.CircuitRunner`` through hooks: the metric of circuits of one batch, each a
+    full clean forward of the bridge in which every downstream input (each head's own split
+    q/k/v input, the MLP's normalised input recomputed from its edited stream, the final
+    stream) subtracts ``a_u − a*_u`` of every upstream node whose edge to it is outside the
+    circuit, ``a_u`` taken in this same forward as it is written.
+
+    The two identities of the definition are checked on the batch before any circuit runs
+    (the full circuit is the clean run, the empty one the corrupt run): a bridge whose hooks do
+    not see the graph this way raises ``BridgePathError`` instead of returning wrong numbers."""
+
+    def __init__(self, bridge, graph, task: TaskData):
+        self.bridge, self.graph, self.task = bridge, graph, task
+        L = bridge.cfg.n_layers
+        self.cfg = view(bridge).cfg
+        self.parallel = graph_config(bridge).parallel_attn_mlp
+        self.W_O = bridge.W_O.detach()
+        writes = {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(L)} | {
+            f"blocks.{l}.hook_mlp_out" for l in range(L)}
+        with torch.no_grad():
+            corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+            self.corrupt_out = torch.stack(self._writes(corrupt))  # a*_u: [U B T D]
+            self.corrupt_metric = float(metric_sum(corrupt_logits, task))
+            self.clean_metric = float(metric_sum(bridge(task.clean), task))
+        self.n_points = int(effect_points(bridge, task).n)
+        self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
+        self.row = {(d.layer, d.input, d.head): i for i, d in enumerate(graph.downstream)}
+        n = graph.n_edges
+        for name, mask, expected in (("full", torch.ones(n, dtype=torch.bool), self.clean_metric),
+                                     ("empty", torch.zeros(n, dtype=torch.bool), self.corrupt_metric)):
+            got = self.metric(mask)
+            if abs(got - expected) > 1e-3 * max(1.0, abs(self.clean_metric - self.corrupt_metric)):
+                raise BridgePathError(f"circuit evaluation through the bridge's hooks: the {name} circuit gives "
+                                      f"{got:.4f}, not {expected:.4f}; this architecture's inputs are not hooked "
+                                      "as the graph assumes")
+
+    def _writes(self, cache) -> list[Tensor]:
+        """Each upstream node's write in ``cache``, in graph order: the embedding, ``z_h W_O[h]``
+        of a head, an MLP's output."""
+        out = []
+        for u in self.graph.upstream:
+            if u == "embed":
+                out.append(cache["blocks.0.hook_resid_pre"])
+                continue
+            node = node_from_name(u)
+            if node.head is None:
+                out.append(cache[f"blocks.{node.layer}.hook_mlp_out"])
+            else:
+                out.append(cache[f"blocks.{node.layer}.attn.hook_z"][:, :, node.head] @ self.W_O[node.layer, node.head])
+        return out
+
+    @torch.no_grad()
+    def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
+        """Σ metric over the batch's points with the edges of ``mask`` carrying this run's values
+        and every other edge its upstream node's corrupt-run value."""
+        graph, L = self.graph, self.bridge.cfg.n_layers
+        if mask.shape[0] != graph.n_edges:
+            raise ValueError(f"a circuit mask of {mask.shape[0]} edges for a graph of {graph.n_edges}")
+        mask = mask.to(self.corrupt_out.device)
+        diff = torch.zeros_like(self.corrupt_out)  # a_u − a*_u of this run: row u is written when u runs
+        B, T, D = diff.shape[1:]
+        index = {u: i for i, u in enumerate(graph.upstream)}
+
+        def removed(rows: list[int]) -> Float[Tensor, "n B T D"]:
+            """Σ over each downstream row's out-of-circuit edges of (a_u − a*_u)."""
+            p = graph.prefix[rows[-1]]
+            outside = torch.stack([~mask[self.offsets[i] : self.offsets[i] + p] for i in rows]).to(diff.dtype)
+            return (outside @ diff[:p].flatten(1)).view(len(rows), B, T, D)
+
+        def record(u: str, write=None):
+            def hook(act, hook):
+                value = act if write is None else write(act)
+                diff[index[u]] = value - self.corrupt_out[index[u]]
+                return act
+            return hook
+
+        def heads_of(layer: int):
+            def write_all(z):
+                for h in range(self.bridge.cfg.n_heads):
+                    diff[index[f"L{layer}H{h}"]] = z[:, :, h] @ self.W_O[layer, h] - self.corrupt_out[index[f"L{layer}H{h}"]]
+                return z
+            return lambda act, hook: write_all(act)
+
+        def split_input(layer: int, which: str):
+            def hook(act, hook):  # [B T n D]: each head's own copy of the stream
+                rows = [self.row[layer, which, j] for j in range(act.shape[2])]
+                return act - removed(rows).permute(1, 2, 0, 3)
+            return hook
+
+        hooks = [("blocks.0.hook_resid_pre", record("embed"))]
+        for layer in range(L):
+            hooks += [(f"blocks.{layer}.hook_{x}_input", split_input(layer, x)) for x in "qkv"]
+            hooks.append((f"blocks.{layer}.attn.hook_z", heads_of(layer)))
+            if (layer, "mlp", None) in self.row:
+                seen: dict[str, Tensor] = {}
+                stream = f"blocks.{layer}.{'hook_resid_pre' if self.parallel else 'ln2.hook_in'}"
+                row = self.row[layer, "mlp", None]
+                hooks.append((stream, lambda act, hook, seen=seen: seen.__setitem__("x", act) or act))
+                hooks.append((f"blocks.{layer}.mlp.hook_in", lambda act, hook, seen=seen, row=row:
+                              tf.normalize(self.cfg, seen["x"] - removed([row])[0])))
+                hooks.append((f"blocks.{layer}.hook_mlp_out", record(f"mlp{layer}")))
+        final = len(graph.downstream) - 1
+        hooks.append(("ln_final.hook_in", lambda act, hook: act - removed([final])[0]))
+        self.bridge.set_use_split_qkv_input(True)
+        try:
+            logits = self.bridge.run_with_hooks(self.task.clean, fwd_hooks=hooks)
+        finally:
+            self.bridge.set_use_split_qkv_input(False)
+        return float(metric_sum(logits, self.task))

@@ -97,15 +97,19 @@ class CircuitJob:
     task: TaskData
     curves: list[Curve]
     _weights: object = field(default=None, repr=False)
+    _bridge: object = field(default=None, repr=False)  # the bridge path (``bridge_path.py``), else None
     _graph: A.Graph | None = field(default=None, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
 
     def bind(self, model) -> "CircuitJob":
-        """Use ``model`` (a loaded model or fast-path weights) from now on; returns the job."""
-        self._weights, bridge = bridge_path.replica(model)
-        if bridge is not None:
-            raise ValueError("circuit evaluation runs on the fast path's families only")
-        self._graph = A.build_graph(self._weights.cfg)
+        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
+        self._weights, self._bridge = bridge_path.replica(model)
+        if self._bridge is not None:
+            bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
+            self._graph = A.build_graph(bridge_path.graph_config(self._bridge))
+        else:
+            self._graph = A.build_graph(self._weights.cfg)
+        self._runners = {}
         for curve in self.curves:
             expected = self._graph.n_edges if curve.level == "edge" else len(self._graph.upstream)
             if curve.n_candidates != expected:
@@ -113,24 +117,27 @@ class CircuitJob:
         return self
 
     def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
-        w, graph, task = self._weights, self._graph, self.task
+        graph, task = self._graph, self.task
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
+        device = self._weights.device if self._bridge is None else bridge_path.view(self._bridge).device
         # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
-        per_pass = max(1, tokens_per_pass(w.device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
+        per_pass = max(1, tokens_per_pass(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
         totals = np.zeros(4)
 
         def evaluate(a: int, b: int) -> np.ndarray:
             runner = self._runners.get((a, b))
             if runner is None:
-                runner = CE.CircuitRunner(w, graph, task.select(slice(a, b)))
+                batch = task.select(slice(a, b))
+                runner = (CE.CircuitRunner(self._weights, graph, batch) if self._bridge is None
+                          else bridge_path.CircuitRunner(self._bridge, graph, batch))
                 if len(self._runners) < 64:
                     self._runners[(a, b)] = runner
             return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, runner.n_points])
 
         for _, _, part in map_chunks(task.n_prompts, per_pass, evaluate,
                                      lambda: "out of memory evaluating a circuit on one prompt; use shorter prompts",
-                                     memory_gauge(w.device)):
+                                     memory_gauge(device)):
             totals += part
         return {"circuit_sums": pa.table({
             "curve": [shard.curve], "circuit": [curve.label], "source": [curve.source], "level": [curve.level],

@@ -118,9 +118,6 @@ Examples:
         args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
         super().prepare()
         info = self.inputs.info
-        if info.path != "fast":
-            raise UserError(f"circuit evaluation runs on the fast path's families; {args.model} runs on the "
-                            "bridge path")
         graph = build_graph(GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads,
                                         not info.has_mlp, info.parallel))
         if args.circuit:

@@ -211,6 +211,25 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
     return arch, "bridge", True
 
 
+def _bridge_shape(cfg: dict, n_kv: int, parallel: bool) -> tuple[int, bool]:
+    """(key/value heads, parallel attention and MLP) as TransformerLens's architecture adapter
+    sets them for this config: its own reading of each family's fields (``multi_query`` and
+    ``parallel_attn`` of Falcon, Cohere's parallel blocks, ...), from the config alone. Falls back
+    to the generic fields given if the adapter cannot be built from the config."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformer_lens.model_bridge.sources.transformers import source
+
+        hf_config = CONFIG_MAPPING[cfg["model_type"]](**{k: v for k, v in cfg.items() if k != "model_type"})
+        architecture = source.determine_architecture_from_hf_config(hf_config)
+        bridge_config = source.build_bridge_config_from_hf(hf_config, architecture, "config", None)
+        adapter = source.architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(
+            bridge_config)
+        return int(adapter.cfg.n_key_value_heads or n_kv), bool(adapter.cfg.parallel_attn_mlp)
+    except Exception:  # noqa: BLE001 - the generic reading is the fallback; loading checks the rest
+        return n_kv, parallel
+
+
 def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool, int, bool]:
     """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos, n_kv_heads, parallel) of a
     Hugging Face config dict, or a ModelNameError."""
@@ -221,6 +240,8 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
         n_kv = cfg.get("num_key_value_heads") or n_heads
         parallel = bool(cfg.get("use_parallel_residual", False)) or cfg.get("model_type") == "gptj"
+        if path == "bridge":  # what TransformerLens's adapter will make of it (Falcon: multi-query, parallel)
+            n_kv, parallel = _bridge_shape(cfg, n_kv, parallel)
         return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos, int(n_kv), parallel
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
