@@ -15,6 +15,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m analysis") -> int
     analyzable = {name: cls for name, cls in SWEEPS.items() if cls.analyzable}
     if argv and argv[0] in analyzable:
         return analyzable[argv[0]].analyze(argv[1:], prog=f"{prog} {argv[0]}")
+    if argv and not argv[0].startswith("-"):
+        from sweeps.registry import UserError, sweep_named
+
+        try:
+            sweep_named(argv[0])
+            message = (f"the {argv[0]} command writes its outputs itself; nothing to analyze "
+                       f"(sweeps with results: {', '.join(analyzable)})")
+        except UserError as err:
+            message = str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     parser = ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
     for name in analyzable:

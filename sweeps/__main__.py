@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.__main__ import main as analyze
 
         return analyze(argv[1:], prog="interp-sweeps analyze")
+    commands = [*SWEEPS, "analyze", "validate", "models", "tasks"]
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        from sweeps.registry.cli import did_you_mean
+
+        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; commands: "
+              f"{', '.join(commands)}", file=sys.stderr)
+        return 2
     parser = ArgumentParser(
         prog="interp-sweeps", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distributed ablation sweeps for mechanistic interpretability.",

@@ -439,9 +439,12 @@ def test_every_registered_sweep_has_its_entry_script_subcommand_and_analysis(cap
             with pytest.raises(SystemExit):
                 analyze([name, "--help"])
             assert "the sweep's --out directory" in capsys.readouterr().out, name
-    with pytest.raises(SystemExit) as exit_:  # the report has no results to analyze: its outputs are the report
-        analyze(["report", "x"])
-    assert exit_.value.code == 2 and "invalid choice: 'report'" in capsys.readouterr().err
+    assert analyze(["report", "x"]) == 2  # the report has no results to analyze: its outputs are the report
+    assert "the report command writes its outputs itself" in capsys.readouterr().err
+    assert analyze(["scael", "x"]) == 2
+    assert "unknown sweep 'scael' (did you mean 'scale'?)" in capsys.readouterr().err
+    assert interp_sweeps(["bakup"]) == 2
+    assert "unknown command 'bakup' (did you mean 'backup'?)" in capsys.readouterr().err
 
 
 def test_an_unknown_sweep_is_named_with_the_closest_one():
