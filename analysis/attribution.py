@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.runtime.location import Location
 from sweeps.core.nodes import edge_name
 from sweeps.registry.attribution import AttributionSweep
+from sweeps.runtime.location import Location
 
 DATASETS, DERIVED = AttributionSweep.datasets, AttributionSweep.derived  # what its shards and its finish write
 

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.runtime.location import Location
 from sweeps.registry.backup import BackupSweep
+from sweeps.runtime.location import Location
 
 __all__ = ["BackupResults", "ResultsError", "load_results"]
 

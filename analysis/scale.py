@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import open_results, read_committed
-from sweeps.runtime.location import Location
 from sweeps.registry.scale import ScaleSweep
+from sweeps.runtime.location import Location
 
 STATUS_ORDER = ("in_circuit", "not_in_circuit", "unlabelled")
 

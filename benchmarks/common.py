@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.runtime import models
 from sweeps.core import transformer as tf
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 from tasks.base import TaskData
 

@@ -19,12 +19,12 @@ import statistics
 import torch
 
 from benchmarks.common import Ratio, print_table, timed
-from sweeps.runtime import models
 from sweeps.core import scaling
 from sweeps.core import transformer as tf
-from sweeps.jobs.backup import BackupJob
 from sweeps.core.nodes import Node
+from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.scale import ScaleJob, make_pairs
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 
 MODELS = ("smollm2-135m", "random-gemma3-270m", "random-qwen2.5-0.5b")

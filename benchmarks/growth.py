@@ -13,8 +13,8 @@ import statistics
 
 from benchmarks.backup import middle_layers
 from benchmarks.common import Ratio, forward_logits, print_table, timed
-from sweeps.runtime import models
 from sweeps.jobs.backup import BackupJob
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 
 

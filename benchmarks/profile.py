@@ -12,9 +12,9 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.attribution import _Model
 from benchmarks.common import Setup
 from benchmarks.scale import SCALES
+from sweeps.core.nodes import Node
 from sweeps.jobs.attribution import AttributionJob, AttributionShard
 from sweeps.jobs.backup import BackupJob
-from sweeps.core.nodes import Node
 from sweeps.jobs.scale import ScaleJob, make_pairs
 
 

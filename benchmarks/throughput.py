@@ -28,8 +28,8 @@ import torch
 from benchmarks.backup import sample_layers
 from benchmarks.common import Ratio, print_table, timed
 from benchmarks.scale import SCALES
-from sweeps.jobs.backup import BackupJob
 from sweeps.core.nodes import Node
+from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 

@@ -18,11 +18,11 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import bridge_path
-from sweeps.runtime import models
-from sweeps.jobs.backup import BackupJob
 from sweeps.core.lens import task_report
 from sweeps.core.nodes import Node
+from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.scale import ScaleJob, make_pairs
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 
 BOTH_PATHS = ["tiny-llama3", "tiny-pythia"]  # sequential grouped-query; parallel attention + MLP

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.runtime import chunking
 from sweeps.jobs.backup import BackupJob
+from sweeps.runtime import chunking
 from tasks import TaskSpec, build_task
 
 

@@ -17,10 +17,10 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import effects
-from sweeps.runtime import models
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.jobs.scale import ScaleJob
+from sweeps.runtime import models
 from tasks import TaskSpec, build_task
 from tests.test_attribution import scores_by_derivatives
 

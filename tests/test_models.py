@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sweeps.runtime import models
 from sweeps.core import transformer as tf
+from sweeps.runtime import models
 
 
 def test_describe_reads_shapes_without_weights(monkeypatch):

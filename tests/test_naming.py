@@ -25,8 +25,8 @@ from sweeps.core.nodes import (
     parse_node_pattern,
     parse_nodes,
 )
-from sweeps.jobs.plan import parse_heads, plan_backup, plan_scale
 from sweeps.core.transformer import ModelConfig
+from sweeps.jobs.plan import parse_heads, plan_backup, plan_scale
 
 L, H = 30, 9  # SmolLM2's shape
 

@@ -261,8 +261,8 @@ def test_known_circuit_shows_seed_004s_picture(known, tmp_path, capsys):
 
 
 def test_tl_checkpoint_directory_loads_through_boot_native(known, loaded_model):
-    from sweeps.runtime import models
     from sweeps.core import transformer as tf
+    from sweeps.runtime import models
 
     model, _, _ = known
     info = models.describe_model(str(model))

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from types import SimpleNamespace
-from typing import Any
-
 from sweeps.core import bridge_path, effects
 from sweeps.core import transformer as tf
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
-from sweeps.jobs.plan import Shard
 from sweeps.core.transformer import ModelWeights
+from sweeps.jobs.plan import Shard
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
@@ -106,7 +105,8 @@ def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.
 class BackupJob:
     """The backup sweep on one worker. With fast-path ``weights`` each group of ablations
     restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
-    each ablation is a full forward. Both are set by ``bind``, not pickled with the job."""
+    each ablation is a full forward. Both are set by ``bind`` on the worker: the executors send
+the job unbound."""
 
     task: TaskData
     ablation: str = "resample"

@@ -29,11 +29,11 @@ from torch import Tensor
 
 from sweeps.core import bridge_path, scaling
 from sweeps.core import transformer as tf
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from sweeps.core.circuits import Circuit
 from sweeps.core.nodes import Node
-from sweeps.jobs.plan import ScaleShard
 from sweeps.core.transformer import ModelWeights
+from sweeps.jobs.plan import ScaleShard
+from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
 PAIR_MODES = ("all", "task")
@@ -120,7 +120,7 @@ class NodeStats:
 class ScaleJob:
     """The scale sweep on one worker. With fast-path ``weights`` each patch restarts from its
     node; with a ``bridge`` instead (``bridge_path.py``) each patched row is one full forward of
-    the bridge. Both are set by ``bind``, not pickled with the job."""
+    the bridge. Both are set by ``bind`` on the worker: the executors send the job unbound."""
 
     task: TaskData
     pairs: np.ndarray  # [P, 2] global (base, source), from make_pairs

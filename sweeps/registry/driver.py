@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from sweeps.runtime import console
-from sweeps.runtime.location import Location
 from sweeps.runtime.executors import Failure
+from sweeps.runtime.location import Location
 from sweeps.runtime.store import ResultStore, StoreError, check_out_dir, with_provenance
 
 REPO = Path(__file__).resolve().parents[2]  # the entry scripts (sweeps/backup.py, ...) are relative to it
@@ -116,10 +116,10 @@ class SweepInputs:
 def input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad user input (reported as one line, exit code 2)."""
     from sweeps.core.circuits import CircuitError
-    from sweeps.runtime.models import ModelNameError
     from sweeps.core.nodes import NodeError
     from sweeps.jobs.plan import PlanError
     from sweeps.jobs.scale import PairsError
+    from sweeps.runtime.models import ModelNameError
     from tasks import TaskError
 
     return (ModelNameError, TaskError, PlanError, StoreError, NodeError, CircuitError, PairsError)

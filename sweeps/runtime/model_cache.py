@@ -41,8 +41,8 @@ from typing import Callable
 
 import torch
 
-from sweeps.runtime.provenance import package_versions
 from sweeps.core.transformer import ModelConfig, ModelWeights
+from sweeps.runtime.provenance import package_versions
 
 # Packages whose code turns the source file into weights or a tokenizer.
 CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from sweeps.core import architectures
-from sweeps.runtime import model_cache
 from sweeps.core.transformer import ModelConfig, ModelWeights
+from sweeps.runtime import model_cache
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
