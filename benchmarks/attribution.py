@@ -35,10 +35,6 @@ from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks import TaskSpec, build_task
 
 
-class _Model:
-    def __init__(self, weights):
-        self.weights = weights
-
 
 def _floor(w: tf.ModelWeights, task, per_pass: int) -> None:
     """In the engine's passes (``map_chunks`` with the engine's ``per_pass``)."""
@@ -71,7 +67,7 @@ def _measure(w: tf.ModelWeights, task, rounds: int) -> dict:
     graph = build_graph(w.cfg)
     per_pass = prompts_per_pass(task, graph, w.cfg, w.device)
     job = AttributionJob(task)
-    job.bind(_Model(w))
+    job.bind(w)
     # Warm-ups: the forward, and one pass of the floor and of the engine. A worker's job
     # allocates its large buffers in its first pass and keeps them for all its shards;
     # unwarmed, the first round also timed that (IOI: 4.3 forwards against 3.2 in the

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.attribution import _Model
 from benchmarks.common import Setup
 from benchmarks.scale import SCALES
 from sweeps.core.nodes import Node
@@ -42,7 +41,7 @@ def run(s: Setup) -> list:
     scale.groups()
     _top(lambda: scale.run_node(Node(L // 2, 0), SCALES), f"scale: head L{L // 2}H0 at {len(SCALES)} scales")
     job = AttributionJob(task)
-    job.bind(_Model(w))
+    job.bind(w)
     _top(lambda: job.run_shard(AttributionShard(0, task.n_prompts)), "attribution: the whole dataset")
     print()
     return []

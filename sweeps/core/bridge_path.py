@@ -48,7 +48,7 @@ def replica(model) -> tuple[tf.ModelWeights | None, Any]:
     (``models.LoadedModel``: its fast-path weights, else its bridge), fast-path weights, or a bridge."""
     if isinstance(model, tf.ModelWeights):
         return model, None
-    if hasattr(model, "weights") and hasattr(model, "bridge"):  # a LoadedModel (or any holder of both)
+    if hasattr(model, "weights"):  # a LoadedModel, or any holder of weights (and maybe a bridge)
         return model.weights, bridge_of(model)
     return None, model
 

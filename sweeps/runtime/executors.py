@@ -43,9 +43,11 @@ class Shard(Protocol):
 
 
 class Job(Protocol):
-    """What a sweep asks of a worker: bind to a model, then compute shards."""
+    """What a sweep asks of a worker: bind to a model (``models.LoadedModel``), then compute
+    shards. The jobs of ``sweeps/jobs/`` return themselves from ``bind``; the executors do not
+    need it."""
 
-    def bind(self, model) -> None: ...
+    def bind(self, model) -> Any: ...
 
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]: ...
 
