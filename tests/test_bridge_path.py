@@ -90,6 +90,7 @@ def test_attribution_and_real_patching_through_the_bridge_equal_the_fast_path(bo
                                A.patch_metric(fast.weights, graph, task, targets), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow  # real patching of every node and edge, twice
 @pytest.mark.parametrize("name", BOTH_PATHS)
 def test_exact_attribution_through_the_bridge_equals_the_fast_path(both, name):
     """``--method exact`` on both paths (the job's own shard code): every node and edge."""
