@@ -157,12 +157,9 @@ class Scratch:
     downstream rows, the read-out's logits), each grown to the largest size asked for.
 
     Why: on a CPU a tensor over 32 MB is fresh memory from the kernel every time, and
-    touching fresh memory is slow (measured on this VM: 0.11 s for a first pass over
-    400 MB, 0.01 s for a second). One attribution pass asks for about 700 MB of them.
-    A worker's ``AttributionJob`` keeps one for all its shards, so only its first pass
-    pays for fresh memory (profiled on IOI, one pass a shard: the products that write
-    the upstream changes took 0.78 s a shard with fresh buffers, 0.18 s with kept ones,
-    of about 4 s). Nothing here is a result.
+    touching fresh memory is several times slower than touching it again. One attribution
+    pass asks for about 700 MB of them. A worker's ``AttributionJob`` keeps one for all its
+    shards, so only its first pass pays for fresh memory. Nothing here is a result.
     """
 
     def __init__(self) -> None:
@@ -187,9 +184,9 @@ class NextTokenLogProb(torch.autograd.Function):
     into one reused buffer (``Scratch``) and turned in place into ``softmax − onehot``,
     whose product with ``W_Uᵀ`` is the gradient: ``d logp / dx = W_U[:, t] − W_U softmax``.
     Only ``[P, D]`` is kept. The log-sum-exp is taken by hand (max, in-place exp, sum)
-    because ``logsumexp`` writes a ``[c, V]`` temporary: profiled, it took 40 % of the
-    read-out. Chunks are large: each one reads all of ``W_U`` twice, and on a CPU
-    chunks of 64 rows were slower than autograd's one pass. ``W_U`` and ``b_U`` get no
+    because ``logsumexp`` writes a ``[c, V]`` temporary as large as the chunk's logits.
+    Chunks are large: each one reads all of ``W_U`` twice, so small chunks would read it
+    many times over. ``W_U`` and ``b_U`` get no
     gradient (weights are constants here).
     """
 
@@ -310,12 +307,10 @@ def edge_products(
     ``prefix[-1]`` deltas against every row covers every edge, and the prefixes are
     kept from it. For a block of four layers (``ROWS_PER_PRODUCT``) the corner
     outside the prefixes is about 15 % more multiply-adds than the edges, but one
-    large product reads each delta once and runs near the forward's speed: measured
-    on SmolLM2's blocks (8 prompts × 64 tokens, 2 cores), 0.37–0.44 s a pass against
-    0.48–0.57 s for one product over the common prefix plus one small product per run
-    of equal prefixes (15 rows against at most 39 deltas: a third of the speed). The
-    product is taken delta-major (``deltas @ rowsᵀ``), which ran 15–25 % faster than
-    ``rows @ deltasᵀ`` for these shapes (a long contraction, few rows).
+    large product reads each delta once and runs near the forward's speed per FLOP,
+    where one product per run of equal prefixes (15 rows against at most 39 deltas) is
+    small and slow. The product is taken delta-major (``deltas @ rowsᵀ``), the faster
+    order for these shapes (a long contraction, few rows).
     """
     n = prefix[-1]
     scores = torch.mm(deltas[:n], rows.T)  # [n, R]

@@ -73,11 +73,10 @@ def plan_verify(n_prompts: int, batch_size: int, targets: list[A.Target], done: 
 
 def prompts_per_pass(task: TaskData, graph: A.Graph, cfg, device: torch.device) -> int:
     """Prompts per pass. A token costs the upstream changes ``[U, D]`` plus what autograd
-    keeps, roughly 40 ``D``-sized tensors a layer (measured on SmolLM2: 0.23 GB per prompt
-    of 64 tokens, as estimated). The budget is 2 GiB on a CPU (9 such prompts a pass;
-    passes of 8 ran about 10 % faster than passes of 4, and passes of 16 slower again, as
-    their allocations stop fitting), and 8 GiB for a GPU's first pass (``map_chunks`` then
-    grows the passes to fill its free memory)."""
+    keeps, roughly 40 ``D``-sized tensors a layer. The budget is 2 GiB on a CPU (9 prompts
+    of 64 tokens of SmolLM2 a pass: larger passes stop fitting the allocator's kept memory
+    and run slower, smaller ones pay their fixed costs more often), and 8 GiB for a GPU's
+    first pass (``map_chunks`` then grows the passes to fill its free memory)."""
     budget_floats = ((8 if device.type == "cuda" else 2) << 30) // 4
     per_token = (len(graph.upstream) + 40 * cfg.n_layers) * cfg.d_model
     return max(1, budget_floats // (per_token * int(task.clean.shape[1])))

@@ -5,11 +5,10 @@ then adjusting itself) with a fresh mapping from the kernel, unmapped again on f
 returns freed memory at the top of its heap to the kernel. A forward with autograd keeps
 some 40 tensors of 1–4 MB a layer alive for its backward (about 2 GB for one pass of the
 attribution sweep) and frees them all at the end, so each pass got fresh pages, and
-touching fresh pages is slow on a VM. Allocating 200 tensors of 2 MB a second time took
-102,403 page faults with the defaults and about 7,000 with ``keep_freed_memory``
-(``tests/test_allocator.py``). On one 9-prompt pass of the attribution sweep on SmolLM2
-(2 cores): the clean forward 1.80 s → 1.25 s, its backward 0.98 s → 0.85 s; a forward
-without autograd unchanged.
+touching fresh pages is slow on a VM. With ``keep_freed_memory`` a second round of the
+same allocations reuses the pages instead of faulting them in again
+(``tests/test_allocator.py`` counts the faults); the forward and backward with autograd
+get faster, a forward without autograd does not change.
 
 What it costs: the process keeps memory it freed (up to ``KEEP`` at the top of its heap)
 for itself until it exits, instead of returning it to the system. A worker's peak is

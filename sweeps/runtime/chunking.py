@@ -25,8 +25,8 @@ def out_of_memory(err: BaseException) -> bool:
 def tokens_per_pass(device: torch.device) -> int:
     """How many tokens (copies × prompts × positions) the first restart pass processes.
 
-    On a CPU that stays the pass size: a pass that fits the caches is faster
-    (measured: 8192 tokens of SmolLM2 beat 16384 by 20 % on 2 cores). A GPU wants
+    On a CPU that stays the pass size: a pass that fits the caches is faster than a
+    larger one (``python -m benchmarks --only backup`` measures it). A GPU wants
     large batches: 65,536 tokens to start with, and ``map_chunks`` grows the passes
     after it to fill the memory that is free.
     """
@@ -79,8 +79,8 @@ def memory_gauge(device: torch.device) -> MemoryGauge | None:
 def balanced(n: int, most: int) -> int:
     """The size of the next chunk when ``n`` units go in as few chunks of at most ``most``
     as possible, all within one unit of each other: 9 heads at most 8 a pass go as 5 and 4,
-    not 8 and 1. On a CPU the backup sweep ran 13 % faster per head so at 16 prompts (8 + 1
-    against 5 + 4) and 3 % at 32 (4 + 4 + 1 against 3 + 3 + 3)."""
+    not 8 and 1: on a CPU, passes of equal size run faster per head than one full pass and
+    a small remainder."""
     chunks = -(-n // most)
     return -(-n // chunks)
 

@@ -1,9 +1,9 @@
 """An on-disk cache of what is slow to rebuild: processed weights and the GGUF tokenizer.
 
-De-quantising SmolLM2's GGUF, booting the bridge and folding its norms takes
-15-30 s, and parsing the tokenizer out of the same file 3-6 s more. Every Ray
+De-quantising SmolLM2's GGUF, booting the bridge and folding its norms is most of
+a model's load, and parsing the tokenizer out of the same file adds more. Every Ray
 actor, every CLI run and every test process paid that; from this cache the same
-load takes about a second. A model from a directory (a Hugging Face model, a
+load only reads the processed tensors back. A model from a directory (a Hugging Face model, a
 TransformerLens checkpoint, a hub model's downloaded snapshot) is cached the
 same way: booting and folding its bridge is most of its load too.
 
