@@ -378,6 +378,41 @@ def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
     return total
 
 
+def node_write_names(n_layers: int) -> set[str]:
+    """The hooks ``node_write`` reads: cache these to take every node's write from a run."""
+    return {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(n_layers)} | {
+        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
+
+
+def node_write(cache, W_O: Tensor, u: str) -> Tensor:
+    """What upstream node ``u`` of the attribution graph adds to the stream, from a run's
+    ``cache``: the embedding (block 0's input), ``z_h W_O[h]`` of a head, an MLP's output."""
+    if u == "embed":
+        return cache["blocks.0.hook_resid_pre"]
+    node = node_from_name(u)
+    if node.head is None:
+        return cache[f"blocks.{node.layer}.hook_mlp_out"]
+    return cache[f"blocks.{node.layer}.attn.hook_z"][:, :, node.head] @ W_O[node.layer, node.head]
+
+
+def mlp_stream(layer: int, parallel: bool) -> str:
+    """The hook on the residual stream an MLP reads (before its weight-free norm)."""
+    return f"blocks.{layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"
+
+
+def mlp_input_hooks(cfg, layer: int, parallel: bool, edit) -> list:
+    """Hooks that give the MLP of ``layer`` alone ``normalize(edit(x))`` for its input, ``x``
+    the stream it reads in this run; every other reader of that stream still sees ``x``."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(act, hook):
+        seen["x"] = act
+        return act
+
+    return [(mlp_stream(layer, parallel), keep),
+            (f"blocks.{layer}.mlp.hook_in", lambda act, hook: tf.normalize(cfg, edit(seen["x"])))]
+
+
 def attribute(bridge, graph, task: TaskData, steps: int = 1):
     """Node and edge scores of one batch (``attribution.BatchAttribution``) from one corrupt
     forward and ``steps`` forwards and backwards of the bridge, with gradients kept at every
@@ -396,11 +431,11 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp
     W_O = bridge.W_O.detach()
-    writes = (["blocks.0.hook_resid_pre"] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
-              + [f"blocks.{l}.hook_attn_out" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)])
+    # Every node's write, and where the heads' writes land (a head's gradient after it)
+    writes = node_write_names(L) | {f"blocks.{l}.hook_attn_out" for l in range(L)}
     reads = ([f"blocks.{l}.hook_{x}_input" for l in range(L) for x in "qkv"]
              + [f"blocks.{l}.mlp.hook_in" for l in range(L)] + ["ln_final.hook_in"]
-             + [f"blocks.{l}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}" for l in range(L)])
+             + [mlp_stream(l, parallel) for l in range(L)])
     with torch.no_grad():
         corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
 
@@ -438,15 +473,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     clean_acts = acts
 
     def delta(u: str) -> Tensor:
-        if u == "embed":
-            return clean_acts["blocks.0.hook_resid_pre"].detach() - corrupt["blocks.0.hook_resid_pre"]
-        node = node_from_name(u)
-        if node.head is None:
-            name = f"blocks.{node.layer}.hook_mlp_out"
-            return clean_acts[name].detach() - corrupt[name]
-        name = f"blocks.{node.layer}.attn.hook_z"
-        dz = clean_acts[name].detach()[:, :, node.head] - corrupt[name][:, :, node.head]
-        return dz @ W_O[node.layer, node.head]
+        return node_write(clean_acts, W_O, u).detach() - node_write(corrupt, W_O, u)
 
     def grad_after(u: str) -> Tensor:
         if u == "embed":
@@ -458,7 +485,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
         if d.input in ("q", "k", "v"):
             return acts[f"blocks.{d.layer}.hook_{d.input}_input"].grad[:, :, d.head]
         if d.input == "mlp":
-            x = acts[f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"].detach()
+            x = acts[mlp_stream(d.layer, parallel)].detach()
             return norm_vjp_(cfg, x, acts[f"blocks.{d.layer}.mlp.hook_in"].grad[None].clone())[0]
         return acts["ln_final.hook_in"].grad
 
@@ -498,23 +525,18 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
     L, cfg = bridge.cfg.n_layers, view(bridge).cfg
     parallel = graph_config(bridge).parallel_attn_mlp
     W_O = bridge.W_O.detach()
-    writes = {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(L)} | {
-        f"blocks.{l}.hook_mlp_out" for l in range(L)}
+    writes = node_write_names(L)
     _, clean = bridge.run_with_cache(task.clean, names_filter=lambda n: n in writes)
     _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
 
     def change(u: str) -> tuple[str, Tensor]:
         """(where u writes, corrupt − clean of its write)."""
         if u == "embed":
-            name = "blocks.0.hook_resid_pre"
-            return name, corrupt[name] - clean[name]
-        node = node_from_name(u)
-        if node.head is None:
-            name = f"blocks.{node.layer}.hook_mlp_out"
-            return name, corrupt[name] - clean[name]
-        z = f"blocks.{node.layer}.attn.hook_z"
-        dz = corrupt[z][:, :, node.head] - clean[z][:, :, node.head]
-        return f"blocks.{node.layer}.hook_attn_out", dz @ W_O[node.layer, node.head]
+            site = "blocks.0.hook_resid_pre"
+        else:
+            node = node_from_name(u)
+            site = f"blocks.{node.layer}.{'hook_mlp_out' if node.head is None else 'hook_attn_out'}"
+        return site, node_write(corrupt, W_O, u) - node_write(clean, W_O, u)
 
     out = []
     bridge.set_use_split_qkv_input(True)
@@ -533,11 +555,7 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
                         return act
                     hooks.append((f"blocks.{d.layer}.hook_{d.input}_input", one_head))
                 elif d.input == "mlp":
-                    seen = {}
-                    stream = f"blocks.{d.layer}.{'hook_resid_pre' if parallel else 'ln2.hook_in'}"
-                    hooks.append((stream, lambda act, hook, seen=seen: seen.__setitem__("x", act) or act))
-                    hooks.append((f"blocks.{d.layer}.mlp.hook_in",
-                                  lambda act, hook, seen=seen, delta=delta: tf.normalize(cfg, seen["x"] + delta)))
+                    hooks += mlp_input_hooks(cfg, d.layer, parallel, lambda x, delta=delta: x + delta)
                 else:
                     hooks.append(("ln_final.hook_in", lambda act, hook, delta=delta: act + delta))
             logits = bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
@@ -564,16 +582,16 @@ class CircuitRunner:
         self.cfg = view(bridge).cfg
         self.parallel = graph_config(bridge).parallel_attn_mlp
         self.W_O = bridge.W_O.detach()
-        writes = {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(L)} | {
-            f"blocks.{l}.hook_mlp_out" for l in range(L)}
+        writes = node_write_names(L)
         with torch.no_grad():
             corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
-            self.corrupt_out = torch.stack(self._writes(corrupt))  # a*_u: [U B T D]
+            self.corrupt_out = torch.stack([node_write(corrupt, self.W_O, u) for u in graph.upstream])  # a*_u: [U B T D]
             self.corrupt_metric = float(metric_sum(corrupt_logits, task))
             self.clean_metric = float(metric_sum(bridge(task.clean), task))
         self.n_points = int(effect_points(bridge, task).n)
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
         self.row = {(d.layer, d.input, d.head): i for i, d in enumerate(graph.downstream)}
+        self.index = {u: i for i, u in enumerate(graph.upstream)}
         n = graph.n_edges
         for name, mask, expected in (("full", torch.ones(n, dtype=torch.bool), self.clean_metric),
                                      ("empty", torch.zeros(n, dtype=torch.bool), self.corrupt_metric)):
@@ -582,21 +600,6 @@ class CircuitRunner:
                 raise BridgePathError(f"circuit evaluation through the bridge's hooks: the {name} circuit gives "
                                       f"{got:.4f}, not {expected:.4f}; this architecture's inputs are not hooked "
                                       "as the graph assumes")
-
-    def _writes(self, cache) -> list[Tensor]:
-        """Each upstream node's write in ``cache``, in graph order: the embedding, ``z_h W_O[h]``
-        of a head, an MLP's output."""
-        out = []
-        for u in self.graph.upstream:
-            if u == "embed":
-                out.append(cache["blocks.0.hook_resid_pre"])
-                continue
-            node = node_from_name(u)
-            if node.head is None:
-                out.append(cache[f"blocks.{node.layer}.hook_mlp_out"])
-            else:
-                out.append(cache[f"blocks.{node.layer}.attn.hook_z"][:, :, node.head] @ self.W_O[node.layer, node.head])
-        return out
 
     @torch.no_grad()
     def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
@@ -608,7 +611,7 @@ class CircuitRunner:
         mask = mask.to(self.corrupt_out.device)
         diff = torch.zeros_like(self.corrupt_out)  # a_u − a*_u of this run: row u is written when u runs
         B, T, D = diff.shape[1:]
-        index = {u: i for i, u in enumerate(graph.upstream)}
+        index = self.index
 
         def removed(rows: list[int]) -> Float[Tensor, "n B T D"]:
             """Σ over each downstream row's out-of-circuit edges of (a_u − a*_u)."""
@@ -641,12 +644,8 @@ class CircuitRunner:
             hooks += [(f"blocks.{layer}.hook_{x}_input", split_input(layer, x)) for x in "qkv"]
             hooks.append((f"blocks.{layer}.attn.hook_z", heads_of(layer)))
             if (layer, "mlp", None) in self.row:
-                seen: dict[str, Tensor] = {}
-                stream = f"blocks.{layer}.{'hook_resid_pre' if self.parallel else 'ln2.hook_in'}"
                 row = self.row[layer, "mlp", None]
-                hooks.append((stream, lambda act, hook, seen=seen: seen.__setitem__("x", act) or act))
-                hooks.append((f"blocks.{layer}.mlp.hook_in", lambda act, hook, seen=seen, row=row:
-                              tf.normalize(self.cfg, seen["x"] - removed([row])[0])))
+                hooks += mlp_input_hooks(self.cfg, layer, self.parallel, lambda x, row=row: x - removed([row])[0])
                 hooks.append((f"blocks.{layer}.hook_mlp_out", record(f"mlp{layer}")))
         final = len(graph.downstream) - 1
         hooks.append(("ln_final.hook_in", lambda act, hook: act - removed([final])[0]))
