@@ -99,8 +99,7 @@ Examples:
     def spec(self) -> dict:
         args, info, task = self.args, self.inputs.info, self.inputs.task
         return {
-            "sweep": "attribution", "model": args.model, "task": task.name, "task_params": task.params,
-            "task_hash": task.fingerprint(), "seed": args.seed, "metric": task.kind, "n_prompts": task.n_prompts,
+            **self.base_spec(), "metric": task.kind, "n_prompts": task.n_prompts,
             "batch_size": args.batch_size, "verify_top": args.verify_top,
             "method": args.method, "ig_steps": self.steps, "exact_edges": self.exact_edges,
             "n_layers": info.n_layers, "n_heads": info.n_heads,

@@ -81,10 +81,9 @@ Examples:
         self.heads = parse_heads(args.heads, info.n_layers, info.n_heads)
 
     def spec(self) -> dict:
-        args, task = self.args, self.inputs.task
+        args = self.args
         return {
-            "sweep": "backup", "model": args.model, "task": task.name, "task_params": task.params,
-            "task_hash": task.fingerprint(), "seed": args.seed, "ablation": args.ablation,
+            **self.base_spec(), "ablation": args.ablation,
             "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap, "top_fraction": args.top_fraction,
             "top_neurons": args.top_neurons,
         }

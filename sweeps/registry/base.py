@@ -73,8 +73,15 @@ class Sweep:
         self.inputs = prepare_inputs(self.args, self.name)
 
     def spec(self) -> dict:
-        """What the results depend on: a resumed run must match it exactly."""
+        """What the results depend on: a resumed run must match it exactly. Subclasses add
+        their own settings to ``base_spec``."""
         raise NotImplementedError
+
+    def base_spec(self) -> dict:
+        """What every sweep's results depend on: the sweep, the model, the task and the seed."""
+        task = self.inputs.task
+        return {"sweep": self.name, "model": self.args.model, "task": task.name, "task_params": task.params,
+                "task_hash": task.fingerprint(), "seed": self.args.seed}
 
     def plan(self, done: set[str]) -> tuple[list, str]:
         """The shards still to run given the finished shard ids, and a one-line header. Asked

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 
 from sweeps.registry.base import Sweep
-from sweeps.registry.cli import UserError
+from sweeps.registry.cli import UserError, number_list
 
 
 def parse_sizes(text: str | None) -> list[float]:
@@ -19,20 +18,7 @@ def parse_sizes(text: str | None) -> list[float]:
 
     if text is None:
         return [s for s in default_sizes() if s > 0]
-    sizes = set()
-    for item in (i.strip() for i in text.split(",")):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise UserError(f"--sizes item {item!r} is not a number") from None
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise UserError(f"--sizes item {item!r} must be a fraction in (0, 1]")
-        sizes.add(value)
-    if not sizes:
-        raise UserError("--sizes is empty; give e.g. 0.001,0.01,0.1,1")
-    return sorted(sizes)
+    return number_list(text, "--sizes", lambda x: 0 < x <= 1, "a fraction in (0, 1]", "0.001,0.01,0.1,1")
 
 
 class CircuitSweep(Sweep):
@@ -178,8 +164,7 @@ Examples:
         fingerprint = hashlib.blake2b(repr([(c.label, c.scores, c.fixed) for c in curves]).encode(),
                                       digest_size=8).hexdigest()
         return {
-            "sweep": "circuit", "model": args.model, "task": task.name, "task_params": task.params,
-            "task_hash": task.fingerprint(), "seed": args.seed, "metric": task.kind, "n_prompts": task.n_prompts,
+            **self.base_spec(), "metric": task.kind, "n_prompts": task.n_prompts,
             "level": args.level, "sizes": self.sizes, "curves": [[c.label, c.source] for c in curves],
             "curves_hash": fingerprint, "n_circuits": self.n_circuits,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,25 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
+
+
+def number_list(text: str, option: str, in_range: Callable[[float], bool], requirement: str, example: str,
+                error: type[Exception] = UserError) -> list[float]:
+    """``"0,0.5,1"`` -> the sorted unique numbers; ``error`` with one line for an empty list, an
+    item that is not a number, or a number outside ``in_range`` (``requirement`` says which)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise error(f"{option} is empty; give e.g. {example}")
+    values = set()
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise error(f"{option} item {item!r} is not a number") from None
+        if not (math.isfinite(value) and in_range(value)):
+            raise error(f"{option} item {item!r} must be {requirement}")
+        values.add(value)
+    return sorted(values)
 
 
 def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:

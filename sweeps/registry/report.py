@@ -70,7 +70,7 @@ Examples:
         args = self.args
         args.out = args.out or default_out("report", args.model, args.task)
         try:
-            inputs = prepare_inputs(args, "report")
+            inputs = self.inputs = prepare_inputs(args, "report")
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except input_errors() as err:
             raise UserError(str(err)) from None
@@ -99,10 +99,8 @@ Examples:
         tokenizer = load_tokenizer(info)
         ids = task.clean[args.prompt_index, : int(task.lengths[args.prompt_index])].tolist()
         tokens = [tokenizer.decode([i]) for i in ids]
-        spec = {"sweep": "report", "model": args.model, "task": task.name, "task_params": task.params,
-                "task_hash": task.fingerprint(), "seed": args.seed, "prompt_index": args.prompt_index,
-                "n_layers": info.n_layers, "n_heads": info.n_heads, "weight_hash": model.weight_hash,
-                "engine_path": info.path}
+        spec = {**self.base_spec(), "prompt_index": args.prompt_index, "n_layers": info.n_layers,
+                "n_heads": info.n_heads, "weight_hash": model.weight_hash, "engine_path": info.path}
         for line in summary_lines(tables, args.top_heads):
             print(line)
         write_task_report(args.out, tables, report, spec, tokens, args.top_heads, args.wandb, args.wandb_project)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from sweeps.registry.base import Sweep
-from sweeps.registry.cli import positive_int
+from sweeps.registry.cli import number_list, positive_int
 
 DEFAULT_SCALES = "0,0.1,0.2,0.5,0.7,0.8,1,1.2,1.4,2,5,10"
 SUBSPACE_CHOICES = ("full", "high_variance", "low_variance")
@@ -18,19 +17,7 @@ def parse_scales(text: str) -> list[float]:
     """``"0,0.5,1"`` -> sorted unique scales; a one-line PlanError for anything else."""
     from sweeps.jobs.plan import PlanError
 
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise PlanError("--scales is empty; give e.g. 0,0.5,1,2,5")
-    scales = set()
-    for item in items:
-        try:
-            value = float(item)
-        except ValueError:
-            raise PlanError(f"--scales item {item!r} is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise PlanError(f"--scales item {item!r} must be a finite number >= 0")
-        scales.add(value)
-    return sorted(scales)
+    return number_list(text, "--scales", lambda x: x >= 0, "a finite number >= 0", "0,0.5,1,2,5", PlanError)
 
 
 class ScaleSweep(Sweep):
@@ -134,10 +121,9 @@ Examples:
     def spec(self) -> dict:
         from sweeps.runtime.provenance import spec_id
 
-        args, task, circuit = self.args, self.inputs.task, self.circuit
+        args, circuit = self.args, self.circuit
         return {
-            "sweep": "scale", "model": args.model, "task": task.name, "task_params": task.params,
-            "task_hash": task.fingerprint(), "seed": args.seed, "scales": self.scales, "subspace": args.subspace,
+            **self.base_spec(), "scales": self.scales, "subspace": args.subspace,
             "pca_k": args.pca_k if args.subspace != "full" else None, "self_patch": args.self_patch,
             "pairs": self.pair_mode, "max_pairs": args.max_pairs,
             "pairs_hash": spec_id({"pairs": self.pairs.tolist()}),
