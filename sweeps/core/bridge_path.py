@@ -627,11 +627,13 @@ class CircuitRunner:
             return hook
 
         def heads_of(layer: int):
-            def write_all(z):
-                for h in range(self.bridge.cfg.n_heads):
-                    diff[index[f"L{layer}H{h}"]] = z[:, :, h] @ self.W_O[layer, h] - self.corrupt_out[index[f"L{layer}H{h}"]]
+            rows = [index[f"L{layer}H{h}"] for h in range(self.bridge.cfg.n_heads)]
+
+            def hook(z, hook):
+                writes = head_writes(self.bridge, {f"blocks.{layer}.attn.hook_z": z}, layer)  # [B T H D]
+                diff[rows] = writes.permute(2, 0, 1, 3) - self.corrupt_out[rows]
                 return z
-            return lambda act, hook: write_all(act)
+            return hook
 
         def split_input(layer: int, which: str):
             def hook(act, hook):  # [B T n D]: each head's own copy of the stream
