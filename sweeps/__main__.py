@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'FILE.jsonl':10s} your own logit-difference task: one {{clean, corrupt, correct, incorrect}} a line")
         return 0
 
-    from sweeps.runtime.cluster_config import ClusterConfigError, check_cluster_config, describe
+    from sweeps.runtime.cluster_config import ClusterConfigError, check_cluster_config, describe, security_warnings
 
     try:
         config = check_cluster_config(args.config)
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.config}: valid ({describe(config)})")
+    for warning in security_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -141,8 +141,14 @@ def logit_diff_task(
             )
         clean_rows.append(c)
         corrupt_rows.append(x)
+        if right == wrong:
+            raise TaskError(f"{label}: correct and incorrect are the same answer ({right!r}); "
+                            "the logit difference would be 0 for every prompt")
         correct.append(single_token(tokenizer, right, label))
         incorrect.append(single_token(tokenizer, wrong, label))
+        if correct[-1] == incorrect[-1]:
+            raise TaskError(f"{label}: correct {right!r} and incorrect {wrong!r} are the same token "
+                            f"(id {correct[-1]}); the logit difference would be 0 for every prompt")
     pad = pad_id(tokenizer)
     return TaskData(
         name=name, kind="logit_diff", params=params,

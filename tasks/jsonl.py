@@ -3,7 +3,9 @@
 One JSON object a line: ``{"clean": str, "corrupt": str, "correct": str,
 "incorrect": str}``. The answer is read at each prompt's own last token;
 ``correct``/``incorrect`` must be single tokens (mind the leading space).
-Blank lines are skipped. Errors name the line.
+Lines are split on ``\n`` only, as JSON Lines says: a string may hold U+2028 or
+any other character ``str.splitlines`` would also break at. Blank lines are
+skipped. Errors name the line.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
     except UnicodeDecodeError:
         raise TaskError(f"task file {path} is not UTF-8 text") from None
     pairs, where = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         label = f"{path.name} line {number}"

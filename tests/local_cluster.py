@@ -26,6 +26,7 @@ each step (for trying by hand).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -92,10 +93,14 @@ class LocalCluster:
         self.install_project = install_project  # False: the nodes have the dependencies only
         self.sshds: dict[str, subprocess.Popen] = {}
         self.log = self.dir / "launcher.log"
+        # Ray's token, as `ray get-auth-token --generate` makes it on the user's machine;
+        # the config mounts it on every node, as cluster.yaml does.
+        self.token = self.dir / "auth_token"
 
     # --- sshd -------------------------------------------------------------------------------
     def start_sshd(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.token.write_text(secrets.token_hex(32))
         for key in (self.key, self.dir / "host_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         (self.dir / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
@@ -107,7 +112,7 @@ class LocalCluster:
                 f"export PATH={self.venv}/bin:$PATH\n"
                 # pip --target installs of the mounted project (setup_commands) come first
                 "export PYTHONPATH=$HOME/site-packages\n"
-                "export RAY_TMPDIR=$HOME/tmp RAY_AUTH_MODE=disabled RAY_UP_enable_autoscaler_v2=0\n"
+                "export RAY_TMPDIR=$HOME/tmp RAY_UP_enable_autoscaler_v2=0\n"
                 "export RAY_USAGE_STATS_ENABLED=0\n")
         for ip in self.homes:
             self.sshds[ip] = self._start_node(ip)
@@ -150,7 +155,8 @@ class LocalCluster:
 
     # --- the cluster config ---------------------------------------------------------------------
     def config(self) -> dict:
-        start = f"ray start --num-cpus={self.cpus} --num-gpus={self.gpus} --disable-usage-stats"
+        # Token authentication on every node, as cluster.yaml starts Ray.
+        start = f"RAY_AUTH_MODE=token ray start --num-cpus={self.cpus} --num-gpus={self.gpus} --disable-usage-stats"
         # Two nodes on one machine (and this session's own Ray) must not share a node agent port;
         # on separate machines Ray's fixed defaults are fine.
         head_ports = f"--dashboard-agent-listen-port={free_port()} --ray-client-server-port={free_port()}"
@@ -164,15 +170,17 @@ class LocalCluster:
             "upscaling_speed": 1.0,
             "idle_timeout_minutes": 10,
             # The project reaches each node as cluster.yaml's does: mounted, then installed.
-            "file_mounts": {"~/interp-sweeps": str(ROOT)} if self.install_project else {},
+            "file_mounts": {**({"~/interp-sweeps": str(ROOT)} if self.install_project else {}),
+                            "~/.ray/auth_token": str(self.token)},
             "rsync_exclude": [".venv", ".git", "results", "reports", "wandb", "**/__pycache__", "*.egg-info"],
+            "rsync_filter": [".gitignore"],
             "setup_commands": [
                 "cd ~/interp-sweeps && python -m pip install -q --disable-pip-version-check --no-deps "
                 "--upgrade --target ~/site-packages ."] if self.install_project else [],
             "head_start_ray_commands": [
                 "ray stop",
                 f"{start} --head --port={self.port} {head_ports} --autoscaling-config=~/ray_bootstrap_config.yaml "
-                + (f"--dashboard-host=0.0.0.0 --dashboard-port={self.dashboard_port}" if self.dashboard_port
+                + (f"--dashboard-host={HEAD_IP} --dashboard-port={self.dashboard_port}" if self.dashboard_port
                    else "--include-dashboard=false"),
             ],
             "worker_start_ray_commands": [
@@ -186,11 +194,18 @@ class LocalCluster:
         return self.config_path
 
     # --- the launcher ---------------------------------------------------------------------------
-    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """``ray ARGS`` as the user runs it on their own machine (its temp files kept here)."""
+    def ray(self, *args: str, timeout: float = 120, token: bool = True) -> subprocess.CompletedProcess:
+        """``ray ARGS`` as the user runs it on their own machine (its temp files kept here), holding
+        the cluster's token (``token=False``: a stranger who can reach the head but has no token)."""
         tmp = str(self.dir / "launcher-tmp")  # Ray's state files and its config cache
         env = {**os.environ, "RAY_TMPDIR": tmp, "TMPDIR": tmp, "RAY_UP_enable_autoscaler_v2": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_AUTH_TOKEN", None)
+        if token:
+            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token)}
+        else:
+            env |= {"RAY_AUTH_MODE": "disabled"}
+            env.pop("RAY_AUTH_TOKEN_PATH", None)
         env.pop("RAY_ADDRESS", None)
         (self.dir / "launcher-tmp").mkdir(exist_ok=True)
         proc = subprocess.run([str(self.venv / "bin" / "ray"), *args], capture_output=True, text=True,
@@ -221,7 +236,7 @@ class LocalCluster:
         """``ray submit CONFIG SCRIPT -- ARGS``; Ray exits 1 whatever the script did, so check results."""
         return self.ray("submit", str(self.config_path), str(ROOT / script), "--", *args, timeout=timeout)
 
-    def job_submit(self, *entrypoint: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def job_submit(self, *entrypoint: str, timeout: float = 120, token: bool = True) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir <this checkout> -- ENTRYPOINT`` through the head's dashboard.
 
         Right after ``ray up`` the head's job agent may not be up yet; Ray then says to try again
@@ -229,7 +244,7 @@ class LocalCluster:
         deadline = time.monotonic() + 30
         while True:
             proc = self.ray("job", "submit", "--address", f"http://{HEAD_IP}:{self.dashboard_port}",
-                            "--working-dir", str(ROOT), "--", *entrypoint, timeout=timeout)
+                            "--working-dir", str(ROOT), "--", *entrypoint, timeout=timeout, token=token)
             if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
                 return proc
             time.sleep(2)

@@ -12,7 +12,7 @@ import yaml
 
 from sweeps import backup
 from sweeps.__main__ import main as sweeps_main
-from sweeps.runtime.cluster_config import check_cluster_config
+from sweeps.runtime.cluster_config import check_cluster_config, security_warnings
 from sweeps.runtime.provenance import source_hash
 from tests.conftest import needs
 from tests.local_cluster import LocalCluster, unavailable
@@ -29,6 +29,27 @@ def test_cluster_yaml_is_valid_and_gives_each_worker_a_gpu(capsys):
     workers = [t for name, t in prepared["available_node_types"].items() if name != prepared["head_node_type"]]
     assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
     assert "~/interp-sweeps" in prepared["file_mounts"]
+
+
+def test_shipped_cluster_is_private_and_authenticated(capsys):
+    """No open dashboard, token authentication on every node, untracked files stay home, no secret
+    in the file; the validator says so for each of those it is shown broken."""
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "0.0.0.0" not in text
+    starts = CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert CLUSTER["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert ".gitignore" in CLUSTER["rsync_filter"]
+    assert not [w for w in security_warnings(CLUSTER) if "does not exist yet" not in w]
+    assert not [w for w in security_warnings(LocalCluster(Path("/nonexistent")).config())
+                if "does not exist yet" not in w]  # the two-node test runs the same way
+    opened = broken(lambda c: c.update(head_start_ray_commands=["ray stop", "ray start --head --dashboard-host=0.0.0.0"],
+                                       setup_commands=[*c["setup_commands"], "echo export WANDB_API_KEY=0123abcd >> ~/.bashrc"],
+                                       rsync_filter=[]))
+    warnings = [w for w in security_warnings(opened) if "does not exist yet" not in w]
+    assert len(warnings) == 4 and "0123abcd" not in " ".join(warnings)
+    for part in ("every interface", "token authentication is off", "untracked files", "WANDB_API_KEY is written"):
+        assert any(part in w for w in warnings), (part, warnings)
 
 
 def broken(change):
@@ -156,6 +177,12 @@ def test_ray_job_submit_with_the_checkout_as_working_dir(local_cluster, tmp_path
     cluster.write_config()
     cluster.up()
     out = cluster.homes["127.0.0.1"] / "job-results"  # an absolute path: the working_dir is temporary
+    # Without the token the job API refuses the job: nothing runs on the head.
+    stranger = cluster.job_submit("python", "-c", "open('/tmp/should-not-exist', 'w')", "--out", str(out),
+                                  token=False)
+    assert stranger.returncode != 0, (stranger.stdout + stranger.stderr)[-3000:]
+    assert "auth" in (stranger.stdout + stranger.stderr).lower(), (stranger.stdout + stranger.stderr)[-3000:]
+    assert not out.exists()
     job = cluster.job_submit("python", "sweeps/backup.py", *SWEEP, "--out", str(out))
     assert job.returncode == 0 and "succeeded" in job.stderr + job.stdout, (job.stdout + job.stderr)[-3000:]
     assert cluster.down().returncode == 0

@@ -27,3 +27,35 @@ def test_local_hugging_face_directory(tmp_path, tiny_gpt2):
     ours = tf.unembed(loaded.weights, tf.run(loaded.weights, tokens).resid_final)
     torch.testing.assert_close(ours, tiny_gpt2.bridge(tokens), atol=1e-4, rtol=1e-4)
     assert loaded.weight_hash == models.weight_hash(tiny_gpt2.weights)
+
+
+def test_a_config_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
+    """A TransformerLens checkpoint directory whose config pickle would call os.system: every
+    command's input checks read that config, so it must be refused there, naming the file."""
+    import os
+    import pickle
+
+    from sweeps.runtime.models import ModelNameError, describe_model
+    from sweeps.runtime.safe_pickle import UnsafePickle, load_plain
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    model = tmp_path / "evil"
+    model.mkdir()
+    (model / "ll_model_cfg.pkl").write_bytes(pickle.dumps({"n_layers": 2, "act_fn": Payload()}))
+    torch.save({}, model / "ll_model.pth")
+    with pytest.raises(ModelNameError, match=r"ll_model_cfg.pkl refers to (posix|os)\.system, which is not plain data"):
+        describe_model(str(model))
+    assert not marker.exists()
+    # the plain data a TransformerLens config holds still loads, torch dtypes and devices included
+    plain = {"n_layers": 2, "dtype": torch.bfloat16, "device": torch.device("cpu"), "d_vocab": None,
+             "shape": (1, 2), "names": ["a"], "nested": {"x": 1.5}, "flags": {True}}
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(plain))
+    assert load_plain(tmp_path / "cfg.pkl") == plain
+    (tmp_path / "eval.pkl").write_bytes(b"cbuiltins\neval\n(V1+1\ntR.")  # protocol 0, by hand
+    with pytest.raises(UnsafePickle, match="builtins.eval"):
+        load_plain(tmp_path / "eval.pkl")

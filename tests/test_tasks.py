@@ -114,3 +114,41 @@ def test_sentiment_alternates_and_mirrors(tok):
         assert tok.decode(t.clean[i, t.answer_pos[i]]) == " was"
     with pytest.raises(TaskError, match="distinct sentiment prompts"):
         build_task(TaskSpec("sentiment"), tok, n_prompts=10_000)
+
+
+class SpaceBlindTokenizer:
+    """The test tokenizer, but blind to leading spaces: ' on' and 'on' are one token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, **kwargs):
+        return self.tokenizer(text.lstrip(), **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_answers_that_cannot_differ_are_one_line_errors(tok, tmp_path):
+    same = write_jsonl(tmp_path / "same.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " on", "incorrect": " in"},
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " on", "incorrect": " on"}])
+    with pytest.raises(TaskError, match="same.jsonl line 2: correct and incorrect are the same answer"):
+        build_task(check_task(same), tok)
+    folded = write_jsonl(tmp_path / "folded.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": " on", "incorrect": "on"}])
+    build_task(check_task(folded), tok)  # two tokens in the real tokenizer: accepted
+    with pytest.raises(TaskError, match=r"line 1: correct ' on' and incorrect 'on' are the same token \(id \d+\)"):
+        build_task(check_task(folded), SpaceBlindTokenizer(tok))
+
+
+def test_jsonl_lines_split_on_newline_only(tok, tmp_path):
+    """U+2028 (and the other characters str.splitlines breaks at) are valid inside a JSON
+    string on one JSON Lines line."""
+    rows = [{"clean": "The cat\u2028sat", "corrupt": "The dog\u2028sat", "correct": " on", "incorrect": " in"},
+            {"clean": "The cat\x1csat", "corrupt": "The dog\x1csat", "correct": " on", "incorrect": " in"}]
+    path = tmp_path / "sep.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not escaped
+    task = build_task(check_task(str(path)), tok)
+    assert task.n_prompts == 2 and task.prompts[0] == "The cat\u2028sat"

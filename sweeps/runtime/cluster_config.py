@@ -7,11 +7,17 @@ given as a string a ``TypeError`` about concatenating lists), and adds the one
 thing this project needs: the checkout must reach every node (``file_mounts``)
 and be installed there (``setup_commands``), because ``ray submit`` uploads
 only the script.
+
+``security_warnings`` says where a config leaves the cluster open: a Ray that
+anyone who reaches it can run code on (no token authentication, the dashboard
+and job API on every interface), untracked files copied to the nodes, or a
+secret written into the file itself.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import yaml
@@ -103,3 +109,33 @@ def describe(config: dict) -> str:
                f"({t.get('resources', {}).get('GPU', 0)} GPU each)" for name, t in types.items() if name != head]
     nodes = f"head {head}, workers {', '.join(workers) or 'none'}" if types else "nodes from the provider's list"
     return f"provider {provider}; {nodes}"
+
+
+SECRET = re.compile(r"(WANDB_API_KEY|AWS_SECRET_ACCESS_KEY|HF_TOKEN|RAY_AUTH_TOKEN)=(?!\$)\S+|wandb login [0-9a-f]{20,}")
+
+
+def security_warnings(config: dict) -> list[str]:
+    """One line for each way ``config`` leaves the cluster open (none for the shipped ``cluster.yaml``)."""
+    start = [*(config.get("head_start_ray_commands") or []), *(config.get("worker_start_ray_commands") or [])]
+    commands = [c for key in COMMAND_LISTS for c in (config.get(key) or [])]
+    ray_starts = [c for c in start if "ray start" in c]
+    warnings = []
+    if any(re.search(r"--dashboard-host[= ]+0\.0\.0\.0", c) for c in start):
+        warnings.append("the dashboard and job API listen on every interface (--dashboard-host=0.0.0.0): anyone "
+                        "who reaches port 8265 can run code; drop the flag and use `ray dashboard CONFIG`")
+    if ray_starts and not all("RAY_AUTH_MODE=token" in c for c in ray_starts):
+        warnings.append("Ray's token authentication is off: start Ray with `RAY_AUTH_MODE=token ray start ...` on "
+                        "every node and mount the token (`~/.ray/auth_token: ~/.ray/auth_token` in file_mounts)")
+    if ".gitignore" not in (config.get("rsync_filter") or []):
+        warnings.append("file_mounts copy untracked files (.env, keys, results) to every node; add "
+                        "`rsync_filter: [\".gitignore\"]`")
+    for command in commands:
+        found = SECRET.search(command)
+        if found:
+            what = found.group(1) or "a W&B key"  # the name only: the value stays out of logs
+            warnings.append(f"{what} is written into the config: read it on the node from the environment or a "
+                            "secrets manager instead")
+    token = (config.get("file_mounts") or {}).get("~/.ray/auth_token")
+    if token and not Path(token).expanduser().is_file():
+        warnings.append(f"{token} does not exist yet: make the cluster's token with `ray get-auth-token --generate`")
+    return warnings

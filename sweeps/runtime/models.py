@@ -16,7 +16,8 @@ Names:
   (``ll_model.pth``), in HookedTransformer's or the bridge's key format, and a
   tokenizer (files saved in the directory, or ``tokenizer_name`` in the config).
   Loaded with ``TransformerBridge.boot_native`` and TransformerLens's
-  ``convert_tl_checkpoint``. The config pickle is unpickled: only use your own.
+  ``convert_tl_checkpoint``. A config pickle is read as plain data only
+  (``safe_pickle.load_plain``): one that names any callable is refused, not run.
 - a Hugging Face hub name TransformerLens supports (``gpt2-small``,
   ``EleutherAI/pythia-410m``, ...); needs internet the first time.
 
@@ -403,16 +404,14 @@ def tl_checkpoint_files(directory: Path) -> tuple[Path, Path] | None:
 
 def read_tl_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's TransformerLens config as a plain dict."""
-    import pickle
+    from sweeps.runtime.safe_pickle import UnsafePickle, load_plain
 
     path = tl_checkpoint_files(directory)[0]
     try:
-        if path.suffix == ".json":
-            cfg = json.loads(path.read_text())
-        else:
-            with open(path, "rb") as handle:
-                cfg = pickle.load(handle)
-    except Exception as err:  # unpickling can raise anything
+        cfg = json.loads(path.read_text()) if path.suffix == ".json" else load_plain(path)
+    except UnsafePickle as err:
+        raise ModelNameError(str(err)) from None
+    except Exception as err:  # a damaged pickle can raise anything
         raise ModelNameError(f"cannot read {path}: {type(err).__name__}: {err}") from None
     if not isinstance(cfg, dict):
         raise ModelNameError(f"{path} holds a {type(cfg).__name__}; expected a config dict (cfg.to_dict())")
