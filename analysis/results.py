@@ -58,7 +58,13 @@ def read_committed(
     manifest_file = out / "manifest.json"
     if not manifest_file.is_file():
         raise ResultsError(f"{out} holds no sweep results (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+            raise ValueError("not a manifest")
+    except (ValueError, UnicodeDecodeError):
+        raise ResultsError(f"{manifest_file} is damaged; run the sweep command again: it rebuilds the "
+                           "manifest from the shard files that verify and recomputes only the rest") from None
     spec = manifest.get("spec", {})
     if spec.get("sweep", sweep) != sweep:
         raise ResultsError(f"{out} holds a {spec['sweep']} sweep, not a {sweep} sweep")

@@ -131,6 +131,65 @@ def test_corrupt_or_uncommitted_files_are_set_aside_and_recomputed(tmp_path, mon
     assert_same_tables(before, tables(out), atol=0)
 
 
+def silently_corrupted(data: bytes) -> bytes:
+    """``data`` with one byte flipped where Parquet still reads it, but as other values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    original = pq.read_table(pa.BufferReader(data))
+    for offset in range(4, len(data) - 8):
+        changed = bytearray(data)
+        changed[offset] ^= 0x01
+        try:
+            if not pq.read_table(pa.BufferReader(bytes(changed))).equals(original):
+                return bytes(changed)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError("no silent corruption found")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty object", "no shards"])
+def test_a_damaged_manifest_is_rebuilt_from_the_shard_files_that_verify(damage, tmp_path, monkeypatch, capsys):
+    """The manifest is the commit record; when it is damaged the shard files vouch for themselves
+    (their own record and spec in the Parquet metadata, page checksums): intact shards are kept,
+    a shard with a flipped byte or a missing file is recomputed, and the results equal the first run."""
+    from analysis.backup import ResultsError, load_results
+
+    out = tmp_path / "o"
+    assert sweep(out) == 0
+    before = tables(out)
+    manifest_file = out / "manifest.json"
+    text = manifest_file.read_text()
+    manifest_file.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\xffnot json",
+                              "empty object": "{}", "no shards": '{"shards": [1, 2]}'}[damage])
+    with pytest.raises(ResultsError, match="manifest.json is damaged; run the sweep command again"):
+        load_results(out)
+    flipped = out / "responses" / "L01H0-3.parquet"
+    flipped.write_bytes(silently_corrupted(flipped.read_bytes()))
+    (out / "points" / "L02H0-3.parquet").unlink()  # a shard missing one of its files
+    capsys.readouterr()
+    calls = count_shards(monkeypatch)
+    assert sweep(out) == 0
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "rebuilt from the shard files; 1 shard(s) verified and kept" in err, err
+    assert sorted(calls) == ["L01H0-3", "L02H0-3"]
+    assert_same_tables(before, tables(out), atol=0)
+    assert (out / ".trash").is_dir() and any(p.name.startswith("manifest.json.") for p in (out / ".trash").iterdir())
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["shards"]["L00H0-3"]["recovered"] is True and manifest["weight_hash"]
+
+
+def test_a_damaged_spec_file_is_set_aside_and_a_changed_spec_still_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    assert sweep(out) == 0
+    (out / "sweep.json").write_text('{"sweep": "back')
+    calls = count_shards(monkeypatch)
+    assert sweep(out, "--seed", "1") == 2  # the manifest's record of the spec still guards the directory
+    assert "holds results of a different sweep (seed: 0 here vs 1 now" in capsys.readouterr().err
+    assert sweep(out) == 0 and calls == []  # nothing lost, nothing recomputed
+    assert json.loads((out / "sweep.json").read_text())["sweep"] == "backup"
+
+
 def test_second_sweep_into_a_busy_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "o"
     store = ResultStore(out, BackupSweep.datasets)

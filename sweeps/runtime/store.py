@@ -13,6 +13,13 @@ manifest: the manifest is the commit record. On resume, files of shards the
 manifest does not list, files whose checksum or row count disagree with it,
 and temporary leftovers are set aside in ``.trash``, so a half-written file is
 never a result. Analysis reads only what the manifest lists, checked the same way.
+
+Each shard file also carries its own record in its Parquet metadata: the spec
+it was computed under and the shard's row count per dataset. A manifest that is
+damaged (truncated, garbled, emptied) is therefore set aside and rebuilt from
+the shard files that verify on their own (``reconcile``): a shard is kept only
+if every file it wrote is there, readable, of this spec and of the recorded
+size; the rest is recomputed, nothing else is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,13 +49,33 @@ class StoreError(ValueError):
     """The output directory cannot be used as asked; the message says why."""
 
 
+class DamagedFile(ValueError):
+    """``sweep.json`` or ``manifest.json`` is not the JSON object the store wrote; the message says which."""
+
+
+SHARD_RECORD = b"shard_record"  # Parquet metadata key: {"shard": id, "rows": {dataset: rows}}
+
+
+def _read_json_object(file: Location) -> dict | None:
+    """The JSON object in ``file``, None when there is no file, ``DamagedFile`` for anything else."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_bytes().decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{file} is not valid JSON ({str(err).splitlines()[0][:60]})") from None
+    if not isinstance(data, dict):
+        raise DamagedFile(f"{file} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def checksum(data: bytes) -> str:
     return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, write_page_checksum=True)  # lets a file be verified without the manifest
     return sink.getvalue().to_pybytes()
 
 
@@ -118,6 +146,8 @@ class ResultStore:
         self.out = Location.parse(out)
         self.datasets = datasets
         self.derived = derived
+        self.spec: dict | None = None  # set by ``prepare``: what rebuilt shard files must match
+        self.rebuild: str | None = None  # why ``reconcile`` must rebuild the manifest from the files
 
     # -- locking and spec ---------------------------------------------------
 
@@ -170,12 +200,27 @@ class ResultStore:
             lock.delete()
 
     def read_spec(self) -> dict | None:
-        file = self.out / SPEC_FILE
-        return json.loads(file.read_text()) if file.is_file() else None
+        """The directory's spec, None if it has none (``DamagedFile`` if ``sweep.json`` is damaged)."""
+        return _read_json_object(self.out / SPEC_FILE)
 
     def prepare(self, spec: dict, resume: bool) -> None:
-        """Adopt ``spec`` for this directory (refusing another sweep's results)."""
-        old = self.read_spec()
+        """Adopt ``spec`` for this directory (refusing another sweep's results).
+
+        A damaged ``sweep.json`` is set aside; the spec the manifest recorded stands in for it,
+        and ``reconcile`` then checks every shard file against ``spec`` on its own."""
+        self.spec = spec
+        damaged = None
+        try:
+            old = self.read_spec()
+        except DamagedFile as err:
+            damaged = err
+            try:
+                recorded = self.manifest().get("spec")
+            except DamagedFile:
+                recorded = None  # reconcile rebuilds the manifest, checking each file's own spec
+            if recorded is None:
+                self.rebuild = f"{err}, and the manifest records no spec"
+            old = recorded or spec
         if old is not None and resume and old != spec:
             diff = "; ".join(spec_differences(old, spec))
             raise StoreError(
@@ -189,6 +234,9 @@ class ResultStore:
                     f"{self.out} is not empty and holds no sweep ({', '.join(foreign[:3])}...); "
                     "give a new or empty --out"
                 )
+        if damaged is not None:
+            self._set_aside(SPEC_FILE)
+            print(f"{damaged}: set aside in {self.out / '.trash'} and written again", file=sys.stderr)
         if not resume:
             self.clear()
         _write_json_atomic(self.out / SPEC_FILE, spec)
@@ -200,10 +248,64 @@ class ResultStore:
     # -- manifest -------------------------------------------------------------
 
     def manifest(self) -> dict:
-        file = self.out / MANIFEST_FILE
-        if file.is_file():
-            return json.loads(file.read_text())
-        return {"shards": {}}
+        """The commit record (``DamagedFile`` if it is not one: ``reconcile`` rebuilds it)."""
+        manifest = _read_json_object(self.out / MANIFEST_FILE)
+        if manifest is None:
+            return {"shards": {}}
+        shards = manifest.get("shards")
+        if not isinstance(shards, dict) or not all(isinstance(r, dict) for r in shards.values()):
+            raise DamagedFile(f"{self.out / MANIFEST_FILE} has no valid `shards` record")
+        return manifest
+
+    def _set_aside(self, name: str) -> None:
+        trash = self.out / ".trash"
+        trash.mkdir()
+        (self.out / name).move(trash / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def _rebuild_manifest(self, why: str) -> dict:
+        """Set the manifest aside and write a new one from the shard files that verify on their own.
+
+        A shard is kept when every file it wrote (its ``shard_record`` lists them) is present,
+        reads as Parquet, belongs to this directory's spec and holds the rows it recorded, and
+        all kept shards share one model weight hash. Its record says ``recovered``: where it ran
+        was in the lost manifest."""
+        if (self.out / MANIFEST_FILE).exists():
+            self._set_aside(MANIFEST_FILE)
+        spec_bytes = json.dumps(self.spec, sort_keys=True).encode() if self.spec is not None else None
+        found: dict[str, dict[str, tuple[int, str, dict]]] = {}  # shard -> dataset -> (rows, checksum, record)
+        hashes: dict[str, set] = {}
+        for name in self.datasets:
+            for file_name in (self.out / name).list():
+                if file_name.startswith(".") or not file_name.endswith(".parquet"):
+                    continue
+                sid = file_name[: -len(".parquet")]
+                try:
+                    data = (self.out / name / file_name).read_bytes()
+                    table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+                    meta = table.schema.metadata or {}
+                    record = json.loads(meta[SHARD_RECORD])
+                except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+                    continue
+                if (record.get("shard") != sid or record.get("rows", {}).get(name) != table.num_rows
+                        or (spec_bytes is not None and meta.get(b"sweep_spec") != spec_bytes)):
+                    continue
+                found.setdefault(sid, {})[name] = (table.num_rows, checksum(data), record)
+                if "weight_hash" in table.column_names:
+                    hashes.setdefault(sid, set()).update(table.column("weight_hash").unique().to_pylist())
+        shards = {}
+        for sid, files in found.items():
+            expected = next(iter(files.values()))[2]["rows"]
+            if set(files) == set(expected) and all(f[2]["rows"] == expected for f in files.values()):
+                shards[sid] = {"rows": {n: f[0] for n, f in files.items()},
+                               "checksums": {n: f[1] for n, f in files.items()}, "recovered": True}
+        weights = set().union(*(hashes.get(sid, set()) for sid in shards)) if shards else set()
+        manifest: dict[str, Any] = {"shards": shards if len(weights) <= 1 else {}}
+        if len(weights) == 1:
+            manifest["weight_hash"] = weights.pop()
+        _write_json_atomic(self.out / MANIFEST_FILE, manifest)
+        print(f"{why}: set aside in {self.out / '.trash'} and rebuilt from the shard files; "
+              f"{len(manifest['shards'])} shard(s) verified and kept, the rest will be recomputed", file=sys.stderr)
+        return manifest
 
     def _valid(self, shard_id: str, record: dict) -> bool:
         """Every file of the shard is there, with the recorded checksum and row count."""
@@ -223,7 +325,11 @@ class ResultStore:
         Not a plain query: a shard whose files are damaged or missing is dropped from the
         manifest, and every file no intact shard owns is moved to ``.trash`` (so a later
         run recomputes it). Call it under ``lock()``."""
-        manifest = self.manifest()
+        try:
+            manifest = self.manifest() if self.rebuild is None else self._rebuild_manifest(self.rebuild)
+        except DamagedFile as err:
+            manifest = self._rebuild_manifest(str(err))
+        self.rebuild = None
         good = {sid for sid, rec in manifest["shards"].items() if self._valid(sid, rec)}
         bad = set(manifest["shards"]) - good
         if bad:
@@ -252,13 +358,15 @@ class ResultStore:
         if unknown:
             raise StoreError(f"shard {shard_id} returned datasets {sorted(unknown)} this sweep does not keep")
         checksums = {}
+        rows = {n: t.num_rows for n, t in tables.items()}
+        record_tag = json.dumps({"shard": shard_id, "rows": rows}, sort_keys=True).encode()
         for name, table in tables.items():
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_RECORD: record_tag})
             data = parquet_bytes(table)
             (self.out / name / f"{shard_id}.parquet").write_atomic(data)
             checksums[name] = checksum(data)
         manifest = self.manifest()
-        manifest["shards"][shard_id] = {**record, "rows": {n: t.num_rows for n, t in tables.items()},
-                                        "checksums": checksums}
+        manifest["shards"][shard_id] = {**record, "rows": rows, "checksums": checksums}
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
 
     def write_derived(self, name: str, table: pa.Table, **record: Any) -> Location:
