@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.plots import atomic_output
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
@@ -93,5 +95,6 @@ def attention_page(
             )
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>")
-    path.write_text(page, encoding="utf-8")
+    with atomic_output(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

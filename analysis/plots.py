@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import matplotlib
 
@@ -21,11 +24,52 @@ PLOTLY_JS = "plotly.min.js"  # plotly's JavaScript, one copy beside the pages of
 _LOCAL_SCRIPT = re.compile(r'<script[^>]*src="plotly\.min\.js"[^>]*></script>')
 
 
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A hidden sibling of ``path`` (same suffix, so writers pick the format from it) to write;
+    moved into place only once written whole. A full disk or a crash leaves the old file (or
+    none), never half a file that a later run would take for done."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # some writers (matplotlib, plotly) name no file: name it
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(fig, png: Path, **savefig) -> Path:
+    """``fig`` saved (atomically) as ``png``, then closed."""
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, dpi=120, **savefig)
+    plt.close(fig)
+    return png
+
+
+def ensure_plotly_js(folder: Path) -> Path:
+    """``folder/plotly.min.js``, exactly plotly's own JavaScript: written (atomically) when it is
+    missing or differs (say, half-written by a run that hit a full disk; plotly itself only
+    checks that the file exists, so such a file would break every page for good)."""
+    from plotly.offline import get_plotlyjs
+
+    path = folder / PLOTLY_JS
+    expected = get_plotlyjs().encode()
+    if not (path.is_file() and path.stat().st_size == len(expected) and path.read_bytes() == expected):
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(expected)
+    return path
+
+
 def write_html(fig: go.Figure, path: Path) -> Path:
     """``fig`` as an interactive page that needs no network: plotly's JavaScript is read from
     ``plotly.min.js`` beside it, written once per folder and shared by every page there
-    (a CDN would leave the page blank offline)."""
-    fig.write_html(path, include_plotlyjs="directory", include_mathjax=False)
+    (a CDN would leave the page blank offline). Both are written atomically."""
+    ensure_plotly_js(path.parent)
+    with atomic_output(path) as tmp:
+        fig.write_html(tmp, include_plotlyjs="directory", include_mathjax=False)
     return path
 
 
@@ -106,10 +150,7 @@ def _tick_labels(ax, axis: str, n: int, labels: list[str] | None, cell_inches: f
 def heatmap_png(values: np.ndarray, title: str, path: Path, **kwargs) -> Path:
     """``heatmap_figure`` saved as ``path`` with suffix ``.png``."""
     fig, _, _ = heatmap_figure(values, title, **kwargs)
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return png
+    return save_png(fig, path.with_suffix(".png"), bbox_inches="tight")
 
 
 def heatmap_figure(
@@ -226,9 +267,7 @@ def scatter_with_fit(
     ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
     ax.set(xlabel="direct effect of the head (clean)", ylabel="accumulated backup")
     fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    png = save_png(fig, path.with_suffix(".png"))
     html = path.with_suffix(".html")
     traces = [go.Scatter(x=x, y=y, mode="markers", marker=dict(size=4, opacity=0.7), text=hover, name="points")]
     if np.isfinite(slope):
@@ -286,9 +325,7 @@ def effect_lines(
     ax.set(xlabel="scale (symlog)", ylabel=ylabel)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
               title=f"top {len(top)} by mean |effect| over the scales", title_fontsize=8)
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    png = save_png(fig, path.with_suffix(".png"), bbox_inches="tight")
     traces = []
     for status, nodes in lines.items():
         colour = STATUS_COLOURS.get(status, "grey")
@@ -306,10 +343,7 @@ def effect_lines(
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_png(fig, path.with_suffix(".png"))
 
 
 def bars(labels: list[str], values: np.ndarray, title: str, path: Path, xlabel: str = "score") -> tuple[Path, Path]:

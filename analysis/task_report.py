@@ -106,9 +106,11 @@ def write_task_report(
     frames = {"heads": tables.heads, "layers": tables.layers, "logit_lens": tables.lens,
               "top_positive_heads": positive, "top_negative_heads": negative}
     for name, frame in frames.items():
-        frame.to_csv(table_dir / f"{name}.csv", index=False)
+        with plots.atomic_output(table_dir / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
     manifest = {"spec": spec, "summary": tables.summary}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    with plots.atomic_output(out / "manifest.json") as tmp:  # written last: the report's commit record
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
 
     from analysis.report import _log_run, _report
 

@@ -1,6 +1,7 @@
 """Real faults on a real local Ray: workers, drivers and nodes killed, Ctrl-C, W&B down,
 memory running out. What each proves is listed in docs/guarantees.md."""
 
+import errno
 import json
 import os
 import shlex
@@ -254,3 +255,131 @@ def test_a_node_lost_mid_sweep_loses_nothing():
     assert len(set(where.values())) == 2 and removed in where.values()  # both nodes worked before the loss
     survivor = (set(where.values()) - {removed}).pop()
     assert sum(node == survivor for node in where.values()) >= 10  # the rest ran on the surviving node
+
+
+# --------------------------------------------------------------------------- #
+# SIGTERM, interrupts while the report is written, a full disk
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigterm_stops_like_ctrl_c_and_prints_how_to_resume(executor, tmp_path):
+    """SIGTERM, as `kill`, a scheduler or `ray stop` sends it, to the driver: finished shards kept,
+    the resume command printed (and it works), exit code 143, no traceback or Ray crash lines."""
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    out = tmp_path / "o"
+    driver = slow_sweep(out, env, "--executor", executor, "--num-workers", "1", start_new_session=True)
+    wait_for_commits(out, 1, driver)
+    os.kill(driver.pid, signal.SIGTERM)
+    out_text, err = driver.communicate(timeout=90)
+    assert driver.returncode == 143, err
+    kept = committed(out)
+    assert 1 <= len(kept) < 12
+    assert f"stopped (SIGTERM): finished shards are kept in {out}. Resume with:" in err
+    assert "Traceback" not in err and "(raylet)" not in out_text + err, err[-3000:]
+    resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
+    done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_the_report_is_written_says_how_to_write_it(sig, tmp_path):
+    """Ctrl-C (to the whole process group, W&B's own process included) or SIGTERM inside the
+    W&B run: one message with the command that writes the report, no traceback."""
+    out, marker = tmp_path / "o", tmp_path / "in-report"
+    args = [a for a in SWEEP_ARGS if a != "--no-report"]
+    driver = subprocess.Popen(
+        [sys.executable, "tests/slow_sweep.py", "0", *args, "--heads", "L0", "--executor", "local",
+         "--wandb", "offline", "--out", str(out)], cwd=REPO, env={**os.environ, "SLOW_REPORT": str(marker)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.2)
+    os.killpg(driver.pid, sig) if sig == signal.SIGINT else os.kill(driver.pid, sig)
+    _, err = driver.communicate(timeout=90)
+    assert driver.returncode == 128 + sig, err
+    assert f"stopped while writing the report; the results in {out} are complete. Write the report with:" in err
+    assert "Traceback" not in err, err[-3000:]
+    again = err.split("Write the report with:\n")[1].splitlines()[0].strip()
+    assert "-m analysis backup" in again
+    done = subprocess.run(shlex.split(again), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "plots" / "slopes.png").is_file()
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into ``directory`` until its filesystem is full; the file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a filesystem that really fills up (root only; else a stand-in that
+    raises ENOSPC where the real one would)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    yield disk if mounted.returncode == 0 else None
+    if mounted.returncode == 0:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, monkeypatch, capsys):
+    """The disk fills up after three shards: one error line naming the file and what to do
+    (exit code 1), nothing half-written; once there is space the same command finishes only
+    the rest, its results equal an undisturbed run's, and a half-written plotly.min.js is
+    replaced, not reused."""
+    from plotly.offline import get_plotlyjs
+
+    from sweeps import backup
+    from sweeps.runtime.location import Location
+
+    root = small_disk or tmp_path
+    out = root / "o"
+    args = [*SWEEP_ARGS, "--executor", "local", "--out", str(out)]
+    original = BackupJob.run_shard
+    calls, filler = [], []
+
+    def filling(self, shard):
+        calls.append(shard.id)
+        if len(calls) == 4:
+            if small_disk is not None:
+                filler.append(fill(small_disk))
+            else:  # no tmpfs here: every file's flush fails as on a full disk
+                def full(location):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                monkeypatch.setattr(Location, "fsync", full)
+        return original(self, shard)
+
+    monkeypatch.setattr(BackupJob, "run_shard", filling)
+    assert backup.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot write {out}/") and "No space left on device. Finished shards are kept" \
+        in err[-1] and err[-1].endswith("then run the same command again to resume"), err[-3:]
+    kept = committed(out)
+    assert len(kept) == 3
+    assert not [p for p in out.rglob(".*.tmp")]  # nothing half-written left behind
+    if filler:
+        filler[0].unlink()
+    monkeypatch.undo()
+    plots = out / "plots"
+    plots.mkdir()
+    (plots / "plotly.min.js").write_text(get_plotlyjs()[:1000])  # a half-written asset of an earlier report
+    assert backup.main([a for a in args if a != "--no-report"] + ["--wandb", "disabled"]) == 0
+    assert "3 already done" in capsys.readouterr().err
+    assert len(committed(out)) == 12
+    assert (plots / "plotly.min.js").read_text() == get_plotlyjs()
+    assert backup.main([*SWEEP_ARGS, "--executor", "local", "--out", str(tmp_path / "reference")]) == 0
+    assert_same_tables(tables(tmp_path / "reference"), tables(out), atol=0)

@@ -125,6 +125,16 @@ class Sweep:
         print_failures(failures)
         if failures and self.derived:  # the derived datasets wait for every shard
             return 1
+        try:
+            return self._summary_and_report(failures)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM while the report or W&B run is written
+            from sweeps.runtime.console import command, interrupt_exit_code
+
+            print(f"\nstopped while writing the report; the results in {self.inputs.out} are complete. Write the "
+                  f"report with:\n  {command('-m analysis', self.name, str(self.inputs.out))}", file=sys.stderr)
+            return interrupt_exit_code(err)
+
+    def _summary_and_report(self, failures: list) -> int:
         results = self.load(self.inputs.out)
         if self.is_empty(results):
             print(f"no finished shards in {self.inputs.out}; re-run the same command to retry", file=sys.stderr)
@@ -211,7 +221,16 @@ class Sweep:
         except (ResultsError, UserError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        for line in cls.summary(results, options):
-            print(line)
-        cls.report(results, options)
+        from sweeps.runtime.console import interrupt_exit_code, sigterm_as_interrupt
+
+        try:
+            with sigterm_as_interrupt():
+                for line in cls.summary(results, options):
+                    print(line)
+                cls.report(results, options)
+        except KeyboardInterrupt as err:
+
+            print(f"\nstopped; the results in {options.out} are untouched. Run the same command again to write "
+                  "the report", file=sys.stderr)
+            return interrupt_exit_code(err)
         return 0

@@ -29,23 +29,47 @@ def cli_main(
     argv: list[str] | None,
 ) -> int:
     """Parse, run; a ``UserError`` becomes one ``error:`` line and exit code 2, running out
-    of memory outside a shard (shards report their own) one line and exit code 1."""
+    of memory outside a shard (shards report their own) or of disk, or a directory that cannot
+    be written, one line and exit code 1. SIGTERM stops the command as Ctrl-C does; either,
+    where no phase said more (``run_sweep`` and ``Sweep.run`` do), is one line and 143 / 130."""
     args = build_parser().parse_args(argv)
-    from sweeps.runtime.console import set_verbose
+    from sweeps.runtime.console import interrupt_exit_code, set_verbose, sigterm_as_interrupt
 
     set_verbose(getattr(args, "verbose", False))
     try:
-        return run(args, argv if argv is not None else sys.argv[1:])
+        with sigterm_as_interrupt():
+            return run(args, argv if argv is not None else sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # before any shard ran (checking input, loading the model)
+        print("\nstopped before any shard ran; nothing was written. Run the same command again to start",
+              file=sys.stderr)
+        return interrupt_exit_code(err)
     except (MemoryError, OSError) as err:
+        if not isinstance(err, MemoryError) and err.errno in STORAGE_ERRNOS:
+            print(f"error: {storage_problem(err)}", file=sys.stderr)
+            return 1
         if not isinstance(err, MemoryError) and err.errno != errno.ENOMEM:
             raise
         print("error: out of memory outside a shard (building the task, loading the model or reading "
               "results); finished shards are kept. Lower --n-prompts or --seq-len, or use a machine with "
               "more memory", file=sys.stderr)
         return 1
+
+
+# A write that failed for want of space or permission, not because of a bug.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def storage_problem(err: OSError) -> str:
+    """One line: what could not be written, why, and what to do; nothing half-written is kept."""
+    where = f" {err.filename}" if err.filename else ""
+    fix = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "make it writable" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+           else "check the disk")
+    return (f"cannot write{where}: {err.strerror or err}. Finished shards are kept and nothing half-written is; "
+            f"{fix} (or choose another --out), then run the same command again to resume")
 
 
 def script_parser(prog: str, doc: str, description_sections: int = 4) -> ArgumentParser:

@@ -45,7 +45,7 @@ def run_shards(
     The progress bar counts ``units`` (e.g. heads) but advances by ``cost`` (the
     relative compute of a shard), so its time left stays right when shards
     differ in cost. On Ctrl-C the finished shards stay and ``resume_hint`` says
-    how to go on.
+    how to go on (``run_sweep`` prints it).
     """
     cost = cost or units
     started = time.perf_counter()
@@ -67,10 +67,6 @@ def run_shards(
             if executor.failures:
                 break
         return executor.failures
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}",
-              file=sys.stderr)
-        raise
     finally:
         executor.shutdown()
 
@@ -217,8 +213,10 @@ def run_sweep(
         from sweeps.registry.cli import UserError
 
         raise UserError(str(err)) from None
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (console.Terminated); workers already stopped
+        what = "stopped (SIGTERM)" if console.terminated(err) else "interrupted"
+        print(f"\n{what}: finished shards are kept in {store.out}. Resume with:\n  {resume_hint}", file=sys.stderr)
+        return console.interrupt_exit_code(err)
     except RuntimeError as err:  # e.g. a worker that cannot load the model
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # Loggers of the libraries a sweep drives (the library root; their modules log below it).
 THIRD_PARTY_LOGGERS = ("ray", "huggingface_hub", "transformers", "transformer_lens", "datasets", "filelock",
@@ -64,3 +68,46 @@ def command(script: str | Path, *args: str) -> str:
     head = [_shown(sys.executable)]
     head += str(script).split() if str(script).startswith("-m ") else [_shown(str(script))]
     return " ".join(shlex.quote(part) for part in [*head, *args])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers, ``kill`` and ``ray stop`` send), raised where Ctrl-C raises
+    ``KeyboardInterrupt``, so that both stop the same way: finished shards kept, workers
+    stopped, the resume command printed."""
+
+
+# Whether SIGTERM arrived: Ray turns any KeyboardInterrupt raised while it waits into a plain
+# one, so the exception's type alone cannot tell SIGTERM from Ctrl-C after a Ray call.
+_sigterm_received = False
+
+
+def _terminate(signum, frame) -> None:
+    global _sigterm_received
+    _sigterm_received = True
+    raise Terminated()
+
+
+def terminated(interrupt: BaseException) -> bool:
+    """Whether ``interrupt`` came from SIGTERM (else from Ctrl-C)."""
+    return isinstance(interrupt, Terminated) or _sigterm_received
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere: no change).
+    ``ray.init`` installs a handler of its own; ``executors.connect_ray`` puts this one back."""
+    global _sigterm_received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm_received = False
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_exit_code(interrupt: BaseException) -> int:
+    """The shell's code for a command ended by a signal: 128 + SIGTERM's 15, or + SIGINT's 2."""
+    return 128 + (signal.SIGTERM if terminated(interrupt) else signal.SIGINT)

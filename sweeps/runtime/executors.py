@@ -19,10 +19,13 @@ its node lost) is replaced and its shard goes back in the queue.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
@@ -214,6 +217,24 @@ def connect_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> boo
 
     if ray.is_initialized():
         return False
+    with _keeping_sigterm_handler():
+        return _connect(ray, num_cpus, num_gpus)
+
+
+@contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (Ray's crash lines, no resume
+    command); the command's own (``console.sigterm_as_interrupt``) is put back afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _connect(ray, num_cpus: int | None, num_gpus: int | None) -> bool:
     if not console.verbose():  # "Task ... failed. There are 2 retries remaining, so the task will be retried"
         os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     address = os.environ.get("RAY_ADDRESS")

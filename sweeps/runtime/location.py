@@ -24,6 +24,13 @@ class LocationError(ValueError):
     """An output location that cannot be opened; the message says why."""
 
 
+def storage_error(err: OSError, where: object) -> OSError:
+    """``err`` (pyarrow's, which names no file) as an ``OSError`` with its errno and ``where``
+    as the filename, so the command's one error line can say what could not be written."""
+    reason = os.strerror(err.errno) if err.errno else (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return OSError(err.errno, reason, str(where))
+
+
 @dataclass(frozen=True)
 class Location:
     fs: pafs.FileSystem
@@ -101,12 +108,19 @@ class Location:
         stores the move is a copy: the manifest, written last, is the commit.
         """
         parent = Location(self.fs, posixpath.dirname(self.path), self.text.rsplit("/", 1)[0])
-        parent.mkdir()
         tmp = parent / f".{self.name}.tmp"
-        with self.fs.open_output_stream(tmp.path) as stream:
-            stream.write(data)
-        tmp.fsync()
-        self.fs.move(tmp.path, self.path)
+        try:
+            parent.mkdir()
+            with self.fs.open_output_stream(tmp.path) as stream:
+                stream.write(data)
+            tmp.fsync()
+            self.fs.move(tmp.path, self.path)
+        except OSError as err:  # a full disk, a read-only or vanished directory: no half file stays
+            try:
+                tmp.delete()
+            except OSError:
+                pass
+            raise storage_error(err, self) from None
 
     def fsync(self) -> None:
         """Flush a local file to disk (a no-op elsewhere)."""
