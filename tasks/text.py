@@ -56,7 +56,7 @@ def read_documents(data: str | None) -> tuple[list[str], str]:
         raise TaskError(f"--data {path} is not UTF-8 text") from None
     if path.suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(raw.split("\n"), start=1)  # JSON Lines: \n only:
+        for number, line in enumerate(raw.split("\n"), start=1):  # JSON Lines: \n only
             if not line.strip():
                 continue
             try:

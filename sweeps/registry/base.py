@@ -229,7 +229,6 @@ class Sweep:
                     print(line)
                 cls.report(results, options)
         except KeyboardInterrupt as err:
-
             print(f"\nstopped; the results in {options.out} are untouched. Run the same command again to write "
                   "the report", file=sys.stderr)
             return interrupt_exit_code(err)

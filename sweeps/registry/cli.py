@@ -42,9 +42,8 @@ def cli_main(
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # before any shard ran (checking input, loading the model)
-        print("\nstopped before any shard ran; nothing was written. Run the same command again to start",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:  # where no phase said more (checking input, loading the model)
+        print("\nstopped; nothing half-written is kept. Run the same command again to go on", file=sys.stderr)
         return interrupt_exit_code(err)
     except (MemoryError, OSError) as err:
         if not isinstance(err, MemoryError) and err.errno in STORAGE_ERRNOS:
