@@ -277,6 +277,8 @@ def test_sigterm_stops_like_ctrl_c_and_prints_how_to_resume(executor, tmp_path):
     assert 1 <= len(kept) < 12
     assert f"stopped (SIGTERM): finished shards are kept in {out}. Resume with:" in err
     assert "Traceback" not in err and "(raylet)" not in out_text + err, err[-3000:]
+    if executor == "ray":  # the printed command is the same either way (the Ctrl-C test runs it on Ray)
+        return
     resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
     done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
