@@ -22,7 +22,7 @@ from benchmarks.common import Ratio, Setup, forward_logits, print_timings, timed
 from sweeps.jobs.backup import BackupJob
 
 
-def seed_style_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
+def hooked_loop_head(bridge, task, points, scale, clean_de, corrupt_z, layer: int, head: int) -> torch.Tensor:
     """One head the way a hooked notebook loop does it: full forward, full cache, stacked head results."""
     name = f"blocks.{layer}.attn.hook_z"
 
@@ -79,18 +79,18 @@ def run(s: Setup) -> list[Ratio]:
     # its numbers are checked against the engine's (the tests check this too).
     state = computer.batches()[0]
     layer = layers[len(layers) // 2]
-    seed_result = None
+    hooked_result = None
 
-    def seed_head():
-        nonlocal seed_result
-        seed_result = seed_style_head(bridge, task, state.points, state.scale, state.de_heads,
+    def hooked_head():
+        nonlocal hooked_result
+        hooked_result = hooked_loop_head(bridge, task, state.points, state.scale, state.de_heads,
                                       state.replacement_z[layer], layer, 0)
 
-    seed = timed(seed_head)
+    hooked = timed(hooked_head)
     [engine_result] = computer.run_heads(layer, [0])
-    seed_backup = seed_result.double()
-    max_diff = float((torch.as_tensor(engine_result.backup) - seed_backup).abs().max())
-    relative = max_diff / max(float(seed_backup.abs().max()), 1e-12)
+    hooked_backup = hooked_result.double()
+    max_diff = float((torch.as_tensor(engine_result.backup) - hooked_backup).abs().max())
+    relative = max_diff / max(float(hooked_backup.abs().max()), 1e-12)
 
     print(f"## backup sweep: {s.name} ({L} layers x {H} heads), text task, {s.shape}")
     print_timings([
@@ -99,16 +99,16 @@ def run(s: Setup) -> list[Ratio]:
         ("clean state, once per sweep", state_seconds),
         ("engine, per upstream head (sweep mean)", engine),
         ("engine without the self-repair decomposition, per head", statistics.mean(without)),
-        ("notebook-style, per upstream head", seed),
+        ("notebook-style, per upstream head", hooked),
     ], forward)
     print(f"engine per head / the forward timed just before it, mean over layers {layers}: {engine_ratio:.3f}")
-    print(f"engine speed-up over notebook-style per head: {seed / engine:.2f}x (a whole sweep of {L * H} heads: "
-          f"~{state_seconds + engine * L * H:.0f} s vs ~{seed * L * H:.0f} s)")
+    print(f"engine speed-up over notebook-style per head: {hooked / engine:.2f}x (a whole sweep of {L * H} heads: "
+          f"~{state_seconds + engine * L * H:.0f} s vs ~{hooked * L * H:.0f} s)")
     print(f"max |engine - notebook-style| accumulated backup of L{layer}H0: {max_diff:.2e} "
           f"({relative:.1e} of the largest |backup|; float32 sums in a different order)\n")
     return [
         Ratio("backup", "engine per head / forward", engine_ratio, "<= 0.5"),
         Ratio("backup", "per head with / without the self-repair decomposition", repair_ratio, "<= 1.05"),
-        Ratio("backup", "notebook-style per head / engine per head", seed / engine, ">= 2.5"),
+        Ratio("backup", "notebook-style per head / engine per head", hooked / engine, ">= 2.5"),
         Ratio("backup", "max |engine - notebook-style| / max |backup|", relative, "<= 1e-3"),
     ]

@@ -28,7 +28,7 @@ from tasks.base import TaskData
 SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
 
 
-def seed_style_node(bridge, task, pairs: torch.Tensor, node: Node, scale: float) -> torch.Tensor:
+def hooked_loop_node(bridge, task, pairs: torch.Tensor, node: Node, scale: float) -> torch.Tensor:
     """The hooked reference recipe for one (node, scale) and one batch of pairs: the source batch's
     full activation cache, then a hooked full forward of the base batch; top-1 tokens."""
     name = f"blocks.{node.layer}.hook_mlp_out" if node.head is None else f"blocks.{node.layer}.attn.hook_result"
@@ -106,7 +106,7 @@ def run(s: Setup) -> list[Ratio]:
     forward, engine, ratio, pairs, restarts = _per_node_scale_pair(w, task, nodes)
     batch = torch.as_tensor(pairs)
     # The hooked loop costs two full forwards whatever the node: one node is enough to time.
-    seed = timed(lambda: seed_style_node(bridge, task, batch, nodes[0], 2.0)) / len(pairs)
+    hooked = timed(lambda: hooked_loop_node(bridge, task, batch, nodes[0], 2.0)) / len(pairs)
     # A task with one answer position per prompt: the read-out is that position only.
     ioi = build_task(TaskSpec("ioi"), bridge.tokenizer, n_prompts=task.n_prompts)
     ioi_forward, ioi_engine, ioi_ratio, ioi_pairs, ioi_restarts = _per_node_scale_pair(w, ioi, nodes)
@@ -116,7 +116,7 @@ def run(s: Setup) -> list[Ratio]:
     print_timings([
         ("forward of one prompt to logits (the unit)", forward),
         ("engine, per (node, scale, pair)", engine),
-        ("notebook-style, per (node, scale, pair)", seed),
+        ("notebook-style, per (node, scale, pair)", hooked),
     ], forward, digits=5)
     rows = len(SCALES) * len(pairs)
     print(f"engine per (node, scale, pair) / the forward timed just before it, mean over the nodes: {ratio:.3f}")
@@ -126,7 +126,7 @@ def run(s: Setup) -> list[Ratio]:
     print(f"per restart, over a forward's: multiply-adds (replayed blocks + read-out of every position) {floor:.2f}, "
           f"the engine's FLOPs as torch counts them {counted:.2f}; times {restarts}/{rows} restarts a row: "
           f"{floor * restarts / rows:.2f} and {counted * restarts / rows:.2f}")
-    print(f"engine speed-up over notebook-style per (node, scale, pair): {seed / engine:.2f}x")
+    print(f"engine speed-up over notebook-style per (node, scale, pair): {hooked / engine:.2f}x")
     print(f"\nthe same nodes on IOI: {len(ioi_pairs)} pairs of equal-length prompts ({ioi_tokens:.1f} tokens on "
           f"average), one answer position each")
     print_timings([
@@ -147,5 +147,5 @@ def run(s: Setup) -> list[Ratio]:
         Ratio("scale", "IOI: engine per (node, scale, pair) / forward", ioi_ratio, "<= 0.6"),
         Ratio("scale", "IOI: restarts per (node, scale, pair)", ioi_restarts / ioi_rows),
         Ratio("scale", "IOI: multiply-adds per restart / forward's", ioi_floor),
-        Ratio("scale", "notebook-style / engine, per (node, scale, pair)", seed / engine),
+        Ratio("scale", "notebook-style / engine, per (node, scale, pair)", hooked / engine),
     ]

@@ -153,7 +153,7 @@ def test_graph_counts_shared_key_value_heads_once(tiny_llama):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-pythia"])
-def test_scores_equal_seed_001s_hooked_gradients(loaded_model, name):
+def test_scores_equal_gradients_cached_with_hooks_on_split_inputs(loaded_model, name):
     """Nodes and every edge (q, k, v per head, GQA key/value heads, MLP inputs, the
     final stream) equal grad · (clean − corrupt) cached with hooks on split inputs."""
     m = loaded_model(name)

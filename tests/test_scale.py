@@ -238,7 +238,7 @@ def effects(out) -> pd.DataFrame:
     return frame.sort_values(["node", "scale"]).reset_index(drop=True)
 
 
-def test_known_circuit_shows_seed_004s_picture(known, tmp_path, capsys):
+def test_known_circuit_shows_the_scale_ablation_picture(known, tmp_path, capsys):
     model, task, circuit = known
     out = tmp_path / "o"
     assert scale.main(["--model", str(model), "--task", str(task), "--circuit", str(circuit), "--executor",
