@@ -27,10 +27,10 @@ import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
 from sweeps.core.nodes import edge_name
-from sweeps.registry.attribution import AttributionSweep
+from sweeps.jobs import datasets
 from sweeps.runtime.location import Location
 
-DATASETS, DERIVED = AttributionSweep.datasets, AttributionSweep.derived  # what its shards and its finish write
+DATASETS, DERIVED = datasets.SHARDS["attribution"], datasets.DERIVED["attribution"]  # shards', finish's
 
 
 @dataclass

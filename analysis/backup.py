@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
-from sweeps.registry.backup import BackupSweep
+from sweeps.jobs.datasets import SHARDS
 from sweeps.runtime.location import Location
 
 __all__ = ["BackupResults", "ResultsError", "load_results"]
@@ -43,7 +43,7 @@ class BackupResults:
 
 def load_results(out: str | Path | Location, allow_mixed: bool = False) -> BackupResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, BackupSweep.datasets,
+    spec, manifest, frames = read_committed(out, SHARDS["backup"],
                                             "backup", allow_mixed)
     slopes = frames["slopes"]
     if not slopes.empty:

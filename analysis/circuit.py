@@ -19,10 +19,10 @@ import pandas as pd
 
 from analysis.results import ResultsError, open_results, read_committed
 from sweeps.core.circuit_eval import area_scores, faithfulness
-from sweeps.registry.circuit import CircuitSweep
+from sweeps.jobs import datasets
 from sweeps.runtime.location import Location
 
-DATASETS, DERIVED = CircuitSweep.datasets, CircuitSweep.derived  # what its shards and its finish write
+DATASETS, DERIVED = datasets.SHARDS["circuit"], datasets.DERIVED["circuit"]  # shards', finish's
 COLUMNS = ["circuit", "source", "level", "size", "k", "n_nodes", "n_edges", "metric", "faithfulness"]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import open_results, read_committed
-from sweeps.registry.scale import ScaleSweep
+from sweeps.jobs.datasets import SHARDS
 from sweeps.runtime.location import Location
 
 STATUS_ORDER = ("in_circuit", "not_in_circuit", "unlabelled")
@@ -32,7 +32,7 @@ class ScaleResults:
 
 def load_scale_results(out: str | Path | Location, allow_mixed: bool = False) -> ScaleResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, ScaleSweep.datasets, "scale", allow_mixed)
+    spec, manifest, frames = read_committed(out, SHARDS["scale"], "scale", allow_mixed)
     effects = frames["effects"]
     if not effects.empty:
         order = effects["head"].fillna(1 << 30)  # a layer's heads, then its MLP

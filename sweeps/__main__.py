@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SWEEPS:  # a sweep is a whole program: everything after its name is its own
         return SWEEPS[argv[0]].main(argv[1:])
     if argv and argv[0] == "analyze":
-        from analysis.__main__ import main as analyze
+        from sweeps.registry.analyze import main as analyze
 
         return analyze(argv[1:], prog="interp-sweeps analyze")
     commands = [*SWEEPS, "analyze", "validate", "models", "tasks"]

@@ -465,21 +465,45 @@ def test_a_sweeps_own_options_carry_into_its_summary_and_report():
     assert options.top == 10  # the analysis default: the scale sweep has no --top
 
 
+# Every folder of code, lowest layer first: each may import itself and the layers before it.
+LAYERS = {"tasks": "tasks", "core": "sweeps/core", "runtime": "sweeps/runtime", "jobs": "sweeps/jobs",
+          "analysis": "analysis", "registry": "sweeps/registry"}
+# Commands, above every layer: the entry scripts and the two `python -m` shims.
+COMMANDS = {"analysis/__main__.py"}
+
+
+def imported_layer(name: str) -> str | None:
+    """The layer a dotted import name belongs to (None: not this project's code)."""
+    parts = name.split(".")
+    if parts[0] in ("tasks", "analysis"):
+        return parts[0]
+    if parts[0] == "sweeps":
+        assert len(parts) > 1 and parts[1] in LAYERS, f"`{name}` imports the sweeps package's commands"
+        return parts[1]
+    return None
+
+
 def test_each_layer_imports_only_the_layers_below_it():
-    """core (the math) <- runtime <- jobs <- registry: checked on every import statement, also
-    the ones inside functions."""
+    """tasks <- core (the math) <- runtime <- jobs <- analysis <- registry: checked on every import
+    statement of every module of every folder, also the ones inside functions. The folders are
+    named here; a missing one (say, moved) fails the test instead of passing it vacuously."""
     import ast
     from pathlib import Path
 
-    sweeps = Path(__file__).resolve().parents[1] / "sweeps"
-    allowed = {"core": {"core"}, "runtime": {"core", "runtime"}, "jobs": {"core", "runtime", "jobs"}}
-    for layer, may in allowed.items():
-        for path in sorted((sweeps / layer).glob("*.py")):
+    root = Path(__file__).resolve().parents[1]
+    top_level = {p.name for p in (root / "sweeps").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert top_level == {"core", "runtime", "jobs", "registry"}, f"sweeps/ has folders {sorted(top_level)}"
+    order = list(LAYERS)
+    for layer, folder in LAYERS.items():
+        may = set(order[: order.index(layer) + 1])
+        paths = sorted((root / folder).rglob("*.py"))
+        assert (root / folder / "__init__.py") in paths, f"{folder} is missing"
+        for path in paths:
+            if str(path.relative_to(root)) in COMMANDS:
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
-                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
                          else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
                 for name in names:
-                    parts = name.split(".")
-                    if parts[0] == "analysis" or parts[0] == "sweeps" and len(parts) > 1:
-                        used = "analysis" if parts[0] == "analysis" else parts[1]
-                        assert used in may, f"{path.relative_to(sweeps.parent)} imports {name}"
+                    used = imported_layer(name)
+                    assert used is None or used in may, f"{path.relative_to(root)} ({layer}) imports {name}"

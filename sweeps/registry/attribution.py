@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sweeps.jobs.datasets import DERIVED, SHARDS
 from sweeps.registry.base import Sweep
 from sweeps.registry.cli import UserError, default_out, did_you_mean, non_negative_int, positive_int
 
@@ -51,8 +52,8 @@ Examples:
     name = "attribution"
     script = "sweeps/attribution.py"
     summary_line = "the attribution sweep: every node and edge, checked by real patching"
-    datasets = ("node_sums", "edge_sums", "batches", "verify_sums")
-    derived = ("nodes", "edges", "verify")
+    datasets = SHARDS["attribution"]
+    derived = DERIVED["attribution"]
     unit_name = "prompt"
 
     @classmethod

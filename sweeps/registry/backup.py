@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sweeps.jobs.datasets import SHARDS
 from sweeps.registry.base import Sweep
 from sweeps.registry.cli import UserError, non_negative_int, positive_int
 
@@ -37,7 +38,7 @@ Examples:
     name = "backup"
     script = "sweeps/backup.py"
     summary_line = "the backup-slope sweep: ablate each head, fit how later heads compensate"
-    datasets = ("slopes", "responses", "points", "self_repair", "neurons")
+    datasets = SHARDS["backup"]
     unit_name = "head"
 
     @classmethod

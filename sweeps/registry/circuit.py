@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from sweeps.jobs.datasets import DERIVED, SHARDS
 from sweeps.registry.base import Sweep
 from sweeps.registry.cli import UserError, number_list
 
@@ -60,8 +61,8 @@ Examples:
     name = "circuit"
     script = "sweeps/circuit.py"
     summary_line = "circuit evaluation: faithfulness of circuits and of rankings (CPR, CMD)"
-    datasets = ("circuit_sums",)
-    derived = ("faithfulness",)
+    datasets = SHARDS["circuit"]
+    derived = DERIVED["circuit"]
     unit_name = "circuit"
 
     @classmethod

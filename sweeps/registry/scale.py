@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sweeps.jobs.datasets import SHARDS
 from sweeps.registry.base import Sweep
 from sweeps.registry.cli import number_list, positive_int
 
@@ -56,7 +57,7 @@ Examples:
     name = "scale"
     script = "sweeps/scale.py"
     summary_line = "the all-nodes x all-scales sweep: patch each node at many scales"
-    datasets = ("effects",)
+    datasets = SHARDS["scale"]
     unit_name = "node-scale"
 
     @classmethod
