@@ -59,3 +59,21 @@ def test_a_config_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
     (tmp_path / "eval.pkl").write_bytes(b"cbuiltins\neval\n(V1+1\ntR.")  # protocol 0, by hand
     with pytest.raises(UnsafePickle, match="builtins.eval"):
         load_plain(tmp_path / "eval.pkl")
+
+
+def test_every_familys_tiny_model_comes_from_the_family_list_with_norms_away_from_defaults():
+    """GPT-2 and Pythia included: a norm weight left at exactly 1 (0 in Gemma's 1 + w) would hide
+    a norm that was never folded, so every tiny family model moves them."""
+    from sweeps.core.architectures import FAMILIES
+    from sweeps.runtime import tiny_models
+
+    assert {"tiny-gpt2", "tiny-pythia"} <= set(tiny_models.FAMILY_TINY_MODELS)
+    for family in FAMILIES:
+        spec = tiny_models.TINY_MODELS[family.tiny_name]
+        assert spec["model_type"] == family.model_types[0] and spec["perturb_norms"], family.name
+        model = tiny_models.build(family.tiny_name)
+        norms = {n: p for n, p in model.named_parameters()
+                 if ("norm" in n or ".ln" in n) and n.endswith("weight")}
+        assert norms, family.name
+        for name, weight in norms.items():
+            assert not torch.all(weight == 1) and not torch.all(weight == 0), (family.name, name)

