@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sweeps.core import transformer as tf
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 from tasks.base import TaskData
 
@@ -53,9 +53,9 @@ class Setup:
 
 
 def load_setup(name: str, n_prompts: int, seq_len: int, repeat: int) -> Setup:
-    bridge, unfoldable = models.load_bridge(models.describe_model(name), with_spec=True)
+    bridge, unfoldable = loading.load_bridge(models.describe_model(name), with_spec=True)
     bridge.set_use_attn_result(True)
-    weights = models.weights_from_bridge(bridge, unfoldable)
+    weights = loading.weights_from_bridge(bridge, unfoldable)
     task = build_task(TaskSpec("text"), bridge.tokenizer, n_prompts=n_prompts, seq_len=seq_len)
     return Setup(name, bridge, weights, task, repeat)
 

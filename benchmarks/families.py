@@ -24,7 +24,7 @@ from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.scale import ScaleJob, make_pairs
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 
 MODELS = ("smollm2-135m", "random-gemma3-270m", "random-qwen2.5-0.5b")
@@ -40,9 +40,9 @@ def forward_log_probs(w: tf.ModelWeights, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def measure(name: str, n_prompts: int, seq_len: int) -> tuple[list[str], list[Ratio]]:
-    loaded = models.load_model(models.describe_model(name))
+    loaded = loading.load_model(models.describe_model(name))
     w = loaded.weights
-    task = build_task(TaskSpec("text"), models.load_tokenizer(loaded.info), n_prompts=n_prompts, seq_len=seq_len)
+    task = build_task(TaskSpec("text"), loading.load_tokenizer(loaded.info), n_prompts=n_prompts, seq_len=seq_len)
     L, H = w.cfg.n_layers, w.cfg.n_heads
     layer = L // 2
 

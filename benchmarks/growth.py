@@ -14,7 +14,7 @@ import statistics
 from benchmarks.backup import middle_layers
 from benchmarks.common import Ratio, forward_logits, print_table, timed
 from sweeps.jobs.backup import BackupJob
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 
 
@@ -71,7 +71,7 @@ def run(weights_by_name: dict, tokenizer, shape: tuple[int, int], prompts: list[
 def load_weights(names: list[str]) -> dict:
     out = {}
     for name in names:
-        bridge, unfoldable = models.load_bridge(models.describe_model(name), with_spec=True)
-        out[name] = models.weights_from_bridge(bridge, unfoldable)
+        bridge, unfoldable = loading.load_bridge(models.describe_model(name), with_spec=True)
+        out[name] = loading.weights_from_bridge(bridge, unfoldable)
         del bridge
     return out

@@ -35,7 +35,8 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     from sweeps.jobs.backup import BackupJob
     from sweeps.jobs.plan import plan_backup
     from sweeps.runtime.executors import LocalExecutor
-    from sweeps.runtime.models import describe_model, load_tokenizer
+    from sweeps.runtime.models import describe_model
+    from sweeps.runtime.loading import load_tokenizer
     from tasks import TaskSpec, build_task
 
     torch.set_grad_enabled(False)

@@ -29,7 +29,7 @@ if __name__ == "__main__":
     import analysis.backup  # noqa: F401
     from sweeps.jobs import backup as backup_sweep  # noqa: F401
     from sweeps.registry import driver
-    from sweeps.runtime import models, executors as run
+    from sweeps.runtime import loading, models, executors as run  # noqa: F401
 
     numpy.ones((256, 256)) @ numpy.ones((256, 256))  # OpenBLAS's buffers
     torch.ones(256, 256) @ torch.ones(256, 256)

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 
 torch.set_grad_enabled(False)
 
@@ -66,12 +66,12 @@ class Loaded:
 
     def __init__(self, name: str):
         self.info = models.describe_model(name)
-        self.bridge, unfoldable = models.load_bridge(self.info, with_spec=True)
+        self.bridge, unfoldable = loading.load_bridge(self.info, with_spec=True)
         try:
             self.bridge.set_use_attn_result(True)  # hook_result, for the bridge-based references
         except NotImplementedError:  # GPT-J's bridge has none; its tests use the Hugging Face model
             pass
-        self.weights = models.weights_from_bridge(self.bridge, unfoldable)
+        self.weights = loading.weights_from_bridge(self.bridge, unfoldable)
         self.tokenizer = self.bridge.tokenizer
 
 

@@ -16,7 +16,8 @@ from ray.cluster_utils import Cluster
 from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.plan import plan_backup
 from sweeps.runtime.executors import LocalExecutor, RayExecutor
-from sweeps.runtime.models import describe_model, load_tokenizer
+from sweeps.runtime.models import describe_model
+from sweeps.runtime.loading import load_tokenizer
 from tasks import TaskSpec, build_task
 
 

@@ -22,7 +22,7 @@ from sweeps.core.lens import task_report
 from sweeps.core.nodes import Node
 from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.scale import ScaleJob, make_pairs
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 
 BOTH_PATHS = ["tiny-llama3", "tiny-pythia"]  # sequential grouped-query; parallel attention + MLP
@@ -35,8 +35,8 @@ def both():
     out = {}
     for name in BOTH_PATHS:
         info = models.describe_model(name)
-        task = build_task(TaskSpec("ioi"), models.load_tokenizer(info), 6, 0)
-        out[name] = (models.load_model(info), models.load_model(dataclasses.replace(info, path="bridge")), task)
+        task = build_task(TaskSpec("ioi"), loading.load_tokenizer(info), 6, 0)
+        out[name] = (loading.load_model(info), loading.load_model(dataclasses.replace(info, path="bridge")), task)
     return out
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from sweeps import attribution, backup, report, scale
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the input was checked")
 
-    monkeypatch.setattr(models, "load_hf_model", refuse)
+    monkeypatch.setattr(loading, "load_hf_model", refuse)
 
 
 def fails(capsys, *args, command=backup) -> str:
@@ -196,7 +196,7 @@ def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path, monkeypatch):
     common = ["--model", "tiny-gpt2", "--executor", "local", "--n-prompts", "4", "--heads", "L2", "--no-report",
               "--out", out]
     assert backup.main(common) == 0
-    monkeypatch.setattr(models, "load_hf_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(loading, "load_hf_model", lambda *a, **k: pytest.fail("weights loaded"))
     line = fails(capsys, *common, "--seed", "1")
     assert "holds results of a different sweep" in line and "seed: 0 here vs 1 now" in line
     assert "--no-resume" in line
@@ -339,7 +339,7 @@ def test_model_shape_counts_the_attribution_graph(loaded_model):
     # The bridge path: Falcon is multi-query and parallel, Cohere parallel, StableLM neither
     for name in ("tiny-falcon", "tiny-cohere", "tiny-stablelm"):
         info = models.describe_model(name)
-        graph = build_graph(bridge_path.graph_config(models.load_model(info).bridge))
+        graph = build_graph(bridge_path.graph_config(loading.load_model(info).bridge))
         assert (info.n_edges, info.n_nodes) == (graph.n_edges, len(graph.upstream)), name
 
 

@@ -20,7 +20,7 @@ from sweeps.core import effects
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.jobs.scale import ScaleJob
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 from tests.test_attribution import scores_by_derivatives
 
@@ -33,7 +33,7 @@ FAMILIES = list(models.FAMILY_TINY_MODELS)
 
 def reference_model(name: str):
     """A fresh copy of the tiny Hugging Face model (the same seeded weights as the engine's)."""
-    hf, _, _ = models.load_hf_model(models.describe_model(name))
+    hf, _, _ = loading.load_hf_model(models.describe_model(name))
     hf.set_attn_implementation("eager")  # eager attention returns its patterns
     return hf
 
@@ -265,7 +265,7 @@ def lay_hub_cache(hf_home, name: str, hub_name: str) -> None:
     """Save tiny model ``name`` into a Hugging Face cache under ``hub_name``, as a download
     would have left it: ``hub/models--ORG--NAME/snapshots/REV/`` and ``refs/main``."""
     info = models.describe_model(name)
-    hf, tokenizer, _ = models.load_hf_model(info)
+    hf, tokenizer, _ = loading.load_hf_model(info)
     repo = hf_home / "hub" / f"models--{hub_name.replace('/', '--')}"
     revision = "0123456789abcdef0123456789abcdef01234567"
     snapshot = repo / "snapshots" / revision
@@ -358,7 +358,7 @@ def test_tasks_follow_each_models_bos_rule(name, bos):
 
     info = models.describe_model(name)
     assert info.prepend_bos is bos
-    tokenizer = models.load_tokenizer(info)
+    tokenizer = loading.load_tokenizer(info)
     for task_name, kw in (("ioi", {}), ("text", {"seq_len": 8})):
         task = build_task(TaskSpec(task_name), tokenizer, 4, 0, prepend_bos=info.prepend_bos, **kw)
         starts = task.clean[:, 0]
@@ -539,7 +539,7 @@ def test_the_embedded_model_saved_under_its_hub_name_runs_the_hub_path_with_the_
     import pyarrow.parquet as pq
 
     hub_name = models.EMBEDDED_HUB_NAME
-    hf, tokenizer, _ = models.load_hf_model(models.describe_model(models.DEFAULT_MODEL))
+    hf, tokenizer, _ = loading.load_hf_model(models.describe_model(models.DEFAULT_MODEL))
     hf.hf_quantizer = None
     hf.config.quantization_config = None
     repo = tmp_path / "hf" / "hub" / f"models--{hub_name.replace('/', '--')}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sweeps.runtime import model_cache as disk_cache
-from sweeps.runtime import models
+from sweeps.runtime import loading, models
 from tasks import TaskSpec, build_task
 
 
@@ -76,16 +76,16 @@ def test_load_model_reads_the_embedded_weights_from_the_cache(tmp_path, monkeypa
     conversion (the fixture's), a load reads it back bit for bit without booting a bridge."""
     monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
     disk_cache.cached_weights(Path(smollm.info.source), lambda: smollm.weights)
-    monkeypatch.setattr(models, "load_bridge", lambda *a, **k: _refuse())
-    loaded = models.load_model(smollm.info)
+    monkeypatch.setattr(loading, "load_bridge", lambda *a, **k: _refuse())
+    loaded = loading.load_model(smollm.info)
     _assert_same_weights(loaded.weights, smollm.weights)
-    assert loaded.weight_hash == models.weight_hash(smollm.weights)
+    assert loaded.weight_hash == loading.weight_hash(smollm.weights)
 
 
 def test_cached_tokenizer_builds_the_same_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
     info = models.describe_model("tiny-gpt2")
-    parsed = models.load_tokenizer(info)  # a miss: parsed out of the GGUF file, then stored
+    parsed = loading.load_tokenizer(info)  # a miss: parsed out of the GGUF file, then stored
     from transformers import AutoTokenizer
 
     real = AutoTokenizer.from_pretrained
@@ -95,7 +95,7 @@ def test_cached_tokenizer_builds_the_same_tasks(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_gguf)
-    cached = models.load_tokenizer(info)
+    cached = loading.load_tokenizer(info)
     assert type(cached) is type(parsed) and cached is not parsed
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side"):
         assert getattr(cached, attr) == getattr(parsed, attr), attr
@@ -111,7 +111,7 @@ def _model_directory(kind: str, root: Path, tiny_gpt2) -> Path:
 
     if kind == "checkpoint":  # an InterpBench-style TransformerLens checkpoint
         return known_circuit.write_checkpoint(root / "checkpoint", tiny_gpt2.tokenizer)
-    hf_model, tokenizer, _ = models.load_hf_model(tiny_gpt2.info)
+    hf_model, tokenizer, _ = loading.load_hf_model(tiny_gpt2.info)
     hf_model.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
     return root / "hf"
@@ -125,12 +125,12 @@ def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gp
     directory = _model_directory(kind, tmp_path, tiny_gpt2)
     info = models.describe_model(str(directory))
     assert info.kind == kind
-    fresh = models.load_model(info)  # a miss: converted, then stored
+    fresh = loading.load_model(info)  # a miss: converted, then stored
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
-    real_load_bridge = models.load_bridge
-    monkeypatch.setattr(models, "load_bridge", lambda *a, **k: _refuse())
-    cached = models.load_model(info)
+    real_load_bridge = loading.load_bridge
+    monkeypatch.setattr(loading, "load_bridge", lambda *a, **k: _refuse())
+    cached = loading.load_model(info)
     _assert_same_weights(cached.weights, fresh.weights)
     assert cached.weight_hash == fresh.weight_hash
 
@@ -140,8 +140,8 @@ def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gp
 
     os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights were rewritten
     booted = []
-    monkeypatch.setattr(models, "load_bridge", lambda i, **kw: booted.append(1) or real_load_bridge(i, **kw))
-    models.load_model(info)
+    monkeypatch.setattr(loading, "load_bridge", lambda i, **kw: booted.append(1) or real_load_bridge(i, **kw))
+    loading.load_model(info)
     assert booted == [1]
 
 
@@ -155,8 +155,8 @@ def test_a_hub_model_is_keyed_on_its_downloaded_snapshot(tmp_path, monkeypatch, 
     snapshot = repo / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")  # what describing the model downloaded
-    assert models.hub_snapshot("org/name", cache_dir=str(tmp_path / "hub")) == snapshot
-    assert models.hub_snapshot("org/missing", cache_dir=str(tmp_path / "hub")) is None
+    assert loading.hub_snapshot("org/name", cache_dir=str(tmp_path / "hub")) == snapshot
+    assert loading.hub_snapshot("org/missing", cache_dir=str(tmp_path / "hub")) is None
 
     def download_and_convert():
         (snapshot / "model.safetensors").write_bytes(b"weights")

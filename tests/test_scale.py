@@ -262,13 +262,13 @@ def test_known_circuit_shows_the_scale_ablation_picture(known, tmp_path, capsys)
 
 def test_tl_checkpoint_directory_loads_through_boot_native(known, loaded_model):
     from sweeps.core import transformer as tf
-    from sweeps.runtime import models
+    from sweeps.runtime import loading, models
 
     model, _, _ = known
     info = models.describe_model(str(model))
     assert info.kind == "checkpoint" and (info.n_layers, info.n_heads) == (2, 2)
-    bridge = models.load_bridge(info)
-    loaded = models.load_model(info)
+    bridge = loading.load_bridge(info)
+    loaded = loading.load_model(info)
     tokens = bridge.to_tokens([" red cat", " pink dog"])
     ours = tf.unembed(loaded.weights, tf.run(loaded.weights, tokens).resid_final)
     torch.testing.assert_close(ours.log_softmax(-1), bridge(tokens).log_softmax(-1), atol=1e-4, rtol=0)

@@ -45,7 +45,7 @@ def bridge_of(model):
 
 def replica(model) -> tuple[tf.ModelWeights | None, Any]:
     """``(weights, bridge)`` for a job to run on, one of them None: ``model`` is a loaded model
-    (``models.LoadedModel``: its fast-path weights, else its bridge), fast-path weights, or a bridge."""
+    (``loading.LoadedModel``: its fast-path weights, else its bridge), fast-path weights, or a bridge."""
     if isinstance(model, tf.ModelWeights):
         return model, None
     if hasattr(model, "weights"):  # a LoadedModel, or any holder of weights (and maybe a bridge)

@@ -127,7 +127,8 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     Raises one of ``input_errors()``; only the tokenizer is loaded.
     """
     from sweeps.registry.cli import default_out
-    from sweeps.runtime.models import describe_model, load_tokenizer
+    from sweeps.runtime.models import describe_model
+    from sweeps.runtime.loading import load_tokenizer
     from tasks import TaskError, build_task, check_task
 
     out = check_out_dir(args.out or default_out(sweep, args.model, args.task))

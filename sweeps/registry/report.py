@@ -85,7 +85,7 @@ Examples:
 
         from analysis.task_report import build_report, summary_lines, write_task_report
         from sweeps.core.lens import task_report
-        from sweeps.runtime.models import load_model, load_tokenizer
+        from sweeps.runtime.loading import load_model, load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(info, device)

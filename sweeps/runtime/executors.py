@@ -35,7 +35,8 @@ import torch
 from sweeps.runtime import console
 from sweeps.runtime.allocator import keep_freed_memory
 from sweeps.runtime.chunking import out_of_memory
-from sweeps.runtime.models import describe_model, load_model
+from sweeps.runtime.models import describe_model
+from sweeps.runtime.loading import load_model
 
 
 class Shard(Protocol):
@@ -46,7 +47,7 @@ class Shard(Protocol):
 
 
 class Job(Protocol):
-    """What a sweep asks of a worker: bind to a model (``models.LoadedModel``), then compute
+    """What a sweep asks of a worker: bind to a model (``loading.LoadedModel``), then compute
     shards. The jobs of ``sweeps/jobs/`` return themselves from ``bind``; the executors do not
     need it."""
 

@@ -12,7 +12,7 @@ same way: booting and folding its bridge is most of its load too.
 - Key: everything the content depends on: the source (absolute path; size, times
   and inode of the file, or of every file under the directory), the versions of
   the packages that convert it, and the source of our own conversion code
-  (``models.py``, ``transformer.py``). A change to any of them is a miss; stale
+  (``loading.py``, ``transformer.py``, ...). A change to any of them is a miss; stale
   entries are never read.
 - Writes go to a temp name in the same directory and are renamed into place, so
   a reader never sees half an entry, and processes that miss at the same time
@@ -47,7 +47,7 @@ from sweeps.runtime.provenance import package_versions
 # Packages whose code turns the source file into weights or a tokenizer.
 CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
 # Our own conversion code: a change to it changes what a load returns.
-CONVERSION_SOURCES = ("runtime/models.py", "core/transformer.py", "core/architectures.py")  # under sweeps/
+CONVERSION_SOURCES = ("runtime/loading.py", "core/transformer.py", "core/architectures.py")  # under sweeps/
 
 
 DEFAULT_MAX_GB = 8.0

