@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale attribution circuit report test bench clean
+.PHONY: setup sweep scale attribution circuit report run test bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ circuit: $(STAMP)
 ## The task report: DLA, logit lens, attention page (ARGS="--task sentiment").
 report: $(STAMP)
 	$(BIN)/python sweeps/report.py $(ARGS)
+
+## Any registered sweep by name, the ones above included: make run SWEEP=NAME ARGS="...".
+run: $(STAMP)
+	$(BIN)/interp-sweeps $(SWEEP) $(ARGS)
 
 ## The test suite (one real local Ray per session).
 test: $(STAMP)

@@ -1,17 +1,15 @@
 """``interp-sweeps`` (or ``python -m sweeps``): every command of the project behind one name.
 
-    interp-sweeps backup      [ARGS]   the backup-slope sweep (sweeps/backup.py)
-    interp-sweeps scale       [ARGS]   the all-nodes x all-scales sweep (sweeps/scale.py)
-    interp-sweeps attribution [ARGS]   the attribution sweep (sweeps/attribution.py)
-    interp-sweeps circuit     [ARGS]   circuit evaluation: faithfulness curves, CPR, CMD (sweeps/circuit.py)
-    interp-sweeps report      [ARGS]   the task report: DLA, logit lens, attention (sweeps/report.py)
+    interp-sweeps SWEEP [ARGS]         every registered sweep (``sweeps.registry.SWEEPS``: backup,
+                                       scale, attribution, circuit, report, ...)
     interp-sweeps analyze SWEEP DIR    tables, figures and a W&B run from saved results
     interp-sweeps validate CLUSTER_YAML   check a Ray cluster config the way `ray up` will
     interp-sweeps models               the supported model families and which path runs each
     interp-sweeps tasks                the built-in tasks
 
 ``interp-sweeps COMMAND --help`` explains each. The entry scripts stay runnable on their own
-(``python sweeps/backup.py ...``, ``ray submit cluster.yaml sweeps/backup.py -- ...``).
+(``python sweeps/backup.py ...``, ``ray submit cluster.yaml sweeps/backup.py -- ...``); a sweep
+without one is submitted as this file: ``ray submit cluster.yaml sweeps/__main__.py -- SWEEP ...``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Bad input is rejected with one line, before any model weights load."""
 
 import json
+import sys
 import os
 import time
 
 import pytest
 
 from sweeps import attribution, backup, report, scale
+from sweeps.registry import SWEEPS
 from sweeps.runtime import loading, models
 
 
@@ -141,7 +143,7 @@ def _bad_out(tmp_path, case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["under a file", "a file", "not writable"])
-@pytest.mark.parametrize("command", [backup, scale, attribution, report], ids=lambda c: c.__name__.split(".")[-1])
+@pytest.mark.parametrize("command", [cls for cls in SWEEPS.values() if cls.name != "circuit"], ids=lambda c: c.name)
 def test_every_bad_out_is_one_error_line_and_exit_2(capsys, no_model_loading, tmp_path, case, command):
     line = fails(capsys, "--model", "tiny-gpt2", "--out", _bad_out(tmp_path, case),
                  command=command)
@@ -389,7 +391,7 @@ def test_interp_sweeps_lists_every_command_and_delegates(capsys):
         interp_sweeps(["--help"])
     assert exit_.value.code == 0
     listed = capsys.readouterr().out
-    for command in ("backup", "scale", "attribution", "circuit", "report", "analyze", "validate", "models", "tasks"):
+    for command in (*SWEEPS, "analyze", "validate", "models", "tasks"):
         assert f"    {command}" in listed, command
     assert interp_sweeps(["models"]) == 0
     out = capsys.readouterr().out
@@ -427,14 +429,16 @@ def test_every_registered_sweep_has_its_entry_script_subcommand_and_analysis(cap
     from sweeps.registry import SWEEPS
 
     repo = Path(__file__).resolve().parents[1]
-    assert list(SWEEPS) == ["backup", "scale", "attribution", "circuit", "report"]
+    assert list(SWEEPS)[:5] == ["backup", "scale", "attribution", "circuit", "report"]  # --help order
     for name, cls in SWEEPS.items():
-        assert cls.name == name and (repo / cls.script).is_file(), name
-        assert importlib.import_module(f"sweeps.{name}").main == cls.main  # the script runs the class
+        assert cls.name == name, name
+        if cls.script:  # an entry script, where a sweep has one, runs the class
+            assert (repo / cls.script).is_file(), name
+            assert importlib.import_module(f"sweeps.{name}").main == cls.main
         with pytest.raises(SystemExit):
             interp_sweeps([name, "--help"])
         shown = capsys.readouterr().out
-        assert shown.startswith(f"usage: {cls.script}") and cls.__doc__.splitlines()[0] in shown, name
+        assert shown.startswith(f"usage: {cls.prog()}") and cls.__doc__.splitlines()[0] in shown, name
         if cls.analyzable:
             with pytest.raises(SystemExit):
                 analyze([name, "--help"])
@@ -507,3 +511,40 @@ def test_each_layer_imports_only_the_layers_below_it():
                 for name in names:
                     used = imported_layer(name)
                     assert used is None or used in may, f"{path.relative_to(root)} ({layer}) imports {name}"
+
+
+def test_a_new_sweep_is_its_own_files_and_nothing_else(tmp_path, capsys, monkeypatch):
+    """A sweep defined in a module of its own (``tests/toy_sweep.py``) registers itself when it is
+    imported: ``interp-sweeps toy`` runs it end to end (plan, shards, Parquet, summary), resumes
+    it, ``interp-sweeps analyze toy`` reads it back, and its resume command needs no entry script."""
+    import importlib.util
+
+    from sweeps.__main__ import main as interp_sweeps
+    from tests.toy_sweep import TOY_SOURCE
+
+    module_path = tmp_path / "toy_sweep_module.py"
+    module_path.write_text(TOY_SOURCE)
+    spec = importlib.util.spec_from_file_location("toy_sweep_module", module_path)
+    toy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "toy_sweep_module", toy)
+    assert "toy" not in SWEEPS
+    try:
+        spec.loader.exec_module(toy)  # defining ToySweep registers it
+        assert SWEEPS["toy"] is toy.ToySweep
+        out = tmp_path / "out"
+        args = ["toy", "--model", "tiny-gpt2", "--n-prompts", "5", "--executor", "local", "--out", str(out)]
+        assert interp_sweeps(args) == 0
+        captured = capsys.readouterr()
+        assert "toy: 5 prompts, longest" in captured.out
+        lengths = toy.load_toy(out).sort_values("prompt")
+        assert lengths.prompt.tolist() == [0, 1, 2, 3, 4]
+        assert (lengths.answer_offset == lengths.length - 1).all()
+        assert interp_sweeps(args) == 0 and "toy sweep: 3 done, 0 to run" in capsys.readouterr().err
+        assert interp_sweeps(["analyze", "toy", str(out)]) == 0
+        assert "toy: 5 prompts" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            interp_sweeps(["--help"])
+        assert "a toy sweep (tests only)" in capsys.readouterr().out
+        assert toy.ToySweep.resume_command(args[1:]).split()[1:4] == ["-m", "sweeps", "toy"]
+    finally:
+        SWEEPS.pop("toy", None)

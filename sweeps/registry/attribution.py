@@ -51,6 +51,7 @@ Examples:
 
     name = "attribution"
     script = "sweeps/attribution.py"
+    order = 30
     summary_line = "the attribution sweep: every node and edge, checked by real patching"
     datasets = SHARDS["attribution"]
     derived = DERIVED["attribution"]

@@ -37,6 +37,7 @@ Examples:
 
     name = "backup"
     script = "sweeps/backup.py"
+    order = 10
     summary_line = "the backup-slope sweep: ablate each head, fit how later heads compensate"
     datasets = SHARDS["backup"]
     unit_name = "head"

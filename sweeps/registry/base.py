@@ -13,31 +13,73 @@ A sweep class owns everything the commands need to know about its kind:
 
 ``run`` strings them together for every sharded sweep; ``sweeps/registry/driver.py``
 does the locking, resuming and shard loop, ``sweeps/runtime/executors.py`` the
-workers. To add a sweep: subclass, fill these in, list the class in
-``sweeps/registry/__init__.py`` and add a three-line entry script under
-``sweeps/`` (docs/layout.md, "Adding a sweep").
+workers. A class that sets ``name`` registers itself in ``SWEEPS`` when it is defined:
+``interp-sweeps NAME``, ``python -m sweeps NAME`` (what ``ray submit`` runs for a sweep
+without an entry script of its own), ``interp-sweeps analyze NAME DIR`` and the tests'
+lists all come from there (docs/layout.md, "Adding a sweep").
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from sweeps.registry.cli import ArgumentParser, UserError, add_common_options, add_verbose_option, cli_main, script_parser
+
+
+# Every sweep, by name: a subclass of ``Sweep`` that sets ``name`` adds itself when it is defined.
+# Commands list them by ``order`` (``ordered``).
+SWEEPS: dict[str, type[Sweep]] = {}
+
+
+def ordered(sweeps: Iterable[type[Sweep]]) -> list[type[Sweep]]:
+    return sorted(sweeps, key=lambda cls: cls.order)
 
 
 class Sweep:
     """Subclasses set the class attributes below and override the methods that raise."""
 
-    name: ClassVar[str]  # the subcommand, results/<name>/..., the spec's "sweep"
-    script: ClassVar[str]  # the entry script under the repository (what `ray submit` uploads)
+    name: ClassVar[str]  # the subcommand, results/<name>/..., the spec's "sweep"; setting it registers the class
+    script: ClassVar[str | None] = None  # an entry script under the repository, if the sweep has one
+    order: ClassVar[int] = 100  # place in `interp-sweeps --help` (lower first)
     summary_line: ClassVar[str]  # one line for `interp-sweeps --help`
     help_sections: ClassVar[int] = 4  # paragraphs of the docstring above the options in --help
     datasets: ClassVar[tuple[str, ...]] = ()  # what every shard writes
     derived: ClassVar[tuple[str, ...]] = ()  # written from all shards by ``finish``, once none failed
     unit_name: ClassVar[str] = "shard"  # what the progress bar counts
     analyzable: ClassVar[bool] = True  # has results ``interp-sweeps analyze`` reads back
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # an abstract helper class, not a sweep
+            return
+        known = SWEEPS.get(cls.name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"two sweeps are named {cls.name!r}: {known.__module__}.{known.__qualname__} "
+                             f"and {cls.__module__}.{cls.__qualname__}")
+        SWEEPS[cls.name] = cls
+
+    @classmethod
+    def input_errors(cls) -> tuple[type[Exception], ...]:
+        """Exceptions that mean bad input to this sweep (one ``error:`` line, exit code 2): those of
+        every sweep (``driver.input_errors``) and the sweep's own, which a subclass adds."""
+        from sweeps.registry.driver import input_errors
+
+        return input_errors()
+
+    @classmethod
+    def prog(cls) -> str:
+        """How the command is called: its entry script, else ``interp-sweeps NAME``."""
+        return cls.script or f"interp-sweeps {cls.name}"
+
+    @classmethod
+    def resume_command(cls, argv: list[str]) -> str:
+        """The command line that reruns this sweep with ``argv`` in this interpreter."""
+        from sweeps.registry.driver import REPO
+        from sweeps.runtime.console import command
+
+        return command(REPO / cls.script, *argv) if cls.script else command("-m sweeps", cls.name, *argv)
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -47,7 +89,7 @@ class Sweep:
 
     @classmethod
     def parser(cls) -> ArgumentParser:
-        parser = script_parser(cls.script, cls.__doc__ or "", cls.help_sections)
+        parser = script_parser(cls.prog(), cls.__doc__ or "", cls.help_sections)
         cls.add_options(parser)
         return parser
 
@@ -109,17 +151,13 @@ class Sweep:
 
     def run(self, argv: list[str]) -> int:
         """Check, run every shard (resuming), then print the summary and write the report."""
-        from sweeps.registry.driver import input_errors, print_failures, run_sweep
+        from sweeps.registry.driver import print_failures, run_sweep
 
         try:  # cheap checks first: nothing here loads model weights
             self.prepare()
-        except input_errors() as err:
+        except self.input_errors() as err:
             raise UserError(str(err)) from None
-        failures = run_sweep(
-            self.args, argv, self.script, self.inputs, self.spec(), self.datasets, self.plan, self.job(),
-            units=self.units, unit_name=self.unit_name, cost=self.cost, columns=self.columns(),
-            derived=self.derived, finish=self.finish if self.derived else None,
-        )
+        failures = run_sweep(self, argv)
         if isinstance(failures, int):
             return failures
         print_failures(failures)

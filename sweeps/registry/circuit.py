@@ -60,6 +60,7 @@ Examples:
 
     name = "circuit"
     script = "sweeps/circuit.py"
+    order = 40
     summary_line = "circuit evaluation: faithfulness of circuits and of rankings (CPR, CMD)"
     datasets = SHARDS["circuit"]
     derived = DERIVED["circuit"]

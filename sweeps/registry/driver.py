@@ -110,15 +110,15 @@ class SweepInputs:
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad user input (reported as one line, exit code 2)."""
+    """Exceptions that mean bad user input in every sweep (reported as one line, exit code 2); a
+    sweep adds its own (``Sweep.input_errors``)."""
     from sweeps.core.circuits import CircuitError
     from sweeps.core.nodes import NodeError
     from sweeps.jobs.plan import PlanError
-    from sweeps.jobs.scale import PairsError
     from sweeps.runtime.models import ModelNameError
     from tasks import TaskError
 
-    return (ModelNameError, TaskError, PlanError, StoreError, NodeError, CircuitError, PairsError)
+    return (ModelNameError, TaskError, StoreError, NodeError, PlanError, CircuitError)
 
 
 def prepare_inputs(args, sweep: str) -> SweepInputs:
@@ -142,57 +142,44 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     return SweepInputs(out, info, task)
 
 
-def run_sweep(
-    args,
-    argv: list[str],
-    script: str,
-    inputs: SweepInputs,
-    spec: dict,
-    datasets: tuple[str, ...],
-    plan: Callable[[set[str]], tuple[list, str]],
-    job,
-    units: Callable,
-    unit_name: str,
-    cost: Callable,
-    columns: dict[str, Any] | None = None,
-    derived: tuple[str, ...] = (),
-    finish: Callable[[ResultStore], None] | None = None,
-) -> int | list[Failure]:
+def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
     """Lock ``--out``, adopt the spec, plan what is left, run it; the failures, or an exit code.
 
-    ``plan(done_shard_ids)`` returns the shards to run and a one-line header.
-    It is asked again after each wave finishes, with the workers still up, and
-    may return more shards that depend on the finished ones (an empty list ends
-    the sweep). ``columns`` are sweep-specific provenance columns for every row;
-    ``derived`` names the store's derived datasets (cleared with ``--no-resume``);
-    ``finish(store)`` writes them, still under the lock, once no shard failed.
+    ``sweep`` is a prepared ``base.Sweep``. Its ``plan(done_shard_ids)`` returns the shards to
+    run and a one-line header. It is asked again after each wave finishes, with the workers
+    still up, and may return more shards that depend on the finished ones (an empty list ends
+    the sweep). Its ``columns()`` are sweep-specific provenance columns for every row; its
+    ``derived`` datasets are cleared with ``--no-resume`` and written by ``finish(store)``,
+    still under the lock, once no shard failed.
     """
     from sweeps.runtime import provenance
     from sweeps.runtime.executors import LocalExecutor, RayExecutor
 
-    store = ResultStore(inputs.out, datasets, derived)
-    resume_hint = console.command(REPO / script, *argv)
+    args, inputs, spec = sweep.args, sweep.inputs, sweep.spec()
+    store = ResultStore(inputs.out, sweep.datasets, sweep.derived)
+    resume_hint = sweep.resume_command(argv)
     spec_id = provenance.spec_id(spec)
     try:
         with store.lock():
             store.prepare(spec, resume=args.resume)
-            shards, header = plan(store.reconcile())
+            shards, header = sweep.plan(store.reconcile())
             code = provenance.code_version()
             store.update_manifest(spec=spec, spec_id=spec_id, code_version=code,
                                   packages=provenance.package_versions(), model=inputs.info.__dict__)
             print(inputs.info.describe, file=sys.stderr)
             print(f"{header} -> {inputs.out}", file=sys.stderr)
             if not shards:
-                if finish is not None:
-                    finish(store)
+                if sweep.derived:
+                    sweep.finish(store)
                 return []
+            job = sweep.job()
             executor = (
                 LocalExecutor(args.model, job) if args.executor == "local"
                 else RayExecutor(args.model, job, num_workers=args.num_workers)
             )
             columns = {"model": args.model, "engine_path": inputs.info.path,
                        "task": inputs.task.name, "task_hash": spec["task_hash"],
-                       "seed": args.seed, **(columns or {}), "code_version": code, "spec_id": spec_id}
+                       "seed": args.seed, **sweep.columns(), "code_version": code, "spec_id": spec_id}
 
             def waves() -> Iterator[list]:
                 more, ran = shards, set()
@@ -202,13 +189,14 @@ def run_sweep(
                         raise RuntimeError(f"shards {sorted(ids)[:3]} did not commit; see {store.out}/manifest.json")
                     ran |= ids
                     yield more
-                    more, header = plan(store.reconcile())
+                    more, header = sweep.plan(store.reconcile())
                     if more:
                         print(header, file=sys.stderr)
 
-            failures = run_shards(executor, store, waves(), spec, columns, units, unit_name, resume_hint, cost)
-            if finish is not None and not failures:
-                finish(store)
+            failures = run_shards(executor, store, waves(), spec, columns, sweep.units, sweep.unit_name,
+                                  resume_hint, sweep.cost)
+            if sweep.derived and not failures:
+                sweep.finish(store)
             return failures
     except StoreError as err:
         from sweeps.registry.cli import UserError

@@ -43,6 +43,7 @@ Examples:
 
     name = "report"
     script = "sweeps/report.py"
+    order = 50
     summary_line = "the task report: direct logit attribution, logit lens, attention patterns"
     help_sections = 3
     analyzable = False  # its outputs are the report itself
@@ -65,14 +66,14 @@ Examples:
     def run(self, argv: list[str]) -> int:
         """One clean forward of the task; tables, plots, the attention page and a W&B run.
         A failed sum check (the components do not add up to the metric) exits with code 1."""
-        from sweeps.registry.driver import input_errors, prepare_inputs
+        from sweeps.registry.driver import prepare_inputs
 
         args = self.args
         args.out = args.out or default_out("report", args.model, args.task)
         try:
             inputs = self.inputs = prepare_inputs(args, "report")
             Path(args.out).mkdir(parents=True, exist_ok=True)
-        except input_errors() as err:
+        except self.input_errors() as err:
             raise UserError(str(err)) from None
         except OSError as err:  # what check_out_dir could not foresee, e.g. a read-only filesystem
             raise UserError(f"--out {args.out}: cannot create it ({err.strerror or err})") from None

@@ -56,9 +56,16 @@ Examples:
 
     name = "scale"
     script = "sweeps/scale.py"
+    order = 20
     summary_line = "the all-nodes x all-scales sweep: patch each node at many scales"
     datasets = SHARDS["scale"]
     unit_name = "node-scale"
+
+    @classmethod
+    def input_errors(cls) -> tuple[type[Exception], ...]:
+        from sweeps.jobs.scale import PairsError
+
+        return (*super().input_errors(), PairsError)
 
     @classmethod
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
