@@ -24,6 +24,7 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import bridge_path
+from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
@@ -111,30 +112,27 @@ def add(a: A.BatchAttribution | None, b: A.BatchAttribution) -> A.BatchAttributi
 
 
 @dataclass
-class AttributionJob:
+class AttributionJob(Job):
     """The attribution sweep as a worker sees it (picklable: the task's tensors)."""
 
     task: TaskData
     method: str = "eap"  # attribution.METHODS
     steps: int = 1  # interpolation steps of the EAP-IG methods
     exact_edges: bool = False  # --method exact: patch every edge too (small models only)
-    _bridge: object = field(default=None, repr=False)  # the bridge path (``bridge_path.py``), else None
-    _weights: object = field(default=None, repr=False)
     _graph: A.Graph | None = field(default=None, repr=False)
     _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
 
     def bind(self, model) -> "AttributionJob":
-        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
-        self._weights, self._bridge = bridge_path.replica(model)
-        if self._bridge is not None:
-            if self.method == "eap-ig-activations":
-                raise ValueError("eap-ig-activations runs on the fast path's families only")
-            bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
-            self._graph = A.build_graph(bridge_path.graph_config(self._bridge))
-            return self
-        self._graph = A.build_graph(self._weights.cfg)
+        if bridge_path.replica(model)[1] is not None and self.method == "eap-ig-activations":
+            raise ValueError("eap-ig-activations runs on the fast path's families only")
+        return super().bind(model)
+
+    def on_bind(self) -> None:
+        if self.bridge is not None:
+            self._graph = A.build_graph(bridge_path.graph_config(self.bridge))
+            return
+        self._graph = A.build_graph(self.weights.cfg)
         self._scratch = A.Scratch()
-        return self
 
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
@@ -142,10 +140,10 @@ class AttributionJob:
             return {"verify_sums": self._verify(batch, shard)}
         if self.method == "exact":
             return attribution_tables(self._graph, self._exact(batch), shard)
-        if self._bridge is not None:  # one corrupt forward and `steps` forwards and backwards a batch
-            scores = bridge_path.attribute(self._bridge, self._graph, batch, self.steps)
+        if self.bridge is not None:  # one corrupt forward and `steps` forwards and backwards a batch
+            scores = bridge_path.attribute(self.bridge, self._graph, batch, self.steps)
             return attribution_tables(self._graph, scores, shard)
-        w, graph = self._weights, self._graph
+        w, graph = self.weights, self._graph
         per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
         scratch = self._scratch
         total = None
@@ -165,15 +163,15 @@ class AttributionJob:
         """Real patching of every node (and edge): raw sums ``m(clean) − m(patched)``, like the
         gradient methods' (``attribution.exact_scores``)."""
         graph = self._graph
-        if self._bridge is not None:
+        if self.bridge is not None:
             targets = A.every_target(graph, self.exact_edges)
             with torch.no_grad():
-                clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
-                corrupt = float(bridge_path.metric_sum(self._bridge(batch.corrupt), batch))
-            patched = bridge_path.patch_metric(self._bridge, graph, batch, targets)
+                clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
+                corrupt = float(bridge_path.metric_sum(self.bridge(batch.corrupt), batch))
+            patched = bridge_path.patch_metric(self.bridge, graph, batch, targets)
             return A.exact_attribution(graph, patched, clean, corrupt,
-                                       int(bridge_path.effect_points(self._bridge, batch).n), self.exact_edges)
-        w = self._weights
+                                       int(bridge_path.effect_points(self.bridge, batch).n), self.exact_edges)
+        w = self.weights
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         total = None
         for _, _, part in map_chunks(
@@ -185,13 +183,13 @@ class AttributionJob:
         return total
 
     def _verify(self, batch: TaskData, shard: VerifyShard) -> pa.Table:
-        w, graph = self._weights, self._graph
+        w, graph = self.weights, self._graph
         patched = torch.zeros(len(shard.targets), dtype=torch.float64)
         clean = 0.0
-        if self._bridge is not None:
+        if self.bridge is not None:
             with torch.no_grad():
-                clean = float(bridge_path.metric_sum(self._bridge(batch.clean), batch))
-            patched = bridge_path.patch_metric(self._bridge, graph, batch, list(shard.targets))
+                clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
+            patched = bridge_path.patch_metric(self.bridge, graph, batch, list(shard.targets))
             return _verify_table(shard, patched, clean)
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         for a, b, (metric, sums) in map_chunks(

@@ -22,7 +22,7 @@ import torch
 
 from sweeps.core import bridge_path, effects
 from sweeps.core import transformer as tf
-from sweeps.core.transformer import ModelWeights
+from sweeps.jobs.base import Job
 from sweeps.jobs.plan import Shard
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
@@ -102,7 +102,7 @@ def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.
 
 
 @dataclass
-class BackupJob:
+class BackupJob(Job):
     """The backup sweep on one worker. With fast-path ``weights`` each group of ablations
     restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
     each ablation is a full forward. Both are set by ``bind`` on the worker: the executors send
@@ -117,18 +117,11 @@ the job unbound."""
     top_fraction: float = 0.02  # self_repair/'s and neurons/' "top" selection
     top_neurons: int = 20
     self_repair: bool = True  # also the self-repair decomposition (off only to measure what it costs)
-    weights: ModelWeights | None = field(default=None, repr=False)
-    bridge: Any = field(default=None, repr=False)
     _batches: list[BatchState] | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
-    def bind(self, model) -> "BackupJob":
-        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
-        self.weights, self.bridge = bridge_path.replica(model)
-        if self.bridge is not None:
-            bridge_path.sum_check(self.bridge, self.task)  # the definitions hold for this model, or a clear error
+    def on_bind(self) -> None:
         self._batches = None
-        return self
 
     def run_shard(self, shard: Shard) -> dict[str, pa.Table]:
         results = self.run_heads(shard.layer, list(shard.heads))

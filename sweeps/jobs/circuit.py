@@ -19,6 +19,7 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import bridge_path
+from sweeps.jobs.base import Job
 from sweeps.core import circuit_eval as CE
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
@@ -91,36 +92,30 @@ def circuit_mask(graph: A.Graph, curve: Curve, k: int) -> tuple[torch.Tensor, in
 
 
 @dataclass
-class CircuitJob:
+class CircuitJob(Job):
     """The circuit sweep as a worker sees it (picklable: the task's tensors and the curves)."""
 
     task: TaskData
     curves: list[Curve]
-    _weights: object = field(default=None, repr=False)
-    _bridge: object = field(default=None, repr=False)  # the bridge path (``bridge_path.py``), else None
     _graph: A.Graph | None = field(default=None, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
 
-    def bind(self, model) -> "CircuitJob":
-        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
-        self._weights, self._bridge = bridge_path.replica(model)
-        if self._bridge is not None:
-            bridge_path.sum_check(self._bridge, self.task)  # the definitions hold for this model, or a clear error
-            self._graph = A.build_graph(bridge_path.graph_config(self._bridge))
+    def on_bind(self) -> None:
+        if self.bridge is not None:
+            self._graph = A.build_graph(bridge_path.graph_config(self.bridge))
         else:
-            self._graph = A.build_graph(self._weights.cfg)
+            self._graph = A.build_graph(self.weights.cfg)
         self._runners = {}
         for curve in self.curves:
             expected = self._graph.n_edges if curve.level == "edge" else len(self._graph.upstream)
             if curve.n_candidates != expected:
                 raise ValueError(f"curve {curve.label}: {curve.n_candidates} {curve.level}s, the model has {expected}")
-        return self
 
     def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
         graph, task = self._graph, self.task
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
-        device = self._weights.device if self._bridge is None else bridge_path.view(self._bridge).device
+        device = self.weights.device if self.bridge is None else bridge_path.view(self.bridge).device
         # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
         per_pass = max(1, tokens_per_pass(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
         totals = np.zeros(4)
@@ -129,8 +124,8 @@ class CircuitJob:
             runner = self._runners.get((a, b))
             if runner is None:
                 batch = task.select(slice(a, b))
-                runner = (CE.CircuitRunner(self._weights, graph, batch) if self._bridge is None
-                          else bridge_path.CircuitRunner(self._bridge, graph, batch))
+                runner = (CE.CircuitRunner(self.weights, graph, batch) if self.bridge is None
+                          else bridge_path.CircuitRunner(self.bridge, graph, batch))
                 if len(self._runners) < 64:
                     self._runners[(a, b)] = runner
             return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, runner.n_points])

@@ -19,7 +19,6 @@ No Ray here: the executors (``sweeps/runtime/executors.py``) run ``ScaleJob``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,7 @@ from sweeps.core import transformer as tf
 from sweeps.core.circuits import Circuit
 from sweeps.core.nodes import Node
 from sweeps.core.transformer import ModelWeights
+from sweeps.jobs.base import Job
 from sweeps.jobs.plan import ScaleShard
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
@@ -117,7 +117,7 @@ class NodeStats:
 
 
 @dataclass
-class ScaleJob:
+class ScaleJob(Job):
     """The scale sweep on one worker. With fast-path ``weights`` each patch restarts from its
     node; with a ``bridge`` instead (``bridge_path.py``) each patched row is one full forward of
     the bridge. Both are set by ``bind`` on the worker: the executors send the job unbound."""
@@ -131,20 +131,14 @@ class ScaleJob:
     pca_k: int = 2
     batch_size: int = 32
     circuit: Circuit | None = None  # labels the rows in_circuit / not_in_circuit
-    weights: ModelWeights | None = field(default=None, repr=False)
-    bridge: Any = field(default=None, repr=False)
     _groups: list[LengthGroup] | None = field(default=None, repr=False)
     _normaliser: float | None = field(default=None, repr=False)
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
 
-    def bind(self, model) -> "ScaleJob":
-        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
-        self.weights, self.bridge = bridge_path.replica(model)
+    def on_bind(self) -> None:
         if self.bridge is not None:
-            bridge_path.sum_check(self.bridge, self.task)  # the definitions hold for this model, or a clear error
             self.weights = bridge_path.view(self.bridge)  # what the read-out and node activations read
         self._groups, self._normaliser, self._subspaces = None, None, {}
-        return self
 
     def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
         scales = [self.scales[i] for i in shard.scales]
