@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale attribution circuit report run test bench clean
+.PHONY: setup sweep scale attribution circuit report run test lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,9 +42,14 @@ report: $(STAMP)
 run: $(STAMP)
 	$(BIN)/interp-sweeps $(SWEEP) $(ARGS)
 
-## The test suite (one real local Ray per session).
-test: $(STAMP)
+## The linter and formatter check, then the test suite (one real local Ray per session).
+test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+## ruff: lint and format check of the project's code (settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check sweeps analysis tasks
+	$(BIN)/ruff format --check sweeps analysis tasks
 
 ## Speed ratios measured side by side (benchmarks/); ARGS=--quick for a smoke run.
 bench: $(STAMP)

@@ -62,15 +62,21 @@ def _svg(pattern: np.ndarray, tokens: list[str], cell: int = 14) -> str:
     for q in range(T):
         for k in range(q + 1):
             a = float(pattern[q, k])
-            parts.append(f'<rect x="{margin + k * cell}" y="{margin + q * cell}" width="{cell}" height="{cell}" '
-                         f'fill="rgb(255,{int(255 * (1 - a))},{int(255 * (1 - a))})" stroke="#eee">'
-                         f"<title>{html.escape(tokens[q])} → {html.escape(tokens[k])}: {a:.3f}</title></rect>")
+            parts.append(
+                f'<rect x="{margin + k * cell}" y="{margin + q * cell}" width="{cell}" height="{cell}" '
+                f'fill="rgb(255,{int(255 * (1 - a))},{int(255 * (1 - a))})" stroke="#eee">'
+                f"<title>{html.escape(tokens[q])} → {html.escape(tokens[k])}: {a:.3f}</title></rect>"
+            )
     for i, t in enumerate(tokens):
         label = html.escape(t[:14])
-        parts.append(f'<text x="{margin - 3}" y="{margin + i * cell + cell * 0.75}" font-size="9" '
-                     f'text-anchor="end" font-family="monospace">{label}</text>')
-        parts.append(f'<text transform="translate({margin + i * cell + cell * 0.7},{margin - 3}) rotate(-90)" '
-                     f'font-size="9" font-family="monospace">{label}</text>')
+        parts.append(
+            f'<text x="{margin - 3}" y="{margin + i * cell + cell * 0.75}" font-size="9" '
+            f'text-anchor="end" font-family="monospace">{label}</text>'
+        )
+        parts.append(
+            f'<text transform="translate({margin + i * cell + cell * 0.7},{margin - 3}) rotate(-90)" '
+            f'font-size="9" font-family="monospace">{label}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -80,9 +86,11 @@ def attention_page(
 ) -> Path:
     """Write the page: ``heads`` maps a section title (e.g. "Top 3 positive heads") to
     (head name, its score, its [T, T] pattern) tuples."""
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p>Prompt: <code>{html.escape(''.join(tokens))}</code>. Hover a token in a head's token view "
-            "to see where it attends from there (the last token is shown first).</p>"]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Prompt: <code>{html.escape(''.join(tokens))}</code>. Hover a token in a head's token view "
+        "to see where it attends from there (the last token is shown first).</p>",
+    ]
     for section, entries in heads.items():
         body.append(f"<h2>{html.escape(section)}</h2>")
         for name, score, pattern in entries:
@@ -93,8 +101,10 @@ def attention_page(
                 f"(direct logit attribution {score:+.3f})</h3>{_svg(np.asarray(pattern), tokens)}"
                 f'<div class="tokens"></div><script type="application/json">{data}</script></div>'
             )
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>"
+    )
     with atomic_output(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

@@ -71,13 +71,16 @@ class AttributionResults:
             x, y = group.score.to_numpy(dtype=float), group.patch_effect.to_numpy(dtype=float)
             ok = np.isfinite(x) & np.isfinite(y)
             x, y = x[ok], y[ok]
-            rows.append({
-                "kind": kind, "n": int(len(x)),
-                "pearson": _correlation(x, y),
-                "spearman": _correlation(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()),
-                "sign_agreement": float(np.mean(np.sign(x) == np.sign(y))) if len(x) else float("nan"),
-                "median_ratio": float(np.median(y / np.where(x == 0, np.nan, x))) if len(x) else float("nan"),
-            })
+            rows.append(
+                {
+                    "kind": kind,
+                    "n": int(len(x)),
+                    "pearson": _correlation(x, y),
+                    "spearman": _correlation(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()),
+                    "sign_agreement": float(np.mean(np.sign(x) == np.sign(y))) if len(x) else float("nan"),
+                    "median_ratio": float(np.median(y / np.where(x == 0, np.nan, x))) if len(x) else float("nan"),
+                }
+            )
         return pd.DataFrame(rows, columns=["kind", "n", "pearson", "spearman", "sign_agreement", "median_ratio"])
 
 
@@ -111,8 +114,7 @@ def top_targets(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> list:
     from sweeps.core.attribution import Target
 
     top_nodes = [Target(n) for n in nodes.sort_values("abs_rank").node.head(k)]
-    top_edges = [Target(r.upstream, r.downstream, r.input)
-                 for r in edges.sort_values("abs_rank").head(k).itertuples()]
+    top_edges = [Target(r.upstream, r.downstream, r.input) for r in edges.sort_values("abs_rank").head(k).itertuples()]
     return top_nodes + top_edges
 
 
@@ -128,26 +130,35 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
     node_sums = frames["node_sums"]
     nodes = node_sums.groupby("node", sort=False, observed=True)["raw"].sum()
     nodes = pd.DataFrame({"node": nodes.index.astype(str), "score": nodes.to_numpy() / normaliser})
-    nodes = _ranked(pd.concat([nodes, node_columns(nodes.node)], axis=1)[
-        ["node", "layer", "head", "kind", "score"]])
+    nodes = _ranked(pd.concat([nodes, node_columns(nodes.node)], axis=1)[["node", "layer", "head", "kind", "score"]])
     edge_sums = frames["edge_sums"]
     keys = ["upstream", "downstream", "input"]
     edges = edge_sums.groupby(keys, sort=False, observed=True)["raw"].sum(min_count=1).reset_index()
     edges = edges[np.isfinite(edges.raw.to_numpy(dtype=float))]  # all-NaN sums (exact, nodes only) stay NaN and go
-    edges = _ranked(pd.DataFrame({
-        **{k: edges[k].astype(str) for k in keys}, "score": edges.raw.to_numpy() / normaliser}))
+    edges = _ranked(
+        pd.DataFrame({**{k: edges[k].astype(str) for k in keys}, "score": edges.raw.to_numpy() / normaliser})
+    )
     method = spec.get("method", "eap")
     nodes, edges = nodes.assign(method=method), edges.assign(method=method)
     verify = _verify_table(spec, frames["verify_sums"], nodes, edges, normaliser)
     return AttributionResults(
-        out=out, spec=spec, manifest=manifest, nodes=nodes, edges=edges, verify=verify,
-        n_prompts=int(batches.prompts.sum()), n_points=n_points,
-        clean_metric=clean / n_points, corrupt_metric=corrupt / n_points, normaliser=normaliser,
+        out=out,
+        spec=spec,
+        manifest=manifest,
+        nodes=nodes,
+        edges=edges,
+        verify=verify,
+        n_prompts=int(batches.prompts.sum()),
+        n_points=n_points,
+        clean_metric=clean / n_points,
+        corrupt_metric=corrupt / n_points,
+        normaliser=normaliser,
     )
 
 
-def _verify_table(spec: dict, sums: pd.DataFrame, nodes: pd.DataFrame, edges: pd.DataFrame,
-                  normaliser: float) -> pd.DataFrame:
+def _verify_table(
+    spec: dict, sums: pd.DataFrame, nodes: pd.DataFrame, edges: pd.DataFrame, normaliser: float
+) -> pd.DataFrame:
     """Score against the real patch effect for the current top targets (complete batches only)."""
     from sweeps.jobs.attribution import VerifyShard, batch_ranges
 
@@ -167,8 +178,17 @@ def _verify_table(spec: dict, sums: pd.DataFrame, nodes: pd.DataFrame, edges: pd
     for t in targets:
         score = node_score[t.upstream] if t.downstream is None else edge_score[(t.upstream, t.downstream, t.input)]
         effect = (by.loc[t.label, "clean_metric"] - by.loc[t.label, "patched_metric"]) / normaliser
-        rows.append(["node" if t.downstream is None else "edge", t.label, t.upstream, t.downstream, t.input,
-                     float(score), float(effect)])
+        rows.append(
+            [
+                "node" if t.downstream is None else "edge",
+                t.label,
+                t.upstream,
+                t.downstream,
+                t.input,
+                float(score),
+                float(effect),
+            ]
+        )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -188,11 +208,13 @@ KIND_WORDS = {"attn_head": "head", "mlp": "MLP", "embed": "embeddings"}
 
 def top_edges_table(results: AttributionResults, k: int = 10) -> pd.DataFrame:
     top = results.edges.head(k)
-    return pd.DataFrame({
-        "rank": top.abs_rank,
-        "edge": [edge_name(u, d, i) for u, d, i in zip(top.upstream, top.downstream, top.input)],
-        "score": top.score,
-    })
+    return pd.DataFrame(
+        {
+            "rank": top.abs_rank,
+            "edge": [edge_name(u, d, i) for u, d, i in zip(top.upstream, top.downstream, top.input)],
+            "score": top.score,
+        }
+    )
 
 
 def top_nodes_table(results: AttributionResults, k: int = 10, kind: str | None = None) -> pd.DataFrame:
@@ -200,8 +222,9 @@ def top_nodes_table(results: AttributionResults, k: int = 10, kind: str | None =
     unless ``kind`` picks one."""
     nodes = results.nodes if kind is None else results.nodes[results.nodes.kind == kind]
     top = nodes.head(k)
-    return pd.DataFrame({"rank": top.abs_rank, "node": top.node, "kind": top.kind.map(KIND_WORDS).fillna(top.kind),
-                         "score": top.score})
+    return pd.DataFrame(
+        {"rank": top.abs_rank, "node": top.node, "kind": top.kind.map(KIND_WORDS).fillna(top.kind), "score": top.score}
+    )
 
 
 def best_of_each_kind(results: AttributionResults) -> str:
@@ -218,10 +241,12 @@ def best_of_each_kind(results: AttributionResults) -> str:
 
 AGREES = 0.8  # a Pearson r of score against real effect from which the summary calls them in agreement
 NAMED_OUTLIERS = 3  # at most this many targets named as furthest off
-WHY = ("Attribution is first-order: it predicts each patch from the gradient of the clean run, as if the "
-       "metric were linear in the patched activation. A patch that moves the model far from the clean run "
-       "breaks that, above all in the embeddings and early MLPs, which rewrite the model's input. Where "
-       "score and real effect differ, trust the real effect (verify/, plots/faithfulness.png).")
+WHY = (
+    "Attribution is first-order: it predicts each patch from the gradient of the clean run, as if the "
+    "metric were linear in the patched activation. A patch that moves the model far from the clean run "
+    "breaks that, above all in the embeddings and early MLPs, which rewrite the model's input. Where "
+    "score and real effect differ, trust the real effect (verify/, plots/faithfulness.png)."
+)
 
 
 def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> list[str]:
@@ -239,25 +264,35 @@ def faithfulness_lines(results: AttributionResults, agrees: float = AGREES) -> l
         disagree = True
         miss = (group.patch_effect - group.score).abs().sort_values(ascending=False)
         off = miss[miss >= 0.25 * miss.iloc[0]].index[:NAMED_OUTLIERS] if len(miss) else miss.index
-        named = ", ".join(f"{group.target[i]} (score {group.score[i]:+.2f}, real {group.patch_effect[i]:+.2f})"
-                          for i in off)
+        named = ", ".join(
+            f"{group.target[i]} (score {group.score[i]:+.2f}, real {group.patch_effect[i]:+.2f})" for i in off
+        )
         rest = group.drop(index=off)
         without = _correlation(rest.score.to_numpy(float), rest.patch_effect.to_numpy(float))
-        lines.append(f"{what}: attribution and real patching DISAGREE ({numbers}); furthest off: {named}"
-                     + (f"; without {'it' if len(off) == 1 else 'them'} r = {without:.2f}" if np.isfinite(without)
-                        else "") + ".")
+        lines.append(
+            f"{what}: attribution and real patching DISAGREE ({numbers}); furthest off: {named}"
+            + (f"; without {'it' if len(off) == 1 else 'them'} r = {without:.2f}" if np.isfinite(without) else "")
+            + "."
+        )
     return lines + ([WHY] if disagree else [])
 
 
 def summary_text(results: AttributionResults, k: int = 10) -> str:
     """What the attribution commands print: the top edges and nodes, and the verification."""
-    edges = (f"Top {k} edges by |score|\n{top_edges_table(results, k).to_string(index=False)}" if len(results.edges)
-             else f"No edge scores: --method {results.method} scored the nodes only")
-    blocks = [edges,
-              f"Top {k} nodes by |score| (heads, MLPs and the embeddings)\n"
-              f"{top_nodes_table(results, k).to_string(index=False)}\n{best_of_each_kind(results)}"]
+    edges = (
+        f"Top {k} edges by |score|\n{top_edges_table(results, k).to_string(index=False)}"
+        if len(results.edges)
+        else f"No edge scores: --method {results.method} scored the nodes only"
+    )
+    blocks = [
+        edges,
+        f"Top {k} nodes by |score| (heads, MLPs and the embeddings)\n"
+        f"{top_nodes_table(results, k).to_string(index=False)}\n{best_of_each_kind(results)}",
+    ]
     if not results.verify.empty:
-        blocks.append(f"Attribution against real patching (top {results.spec.get('verify_top')})\n"
-                      f"{results.faithfulness().to_string(index=False)}\n"
-                      + "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in faithfulness_lines(results)))
+        blocks.append(
+            f"Attribution against real patching (top {results.spec.get('verify_top')})\n"
+            f"{results.faithfulness().to_string(index=False)}\n"
+            + "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in faithfulness_lines(results))
+        )
     return "\n\n".join(blocks)

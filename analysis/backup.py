@@ -43,8 +43,7 @@ class BackupResults:
 
 def load_results(out: str | Path | Location, allow_mixed: bool = False) -> BackupResults:
     out = open_results(out)
-    spec, manifest, frames = read_committed(out, SHARDS["backup"],
-                                            "backup", allow_mixed)
+    spec, manifest, frames = read_committed(out, SHARDS["backup"], "backup", allow_mixed)
     slopes = frames["slopes"]
     if not slopes.empty:
         slopes = slopes.sort_values(["layer", "head"]).reset_index(drop=True)
@@ -82,8 +81,11 @@ def compensation_by_layer(responses: pd.DataFrame, n_layers: int, n_heads: int) 
     columns; the readable summary of the full matrix. The
     ablated head's own change (its lost direct effect) is no response and is left out."""
     labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
-    itself = ((responses.down_kind == "attn_head") & (responses.down_layer == responses.up_layer)
-              & (responses.down_head == responses.up_head))
+    itself = (
+        (responses.down_kind == "attn_head")
+        & (responses.down_layer == responses.up_layer)
+        & (responses.down_head == responses.up_head)
+    )
     responses = responses[~itself.fillna(False).astype(bool)]
     table = responses.assign(
         up=[labels[l * n_heads + h] for l, h in zip(responses.up_layer, responses.up_head)],
@@ -109,8 +111,10 @@ def meaningful(slopes: pd.DataFrame, min_de_fraction: float = 0.1, min_r2: float
 
 def meaningful_rule(slopes: pd.DataFrame, min_de_fraction: float = 0.1, min_r2: float = 0.0) -> str:
     """``meaningful``'s condition in words, with its threshold on these results."""
-    rule = (f"mean |direct effect| >= {min_de_fraction:g} x the largest head's "
-            f"= {min_de_fraction * slopes.mean_abs_de.max():.3g}, --min-de-fraction")
+    rule = (
+        f"mean |direct effect| >= {min_de_fraction:g} x the largest head's "
+        f"= {min_de_fraction * slopes.mean_abs_de.max():.3g}, --min-de-fraction"
+    )
     return rule + (f"; r² >= {min_r2:g}, --min-r2" if min_r2 > 0 else "")
 
 
@@ -136,13 +140,16 @@ def legible_columns(matrix: pd.DataFrame, k: int) -> list[str]:
 def summary_text(table: pd.DataFrame) -> str:
     """``summary_table`` as printed: the table, or why there is none."""
     if table.empty:
-        return ("no head is clearly backed up or anti-backed-up (no slope's 95 % interval excludes 0 "
-                "among heads with a sizeable direct effect)")
+        return (
+            "no head is clearly backed up or anti-backed-up (no slope's 95 % interval excludes 0 "
+            "among heads with a sizeable direct effect)"
+        )
     return table.to_string(index=False)
 
 
-def summary_table(results: BackupResults, k: int = 8, min_de_fraction: float = 0.1,
-                  min_r2: float = 0.0) -> pd.DataFrame:
+def summary_table(
+    results: BackupResults, k: int = 8, min_de_fraction: float = 0.1, min_r2: float = 0.0
+) -> pd.DataFrame:
     """The most backed-up and most anti-backed-up heads, ranked conservatively.
 
     Backup is compensation of a head's *direct* effect, so only heads whose fit is

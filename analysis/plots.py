@@ -16,9 +16,8 @@ matplotlib.use("Agg")  # no display; set before pyplot is imported
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
-
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 PLOTLY_JS = "plotly.min.js"  # plotly's JavaScript, one copy beside the pages of a folder
 _LOCAL_SCRIPT = re.compile(r'<script[^>]*src="plotly\.min\.js"[^>]*></script>')
@@ -106,8 +105,9 @@ class ColourScale:
             return values > self.vmax, values < self.vmin
 
 
-def colour_scale(shown: np.ndarray, clip_quantile: float | None = None,
-                 value_range: tuple[float, float] | None = None) -> ColourScale:
+def colour_scale(
+    shown: np.ndarray, clip_quantile: float | None = None, value_range: tuple[float, float] | None = None
+) -> ColourScale:
     """Limits over the real range of ``shown`` (finite, unmasked values): symmetric about 0,
     or ``value_range`` for a sequential map. With ``clip_quantile`` the symmetric limit is that
     quantile of |value| when it is below the largest |value|: a few extreme cells then do not
@@ -122,9 +122,14 @@ def colour_scale(shown: np.ndarray, clip_quantile: float | None = None,
     if clip_quantile is not None and finite.size:
         limit = float(np.quantile(np.abs(finite), clip_quantile))
         if 0 < limit < largest:
-            return ColourScale(-limit, limit, True, limit,
-                               f"clipped at ±{limit:.3g} ({clip_quantile:.0%} of |values| within; "
-                               f"largest {largest:.3g}); ▲▼ cells beyond")
+            return ColourScale(
+                -limit,
+                limit,
+                True,
+                limit,
+                f"clipped at ±{limit:.3g} ({clip_quantile:.0%} of |values| within; "
+                f"largest {largest:.3g}); ▲▼ cells beyond",
+            )
     return ColourScale(-largest, largest, True)
 
 
@@ -154,10 +159,17 @@ def heatmap_png(values: np.ndarray, title: str, path: Path, **kwargs) -> Path:
 
 
 def heatmap_figure(
-    values: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
-    colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
-    clip_quantile: float | None = None, value_range: tuple[float, float] | None = None,
-    mask: np.ndarray | None = None, caption: str = "",
+    values: np.ndarray,
+    title: str,
+    xlabel: str = "head",
+    ylabel: str = "layer",
+    colorbar: str = "",
+    xticks: list[str] | None = None,
+    yticks: list[str] | None = None,
+    clip_quantile: float | None = None,
+    value_range: tuple[float, float] | None = None,
+    mask: np.ndarray | None = None,
+    caption: str = "",
 ):
     """A heatmap a reader can take in at once: (figure, axes, its ``ColourScale``).
 
@@ -181,16 +193,39 @@ def heatmap_figure(
     cmap = plt.get_cmap("RdBu" if scale.diverging else "viridis").with_extremes(bad=(0, 0, 0, 0))  # NaN: white
     extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)
     if mask.any():
-        ax.imshow(np.where(mask, 1.0, np.nan), cmap=ListedColormap([MASKED_GREY]), vmin=0, vmax=1,
-                  aspect="auto", interpolation="nearest", extent=extent)
-    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=scale.vmin, vmax=scale.vmax, aspect="auto",
-                   interpolation="nearest", extent=extent)
+        ax.imshow(
+            np.where(mask, 1.0, np.nan),
+            cmap=ListedColormap([MASKED_GREY]),
+            vmin=0,
+            vmax=1,
+            aspect="auto",
+            interpolation="nearest",
+            extent=extent,
+        )
+    im = ax.imshow(
+        np.ma.masked_invalid(shown),
+        cmap=cmap,
+        vmin=scale.vmin,
+        vmax=scale.vmax,
+        aspect="auto",
+        interpolation="nearest",
+        extent=extent,
+    )
     above, below = scale.beyond(shown)
     if (above.any() or below.any()) and rows * cols <= MAX_CELLS_MARKED:
         size = float(np.clip(min(cell_w, cell_h) * 72 * 0.6, 4, 9))
-        for (r, c), up in [(rc, True) for rc in zip(*np.nonzero(above))] + [(rc, False) for rc in zip(*np.nonzero(below))]:
-            ax.text(c, r, "▲" if up else "▼", ha="center", va="center", fontsize=size,
-                    color="white" if scale.diverging else "black")
+        for (r, c), up in [(rc, True) for rc in zip(*np.nonzero(above))] + [
+            (rc, False) for rc in zip(*np.nonzero(below))
+        ]:
+            ax.text(
+                c,
+                r,
+                "▲" if up else "▼",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if scale.diverging else "black",
+            )
     ax.set_xlim(-0.5, cols - 0.5)
     ax.set_ylim(rows - 0.5, -0.5)
     _tick_labels(ax, "x", cols, xticks, cell_w)
@@ -199,21 +234,40 @@ def heatmap_figure(
     ax.set_ylabel(ylabel)
     fig_width = fig.get_size_inches()[0]
     ax.set_title(fit_text(title, fig_width - 0.5, 11), fontsize=11)
-    extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get((above.any(), below.any()), "neither")
+    extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get(
+        (above.any(), below.any()), "neither"
+    )
     label = colorbar + (f"\n{scale.note}" if scale.note else "")
     bar = fig.colorbar(im, ax=ax, extend=extend, fraction=0.08 if cols > 8 else 0.12, pad=0.02)
     bar.set_label(fit_text(label, max(height - 1.0, 2.5), 8), fontsize=8)
     if caption:
-        ax.annotate(fit_text(caption, fig_width - 0.3, 8), xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label),
-                    xytext=(0, -6), textcoords="offset points", va="top", ha="left", fontsize=8, color="#333333")
+        ax.annotate(
+            fit_text(caption, fig_width - 0.3, 8),
+            xy=(0, 0),
+            xycoords=("axes fraction", ax.xaxis.label),
+            xytext=(0, -6),
+            textcoords="offset points",
+            va="top",
+            ha="left",
+            fontsize=8,
+            color="#333333",
+        )
     return fig, ax, scale
 
 
 def heatmap_html(
-    values: np.ndarray, title: str, path: Path, xlabel: str = "head", ylabel: str = "layer",
-    colorbar: str = "", xticks: list[str] | None = None, yticks: list[str] | None = None,
-    clip_quantile: float | None = None, value_range: tuple[float, float] | None = None,
-    mask: np.ndarray | None = None, caption: str = "",
+    values: np.ndarray,
+    title: str,
+    path: Path,
+    xlabel: str = "head",
+    ylabel: str = "layer",
+    colorbar: str = "",
+    xticks: list[str] | None = None,
+    yticks: list[str] | None = None,
+    clip_quantile: float | None = None,
+    value_range: tuple[float, float] | None = None,
+    mask: np.ndarray | None = None,
+    caption: str = "",
 ) -> Path:
     """The interactive version of ``heatmap_png``: the same colours (masked cells grey), every
     cell's true value on hover, zoomable, so it can hold the full matrix."""
@@ -225,23 +279,52 @@ def heatmap_html(
     x = xticks if xticks is not None else [str(i) for i in range(cols)]
     y = yticks if yticks is not None else [str(i) for i in range(rows)]
     hover = f"{ylabel} %{{y}}, {xlabel} %{{x}}: %{{customdata:.4g}}"
-    traces = [go.Heatmap(
-        z=shown, x=x, y=y, customdata=values, colorscale="RdBu" if scale.diverging else "Viridis",
-        reversescale=False, zmin=scale.vmin, zmax=scale.vmax, hoverongaps=False,
-        colorbar=dict(title=dict(text=colorbar + (f"<br><sub>{scale.note}</sub>" if scale.note else ""))),
-        hovertemplate=hover + "<extra></extra>", name="value",
-    )]
+    traces = [
+        go.Heatmap(
+            z=shown,
+            x=x,
+            y=y,
+            customdata=values,
+            colorscale="RdBu" if scale.diverging else "Viridis",
+            reversescale=False,
+            zmin=scale.vmin,
+            zmax=scale.vmax,
+            hoverongaps=False,
+            colorbar=dict(title=dict(text=colorbar + (f"<br><sub>{scale.note}</sub>" if scale.note else ""))),
+            hovertemplate=hover + "<extra></extra>",
+            name="value",
+        )
+    ]
     if mask.any():
-        traces.append(go.Heatmap(
-            z=np.where(mask, 1.0, np.nan), x=x, y=y, customdata=values, showscale=False, hoverongaps=False,
-            colorscale=[[0, MASKED_GREY], [1, MASKED_GREY]], name="not meaningful",
-            hovertemplate=hover + " (grey: not meaningful)<extra></extra>",
-        ))
+        traces.append(
+            go.Heatmap(
+                z=np.where(mask, 1.0, np.nan),
+                x=x,
+                y=y,
+                customdata=values,
+                showscale=False,
+                hoverongaps=False,
+                colorscale=[[0, MASKED_GREY], [1, MASKED_GREY]],
+                name="not meaningful",
+                hovertemplate=hover + " (grey: not meaningful)<extra></extra>",
+            )
+        )
     subtitle = f"<br><sup>{caption}</sup>" if caption else ""
-    write_html(go.Figure(traces, layout=dict(
-        title=dict(text=title + subtitle), xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed",
-        template="plotly_white", xaxis=dict(type="category"), yaxis=dict(type="category"),
-    )), path.with_suffix(".html"))
+    write_html(
+        go.Figure(
+            traces,
+            layout=dict(
+                title=dict(text=title + subtitle),
+                xaxis_title=xlabel,
+                yaxis_title=ylabel,
+                yaxis_autorange="reversed",
+                template="plotly_white",
+                xaxis=dict(type="category"),
+                yaxis=dict(type="category"),
+            ),
+        ),
+        path.with_suffix(".html"),
+    )
     return path.with_suffix(".html")
 
 
@@ -251,7 +334,12 @@ def heatmap(values: np.ndarray, title: str, path: Path, **kwargs) -> tuple[Path,
 
 
 def scatter_with_fit(
-    x: np.ndarray, y: np.ndarray, slope: float, intercept: float, title: str, path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    slope: float,
+    intercept: float,
+    title: str,
+    path: Path,
     hover: list[str] | None = None,
 ) -> tuple[Path, Path]:
     """The backup scatter: clean direct effect vs accumulated backup, with the fitted line."""
@@ -272,8 +360,13 @@ def scatter_with_fit(
     traces = [go.Scatter(x=x, y=y, mode="markers", marker=dict(size=4, opacity=0.7), text=hover, name="points")]
     if np.isfinite(slope):
         traces.append(go.Scatter(x=line_x, y=slope * line_x + intercept, mode="lines", name=f"fit (slope {slope:.4f})"))
-    write_html(go.Figure(traces, layout=dict(title=title, xaxis_title="direct effect of the head (clean)",
-                                  yaxis_title="accumulated backup")), html)
+    write_html(
+        go.Figure(
+            traces,
+            layout=dict(title=title, xaxis_title="direct effect of the head (clean)", yaxis_title="accumulated backup"),
+        ),
+        html,
+    )
     return png, html
 
 
@@ -285,8 +378,12 @@ NAMED_LINES = 8  # effect_lines names this many nodes in its PNG
 
 
 def effect_lines(
-    scales: list[float], lines: dict[str, list[tuple[str, np.ndarray]]], title: str, path: Path,
-    ylabel: str = "causal effect", named: int = NAMED_LINES,
+    scales: list[float],
+    lines: dict[str, list[tuple[str, np.ndarray]]],
+    title: str,
+    path: Path,
+    ylabel: str = "causal effect",
+    named: int = NAMED_LINES,
 ) -> tuple[Path, Path]:
     """The scale-ablation figure: effect against scale, one line per node, coloured by circuit status.
 
@@ -295,8 +392,9 @@ def effect_lines(
     every other node is a thin line in its status colour. The scale axis is symlog (0 and 10
     on one axis, linear below 1). The HTML version names every line on hover.
     """
-    every = [(status, node, np.asarray(values, dtype=float)) for status, nodes in lines.items()
-             for node, values in nodes]
+    every = [
+        (status, node, np.asarray(values, dtype=float)) for status, nodes in lines.items() for node, values in nodes
+    ]
     # ranked by mean |effect| over the scales (many nodes reach the maximum at some extreme scale)
     peak = [float(np.nanmean(np.abs(v))) if np.isfinite(v).any() else -1.0 for _, _, v in every]
     top = set(np.argsort(peak, kind="stable")[::-1][:named].tolist())
@@ -308,14 +406,30 @@ def effect_lines(
             continue
         colour = STATUS_COLOURS.get(status, "grey")
         alpha = max(0.12, min(0.8, 8 / max(counts[status], 1)))
-        ax.plot(scales, values, color=colour, alpha=alpha, lw=0.8, marker=".", ms=2,
-                label=f"other {status.replace('_', ' ')} nodes ({counts[status]})" if status not in labelled else None)
+        ax.plot(
+            scales,
+            values,
+            color=colour,
+            alpha=alpha,
+            lw=0.8,
+            marker=".",
+            ms=2,
+            label=f"other {status.replace('_', ' ')} nodes ({counts[status]})" if status not in labelled else None,
+        )
         labelled.add(status)
     for rank, i in enumerate(sorted(top, key=lambda j: -peak[j])):
         status, node, values = every[i]
         suffix = "" if status == "unlabelled" else f" ({status.replace('_', ' ')})"
-        ax.plot(scales, values, color=NAMED_COLOURS[rank % len(NAMED_COLOURS)], lw=2.0, marker="o", ms=3.5, label=f"{node}{suffix}",
-                ls="-" if status != "not_in_circuit" else "--")
+        ax.plot(
+            scales,
+            values,
+            color=NAMED_COLOURS[rank % len(NAMED_COLOURS)],
+            lw=2.0,
+            marker="o",
+            ms=3.5,
+            label=f"{node}{suffix}",
+            ls="-" if status != "not_in_circuit" else "--",
+        )
     ax.set_xscale("symlog", linthresh=1.0)
     if len(scales) <= 16:
         ax.set_xticks(scales, [f"{s:g}" for s in scales], fontsize=7)
@@ -323,21 +437,46 @@ def effect_lines(
     ax.axvline(1.0, color="grey", lw=0.5, ls="--")
     ax.set_title(fit_text(title, 8.5, 11), fontsize=11)
     ax.set(xlabel="scale (symlog)", ylabel=ylabel)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title=f"top {len(top)} by mean |effect| over the scales", title_fontsize=8)
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        title=f"top {len(top)} by mean |effect| over the scales",
+        title_fontsize=8,
+    )
     png = save_png(fig, path.with_suffix(".png"), bbox_inches="tight")
     traces = []
     for status, nodes in lines.items():
         colour = STATUS_COLOURS.get(status, "grey")
         for i, (node, values) in enumerate(nodes):
-            traces.append(go.Scatter(
-                x=scales, y=values, mode="lines+markers", line=dict(color=colour, width=1), marker=dict(size=4),
-                name=status, legendgroup=status, showlegend=i == 0, hovertext=f"{node} ({status})",
-                hovertemplate="%{hovertext}<br>scale %{x}: %{y:.3f}<extra></extra>",
-            ))
+            traces.append(
+                go.Scatter(
+                    x=scales,
+                    y=values,
+                    mode="lines+markers",
+                    line=dict(color=colour, width=1),
+                    marker=dict(size=4),
+                    name=status,
+                    legendgroup=status,
+                    showlegend=i == 0,
+                    hovertext=f"{node} ({status})",
+                    hovertemplate="%{hovertext}<br>scale %{x}: %{y:.3f}<extra></extra>",
+                )
+            )
     html = path.with_suffix(".html")
-    write_html(go.Figure(traces, layout=dict(title=title, xaxis=dict(title="scale", type="log" if min(scales) > 0 else "linear"),
-                                  yaxis_title=ylabel, template="plotly_white")), html)
+    write_html(
+        go.Figure(
+            traces,
+            layout=dict(
+                title=title,
+                xaxis=dict(title="scale", type="log" if min(scales) > 0 else "linear"),
+                yaxis_title=ylabel,
+                template="plotly_white",
+            ),
+        ),
+        html,
+    )
     return png, html
 
 
@@ -358,15 +497,22 @@ def bars(labels: list[str], values: np.ndarray, title: str, path: Path, xlabel: 
     ax.set(xlabel=xlabel)
     png = _save(fig, path)
     html = path.with_suffix(".html")
-    write_html(go.Figure(go.Bar(x=values, y=labels, orientation="h"),
-              layout=dict(title=title, xaxis_title=xlabel, yaxis_autorange="reversed",
-                          template="plotly_white")), html)
+    write_html(
+        go.Figure(
+            go.Bar(x=values, y=labels, orientation="h"),
+            layout=dict(title=title, xaxis_title=xlabel, yaxis_autorange="reversed", template="plotly_white"),
+        ),
+        html,
+    )
     return png, html
 
 
 def agreement(
-    groups: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], title: str, path: Path,
-    xlabel: str = "attribution score", ylabel: str = "real patching effect",
+    groups: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
+    title: str,
+    path: Path,
+    xlabel: str = "attribution score",
+    ylabel: str = "real patching effect",
 ) -> tuple[Path, Path]:
     """Predicted against measured, one colour per group, with the line y = x: points off
     the line are where the linear approximation is wrong (labels on hover and for the worst)."""
@@ -375,16 +521,38 @@ def agreement(
     lo, hi = float(np.nanmin(every)), float(np.nanmax(every))
     pad = 0.05 * (hi - lo or 1.0)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--", label="y = x")
-    traces = [go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x",
-                         line=dict(color="grey", dash="dash"))]
+    traces = [
+        go.Scatter(
+            x=[lo - pad, hi + pad],
+            y=[lo - pad, hi + pad],
+            mode="lines",
+            name="y = x",
+            line=dict(color="grey", dash="dash"),
+        )
+    ]
     for i, (name, (x, y, labels)) in enumerate(groups.items()):
         ax.scatter(x, y, s=18, alpha=0.8, color=f"C{i}", label=name)
         worst = np.argsort(-np.abs(np.asarray(y) - np.asarray(x)))[:3]
         for j in worst:  # each group's labels on its own side, so that a node and its edge do not overlap
-            ax.annotate(labels[j], (x[j], y[j]), xytext=(5, 4 if i % 2 == 0 else -10), textcoords="offset points",
-                        fontsize=7, alpha=0.9, color=f"C{i}")
-        traces.append(go.Scatter(x=x, y=y, mode="markers", name=name, text=labels,
-                                 hovertemplate="%{text}<br>score %{x:.4f}<br>patched %{y:.4f}<extra></extra>"))
+            ax.annotate(
+                labels[j],
+                (x[j], y[j]),
+                xytext=(5, 4 if i % 2 == 0 else -10),
+                textcoords="offset points",
+                fontsize=7,
+                alpha=0.9,
+                color=f"C{i}",
+            )
+        traces.append(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="markers",
+                name=name,
+                text=labels,
+                hovertemplate="%{text}<br>score %{x:.4f}<br>patched %{y:.4f}<extra></extra>",
+            )
+        )
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_title(fit_text(title, fig.get_size_inches()[0] - 0.5, 11), fontsize=11)
@@ -392,13 +560,20 @@ def agreement(
     ax.legend(loc="best", fontsize=8)
     png = _save(fig, path)
     html = path.with_suffix(".html")
-    write_html(go.Figure(traces, layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel,
-                                             template="plotly_white")), html)
+    write_html(
+        go.Figure(traces, layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white")),
+        html,
+    )
     return png, html
 
 
 def lines(
-    x_labels: list[str], series: dict[str, np.ndarray], title: str, path: Path, xlabel: str, ylabel: str,
+    x_labels: list[str],
+    series: dict[str, np.ndarray],
+    title: str,
+    path: Path,
+    xlabel: str,
+    ylabel: str,
 ) -> tuple[Path, Path]:
     """A few named lines over categorical x positions (e.g. the logit lens over layers)."""
     fig, ax = plt.subplots(figsize=(max(6.5, 0.12 * len(x_labels)), 4))
@@ -412,7 +587,13 @@ def lines(
     ax.legend(loc="best", fontsize=8)
     png = _save(fig, path)
     html = path.with_suffix(".html")
-    write_html(go.Figure([go.Scatter(x=x_labels, y=v, mode="lines+markers", name=n) for n, v in series.items()],
-              layout=dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, hovermode="x unified",
-                          template="plotly_white")), html)
+    write_html(
+        go.Figure(
+            [go.Scatter(x=x_labels, y=v, mode="lines+markers", name=n) for n, v in series.items()],
+            layout=dict(
+                title=title, xaxis_title=xlabel, yaxis_title=ylabel, hovermode="x unified", template="plotly_white"
+            ),
+        ),
+        html,
+    )
     return png, html

@@ -38,8 +38,12 @@ WANDB_TABLE_MAX_ROWS = 10_000  # W&B refuses larger tables
 LEGIBLE_ROWS, LEGIBLE_COLUMNS = 25, 30  # the compensation matrix's PNG: this many ablated and responding heads
 
 
-def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] | None = None,
-                   min_de_fraction: float = 0.1, min_r2: float = 0.0) -> dict[str, Path]:
+def backup_figures(
+    results: BackupResults,
+    scatter_heads: list[tuple[int, int]] | None = None,
+    min_de_fraction: float = 0.1,
+    min_r2: float = 0.0,
+) -> dict[str, Path]:
     """Write every figure under ``OUT/plots``; returns name -> PNG path (HTML beside it).
 
     Heads whose fit is not ``meaningful`` are grey in the slope heatmap (the caption says
@@ -55,14 +59,20 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
     keep = grid(results.slopes.assign(ok=ok.astype(float)), "ok", L, H)
     rule = meaningful_rule(results.slopes, min_de_fraction, min_r2)
     figures["slopes"], _ = plots.heatmap(
-        grid(results.slopes, "slope", L, H), f"Backup slope per ablated head ({where}; {n_swept} of {L * H} "
-        "heads swept)", folder / "slopes", colorbar="slope (> 0: later heads compensate)",
-        mask=keep == 0, caption=f"Grey: {int((~ok).sum())} heads whose fit is not meaningful (meaningful: "
+        grid(results.slopes, "slope", L, H),
+        f"Backup slope per ablated head ({where}; {n_swept} of {L * H} heads swept)",
+        folder / "slopes",
+        colorbar="slope (> 0: later heads compensate)",
+        mask=keep == 0,
+        caption=f"Grey: {int((~ok).sum())} heads whose fit is not meaningful (meaningful: "
         f"{rule}); white: not swept. Every head's value: slopes.html.",
     )
     figures["direct_effects"], _ = plots.heatmap(
-        grid(results.slopes, "mean_de", L, H), f"Mean clean direct effect per head ({where})",
-        folder / "direct_effects", colorbar="mean direct effect", caption="White: not swept.",
+        grid(results.slopes, "mean_de", L, H),
+        f"Mean clean direct effect per head ({where})",
+        folder / "direct_effects",
+        colorbar="mean direct effect",
+        caption="White: not swept.",
     )
     matrix = compensation_matrix(results.responses, L, H)
     up_names = [f"L{l}H{h}" for l, h in zip(results.slopes.layer, results.slopes["head"])]
@@ -71,35 +81,65 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
     others = matrix.mask(np.equal.outer(matrix.index.to_numpy(), matrix.columns.to_numpy()))  # no self cells
     columns = legible_columns(others.loc[rows], LEGIBLE_COLUMNS) if rows else []
     title = f"Compensatory response: mean change of each downstream head's direct effect ({where})"
-    itself = np.equal.outer(np.array(rows, dtype=object), np.array(columns, dtype=object)).reshape(len(rows), len(columns))
+    itself = np.equal.outer(np.array(rows, dtype=object), np.array(columns, dtype=object)).reshape(
+        len(rows), len(columns)
+    )
     plots.heatmap_png(
-        matrix.loc[rows, columns].to_numpy(), title, folder / "compensation", xlabel="downstream head",
-        ylabel="ablated head", colorbar="mean Δ direct effect", xticks=columns, yticks=rows, mask=itself,
+        matrix.loc[rows, columns].to_numpy(),
+        title,
+        folder / "compensation",
+        xlabel="downstream head",
+        ylabel="ablated head",
+        colorbar="mean Δ direct effect",
+        xticks=columns,
+        yticks=rows,
+        mask=itself,
         caption=f"{len(rows)} of the {matrix.shape[0]} ablated heads (the largest summed responses among the "
         f"{len(chosen)} with a meaningful fit: {rule}) x the {len(columns)} of {matrix.shape[1]} downstream heads "
-        "that respond most." + (" Grey: the ablated head itself (its own loss, not a response)." if itself.any()
-                                else "") + " The full matrix: compensation.html and the responses/ dataset.",
+        "that respond most."
+        + (" Grey: the ablated head itself (its own loss, not a response)." if itself.any() else "")
+        + " The full matrix: compensation.html and the responses/ dataset.",
     )
     figures["compensation"] = folder / "compensation.png"
-    plots.heatmap_html(matrix.to_numpy(), title, folder / "compensation", xlabel="downstream head",
-                       ylabel="ablated head", colorbar="mean Δ direct effect", xticks=list(matrix.columns),
-                       yticks=list(matrix.index), mask=others.isna().to_numpy() & matrix.notna().to_numpy(),
-                       caption="every ablated head x every downstream head; grey: the ablated head itself")
+    plots.heatmap_html(
+        matrix.to_numpy(),
+        title,
+        folder / "compensation",
+        xlabel="downstream head",
+        ylabel="ablated head",
+        colorbar="mean Δ direct effect",
+        xticks=list(matrix.columns),
+        yticks=list(matrix.index),
+        mask=others.isna().to_numpy() & matrix.notna().to_numpy(),
+        caption="every ablated head x every downstream head; grey: the ablated head itself",
+    )
     by_layer = compensation_by_layer(results.responses, L, H)
     layer_rows = legible_rows(by_layer, chosen, 2 * LEGIBLE_ROWS)
     layer_columns = [c for c in by_layer.columns if by_layer.loc[layer_rows, c].abs().max() > 0]
     title = f"Compensatory response by downstream layer: its heads summed, then its MLP ({where})"
     plots.heatmap_png(
-        by_layer.loc[layer_rows, layer_columns].to_numpy(), title, folder / "compensation_by_layer",
-        xlabel="downstream layer", ylabel="ablated head", colorbar="summed mean Δ direct effect",
-        xticks=layer_columns, yticks=layer_rows,
+        by_layer.loc[layer_rows, layer_columns].to_numpy(),
+        title,
+        folder / "compensation_by_layer",
+        xlabel="downstream layer",
+        ylabel="ablated head",
+        colorbar="summed mean Δ direct effect",
+        xticks=layer_columns,
+        yticks=layer_rows,
         caption=f"{len(layer_rows)} of the {by_layer.shape[0]} ablated heads (the largest summed response among "
         f"the meaningful ones). Every head: compensation_by_layer.html.",
     )
     figures["compensation_by_layer"] = folder / "compensation_by_layer.png"
-    plots.heatmap_html(by_layer.to_numpy(), title, folder / "compensation_by_layer", xlabel="downstream layer",
-                       ylabel="ablated head", colorbar="summed mean Δ direct effect", xticks=list(by_layer.columns),
-                       yticks=list(by_layer.index))
+    plots.heatmap_html(
+        by_layer.to_numpy(),
+        title,
+        folder / "compensation_by_layer",
+        xlabel="downstream layer",
+        ylabel="ablated head",
+        colorbar="summed mean Δ direct effect",
+        xticks=list(by_layer.columns),
+        yticks=list(by_layer.index),
+    )
     figures.update(self_repair.figures(results.self_repair, folder, where))
     if scatter_heads is None:  # the heads of the summary table
         table = summary_table(results, 2, min_de_fraction, min_r2)
@@ -111,8 +151,11 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
             continue
         pts = results.head_points(layer, head)
         figures[f"scatter_L{layer}H{head}"], _ = plots.scatter_with_fit(
-            pts.de_clean.to_numpy(), pts.backup.to_numpy(), float(row.slope.iloc[0]),
-            float(row.intercept.iloc[0]), f"Accumulated backup of L{layer}H{head} ({where})",
+            pts.de_clean.to_numpy(),
+            pts.backup.to_numpy(),
+            float(row.slope.iloc[0]),
+            float(row.intercept.iloc[0]),
+            f"Accumulated backup of L{layer}H{head} ({where})",
             folder / f"scatter_L{layer}H{head}",
             hover=[f"prompt {p}, pos {t}" for p, t in zip(pts.prompt, pts.pos)],
         )
@@ -120,8 +163,17 @@ def backup_figures(results: BackupResults, scatter_heads: list[tuple[int, int]] 
 
 
 def _log_run(
-    kind: str, out: Path | Location, spec: dict, manifest: dict, tables: dict, figures: dict[str, Path], summary: dict,
-    datasets: tuple[str, ...], mode: str, project: str, pages: dict[str, Path] | None = None,
+    kind: str,
+    out: Path | Location,
+    spec: dict,
+    manifest: dict,
+    tables: dict,
+    figures: dict[str, Path],
+    summary: dict,
+    datasets: tuple[str, ...],
+    mode: str,
+    project: str,
+    pages: dict[str, Path] | None = None,
 ) -> str | None:
     """One W&B run: tables, figures (PNG + HTML), extra HTML ``pages``, summary, and the
     Parquet datasets as an artifact."""
@@ -133,9 +185,13 @@ def _log_run(
     os.environ.setdefault("WANDB_SILENT", "true")
     spec_id = manifest.get("spec_id", "")
     run = wandb.init(
-        project=project, mode=mode, job_type=f"{kind}-sweep", config=spec,
+        project=project,
+        mode=mode,
+        job_type=f"{kind}-sweep",
+        config=spec,
         name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
-        dir=os.environ.get("WANDB_DIR", str(report_dir(out))), reinit="finish_previous",
+        dir=os.environ.get("WANDB_DIR", str(report_dir(out))),
+        reinit="finish_previous",
     )
     try:
         payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
@@ -145,8 +201,9 @@ def _log_run(
         for name, page in (pages or {}).items():
             payload[f"html/{name}"] = wandb.Html(page.read_text(), inject=False)
         run.log(payload)
-        run.summary.update({**summary, "weight_hash": manifest.get("weight_hash"),
-                            "code_version": manifest.get("code_version")})
+        run.summary.update(
+            {**summary, "weight_hash": manifest.get("weight_hash"), "code_version": manifest.get("code_version")}
+        )
         artifact = wandb.Artifact(f"{kind}-results-{spec_id or 'run'}", type="dataset", metadata={"spec": spec})
         for name in datasets:  # remote results are logged by reference, not copied
             if out.local is not None:
@@ -183,8 +240,18 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
         "n_heads_swept": int(len(results.slopes)),
         "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
     }
-    return _log_run("backup", results.out, results.spec, results.manifest, tables, figures, summary,
-                    ("slopes", "responses", "points", "self_repair", "neurons"), mode, project)
+    return _log_run(
+        "backup",
+        results.out,
+        results.spec,
+        results.manifest,
+        tables,
+        figures,
+        summary,
+        ("slopes", "responses", "points", "self_repair", "neurons"),
+        mode,
+        project,
+    )
 
 
 def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:
@@ -194,17 +261,25 @@ def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wand
         run_dir = log()
     except Exception as err:  # noqa: BLE001 - results are complete whatever W&B does
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"warning: W&B logging failed ({type(err).__name__}: {reason}); the Parquet results are "
-              f"complete; retry with: {console.command('-m analysis', kind, str(out), '--wandb', wandb_mode)}", file=sys.stderr)
+        print(
+            f"warning: W&B logging failed ({type(err).__name__}: {reason}); the Parquet results are "
+            f"complete; retry with: {console.command('-m analysis', kind, str(out), '--wandb', wandb_mode)}",
+            file=sys.stderr,
+        )
         return
     if run_dir:
         hint = " (upload later with `wandb sync`)" if wandb_mode == "offline" else ""
         print(f"W&B run: {Path(run_dir).parent}{hint}", file=sys.stderr)
 
 
-def write_backup_report(results: BackupResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
-                        scatter_heads: list[tuple[int, int]] | None = None, min_de_fraction: float = 0.1,
-                        min_r2: float = 0.0) -> dict[str, Path]:
+def write_backup_report(
+    results: BackupResults,
+    wandb_mode: str = "offline",
+    project: str = "interp-sweeps",
+    scatter_heads: list[tuple[int, int]] | None = None,
+    min_de_fraction: float = 0.1,
+    min_r2: float = 0.0,
+) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
     figures = backup_figures(results, scatter_heads, min_de_fraction, min_r2)
     _report("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
@@ -228,12 +303,17 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     scales = results.scales
     figures = {}
     figures["causal_effect"], _ = plots.effect_lines(
-        scales, status_lines(results.effects, "causal_effect"), f"Causal effect against scale ({where})",
+        scales,
+        status_lines(results.effects, "causal_effect"),
+        f"Causal effect against scale ({where})",
         folder / "causal_effect",
     )
     figures["metric_change"], _ = plots.effect_lines(
-        scales, status_lines(results.effects, "metric_change"), f"Normalised metric change against scale ({where})",
-        folder / "metric_change", ylabel="metric change (0 clean, 1 corrupt)",
+        scales,
+        status_lines(results.effects, "metric_change"),
+        f"Normalised metric change against scale ({where})",
+        folder / "metric_change",
+        ylabel="metric change (0 clean, 1 corrupt)",
     )
     table = wide(results.effects)
     values = table.drop(columns="status")
@@ -243,41 +323,62 @@ def scale_figures(results: ScaleResults) -> dict[str, Path]:
     shown = values.mean(axis=1).nlargest(LEGIBLE_NODES).index if len(values) > LEGIBLE_NODES else values.index
     rows = [i for i, node in enumerate(values.index) if node in set(shown)]
     plots.heatmap_png(
-        values.iloc[rows].to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
-        ylabel="node", colorbar="causal effect (fraction of answers changed)", xticks=list(values.columns),
-        yticks=[names[i] for i in rows], value_range=(0.0, 1.0),
-        caption=(f"The {len(rows)} of {len(values)} nodes with the largest mean effect over the scales, in model order"
-                 if len(rows) < len(values) else f"Every node ({len(values)}), in model order")
+        values.iloc[rows].to_numpy(dtype=float),
+        title,
+        folder / "causal_effect_heatmap",
+        xlabel="scale",
+        ylabel="node",
+        colorbar="causal effect (fraction of answers changed)",
+        xticks=list(values.columns),
+        yticks=[names[i] for i in rows],
+        value_range=(0.0, 1.0),
+        caption=(
+            f"The {len(rows)} of {len(values)} nodes with the largest mean effect over the scales, in model order"
+            if len(rows) < len(values)
+            else f"Every node ({len(values)}), in model order"
+        )
         + f"{circuit}. Every node: causal_effect_heatmap.html and the effects/ dataset.",
     )
     figures["causal_effect_heatmap"] = folder / "causal_effect_heatmap.png"
-    plots.heatmap_html(values.to_numpy(dtype=float), title, folder / "causal_effect_heatmap", xlabel="scale",
-                       ylabel="node", colorbar="causal effect", xticks=list(values.columns), yticks=names,
-                       value_range=(0.0, 1.0))
+    plots.heatmap_html(
+        values.to_numpy(dtype=float),
+        title,
+        folder / "causal_effect_heatmap",
+        xlabel="scale",
+        ylabel="node",
+        colorbar="causal effect",
+        xticks=list(values.columns),
+        yticks=names,
+        value_range=(0.0, 1.0),
+    )
     return figures
 
 
 LEGIBLE_NODES = 40  # rows of the scale sweep's heatmap PNG
 
 
-def log_scale_to_wandb(results: ScaleResults, figures: dict[str, Path], mode: str, project: str,
-                       min_break: float = MIN_BREAK) -> str | None:
+def log_scale_to_wandb(
+    results: ScaleResults, figures: dict[str, Path], mode: str, project: str, min_break: float = MIN_BREAK
+) -> str | None:
     effects = results.effects.drop(columns=[c for c in ("shard",) if c in results.effects])
     tables = {"effects": effects, "effects_wide": wide(results.effects).reset_index()}
     for title, table in summary_tables(results, min_break=min_break).items():
         key = "summary/" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:60]
         tables[key] = table.reset_index()
     summary = {"n_nodes": int(results.effects["node"].nunique()), "n_scales": len(results.scales)}
-    return _log_run("scale", results.out, results.spec, results.manifest, tables, figures, summary,
-                    ("effects",), mode, project)
+    return _log_run(
+        "scale", results.out, results.spec, results.manifest, tables, figures, summary, ("effects",), mode, project
+    )
 
 
-def write_scale_report(results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps",
-                       min_break: float = MIN_BREAK) -> dict[str, Path]:
+def write_scale_report(
+    results: ScaleResults, wandb_mode: str = "offline", project: str = "interp-sweeps", min_break: float = MIN_BREAK
+) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
     figures = scale_figures(results)
-    _report("scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project, min_break),
-            wandb_mode)
+    _report(
+        "scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project, min_break), wandb_mode
+    )
     return figures
 
 
@@ -295,34 +396,46 @@ def attribution_figures(results: AttributionResults, n_edges: int = 30) -> dict[
     figures = {}
     embed = results.nodes[results.nodes.kind == "embed"].score
     figures["node_scores"], _ = plots.heatmap(
-        head_grid(results.nodes, L, H), f"Node scores ({where}; embed "
-        f"{float(embed.iloc[0]) if len(embed) else float('nan'):.3f})", folder / "node_scores",
-        xlabel="head (last column: MLP)", colorbar="score (>0: helps)",
-        xticks=[str(h) for h in range(H)] + ["MLP"], yticks=[str(layer) for layer in range(L)],
+        head_grid(results.nodes, L, H),
+        f"Node scores ({where}; embed {float(embed.iloc[0]) if len(embed) else float('nan'):.3f})",
+        folder / "node_scores",
+        xlabel="head (last column: MLP)",
+        colorbar="score (>0: helps)",
+        xticks=[str(h) for h in range(H)] + ["MLP"],
+        yticks=[str(layer) for layer in range(L)],
     )
     top = top_edges_table(results, n_edges)
-    figures["top_edges"], _ = plots.bars(list(top.edge), top.score.to_numpy(),
-                                         f"Top {len(top)} edges by |score| ({where})", folder / "top_edges")
+    figures["top_edges"], _ = plots.bars(
+        list(top.edge), top.score.to_numpy(), f"Top {len(top)} edges by |score| ({where})", folder / "top_edges"
+    )
     if not results.verify.empty:
         groups = {}
         for kind, group in results.verify.groupby("kind", sort=False):
             groups[f"{kind}s"] = (group.score.to_numpy(), group.patch_effect.to_numpy(), list(group.target))
         figures["faithfulness"], _ = plots.agreement(
-            groups, f"Attribution against real patching, top {results.spec.get('verify_top')} ({where})",
-            folder / "faithfulness", ylabel="real patching effect (clean − patched metric)",
+            groups,
+            f"Attribution against real patching, top {results.spec.get('verify_top')} ({where})",
+            folder / "faithfulness",
+            ylabel="real patching effect (clean − patched metric)",
         )
     return figures
 
 
-def log_attribution_to_wandb(results: AttributionResults, figures: dict[str, Path], mode: str, project: str) -> str | None:
+def log_attribution_to_wandb(
+    results: AttributionResults, figures: dict[str, Path], mode: str, project: str
+) -> str | None:
     tables = {
         "nodes": results.nodes.assign(head=results.nodes["head"].astype("float64")),  # W&B tables have no nullable ints
         "edges_top": results.edges.head(WANDB_TABLE_MAX_ROWS),
         "top_edges": top_edges_table(results, 50),
         "top_nodes": top_nodes_table(results, 50),
     }
-    summary = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
-               "n_prompts": results.n_prompts, "n_edges": int(len(results.edges))}
+    summary = {
+        "clean_metric": results.clean_metric,
+        "corrupt_metric": results.corrupt_metric,
+        "n_prompts": results.n_prompts,
+        "n_edges": int(len(results.edges)),
+    }
     if not results.verify.empty:
         tables["verify"] = results.verify
         faith = results.faithfulness()
@@ -330,22 +443,35 @@ def log_attribution_to_wandb(results: AttributionResults, figures: dict[str, Pat
         for row in faith.itertuples():
             summary[f"faithfulness/{row.kind}_pearson"] = row.pearson
             summary[f"faithfulness/{row.kind}_sign_agreement"] = row.sign_agreement
-    return _log_run("attribution", results.out, results.spec, results.manifest, tables, figures, summary,
-                    tuple(d for d in DERIVED if (results.out / d).is_dir()), mode, project)
+    return _log_run(
+        "attribution",
+        results.out,
+        results.spec,
+        results.manifest,
+        tables,
+        figures,
+        summary,
+        tuple(d for d in DERIVED if (results.out / d).is_dir()),
+        mode,
+        project,
+    )
 
 
-def write_attribution_report(results: AttributionResults, wandb_mode: str = "offline",
-                             project: str = "interp-sweeps") -> dict[str, Path]:
+def write_attribution_report(
+    results: AttributionResults, wandb_mode: str = "offline", project: str = "interp-sweeps"
+) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from ``load_attribution_results``."""
     figures = attribution_figures(results)
-    _report("attribution", results.out,
-            lambda: log_attribution_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    _report(
+        "attribution", results.out, lambda: log_attribution_to_wandb(results, figures, wandb_mode, project), wandb_mode
+    )
     return figures
 
 
 def write_circuit_report(results, wandb_mode: str = "offline", project: str = "interp-sweeps") -> dict[str, Path]:
     """The faithfulness plot under ``OUT/plots`` and a W&B run, from ``load_circuit_results``."""
-    from analysis.circuit import DERIVED as CIRCUIT_DERIVED, curve_figure
+    from analysis.circuit import DERIVED as CIRCUIT_DERIVED
+    from analysis.circuit import curve_figure
 
     folder = report_dir(results.out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -356,9 +482,18 @@ def write_circuit_report(results, wandb_mode: str = "offline", project: str = "i
         values = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric}
         for row in summary.itertuples():
             values[f"cpr/{row.circuit}"], values[f"cmd/{row.circuit}"] = row.cpr, row.cmd
-        return _log_run("circuit", results.out, results.spec, results.manifest,
-                        {"faithfulness": results.faithfulness, "summary": summary}, figures, values,
-                        tuple(d for d in CIRCUIT_DERIVED if (results.out / d).is_dir()), wandb_mode, project)
+        return _log_run(
+            "circuit",
+            results.out,
+            results.spec,
+            results.manifest,
+            {"faithfulness": results.faithfulness, "summary": summary},
+            figures,
+            values,
+            tuple(d for d in CIRCUIT_DERIVED if (results.out / d).is_dir()),
+            wandb_mode,
+            project,
+        )
 
     _report("circuit", results.out, log, wandb_mode)
     return figures

@@ -39,8 +39,9 @@ def _read(file: Location, rows: int, file_checksum: str | None) -> tuple[pd.Data
     try:
         table = read_committed_table(file, rows, file_checksum)
     except (OSError, pa.ArrowInvalid, CorruptFile) as err:  # missing, truncated or altered
-        reason = ("altered since it was written" if isinstance(err, CorruptFile)
-                  else f"unreadable ({type(err).__name__})")
+        reason = (
+            "altered since it was written" if isinstance(err, CorruptFile) else f"unreadable ({type(err).__name__})"
+        )
         raise ResultsError(f"{file} is {reason}; re-run the sweep command to recompute it") from None
     spec = (table.schema.metadata or {}).get(b"sweep_spec")
     return table.to_pandas(), json.loads(spec) if spec else None
@@ -63,8 +64,10 @@ def read_committed(
         if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
             raise ValueError("not a manifest")
     except (ValueError, UnicodeDecodeError):
-        raise ResultsError(f"{manifest_file} is damaged; run the sweep command again: it rebuilds the "
-                           "manifest from the shard files that verify and recomputes only the rest") from None
+        raise ResultsError(
+            f"{manifest_file} is damaged; run the sweep command again: it rebuilds the "
+            "manifest from the shard files that verify and recomputes only the rest"
+        ) from None
     spec = manifest.get("spec", {})
     if spec.get("sweep", sweep) != sweep:
         raise ResultsError(f"{out} holds a {spec['sweep']} sweep, not a {sweep} sweep")
@@ -79,8 +82,10 @@ def read_committed(
             frame, file_spec = _read(file, shards[sid]["rows"][name], shards[sid].get("checksums", {}).get(name))
             if file_spec is not None and file_spec != spec and not allow_mixed:
                 differences = "; ".join(spec_differences(spec, file_spec, ("there", "in this file")))
-                raise ResultsError(f"{file} belongs to a different sweep than {out} ({differences}); "
-                                   "pass --allow-mixed-specs to read them together anyway")
+                raise ResultsError(
+                    f"{file} belongs to a different sweep than {out} ({differences}); "
+                    "pass --allow-mixed-specs to read them together anyway"
+                )
             parts.append(frame)
         frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return spec, manifest, frames
@@ -91,7 +96,9 @@ def sampled(spec: dict) -> str:
     params = spec.get("task_params") or {}
     parts = [f"{spec.get('model', '?')} on {spec.get('task', '?')}"]
     if params.get("n_prompts"):
-        parts.append(f"{params['n_prompts']} prompts" + (f" x {params['seq_len']} tokens" if params.get("seq_len") else ""))
+        parts.append(
+            f"{params['n_prompts']} prompts" + (f" x {params['seq_len']} tokens" if params.get("seq_len") else "")
+        )
     if spec.get("ablation"):
         parts.append(f"{spec['ablation']} ablation")
     return ", ".join(parts)

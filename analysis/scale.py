@@ -83,17 +83,20 @@ def summary_tables(results: ScaleResults, k: int = 10, min_break: float = MIN_BR
     circuit = results.spec.get("circuit")
     if circuit:  # the circuit's own nodes (e.g. top:K@DIR of an attribution result, any method)
         inside = table[table.status == "in_circuit"]
-        tables[f"The circuit {circuit['label']}: {len(circuit['nodes'])} nodes, {len(inside)} swept"] = \
-            inside[show].round(3)
+        tables[f"The circuit {circuit['label']}: {len(circuit['nodes'])} nodes, {len(inside)} swept"] = inside[
+            show
+        ].round(3)
     top = table.loc[at_one.sort_values(ascending=False).index[:k], show]
     tables[f"Nodes with the largest causal effect at scale {one:g}"] = top.round(3)
     if extremes:
         quiet = table[at_one <= QUIET_AT_ONE]
         breaks = quiet[extremes].max(axis=1)
         breaks = breaks[breaks >= min_break].sort_values(ascending=False)
-        title = (f"Nodes that do not matter at scale {one:g} (causal effect <= {QUIET_AT_ONE:g}) but break the model "
-                 f"off-distribution (causal effect >= {min_break:g} at scale {' or '.join(extremes)}; "
-                 f"{len(breaks)} nodes)")
+        title = (
+            f"Nodes that do not matter at scale {one:g} (causal effect <= {QUIET_AT_ONE:g}) but break the model "
+            f"off-distribution (causal effect >= {min_break:g} at scale {' or '.join(extremes)}; "
+            f"{len(breaks)} nodes)"
+        )
         tables[title] = quiet.loc[breaks.index[:k], show].round(3)
     return tables
 

@@ -15,10 +15,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis import plots  # noqa: E402
 
@@ -32,17 +32,41 @@ def head_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
     rows = repair[repair.selection == selection].copy()
     with np.errstate(divide="ignore", invalid="ignore"):
         rows["self_repair_fraction"] = rows["self_repair"] / rows["mean_de"]
-    columns = ["layer", "head", "n_points", "mean_de", "total_effect", "own_change", "self_repair", "heads",
-               "same_layer", "mlps", "final_norm", "frac_heads", "frac_mlps", "frac_final_norm",
-               "self_repair_fraction"]
+    columns = [
+        "layer",
+        "head",
+        "n_points",
+        "mean_de",
+        "total_effect",
+        "own_change",
+        "self_repair",
+        "heads",
+        "same_layer",
+        "mlps",
+        "final_norm",
+        "frac_heads",
+        "frac_mlps",
+        "frac_final_norm",
+        "self_repair_fraction",
+    ]
     return rows[[c for c in columns if c in rows]].reset_index(drop=True)
 
 
 def layer_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
     """The per-layer means of every head's terms, relative to the mean direct effect."""
     heads = head_table(repair, selection)
-    table = heads.groupby("layer")[["mean_de", "total_effect", *TERMS, "self_repair", "frac_heads", "frac_mlps",
-                                    "frac_final_norm", "self_repair_fraction"]].mean()
+    table = heads.groupby("layer")[
+        [
+            "mean_de",
+            "total_effect",
+            *TERMS,
+            "self_repair",
+            "frac_heads",
+            "frac_mlps",
+            "frac_final_norm",
+            "self_repair_fraction",
+        ]
+    ].mean()
     return table.reset_index()
 
 
@@ -51,8 +75,20 @@ def neuron_table(neurons: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
     direct effect (``delta_de``), its clean direct effect, its share of the MLP's term and the
     running share down to its rank."""
     rows = neurons[neurons.selection == selection]
-    columns = ["layer", "head", "rank", "neuron", "mlp_layer", "delta_de", "clean_de", "share", "cum_share",
-               "top_share", "mlp_term", "n_points"]
+    columns = [
+        "layer",
+        "head",
+        "rank",
+        "neuron",
+        "mlp_layer",
+        "delta_de",
+        "clean_de",
+        "share",
+        "cum_share",
+        "top_share",
+        "mlp_term",
+        "n_points",
+    ]
     return rows.sort_values(["layer", "head", "rank"])[[c for c in columns if c in rows]].reset_index(drop=True)
 
 
@@ -65,18 +101,28 @@ def neuron_lines(neurons: pd.DataFrame, k: int = 3) -> list[str]:
     table = neuron_table(neurons, "top")
     table = table.assign(with_term=table.share.clip(lower=0), against_term=table.share.clip(upper=0))
     heads = table.groupby(["layer", "head"], as_index=False).agg(
-        n=("rank", "size"), mlp_layer=("mlp_layer", "first"), mlp_term=("mlp_term", "first"),
-        top_share=("top_share", "first"), first=("neuron", "first"), first_share=("share", "first"),
-        with_term=("with_term", "sum"), against_term=("against_term", "sum"))
+        n=("rank", "size"),
+        mlp_layer=("mlp_layer", "first"),
+        mlp_term=("mlp_term", "first"),
+        top_share=("top_share", "first"),
+        first=("neuron", "first"),
+        first_share=("share", "first"),
+        with_term=("with_term", "sum"),
+        against_term=("against_term", "sum"),
+    )
     heads = heads.reindex(heads.mlp_term.abs().sort_values(ascending=False).index).head(k)
     lines = []
     for row in heads.itertuples():
         what = "repair" if row.mlp_term > 0 else "anti-repair (it deepens the ablation)"
-        start = (f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
-                 f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}")
+        start = (
+            f"  the top {row.n} neurons of layer {row.mlp_layer}'s MLP carry {row.top_share:.0%} of its "
+            f"{what} of L{row.layer}H{row.head} ({row.mlp_term:+.3f}"
+        )
         if cancelling(row.with_term, row.against_term):
-            lines.append(f"{start}), but only as a balance: {row.with_term:.0%} with the term, "
-                         f"{row.against_term:.0%} against it (neuron {row.first} alone {row.first_share:.0%})")
+            lines.append(
+                f"{start}), but only as a balance: {row.with_term:.0%} with the term, "
+                f"{row.against_term:.0%} against it (neuron {row.first} alone {row.first_share:.0%})"
+            )
         else:
             lines.append(f"{start}; neuron {row.first} alone {row.first_share:.0%})")
     return lines
@@ -88,8 +134,13 @@ def cancelling(with_term: float, against_term: float) -> bool:
     return with_term > 0.5 and against_term < -0.5 and with_term - against_term > 2 * abs(with_term + against_term)
 
 
-def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
-                  neurons: pd.DataFrame | None = None, min_de_fraction: float = 0.1) -> list[str]:
+def summary_lines(
+    repair: pd.DataFrame,
+    top_fraction: float,
+    n_layers: int,
+    neurons: pd.DataFrame | None = None,
+    min_de_fraction: float = 0.1,
+) -> list[str]:
     """What the decomposition says, in words. The self-repair fraction is a ratio to the
     head's direct effect, noise for a head with almost none: its layer means take only heads
     whose |mean direct effect| is at least ``min_de_fraction`` of the largest (as Figure 1)."""
@@ -99,21 +150,27 @@ def summary_lines(repair: pd.DataFrame, top_fraction: float, n_layers: int,
     where = f"the top {top_fraction:.0%} of points by each head's direct effect" if top_fraction < 1 else "every point"
     lines = [f"Self-repair (Rushing & Nanda 2024), on {where}:"]
     overall = head_table(repair, "top")[["frac_heads", "frac_mlps", "frac_final_norm"]].mean()
-    lines.append(f"  mean clipped shares of a head's direct effect over every swept head: other heads "
-                 f"{overall.frac_heads:.0%}, MLPs {overall.frac_mlps:.0%}, final norm {overall.frac_final_norm:.0%}")
+    lines.append(
+        f"  mean clipped shares of a head's direct effect over every swept head: other heads "
+        f"{overall.frac_heads:.0%}, MLPs {overall.frac_mlps:.0%}, final norm {overall.frac_final_norm:.0%}"
+    )
     for layer in sorted({int(layers.layer.max()), max(0, n_layers - 2)} & set(layers.layer.astype(int))):
         row = layers[layers.layer == layer].iloc[0]
-        lines.append(f"  the final norm repairs {row.frac_final_norm:.0%} of the direct effect of layer {layer}'s "
-                     f"heads; other heads {row.frac_heads:.0%}, MLPs {row.frac_mlps:.0%}")
+        lines.append(
+            f"  the final norm repairs {row.frac_final_norm:.0%} of the direct effect of layer {layer}'s "
+            f"heads; other heads {row.frac_heads:.0%}, MLPs {row.frac_mlps:.0%}"
+        )
     heads = head_table(repair, "top").dropna(subset=["self_repair_fraction"])
     heads = heads[heads.mean_de.abs() >= min_de_fraction * heads.mean_de.abs().max()]
     finite = heads.groupby("layer").self_repair_fraction.mean()
     if len(finite) >= 2:
         third = max(1, len(finite) // 3)
-        lines.append(f"  self-repair fraction (self-repair / direct effect, layer means over the {len(heads)} heads "
-                     f"whose |direct effect| is at least {min_de_fraction:.0%} of the largest): "
-                     f"{finite.iloc[:third].mean():+.2f} in the first layers, "
-                     f"{finite.iloc[-third:].mean():+.2f} in the last (> 0: repaired, < 0: made worse)")
+        lines.append(
+            f"  self-repair fraction (self-repair / direct effect, layer means over the {len(heads)} heads "
+            f"whose |direct effect| is at least {min_de_fraction:.0%} of the largest): "
+            f"{finite.iloc[:third].mean():+.2f} in the first layers, "
+            f"{finite.iloc[-third:].mean():+.2f} in the last (> 0: repaired, < 0: made worse)"
+        )
     return lines + neuron_lines(neurons)
 
 
@@ -139,8 +196,13 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
     if len(shown):
         lo, hi = float(shown.self_repair_fraction.min()), float(shown.self_repair_fraction.max())
         pad = 0.1 * (hi - lo or 1.0)
-        ax.scatter(noise.layer, noise.self_repair_fraction.clip(lo - pad, hi + pad), s=8, color=plots.MASKED_GREY,
-                   label=f"direct effect < {min_de_fraction:g} x the largest (noise; clipped to the axis)")
+        ax.scatter(
+            noise.layer,
+            noise.self_repair_fraction.clip(lo - pad, hi + pad),
+            s=8,
+            color=plots.MASKED_GREY,
+            label=f"direct effect < {min_de_fraction:g} x the largest (noise; clipped to the axis)",
+        )
         ax.set_ylim(lo - 1.5 * pad, hi + 1.5 * pad)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(plots.fit_text(f"Self-repair fraction per head\n{title}", 6.5, 11), fontsize=11)
@@ -148,13 +210,27 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
     ax.legend(fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair"] = plots._save(fig, folder / "self_repair")
-    plots.write_html(go.Figure(
-        [go.Scatter(x=finite.layer, y=finite.self_repair_fraction, mode="markers", name="one head",
-                    text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])]),
-         go.Scatter(x=means.index, y=means.values, mode="lines", name="layer mean")],
-        layout=dict(title="Self-repair fraction per head", xaxis_title="layer", yaxis_title="self-repair / direct effect",
-                    template="plotly_white"),
-    ), out["self_repair"].with_suffix(".html"))
+    plots.write_html(
+        go.Figure(
+            [
+                go.Scatter(
+                    x=finite.layer,
+                    y=finite.self_repair_fraction,
+                    mode="markers",
+                    name="one head",
+                    text=[f"L{l}H{h}" for l, h in zip(finite.layer, finite["head"])],
+                ),
+                go.Scatter(x=means.index, y=means.values, mode="lines", name="layer mean"),
+            ],
+            layout=dict(
+                title="Self-repair fraction per head",
+                xaxis_title="layer",
+                yaxis_title="self-repair / direct effect",
+                template="plotly_white",
+            ),
+        ),
+        out["self_repair"].with_suffix(".html"),
+    )
 
     layers = layer_table(repair, "top")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -168,16 +244,25 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
         neg_bottom += np.clip(values, None, 0)
     ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title(plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11),
-                 fontsize=11)
+    ax.set_title(
+        plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11), fontsize=11
+    )
     ax.set(xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
     ax.legend(fontsize=7, ncol=2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out["self_repair_layers"] = plots._save(fig, folder / "self_repair_layers")
-    plots.write_html(go.Figure(
-        [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
-        + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],
-        layout=dict(title="What makes up a head's total effect, by layer", barmode="relative",
-                    xaxis_title="layer", yaxis_title="change of the logit (difference)", template="plotly_white"),
-    ), out["self_repair_layers"].with_suffix(".html"))
+    plots.write_html(
+        go.Figure(
+            [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]
+            + [go.Scatter(x=layers.layer, y=layers.total_effect, mode="markers", name="total effect")],
+            layout=dict(
+                title="What makes up a head's total effect, by layer",
+                barmode="relative",
+                xaxis_title="layer",
+                yaxis_title="change of the logit (difference)",
+                template="plotly_white",
+            ),
+        ),
+        out["self_repair_layers"].with_suffix(".html"),
+    )
     return out

@@ -30,10 +30,13 @@ class TaskTables:
 def build_report(report, n_layers: int, n_heads: int, kind: str) -> TaskTables:
     parts = report.parts
     heads = parts.heads.mean(1).cpu().numpy()  # [L, H]
-    head_rows = pd.DataFrame([
-        {"layer": layer, "head": h, "node": f"L{layer}H{h}", "dla": float(heads[layer, h])}
-        for layer in range(n_layers) for h in range(n_heads)
-    ])
+    head_rows = pd.DataFrame(
+        [
+            {"layer": layer, "head": h, "node": f"L{layer}H{h}", "dla": float(heads[layer, h])}
+            for layer in range(n_layers)
+            for h in range(n_heads)
+        ]
+    )
     layer_rows = [("embed", float(parts.embed.mean()))]
     for layer in range(n_layers):
         layer_rows.append((f"{layer}_attn", float((parts.heads[layer].sum(-1) + parts.attn_bias[layer]).mean())))
@@ -43,15 +46,19 @@ def build_report(report, n_layers: int, n_heads: int, kind: str) -> TaskTables:
     error = (total - report.metric).abs()
     summary = {
         "metric": "logit difference" if kind == "logit_diff" else "next-token logit",
-        "mean": float(report.metric.mean()), "accuracy": float(report.correct.mean()),
-        "n_points": int(report.metric.shape[0]), "sum_of_components": float(total.mean()),
+        "mean": float(report.metric.mean()),
+        "accuracy": float(report.correct.mean()),
+        "n_points": int(report.metric.shape[0]),
+        "sum_of_components": float(total.mean()),
         "sum_check_max_abs_error": float(error.max()),
     }
-    lens = pd.DataFrame({
-        "checkpoint": report.lens_labels,
-        "final_scale": report.lens_final_scale.mean(1).cpu().numpy(),
-        "own_scale": report.lens_own_scale.mean(1).cpu().numpy(),
-    })
+    lens = pd.DataFrame(
+        {
+            "checkpoint": report.lens_labels,
+            "final_scale": report.lens_final_scale.mean(1).cpu().numpy(),
+            "own_scale": report.lens_own_scale.mean(1).cpu().numpy(),
+        }
+    )
     return TaskTables(summary, head_rows, pd.DataFrame(layer_rows, columns=["component", "dla"]), lens)
 
 
@@ -62,8 +69,14 @@ def top_heads(heads: pd.DataFrame, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write_task_report(
-    out: Path, tables: TaskTables, report, spec: dict, tokens: list[str], k: int,
-    wandb_mode: str = "offline", project: str = "interp-sweeps",
+    out: Path,
+    tables: TaskTables,
+    report,
+    spec: dict,
+    tokens: list[str],
+    k: int,
+    wandb_mode: str = "offline",
+    project: str = "interp-sweeps",
 ) -> dict[str, Path]:
     """Figures, ``attention.html``, ``tables/*.csv`` and ``manifest.json`` under ``out``; one W&B run."""
     out.mkdir(parents=True, exist_ok=True)
@@ -74,20 +87,30 @@ def write_task_report(
     L, H = int(spec["n_layers"]), int(spec["n_heads"])
     figures = {}
     figures["dla_heads"], _ = plots.heatmap(
-        tables.heads.dla.to_numpy().reshape(L, H), f"Direct logit attribution per head ({where})",
-        folder / "dla_heads", colorbar=f"mean {metric}",
+        tables.heads.dla.to_numpy().reshape(L, H),
+        f"Direct logit attribution per head ({where})",
+        folder / "dla_heads",
+        colorbar=f"mean {metric}",
     )
     layers = tables.layers[tables.layers.component.str.contains("_")]
     figures["dla_layers"], _ = plots.lines(
-        list(layers.component), {"direct logit attribution": layers.dla.to_numpy()},
-        f"{metric.capitalize()} from each layer ({where})", folder / "dla_layers", "component", metric,
+        list(layers.component),
+        {"direct logit attribution": layers.dla.to_numpy()},
+        f"{metric.capitalize()} from each layer ({where})",
+        folder / "dla_layers",
+        "component",
+        metric,
     )
     figures["logit_lens"], _ = plots.lines(
         list(tables.lens.checkpoint),
-        {"divided by the final norm's scale": tables.lens.final_scale.to_numpy(),
-         "normalised at each checkpoint (logit lens)": tables.lens.own_scale.to_numpy()},
-        f"{metric.capitalize()} from the accumulated residual stream ({where})", folder / "logit_lens",
-        "accumulated up to", metric,
+        {
+            "divided by the final norm's scale": tables.lens.final_scale.to_numpy(),
+            "normalised at each checkpoint (logit lens)": tables.lens.own_scale.to_numpy(),
+        },
+        f"{metric.capitalize()} from the accumulated residual stream ({where})",
+        folder / "logit_lens",
+        "accumulated up to",
+        metric,
     )
     positive, negative = top_heads(tables.heads, k)
     pages = {}
@@ -98,13 +121,20 @@ def write_task_report(
             return [(r.node, r.dla, patterns[r.layer, r.head]) for r in frame.itertuples()]
 
         pages["attention"] = attention_page(
-            out / "attention.html", f"Attention of the top heads by direct logit attribution ({where})", tokens,
+            out / "attention.html",
+            f"Attention of the top heads by direct logit attribution ({where})",
+            tokens,
             {f"Top {k} positive heads": entries(positive), f"Top {k} negative heads": entries(negative)},
         )
     table_dir = out / "tables"
     table_dir.mkdir(exist_ok=True)
-    frames = {"heads": tables.heads, "layers": tables.layers, "logit_lens": tables.lens,
-              "top_positive_heads": positive, "top_negative_heads": negative}
+    frames = {
+        "heads": tables.heads,
+        "layers": tables.layers,
+        "logit_lens": tables.lens,
+        "top_positive_heads": positive,
+        "top_negative_heads": negative,
+    }
     for name, frame in frames.items():
         with plots.atomic_output(table_dir / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
@@ -114,8 +144,14 @@ def write_task_report(
 
     from analysis.report import _log_run, _report
 
-    _report("report", out, lambda: _log_run("report", out, spec, manifest, frames, figures, tables.summary, (),
-                                            wandb_mode, project, pages), wandb_mode)
+    _report(
+        "report",
+        out,
+        lambda: _log_run(
+            "report", out, spec, manifest, frames, figures, tables.summary, (), wandb_mode, project, pages
+        ),
+        wandb_mode,
+    )
     return {**figures, **pages}
 
 
@@ -128,6 +164,6 @@ def summary_lines(tables: TaskTables, k: int) -> list[str]:
         f"(max |error| {s['sum_check_max_abs_error']:.2e})",
         "top positive heads: " + ", ".join(f"{r.node} {r.dla:+.3f}" for r in positive.itertuples()),
         "top negative heads: " + ", ".join(f"{r.node} {r.dla:+.3f}" for r in negative.itertuples()),
-        "logit lens (last 4 checkpoints): " + ", ".join(
-            f"{c} {v:.3f}" for c, v in zip(tables.lens.checkpoint[-4:], tables.lens.own_scale[-4:])),
+        "logit lens (last 4 checkpoints): "
+        + ", ".join(f"{c} {v:.3f}" for c, v in zip(tables.lens.checkpoint[-4:], tables.lens.own_scale[-4:])),
     ]

@@ -36,14 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         from sweeps.registry.cli import did_you_mean
 
-        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; commands: "
-              f"{', '.join(commands)}", file=sys.stderr)
+        print(
+            f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; commands: {', '.join(commands)}",
+            file=sys.stderr,
+        )
         return 2
     parser = ArgumentParser(
-        prog="interp-sweeps", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="interp-sweeps",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distributed ablation sweeps for mechanistic interpretability.",
         epilog="`interp-sweeps COMMAND --help` explains each command. The entry scripts also run on their own:\n"
-               "python sweeps/backup.py ..., ray submit cluster.yaml sweeps/backup.py -- ...",
+        "python sweeps/backup.py ..., ray submit cluster.yaml sweeps/backup.py -- ...",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in SWEEPS.items():
@@ -84,10 +87,14 @@ def _models() -> int:
     print(f"{'family':18s} {'path':6s} {'tiny test model':15s} example hub names")
     for f in FAMILIES:
         print(f"{f.name:18s} {'fast':6s} {f.tiny_name:15s} {', '.join(f.examples)}")
-    print(f"{'any other decoder':18s} {'bridge':6s} {'tiny-stablelm':15s} any causal LM TransformerLens boots "
-          "(StableLM, Falcon, Cohere, Mixtral, ...): one full forward per ablation")
-    print(f"\ndefault: {DEFAULT_MODEL} (SmolLM2-135M-Instruct, embedded, offline). Refused by name: state-space, "
-          "hybrid and non-causal models.")
+    print(
+        f"{'any other decoder':18s} {'bridge':6s} {'tiny-stablelm':15s} any causal LM TransformerLens boots "
+        "(StableLM, Falcon, Cohere, Mixtral, ...): one full forward per ablation"
+    )
+    print(
+        f"\ndefault: {DEFAULT_MODEL} (SmolLM2-135M-Instruct, embedded, offline). Refused by name: state-space, "
+        "hybrid and non-causal models."
+    )
     return 0
 
 

@@ -68,8 +68,9 @@ def build_task(
     if spec.name == "text":
         from tasks import text
 
-        return text.build(tokenizer, data=data, n_prompts=n_prompts, seq_len=seq_len, seed=seed,
-                          prepend_bos=prepend_bos)
+        return text.build(
+            tokenizer, data=data, n_prompts=n_prompts, seq_len=seq_len, seed=seed, prepend_bos=prepend_bos
+        )
     from tasks import jsonl
 
     return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts, prepend_bos=prepend_bos)

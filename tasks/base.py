@@ -31,9 +31,9 @@ class TaskData:
     params: dict[str, Any]  # JSON-serialisable; with the tokenizer, reproduces the task
     clean: Int[Tensor, "N T"]
     corrupt: Int[Tensor, "N T"]
-    lengths: Int[Tensor, "N"]  # real tokens of each prompt, BOS included
-    correct: Int[Tensor, "N"] | None = None  # logit_diff tasks only
-    incorrect: Int[Tensor, "N"] | None = None
+    lengths: Int[Tensor, " N"]  # real tokens of each prompt, BOS included
+    correct: Int[Tensor, " N"] | None = None  # logit_diff tasks only
+    incorrect: Int[Tensor, " N"] | None = None
     prompts: list[str] = field(default_factory=list)
 
     @property
@@ -41,7 +41,7 @@ class TaskData:
         return self.clean.shape[0]
 
     @property
-    def answer_pos(self) -> Int[Tensor, "N"]:
+    def answer_pos(self) -> Int[Tensor, " N"]:
         return self.lengths - 1
 
     def select(self, index: Sequence[int] | slice) -> "TaskData":
@@ -50,8 +50,12 @@ class TaskData:
         lengths = self.lengths[idx]
         T = int(lengths.max())
         return TaskData(
-            name=self.name, kind=self.kind, params=self.params,
-            clean=self.clean[idx, :T], corrupt=self.corrupt[idx, :T], lengths=lengths,
+            name=self.name,
+            kind=self.kind,
+            params=self.params,
+            clean=self.clean[idx, :T],
+            corrupt=self.corrupt[idx, :T],
+            lengths=lengths,
             correct=None if self.correct is None else self.correct[idx],
             incorrect=None if self.incorrect is None else self.incorrect[idx],
             prompts=[self.prompts[i] for i in idx.tolist()] if self.prompts else [],
@@ -142,18 +146,26 @@ def logit_diff_task(
         clean_rows.append(c)
         corrupt_rows.append(x)
         if right == wrong:
-            raise TaskError(f"{label}: correct and incorrect are the same answer ({right!r}); "
-                            "the logit difference would be 0 for every prompt")
+            raise TaskError(
+                f"{label}: correct and incorrect are the same answer ({right!r}); "
+                "the logit difference would be 0 for every prompt"
+            )
         correct.append(single_token(tokenizer, right, label))
         incorrect.append(single_token(tokenizer, wrong, label))
         if correct[-1] == incorrect[-1]:
-            raise TaskError(f"{label}: correct {right!r} and incorrect {wrong!r} are the same token "
-                            f"(id {correct[-1]}); the logit difference would be 0 for every prompt")
+            raise TaskError(
+                f"{label}: correct {right!r} and incorrect {wrong!r} are the same token "
+                f"(id {correct[-1]}); the logit difference would be 0 for every prompt"
+            )
     pad = pad_id(tokenizer)
     return TaskData(
-        name=name, kind="logit_diff", params=params,
-        clean=pad_right(clean_rows, pad), corrupt=pad_right(corrupt_rows, pad),
+        name=name,
+        kind="logit_diff",
+        params=params,
+        clean=pad_right(clean_rows, pad),
+        corrupt=pad_right(corrupt_rows, pad),
         lengths=torch.tensor([len(r) for r in clean_rows]),
-        correct=torch.tensor(correct), incorrect=torch.tensor(incorrect),
+        correct=torch.tensor(correct),
+        incorrect=torch.tensor(incorrect),
         prompts=[p[0] for p in pairs],
     )

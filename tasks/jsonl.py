@@ -41,7 +41,9 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
             raise TaskError(f"{label}: expected a JSON object with keys {', '.join(FIELDS)}")
         missing = [k for k in FIELDS if not isinstance(row.get(k), str) or not row.get(k)]
         if missing:
-            raise TaskError(f"{label}: missing or non-string field(s) {', '.join(missing)}; each line needs {', '.join(FIELDS)}")
+            raise TaskError(
+                f"{label}: missing or non-string field(s) {', '.join(missing)}; each line needs {', '.join(FIELDS)}"
+            )
         pairs.append(tuple(row[k] for k in FIELDS))
         where.append(label)
     if not pairs:

@@ -19,15 +19,60 @@ from tasks.base import TaskData, TaskError, is_single_token, logit_diff_task
 
 TEMPLATE = "This movie was a{a} viewing experience, and the plot and acting were{b}. Overall, the film was"
 POSITIVE = [
-    " perfect", " fantastic", " delightful", " cheerful", " marvelous", " good", " remarkable", " wonderful",
-    " fabulous", " outstanding", " awesome", " exceptional", " incredible", " extraordinary", " amazing",
-    " lovely", " brilliant", " charming", " terrific", " superb", " spectacular", " great", " splendid",
-    " beautiful", " joyful", " positive", " excellent",
+    " perfect",
+    " fantastic",
+    " delightful",
+    " cheerful",
+    " marvelous",
+    " good",
+    " remarkable",
+    " wonderful",
+    " fabulous",
+    " outstanding",
+    " awesome",
+    " exceptional",
+    " incredible",
+    " extraordinary",
+    " amazing",
+    " lovely",
+    " brilliant",
+    " charming",
+    " terrific",
+    " superb",
+    " spectacular",
+    " great",
+    " splendid",
+    " beautiful",
+    " joyful",
+    " positive",
+    " excellent",
 ]
 NEGATIVE = [
-    " dreadful", " bad", " dull", " depressing", " miserable", " tragic", " nasty", " inferior", " horrific",
-    " terrible", " ugly", " disgusting", " disastrous", " horrendous", " annoying", " boring", " offensive",
-    " frustrating", " wretched", " dire", " awful", " unpleasant", " horrible", " mediocre", " disappointing",
+    " dreadful",
+    " bad",
+    " dull",
+    " depressing",
+    " miserable",
+    " tragic",
+    " nasty",
+    " inferior",
+    " horrific",
+    " terrible",
+    " ugly",
+    " disgusting",
+    " disastrous",
+    " horrendous",
+    " annoying",
+    " boring",
+    " offensive",
+    " frustrating",
+    " wretched",
+    " dire",
+    " awful",
+    " unpleasant",
+    " horrible",
+    " mediocre",
+    " disappointing",
     " inadequate",
 ]
 ANSWERS = {"positive": " great", "negative": " awful"}
@@ -45,7 +90,9 @@ def build(tokenizer, n_prompts: int | None = None, seed: int = 0, prepend_bos: b
         raise TaskError("fewer than two positive or negative adjectives are single tokens in this tokenizer")
     n = min(DEFAULT_N_PROMPTS, available) if n_prompts is None else n_prompts
     if n > available:
-        raise TaskError(f"--n-prompts {n} is more than the {available} distinct sentiment prompts this tokenizer allows")
+        raise TaskError(
+            f"--n-prompts {n} is more than the {available} distinct sentiment prompts this tokenizer allows"
+        )
 
     def prompt(words: list[str], i: int) -> str:
         return TEMPLATE.format(a=words[i % len(words)], b=words[(i + 1) % len(words)])

@@ -107,7 +107,11 @@ def build(
     if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
         params["prepend_bos"] = False
     return TaskData(
-        name="text", kind="next_token", params=params,
-        clean=torch.tensor([w for _, w in clean]), corrupt=torch.tensor([w for _, w in corrupt]),
-        lengths=torch.full((n,), T), prompts=[tokenizer.decode(w[len(head):]) for _, w in clean],
+        name="text",
+        kind="next_token",
+        params=params,
+        clean=torch.tensor([w for _, w in clean]),
+        corrupt=torch.tensor([w for _, w in corrupt]),
+        lengths=torch.full((n,), T),
+        prompts=[tokenizer.decode(w[len(head) :]) for _, w in clean],
     )

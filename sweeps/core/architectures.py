@@ -39,8 +39,16 @@ from typing import Any
 import torch
 
 PIECES = (
-    "pre_norm", "post_norm", "qk_norm", "softcap", "windows", "rotary_tables",
-    "embed_scale", "parallel", "interleaved_rotary", "rotary",
+    "pre_norm",
+    "post_norm",
+    "qk_norm",
+    "softcap",
+    "windows",
+    "rotary_tables",
+    "embed_scale",
+    "parallel",
+    "interleaved_rotary",
+    "rotary",
 )
 
 
@@ -58,54 +66,165 @@ class Family:
 
 def _f(name, model_types, examples, pieces, optional=(), tiny_name="", prepend_bos=True, **tiny) -> Family:
     tiny_name = tiny_name or f"tiny-{model_types[0].replace('_text', '')}"
-    return Family(name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), prepend_bos,
-                  tiny_name, tiny)
+    return Family(
+        name, tuple(model_types), tuple(examples), frozenset(pieces), frozenset(optional), prepend_bos, tiny_name, tiny
+    )
 
 
 # Tiny random models switch each family's distinctive pieces on: windows shorter than
 # the test prompts, caps, QK-norm, post-norms (their weights are randomised by the tests).
-_SMALL = dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-              intermediate_size=128, max_position_embeddings=512, initializer_range=0.1)
+_SMALL = dict(
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)
 
 FAMILIES: tuple[Family, ...] = (
-    _f("GPT-2", ["gpt2"], ["gpt2", "gpt2-medium"], {"pre_norm"},
-       config="GPT2Config", n_layer=3, n_head=4, n_embd=64, n_positions=512, initializer_range=0.1),
-    _f("GPT-NeoX / Pythia", ["gpt_neox"], ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"],
-       {"pre_norm", "rotary", "parallel"}, tiny_name="tiny-pythia",
-       config="GPTNeoXConfig", num_hidden_layers=3, num_attention_heads=4, hidden_size=64,
-       intermediate_size=256, rotary_pct=0.25, use_parallel_residual=True,
-       max_position_embeddings=512, initializer_range=0.1),
-    _f("GPT-J", ["gptj"], ["EleutherAI/gpt-j-6b"], {"pre_norm", "rotary", "parallel", "interleaved_rotary"},
-       config="GPTJConfig", n_layer=3, n_head=4, n_embd=64, rotary_dim=8, n_positions=512,
-       initializer_range=0.1),
-    _f("Llama 1-3", ["llama"], ["meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M"], {"pre_norm", "rotary"},
-       tiny_name="tiny-llama3",
-       config="LlamaConfig", **_SMALL, tie_word_embeddings=False,
-       rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                            high_freq_factor=4.0, original_max_position_embeddings=64)),
-    _f("Mistral", ["mistral"], ["mistralai/Mistral-7B-v0.1"], {"pre_norm", "rotary"}, {"windows"},  # v0.3: no window
-       config="MistralConfig", **_SMALL, sliding_window=4),
-    _f("Qwen 2 / 2.5", ["qwen2"], ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2-1.5B"], {"pre_norm", "rotary"}, {"windows"},
-       prepend_bos=False,
-       config="Qwen2Config", **_SMALL),
-    _f("Qwen 3", ["qwen3"], ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B"], {"pre_norm", "rotary", "qk_norm"}, {"windows"},
-       prepend_bos=False,
-       config="Qwen3Config", **_SMALL, head_dim=16),
-    _f("Gemma", ["gemma"], ["google/gemma-2b"], {"pre_norm", "rotary", "embed_scale"},
-       config="GemmaConfig", **_SMALL, head_dim=16),
-    _f("Gemma 2", ["gemma2"], ["google/gemma-2-2b", "google/gemma-2-9b"],
-       {"pre_norm", "post_norm", "rotary", "softcap", "windows", "embed_scale"},
-       config="Gemma2Config", **_SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-       attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
-    _f("Gemma 3", ["gemma3_text"], ["google/gemma-3-270m", "google/gemma-3-1b-pt"],
-       {"pre_norm", "post_norm", "rotary", "qk_norm", "windows", "rotary_tables", "embed_scale"},
-       config="Gemma3TextConfig", **_SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-       layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
-    _f("OLMo 2", ["olmo2"], ["allenai/OLMo-2-0425-1B", "allenai/OLMo-2-1124-7B"],
-       {"post_norm", "rotary", "qk_norm"},
-       config="Olmo2Config", **_SMALL),
-    _f("Phi-3", ["phi3"], ["microsoft/Phi-3-mini-4k-instruct"], {"pre_norm", "rotary"}, {"windows"},
-       config="Phi3Config", **_SMALL),
+    _f(
+        "GPT-2",
+        ["gpt2"],
+        ["gpt2", "gpt2-medium"],
+        {"pre_norm"},
+        config="GPT2Config",
+        n_layer=3,
+        n_head=4,
+        n_embd=64,
+        n_positions=512,
+        initializer_range=0.1,
+    ),
+    _f(
+        "GPT-NeoX / Pythia",
+        ["gpt_neox"],
+        ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"],
+        {"pre_norm", "rotary", "parallel"},
+        tiny_name="tiny-pythia",
+        config="GPTNeoXConfig",
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        hidden_size=64,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    ),
+    _f(
+        "GPT-J",
+        ["gptj"],
+        ["EleutherAI/gpt-j-6b"],
+        {"pre_norm", "rotary", "parallel", "interleaved_rotary"},
+        config="GPTJConfig",
+        n_layer=3,
+        n_head=4,
+        n_embd=64,
+        rotary_dim=8,
+        n_positions=512,
+        initializer_range=0.1,
+    ),
+    _f(
+        "Llama 1-3",
+        ["llama"],
+        ["meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M"],
+        {"pre_norm", "rotary"},
+        tiny_name="tiny-llama3",
+        config="LlamaConfig",
+        **_SMALL,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    _f(
+        "Mistral",
+        ["mistral"],
+        ["mistralai/Mistral-7B-v0.1"],
+        {"pre_norm", "rotary"},
+        {"windows"},  # v0.3: no window
+        config="MistralConfig",
+        **_SMALL,
+        sliding_window=4,
+    ),
+    _f(
+        "Qwen 2 / 2.5",
+        ["qwen2"],
+        ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2-1.5B"],
+        {"pre_norm", "rotary"},
+        {"windows"},
+        prepend_bos=False,
+        config="Qwen2Config",
+        **_SMALL,
+    ),
+    _f(
+        "Qwen 3",
+        ["qwen3"],
+        ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B"],
+        {"pre_norm", "rotary", "qk_norm"},
+        {"windows"},
+        prepend_bos=False,
+        config="Qwen3Config",
+        **_SMALL,
+        head_dim=16,
+    ),
+    _f(
+        "Gemma",
+        ["gemma"],
+        ["google/gemma-2b"],
+        {"pre_norm", "rotary", "embed_scale"},
+        config="GemmaConfig",
+        **_SMALL,
+        head_dim=16,
+    ),
+    _f(
+        "Gemma 2",
+        ["gemma2"],
+        ["google/gemma-2-2b", "google/gemma-2-9b"],
+        {"pre_norm", "post_norm", "rotary", "softcap", "windows", "embed_scale"},
+        config="Gemma2Config",
+        **_SMALL,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
+    _f(
+        "Gemma 3",
+        ["gemma3_text"],
+        ["google/gemma-3-270m", "google/gemma-3-1b-pt"],
+        {"pre_norm", "post_norm", "rotary", "qk_norm", "windows", "rotary_tables", "embed_scale"},
+        config="Gemma3TextConfig",
+        **_SMALL,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    ),
+    _f(
+        "OLMo 2",
+        ["olmo2"],
+        ["allenai/OLMo-2-0425-1B", "allenai/OLMo-2-1124-7B"],
+        {"post_norm", "rotary", "qk_norm"},
+        config="Olmo2Config",
+        **_SMALL,
+    ),
+    _f(
+        "Phi-3",
+        ["phi3"],
+        ["microsoft/Phi-3-mini-4k-instruct"],
+        {"pre_norm", "rotary"},
+        {"windows"},
+        config="Phi3Config",
+        **_SMALL,
+    ),
 )
 
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
@@ -158,8 +277,12 @@ def norm_weight(module: torch.nn.Module, width: int) -> torch.Tensor:
     """The effective elementwise weight of an RMSNorm module (``1 + w`` for Gemma's):
     its output on a vector of ones, whose rms is 1, times ``sqrt(1 + eps)``."""
     param = next(module.parameters(), None)
-    ones = torch.ones(1, width, dtype=param.dtype if param is not None else torch.float32,
-                      device=param.device if param is not None else "cpu")
+    ones = torch.ones(
+        1,
+        width,
+        dtype=param.dtype if param is not None else torch.float32,
+        device=param.device if param is not None else "cpu",
+    )
     out = module(ones)[0].float()
     return (out * math.sqrt(1.0 + _eps(module))).cpu()
 
@@ -168,7 +291,11 @@ def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: i
     """(inv_freq [n_tables, E/2], table index per layer): one table per layer type
     where the rotary module keeps one per type (Gemma 3), else one for every layer."""
     if "interleaved_rotary" in family.pieces:  # GPT-J keeps sin/cos tables, no inv_freq
-        tables = [m.embed_positions for m in hf_model.modules() if isinstance(getattr(m, "embed_positions", None), torch.Tensor)]
+        tables = [
+            m.embed_positions
+            for m in hf_model.modules()
+            if isinstance(getattr(m, "embed_positions", None), torch.Tensor)
+        ]
         if not tables:
             raise ArchitectureError(f"{family.name}: no rotary sin/cos table (embed_positions) in the model")
         sincos = tables[0][1].float()  # position 1: [sin(inv_freq), cos(inv_freq)]
@@ -188,7 +315,9 @@ def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: i
             raise ArchitectureError(f"{family.name}: the rotary module has no inv_freq")
         names, scaling, index = ["inv_freq"], [getattr(rot, "attention_scaling", 1.0)], [0] * n_layers
     if any(s not in (None, 1.0) for s in scaling):
-        raise ArchitectureError(f"{family.name}: rotary embeddings with attention scaling (YaRN, long-rope) are not supported yet")
+        raise ArchitectureError(
+            f"{family.name}: rotary embeddings with attention scaling (YaRN, long-rope) are not supported yet"
+        )
     return torch.stack([getattr(rot, n).detach().float().cpu() for n in names]), index
 
 

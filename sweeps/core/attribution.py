@@ -131,14 +131,16 @@ INPUT_SITE = {"q": "q", "k": "k", "v": "v", "mlp": "mlp_in", "resid": "resid_fin
 # --------------------------------------------------------------------------- #
 
 
-def metric_terms(w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: TaskData,
-                 scratch: Scratch | None = None) -> Float[Tensor, "P"]:
+def metric_terms(
+    w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: TaskData, scratch: Scratch | None = None
+) -> Float[Tensor, " P"]:
     """The metric at each point: the logit difference (correct − incorrect) at each
     prompt's answer position, or the log-probability of each next token."""
     points = effect_points(w, task)
     x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
     cap = w.cfg.final_softcap  # the metric is on the model's real, capped logits
     if task.kind == "logit_diff" and cap:
+
         def capped(tokens: Tensor) -> Tensor:
             raw = torch.einsum("pd,dp->p", x, w.W_U[:, tokens]) + w.b_U[tokens] + x @ w.W_U_mean + w.b_U_mean
             return cap * torch.tanh(raw / cap)
@@ -193,9 +195,17 @@ class NextTokenLogProb(torch.autograd.Function):
     MAX_LOGITS = 1 << 25  # floats of logits per chunk (128 MB): 682 rows of SmolLM2's vocabulary
 
     @staticmethod
-    def forward(ctx, x: Float[Tensor, "P D"], W_U: Float[Tensor, "D V"], b_U: Float[Tensor, "V"],
-                targets: Int[Tensor, "P"], scratch: Scratch, cap: float = 0.0,
-                W_U_mean: Float[Tensor, "D"] | None = None, b_U_mean: Tensor | None = None) -> Float[Tensor, "P"]:
+    def forward(
+        ctx,
+        x: Float[Tensor, "P D"],
+        W_U: Float[Tensor, "D V"],
+        b_U: Float[Tensor, " V"],
+        targets: Int[Tensor, " P"],
+        scratch: Scratch,
+        cap: float = 0.0,
+        W_U_mean: Float[Tensor, " D"] | None = None,
+        b_U_mean: Tensor | None = None,
+    ) -> Float[Tensor, " P"]:
         """With ``cap`` (Gemma 2's final soft-cap) the logits are ``cap · tanh(raw / cap)`` of the
         raw (uncentred) logits ``x W_U + b_U + x·W_U_mean + b_U_mean``, and the gradient gains
         the cap's derivative ``1 − tanh²`` and the mean's direction."""
@@ -233,7 +243,7 @@ class NextTokenLogProb(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g: Float[Tensor, "P"]):
+    def backward(ctx, g: Float[Tensor, " P"]):
         (grad,) = ctx.saved_tensors
         return g[:, None] * grad, None, None, None, None, None, None, None
 
@@ -267,8 +277,8 @@ def norm_vjp_(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B
 class BatchAttribution:
     """Raw sums over one batch (not yet divided by the task's normaliser)."""
 
-    nodes: Float[Tensor, "U"]
-    edges: Float[Tensor, "n_edges"]  # in Graph order: each downstream's prefix of upstream rows
+    nodes: Float[Tensor, " U"]
+    edges: Float[Tensor, " n_edges"]  # in Graph order: each downstream's prefix of upstream rows
     clean_metric: float  # Σ metric over the batch's points, clean run
     corrupt_metric: float
     n_points: int
@@ -300,7 +310,7 @@ def upstream_deltas(
 
 def edge_products(
     deltas: Float[Tensor, "U N"], rows: Float[Tensor, "R N"], prefix: list[int]
-) -> Float[Tensor, "n_edges"]:
+) -> Float[Tensor, " n_edges"]:
     """``rows[i] · deltas[j]`` for every ``j < prefix[i]``, row-major (Graph order).
 
     ``prefix`` never decreases along the rows, so one matrix product of the first
@@ -318,7 +328,7 @@ def edge_products(
     return scores.T[keep.T]
 
 
-def node_scores(graph: Graph, edges: Float[Tensor, "n_edges"]) -> Float[Tensor, "U"]:
+def node_scores(graph: Graph, edges: Float[Tensor, " n_edges"]) -> Float[Tensor, " U"]:
     """Each upstream node's score, the sum of its edges' scores.
 
     Exact (up to the order of a float sum): the stream right after a node is read only
@@ -338,7 +348,13 @@ def rows_per_layer(cfg: ModelConfig) -> int:
 
 
 def downstream_rows(
-    w: ModelWeights, layer: int, clean: Trace, g_q: Tensor, g_k: Tensor, g_v: Tensor, g_mlp: Tensor | None,
+    w: ModelWeights,
+    layer: int,
+    clean: Trace,
+    g_q: Tensor,
+    g_k: Tensor,
+    g_v: Tensor,
+    g_mlp: Tensor | None,
     out: Float[Tensor, "n B T D"],
 ) -> Float[Tensor, "n B T D"]:
     """The gradient at each downstream input of ``layer`` (q per head, k and v per key/value
@@ -365,8 +381,11 @@ def downstream_rows(
     # [H or K, B·T, E] @ [H or K, E, D], written straight into the rows.
     g_in = out[: H + 2 * K].view(H + 2 * K, B * T, cfg.d_model)
     coefs = []
-    for g, W, b, act, rows in ((g_q, w.W_Q, w.b_Q, clean.q, g_in[:H]), (g_k, w.W_K, w.b_K, clean.k, g_in[H : H + K]),
-                               (g_v, w.W_V, w.b_V, clean.v, g_in[H + K :])):
+    for g, W, b, act, rows in (
+        (g_q, w.W_Q, w.b_Q, clean.q, g_in[:H]),
+        (g_k, w.W_K, w.b_K, clean.k, g_in[H : H + K]),
+        (g_v, w.W_V, w.b_V, clean.v, g_in[H + K :]),
+    ):
         W = W[layer]  # [n, D, E]
         if cfg.norm == "layernorm":
             W = W - W.mean(1, keepdim=True)
@@ -424,8 +443,9 @@ def _metric_gradient(w: ModelWeights, trace: Trace, task: TaskData, scratch: Scr
     return terms.detach(), g_final
 
 
-def _gradient_rows(w: ModelWeights, graph: Graph, trace: Trace, g_final: Tensor, scratch: Scratch,
-                   consume, first: int = 0) -> None:
+def _gradient_rows(
+    w: ModelWeights, graph: Graph, trace: Trace, g_final: Tensor, scratch: Scratch, consume, first: int = 0
+) -> None:
     """The clean run's backward, block by block from the last down to block ``first``
     (``trace`` recorded from block 0, or padded so that ``trace.q[layer]`` is that layer's):
     calls ``consume(layers, rows, prefix)`` with each block of consecutive layers' downstream
@@ -465,8 +485,9 @@ def ig_alphas(steps: int) -> list[float]:
     return [k / steps for k in range(steps, 0, -1)]
 
 
-def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | None = None,
-              method: str = "eap", steps: int = 1) -> BatchAttribution:
+def attribute(
+    w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | None = None, method: str = "eap", steps: int = 1
+) -> BatchAttribution:
     """Node and edge scores of one batch (raw sums), by ``method``:
 
     - ``eap``: the gradient at each downstream input of the clean run, times each upstream
@@ -485,7 +506,7 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
     (passes of one shard) to reuse their large buffers."""
     if method not in METHODS[:3]:
         raise ValueError(f"attribute: unknown gradient method {method!r}")
-    cfg, device = w.cfg, w.device
+    device = w.device
     scratch = scratch or Scratch()
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
     with torch.no_grad():
@@ -518,8 +539,11 @@ def attribute(w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | 
         edge_scores = edge_scores.double().cpu()
         assert edge_scores.numel() == graph.n_edges
     return BatchAttribution(
-        nodes=node_scores(graph, edge_scores), edges=edge_scores,
-        clean_metric=float(terms.sum()), corrupt_metric=float(corrupt_metric), n_points=int(terms.shape[0]),
+        nodes=node_scores(graph, edge_scores),
+        edges=edge_scores,
+        clean_metric=float(terms.sum()),
+        corrupt_metric=float(corrupt_metric),
+        n_points=int(terms.shape[0]),
     )
 
 
@@ -594,7 +618,9 @@ class Target:
         return self.upstream if self.downstream is None else edge_name(self.upstream, self.downstream, self.input)
 
 
-def _upstream_delta(w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_embed: Tensor) -> tuple[str, int, Tensor]:
+def _upstream_delta(
+    w: ModelWeights, name: str, clean: Trace, corrupt: Trace, d_embed: Tensor
+) -> tuple[str, int, Tensor]:
     """(write site, layer, corrupt − clean) of one upstream node."""
     if name == EMBED:
         return "resid_pre", 0, -d_embed
@@ -619,12 +645,12 @@ def _downstream(graph: Graph, name: str, input: str) -> Downstream:
 class Patched:
     """What ``patch_targets`` measured on one batch: the patched runs and the two it patches between."""
 
-    metric: Float[Tensor, "n"]  # Σ metric with each target patched
-    clean_terms: Float[Tensor, "P"]  # the clean run's metric at each point
+    metric: Float[Tensor, " n"]  # Σ metric with each target patched
+    clean_terms: Float[Tensor, " P"]  # the clean run's metric at each point
     corrupt_metric: float  # Σ metric of the corrupt run
 
 
-def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Target]) -> Float[Tensor, "n"]:
+def patch_metric(w: ModelWeights, graph: Graph, task: TaskData, targets: list[Target]) -> Float[Tensor, " n"]:
     """Σ metric over the batch with each target's corrupt value patched into the clean run
     (``patch_targets``)."""
     return patch_targets(w, graph, task, targets).metric
@@ -675,8 +701,9 @@ def every_target(graph: Graph, with_edges: bool) -> list[Target]:
     """Every node, then (``with_edges``) every edge in Graph order."""
     targets = [Target(u) for u in graph.upstream]
     if with_edges:
-        targets += [Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix)
-                    for u in graph.upstream[:p]]
+        targets += [
+            Target(u, d.name, d.input) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]
+        ]
     return targets
 
 
@@ -687,15 +714,18 @@ def exact_scores(w: ModelWeights, graph: Graph, task: TaskData, with_edges: bool
     m(patched)`` summed over the batch's points (``patch_metric``). Without edges the edge
     scores are NaN."""
     p = patch_targets(w, graph, task, every_target(graph, with_edges))
-    return exact_attribution(graph, p.metric, float(p.clean_terms.sum()), p.corrupt_metric,
-                             int(p.clean_terms.shape[0]), with_edges)
+    return exact_attribution(
+        graph, p.metric, float(p.clean_terms.sum()), p.corrupt_metric, int(p.clean_terms.shape[0]), with_edges
+    )
 
 
-def exact_attribution(graph: Graph, patched: Float[Tensor, "n"], clean: float, corrupt: float, n_points: int,
-                      with_edges: bool) -> BatchAttribution:
+def exact_attribution(
+    graph: Graph, patched: Float[Tensor, " n"], clean: float, corrupt: float, n_points: int, with_edges: bool
+) -> BatchAttribution:
     """Exact scores ``m(clean) − m(patched)`` from the patched metric of ``every_target``'s
     targets (either path); without edges the edge scores are NaN."""
     U = len(graph.upstream)
     edges = clean - patched[U:] if with_edges else torch.full((graph.n_edges,), float("nan"), dtype=torch.float64)
-    return BatchAttribution(nodes=clean - patched[:U], edges=edges, clean_metric=clean, corrupt_metric=corrupt,
-                            n_points=n_points)
+    return BatchAttribution(
+        nodes=clean - patched[:U], edges=edges, clean_metric=clean, corrupt_metric=corrupt, n_points=n_points
+    )

@@ -20,6 +20,7 @@ Plain functions on a bridge and tensors; no Ray, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,11 +89,20 @@ def effect_points(bridge, task: TaskData) -> effects.Points:
 
 def _names(bridge) -> set[str]:
     L = bridge.cfg.n_layers
-    names = {"ln_final.hook_scale", "hook_embed", "hook_pos_embed", f"blocks.{L - 1}.hook_resid_post",
-             f"blocks.{L - 1}.mlp.hook_post"}
+    names = {
+        "ln_final.hook_scale",
+        "hook_embed",
+        "hook_pos_embed",
+        f"blocks.{L - 1}.hook_resid_post",
+        f"blocks.{L - 1}.mlp.hook_post",
+    }
     for l in range(L):
-        names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out", f"blocks.{l}.hook_resid_pre",
-                  f"blocks.{l}.hook_attn_out"}
+        names |= {
+            f"blocks.{l}.attn.hook_z",
+            f"blocks.{l}.hook_mlp_out",
+            f"blocks.{l}.hook_resid_pre",
+            f"blocks.{l}.hook_attn_out",
+        }
     return names
 
 
@@ -109,7 +119,7 @@ def head_writes(bridge, cache: dict[str, Tensor], layer: int) -> Float[Tensor, "
     return torch.einsum("bthe,hed->bthd", cache[f"blocks.{layer}.attn.hook_z"], bridge.W_O[layer].detach())
 
 
-def final_scale(cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, "P"]:
+def final_scale(cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, " P"]:
     return cache["ln_final.hook_scale"][points.batch, points.pos, 0]
 
 
@@ -119,7 +129,7 @@ def head_effects(bridge, cache, layer: int, points: effects.Points, scale: Tenso
     return torch.einsum("phe,phe->ph", z, dirs)
 
 
-def mlp_effects(cache, layer: int, points: effects.Points, scale: Tensor) -> Float[Tensor, "P"]:
+def mlp_effects(cache, layer: int, points: effects.Points, scale: Tensor) -> Float[Tensor, " P"]:
     out = cache.get(f"blocks.{layer}.hook_mlp_out")
     if out is None:
         return torch.zeros(points.n)
@@ -159,16 +169,17 @@ def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
         heads=torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(L)]),
         attn_bias=torch.stack([(points.u @ b_O[l]) / scale for l in range(L)]),
         mlps=torch.stack([mlp_effects(cache, l, points, scale) for l in range(L)]),
-        unembed_bias=points.bias, scale=scale,
+        unembed_bias=points.bias,
+        scale=scale,
     )
 
 
-def final_dot(bridge, cache, points: effects.Points) -> Float[Tensor, "P"]:
+def final_dot(bridge, cache, points: effects.Points) -> Float[Tensor, " P"]:
     """``x · u`` of a cached run's final stream at the points (``effects.final_read``)."""
     return effects.final_read(view(bridge), cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"], points)[0]
 
 
-def pre_cap_metric(bridge, cache, points: effects.Points) -> Float[Tensor, "P"]:
+def pre_cap_metric(bridge, cache, points: effects.Points) -> Float[Tensor, " P"]:
     """The (centred, pre-cap) logit (difference) at the points, from the final residual."""
     return final_dot(bridge, cache, points) / final_scale(cache, points) + points.bias
 
@@ -205,7 +216,7 @@ def ablate_head(
     head: int,
     replacement: Float[Tensor, "B T E"],
     points: effects.Points,
-    scale: Float[Tensor, "P"],
+    scale: Float[Tensor, " P"],
     neurons: bool = False,
 ) -> effects.LayerAblation:
     """One full forward with head ``(layer, head)``'s ``z`` replaced: every head's and MLP's
@@ -221,9 +232,16 @@ def ablate_head(
     L = bridge.cfg.n_layers
     heads = torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(layer, L)])
     mlps = torch.stack([mlp_effects(cache, l, points, scale) for l in range(layer, L)])
-    return effects.LayerAblation(layer, [head], heads[None], mlps[None], None,
-                                 final_dot(bridge, cache, points)[None], final_scale(cache, points)[None],
-                                 last_hidden=last_hidden(bridge, cache, points)[None] if neurons else None)
+    return effects.LayerAblation(
+        layer,
+        [head],
+        heads[None],
+        mlps[None],
+        None,
+        final_dot(bridge, cache, points)[None],
+        final_scale(cache, points)[None],
+        last_hidden=last_hidden(bridge, cache, points)[None] if neurons else None,
+    )
 
 
 @torch.no_grad()
@@ -258,7 +276,9 @@ def task_report(bridge, task: TaskData, prompt: int | None = 0):
         final_scale.append(running.clone())
         own_scale.append(read(cache[f"blocks.{layer}.hook_resid_pre"] + cache[f"blocks.{layer}.hook_attn_out"]))
         running = running + parts.mlps[layer]
-        after = cache[f"blocks.{layer + 1}.hook_resid_pre"] if layer + 1 < L else cache[f"blocks.{L - 1}.hook_resid_post"]
+        after = (
+            cache[f"blocks.{layer + 1}.hook_resid_pre"] if layer + 1 < L else cache[f"blocks.{L - 1}.hook_resid_post"]
+        )
         labels.append(f"{layer}_mlp")
         final_scale.append(running.clone())
         own_scale.append(read(after))
@@ -267,8 +287,14 @@ def task_report(bridge, task: TaskData, prompt: int | None = 0):
         T = int(task.lengths[prompt])
         patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][prompt, :, :T, :T] for l in range(L)])
     return TaskReport(
-        points=points, metric=metric, correct=correct, parts=parts, lens_labels=labels,
-        lens_final_scale=torch.stack(final_scale) + points.bias, lens_own_scale=torch.stack(own_scale), patterns=patterns,
+        points=points,
+        metric=metric,
+        correct=correct,
+        parts=parts,
+        lens_labels=labels,
+        lens_final_scale=torch.stack(final_scale) + points.bias,
+        lens_own_scale=torch.stack(own_scale),
+        patterns=patterns,
     )
 
 
@@ -307,8 +333,13 @@ class BridgeView:
 def view(bridge) -> BridgeView:
     c = bridge.cfg
     W_U = bridge.W_U.detach()
-    return BridgeView(ReadoutConfig(norm_kind(bridge), float(c.eps), W_U.shape[1]), W_U,
-                      stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device), bridge.W_O.detach(), W_U.device)
+    return BridgeView(
+        ReadoutConfig(norm_kind(bridge), float(c.eps), W_U.shape[1]),
+        W_U,
+        stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device),
+        bridge.W_O.detach(),
+        W_U.device,
+    )
 
 
 @torch.no_grad()
@@ -319,20 +350,28 @@ def clean_run(bridge, tokens: Int[Tensor, "N T"], batch_size: int) -> tf.CleanRu
     parts = []
     for i in range(0, tokens.shape[0], batch_size):
         _, cache = run(bridge, tokens[i : i + batch_size])
-        parts.append(tf.CleanRun(
-            resid_pre=torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)]),
-            z=torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(L)]),
-            mlp_out=torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
-            resid_final=cache[f"blocks.{L - 1}.hook_resid_post"],
-        ))
+        parts.append(
+            tf.CleanRun(
+                resid_pre=torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)]),
+                z=torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(L)]),
+                mlp_out=torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)]),
+                resid_final=cache[f"blocks.{L - 1}.hook_resid_post"],
+            )
+        )
     if len(parts) == 1:
         return parts[0]
-    return tf.CleanRun(*(torch.cat([getattr(p, f) for p in parts], 0 if f == "resid_final" else 1)
-                         for f in ("resid_pre", "z", "mlp_out", "resid_final")))
+    return tf.CleanRun(
+        *(
+            torch.cat([getattr(p, f) for p in parts], 0 if f == "resid_final" else 1)
+            for f in ("resid_pre", "z", "mlp_out", "resid_final")
+        )
+    )
 
 
 @torch.no_grad()
-def patched_final(bridge, node: Node, tokens: Int[Tensor, "G T"], delta: Float[Tensor, "G T D"]) -> Float[Tensor, "G T D"]:
+def patched_final(
+    bridge, node: Node, tokens: Int[Tensor, "G T"], delta: Float[Tensor, "G T D"]
+) -> Float[Tensor, "G T D"]:
     """The final residual stream of a full forward of ``tokens`` with ``delta`` added where
     ``node`` writes (a head's share of ``hook_attn_out``, or ``hook_mlp_out``)."""
     site = f"blocks.{node.layer}.hook_attn_out" if node.head is not None else f"blocks.{node.layer}.hook_mlp_out"
@@ -361,8 +400,13 @@ class GraphConfig:
 
 def graph_config(bridge) -> GraphConfig:
     c = bridge.cfg
-    return GraphConfig(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads,
-                       bool(getattr(c, "attn_only", False)), bool(getattr(c, "parallel_attn_mlp", False)))
+    return GraphConfig(
+        c.n_layers,
+        c.n_heads,
+        getattr(c, "n_key_value_heads", None) or c.n_heads,
+        bool(getattr(c, "attn_only", False)),
+        bool(getattr(c, "parallel_attn_mlp", False)),
+    )
 
 
 def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
@@ -380,8 +424,11 @@ def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
 
 def node_write_names(n_layers: int) -> set[str]:
     """The hooks ``node_write`` reads: cache these to take every node's write from a run."""
-    return {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.attn.hook_z" for l in range(n_layers)} | {
-        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
+    return (
+        {"blocks.0.hook_resid_pre"}
+        | {f"blocks.{l}.attn.hook_z" for l in range(n_layers)}
+        | {f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
+    )
 
 
 def node_write(cache, W_O: Tensor, u: str) -> Tensor:
@@ -409,8 +456,10 @@ def mlp_input_hooks(cfg, layer: int, parallel: bool, edit) -> list:
         seen["x"] = act
         return act
 
-    return [(mlp_stream(layer, parallel), keep),
-            (f"blocks.{layer}.mlp.hook_in", lambda act, hook: tf.normalize(cfg, edit(seen["x"])))]
+    return [
+        (mlp_stream(layer, parallel), keep),
+        (f"blocks.{layer}.mlp.hook_in", lambda act, hook: tf.normalize(cfg, edit(seen["x"]))),
+    ]
 
 
 def attribute(bridge, graph, task: TaskData, steps: int = 1):
@@ -433,9 +482,12 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     W_O = bridge.W_O.detach()
     # Every node's write, and where the heads' writes land (a head's gradient after it)
     writes = node_write_names(L) | {f"blocks.{l}.hook_attn_out" for l in range(L)}
-    reads = ([f"blocks.{l}.hook_{x}_input" for l in range(L) for x in "qkv"]
-             + [f"blocks.{l}.mlp.hook_in" for l in range(L)] + ["ln_final.hook_in"]
-             + [mlp_stream(l, parallel) for l in range(L)])
+    reads = (
+        [f"blocks.{l}.hook_{x}_input" for l in range(L) for x in "qkv"]
+        + [f"blocks.{l}.mlp.hook_in" for l in range(L)]
+        + ["ln_final.hook_in"]
+        + [mlp_stream(l, parallel) for l in range(L)]
+    )
     with torch.no_grad():
         corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
 
@@ -456,6 +508,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
                     act.retain_grad()
                 acts[name] = act
                 return act
+
             return hook
 
         hooks = [] if alpha == 1 else [("blocks.0.hook_resid_pre", interpolate)]
@@ -497,8 +550,9 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
         if alpha != 1:
             acts, _ = run_with_grads(alpha)
         with torch.no_grad():
-            nodes += torch.tensor([float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream],
-                                  dtype=torch.float64)
+            nodes += torch.tensor(
+                [float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream], dtype=torch.float64
+            )
             run_edges = []
             for d, p in zip(graph.downstream, graph.prefix):
                 g = grad_at(d)
@@ -508,16 +562,21 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     summed = node_scores(graph, edges)
     error = float((summed - nodes).abs().max() / nodes.abs().max().clamp(min=1e-6))
     if error > 1e-3:
-        raise BridgePathError(f"attribution through the bridge's hooks: a node's edges do not sum to its score "
-                              f"(relative error {error:.1e}); this architecture's inputs are not hooked as the graph assumes")
+        raise BridgePathError(
+            f"attribution through the bridge's hooks: a node's edges do not sum to its score "
+            f"(relative error {error:.1e}); this architecture's inputs are not hooked as the graph assumes"
+        )
     return BatchAttribution(
-        nodes=nodes, edges=edges, clean_metric=float(clean_metric),
-        corrupt_metric=float(metric_sum(corrupt_logits, task)), n_points=int(effect_points(bridge, task).n),
+        nodes=nodes,
+        edges=edges,
+        clean_metric=float(clean_metric),
+        corrupt_metric=float(metric_sum(corrupt_logits, task)),
+        n_points=int(effect_points(bridge, task).n),
     )
 
 
 @torch.no_grad()
-def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
+def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, " n"]:
     """``attribution.patch_metric`` through hooks: Σ metric with each target's corrupt value
     patched into a full clean forward. A node: its write is replaced by its corrupt write for
     every reader. An edge ``u → d``: only ``d``'s input sees it (``d``'s own split q/k/v input,
@@ -549,10 +608,12 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, "n"]:
             else:
                 d = next(x for x in graph.downstream if x.name == target.downstream and x.input == target.input)
                 if d.input in ("q", "k", "v"):
+
                     def one_head(act, hook, delta=delta, h=d.head):
                         act = act.clone()
                         act[:, :, h] = act[:, :, h] + delta
                         return act
+
                     hooks.append((f"blocks.{d.layer}.hook_{d.input}_input", one_head))
                 elif d.input == "mlp":
                     hooks += mlp_input_hooks(cfg, d.layer, parallel, lambda x, delta=delta: x + delta)
@@ -585,7 +646,9 @@ class CircuitRunner:
         writes = node_write_names(L)
         with torch.no_grad():
             corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
-            self.corrupt_out = torch.stack([node_write(corrupt, self.W_O, u) for u in graph.upstream])  # a*_u: [U B T D]
+            self.corrupt_out = torch.stack(
+                [node_write(corrupt, self.W_O, u) for u in graph.upstream]
+            )  # a*_u: [U B T D]
             self.corrupt_metric = float(metric_sum(corrupt_logits, task))
             self.clean_metric = float(metric_sum(bridge(task.clean), task))
         self.n_points = int(effect_points(bridge, task).n)
@@ -593,16 +656,20 @@ class CircuitRunner:
         self.row = {(d.layer, d.input, d.head): i for i, d in enumerate(graph.downstream)}
         self.index = {u: i for i, u in enumerate(graph.upstream)}
         n = graph.n_edges
-        for name, mask, expected in (("full", torch.ones(n, dtype=torch.bool), self.clean_metric),
-                                     ("empty", torch.zeros(n, dtype=torch.bool), self.corrupt_metric)):
+        for name, mask, expected in (
+            ("full", torch.ones(n, dtype=torch.bool), self.clean_metric),
+            ("empty", torch.zeros(n, dtype=torch.bool), self.corrupt_metric),
+        ):
             got = self.metric(mask)
             if abs(got - expected) > 1e-3 * max(1.0, abs(self.clean_metric - self.corrupt_metric)):
-                raise BridgePathError(f"circuit evaluation through the bridge's hooks: the {name} circuit gives "
-                                      f"{got:.4f}, not {expected:.4f}; this architecture's inputs are not hooked "
-                                      "as the graph assumes")
+                raise BridgePathError(
+                    f"circuit evaluation through the bridge's hooks: the {name} circuit gives "
+                    f"{got:.4f}, not {expected:.4f}; this architecture's inputs are not hooked "
+                    "as the graph assumes"
+                )
 
     @torch.no_grad()
-    def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
+    def metric(self, mask: Bool[Tensor, " n_edges"]) -> float:
         """Σ metric over the batch's points with the edges of ``mask`` carrying this run's values
         and every other edge its upstream node's corrupt-run value."""
         graph, L = self.graph, self.bridge.cfg.n_layers
@@ -624,6 +691,7 @@ class CircuitRunner:
                 value = act if write is None else write(act)
                 diff[index[u]] = value - self.corrupt_out[index[u]]
                 return act
+
             return hook
 
         def heads_of(layer: int):
@@ -633,12 +701,14 @@ class CircuitRunner:
                 writes = head_writes(self.bridge, {f"blocks.{layer}.attn.hook_z": z}, layer)  # [B T H D]
                 diff[rows] = writes.permute(2, 0, 1, 3) - self.corrupt_out[rows]
                 return z
+
             return hook
 
         def split_input(layer: int, which: str):
             def hook(act, hook):  # [B T n D]: each head's own copy of the stream
                 rows = [self.row[layer, which, j] for j in range(act.shape[2])]
                 return act - removed(rows).permute(1, 2, 0, 3)
+
             return hook
 
         hooks = [("blocks.0.hook_resid_pre", record("embed"))]

@@ -48,13 +48,13 @@ def default_sizes() -> list[float]:
     return [0.0, *np.round(np.logspace(-3, 0, 16), 6).tolist()]
 
 
-def node_edge_mask(graph: Graph, nodes: set[str]) -> Bool[Tensor, "n_edges"]:
+def node_edge_mask(graph: Graph, nodes: set[str]) -> Bool[Tensor, " n_edges"]:
     """The edge circuit of a node circuit: every edge out of one of ``nodes``."""
     inside = torch.tensor([u in nodes for u in graph.upstream])
     return torch.cat([inside[:p] for p in graph.prefix])
 
 
-def top_mask(scores: Float[Tensor, "n"], k: int) -> Bool[Tensor, "n"]:
+def top_mask(scores: Float[Tensor, " n"], k: int) -> Bool[Tensor, " n"]:
     """The ``k`` entries of highest |score| (ties: the first in order)."""
     mask = torch.zeros(scores.shape[0], dtype=torch.bool)
     if k > 0:
@@ -99,7 +99,7 @@ class CircuitRunner:
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
 
     @torch.no_grad()
-    def metric(self, mask: Bool[Tensor, "n_edges"]) -> float:
+    def metric(self, mask: Bool[Tensor, " n_edges"]) -> float:
         """Σ metric over the batch's points with the edges of ``mask`` carrying this run's values
         and every other edge its upstream node's corrupt-run value."""
         w, graph, cfg = self.w, self.graph, self.w.cfg
@@ -146,6 +146,7 @@ class CircuitRunner:
         def reads(layer: int, offset: int, n: int):
             """Each head's q (k, v) input: the q, k and v rows of a layer share their upstream
             nodes, so their sums are taken in one product (when q is read; k and v follow)."""
+
             def edit(x):  # [B T D] -> each head's own input [B T n D]
                 if offset == 0:
                     attention_reads[layer] = removed(layer * per_layer, cfg.n_heads + 2 * cfg.n_kv_heads)
@@ -153,15 +154,18 @@ class CircuitRunner:
                 if offset + n == cfg.n_heads + 2 * cfg.n_kv_heads:
                     del attention_reads[layer]
                 return x[:, :, None] - part.permute(1, 2, 0, 3)
+
             return edit
 
         def record_heads(layer: int):
             def edit(z):
                 row = upstream_row(cfg, layer, 0)
-                diff[row : row + cfg.n_heads] = (head_outputs(w, layer, z).permute(2, 0, 1, 3)
-                                                 - self.corrupt_out[row : row + cfg.n_heads])
+                diff[row : row + cfg.n_heads] = (
+                    head_outputs(w, layer, z).permute(2, 0, 1, 3) - self.corrupt_out[row : row + cfg.n_heads]
+                )
                 written(row + cfg.n_heads)
                 return z
+
             return edit
 
         def record_mlp(layer: int):
@@ -170,11 +174,13 @@ class CircuitRunner:
                 diff[row] = out - self.corrupt_out[row]
                 written(row + 1)
                 return out
+
             return edit
 
         def read_one(index: int):
             def edit(x):
                 return x - removed(index, 1)[0]
+
             return edit
 
         H, K = cfg.n_heads, cfg.n_kv_heads
@@ -188,8 +194,10 @@ class CircuitRunner:
                 tf.Edit("z", layer, replace=record_heads(layer)),
             ]
             if not cfg.attn_only:
-                edits += [tf.Edit("mlp_in", layer, replace=read_one(first + H + 2 * K)),
-                          tf.Edit("mlp_out", layer, replace=record_mlp(layer))]
+                edits += [
+                    tf.Edit("mlp_in", layer, replace=read_one(first + H + 2 * K)),
+                    tf.Edit("mlp_out", layer, replace=record_mlp(layer)),
+                ]
         edits.append(tf.Edit("resid_final", cfg.n_layers, replace=read_one(len(graph.downstream) - 1)))
         final = tf.forward(w, tf.embed(w, self.clean_tokens), 0, edits).resid_final
         return float(metric_terms(w, final, self.task).sum())

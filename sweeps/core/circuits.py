@@ -88,20 +88,22 @@ def _read_file(path: Path) -> list:
     if isinstance(data, dict):
         data = data.get("nodes")
     if not isinstance(data, list):
-        raise CircuitError(f"circuit file {path} must hold a list of nodes or {{\"nodes\": [...]}}")
+        raise CircuitError(f'circuit file {path} must hold a list of nodes or {{"nodes": [...]}}')
     return data
 
 
 def _top_k(text: str, model: str, n_layers: int, n_heads: int, has_mlp: bool) -> tuple[frozenset[Node], str]:
     """``top:K@DIR``: the K highest-|score| head/MLP nodes of an attribution sweep."""
-    body = text[len("top:"):]
+    body = text[len("top:") :]
     k_text, _, directory = body.partition("@")
     if not k_text.isdigit() or int(k_text) <= 0 or not directory:
         raise CircuitError(f"--circuit {text!r}: write top:K@DIR, e.g. top:20@results/attribution/gpt2-small__ioi")
     out = Path(directory)
     if not (out / "nodes").is_dir():
-        raise CircuitError(f"--circuit {text!r}: {out} holds no attribution results (no nodes/ dataset); "
-                           "run sweeps/attribution.py first")
+        raise CircuitError(
+            f"--circuit {text!r}: {out} holds no attribution results (no nodes/ dataset); "
+            "run sweeps/attribution.py first"
+        )
     spec_path = out / "sweep.json"
     if spec_path.is_file():
         their_model = json.loads(spec_path.read_text()).get("model")
@@ -184,8 +186,10 @@ def read_graph_circuit(path: Path, graph) -> tuple[str, list[bool]]:
                 wanted = edge_name(*key)
                 close = difflib.get_close_matches(wanted, [edge_name(*k) for k in index], n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise CircuitError(f"circuit file {path}: the model has no edge {item!r}{hint}; write "
-                                   "upstream->reader.input, e.g. L0H1->L2H3.q, L0H1->L2KV0.k or mlp3->resid_final")
+                raise CircuitError(
+                    f"circuit file {path}: the model has no edge {item!r}{hint}; write "
+                    "upstream->reader.input, e.g. L0H1->L2H3.q, L0H1->L2KV0.k or mlp3->resid_final"
+                )
             member[index[key]] = True
         return "edge", member
     n_layers = sum(1 for d in graph.downstream if d.input == "q" and d.head == 0)

@@ -36,10 +36,10 @@ ABLATIONS = ("resample", "zero", "mean")
 class Points:
     """Where direct effects are read, and in which direction."""
 
-    batch: Int[Tensor, "P"]  # prompt index within the batch
-    pos: Int[Tensor, "P"]
+    batch: Int[Tensor, " P"]  # prompt index within the batch
+    pos: Int[Tensor, " P"]
     u: Float[Tensor, "P D"]  # unembedding direction (centred for LayerNorm models)
-    bias: Float[Tensor, "P"]  # the unembedding bias's share of the logit (difference)
+    bias: Float[Tensor, " P"]  # the unembedding bias's share of the logit (difference)
 
     @property
     def n(self) -> int:
@@ -79,7 +79,7 @@ def head_direct_effects(
     layer: int,
     z: Float[Tensor, "*G B T H E"],
     points: Points,
-    scale: Float[Tensor, "P"],
+    scale: Float[Tensor, " P"],
 ) -> Float[Tensor, "*G P H"]:
     """Direct effect of each head of ``layer`` at each point.
 
@@ -103,7 +103,7 @@ def attention_inv_rms(w: ModelWeights, layer: int, zp: Float[Tensor, "*G P H E"]
 
 
 def attention_bias_effects(
-    w: ModelWeights, layer: int, z: Float[Tensor, "*G B T H E"], points: Points, scale: Float[Tensor, "P"]
+    w: ModelWeights, layer: int, z: Float[Tensor, "*G B T H E"], points: Points, scale: Float[Tensor, " P"]
 ) -> Float[Tensor, "*G P"]:
     """Direct effect of the layer's output bias ``b_O`` (which holds the folded value biases);
     under a post-norm its share divides by the run's own ``rms(y)``."""
@@ -114,19 +114,19 @@ def attention_bias_effects(
 
 
 def vector_direct_effects(
-    r: Float[Tensor, "*G B T D"], points: Points, scale: Float[Tensor, "P"]
+    r: Float[Tensor, "*G B T D"], points: Points, scale: Float[Tensor, " P"]
 ) -> Float[Tensor, "*G P"]:
     """Direct effect of any residual-stream write (an MLP's output, an embedding)."""
     rp = gather(r, points, r.ndim - 3)
     return torch.einsum("...pd,pd->...p", rp, points.u) / scale
 
 
-def final_scale(w: ModelWeights, run: tf.CleanRun, points: Points) -> Float[Tensor, "P"]:
+def final_scale(w: ModelWeights, run: tf.CleanRun, points: Points) -> Float[Tensor, " P"]:
     """The clean run's final norm scale ``s`` at each point (``ln_final.hook_scale``)."""
     return gather(tf.norm_scale(w.cfg, run.resid_final)[..., 0], points, 0)
 
 
-def neuron_directions(w: ModelWeights, points: Points, scale: Float[Tensor, "P"]) -> Float[Tensor, "P M"]:
+def neuron_directions(w: ModelWeights, points: Points, scale: Float[Tensor, " P"]) -> Float[Tensor, "P M"]:
     """``(W_out[n] · u) / s`` of each neuron of the last layer's MLP at each point (``s`` the
     clean scale): a neuron with activation ``a_n`` writes ``a_n W_out[n]``, so its direct
     effect is ``a_n`` times this. Under a post-norm the MLP writes ``w ⊙ m / rms(m)`` and a
@@ -147,7 +147,7 @@ def neuron_direct_effects(
     return out if inv_rms is None else out.mul_(inv_rms[..., None])
 
 
-def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, "P"]) -> Float[Tensor, "P"]:
+def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, " P"]) -> Float[Tensor, " P"]:
     """``(b_out · u) / s`` of the last layer's MLP (``⊙ w`` under a post-norm, whose share
     divides by the run's ``rms(m)``: it moves only there)."""
     layer = w.cfg.n_layers - 1
@@ -159,18 +159,15 @@ def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, "P"
 class Decomposition:
     """Every component's direct effect; they sum to the logit (difference)."""
 
-    embed: Float[Tensor, "P"]  # token (scaled, for Gemma) + position embedding
+    embed: Float[Tensor, " P"]  # token (scaled, for Gemma) + position embedding
     heads: Float[Tensor, "L P H"]
     attn_bias: Float[Tensor, "L P"]  # b_O of each layer (holds the folded value biases)
     mlps: Float[Tensor, "L P"]
-    unembed_bias: Float[Tensor, "P"]
-    scale: Float[Tensor, "P"]  # the clean final-norm scale every effect above is divided by
+    unembed_bias: Float[Tensor, " P"]
+    scale: Float[Tensor, " P"]  # the clean final-norm scale every effect above is divided by
 
-    def total(self) -> Float[Tensor, "P"]:
-        return (
-            self.embed + self.heads.sum((0, 2)) + self.attn_bias.sum(0) + self.mlps.sum(0)
-            + self.unembed_bias
-        )
+    def total(self) -> Float[Tensor, " P"]:
+        return self.embed + self.heads.sum((0, 2)) + self.attn_bias.sum(0) + self.mlps.sum(0) + self.unembed_bias
 
 
 def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, points: Points) -> Decomposition:
@@ -184,7 +181,11 @@ def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, poi
         mlps = vector_direct_effects(run.mlp_out, points, scale)
     return Decomposition(
         embed=vector_direct_effects(tf.embed(w, tokens), points, scale),
-        heads=heads, attn_bias=bias, mlps=mlps, unembed_bias=points.bias, scale=scale,
+        heads=heads,
+        attn_bias=bias,
+        mlps=mlps,
+        unembed_bias=points.bias,
+        scale=scale,
     )
 
 
@@ -193,7 +194,7 @@ def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, poi
 # --------------------------------------------------------------------------- #
 
 
-def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, "B"]]]) -> Float[Tensor, "L H E"]:
+def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, " B"]]]) -> Float[Tensor, "L H E"]:
     """Mean of each head's ``z`` over every real token of the dataset (mean ablation)."""
     total, count = None, 0
     for run, lengths in runs:
@@ -244,7 +245,7 @@ def ablate_heads_of_layer(
     resid_pre: Float[Tensor, "B T D"],
     replacement: Float[Tensor, "G B T E"],
     points: Points,
-    scale: Float[Tensor, "P"],
+    scale: Float[Tensor, " P"],
     read_final: bool = True,
 ) -> LayerAblation:
     """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
@@ -284,8 +285,18 @@ def ablate_heads_of_layer(
     if not read_final:
         return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
     dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
-    return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1),
-                         torch.stack(bias_des, 1), dot, s, normed if w.cfg.final_softcap else None, hidden, inv_rms)
+    return LayerAblation(
+        layer,
+        list(heads),
+        torch.stack(head_des, 1),
+        torch.stack(mlp_des, 1),
+        torch.stack(bias_des, 1),
+        dot,
+        s,
+        normed if w.cfg.final_softcap else None,
+        hidden,
+        inv_rms,
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -24,8 +24,8 @@ from tasks.base import TaskData
 @dataclass
 class TaskReport:
     points: Points
-    metric: Float[Tensor, "P"]  # the real logit difference (or next-token logit) at each point
-    correct: Float[Tensor, "P"]  # 1 where the model gets the point right (ld > 0, or top-1 = next token)
+    metric: Float[Tensor, " P"]  # the real logit difference (or next-token logit) at each point
+    correct: Float[Tensor, " P"]  # 1 where the model gets the point right (ld > 0, or top-1 = next token)
     parts: Decomposition  # every component's direct effect; sums to ``metric``
     lens_labels: list[str]
     lens_final_scale: Float[Tensor, "C P"]  # accumulated stream, divided by the final norm's scale
@@ -37,10 +37,12 @@ def attention_patterns(w: ModelWeights, run: tf.CleanRun, prompt: int, length: i
     """Every head's attention pattern on one prompt's real tokens (``tf.attention_pattern``:
     causal, windowed and soft-capped as the model is)."""
     rope = tf.rotary_tables(w, length)
-    return torch.stack([
-        tf.attention_pattern(w, layer, run.resid_pre[layer][prompt : prompt + 1, :length], rope)[0]
-        for layer in range(w.cfg.n_layers)
-    ])
+    return torch.stack(
+        [
+            tf.attention_pattern(w, layer, run.resid_pre[layer][prompt : prompt + 1, :length], rope)[0]
+            for layer in range(w.cfg.n_layers)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -82,12 +84,18 @@ def task_report(w: ModelWeights, task: TaskData, prompt: int | None = 0) -> Task
     if prompt is not None:
         patterns = attention_patterns(w, run, prompt, int(task.lengths[prompt]))
     return TaskReport(
-        points=points, metric=metric, correct=correct, parts=parts, lens_labels=labels,
-        lens_final_scale=torch.stack(final_scale) + points.bias, lens_own_scale=torch.stack(own_scale), patterns=patterns,
+        points=points,
+        metric=metric,
+        correct=correct,
+        parts=parts,
+        lens_labels=labels,
+        lens_final_scale=torch.stack(final_scale) + points.bias,
+        lens_own_scale=torch.stack(own_scale),
+        patterns=patterns,
     )
 
 
-def _read(w: ModelWeights, resid: Float[Tensor, "B T D"], points: Points) -> Float[Tensor, "P"]:
+def _read(w: ModelWeights, resid: Float[Tensor, "B T D"], points: Points) -> Float[Tensor, " P"]:
     """The logit (difference) if the model stopped here: normalise this stream, unembed."""
     x = tf.normalize(w.cfg, gather(resid, points, 0))
     return (x * points.u).sum(-1) + points.bias

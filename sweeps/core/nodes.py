@@ -77,8 +77,10 @@ def parse_node_pattern(item: str, n_layers: int, n_heads: int, has_mlp: bool = T
     ``L9`` -> a layer's heads and its MLP; a shard name (``L05H0-8``, ``L05H0-3M_S0-11``) -> its nodes."""
     text = item.strip()
     if text.lower() in (EMBED, FINAL) or re.match(r"^L\d+KV\d+$", text, re.IGNORECASE):
-        raise NodeError(f"{what} {item!r} is scored by the attribution sweep but is not a head or an MLP, "
-                        "which are what this command patches")
+        raise NodeError(
+            f"{what} {item!r} is scored by the attribution sweep but is not a head or an MLP, "
+            "which are what this command patches"
+        )
     m = _NODE.match(text)
     if not m:
         raise NodeError(f"{what} {item!r} is not a node; write L9H6, 9.6 or mlp9 (L9 or L9H* for a whole layer)")

@@ -82,9 +82,7 @@ def fit_subspace(acts: Float[Tensor, "N T D"], real: Bool[Tensor, "N T"], k: int
 # --------------------------------------------------------------------------- #
 
 
-def patched_part(
-    a: Float[Tensor, "N T D"], subspace: str, sub: Subspace | None
-) -> Float[Tensor, "N T D"]:
+def patched_part(a: Float[Tensor, "N T D"], subspace: str, sub: Subspace | None) -> Float[Tensor, "N T D"]:
     """The part of ``a`` a patch in ``subspace`` mode replaces."""
     if subspace == "full":
         return a
@@ -101,9 +99,9 @@ def patched_part(
 def patch_delta(
     part_base: Float[Tensor, "N T D"],
     part_source: Float[Tensor, "N T D"],
-    base: Int[Tensor, "G"],
-    source: Int[Tensor, "G"],
-    scale: Float[Tensor, "G"],
+    base: Int[Tensor, " G"],
+    source: Int[Tensor, " G"],
+    scale: Float[Tensor, " G"],
 ) -> Float[Tensor, "G T D"]:
     """``Δ = s · part(a_source) − part(a_base)`` for G (base, source, scale) rows at once."""
     return scale[:, None, None] * part_source[source] - part_base[base]
@@ -113,12 +111,12 @@ def patch_delta(
 class Restarts:
     """The restarts a node's (scale, pair) rows need: one per distinct patch."""
 
-    scale: Int[Tensor, "R"]  # index into the scales
-    pair: Int[Tensor, "R"]  # a pair whose patch this is (the first such)
-    count: Int[Tensor, "R"]  # how many (scale, pair) rows share it
+    scale: Int[Tensor, " R"]  # index into the scales
+    pair: Int[Tensor, " R"]  # a pair whose patch this is (the first such)
+    count: Int[Tensor, " R"]  # how many (scale, pair) rows share it
 
 
-def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, "S"], source_is_base_run: bool) -> Restarts:
+def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, " S"], source_is_base_run: bool) -> Restarts:
     """One restart per distinct ``Δ = s · part(a_source) − part(a_base)`` among the S × P rows.
 
     Two rules, both exact:
@@ -182,7 +180,11 @@ def restart_point(w: ModelWeights, node: Node, run: tf.CleanRun) -> RestartPoint
 
 
 def resume(
-    w: ModelWeights, node: Node, start: RestartPoint, base: Int[Tensor, "G"], delta: Float[Tensor, "G T D"],
+    w: ModelWeights,
+    node: Node,
+    start: RestartPoint,
+    base: Int[Tensor, " G"],
+    delta: Float[Tensor, "G T D"],
     rope: tf.Rope,
 ) -> Float[Tensor, "G T D"]:
     """Patch rows ``base`` of the clean run by ``delta`` at ``node`` and run to the final residual."""
@@ -211,7 +213,7 @@ class Readout:
 def readout(
     w: ModelWeights,
     resid_final: Float[Tensor, "G T D"],
-    positions: Int[Tensor, "Q"],
+    positions: Int[Tensor, " Q"],
     correct: Int[Tensor, "G Q"],
     incorrect: Int[Tensor, "G Q"] | None,
     rows_per_block: int | None = None,
@@ -246,12 +248,12 @@ def readout(
     return Readout(metric.view(G, Q), top1.view(G, Q))
 
 
-def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, "N"]) -> Float[Tensor, "N"]:
+def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, " N"]) -> Float[Tensor, " N"]:
     """``x · W_U[:, t] + b_U[t]`` for one token per row."""
     return torch.einsum("nd,dn->n", x, w.W_U[:, tokens]) + w.b_U[tokens]
 
 
-def _capped(w: ModelWeights, logits: Float[Tensor, "N *V"], x: Float[Tensor, "N D"]) -> Float[Tensor, "N *V"]:
+def _capped(w: ModelWeights, logits: Float[Tensor, " N *V"], x: Float[Tensor, "N D"]) -> Float[Tensor, " N *V"]:
     """The real logits of a soft-capped model from centred ones (``tf.cap_logits``), row by row."""
     offset = x @ w.W_U_mean + w.b_U_mean
     offset = offset.view(-1, *([1] * (logits.ndim - 1)))
@@ -260,7 +262,7 @@ def _capped(w: ModelWeights, logits: Float[Tensor, "N *V"], x: Float[Tensor, "N 
 
 def running_max_and_exp_sum(
     w: ModelWeights, x: Float[Tensor, "N D"], exp_sum: bool, rows: int | None, vocab: int
-) -> tuple[Float[Tensor, "N"], Int[Tensor, "N"], Float[Tensor, "N"] | None]:
+) -> tuple[Float[Tensor, " N"], Int[Tensor, " N"], Float[Tensor, " N"] | None]:
     """Per row: the largest logit, its token (the first, as ``argmax``), and (``exp_sum``)
     ``Σ_v exp(logit_v − largest)``, block by block over rows and vocabulary."""
     N, V = x.shape[0], w.cfg.d_vocab

@@ -65,7 +65,9 @@ class ModelConfig:
     attn_scale: float = 0.0  # multiplies q·k; 0 means 1/sqrt(d_head)
     attn_softcap: float = 0.0  # scores -> c·tanh(scores/c) (Gemma 2); 0: none
     final_softcap: float = 0.0  # logits -> c·tanh(logits/c) (Gemma 2); 0: none
-    windows: tuple[int, ...] = ()  # per layer: sliding window (a query sees this many keys, itself included); 0 = global
+    windows: tuple[
+        int, ...
+    ] = ()  # per layer: sliding window (a query sees this many keys, itself included); 0 = global
     rotary_layer: tuple[int, ...] = ()  # per layer: which rotary table (Gemma 3: local and global bases)
     embed_scale: float = 1.0  # the embedding is multiplied by this (Gemma: sqrt(d_model))
     prepend_bos: bool = True  # the model's own rule: tasks start every prompt with BOS
@@ -119,19 +121,18 @@ class ModelWeights:
     W_out: Optional[Float[Tensor, "L M D"]]
     b_out: Optional[Float[Tensor, "L D"]]
     W_U: Float[Tensor, "D V"]
-    b_U: Float[Tensor, "V"]
+    b_U: Float[Tensor, " V"]
     rotary_inv_freq: Optional[Float[Tensor, "n_tables E_half"]]
     ln_attn_post: Optional[Float[Tensor, "L D"]] = None
     ln_mlp_post: Optional[Float[Tensor, "L D"]] = None
     q_norm: Optional[Float[Tensor, "L Nq"]] = None  # Nq = E ("head") or H·E ("all")
     k_norm: Optional[Float[Tensor, "L Nk"]] = None  # Nk = E ("head") or K·E ("all")
-    W_U_mean: Optional[Float[Tensor, "D"]] = None
+    W_U_mean: Optional[Float[Tensor, " D"]] = None
     b_U_mean: Optional[Float[Tensor, ""]] = None
 
     def to(self, device: torch.device | str) -> "ModelWeights":
         moved = {
-            name: (value.to(device) if isinstance(value, Tensor) else value)
-            for name, value in self.__dict__.items()
+            name: (value.to(device) if isinstance(value, Tensor) else value) for name, value in self.__dict__.items()
         }
         return ModelWeights(**moved)
 
@@ -167,7 +168,7 @@ def sublayer_input(cfg: ModelConfig, resid: Float[Tensor, "... D"]) -> Float[Ten
     return normalize(cfg, resid) if cfg.pre_norm else resid
 
 
-def rms_norm(x: Float[Tensor, "... N"], weight: Float[Tensor, "N"], eps: float) -> Float[Tensor, "... N"]:
+def rms_norm(x: Float[Tensor, "... N"], weight: Float[Tensor, " N"], eps: float) -> Float[Tensor, "... N"]:
     """``x / rms(x) ⊙ weight``: a post-norm or a QK-norm (weights are never folded here)."""
     return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
 
@@ -214,9 +215,7 @@ def rotary_tables(w: ModelWeights, n_pos: int) -> Rope:
     return tables
 
 
-def apply_rotary(
-    cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, layer: int
-) -> Float[Tensor, "B T N E"]:
+def apply_rotary(cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, layer: int) -> Float[Tensor, "B T N E"]:
     """Rotate the first ``rotary_dim`` dimensions of each head with ``layer``'s table."""
     if rope is None:
         return x
@@ -234,6 +233,7 @@ def apply_rotary(
 # --------------------------------------------------------------------------- #
 # Attention: the one place it is computed (the sweeps, attribution and the lens use it)
 # --------------------------------------------------------------------------- #
+
 
 def qkv(
     w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]
@@ -309,13 +309,19 @@ def attend(
     T = q.shape[1]
     mask = attention_mask(cfg, layer, T, T, q.device)
     z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, scale=cfg.scale,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=cfg.scale,
     )
     return z.transpose(1, 2)
 
 
-def attention_pattern(w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B H T T"]:
+def attention_pattern(
+    w: ModelWeights, layer: int, resid: Float[Tensor, "B T D"], rope: Rope
+) -> Float[Tensor, "B H T T"]:
     """softmax of the (masked, capped) scores of every head: TL's ``hook_pattern``."""
     q, k, _ = qkv(w, layer, sublayer_input(w.cfg, resid))
     q, k = positioned_qk(w, layer, q, k, rope)
@@ -486,7 +492,9 @@ def _projections(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], index: 
                 moved = sublayer_input(w.cfg, e.replace(x) if e.replace is not None else x[:, :, None] + e.delta)
                 out[site] = torch.einsum("bthd,hde->bthe", moved, W[layer]) + b[layer]
             else:
-                one = torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]
+                one = (
+                    torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]
+                )
                 t = out[site].clone()
                 t[:, :, e.head] = one
                 out[site] = t

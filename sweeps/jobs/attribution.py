@@ -90,15 +90,24 @@ def attribution_tables(graph: A.Graph, result: A.BatchAttribution, shard: Attrib
         ups.extend(graph.upstream[:p])
         downs.extend([d.name] * p)
         inputs.extend([d.input] * p)
-    edge_sums = pa.table({
-        "upstream": pa.array(ups).dictionary_encode(), "downstream": pa.array(downs).dictionary_encode(),
-        "input": pa.array(inputs).dictionary_encode(), "raw": result.edges.numpy(),
-    })
-    batches = pa.table({
-        "start": [shard.start], "stop": [shard.stop], "prompts": [shard.stop - shard.start],
-        "n_points": [result.n_points], "clean_metric": [result.clean_metric],
-        "corrupt_metric": [result.corrupt_metric],
-    })
+    edge_sums = pa.table(
+        {
+            "upstream": pa.array(ups).dictionary_encode(),
+            "downstream": pa.array(downs).dictionary_encode(),
+            "input": pa.array(inputs).dictionary_encode(),
+            "raw": result.edges.numpy(),
+        }
+    )
+    batches = pa.table(
+        {
+            "start": [shard.start],
+            "stop": [shard.stop],
+            "prompts": [shard.stop - shard.start],
+            "n_points": [result.n_points],
+            "clean_metric": [result.clean_metric],
+            "corrupt_metric": [result.corrupt_metric],
+        }
+    )
     return {"node_sums": node_sums, "edge_sums": edge_sums, "batches": batches}
 
 
@@ -106,8 +115,11 @@ def add(a: A.BatchAttribution | None, b: A.BatchAttribution) -> A.BatchAttributi
     if a is None:
         return b
     return A.BatchAttribution(
-        a.nodes + b.nodes, a.edges + b.edges, a.clean_metric + b.clean_metric,
-        a.corrupt_metric + b.corrupt_metric, a.n_points + b.n_points,
+        a.nodes + b.nodes,
+        a.edges + b.edges,
+        a.clean_metric + b.clean_metric,
+        a.corrupt_metric + b.corrupt_metric,
+        a.n_points + b.n_points,
     )
 
 
@@ -149,13 +161,18 @@ class AttributionJob(Job):
         total = None
 
         def advice() -> str:
-            return (f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
-                    "use shorter prompts or a machine with more memory")
+            return (
+                f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
+                "use shorter prompts or a machine with more memory"
+            )
 
-        for _, _, part in map_chunks(batch.n_prompts, per_pass,
-                                     lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch,
-                                                              self.method, self.steps), advice,
-                                     memory_gauge(w.device)):
+        for _, _, part in map_chunks(
+            batch.n_prompts,
+            per_pass,
+            lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch, self.method, self.steps),
+            advice,
+            memory_gauge(w.device),
+        ):
             total = add(total, part)
         return attribution_tables(graph, total, shard)
 
@@ -169,15 +186,18 @@ class AttributionJob(Job):
                 clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
                 corrupt = float(bridge_path.metric_sum(self.bridge(batch.corrupt), batch))
             patched = bridge_path.patch_metric(self.bridge, graph, batch, targets)
-            return A.exact_attribution(graph, patched, clean, corrupt,
-                                       int(bridge_path.effect_points(self.bridge, batch).n), self.exact_edges)
+            return A.exact_attribution(
+                graph, patched, clean, corrupt, int(bridge_path.effect_points(self.bridge, batch).n), self.exact_edges
+            )
         w = self.weights
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         total = None
         for _, _, part in map_chunks(
-            batch.n_prompts, per_pass,
+            batch.n_prompts,
+            per_pass,
             lambda a, b: A.exact_scores(w, graph, batch.select(slice(a, b)), self.exact_edges),
-            lambda: "out of memory patching one prompt; use shorter prompts", memory_gauge(w.device),
+            lambda: "out of memory patching one prompt; use shorter prompts",
+            memory_gauge(w.device),
         ):
             total = add(total, part)
         return total
@@ -193,9 +213,11 @@ class AttributionJob(Job):
             return _verify_table(shard, patched, clean)
         per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         for a, b, (metric, sums) in map_chunks(
-            batch.n_prompts, per_pass,
+            batch.n_prompts,
+            per_pass,
             lambda a, b: _verify_chunk(w, graph, batch.select(slice(a, b)), list(shard.targets)),
-            lambda: "out of memory patching one prompt; use shorter prompts", memory_gauge(w.device),
+            lambda: "out of memory patching one prompt; use shorter prompts",
+            memory_gauge(w.device),
         ):
             clean += metric
             patched += sums
@@ -203,14 +225,16 @@ class AttributionJob(Job):
 
 
 def _verify_table(shard: VerifyShard, patched: torch.Tensor, clean: float) -> pa.Table:
-    return pa.table({
-        "target": [t.label for t in shard.targets],
-        "upstream": [t.upstream for t in shard.targets],
-        "downstream": [t.downstream for t in shard.targets],
-        "input": [t.input for t in shard.targets],
-        "patched_metric": patched.numpy(),
-        "clean_metric": [clean] * len(shard.targets),
-    })
+    return pa.table(
+        {
+            "target": [t.label for t in shard.targets],
+            "upstream": [t.upstream for t in shard.targets],
+            "downstream": [t.downstream for t in shard.targets],
+            "input": [t.input for t in shard.targets],
+            "patched_metric": patched.numpy(),
+            "clean_metric": [clean] * len(shard.targets),
+        }
+    )
 
 
 @torch.no_grad()

@@ -29,16 +29,37 @@ from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
 # ``last_mlp`` is the part of ``mlps`` from the last layer's MLP (split per neuron in neurons/).
-SELF_REPAIR_TERMS = ("total_effect", "own_change", "self_repair", "heads", "mlps", "last_mlp", "final_norm",
-                     "total_effect_capped")
+SELF_REPAIR_TERMS = (
+    "total_effect",
+    "own_change",
+    "self_repair",
+    "heads",
+    "mlps",
+    "last_mlp",
+    "final_norm",
+    "total_effect_capped",
+)
 
 # neurons/: per (ablated head, selection), the last MLP's top neurons by |mean change of direct effect|.
-NEURON_SCHEMA = pa.schema([
-    ("layer", pa.int32()), ("head", pa.int32()), ("selection", pa.string()), ("top_fraction", pa.float64()),
-    ("n_points", pa.int64()), ("mlp_layer", pa.int32()), ("rank", pa.int32()), ("neuron", pa.int32()),
-    ("delta_de", pa.float64()), ("clean_de", pa.float64()), ("share", pa.float64()), ("cum_share", pa.float64()),
-    ("top_share", pa.float64()), ("mlp_term", pa.float64()), ("mlp_bias", pa.float64()),
-])
+NEURON_SCHEMA = pa.schema(
+    [
+        ("layer", pa.int32()),
+        ("head", pa.int32()),
+        ("selection", pa.string()),
+        ("top_fraction", pa.float64()),
+        ("n_points", pa.int64()),
+        ("mlp_layer", pa.int32()),
+        ("rank", pa.int32()),
+        ("neuron", pa.int32()),
+        ("delta_de", pa.float64()),
+        ("clean_de", pa.float64()),
+        ("share", pa.float64()),
+        ("cum_share", pa.float64()),
+        ("top_share", pa.float64()),
+        ("mlp_term", pa.float64()),
+        ("mlp_bias", pa.float64()),
+    ]
+)
 
 
 @dataclass
@@ -104,9 +125,9 @@ def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.
 @dataclass
 class BackupJob(Job):
     """The backup sweep on one worker. With fast-path ``weights`` each group of ablations
-    restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
-    each ablation is a full forward. Both are set by ``bind`` on the worker: the executors send
-the job unbound."""
+        restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
+        each ablation is a full forward. Both are set by ``bind`` on the worker: the executors send
+    the job unbound."""
 
     task: TaskData
     ablation: str = "resample"
@@ -144,18 +165,30 @@ the job unbound."""
         if self.ablation == "resample":
             _, corrupt = bridge_path.run(self.bridge, sub.corrupt)
             replacement = torch.stack([corrupt[f"blocks.{l}.attn.hook_z"] for l in range(L)])
-        state = BatchState(start=start, points=points, scale=decomposition.scale, resid_pre=None, tokens=sub.clean,
-                           replacement_z=replacement, de_heads=decomposition.heads, de_mlps=decomposition.mlps,
-                           clean_dot=bridge_path.final_dot(self.bridge, cache, points))
+        state = BatchState(
+            start=start,
+            points=points,
+            scale=decomposition.scale,
+            resid_pre=None,
+            tokens=sub.clean,
+            replacement_z=replacement,
+            de_heads=decomposition.heads,
+            de_mlps=decomposition.mlps,
+            clean_dot=bridge_path.final_dot(self.bridge, cache, points),
+        )
         W_out = bridge_path.last_mlp_out(self.bridge, cache) if self.self_repair else None
         if W_out is not None:
             state.neuron_dirs = torch.einsum("md,pd->pm", W_out, points.u) / decomposition.scale[:, None]
             state.de_neurons = effects.neuron_direct_effects(
-                state.neuron_dirs, bridge_path.last_hidden(self.bridge, cache, points), None)
+                state.neuron_dirs, bridge_path.last_hidden(self.bridge, cache, points), None
+            )
         elif self.self_repair and not self._warned:
             self._warned = True
-            print("note: no neurons of the last MLP rebuild its output through the bridge's hooks (a mixture of "
-                  "experts, or no MLP): neurons/ stays empty", file=sys.stderr)
+            print(
+                "note: no neurons of the last MLP rebuild its output through the bridge's hooks (a mixture of "
+                "experts, or no MLP): neurons/ stays empty",
+                file=sys.stderr,
+            )
         return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
@@ -180,9 +213,16 @@ the job unbound."""
             replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
             dot, _, normed = effects.final_read(w, run.resid_final, points)
             state = BatchState(
-                start=start, points=points, scale=decomposition.scale, resid_pre=run.resid_pre, tokens=tokens,
-                replacement_z=replacement, de_heads=decomposition.heads,
-                de_mlps=decomposition.mlps, de_bias=decomposition.attn_bias, clean_dot=dot,
+                start=start,
+                points=points,
+                scale=decomposition.scale,
+                resid_pre=run.resid_pre,
+                tokens=tokens,
+                replacement_z=replacement,
+                de_heads=decomposition.heads,
+                de_mlps=decomposition.mlps,
+                de_bias=decomposition.attn_bias,
+                clean_dot=dot,
                 clean_normed=normed if w.cfg.final_softcap else None,
             )
             if run.last_hidden is not None:  # the last MLP split per neuron (self-repair decomposition)
@@ -191,7 +231,8 @@ the job unbound."""
                     state.last_inv_rms = tf.post_norm_inv_rms(w.cfg, effects.gather(run.mlp_raw[-1], points, 0))[..., 0]
                     state.last_bias_dir = effects.mlp_bias_direction(w, points, decomposition.scale)
                 state.de_neurons = effects.neuron_direct_effects(
-                    state.neuron_dirs, effects.gather(run.last_hidden, points, 0), state.last_inv_rms)
+                    state.neuron_dirs, effects.gather(run.last_hidden, points, 0), state.last_inv_rms
+                )
             states.append(state)
             if self.ablation == "mean":
                 clean_runs.append((run, sub.lengths.to(device)))
@@ -203,8 +244,16 @@ the job unbound."""
         self._batches = states
         return states
 
-    def _self_repair(self, state: BatchState, layer: int, chunk: list[int], result: effects.LayerAblation,
-                     delta_heads: torch.Tensor, delta_mlps: torch.Tensor, backup: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _self_repair(
+        self,
+        state: BatchState,
+        layer: int,
+        chunk: list[int],
+        result: effects.LayerAblation,
+        delta_heads: torch.Tensor,
+        delta_mlps: torch.Tensor,
+        backup: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Each ablated head's total effect split exactly into its own change and the repair by
         the other heads, the MLPs and the final norm, at every point ([G, P] each).
 
@@ -222,10 +271,20 @@ the job unbound."""
         mlps = delta_mlps.sum(1)
         total = result.final_dot / s_ablated - state.clean_dot / s
         final_norm = (s / s_ablated - 1) * result.final_dot / s
-        out = {"total_effect": total, "own_change": own, "self_repair": total - own, "heads": heads,
-               "mlps": mlps, "last_mlp": delta_mlps[:, -1], "final_norm": final_norm}
-        out["total_effect_capped"] = self._capped_change(state, result) if result.final_normed is not None \
+        out = {
+            "total_effect": total,
+            "own_change": own,
+            "self_repair": total - own,
+            "heads": heads,
+            "mlps": mlps,
+            "last_mlp": delta_mlps[:, -1],
+            "final_norm": final_norm,
+        }
+        out["total_effect_capped"] = (
+            self._capped_change(state, result)
+            if result.final_normed is not None
             else torch.full_like(total, float("nan"))
+        )
         return out
 
     def _neuron_changes(self, state: BatchState, result: effects.LayerAblation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +329,8 @@ the job unbound."""
         """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
         L, H, _ = self.shape
         per_head: dict[int, dict[str, list]] = {
-            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer", *SELF_REPAIR_TERMS)} for h in heads}
+            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer", *SELF_REPAIR_TERMS)} for h in heads
+        }
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
         n_points = 0
@@ -285,21 +345,45 @@ the job unbound."""
                 chunk = heads[start:stop]
                 if self.bridge is not None:  # one full forward per head
                     replacement = self._replacement(state, layer, chunk)
-                    outs = [bridge_path.ablate_head(self.bridge, state.tokens, layer, h, replacement[g],
-                                                    state.points, state.scale, state.neuron_dirs is not None)
-                            for g, h in enumerate(chunk)]
+                    outs = [
+                        bridge_path.ablate_head(
+                            self.bridge,
+                            state.tokens,
+                            layer,
+                            h,
+                            replacement[g],
+                            state.points,
+                            state.scale,
+                            state.neuron_dirs is not None,
+                        )
+                        for g, h in enumerate(chunk)
+                    ]
                     return effects.LayerAblation(
-                        layer, list(chunk), torch.cat([o.heads for o in outs]), torch.cat([o.mlps for o in outs]),
-                        None, torch.cat([o.final_dot for o in outs]), torch.cat([o.final_scale for o in outs]),
-                        last_hidden=torch.cat([o.last_hidden for o in outs]) if state.neuron_dirs is not None else None)
+                        layer,
+                        list(chunk),
+                        torch.cat([o.heads for o in outs]),
+                        torch.cat([o.mlps for o in outs]),
+                        None,
+                        torch.cat([o.final_dot for o in outs]),
+                        torch.cat([o.final_scale for o in outs]),
+                        last_hidden=torch.cat([o.last_hidden for o in outs]) if state.neuron_dirs is not None else None,
+                    )
                 return effects.ablate_heads_of_layer(
-                    self.weights, layer, chunk, state.resid_pre[layer],
-                    self._replacement(state, layer, chunk), state.points, state.scale, self.self_repair,
+                    self.weights,
+                    layer,
+                    chunk,
+                    state.resid_pre[layer],
+                    self._replacement(state, layer, chunk),
+                    state.points,
+                    state.scale,
+                    self.self_repair,
                 )
 
             def advice(B=B, T=T) -> str:
-                return (f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
-                        f"tokens; use a smaller --batch-size (now {self.batch_size})")
+                return (
+                    f"out of memory restarting from layer {layer} with one head x {B} prompts x {T} "
+                    f"tokens; use a smaller --batch-size (now {self.batch_size})"
+                )
 
             device = state.tokens.device
             per_pass = tokens_per_pass(device) // (B * T)
@@ -333,9 +417,12 @@ the job unbound."""
             n_points += state.points.n
         results = [
             HeadResult(
-                layer=layer, head=h,
-                prompt=np.concatenate(per_head[h]["prompt"]), pos=np.concatenate(per_head[h]["pos"]),
-                de_clean=np.concatenate(per_head[h]["de"]), backup=np.concatenate(per_head[h]["backup"]),
+                layer=layer,
+                head=h,
+                prompt=np.concatenate(per_head[h]["prompt"]),
+                pos=np.concatenate(per_head[h]["pos"]),
+                de_clean=np.concatenate(per_head[h]["de"]),
+                backup=np.concatenate(per_head[h]["backup"]),
                 same_layer=np.concatenate(per_head[h]["same_layer"]),
                 repair={term: np.concatenate(per_head[h][term]) for term in SELF_REPAIR_TERMS},
                 mean_delta_heads=(sum_heads[h] / n_points).numpy(),
@@ -367,8 +454,10 @@ class _NeuronSums:
                 if selection == "top":
                     mask = np.zeros(de.size, bool)
                     mask[keep] = True
-                    self.masks[h] = [torch.from_numpy(mask[a:b]).to(s.tokens.device)
-                                     for s, a, b in zip(batches, offsets[:-1], offsets[1:])]
+                    self.masks[h] = [
+                        torch.from_numpy(mask[a:b]).to(s.tokens.device)
+                        for s, a, b in zip(batches, offsets[:-1], offsets[1:])
+                    ]
         self._clean_all: tuple[int, torch.Tensor] | None = None
 
     def add(self, index: int, state: BatchState, chunk: list[int], delta: torch.Tensor, bias: torch.Tensor) -> None:
@@ -396,9 +485,13 @@ class _NeuronSums:
             sums = self.sums[r.head][selection]
             n = sums["n"]
             out[selection] = NeuronSplit(
-                top_fraction=sums["fraction"], n_points=n, delta=(sums["delta"] / n).numpy(),
-                clean=(sums["clean"] / n).numpy(), bias=sums["bias"] / n,
-                mlp_term=float(np.mean(r.repair["last_mlp"][keep])))
+                top_fraction=sums["fraction"],
+                n_points=n,
+                delta=(sums["delta"] / n).numpy(),
+                clean=(sums["clean"] / n).numpy(),
+                bias=sums["bias"] / n,
+                mlp_term=float(np.mean(r.repair["last_mlp"][keep])),
+            )
         return out
 
 
@@ -411,11 +504,21 @@ def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
         de = r.de_clean[keep]
         terms = {"same_layer": r.same_layer[keep], **{t: r.repair[t][keep] for t in SELF_REPAIR_TERMS}}
         with np.errstate(divide="ignore", invalid="ignore"):
-            shares = {f"frac_{t}": float(np.nanmean(np.clip(terms[t] / de, 0, 1)))
-                      for t in ("heads", "mlps", "final_norm")}
-        rows.append(dict(layer=r.layer, head=r.head, selection=selection, top_fraction=fraction,
-                         n_points=int(keep.size), mean_de=float(de.mean()),
-                         **{t: float(np.mean(v)) for t, v in terms.items()}, **shares))
+            shares = {
+                f"frac_{t}": float(np.nanmean(np.clip(terms[t] / de, 0, 1))) for t in ("heads", "mlps", "final_norm")
+            }
+        rows.append(
+            dict(
+                layer=r.layer,
+                head=r.head,
+                selection=selection,
+                top_fraction=fraction,
+                n_points=int(keep.size),
+                mean_de=float(de.mean()),
+                **{t: float(np.mean(v)) for t, v in terms.items()},
+                **shares,
+            )
+        )
     return rows
 
 
@@ -431,17 +534,35 @@ def neuron_rows(r: HeadResult, top_neurons: int, n_layers: int) -> list[dict]:
             shares = split.delta[order] / split.mlp_term if split.mlp_term != 0 else np.full(order.size, np.nan)
         cumulative = np.cumsum(shares)
         for rank, (neuron, share, cum) in enumerate(zip(order, shares, cumulative), start=1):
-            rows.append(dict(layer=r.layer, head=r.head, selection=selection, top_fraction=split.top_fraction,
-                             n_points=split.n_points, mlp_layer=n_layers - 1, rank=rank, neuron=int(neuron),
-                             delta_de=float(split.delta[neuron]), clean_de=float(split.clean[neuron]),
-                             share=float(share), cum_share=float(cum), top_share=float(cumulative[-1]),
-                             mlp_term=split.mlp_term, mlp_bias=split.bias))
+            rows.append(
+                dict(
+                    layer=r.layer,
+                    head=r.head,
+                    selection=selection,
+                    top_fraction=split.top_fraction,
+                    n_points=split.n_points,
+                    mlp_layer=n_layers - 1,
+                    rank=rank,
+                    neuron=int(neuron),
+                    delta_de=float(split.delta[neuron]),
+                    clean_de=float(split.clean[neuron]),
+                    share=float(share),
+                    cum_share=float(cum),
+                    top_share=float(cumulative[-1]),
+                    mlp_term=split.mlp_term,
+                    mlp_bias=split.bias,
+                )
+            )
     return rows
 
 
 def shard_tables(
-    results: list[HeadResult], fit_threshold: float = 0.0, n_boot: int = 200, seed: int = 0,
-    top_fraction: float = 0.02, top_neurons: int = 20,
+    results: list[HeadResult],
+    fit_threshold: float = 0.0,
+    n_boot: int = 200,
+    seed: int = 0,
+    top_fraction: float = 0.02,
+    top_neurons: int = 20,
 ) -> dict[str, pa.Table]:
     """The shard's rows of the five datasets (provenance is added by the store)."""
     slopes, responses, points, repair, neurons = [], [], [], [], []
@@ -453,11 +574,18 @@ def shard_tables(
         lo, hi = effects.bootstrap_slope_ci(r.de_clean[keep], r.backup[keep], r.prompt[keep], n_boot, seed)
         slopes.append(
             dict(
-                layer=r.layer, head=r.head, slope=fit.slope, intercept=fit.intercept, r2=fit.r2,
-                n_points=fit.n_points, mean_de=float(r.de_clean.mean()),
-                mean_abs_de=float(np.abs(r.de_clean).mean()), mean_backup=float(r.backup.mean()),
+                layer=r.layer,
+                head=r.head,
+                slope=fit.slope,
+                intercept=fit.intercept,
+                r2=fit.r2,
+                n_points=fit.n_points,
+                mean_de=float(r.de_clean.mean()),
+                mean_abs_de=float(np.abs(r.de_clean).mean()),
+                mean_backup=float(r.backup.mean()),
                 mean_same_layer=float(r.same_layer.mean()),
-                slope_ci_low=lo, slope_ci_high=hi,
+                slope_ci_low=lo,
+                slope_ci_high=hi,
             )
         )
         L, H = r.mean_delta_heads.shape

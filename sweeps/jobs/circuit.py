@@ -19,8 +19,8 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import bridge_path
-from sweeps.jobs.base import Job
 from sweeps.core import circuit_eval as CE
+from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
 
@@ -124,19 +124,38 @@ class CircuitJob(Job):
             runner = self._runners.get((a, b))
             if runner is None:
                 batch = task.select(slice(a, b))
-                runner = (CE.CircuitRunner(self.weights, graph, batch) if self.bridge is None
-                          else bridge_path.CircuitRunner(self.bridge, graph, batch))
+                runner = (
+                    CE.CircuitRunner(self.weights, graph, batch)
+                    if self.bridge is None
+                    else bridge_path.CircuitRunner(self.bridge, graph, batch)
+                )
                 if len(self._runners) < 64:
                     self._runners[(a, b)] = runner
             return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, runner.n_points])
 
-        for _, _, part in map_chunks(task.n_prompts, per_pass, evaluate,
-                                     lambda: "out of memory evaluating a circuit on one prompt; use shorter prompts",
-                                     memory_gauge(device)):
+        for _, _, part in map_chunks(
+            task.n_prompts,
+            per_pass,
+            evaluate,
+            lambda: "out of memory evaluating a circuit on one prompt; use shorter prompts",
+            memory_gauge(device),
+        ):
             totals += part
-        return {"circuit_sums": pa.table({
-            "curve": [shard.curve], "circuit": [curve.label], "source": [curve.source], "level": [curve.level],
-            "size": [shard.size], "k": [shard.k], "n_nodes": [n_nodes], "n_edges": [n_edges],
-            "metric_sum": [totals[0]], "clean_sum": [totals[1]], "corrupt_sum": [totals[2]],
-            "n_points": [int(totals[3])],
-        })}
+        return {
+            "circuit_sums": pa.table(
+                {
+                    "curve": [shard.curve],
+                    "circuit": [curve.label],
+                    "source": [curve.source],
+                    "level": [curve.level],
+                    "size": [shard.size],
+                    "k": [shard.k],
+                    "n_nodes": [n_nodes],
+                    "n_edges": [n_edges],
+                    "metric_sum": [totals[0]],
+                    "clean_sum": [totals[1]],
+                    "corrupt_sum": [totals[2]],
+                    "n_points": [int(totals[3])],
+                }
+            )
+        }

@@ -64,8 +64,12 @@ def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int
         try:
             nodes = parse_node_pattern(item, n_layers, n_heads, True, "--heads item")
         except NodeError as err:
-            raise PlanError(str(err).replace("is not a node; write L9H6, 9.6 or mlp9 (L9 or L9H* for a whole layer)",
-                                             "is not a head; write L5H1, 5.1, L5H* or L5")) from None
+            raise PlanError(
+                str(err).replace(
+                    "is not a node; write L9H6, 9.6 or mlp9 (L9 or L9H* for a whole layer)",
+                    "is not a head; write L5H1, 5.1, L5H* or L5",
+                )
+            ) from None
         heads = [(n.layer, n.head) for n in nodes if n.head is not None]
         if not heads:
             raise PlanError(f"--heads item {item!r} is an MLP; the backup sweep ablates heads (write L5H1 or L5)")
@@ -151,8 +155,13 @@ def plan_scale(
     Per layer and block of scales, nodes with the same unfinished scales share
     a shard (normally all of the layer's nodes, one shard a layer and block).
     """
-    done = {(node, s) for sid in done_shard_ids for shard in [scale_shard_from_id(sid)]
-            for node in shard.nodes for s in shard.scales}
+    done = {
+        (node, s)
+        for sid in done_shard_ids
+        for shard in [scale_shard_from_id(sid)]
+        for node in shard.nodes
+        for s in shard.scales
+    }
     step = scales_per_shard or n_scales
     blocks = [tuple(range(i, min(i + step, n_scales))) for i in range(0, n_scales, step)]
     by_layer: dict[int, list[Node]] = {}

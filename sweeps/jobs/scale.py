@@ -92,11 +92,11 @@ def _run_batched(w: ModelWeights, tokens: Int[Tensor, "N T"], batch_size: int) -
 class LengthGroup:
     """The prompts of one token length and what their patches need."""
 
-    prompts: Int[Tensor, "n"]  # global prompt indices
+    prompts: Int[Tensor, " n"]  # global prompt indices
     tokens: Int[Tensor, "n T"]  # their clean tokens (the bridge path's forwards start here)
     clean: tf.CleanRun
     source: tf.CleanRun  # where patches come from: `clean` itself, or the corrupt prompts' run
-    positions: Int[Tensor, "Q"]  # answer position(s), shared by the whole group
+    positions: Int[Tensor, " Q"]  # answer position(s), shared by the whole group
     correct: Int[Tensor, "n Q"]
     incorrect: Int[Tensor, "n Q"] | None
     clean_out: scaling.Readout  # [n, Q]
@@ -184,9 +184,14 @@ class ScaleJob(Job):
             drops.append((clean_out.metric - corrupt_out.metric).double().flatten().cpu())
             groups.append(
                 LengthGroup(
-                    prompts=prompts, tokens=clean_tokens, clean=clean,
+                    prompts=prompts,
+                    tokens=clean_tokens,
+                    clean=clean,
                     source=corrupt if self.source == "corrupt" else clean,
-                    positions=positions, correct=correct, incorrect=incorrect, clean_out=clean_out,
+                    positions=positions,
+                    correct=correct,
+                    incorrect=incorrect,
+                    clean_out=clean_out,
                     pairs=group_pairs.to(device),
                 )
             )
@@ -231,15 +236,24 @@ class ScaleJob(Job):
                 continue
             part_base = scaling.patched_part(scaling.node_activation(w, node, g.clean), self.subspace, sub)
             part_source = (
-                part_base if g.source is g.clean
+                part_base
+                if g.source is g.clean
                 else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
             )
             start_at = scaling.restart_point(w, node, g.clean) if self.bridge is None else None
             rope = tf.rotary_tables(w, T) if self.bridge is None else None
             todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
-            def patch(start: int, stop: int, g=g, part_source=part_source, part_base=part_base, start_at=start_at,
-                      rope=rope, todo=todo) -> tuple[Tensor, Tensor, Tensor]:
+            def patch(
+                start: int,
+                stop: int,
+                g=g,
+                part_source=part_source,
+                part_base=part_base,
+                start_at=start_at,
+                rope=rope,
+                todo=todo,
+            ) -> tuple[Tensor, Tensor, Tensor]:
                 s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
@@ -255,8 +269,10 @@ class ScaleJob(Job):
                 return s, flips, drop
 
             def advice(T=T) -> str:
-                return (f"out of memory patching {node.name} with one (scale, pair) row of {T} tokens; "
-                        f"use a smaller model or shorter prompts")
+                return (
+                    f"out of memory patching {node.name} with one (scale, pair) row of {T} tokens; "
+                    f"use a smaller model or shorter prompts"
+                )
 
             per_pass = tokens_per_pass(w.device) // T
             restarts = todo.count.shape[0]
@@ -280,18 +296,36 @@ def effects_table(
             drop = st.metric_drop[i] / points
             rows.append(
                 dict(
-                    node=st.node.name, layer=st.node.layer, head=st.node.head, kind=st.node.kind,
-                    scale=float(scale), subspace=subspace, self_patch=self_patch,
+                    node=st.node.name,
+                    layer=st.node.layer,
+                    head=st.node.head,
+                    kind=st.node.kind,
+                    scale=float(scale),
+                    subspace=subspace,
+                    self_patch=self_patch,
                     status="unlabelled" if circuit is None else circuit.status(st.node),
                     causal_effect=float(st.changed[i] / points) if st.n_points else float("nan"),
                     metric_change=float(drop / normaliser) if abs(normaliser) > 1e-9 else float("nan"),
-                    metric_drop=float(drop), n_pairs=st.n_pairs, n_points=st.n_points,
+                    metric_drop=float(drop),
+                    n_pairs=st.n_pairs,
+                    n_points=st.n_points,
                 )
             )
-    schema = pa.schema([
-        ("node", pa.string()), ("layer", pa.int32()), ("head", pa.int32()), ("kind", pa.string()),
-        ("scale", pa.float64()), ("subspace", pa.string()), ("self_patch", pa.bool_()), ("status", pa.string()),
-        ("causal_effect", pa.float64()), ("metric_change", pa.float64()), ("metric_drop", pa.float64()),
-        ("n_pairs", pa.int64()), ("n_points", pa.int64()),
-    ])
+    schema = pa.schema(
+        [
+            ("node", pa.string()),
+            ("layer", pa.int32()),
+            ("head", pa.int32()),
+            ("kind", pa.string()),
+            ("scale", pa.float64()),
+            ("subspace", pa.string()),
+            ("self_patch", pa.bool_()),
+            ("status", pa.string()),
+            ("causal_effect", pa.float64()),
+            ("metric_change", pa.float64()),
+            ("metric_drop", pa.float64()),
+            ("n_pairs", pa.int64()),
+            ("n_points", pa.int64()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)

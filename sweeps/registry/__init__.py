@@ -33,8 +33,18 @@ from sweeps.registry.circuit import CircuitSweep  # noqa: E402
 from sweeps.registry.report import ReportSweep  # noqa: E402
 from sweeps.registry.scale import ScaleSweep  # noqa: E402
 
-__all__ = ["SWEEPS", "Sweep", "UserError", "sweep_named", "base", "AttributionSweep", "BackupSweep",
-           "CircuitSweep", "ReportSweep", "ScaleSweep"]
+__all__ = [
+    "SWEEPS",
+    "Sweep",
+    "UserError",
+    "sweep_named",
+    "base",
+    "AttributionSweep",
+    "BackupSweep",
+    "CircuitSweep",
+    "ReportSweep",
+    "ScaleSweep",
+]
 
 
 def sweep_named(name: str) -> type[Sweep]:

@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m analysis") -> int
 
         try:
             sweep_named(argv[0])
-            message = (f"the {argv[0]} command writes its outputs itself; nothing to analyze "
-                       f"(sweeps with results: {', '.join(analyzable)})")
+            message = (
+                f"the {argv[0]} command writes its outputs itself; nothing to analyze "
+                f"(sweeps with results: {', '.join(analyzable)})"
+            )
         except UserError as err:
             message = str(err)
         print(f"error: {message}", file=sys.stderr)

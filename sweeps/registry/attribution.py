@@ -14,40 +14,40 @@ DEFAULT_VERIFY_TOP = 10
 class AttributionSweep(Sweep):
     """Attribution sweep: attribution-patching scores of every node and every edge.
 
-One clean forward + backward and one corrupt forward per batch of prompts
-score, to first order, what patching each component's corrupt value into the
-clean run would do to the metric: every node (the embeddings, each head's
-output, each MLP's output) and every edge from a node to a later reader (the
-q, k and v input of each head, each MLP's input, the final residual stream).
-In grouped-query models a key/value head shared by several query heads is one
-reader: its k and v edges are counted once (named L8KV1, not split or padded).
-Metric: the normalised logit difference (ld - ld_corrupt)/(ld_clean -
-ld_corrupt) for logit-difference tasks, the mean next-token log-probability
-for text. A score > 0 means the node or edge carries the clean behaviour.
---method eap-ig-inputs / eap-ig-activations average the gradient over
---ig-steps interpolated runs (integrated gradients: better circuits where
-first order fails); --method exact patches every node (and small models'
-every edge) for real.
+    One clean forward + backward and one corrupt forward per batch of prompts
+    score, to first order, what patching each component's corrupt value into the
+    clean run would do to the metric: every node (the embeddings, each head's
+    output, each MLP's output) and every edge from a node to a later reader (the
+    q, k and v input of each head, each MLP's input, the final residual stream).
+    In grouped-query models a key/value head shared by several query heads is one
+    reader: its k and v edges are counted once (named L8KV1, not split or padded).
+    Metric: the normalised logit difference (ld - ld_corrupt)/(ld_clean -
+    ld_corrupt) for logit-difference tasks, the mean next-token log-probability
+    for text. A score > 0 means the node or edge carries the clean behaviour.
+    --method eap-ig-inputs / eap-ig-activations average the gradient over
+    --ig-steps interpolated runs (integrated gradients: better circuits where
+    first order fails); --method exact patches every node (and small models'
+    every edge) for real.
 
-Shards are batches of prompts (--batch-size); each returns raw sums, and the
-driver adds them up exactly. --verify-top K then patches the K top-ranked
-nodes and the K top-ranked edges for real (node patching; path patching of
-the one input an edge feeds) and reports how well attribution predicted it.
+    Shards are batches of prompts (--batch-size); each returns raw sums, and the
+    driver adds them up exactly. --verify-top K then patches the K top-ranked
+    nodes and the K top-ranked edges for real (node patching; path patching of
+    the one input an edge feeds) and reports how well attribution predicted it.
 
-Writes the Parquet datasets nodes/ and edges/ (node, score, abs_rank; upstream,
-downstream, input, score, abs_rank), verify/ and the per-shard sums under
---out; then plots and a W&B run. Re-running the same command resumes. The top
-nodes serve the scale sweep as a circuit (--circuit top:K@OUT), and
-sweeps/circuit.py measures how faithful the top edges or nodes are.
+    Writes the Parquet datasets nodes/ and edges/ (node, score, abs_rank; upstream,
+    downstream, input, score, abs_rank), verify/ and the per-shard sums under
+    --out; then plots and a W&B run. Re-running the same command resumes. The top
+    nodes serve the scale sweep as a circuit (--circuit top:K@OUT), and
+    sweeps/circuit.py measures how faithful the top edges or nodes are.
 
-Examples:
-  python sweeps/attribution.py --model tiny-gpt2 --executor local
-  python sweeps/attribution.py --task sentiment --verify-top 20
-  python sweeps/attribution.py --method eap-ig-inputs --ig-steps 5
-  python sweeps/attribution.py --model gpt2-small --n-prompts 128 --batch-size 16
-  python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
-  ray submit cluster.yaml sweeps/attribution.py -- --model gpt2-small
-"""
+    Examples:
+      python sweeps/attribution.py --model tiny-gpt2 --executor local
+      python sweeps/attribution.py --task sentiment --verify-top 20
+      python sweeps/attribution.py --method eap-ig-inputs --ig-steps 5
+      python sweeps/attribution.py --model gpt2-small --n-prompts 128 --batch-size 16
+      python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
+      ray submit cluster.yaml sweeps/attribution.py -- --model gpt2-small
+    """
 
     name = "attribution"
     script = "sweeps/attribution.py"
@@ -61,50 +61,85 @@ Examples:
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
         super().add_options(parser)
         g = parser.add_argument_group("attribution sweep")
-        g.add_argument("--verify-top", type=non_negative_int, default=DEFAULT_VERIFY_TOP, metavar="K",
-                       help=f"patch the K top nodes and K top edges for real and report the correlation with "
-                       f"their scores (default {DEFAULT_VERIFY_TOP}; 0 = off)")
-        g.add_argument("--method", default="eap", metavar="METHOD",
-                       help="how edges are scored: eap (attribution patching: one forward and backward), "
-                       "eap-ig-inputs (gradients averaged over --ig-steps runs with the input embeddings "
-                       "interpolated from corrupt to clean), eap-ig-activations (each node group's output "
-                       "interpolated in turn), exact (real patching of every node, and of every edge up to "
-                       "--max-exact-edges) (default eap; results go to <out>__<method> unless --out is given)")
-        g.add_argument("--ig-steps", type=positive_int, default=5, metavar="N",
-                       help="interpolation steps of the eap-ig methods (default 5; 1 step is eap)")
-        g.add_argument("--max-exact-edges", type=non_negative_int, default=5000, metavar="N",
-                       help="--method exact patches every edge only if the model has at most N edges "
-                       "(one forward each; default 5000), else nodes only")
-        g.add_argument("--top", type=positive_int, default=10, metavar="N",
-                       help="rows of the printed top-edges and top-nodes tables (default 10)")
+        g.add_argument(
+            "--verify-top",
+            type=non_negative_int,
+            default=DEFAULT_VERIFY_TOP,
+            metavar="K",
+            help=f"patch the K top nodes and K top edges for real and report the correlation with "
+            f"their scores (default {DEFAULT_VERIFY_TOP}; 0 = off)",
+        )
+        g.add_argument(
+            "--method",
+            default="eap",
+            metavar="METHOD",
+            help="how edges are scored: eap (attribution patching: one forward and backward), "
+            "eap-ig-inputs (gradients averaged over --ig-steps runs with the input embeddings "
+            "interpolated from corrupt to clean), eap-ig-activations (each node group's output "
+            "interpolated in turn), exact (real patching of every node, and of every edge up to "
+            "--max-exact-edges) (default eap; results go to <out>__<method> unless --out is given)",
+        )
+        g.add_argument(
+            "--ig-steps",
+            type=positive_int,
+            default=5,
+            metavar="N",
+            help="interpolation steps of the eap-ig methods (default 5; 1 step is eap)",
+        )
+        g.add_argument(
+            "--max-exact-edges",
+            type=non_negative_int,
+            default=5000,
+            metavar="N",
+            help="--method exact patches every edge only if the model has at most N edges "
+            "(one forward each; default 5000), else nodes only",
+        )
+        g.add_argument(
+            "--top",
+            type=positive_int,
+            default=10,
+            metavar="N",
+            help="rows of the printed top-edges and top-nodes tables (default 10)",
+        )
 
     def prepare(self) -> None:
         from sweeps.core.attribution import METHODS
 
         args = self.args
         if args.method not in METHODS:
-            raise UserError(f"unknown --method {args.method!r}{did_you_mean(args.method, METHODS)}; "
-                            f"methods: {', '.join(METHODS)}")
+            raise UserError(
+                f"unknown --method {args.method!r}{did_you_mean(args.method, METHODS)}; methods: {', '.join(METHODS)}"
+            )
         if args.out is None and args.method != "eap":
             args.out = f"{default_out('attribution', args.model, args.task)}__{args.method}"
         super().prepare()
         info = self.inputs.info
         if args.method == "eap-ig-activations" and info.path != "fast":
-            raise UserError(f"--method eap-ig-activations runs on the fast path's families; {args.model} runs on "
-                            "the bridge path: use --method eap-ig-inputs, eap or exact")
+            raise UserError(
+                f"--method eap-ig-activations runs on the fast path's families; {args.model} runs on "
+                "the bridge path: use --method eap-ig-inputs, eap or exact"
+            )
         self.steps = args.ig_steps if args.method.startswith("eap-ig") else 1
         self.exact_edges = args.method == "exact" and info.n_edges <= args.max_exact_edges
         if args.method == "exact" and not self.exact_edges:
-            print(f"--method exact: {args.model} has {info.n_edges:,} edges, more than --max-exact-edges "
-                  f"{args.max_exact_edges:,} (one forward each): patching its {info.n_nodes} nodes only")
+            print(
+                f"--method exact: {args.model} has {info.n_edges:,} edges, more than --max-exact-edges "
+                f"{args.max_exact_edges:,} (one forward each): patching its {info.n_nodes} nodes only"
+            )
 
     def spec(self) -> dict:
         args, info, task = self.args, self.inputs.info, self.inputs.task
         return {
-            **self.base_spec(), "metric": task.kind, "n_prompts": task.n_prompts,
-            "batch_size": args.batch_size, "verify_top": args.verify_top,
-            "method": args.method, "ig_steps": self.steps, "exact_edges": self.exact_edges,
-            "n_layers": info.n_layers, "n_heads": info.n_heads,
+            **self.base_spec(),
+            "metric": task.kind,
+            "n_prompts": task.n_prompts,
+            "batch_size": args.batch_size,
+            "verify_top": args.verify_top,
+            "method": args.method,
+            "ig_steps": self.steps,
+            "exact_edges": self.exact_edges,
+            "n_layers": info.n_layers,
+            "n_heads": info.n_heads,
         }
 
     def plan(self, done: set[str]) -> tuple[list, str]:
@@ -117,13 +152,17 @@ Examples:
         n_batches = -(-task.n_prompts // args.batch_size)
         if todo or args.verify_top == 0:
             how = args.method + (f", {self.steps} steps" if self.steps > 1 else "")
-            return todo, (f"attribution sweep ({how}): {args.model} on {task.name}, {task.n_prompts} prompts in "
-                          f"{n_batches} batches, {n_batches - len(todo)} done, {len(todo)} to run")
+            return todo, (
+                f"attribution sweep ({how}): {args.model} on {task.name}, {task.n_prompts} prompts in "
+                f"{n_batches} batches, {n_batches - len(todo)} done, {len(todo)} to run"
+            )
         results = load_attribution_results(self.inputs.out)
         targets = top_targets(results.nodes, results.edges, args.verify_top)
         todo = plan_verify(task.n_prompts, args.batch_size, targets, done)
-        return todo, (f"verifying the top {args.verify_top} nodes and edges by real patching: "
-                      f"{n_batches - len(todo)} of {n_batches} batches done, {len(todo)} to run")
+        return todo, (
+            f"verifying the top {args.verify_top} nodes and edges by real patching: "
+            f"{n_batches - len(todo)} of {n_batches} batches done, {len(todo)} to run"
+        )
 
     def job(self):
         from sweeps.jobs.attribution import AttributionJob
@@ -150,7 +189,9 @@ Examples:
 
     @classmethod
     def add_analysis_options(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--top", type=int, default=10, help="rows of the top-edges and top-nodes tables (default 10)")
+        parser.add_argument(
+            "--top", type=int, default=10, help="rows of the top-edges and top-nodes tables (default 10)"
+        )
 
     @staticmethod
     def load(out, allow_mixed: bool = False):
@@ -165,11 +206,17 @@ Examples:
         from analysis.attribution import summary_text
 
         if not results.complete:
-            print(f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
-                  "scores cover those", file=sys.stderr)
+            print(
+                f"warning: only {results.n_prompts} of {results.spec.get('n_prompts')} prompts are in; "
+                "scores cover those",
+                file=sys.stderr,
+            )
         metric = "logit difference" if results.spec.get("metric") == "logit_diff" else "log-probability"
-        return [f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
-                f"(mean over {results.n_points} points)", f"\n{summary_text(results, options.top)}"]
+        return [
+            f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
+            f"(mean over {results.n_points} points)",
+            f"\n{summary_text(results, options.top)}",
+        ]
 
     @classmethod
     def report(cls, results, options: argparse.Namespace) -> None:

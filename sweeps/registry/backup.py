@@ -12,28 +12,28 @@ from sweeps.registry.cli import UserError, non_negative_int, positive_int
 class BackupSweep(Sweep):
     """Backup-slope sweep: ablate every upstream head, measure how later heads compensate.
 
-For each upstream head (l*, h*): replace its output at every position (resample
-from the corrupt prompts by default), rerun the model from layer l*, and
-recompute every head's direct effect on the answer, still dividing by the
-clean run's final-norm scale. The accumulated backup is the summed change of
-every head in layers > l*; its least-squares slope against the head's own
-clean direct effect says how much of the head's effect is compensated
-(slope > 0: backed up; slope < 0: later heads make it worse).
+    For each upstream head (l*, h*): replace its output at every position (resample
+    from the corrupt prompts by default), rerun the model from layer l*, and
+    recompute every head's direct effect on the answer, still dividing by the
+    clean run's final-norm scale. The accumulated backup is the summed change of
+    every head in layers > l*; its least-squares slope against the head's own
+    clean direct effect says how much of the head's effect is compensated
+    (slope > 0: backed up; slope < 0: later heads make it worse).
 
-It also splits each head's total effect exactly into its own change and the repair by the
-other heads, the MLPs and the final norm (Rushing & Nanda 2024): self_repair/; and the last
-layer's MLP term per neuron (anti-erasure): the top --top-neurons neurons of each head, neurons/.
+    It also splits each head's total effect exactly into its own change and the repair by the
+    other heads, the MLPs and the final norm (Rushing & Nanda 2024): self_repair/; and the last
+    layer's MLP term per neuron (anti-erasure): the top --top-neurons neurons of each head, neurons/.
 
-Writes Parquet datasets slopes/, responses/, points/, self_repair/, neurons/ and a manifest under
---out, then plots and a W&B run (offline by default). Re-running the same
-command resumes: finished shards are skipped.
+    Writes Parquet datasets slopes/, responses/, points/, self_repair/, neurons/ and a manifest under
+    --out, then plots and a W&B run (offline by default). Re-running the same
+    command resumes: finished shards are skipped.
 
-Examples:
-  python sweeps/backup.py                                   # SmolLM2-135M on IOI, local Ray
-  python sweeps/backup.py --model tiny-gpt2 --executor local
-  python sweeps/backup.py --task text --n-prompts 50 --seq-len 100 --heads L5,L9H6
-  ray submit cluster.yaml sweeps/backup.py -- --model gpt2-small --task text
-"""
+    Examples:
+      python sweeps/backup.py                                   # SmolLM2-135M on IOI, local Ray
+      python sweeps/backup.py --model tiny-gpt2 --executor local
+      python sweeps/backup.py --task text --n-prompts 50 --seq-len 100 --heads L5,L9H6
+      ray submit cluster.yaml sweeps/backup.py -- --model gpt2-small --task text
+    """
 
     name = "backup"
     script = "sweeps/backup.py"
@@ -48,25 +48,55 @@ Examples:
 
         super().add_options(parser)
         g = parser.add_argument_group("backup sweep")
-        g.add_argument("--heads", metavar="LIST",
-                       help="upstream heads to ablate, e.g. L23H3,23.0,L5 (a whole layer) (default: all)")
-        g.add_argument("--ablation", choices=ABLATIONS, default="resample",
-                       help="resample (default): the head's output on the corrupt prompt; zero; mean: its "
-                       "mean output over every token of the task")
-        g.add_argument("--fit-threshold", type=float, default=0.0, metavar="X",
-                       help="fit the slope only on points with |direct effect| > X (default 0: every point)")
-        g.add_argument("--bootstrap", type=non_negative_int, default=200, metavar="N",
-                       help="bootstrap resamples (of whole prompts) for the slope's 95%% interval "
-                       "(default 200; 0 to skip)")
-        g.add_argument("--top-fraction", type=float, default=0.02, metavar="F",
-                       help="the self-repair decomposition's 'top' selection: the fraction of points with the "
-                       "largest clean direct effect of the ablated head (default 0.02, as Rushing & Nanda 2024; "
-                       "1 = every point)")
-        g.add_argument("--top-neurons", type=int, default=20, metavar="K",
-                       help="neurons/: the K neurons of the last layer's MLP whose direct effect changes most "
-                       "when a head is ablated, per head and selection (default 20)")
-        g.add_argument("--heads-per-shard", type=positive_int, metavar="N",
-                       help="split each layer's heads into shards of N (default: one shard per layer)")
+        g.add_argument(
+            "--heads",
+            metavar="LIST",
+            help="upstream heads to ablate, e.g. L23H3,23.0,L5 (a whole layer) (default: all)",
+        )
+        g.add_argument(
+            "--ablation",
+            choices=ABLATIONS,
+            default="resample",
+            help="resample (default): the head's output on the corrupt prompt; zero; mean: its "
+            "mean output over every token of the task",
+        )
+        g.add_argument(
+            "--fit-threshold",
+            type=float,
+            default=0.0,
+            metavar="X",
+            help="fit the slope only on points with |direct effect| > X (default 0: every point)",
+        )
+        g.add_argument(
+            "--bootstrap",
+            type=non_negative_int,
+            default=200,
+            metavar="N",
+            help="bootstrap resamples (of whole prompts) for the slope's 95%% interval (default 200; 0 to skip)",
+        )
+        g.add_argument(
+            "--top-fraction",
+            type=float,
+            default=0.02,
+            metavar="F",
+            help="the self-repair decomposition's 'top' selection: the fraction of points with the "
+            "largest clean direct effect of the ablated head (default 0.02, as Rushing & Nanda 2024; "
+            "1 = every point)",
+        )
+        g.add_argument(
+            "--top-neurons",
+            type=int,
+            default=20,
+            metavar="K",
+            help="neurons/: the K neurons of the last layer's MLP whose direct effect changes most "
+            "when a head is ablated, per head and selection (default 20)",
+        )
+        g.add_argument(
+            "--heads-per-shard",
+            type=positive_int,
+            metavar="N",
+            help="split each layer's heads into shards of N (default: one shard per layer)",
+        )
 
     def prepare(self) -> None:
         from sweeps.jobs.plan import PlanError, parse_heads
@@ -85,8 +115,11 @@ Examples:
     def spec(self) -> dict:
         args = self.args
         return {
-            **self.base_spec(), "ablation": args.ablation,
-            "fit_threshold": args.fit_threshold, "bootstrap": args.bootstrap, "top_fraction": args.top_fraction,
+            **self.base_spec(),
+            "ablation": args.ablation,
+            "fit_threshold": args.fit_threshold,
+            "bootstrap": args.bootstrap,
+            "top_fraction": args.top_fraction,
             "top_neurons": args.top_neurons,
         }
 
@@ -96,16 +129,26 @@ Examples:
         todo = remaining(self.heads, done)
         shards = plan_backup(todo, self.args.heads_per_shard)
         task = self.inputs.task
-        return shards, (f"backup sweep: {self.args.model} on {task.name} ({task.n_prompts} prompts), "
-                        f"{len(self.heads)} heads requested, {len(self.heads) - len(todo)} already done, "
-                        f"{len(shards)} shards to run")
+        return shards, (
+            f"backup sweep: {self.args.model} on {task.name} ({task.n_prompts} prompts), "
+            f"{len(self.heads)} heads requested, {len(self.heads) - len(todo)} already done, "
+            f"{len(shards)} shards to run"
+        )
 
     def job(self):
         from sweeps.jobs.backup import BackupJob
 
         a = self.args
-        return BackupJob(self.inputs.task, a.ablation, a.batch_size, a.fit_threshold, a.bootstrap, a.seed,
-                         a.top_fraction, a.top_neurons)
+        return BackupJob(
+            self.inputs.task,
+            a.ablation,
+            a.batch_size,
+            a.fit_threshold,
+            a.bootstrap,
+            a.seed,
+            a.top_fraction,
+            a.top_neurons,
+        )
 
     def units(self, shard) -> int:
         return len(shard.heads)
@@ -120,14 +163,27 @@ Examples:
 
     @classmethod
     def add_analysis_options(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--scatter", metavar="HEADS", help="heads to draw scatters for, e.g. L5H1,9.6 "
-                            "(default: the top heads of the summary)")
+        parser.add_argument(
+            "--scatter",
+            metavar="HEADS",
+            help="heads to draw scatters for, e.g. L5H1,9.6 (default: the top heads of the summary)",
+        )
         parser.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
-        parser.add_argument("--min-de-fraction", type=float, default=0.1, metavar="F",
-                            help="rank (and colour in the heatmaps) only heads whose mean |direct effect| is at "
-                            "least F times the largest head's (default 0.1)")
-        parser.add_argument("--min-r2", type=float, default=0.0, metavar="R",
-                            help="also require the slope's fit to have r² >= R (default 0: no such condition)")
+        parser.add_argument(
+            "--min-de-fraction",
+            type=float,
+            default=0.1,
+            metavar="F",
+            help="rank (and colour in the heatmaps) only heads whose mean |direct effect| is at "
+            "least F times the largest head's (default 0.1)",
+        )
+        parser.add_argument(
+            "--min-r2",
+            type=float,
+            default=0.0,
+            metavar="R",
+            help="also require the slope's fit to have r² >= R (default 0: no such condition)",
+        )
 
     @staticmethod
     def load(out, allow_mixed: bool = False):
@@ -144,8 +200,9 @@ Examples:
         from sweeps.jobs.plan import PlanError, parse_heads
 
         try:
-            options.scatter_heads = (parse_heads(options.scatter, results.n_layers, results.n_heads)
-                                     if options.scatter else None)
+            options.scatter_heads = (
+                parse_heads(options.scatter, results.n_layers, results.n_heads) if options.scatter else None
+            )
         except PlanError as err:
             raise UserError(str(err)) from None
 
@@ -155,12 +212,22 @@ Examples:
         from analysis.self_repair import summary_lines
 
         table = summary_table(results, options.top, options.min_de_fraction, options.min_r2)
-        return [summary_text(table), *summary_lines(
-            results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers, results.neurons)]
+        return [
+            summary_text(table),
+            *summary_lines(
+                results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers, results.neurons
+            ),
+        ]
 
     @classmethod
     def report(cls, results, options: argparse.Namespace) -> None:
         from analysis.report import write_backup_report
 
-        write_backup_report(results, options.wandb, options.wandb_project, options.scatter_heads,
-                            options.min_de_fraction, options.min_r2)
+        write_backup_report(
+            results,
+            options.wandb,
+            options.wandb_project,
+            options.scatter_heads,
+            options.min_de_fraction,
+            options.min_r2,
+        )

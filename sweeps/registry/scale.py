@@ -24,35 +24,35 @@ def parse_scales(text: str) -> list[float]:
 class ScaleSweep(Sweep):
     """All-nodes × all-scales ablation sweep: patch every head and MLP at many scales.
 
-For every node (each attention head's output, each MLP's output), every scale
-and every (base, source) pair of prompts, the node's activation on the base
-prompt is replaced by scale × its activation on the source prompt, and the
-model reruns from that node on. The causal effect of (node, scale) is the
-fraction of pairs whose top-1 prediction at the answer position(s) changes
-from the clean one; metric_change is the mean drop of the task metric,
-normalised so 0 = clean and 1 = the task's corrupt prompts. The expected
-picture: nodes outside the circuit have effect ~0 at scale 1 but ~1 at scale
-0 or >= 5; nodes in the circuit stay high at every scale.
+    For every node (each attention head's output, each MLP's output), every scale
+    and every (base, source) pair of prompts, the node's activation on the base
+    prompt is replaced by scale × its activation on the source prompt, and the
+    model reruns from that node on. The causal effect of (node, scale) is the
+    fraction of pairs whose top-1 prediction at the answer position(s) changes
+    from the clean one; metric_change is the mean drop of the task metric,
+    normalised so 0 = clean and 1 = the task's corrupt prompts. The expected
+    picture: nodes outside the circuit have effect ~0 at scale 1 but ~1 at scale
+    0 or >= 5; nodes in the circuit stay high at every scale.
 
-Subspace modes fit a PCA (--pca-k components) per node and position over the
-task's prompts: high_variance patches only the activation's component in the
-top directions (around the mean), low_variance only the rest.
---self-patch scales the base's own activation instead of patching the
-source's. Pairs are distinct prompts of equal token length (patches are
-position by position), capped at --max-pairs by a seeded sample.
+    Subspace modes fit a PCA (--pca-k components) per node and position over the
+    task's prompts: high_variance patches only the activation's component in the
+    top directions (around the mean), low_variance only the rest.
+    --self-patch scales the base's own activation instead of patching the
+    source's. Pairs are distinct prompts of equal token length (patches are
+    position by position), capped at --max-pairs by a seeded sample.
 
-Writes the Parquet dataset effects/ and a manifest under --out, then plots
-(effect against scale per node, coloured by circuit status; a nodes x scales
-heatmap) and a W&B run (offline by default). Re-running the same command
-resumes.
+    Writes the Parquet dataset effects/ and a manifest under --out, then plots
+    (effect against scale per node, coloured by circuit status; a nodes x scales
+    heatmap) and a W&B run (offline by default). Re-running the same command
+    resumes.
 
-Examples:
-  python sweeps/scale.py --model tiny-gpt2 --executor local
-  python sweeps/scale.py --circuit ioi-gpt2-small --model gpt2-small --subspace high_variance
-  python sweeps/scale.py --circuit circuit.yaml --pairs task --nodes L9,L10,mlp11
-  python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
-  ray submit cluster.yaml sweeps/scale.py -- --model gpt2-small --circuit ioi
-"""
+    Examples:
+      python sweeps/scale.py --model tiny-gpt2 --executor local
+      python sweeps/scale.py --circuit ioi-gpt2-small --model gpt2-small --subspace high_variance
+      python sweeps/scale.py --circuit circuit.yaml --pairs task --nodes L9,L10,mlp11
+      python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
+      ray submit cluster.yaml sweeps/scale.py -- --model gpt2-small --circuit ioi
+    """
 
     name = "scale"
     script = "sweeps/scale.py"
@@ -71,34 +71,75 @@ Examples:
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
         super().add_options(parser)
         g = parser.add_argument_group("scale sweep")
-        g.add_argument("--scales", default=DEFAULT_SCALES, metavar="LIST",
-                       help=f"comma-separated scales >= 0 (default {DEFAULT_SCALES})")
-        g.add_argument("--nodes", metavar="LIST",
-                       help="nodes to patch: L9H6, 9.6, mlp9, L9H* (a layer's heads), L9 (its heads and "
-                       "MLP) (default: every head and MLP)")
-        g.add_argument("--circuit", metavar="FILE_OR_PRESET",
-                       help="label nodes in_circuit / not_in_circuit: a JSON/YAML list of nodes, a preset "
-                       "(ioi-gpt2-small), or top:K@DIR (the K top nodes of an attribution sweep's results) "
-                       "(default: every node 'unlabelled')")
-        g.add_argument("--subspace", choices=SUBSPACE_CHOICES, default="full",
-                       help="full (default): the whole activation; high_variance: only its top --pca-k PCA "
-                       "directions; low_variance: only the rest")
-        g.add_argument("--pca-k", type=positive_int, default=2, metavar="K",
-                       help="principal directions per node and position for the subspace modes (default 2)")
-        g.add_argument("--self-patch", action=argparse.BooleanOptionalAction, default=False,
-                       help="scale the base prompt's own activation (pure scaling) instead of patching the "
-                       "source's (default: --no-self-patch)")
-        g.add_argument("--pairs", choices=("all", "task"), default="all",
-                       help="all (default): ordered pairs of distinct prompts of equal length, as the "
-                       "usual scale-ablation loop; task: each prompt with its own corrupt prompt")
-        g.add_argument("--max-pairs", type=positive_int, default=DEFAULT_MAX_PAIRS, metavar="N",
-                       help=f"at most N pairs, a deterministic sample (default {DEFAULT_MAX_PAIRS})")
-        g.add_argument("--min-break", type=float, default=0.5, metavar="E",
-                       help="the summary's 'breaks the model off-distribution': a causal effect of at least E "
-                       "at the smallest or largest scale (default 0.5: half the answers change); results do "
-                       "not depend on it")
-        g.add_argument("--scales-per-shard", type=positive_int, metavar="N",
-                       help="split the scales into shards of N (default: one shard per layer, all scales)")
+        g.add_argument(
+            "--scales",
+            default=DEFAULT_SCALES,
+            metavar="LIST",
+            help=f"comma-separated scales >= 0 (default {DEFAULT_SCALES})",
+        )
+        g.add_argument(
+            "--nodes",
+            metavar="LIST",
+            help="nodes to patch: L9H6, 9.6, mlp9, L9H* (a layer's heads), L9 (its heads and "
+            "MLP) (default: every head and MLP)",
+        )
+        g.add_argument(
+            "--circuit",
+            metavar="FILE_OR_PRESET",
+            help="label nodes in_circuit / not_in_circuit: a JSON/YAML list of nodes, a preset "
+            "(ioi-gpt2-small), or top:K@DIR (the K top nodes of an attribution sweep's results) "
+            "(default: every node 'unlabelled')",
+        )
+        g.add_argument(
+            "--subspace",
+            choices=SUBSPACE_CHOICES,
+            default="full",
+            help="full (default): the whole activation; high_variance: only its top --pca-k PCA "
+            "directions; low_variance: only the rest",
+        )
+        g.add_argument(
+            "--pca-k",
+            type=positive_int,
+            default=2,
+            metavar="K",
+            help="principal directions per node and position for the subspace modes (default 2)",
+        )
+        g.add_argument(
+            "--self-patch",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="scale the base prompt's own activation (pure scaling) instead of patching the "
+            "source's (default: --no-self-patch)",
+        )
+        g.add_argument(
+            "--pairs",
+            choices=("all", "task"),
+            default="all",
+            help="all (default): ordered pairs of distinct prompts of equal length, as the "
+            "usual scale-ablation loop; task: each prompt with its own corrupt prompt",
+        )
+        g.add_argument(
+            "--max-pairs",
+            type=positive_int,
+            default=DEFAULT_MAX_PAIRS,
+            metavar="N",
+            help=f"at most N pairs, a deterministic sample (default {DEFAULT_MAX_PAIRS})",
+        )
+        g.add_argument(
+            "--min-break",
+            type=float,
+            default=0.5,
+            metavar="E",
+            help="the summary's 'breaks the model off-distribution': a causal effect of at least E "
+            "at the smallest or largest scale (default 0.5: half the answers change); results do "
+            "not depend on it",
+        )
+        g.add_argument(
+            "--scales-per-shard",
+            type=positive_int,
+            metavar="N",
+            help="split the scales into shards of N (default: one shard per layer, all scales)",
+        )
 
     def prepare(self) -> None:
         from sweeps.core.circuits import load_circuit
@@ -115,25 +156,33 @@ Examples:
         self.nodes = parse_nodes(args.nodes, info.n_layers, info.n_heads, info.has_mlp)
         self.circuit = load_circuit(args.circuit, args.model, info.n_layers, info.n_heads, info.has_mlp)
         if args.subspace != "full" and args.pca_k >= task.n_prompts:
-            raise PlanError(f"--pca-k {args.pca_k} needs more prompts than that (have {task.n_prompts}); "
-                            "lower --pca-k or raise --n-prompts")
+            raise PlanError(
+                f"--pca-k {args.pca_k} needs more prompts than that (have {task.n_prompts}); "
+                "lower --pca-k or raise --n-prompts"
+            )
         self.pairs = make_pairs(task, args.pairs, args.max_pairs, args.seed, args.self_patch)
         circuit = self.circuit
         if circuit is not None:
-            print(f"circuit {circuit.label}: {len(circuit.nodes)} nodes, {', '.join(circuit.names())}",
-                  file=sys.stderr)
+            print(f"circuit {circuit.label}: {len(circuit.nodes)} nodes, {', '.join(circuit.names())}", file=sys.stderr)
         if circuit is not None and circuit.model and circuit.model != args.model:
-            print(f"note: circuit {circuit.label} describes {circuit.model}; on {args.model} its nodes are "
-                  "labels at the same positions only", file=sys.stderr)
+            print(
+                f"note: circuit {circuit.label} describes {circuit.model}; on {args.model} its nodes are "
+                "labels at the same positions only",
+                file=sys.stderr,
+            )
 
     def spec(self) -> dict:
         from sweeps.runtime.provenance import spec_id
 
         args, circuit = self.args, self.circuit
         return {
-            **self.base_spec(), "scales": self.scales, "subspace": args.subspace,
-            "pca_k": args.pca_k if args.subspace != "full" else None, "self_patch": args.self_patch,
-            "pairs": self.pair_mode, "max_pairs": args.max_pairs,
+            **self.base_spec(),
+            "scales": self.scales,
+            "subspace": args.subspace,
+            "pca_k": args.pca_k if args.subspace != "full" else None,
+            "self_patch": args.self_patch,
+            "pairs": self.pair_mode,
+            "max_pairs": args.max_pairs,
             "pairs_hash": spec_id({"pairs": self.pairs.tolist()}),
             "circuit": None if circuit is None else {"label": circuit.label, "nodes": circuit.names()},
         }
@@ -149,17 +198,27 @@ Examples:
         shards = plan_scale(nodes, len(scales), done, args.scales_per_shard)
         todo = sum(len(s.nodes) * len(s.scales) for s in shards)
         total = len(nodes) * len(scales)
-        return shards, (f"scale sweep: {args.model} on {task.name} ({task.n_prompts} prompts, {len(self.pairs)} "
-                        f"{self.pair_mode} pairs), {len(nodes)} nodes x {len(scales)} scales, "
-                        f"{args.subspace}, {total - todo} of {total} done, {len(shards)} shards to run")
+        return shards, (
+            f"scale sweep: {args.model} on {task.name} ({task.n_prompts} prompts, {len(self.pairs)} "
+            f"{self.pair_mode} pairs), {len(nodes)} nodes x {len(scales)} scales, "
+            f"{args.subspace}, {total - todo} of {total} done, {len(shards)} shards to run"
+        )
 
     def job(self):
         from sweeps.jobs.scale import ScaleJob
 
         a = self.args
-        return ScaleJob(self.inputs.task, self.pairs, tuple(self.scales),
-                        source="corrupt" if self.pair_mode == "task" else "clean", subspace=a.subspace,
-                        self_patch=a.self_patch, pca_k=a.pca_k, batch_size=a.batch_size, circuit=self.circuit)
+        return ScaleJob(
+            self.inputs.task,
+            self.pairs,
+            tuple(self.scales),
+            source="corrupt" if self.pair_mode == "task" else "clean",
+            subspace=a.subspace,
+            self_patch=a.self_patch,
+            pca_k=a.pca_k,
+            batch_size=a.batch_size,
+            circuit=self.circuit,
+        )
 
     def units(self, shard) -> int:
         return len(shard.nodes) * len(shard.scales)
@@ -173,9 +232,14 @@ Examples:
     @classmethod
     def add_analysis_options(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--top", type=int, default=10, help="rows of each summary table (default 10)")
-        parser.add_argument("--min-break", type=float, default=0.5, metavar="E",
-                            help="'breaks the model off-distribution': a causal effect of at least E at the "
-                            "smallest or largest scale (default 0.5)")
+        parser.add_argument(
+            "--min-break",
+            type=float,
+            default=0.5,
+            metavar="E",
+            help="'breaks the model off-distribution': a causal effect of at least E at the "
+            "smallest or largest scale (default 0.5)",
+        )
 
     @staticmethod
     def load(out, allow_mixed: bool = False):
@@ -191,8 +255,9 @@ Examples:
     def summary(cls, results, options: argparse.Namespace) -> list[str]:
         from analysis.scale import summary_tables, table_text
 
-        return [table_text(title, table)
-                for title, table in summary_tables(results, options.top, options.min_break).items()]
+        return [
+            table_text(title, table) for title, table in summary_tables(results, options.top, options.min_break).items()
+        ]
 
     @classmethod
     def report(cls, results, options: argparse.Namespace) -> None:

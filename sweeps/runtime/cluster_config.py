@@ -22,8 +22,14 @@ from pathlib import Path
 
 import yaml
 
-COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                 "head_start_ray_commands", "worker_start_ray_commands")
+COMMAND_LISTS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 MAPPINGS = ("provider", "auth", "file_mounts", "available_node_types", "docker")
 
 
@@ -52,19 +58,22 @@ def check_cluster_config(path: str | Path) -> dict:
 
 def _check_shapes(path: Path, config: dict) -> None:
     if "provider" not in config:
-        raise ClusterConfigError(f"{path}: no `provider` section; "
-                                 "add e.g. `provider: {type: aws, region: us-west-2}`")
+        raise ClusterConfigError(
+            f"{path}: no `provider` section; add e.g. `provider: {{type: aws, region: us-west-2}}`"
+        )
     for key in MAPPINGS:
         if key in config and not isinstance(config[key], dict):
-            raise ClusterConfigError(f"{path}: `{key}` must be a mapping (key: value lines), "
-                                     f"not a {type(config[key]).__name__}")
+            raise ClusterConfigError(
+                f"{path}: `{key}` must be a mapping (key: value lines), not a {type(config[key]).__name__}"
+            )
     if "type" not in config["provider"]:
         raise ClusterConfigError(f"{path}: `provider.type` is missing; set it to aws, gcp, azure or local")
     for key in COMMAND_LISTS:
         value = config.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
-            raise ClusterConfigError(f"{path}: `{key}` must be a list of commands (one `- command` line each), "
-                                     f"not a {type(value).__name__}")
+            raise ClusterConfigError(
+                f"{path}: `{key}` must be a list of commands (one `- command` line each), not a {type(value).__name__}"
+            )
 
 
 def _ray_validation(path: Path, config: dict) -> dict:
@@ -92,12 +101,16 @@ def _check_project_reaches_nodes(path: Path, config: dict) -> None:
     mounts = config.get("file_mounts") or {}
     commands = config.get("setup_commands") or []
     if not mounts:
-        raise ClusterConfigError(f"{path}: `file_mounts` is empty, so this project never reaches the nodes "
-                                 "(`ray submit` uploads only the script); add `~/interp-sweeps: .`")
+        raise ClusterConfigError(
+            f"{path}: `file_mounts` is empty, so this project never reaches the nodes "
+            "(`ray submit` uploads only the script); add `~/interp-sweeps: .`"
+        )
     if not any("pip install" in c and any(target in c for target in mounts) for c in commands):
         target = next(iter(mounts))
-        raise ClusterConfigError(f"{path}: no setup command installs the mounted project; add "
-                                 f"`cd {target} && python3 -m pip install -e .` to setup_commands")
+        raise ClusterConfigError(
+            f"{path}: no setup command installs the mounted project; add "
+            f"`cd {target} && python3 -m pip install -e .` to setup_commands"
+        )
 
 
 def describe(config: dict) -> str:
@@ -105,13 +118,19 @@ def describe(config: dict) -> str:
     provider = config["provider"]["type"]
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
-    workers = [f"{name} ×{t.get('min_workers', 0)}-{t.get('max_workers', config.get('max_workers', '?'))} "
-               f"({t.get('resources', {}).get('GPU', 0)} GPU each)" for name, t in types.items() if name != head]
+    workers = [
+        f"{name} ×{t.get('min_workers', 0)}-{t.get('max_workers', config.get('max_workers', '?'))} "
+        f"({t.get('resources', {}).get('GPU', 0)} GPU each)"
+        for name, t in types.items()
+        if name != head
+    ]
     nodes = f"head {head}, workers {', '.join(workers) or 'none'}" if types else "nodes from the provider's list"
     return f"provider {provider}; {nodes}"
 
 
-SECRET = re.compile(r"(WANDB_API_KEY|AWS_SECRET_ACCESS_KEY|HF_TOKEN|RAY_AUTH_TOKEN)=(?!\$)\S+|wandb login [0-9a-f]{20,}")
+SECRET = re.compile(
+    r"(WANDB_API_KEY|AWS_SECRET_ACCESS_KEY|HF_TOKEN|RAY_AUTH_TOKEN)=(?!\$)\S+|wandb login [0-9a-f]{20,}"
+)
 
 
 def security_warnings(config: dict) -> list[str]:
@@ -121,20 +140,27 @@ def security_warnings(config: dict) -> list[str]:
     ray_starts = [c for c in start if "ray start" in c]
     warnings = []
     if any(re.search(r"--dashboard-host[= ]+0\.0\.0\.0", c) for c in start):
-        warnings.append("the dashboard and job API listen on every interface (--dashboard-host=0.0.0.0): anyone "
-                        "who reaches port 8265 can run code; drop the flag and use `ray dashboard CONFIG`")
+        warnings.append(
+            "the dashboard and job API listen on every interface (--dashboard-host=0.0.0.0): anyone "
+            "who reaches port 8265 can run code; drop the flag and use `ray dashboard CONFIG`"
+        )
     if ray_starts and not all("RAY_AUTH_MODE=token" in c for c in ray_starts):
-        warnings.append("Ray's token authentication is off: start Ray with `RAY_AUTH_MODE=token ray start ...` on "
-                        "every node and mount the token (`~/.ray/auth_token: ~/.ray/auth_token` in file_mounts)")
+        warnings.append(
+            "Ray's token authentication is off: start Ray with `RAY_AUTH_MODE=token ray start ...` on "
+            "every node and mount the token (`~/.ray/auth_token: ~/.ray/auth_token` in file_mounts)"
+        )
     if ".gitignore" not in (config.get("rsync_filter") or []):
-        warnings.append("file_mounts copy untracked files (.env, keys, results) to every node; add "
-                        "`rsync_filter: [\".gitignore\"]`")
+        warnings.append(
+            'file_mounts copy untracked files (.env, keys, results) to every node; add `rsync_filter: [".gitignore"]`'
+        )
     for command in commands:
         found = SECRET.search(command)
         if found:
             what = found.group(1) or "a W&B key"  # the name only: the value stays out of logs
-            warnings.append(f"{what} is written into the config: read it on the node from the environment or a "
-                            "secrets manager instead")
+            warnings.append(
+                f"{what} is written into the config: read it on the node from the environment or a "
+                "secrets manager instead"
+            )
     token = (config.get("file_mounts") or {}).get("~/.ray/auth_token")
     if token and not Path(token).expanduser().is_file():
         warnings.append(f"{token} does not exist yet: make the cluster's token with `ray get-auth-token --generate`")

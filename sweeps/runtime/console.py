@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Iterator
 
 # Loggers of the libraries a sweep drives (the library root; their modules log below it).
-THIRD_PARTY_LOGGERS = ("ray", "huggingface_hub", "transformers", "transformer_lens", "datasets", "filelock",
-                       "urllib3", "httpx", "httpcore", "wandb")
+THIRD_PARTY_LOGGERS = (
+    "ray",
+    "huggingface_hub",
+    "transformers",
+    "transformer_lens",
+    "datasets",
+    "filelock",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "wandb",
+)
 
 _verbose = False
 

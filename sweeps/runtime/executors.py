@@ -35,8 +35,8 @@ import torch
 from sweeps.runtime import console
 from sweeps.runtime.allocator import keep_freed_memory
 from sweeps.runtime.chunking import out_of_memory
-from sweeps.runtime.models import describe_model
 from sweeps.runtime.loading import load_model
+from sweeps.runtime.models import describe_model
 
 
 class Shard(Protocol):
@@ -131,8 +131,9 @@ class ShardWorker:
             # Passes that can be split already were (chunking.map_chunks); this is one batch.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise RuntimeError(f"out of memory on {self.where['device']} in shard {shard.id}: "
-                               f"{_memory_advice(self.job)}") from None
+            raise RuntimeError(
+                f"out of memory on {self.where['device']} in shard {shard.id}: {_memory_advice(self.job)}"
+            ) from None
         return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -243,15 +244,19 @@ def _connect(ray, num_cpus: int | None, num_gpus: int | None) -> bool:
         address = None
     else:
         try:
-            ray.init(address=address or "auto", logging_level=console.library_level(),
-                     log_to_driver=console.verbose())
+            ray.init(address=address or "auto", logging_level=console.library_level(), log_to_driver=console.verbose())
             print(f"Ray: joined the running cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr)
             return True
         except ConnectionError:
             if address:
                 raise
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             logging_level=console.library_level(), log_to_driver=console.verbose())
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        logging_level=console.library_level(),
+        log_to_driver=console.verbose(),
+    )
     why = "RAY_ADDRESS=local" if os.environ.get("RAY_ADDRESS") == "local" else "no running cluster found"
     print(f"Ray: {why}; started a local single-node Ray", file=sys.stderr)
     return True
@@ -288,8 +293,11 @@ class RayExecutor:
             options = {"num_gpus": 0, "num_cpus": per_actor}
             placeable = sum(int(n.get("CPU", 0)) // per_actor for n in nodes)
         if self.num_workers > placeable:
-            print(f"Ray: {self.num_workers} workers asked for, {placeable} fit the cluster now; the rest wait "
-                  "for the autoscaler (or lower --num-workers)", file=sys.stderr)
+            print(
+                f"Ray: {self.num_workers} workers asked for, {placeable} fit the cluster now; the rest wait "
+                "for the autoscaler (or lower --num-workers)",
+                file=sys.stderr,
+            )
         return options
 
     def start(self) -> list[dict]:
@@ -298,16 +306,16 @@ class RayExecutor:
         self.started_ray = connect_ray()
         options = self._actor_options()
         retries = self.max_attempts - 1
-        self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries,
-                                                           max_task_retries=retries)
+        self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries, max_task_retries=retries)
         self._job_ref = JobRef(ray.put(self.job))  # the task's tensors go to the object store once
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
             return ray.get([a.bind.remote(self._job_ref) for a in self.actors])
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             cause = str(err).strip().splitlines()
-            raise RuntimeError(f"a Ray worker failed to start (loading {self.model_name}): "
-                               f"{cause[-1] if cause else err}") from None
+            raise RuntimeError(
+                f"a Ray worker failed to start (loading {self.model_name}): {cause[-1] if cause else err}"
+            ) from None
 
     def _new_actor(self):
         return self._remote_cls.remote(self.model_name)  # its job comes with bind and each shard
@@ -342,8 +350,11 @@ class RayExecutor:
                 submit(idle.pop(), pending.popleft())
             tail = bool(idle) and not pending
             if tail:  # idle actors, nothing queued: rescue (once) shards whose actor is not running
-                stranded = [s for s, a in in_flight.values() if s not in settled and s not in rescued
-                            and _actor_state(a) not in ("ALIVE", None)]
+                stranded = [
+                    s
+                    for s, a in in_flight.values()
+                    if s not in settled and s not in rescued and _actor_state(a) not in ("ALIVE", None)
+                ]
                 while idle and stranded:
                     shard = stranded.pop(0)
                     rescued.add(shard)
@@ -361,8 +372,9 @@ class RayExecutor:
                 idle.append(actor)
                 if shard not in settled:
                     settled.add(shard)
-                    self.failures.append(Failure(shard, _first_line(err.cause if err.cause else err),
-                                                 self.max_attempts))
+                    self.failures.append(
+                        Failure(shard, _first_line(err.cause if err.cause else err), self.max_attempts)
+                    )
                 continue
             except ActorUnavailableError as err:  # unreachable for now (e.g. restarting): keep it
                 idle.append(actor)

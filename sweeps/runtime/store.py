@@ -175,8 +175,9 @@ class ResultStore:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise StoreError(f"another sweep ({owner}) is writing to {self.out}; "
-                             "wait for it or use another --out") from None
+            raise StoreError(
+                f"another sweep ({owner}) is writing to {self.out}; wait for it or use another --out"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(_owner())
@@ -191,8 +192,10 @@ class ResultStore:
     def _lease(self) -> Iterator[None]:
         lock = self.out / LOCK_FILE
         if lock.exists():
-            raise StoreError(f"another sweep ({lock.read_text().strip()}) is writing to {self.out}; wait for it, "
-                             f"or delete {lock} if it is no longer running")
+            raise StoreError(
+                f"another sweep ({lock.read_text().strip()}) is writing to {self.out}; wait for it, "
+                f"or delete {lock} if it is no longer running"
+            )
         lock.write_atomic(_owner().encode())
         try:
             yield
@@ -286,8 +289,11 @@ class ResultStore:
                     record = json.loads(meta[SHARD_RECORD])
                 except (OSError, KeyError, ValueError, pa.ArrowInvalid):
                     continue
-                if (record.get("shard") != sid or record.get("rows", {}).get(name) != table.num_rows
-                        or (spec_bytes is not None and meta.get(b"sweep_spec") != spec_bytes)):
+                if (
+                    record.get("shard") != sid
+                    or record.get("rows", {}).get(name) != table.num_rows
+                    or (spec_bytes is not None and meta.get(b"sweep_spec") != spec_bytes)
+                ):
                     continue
                 found.setdefault(sid, {})[name] = (table.num_rows, checksum(data), record)
                 if "weight_hash" in table.column_names:
@@ -296,15 +302,21 @@ class ResultStore:
         for sid, files in found.items():
             expected = next(iter(files.values()))[2]["rows"]
             if set(files) == set(expected) and all(f[2]["rows"] == expected for f in files.values()):
-                shards[sid] = {"rows": {n: f[0] for n, f in files.items()},
-                               "checksums": {n: f[1] for n, f in files.items()}, "recovered": True}
+                shards[sid] = {
+                    "rows": {n: f[0] for n, f in files.items()},
+                    "checksums": {n: f[1] for n, f in files.items()},
+                    "recovered": True,
+                }
         weights = set().union(*(hashes.get(sid, set()) for sid in shards)) if shards else set()
         manifest: dict[str, Any] = {"shards": shards if len(weights) <= 1 else {}}
         if len(weights) == 1:
             manifest["weight_hash"] = weights.pop()
         _write_json_atomic(self.out / MANIFEST_FILE, manifest)
-        print(f"{why}: set aside in {self.out / '.trash'} and rebuilt from the shard files; "
-              f"{len(manifest['shards'])} shard(s) verified and kept, the rest will be recomputed", file=sys.stderr)
+        print(
+            f"{why}: set aside in {self.out / '.trash'} and rebuilt from the shard files; "
+            f"{len(manifest['shards'])} shard(s) verified and kept, the rest will be recomputed",
+            file=sys.stderr,
+        )
         return manifest
 
     def _valid(self, shard_id: str, record: dict) -> bool:
@@ -389,6 +401,7 @@ class ResultStore:
 
 def _owner() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
 
 def with_provenance(table: pa.Table, columns: dict[str, Any], spec: dict) -> pa.Table:
     """Constant provenance columns (cheap in Parquet) plus the full spec as metadata."""
