@@ -162,7 +162,7 @@ def backup_figures(
     return figures
 
 
-def _log_run(
+def log_run(
     kind: str,
     out: Path | Location,
     spec: dict,
@@ -240,7 +240,7 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
         "n_heads_swept": int(len(results.slopes)),
         "median_slope": float(np.median(finite.slope)) if len(finite) else float("nan"),
     }
-    return _log_run(
+    return log_run(
         "backup",
         results.out,
         results.spec,
@@ -254,7 +254,7 @@ def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, pr
     )
 
 
-def _report(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:
+def log_safely(kind: str, out: Path | Location, log: Callable[[], str | None], wandb_mode: str) -> None:
     """Log to W&B; a failure there is a warning: the Parquet results are complete regardless."""
     print(f"plots: {report_dir(Location.parse(out)) / 'plots'}", file=sys.stderr)
     try:
@@ -282,7 +282,7 @@ def write_backup_report(
 ) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_results``)."""
     figures = backup_figures(results, scatter_heads, min_de_fraction, min_r2)
-    _report("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
+    log_safely("backup", results.out, lambda: log_to_wandb(results, figures, wandb_mode, project), wandb_mode)
     return figures
 
 
@@ -366,7 +366,7 @@ def log_scale_to_wandb(
         key = "summary/" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:60]
         tables[key] = table.reset_index()
     summary = {"n_nodes": int(results.effects["node"].nunique()), "n_scales": len(results.scales)}
-    return _log_run(
+    return log_run(
         "scale", results.out, results.spec, results.manifest, tables, figures, summary, ("effects",), mode, project
     )
 
@@ -376,7 +376,7 @@ def write_scale_report(
 ) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from results already loaded (``load_scale_results``)."""
     figures = scale_figures(results)
-    _report(
+    log_safely(
         "scale", results.out, lambda: log_scale_to_wandb(results, figures, wandb_mode, project, min_break), wandb_mode
     )
     return figures
@@ -443,7 +443,7 @@ def log_attribution_to_wandb(
         for row in faith.itertuples():
             summary[f"faithfulness/{row.kind}_pearson"] = row.pearson
             summary[f"faithfulness/{row.kind}_sign_agreement"] = row.sign_agreement
-    return _log_run(
+    return log_run(
         "attribution",
         results.out,
         results.spec,
@@ -462,7 +462,7 @@ def write_attribution_report(
 ) -> dict[str, Path]:
     """Figures under ``OUT/plots`` and a W&B run, from ``load_attribution_results``."""
     figures = attribution_figures(results)
-    _report(
+    log_safely(
         "attribution", results.out, lambda: log_attribution_to_wandb(results, figures, wandb_mode, project), wandb_mode
     )
     return figures
@@ -482,7 +482,7 @@ def write_circuit_report(results, wandb_mode: str = "offline", project: str = "i
         values = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric}
         for row in summary.itertuples():
             values[f"cpr/{row.circuit}"], values[f"cmd/{row.circuit}"] = row.cpr, row.cmd
-        return _log_run(
+        return log_run(
             "circuit",
             results.out,
             results.spec,
@@ -495,5 +495,5 @@ def write_circuit_report(results, wandb_mode: str = "offline", project: str = "i
             project,
         )
 
-    _report("circuit", results.out, log, wandb_mode)
+    log_safely("circuit", results.out, log, wandb_mode)
     return figures

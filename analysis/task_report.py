@@ -142,14 +142,12 @@ def write_task_report(
     with plots.atomic_output(out / "manifest.json") as tmp:  # written last: the report's commit record
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
 
-    from analysis.report import _log_run, _report
+    from analysis.report import log_run, log_safely
 
-    _report(
+    log_safely(
         "report",
         out,
-        lambda: _log_run(
-            "report", out, spec, manifest, frames, figures, tables.summary, (), wandb_mode, project, pages
-        ),
+        lambda: log_run("report", out, spec, manifest, frames, figures, tables.summary, (), wandb_mode, project, pages),
         wandb_mode,
     )
     return {**figures, **pages}
