@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from sweeps.runtime.location import storage_error  # noqa: E402
+
 PLOTLY_JS = "plotly.min.js"  # plotly's JavaScript, one copy beside the pages of a folder
 _LOCAL_SCRIPT = re.compile(r'<script[^>]*src="plotly\.min\.js"[^>]*></script>')
 
@@ -34,7 +36,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as err:
         if err.filename is None:  # some writers (matplotlib, plotly) name no file: name it
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+            raise storage_error(err, path) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

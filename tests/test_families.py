@@ -1,6 +1,6 @@
 """Every family the fast path runs, against the Hugging Face model itself.
 
-One list (``models.FAMILY_TINY_MODELS``: a tiny random model per family, its distinctive
+One list (``tiny_models.FAMILY_TINY_MODELS``: a tiny random model per family, its distinctive
 pieces switched on: windows shorter than the prompts, soft-caps, QK-norm, post-norms, norm
 weights away from their defaults) drives every test here. The references are the Hugging
 Face model's own forward, with PyTorch hooks on its modules where something is ablated or
@@ -20,11 +20,11 @@ from sweeps.core import effects
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.jobs.scale import ScaleJob
-from sweeps.runtime import loading, models
+from sweeps.runtime import loading, models, tiny_models
 from tasks import TaskSpec, build_task
 from tests.test_attribution import scores_by_derivatives
 
-FAMILIES = list(models.FAMILY_TINY_MODELS)
+FAMILIES = list(tiny_models.FAMILY_TINY_MODELS)
 # The engine's ``z`` is HookedTransformer's: value biases (and LayerNorm biases folded into
 # them) live in ``b_O``. The hooks below edit the Hugging Face model's ``z``, which holds them;
 # the tiny models' biases are zero (their initialisation; only norm weights are perturbed),
@@ -538,7 +538,7 @@ def test_the_embedded_model_saved_under_its_hub_name_runs_the_hub_path_with_the_
 
     import pyarrow.parquet as pq
 
-    hub_name = models.EMBEDDED_HUB_NAME
+    hub_name = tiny_models.EMBEDDED_HUB_NAME
     hf, tokenizer, _ = loading.load_hf_model(models.describe_model(models.DEFAULT_MODEL))
     hf.hf_quantizer = None
     hf.config.quantization_config = None

@@ -113,6 +113,18 @@ def slow_sweep(out: Path, env: dict, *extra: str, delay: float = 1.0, **popen) -
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def resume_command(err: str) -> str:
+    """The command an interrupted sweep printed after ``Resume with:``."""
+    return err.split("Resume with:\n")[1].splitlines()[0].strip()
+
+
+def finishes_only_the_rest(resume: str, env: dict, out: Path, kept: dict) -> None:
+    """Run ``resume`` as printed: it skips the ``kept`` shards and commits the other ones."""
+    done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
+
+
 def cli(out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "sweeps/backup.py", *SWEEP_ARGS, "--out", str(out), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -170,16 +182,14 @@ def test_ctrl_c_keeps_finished_shards_stops_ray_and_prints_how_to_resume(tmp_pat
     kept = committed(out)
     assert 1 <= len(kept) < 12
     assert f"interrupted: finished shards are kept in {out}. Resume with:" in err
-    resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
+    resume = resume_command(err)
     _, still_alive = psutil.wait_procs(ray_processes, timeout=20)
     assert not still_alive, [p.cmdline()[:2] for p in still_alive]  # Ray was shut down
     # the interpreter that ran it (a bare `python` may be another one, without torch), then the script
     interpreter, script, *_ = shlex.split(resume)
     assert (REPO / interpreter).absolute() == Path(sys.executable).absolute() and script == "sweeps/backup.py"
     assert "(raylet)" not in out_text + err and "will be retried" not in out_text + err  # Ray's own notes
-    done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
+    finishes_only_the_rest(resume, env, out, kept)
 
 
 @pytest.mark.parametrize("fault", ["server unreachable", "no API key"])
@@ -279,10 +289,7 @@ def test_sigterm_stops_like_ctrl_c_and_prints_how_to_resume(executor, tmp_path):
     assert "Traceback" not in err and "(raylet)" not in out_text + err, err[-3000:]
     if executor == "ray":  # the printed command is the same either way (the Ctrl-C test runs it on Ray)
         return
-    resume = err.split("Resume with:\n")[1].splitlines()[0].strip()
-    done = subprocess.run(shlex.split(resume), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert f"{len(kept)} already done" in done.stderr and len(committed(out)) == 12
+    finishes_only_the_rest(resume_command(err), env, out, kept)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

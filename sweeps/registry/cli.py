@@ -141,7 +141,8 @@ def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
 
 
 def add_model_task_options(parser: argparse.ArgumentParser) -> None:
-    from sweeps.runtime.models import DEFAULT_MODEL, TINY_MODELS
+    from sweeps.runtime.models import DEFAULT_MODEL
+    from sweeps.runtime.tiny_models import TINY_MODELS
 
     g = parser.add_argument_group("model and task")
     g.add_argument(

@@ -38,7 +38,7 @@ from typing import Any
 
 from sweeps.core import architectures
 from sweeps.runtime import tiny_models
-from sweeps.runtime.tiny_models import EMBEDDED_HUB_NAME, FAMILY_TINY_MODELS, TINY_MODELS  # noqa: F401
+from sweeps.runtime.tiny_models import TINY_MODELS
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
