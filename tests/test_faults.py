@@ -392,3 +392,28 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, mon
     assert (plots / "plotly.min.js").read_text() == get_plotlyjs()
     assert backup.main([*SWEEP_ARGS, "--executor", "local", "--out", str(tmp_path / "reference")]) == 0
     assert_same_tables(tables(tmp_path / "reference"), tables(out), atol=0)
+
+
+def test_a_disk_full_before_the_first_write_names_the_lock_file(small_disk, tmp_path, monkeypatch, capsys):
+    """Even the lock file's first line can meet a full disk: still one line naming it, and the
+    same command runs once there is space."""
+    from sweeps import backup
+
+    root = small_disk or tmp_path
+    out = root / "o"
+    args = [*SWEEP_ARGS, "--heads", "L0", "--executor", "local", "--out", str(out)]
+    if small_disk is not None:
+        filler = fill(small_disk)
+    else:  # no tmpfs here: the write fails as on a full disk
+
+        def full(*_):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+    assert backup.main(args) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {out}/.lock: No space left on device."), line
+    if small_disk is not None:
+        filler.unlink()
+    monkeypatch.undo()
+    assert backup.main(args) == 0 and len(committed(out)) == 4

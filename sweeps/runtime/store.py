@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sweeps.runtime.location import Location, LocationError
+from sweeps.runtime.location import Location, LocationError, storage_error
 
 SPEC_FILE = "sweep.json"
 MANIFEST_FILE = "manifest.json"
@@ -178,11 +178,12 @@ class ResultStore:
             raise StoreError(
                 f"another sweep ({owner}) is writing to {self.out}; wait for it or use another --out"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(_owner())
-        handle.flush()
         try:
+            try:  # who holds it, what a refused second sweep prints; unbuffered, so nothing is left to flush
+                os.ftruncate(handle.fileno(), 0)
+                os.pwrite(handle.fileno(), _owner().encode(), 0)
+            except OSError as err:  # a full disk: one line naming the file, as for every other write
+                raise storage_error(err, self.out / LOCK_FILE) from None
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
