@@ -115,7 +115,7 @@ def test_a_job_keeps_its_buffers_from_shard_to_shard_and_its_scores_do_not_chang
         fresh.bind(tiny_llama)
         got, want = kept.run_shard(shard), fresh.run_shard(shard)
         assert got.keys() == want.keys() and all(got[name].equals(want[name]) for name in want)
-    assert kept._scratch._buffers["deltas"].numel() > 0  # the buffers were kept, and reused
+    assert kept.engine._scratch._buffers["deltas"].numel() > 0  # the buffers were kept, and reused
 
 
 def test_edge_products_equal_one_dot_product_per_edge():

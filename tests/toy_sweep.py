@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from analysis.results import read_committed
-from sweeps.core import bridge_path
+from sweeps.jobs.base import Job
 from sweeps.registry.base import Sweep
 from sweeps.runtime.location import Location
 
@@ -33,12 +33,8 @@ class ToyShard:
 
 
 @dataclass
-class ToyJob:
+class ToyJob(Job):
     task: object
-
-    def bind(self, model):
-        self.weights, self.bridge = bridge_path.replica(model)
-        return self
 
     def run_shard(self, shard):
         lengths = self.task.lengths[shard.start:shard.stop].tolist()

@@ -88,6 +88,18 @@ class Graph:
         return sum(self.prefix)
 
 
+@dataclass(frozen=True)
+class GraphConfig:
+    """What ``build_graph`` reads of a model's shape, where it is not a ``ModelConfig`` (the
+    bridge's configuration, or a config file before any weights load)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    attn_only: bool = False
+    parallel_attn_mlp: bool = False
+
+
 def upstream_row(cfg: ModelConfig, layer: int, head: int | None) -> int:
     """Row of a head (or the MLP, ``head=None``) of ``layer`` in ``Graph.upstream``."""
     stride = cfg.n_heads + (0 if cfg.attn_only else 1)

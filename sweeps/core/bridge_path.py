@@ -20,7 +20,6 @@ Plain functions on a bridge and tensors; no Ray, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from sweeps.core import effects
 from sweeps.core import transformer as tf
+from sweeps.core.attribution import GraphConfig
 from sweeps.core.nodes import Node, node_from_name
 from tasks.base import TaskData
 
@@ -37,21 +37,6 @@ SUM_CHECK_TOLERANCE = 1e-3  # of the largest |logit difference|, as the report's
 
 class BridgePathError(ValueError):
     """A model the bridge path cannot sweep correctly (found before any shard runs)."""
-
-
-def bridge_of(model):
-    """The bridge a loaded model runs on when it is on the bridge path (no fast-path weights), else None."""
-    return getattr(model, "bridge", None) if getattr(model, "weights", None) is None else None
-
-
-def replica(model) -> tuple[tf.ModelWeights | None, Any]:
-    """``(weights, bridge)`` for a job to run on, one of them None: ``model`` is a loaded model
-    (``loading.LoadedModel``: its fast-path weights, else its bridge), fast-path weights, or a bridge."""
-    if isinstance(model, tf.ModelWeights):
-        return model, None
-    if hasattr(model, "weights"):  # a LoadedModel, or any holder of weights (and maybe a bridge)
-        return model.weights, bridge_of(model)
-    return None, model
 
 
 def stacked(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
@@ -385,17 +370,6 @@ def patched_final(
 # --------------------------------------------------------------------------- #
 # Attribution through the bridge (the textbook recipe: gradients at split q/k/v inputs)
 # --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class GraphConfig:
-    """What ``attribution.build_graph`` reads of a model's shape."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    attn_only: bool = False
-    parallel_attn_mlp: bool = False
 
 
 def graph_config(bridge) -> GraphConfig:

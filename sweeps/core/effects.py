@@ -228,6 +228,29 @@ class LayerAblation:
     last_inv_rms: Float[Tensor, "G P"] | None = None  # 1 / rms of the last MLP's output (post-norm models)
 
 
+@dataclass
+class BatchState:
+    """What one batch's clean (and corrupt) runs leave behind for the backup sweep's ablations
+    (built by an engine's ``backup_state``)."""
+
+    start: int  # index of the batch's first prompt in the task
+    points: Points
+    scale: torch.Tensor  # [P] clean final-norm scale
+    resid_pre: torch.Tensor | None  # [L, B, T, D] (the fast path's restarts start here)
+    tokens: torch.Tensor  # [B, T] clean tokens (the bridge path's full forwards start here)
+    replacement_z: torch.Tensor | None  # [L, B, T, H, E] corrupt z (resample only)
+    de_heads: torch.Tensor  # [L, P, H] clean direct effects
+    de_mlps: torch.Tensor  # [L, P]
+    de_bias: torch.Tensor | None = None  # [L, P] each layer's b_O share (fast path)
+    clean_dot: torch.Tensor | None = None  # [P] x · u of the clean final stream (its logit is this / s + bias)
+    clean_normed: torch.Tensor | None = None  # [P, D] the clean final stream, normalised (soft-capped models)
+    # The last MLP split per neuron (None where it is not computed: no MLP, no neurons the bridge exposes)
+    neuron_dirs: torch.Tensor | None = None  # [P, M] (W_out[n]·u)/s, ⊙ the post-norm's weight under one
+    de_neurons: torch.Tensor | None = None  # [P, M] each neuron's clean direct effect
+    last_bias_dir: torch.Tensor | None = None  # [P] (b_out·u)/s of the last MLP (post-norm models)
+    last_inv_rms: torch.Tensor | None = None  # [P] 1 / rms of the last MLP's clean output (post-norm models)
+
+
 def final_read(w: ModelWeights, resid_final: Float[Tensor, "*G B T D"], points: Points):
     """(``x · u``, ``s``, normalised ``x``) of a run's final stream at the points; ``x`` centred
     for LayerNorm models (``u`` is)."""

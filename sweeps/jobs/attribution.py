@@ -23,7 +23,6 @@ import pyarrow as pa
 import torch
 
 from sweeps.core import attribution as A
-from sweeps.core import bridge_path
 from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
 from tasks.base import TaskData
@@ -132,19 +131,27 @@ class AttributionJob(Job):
     steps: int = 1  # interpolation steps of the EAP-IG methods
     exact_edges: bool = False  # --method exact: patch every edge too (small models only)
     _graph: A.Graph | None = field(default=None, repr=False)
-    _scratch: A.Scratch | None = field(default=None, repr=False)  # large buffers every shard's passes reuse
-
-    def bind(self, model) -> "AttributionJob":
-        if bridge_path.replica(model)[1] is not None and self.method == "eap-ig-activations":
-            raise ValueError("eap-ig-activations runs on the fast path's families only")
-        return super().bind(model)
 
     def on_bind(self) -> None:
-        if self.bridge is not None:
-            self._graph = A.build_graph(bridge_path.graph_config(self.bridge))
-            return
-        self._graph = A.build_graph(self.weights.cfg)
-        self._scratch = A.Scratch()
+        if self.method not in self.engine.attribution_methods:
+            raise ValueError(f"{self.method} runs on the fast path's families only")
+        self._graph = self.engine.graph()
+
+    def _chunked(self, batch: TaskData, per_pass: int, one_pass, advice: str):
+        """``one_pass(sub-batch)`` over ``batch`` in passes of ``per_pass`` prompts (halved on
+        out of memory), as an iterator of the passes' results."""
+        for _, _, part in map_chunks(
+            batch.n_prompts,
+            per_pass,
+            lambda a, b: one_pass(batch.select(slice(a, b))),
+            lambda: advice,
+            memory_gauge(self.engine.device),
+        ):
+            yield part
+
+    def _patches_per_pass(self, batch: TaskData) -> int:
+        """Prompts a patching pass holds: the clean and corrupt runs' writes, and one patched run."""
+        return max(1, tokens_per_pass(self.engine.device) // (4 * int(batch.clean.shape[1])))
 
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
@@ -152,26 +159,14 @@ class AttributionJob(Job):
             return {"verify_sums": self._verify(batch, shard)}
         if self.method == "exact":
             return attribution_tables(self._graph, self._exact(batch), shard)
-        if self.bridge is not None:  # one corrupt forward and `steps` forwards and backwards a batch
-            scores = bridge_path.attribute(self.bridge, self._graph, batch, self.steps)
-            return attribution_tables(self._graph, scores, shard)
-        w, graph = self.weights, self._graph
-        per_pass = prompts_per_pass(batch, graph, w.cfg, w.device)
-        scratch = self._scratch
+        engine, graph = self.engine, self._graph
         total = None
-
-        def advice() -> str:
-            return (
-                f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
-                "use shorter prompts or a machine with more memory"
-            )
-
-        for _, _, part in map_chunks(
-            batch.n_prompts,
-            per_pass,
-            lambda a, b: A.attribute(w, graph, batch.select(slice(a, b)), scratch, self.method, self.steps),
-            advice,
-            memory_gauge(w.device),
+        for part in self._chunked(
+            batch,
+            prompts_per_pass(batch, graph, engine.cfg, engine.device),
+            lambda sub: engine.attribute(graph, sub, self.method, self.steps),
+            f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
+            "use shorter prompts or a machine with more memory",
         ):
             total = add(total, part)
         return attribution_tables(graph, total, shard)
@@ -179,45 +174,24 @@ class AttributionJob(Job):
     def _exact(self, batch: TaskData) -> A.BatchAttribution:
         """Real patching of every node (and edge): raw sums ``m(clean) − m(patched)``, like the
         gradient methods' (``attribution.exact_scores``)."""
-        graph = self._graph
-        if self.bridge is not None:
-            targets = A.every_target(graph, self.exact_edges)
-            with torch.no_grad():
-                clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
-                corrupt = float(bridge_path.metric_sum(self.bridge(batch.corrupt), batch))
-            patched = bridge_path.patch_metric(self.bridge, graph, batch, targets)
-            return A.exact_attribution(
-                graph, patched, clean, corrupt, int(bridge_path.effect_points(self.bridge, batch).n), self.exact_edges
-            )
-        w = self.weights
-        per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
         total = None
-        for _, _, part in map_chunks(
-            batch.n_prompts,
-            per_pass,
-            lambda a, b: A.exact_scores(w, graph, batch.select(slice(a, b)), self.exact_edges),
-            lambda: "out of memory patching one prompt; use shorter prompts",
-            memory_gauge(w.device),
+        for part in self._chunked(
+            batch,
+            self._patches_per_pass(batch),
+            lambda sub: self.engine.exact_scores(self._graph, sub, self.exact_edges),
+            "out of memory patching one prompt; use shorter prompts",
         ):
             total = add(total, part)
         return total
 
     def _verify(self, batch: TaskData, shard: VerifyShard) -> pa.Table:
-        w, graph = self.weights, self._graph
         patched = torch.zeros(len(shard.targets), dtype=torch.float64)
         clean = 0.0
-        if self.bridge is not None:
-            with torch.no_grad():
-                clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
-            patched = bridge_path.patch_metric(self.bridge, graph, batch, list(shard.targets))
-            return _verify_table(shard, patched, clean)
-        per_pass = max(1, tokens_per_pass(w.device) // (4 * int(batch.clean.shape[1])))
-        for a, b, (metric, sums) in map_chunks(
-            batch.n_prompts,
-            per_pass,
-            lambda a, b: _verify_chunk(w, graph, batch.select(slice(a, b)), list(shard.targets)),
-            lambda: "out of memory patching one prompt; use shorter prompts",
-            memory_gauge(w.device),
+        for metric, sums in self._chunked(
+            batch,
+            self._patches_per_pass(batch),
+            lambda sub: self.engine.patched_metric(self._graph, sub, list(shard.targets)),
+            "out of memory patching one prompt; use shorter prompts",
         ):
             clean += metric
             patched += sums
@@ -235,9 +209,3 @@ def _verify_table(shard: VerifyShard, patched: torch.Tensor, clean: float) -> pa
             "clean_metric": [clean] * len(shard.targets),
         }
     )
-
-
-@torch.no_grad()
-def _verify_chunk(w, graph: A.Graph, task: TaskData, targets: list[A.Target]) -> tuple[float, torch.Tensor]:
-    patched = A.patch_targets(w, graph, task, targets)
-    return float(patched.clean_terms.sum()), patched.metric

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from sweeps.core import bridge_path, effects
-from sweeps.core import transformer as tf
+from sweeps.core import effects
+from sweeps.core.effects import BatchState
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import Shard
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
@@ -60,28 +59,6 @@ NEURON_SCHEMA = pa.schema(
         ("mlp_bias", pa.float64()),
     ]
 )
-
-
-@dataclass
-class BatchState:
-    """What one batch's clean (and corrupt) runs leave behind for the ablations."""
-
-    start: int  # index of the batch's first prompt in the task
-    points: effects.Points
-    scale: torch.Tensor  # [P] clean final-norm scale
-    resid_pre: torch.Tensor | None  # [L, B, T, D] (the fast path's restarts start here)
-    tokens: torch.Tensor  # [B, T] clean tokens (the bridge path's full forwards start here)
-    replacement_z: torch.Tensor | None  # [L, B, T, H, E] corrupt z (resample only)
-    de_heads: torch.Tensor  # [L, P, H] clean direct effects
-    de_mlps: torch.Tensor  # [L, P]
-    de_bias: torch.Tensor | None = None  # [L, P] each layer's b_O share (fast path)
-    clean_dot: torch.Tensor | None = None  # [P] x · u of the clean final stream (its logit is this / s + bias)
-    clean_normed: torch.Tensor | None = None  # [P, D] the clean final stream, normalised (soft-capped models)
-    # The last MLP split per neuron (None where it is not computed: no MLP, no neurons the bridge exposes)
-    neuron_dirs: torch.Tensor | None = None  # [P, M] (W_out[n]·u)/s, ⊙ the post-norm's weight under one
-    de_neurons: torch.Tensor | None = None  # [P, M] each neuron's clean direct effect
-    last_bias_dir: torch.Tensor | None = None  # [P] (b_out·u)/s of the last MLP (post-norm models)
-    last_inv_rms: torch.Tensor | None = None  # [P] 1 / rms of the last MLP's clean output (post-norm models)
 
 
 @dataclass
@@ -124,10 +101,8 @@ def selections(de_clean: np.ndarray, top_fraction: float) -> list[tuple[str, np.
 
 @dataclass
 class BackupJob(Job):
-    """The backup sweep on one worker. With fast-path ``weights`` each group of ablations
-        restarts from its layer; with a ``bridge`` instead (the bridge path, ``bridge_path.py``)
-        each ablation is a full forward. Both are set by ``bind`` on the worker: the executors send
-    the job unbound."""
+    """The backup sweep on one worker, bound (``Job.bind``) to its model's engine there: the
+    executors send the job unbound."""
 
     task: TaskData
     ablation: str = "resample"
@@ -151,45 +126,8 @@ class BackupJob(Job):
     @property
     def shape(self) -> tuple[int, int, int]:
         """(layers, heads, d_head)."""
-        cfg = self.weights.cfg if self.weights is not None else self.bridge.cfg
+        cfg = self.engine.cfg
         return cfg.n_layers, cfg.n_heads, cfg.d_head
-
-    @torch.no_grad()
-    def _bridge_state(self, start: int, sub: TaskData) -> tuple[BatchState, Any]:
-        _, cache = bridge_path.run(self.bridge, sub.clean)
-        points = bridge_path.effect_points(self.bridge, sub)
-        decomposition = bridge_path.decompose(self.bridge, cache, points)
-        L = self.shape[0]
-        z = torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(L)])
-        replacement = None
-        if self.ablation == "resample":
-            _, corrupt = bridge_path.run(self.bridge, sub.corrupt)
-            replacement = torch.stack([corrupt[f"blocks.{l}.attn.hook_z"] for l in range(L)])
-        state = BatchState(
-            start=start,
-            points=points,
-            scale=decomposition.scale,
-            resid_pre=None,
-            tokens=sub.clean,
-            replacement_z=replacement,
-            de_heads=decomposition.heads,
-            de_mlps=decomposition.mlps,
-            clean_dot=bridge_path.final_dot(self.bridge, cache, points),
-        )
-        W_out = bridge_path.last_mlp_out(self.bridge, cache) if self.self_repair else None
-        if W_out is not None:
-            state.neuron_dirs = torch.einsum("md,pd->pm", W_out, points.u) / decomposition.scale[:, None]
-            state.de_neurons = effects.neuron_direct_effects(
-                state.neuron_dirs, bridge_path.last_hidden(self.bridge, cache, points), None
-            )
-        elif self.self_repair and not self._warned:
-            self._warned = True
-            print(
-                "note: no neurons of the last MLP rebuild its output through the bridge's hooks (a mixture of "
-                "experts, or no MLP): neurons/ stays empty",
-                file=sys.stderr,
-            )
-        return state, SimpleNamespace(z=z)
 
     @torch.no_grad()
     def batches(self) -> list[BatchState]:
@@ -199,43 +137,17 @@ class BackupJob(Job):
         clean_runs, states = [], []
         for start in range(0, self.task.n_prompts, self.batch_size):
             sub = self.task.select(slice(start, start + self.batch_size))
-            if self.bridge is not None:
-                state, run = self._bridge_state(start, sub)
-                states.append(state)
-                if self.ablation == "mean":
-                    clean_runs.append((run, sub.lengths))
-                continue
-            w, device = self.weights, self.weights.device
-            tokens = sub.clean.to(device)
-            run = tf.run(w, tokens, keep_last_hidden=self.self_repair)
-            points = effects.effect_points(w, sub)
-            decomposition = effects.decompose(w, tokens, run, points)
-            replacement = tf.run(w, sub.corrupt.to(device)).z if self.ablation == "resample" else None
-            dot, _, normed = effects.final_read(w, run.resid_final, points)
-            state = BatchState(
-                start=start,
-                points=points,
-                scale=decomposition.scale,
-                resid_pre=run.resid_pre,
-                tokens=tokens,
-                replacement_z=replacement,
-                de_heads=decomposition.heads,
-                de_mlps=decomposition.mlps,
-                de_bias=decomposition.attn_bias,
-                clean_dot=dot,
-                clean_normed=normed if w.cfg.final_softcap else None,
-            )
-            if run.last_hidden is not None:  # the last MLP split per neuron (self-repair decomposition)
-                state.neuron_dirs = effects.neuron_directions(w, points, decomposition.scale)
-                if w.cfg.post_norm:
-                    state.last_inv_rms = tf.post_norm_inv_rms(w.cfg, effects.gather(run.mlp_raw[-1], points, 0))[..., 0]
-                    state.last_bias_dir = effects.mlp_bias_direction(w, points, decomposition.scale)
-                state.de_neurons = effects.neuron_direct_effects(
-                    state.neuron_dirs, effects.gather(run.last_hidden, points, 0), state.last_inv_rms
+            state, run = self.engine.backup_state(sub, start, self.ablation, self.self_repair)
+            if self.self_repair and state.neuron_dirs is None and not self._warned:
+                self._warned = True
+                print(
+                    "note: the last MLP cannot be split per neuron on this model (a mixture of experts, "
+                    "or no MLP): neurons/ stays empty",
+                    file=sys.stderr,
                 )
             states.append(state)
             if self.ablation == "mean":
-                clean_runs.append((run, sub.lengths.to(device)))
+                clean_runs.append((run, sub.lengths.to(state.tokens.device)))
         if self.ablation == "mean":
             mean = effects.mean_z(clean_runs)  # over the whole task, not per batch
             for state in states:
@@ -298,7 +210,7 @@ class BackupJob(Job):
 
     def _capped_change(self, state: BatchState, result: effects.LayerAblation) -> torch.Tensor:
         """The change of the model's real, soft-capped logit (difference) at each point."""
-        w, task = self.weights, self.task
+        w, task = self.engine.readout, self.task
         sub = task.select(slice(state.start, state.start + state.tokens.shape[0]))
         points = state.points
         if sub.kind == "logit_diff":
@@ -343,40 +255,8 @@ class BackupJob(Job):
 
             def ablate(start: int, stop: int, state=state) -> effects.LayerAblation:
                 chunk = heads[start:stop]
-                if self.bridge is not None:  # one full forward per head
-                    replacement = self._replacement(state, layer, chunk)
-                    outs = [
-                        bridge_path.ablate_head(
-                            self.bridge,
-                            state.tokens,
-                            layer,
-                            h,
-                            replacement[g],
-                            state.points,
-                            state.scale,
-                            state.neuron_dirs is not None,
-                        )
-                        for g, h in enumerate(chunk)
-                    ]
-                    return effects.LayerAblation(
-                        layer,
-                        list(chunk),
-                        torch.cat([o.heads for o in outs]),
-                        torch.cat([o.mlps for o in outs]),
-                        None,
-                        torch.cat([o.final_dot for o in outs]),
-                        torch.cat([o.final_scale for o in outs]),
-                        last_hidden=torch.cat([o.last_hidden for o in outs]) if state.neuron_dirs is not None else None,
-                    )
-                return effects.ablate_heads_of_layer(
-                    self.weights,
-                    layer,
-                    chunk,
-                    state.resid_pre[layer],
-                    self._replacement(state, layer, chunk),
-                    state.points,
-                    state.scale,
-                    self.self_repair,
+                return self.engine.ablate_heads(
+                    state, layer, chunk, self._replacement(state, layer, chunk), self.self_repair
                 )
 
             def advice(B=B, T=T) -> str:

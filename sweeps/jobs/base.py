@@ -2,11 +2,12 @@
 
 A job is built by the driver (a dataclass holding the task and the sweep's settings),
 pickled to every worker, and bound there to that worker's model: ``bind`` takes a loaded
-model, fast-path weights or a bridge (``bridge_path.replica``) and sets ``weights`` (the fast
-path) or ``bridge`` (the bridge path, ``bridge_path.py``). On the bridge path it first checks
-that the definitions hold for this model (``bridge_path.sum_check``: the components add up to
-the metric), so a model they do not fit fails with one clear error, not wrong numbers. What a
-job builds from its model (graphs, buffers) goes in ``on_bind``.
+model, fast-path weights, a bridge or an engine, and sets ``engine``
+(``core/engines``: the fast engine, or the bridge engine for a model with no fast path).
+It first checks that the definitions hold for this model (``Engine.check``: on the bridge,
+the components must add up to the metric), so a model they do not fit fails with one
+clear error, not wrong numbers. What a job builds from its model (graphs, buffers) goes in
+``on_bind``. A job never asks which engine it has.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeps.core import bridge_path
+from sweeps.core.engines import Engine, engine_for
 
 
 @dataclass
@@ -22,20 +23,19 @@ class Job:
     """Subclasses are dataclasses with a ``task`` field; they implement ``run_shard`` and may
     override ``on_bind``."""
 
-    weights: Any = field(default=None, repr=False, kw_only=True)  # fast-path ModelWeights, once bound
-    bridge: Any = field(default=None, repr=False, kw_only=True)  # the bridge, on the bridge path
+    engine: Engine = field(default=None, repr=False, kw_only=True)  # type: ignore[assignment]  # set by bind
 
-    def bind(self, model) -> Any:
-        """Use ``model`` (a loaded model, fast-path weights or a bridge) from now on; returns the job."""
-        self.weights, self.bridge = bridge_path.replica(model)
-        if self.bridge is not None:
-            bridge_path.sum_check(self.bridge, self.task)  # type: ignore[attr-defined]  # every job has a task
+    def bind(self, model: Any) -> Any:
+        """Use ``model`` (a loaded model, fast-path weights, a bridge or an engine) from now on;
+        returns the job."""
+        self.engine = engine_for(model)
+        self.engine.check(self.task)  # type: ignore[attr-defined]  # every job has a task
         self.on_bind()
         return self
 
     def on_bind(self) -> None:
         """What the job builds from its model, forgetting what it built from an earlier one."""
 
-    def run_shard(self, shard) -> dict:
+    def run_shard(self, shard: Any) -> dict:
         """The shard's tables, ``{dataset: pyarrow.Table}``."""
         raise NotImplementedError

@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from sweeps.core import attribution as A
-from sweeps.core import bridge_path
 from sweeps.core import circuit_eval as CE
 from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
@@ -101,10 +100,7 @@ class CircuitJob(Job):
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
 
     def on_bind(self) -> None:
-        if self.bridge is not None:
-            self._graph = A.build_graph(bridge_path.graph_config(self.bridge))
-        else:
-            self._graph = A.build_graph(self.weights.cfg)
+        self._graph = self.engine.graph()
         self._runners = {}
         for curve in self.curves:
             expected = self._graph.n_edges if curve.level == "edge" else len(self._graph.upstream)
@@ -115,7 +111,7 @@ class CircuitJob(Job):
         graph, task = self._graph, self.task
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
-        device = self.weights.device if self.bridge is None else bridge_path.view(self.bridge).device
+        device = self.engine.device
         # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
         per_pass = max(1, tokens_per_pass(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
         totals = np.zeros(4)
@@ -124,11 +120,7 @@ class CircuitJob(Job):
             runner = self._runners.get((a, b))
             if runner is None:
                 batch = task.select(slice(a, b))
-                runner = (
-                    CE.CircuitRunner(self.weights, graph, batch)
-                    if self.bridge is None
-                    else bridge_path.CircuitRunner(self.bridge, graph, batch)
-                )
+                runner = self.engine.circuit_runner(graph, batch)
                 if len(self._runners) < 64:
                     self._runners[(a, b)] = runner
             return np.array([runner.metric(mask), runner.clean_metric, runner.corrupt_metric, runner.n_points])

@@ -5,7 +5,8 @@ that is what the executors send to a worker); ``bind`` gives it one model
 replica. Once, it runs every
 prompt (and its corrupt partner) and keeps, per group of prompts of equal
 length, each block's input, every head's ``z``, every MLP's output and the
-clean read-out. A node's patches then restart from the node (``scaling.py``):
+clean read-out. A node's patches then restart from the node (``scaling.py``; the
+bridge engine runs one full forward a row instead):
 every (scale, pair) combination of one node is a row of one batched pass, the
 base and source activations gathered by index. No Python loop over pairs. Rows
 whose patches are provably equal share one restart (``scaling.distinct_restarts``:
@@ -26,11 +27,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sweeps.core import bridge_path, scaling
+from sweeps.core import scaling
 from sweeps.core import transformer as tf
 from sweeps.core.circuits import Circuit
 from sweeps.core.nodes import Node
-from sweeps.core.transformer import ModelWeights
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import ScaleShard
 from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
@@ -74,26 +74,12 @@ def make_pairs(task: TaskData, mode: str, max_pairs: int | None, seed: int, self
     return pairs.astype(np.int64)
 
 
-def _run_batched(w: ModelWeights, tokens: Int[Tensor, "N T"], batch_size: int) -> tf.CleanRun:
-    """``tf.run`` in batches of ``batch_size`` prompts, concatenated."""
-    runs = [tf.run(w, tokens[i : i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
-    if len(runs) == 1:
-        return runs[0]
-    return tf.CleanRun(
-        resid_pre=torch.cat([r.resid_pre for r in runs], 1),
-        z=torch.cat([r.z for r in runs], 1),
-        mlp_out=None if runs[0].mlp_out is None else torch.cat([r.mlp_out for r in runs], 1),
-        resid_final=torch.cat([r.resid_final for r in runs], 0),
-        mlp_raw=None if runs[0].mlp_raw is None else torch.cat([r.mlp_raw for r in runs], 1),
-    )
-
-
 @dataclass
 class LengthGroup:
     """The prompts of one token length and what their patches need."""
 
     prompts: Int[Tensor, " n"]  # global prompt indices
-    tokens: Int[Tensor, "n T"]  # their clean tokens (the bridge path's forwards start here)
+    tokens: Int[Tensor, "n T"]  # their clean tokens
     clean: tf.CleanRun
     source: tf.CleanRun  # where patches come from: `clean` itself, or the corrupt prompts' run
     positions: Int[Tensor, " Q"]  # answer position(s), shared by the whole group
@@ -118,9 +104,8 @@ class NodeStats:
 
 @dataclass
 class ScaleJob(Job):
-    """The scale sweep on one worker. With fast-path ``weights`` each patch restarts from its
-    node; with a ``bridge`` instead (``bridge_path.py``) each patched row is one full forward of
-    the bridge. Both are set by ``bind`` on the worker: the executors send the job unbound."""
+    """The scale sweep on one worker, bound (``Job.bind``) to its model's engine there: the
+    executors send the job unbound."""
 
     task: TaskData
     pairs: np.ndarray  # [P, 2] global (base, source), from make_pairs
@@ -136,8 +121,6 @@ class ScaleJob(Job):
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
 
     def on_bind(self) -> None:
-        if self.bridge is not None:
-            self.weights = bridge_path.view(self.bridge)  # what the read-out and node activations read
         self._groups, self._normaliser, self._subspaces = None, None, {}
 
     def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
@@ -146,9 +129,7 @@ class ScaleJob(Job):
         return {"effects": effects_table(stats, self.normaliser(), self.subspace, self.self_patch, self.circuit)}
 
     def _run(self, tokens: Int[Tensor, "N T"]) -> tf.CleanRun:
-        if self.bridge is not None:
-            return bridge_path.clean_run(self.bridge, tokens, self.batch_size)
-        return _run_batched(self.weights, tokens, self.batch_size)
+        return self.engine.clean_run(tokens, self.batch_size)
 
     # -- clean state, once per worker -------------------------------------------
 
@@ -156,7 +137,7 @@ class ScaleJob(Job):
     def groups(self) -> list[LengthGroup]:
         if self._groups is not None:
             return self._groups
-        w, task, device = self.weights, self.task, self.weights.device
+        w, task, device = self.engine.readout, self.task, self.engine.device
         lengths = task.lengths
         pairs = torch.as_tensor(self.pairs)
         groups, drops = [], []
@@ -212,7 +193,7 @@ class ScaleJob(Job):
             T = max(int(g.clean.resid_final.shape[1]) for g in groups)
             acts, real = [], []
             for g in groups:
-                a = scaling.node_activation(self.weights, node, g.clean)  # [n, t, D]
+                a = scaling.node_activation(self.engine.readout, node, g.clean)  # [n, t, D]
                 n, t, D = a.shape
                 acts.append(torch.cat([a, a.new_zeros(n, T - t, D)], 1))
                 real.append(torch.arange(T, device=a.device)[None, :].expand(n, T) < t)
@@ -223,9 +204,9 @@ class ScaleJob(Job):
 
     @torch.no_grad()
     def run_node(self, node: Node, scales: list[float]) -> NodeStats:
-        w = self.weights
+        w = self.engine.readout
         sub = self.subspace_of(node) if self.subspace != "full" else None
-        scale_values = torch.tensor(scales, dtype=torch.float32, device=w.device)
+        scale_values = torch.tensor(scales, dtype=torch.float32, device=self.engine.device)
         S = len(scales)
         changed = torch.zeros(S, dtype=torch.float64)
         metric_drop = torch.zeros(S, dtype=torch.float64)
@@ -240,8 +221,7 @@ class ScaleJob(Job):
                 if g.source is g.clean
                 else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
             )
-            start_at = scaling.restart_point(w, node, g.clean) if self.bridge is None else None
-            rope = tf.rotary_tables(w, T) if self.bridge is None else None
+            final_of = self.engine.patcher(node, g.clean, g.tokens)
             todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
             def patch(
@@ -250,17 +230,13 @@ class ScaleJob(Job):
                 g=g,
                 part_source=part_source,
                 part_base=part_base,
-                start_at=start_at,
-                rope=rope,
+                final_of=final_of,
                 todo=todo,
             ) -> tuple[Tensor, Tensor, Tensor]:
                 s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
-                if self.bridge is not None:  # one full forward a row
-                    final = bridge_path.patched_final(self.bridge, node, g.tokens[base], delta)
-                else:
-                    final = scaling.resume(w, node, start_at, base, delta, rope)
+                final = final_of(base, delta)
                 out = scaling.readout(
                     w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
                 )
@@ -274,9 +250,10 @@ class ScaleJob(Job):
                     f"use a smaller model or shorter prompts"
                 )
 
-            per_pass = tokens_per_pass(w.device) // T
+            device = self.engine.device
+            per_pass = tokens_per_pass(device) // T
             restarts = todo.count.shape[0]
-            for _, _, (s, flips, drop) in map_chunks(restarts, per_pass, patch, advice, memory_gauge(w.device)):
+            for _, _, (s, flips, drop) in map_chunks(restarts, per_pass, patch, advice, memory_gauge(device)):
                 changed.index_add_(0, s.cpu(), flips.double().cpu())
                 metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
             n_points += P * Q

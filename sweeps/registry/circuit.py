@@ -93,8 +93,7 @@ class CircuitSweep(Sweep):
         )
 
     def prepare(self) -> None:
-        from sweeps.core.attribution import build_graph
-        from sweeps.core.bridge_path import GraphConfig
+        from sweeps.core.attribution import GraphConfig, build_graph
         from sweeps.core.circuits import CircuitError, read_graph_circuit
         from sweeps.jobs.circuit import Curve, plan_circuits
         from sweeps.runtime.models import DEFAULT_MODEL

@@ -102,17 +102,12 @@ class ReportSweep(Sweep):
         import torch
 
         from analysis.task_report import build_report, summary_lines, write_task_report
-        from sweeps.core.lens import task_report
+        from sweeps.core.engines import engine_for
         from sweeps.runtime.loading import load_model, load_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(info, device)
-        if model.bridge is not None:
-            from sweeps.core import bridge_path
-
-            report = bridge_path.task_report(model.bridge, task, args.prompt_index)
-        else:
-            report = task_report(model.weights, task, args.prompt_index)
+        report = engine_for(model).task_report(task, args.prompt_index)
         tables = build_report(report, info.n_layers, info.n_heads, task.kind)
         tokenizer = load_tokenizer(info)
         ids = task.clean[args.prompt_index, : int(task.lengths[args.prompt_index])].tolist()
