@@ -9,7 +9,7 @@ magnitude), on:
   tiny Gemma 2 (post-norms, soft-capped logits) on the fast path;
 - tiny Llama 3 forced onto the bridge path, and tiny StableLM (no fast path at all).
 
-``tests/test_golden.py`` runs the same and compares: a refactor that should not change any
+``tests/jobs/test_golden.py`` runs the same and compares: a refactor that should not change any
 number (a new engine interface, a moved module) is checked against the record made before
 it, bit for bit (on a CPU of another instruction set, where float sums may round
 differently, to a relative 1e-5). Regenerate the record only for a change that is meant to move numbers,

@@ -3,7 +3,7 @@ fake GPU a node, so one actor a node), whose second node is removed mid-sweep.
 
 Prints one JSON line: shard id -> the node that computed it, the removed node, and
 whether every table equals the in-process executor's. Run by
-``tests/test_faults.py``; a script so that its Ray is not the test session's.
+``tests/runtime/test_faults.py``; a script so that its Ray is not the test session's.
 """
 
 import json

@@ -15,7 +15,7 @@ so every pre-norm below is weight-free ("LNPre"/"RMSPre"). What cannot be folded
 scaled embeddings) is described by ``ModelConfig``, the architecture spec that
 ``architectures.py`` reads off the loaded model. Attention, the MLP and the
 unembedding are each computed once, here; the sweeps, attribution and the lens
-all call these functions. ``tests/test_families.py`` checks this forward against
+all call these functions. ``tests/core/test_architectures.py`` checks this forward against
 the Hugging Face model of every supported family.
 
 Shapes: B batch, T positions, H query heads, K key/value heads, D d_model,

@@ -7,7 +7,7 @@ some 40 tensors of 1–4 MB a layer alive for its backward (about 2 GB for one p
 attribution sweep) and frees them all at the end, so each pass got fresh pages, and
 touching fresh pages is slow on a VM. With ``keep_freed_memory`` a second round of the
 same allocations reuses the pages instead of faulting them in again
-(``tests/test_allocator.py`` counts the faults); the forward and backward with autograd
+(``tests/runtime/test_allocator.py`` counts the faults); the forward and backward with autograd
 get faster, a forward without autograd does not change.
 
 What it costs: the process keeps memory it freed (up to ``KEEP`` at the top of its heap)

@@ -11,7 +11,7 @@ import torch
 from benchmarks import throughput
 from benchmarks.__main__ import default_sections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_runs_every_section_and_the_paths_agree():

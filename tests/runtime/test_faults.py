@@ -19,7 +19,7 @@ from sweeps.jobs.backup import BackupJob
 from sweeps.jobs.plan import plan_backup
 from sweeps.runtime.executors import LocalExecutor, RayExecutor
 from tasks import TaskSpec, build_task
-from tests.test_sweep import assert_same_tables, sweep, tables
+from tests.registry.test_driver import assert_same_tables, sweep, tables
 
 
 @dataclass
@@ -83,7 +83,7 @@ def test_killed_worker_loses_nothing_and_poison_shard_is_reported(ray_session, i
 # The driver process itself: killed, interrupted, raced
 # --------------------------------------------------------------------------- #
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP_ARGS = ["--model", "tiny-llama", "--n-prompts", "10", "--batch-size", "4", "--no-report",
               "--heads-per-shard", "1"]
 

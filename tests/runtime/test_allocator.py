@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # In a child process (the setting is process-wide): allocate what an autograd forward keeps
 # (200 tensors of 2 MB), free it all, and count the page faults of doing it again.

@@ -8,7 +8,7 @@ import pytest
 
 from sweeps.runtime.location import Location
 from sweeps.runtime.store import ResultStore, StoreError
-from tests.test_sweep import assert_same_tables, count_shards, sweep, tables
+from tests.registry.test_driver import assert_same_tables, count_shards, sweep, tables
 
 
 def test_a_file_uri_sweep_equals_a_plain_path_sweep_and_resumes(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from sweeps.core.nodes import Node
 from sweeps.jobs.scale import ScaleJob
 from sweeps.runtime import loading, models, tiny_models
 from tasks import TaskSpec, build_task
-from tests.test_attribution import scores_by_derivatives
+from tests.core.test_attribution import scores_by_derivatives
 
 FAMILIES = list(tiny_models.FAMILY_TINY_MODELS)
 # The engine's ``z`` is HookedTransformer's: value biases (and LayerNorm biases folded into
@@ -312,7 +312,7 @@ def test_every_family_runs_every_command_from_a_hub_name_and_from_a_directory(tm
         repo = tmp_path / "hf" / "hub" / f"models--{hub_name.replace('/', '--')}"
         runs += [hub_name, str(next((repo / "snapshots").iterdir()))]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "out"), json.dumps(runs)],
                           capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -550,7 +550,7 @@ def test_the_embedded_model_saved_under_its_hub_name_runs_the_hub_path_with_the_
     (repo / "refs" / "main").write_text(revision)
     del hf
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     slopes = {}
     for model in (hub_name, models.DEFAULT_MODEL):
         out = tmp_path / model.replace("/", "_")

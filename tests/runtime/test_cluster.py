@@ -16,9 +16,9 @@ from sweeps.runtime.cluster_config import check_cluster_config, security_warning
 from sweeps.runtime.provenance import source_hash
 from tests.conftest import needs
 from tests.local_cluster import LocalCluster, unavailable
-from tests.test_sweep import assert_same_tables, tables
+from tests.registry.test_driver import assert_same_tables, tables
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
 

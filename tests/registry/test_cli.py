@@ -179,7 +179,7 @@ def test_a_ray_run_prints_only_its_own_lines_unless_verbose(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_ADDRESS": "local"}
     cmd = [sys.executable, "sweeps/backup.py", "--model", "tiny-gpt2", "--executor", "ray", "--num-workers", "1",
            "--n-prompts", "6", "--heads", "L1", "--wandb", "disabled", "--no-report", "--out", str(tmp_path / "o")]
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     quiet = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
     lines = [line.strip() for line in re.split(r"[\r\n]", quiet.stderr) if line.strip()]
@@ -227,7 +227,7 @@ def test_the_script_runs_as_users_run_it(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "o"
     cmd = [sys.executable, str(root / "sweeps" / "backup.py"), "--model", "tiny-gpt2", "--executor", "local",
            "--n-prompts", "6", "--heads", "L1", "--wandb", "disabled", "--out", str(out)]
@@ -428,7 +428,7 @@ def test_every_registered_sweep_has_its_entry_script_subcommand_and_analysis(cap
     from sweeps.__main__ import main as interp_sweeps
     from sweeps.registry import SWEEPS
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert list(SWEEPS)[:5] == ["backup", "scale", "attribution", "circuit", "report"]  # --help order
     for name, cls in SWEEPS.items():
         assert cls.name == name, name
@@ -494,7 +494,7 @@ def test_each_layer_imports_only_the_layers_below_it():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     top_level = {p.name for p in (root / "sweeps").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert top_level == {"core", "runtime", "jobs", "registry"}, f"sweeps/ has folders {sorted(top_level)}"
     order = list(LAYERS)
@@ -511,6 +511,22 @@ def test_each_layer_imports_only_the_layers_below_it():
                 for name in names:
                     used = imported_layer(name)
                     assert used is None or used in may, f"{path.relative_to(root)} ({layer}) imports {name}"
+
+
+def test_the_tests_mirror_the_source_folders():
+    """A module's tests are found by its path: ``tests/core/`` tests ``sweeps/core/``, and so on;
+    every test module is in the folder of a source folder, none at the top."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tests = root / "tests"
+    assert not list(tests.glob("test_*.py")), "test modules at the top of tests/"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("__pycache__", "data")}
+    sources = {layer: root / folder for layer, folder in LAYERS.items()} | {"benchmarks": root / "benchmarks"}
+    assert folders == set(sources), f"tests/ has {sorted(folders)}, the source folders are {sorted(sources)}"
+    for folder in folders:
+        assert list((tests / folder).glob("test_*.py")), f"tests/{folder} has no tests"
+        assert sources[folder].is_dir(), f"tests/{folder} mirrors no source folder"
 
 
 def test_a_new_sweep_is_its_own_files_and_nothing_else(tmp_path, capsys, monkeypatch):

@@ -90,7 +90,7 @@ def test_circuit_sweep_curves_resume_and_report(tmp_path, tiny_llama, capsys):
     import pandas as pd
 
     from sweeps import circuit
-    from tests.test_attribution import run_attribution
+    from tests.core.test_attribution import run_attribution
 
     eap, ig = tmp_path / "eap", tmp_path / "ig"
     assert run_attribution(eap, "--verify-top", "0") == 0
@@ -135,7 +135,7 @@ def test_circuit_sweep_curves_resume_and_report(tmp_path, tiny_llama, capsys):
     from pathlib import Path
 
     done = subprocess.run([sys.executable, "-m", "analysis", "circuit", str(out), "--wandb", "disabled"],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "eap (edges): CPR" in done.stdout
 
