@@ -46,10 +46,11 @@ run: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
-## ruff: lint and format check of the project's code (settings in pyproject.toml).
+## ruff (lint and format check) and mypy (types) over the project's code; settings in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check sweeps analysis tasks
 	$(BIN)/ruff format --check sweeps analysis tasks
+	$(BIN)/mypy
 
 ## Speed ratios measured side by side (benchmarks/); ARGS=--quick for a smoke run.
 bench: $(STAMP)

@@ -92,15 +92,23 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 def node_columns(names: pd.Series) -> pd.DataFrame:
     """layer, head and kind of node names ``embed``, ``L9H6``, ``mlp9``."""
-    layer, head, kind = [], [], []
+    layer: list[int] = []
+    head: list[int | None] = []
+    kind: list[str] = []
     for name in names:
         if name == "embed":
-            layer.append(-1), head.append(None), kind.append("embed")
+            layer.append(-1)
+            head.append(None)
+            kind.append("embed")
         elif name.startswith("mlp"):
-            layer.append(int(name[3:])), head.append(None), kind.append("mlp")
+            layer.append(int(name[3:]))
+            head.append(None)
+            kind.append("mlp")
         else:
             lh = name[1:].split("H")
-            layer.append(int(lh[0])), head.append(int(lh[1])), kind.append("attn_head")
+            layer.append(int(lh[0]))
+            head.append(int(lh[1]))
+            kind.append("attn_head")
     return pd.DataFrame({"layer": layer, "head": pd.array(head, dtype="Int64"), "kind": kind}, index=names.index)
 
 

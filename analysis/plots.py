@@ -237,7 +237,7 @@ def heatmap_figure(
     fig_width = fig.get_size_inches()[0]
     ax.set_title(fit_text(title, fig_width - 0.5, 11), fontsize=11)
     extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get(
-        (above.any(), below.any()), "neither"
+        (bool(above.any()), bool(below.any())), "neither"
     )
     label = colorbar + (f"\n{scale.note}" if scale.note else "")
     bar = fig.colorbar(im, ax=ax, extend=extend, fraction=0.08 if cols > 8 else 0.12, pad=0.02)

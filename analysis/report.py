@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, cast
 
 import numpy as np
 
@@ -186,7 +186,7 @@ def log_run(
     spec_id = manifest.get("spec_id", "")
     run = wandb.init(
         project=project,
-        mode=mode,
+        mode=cast(Literal["online", "offline", "disabled", "shared"], mode),  # a --wandb choice
         job_type=f"{kind}-sweep",
         config=spec,
         name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
@@ -194,7 +194,9 @@ def log_run(
         reinit="finish_previous",
     )
     try:
-        payload = {name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()}
+        payload: dict[str, wandb.Table | wandb.Image | wandb.Html] = {
+            name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()
+        }
         for name, png in figures.items():
             payload[f"plots/{name}"] = wandb.Image(str(png))
             payload[f"html/{name}"] = wandb.Html(plots.standalone_html(png.with_suffix(".html")), inject=False)

@@ -73,6 +73,7 @@ def build_task(
         )
     from tasks import jsonl
 
+    assert spec.path is not None  # check_task sets the path of every jsonl spec
     return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts, prepend_bos=prepend_bos)
 
 

@@ -309,7 +309,7 @@ def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: i
     if typed:
         names = [f"{t}_inv_freq" for t in typed]
         scaling = [getattr(rot, f"{t}_attention_scaling", 1.0) for t in typed]
-        index = [typed.index(t) for t in layer_types]
+        index = [typed.index(t) for t in layer_types or []]
     else:
         if not isinstance(getattr(rot, "inv_freq", None), torch.Tensor):
             raise ArchitectureError(f"{family.name}: the rotary module has no inv_freq")

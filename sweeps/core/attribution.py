@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -88,6 +89,25 @@ class Graph:
         return sum(self.prefix)
 
 
+class GraphShape(Protocol):
+    """What ``build_graph`` reads of a model's shape: a ``ModelConfig`` or a ``GraphConfig``."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_heads(self) -> int: ...
+
+    @property
+    def n_kv_heads(self) -> int: ...
+
+    @property
+    def attn_only(self) -> bool: ...
+
+    @property
+    def parallel_attn_mlp(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GraphConfig:
     """What ``build_graph`` reads of a model's shape, where it is not a ``ModelConfig`` (the
@@ -100,13 +120,13 @@ class GraphConfig:
     parallel_attn_mlp: bool = False
 
 
-def upstream_row(cfg: ModelConfig, layer: int, head: int | None) -> int:
+def upstream_row(cfg: GraphShape, layer: int, head: int | None) -> int:
     """Row of a head (or the MLP, ``head=None``) of ``layer`` in ``Graph.upstream``."""
     stride = cfg.n_heads + (0 if cfg.attn_only else 1)
     return 1 + layer * stride + (cfg.n_heads if head is None else head)
 
 
-def build_graph(cfg: ModelConfig) -> Graph:
+def build_graph(cfg: GraphShape) -> Graph:
     H, K = cfg.n_heads, cfg.n_kv_heads
     upstream = [EMBED]
     for layer in range(cfg.n_layers):
@@ -152,9 +172,12 @@ def metric_terms(
     x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
     cap = w.cfg.final_softcap  # the metric is on the model's real, capped logits
     if task.kind == "logit_diff" and cap:
+        assert w.W_U_mean is not None and w.b_U_mean is not None  # kept for soft-capped models
+        assert task.correct is not None and task.incorrect is not None
+        W_U_mean, b_U_mean = w.W_U_mean, w.b_U_mean
 
         def capped(tokens: Tensor) -> Tensor:
-            raw = torch.einsum("pd,dp->p", x, w.W_U[:, tokens]) + w.b_U[tokens] + x @ w.W_U_mean + w.b_U_mean
+            raw = torch.einsum("pd,dp->p", x, w.W_U[:, tokens]) + w.b_U[tokens] + x @ W_U_mean + b_U_mean
             return cap * torch.tanh(raw / cap)
 
         return capped(task.correct.to(w.device)) - capped(task.incorrect.to(w.device))
@@ -233,6 +256,7 @@ class NextTokenLogProb(torch.autograd.Function):
             n = min(chunk, x.shape[0] - start)
             logits = torch.addmm(b_U, x[rows], W_U, out=buffer[:n])  # [n, V]
             if cap:
+                assert W_U_mean is not None and b_U_mean is not None and slope is not None
                 offset = x[rows] @ W_U_mean + b_U_mean  # [n]
                 th = torch.tanh(logits.add_(offset[:, None]).div_(cap), out=slope[:n])
                 logits.copy_(th).mul_(cap)
@@ -244,9 +268,11 @@ class NextTokenLogProb(torch.autograd.Function):
             total = e.sum(-1, keepdim=True)
             out[rows] = picked - top[:, 0] - total.log()[:, 0]
             if need_grad:
+                assert grad is not None
                 p = e.div_(total)  # softmax, in place
                 p.scatter_add_(-1, t, torch.full_like(t, -1, dtype=p.dtype))  # softmax − onehot
                 if cap:
+                    assert W_U_mean is not None and slope is not None
                     p.mul_(slope[:n])
                     torch.mm(p, W_U.T, out=grad[rows]).add_(p.sum(-1, keepdim=True) * W_U_mean).neg_()
                 else:
@@ -265,7 +291,7 @@ class NextTokenLogProb(torch.autograd.Function):
 # --------------------------------------------------------------------------- #
 
 
-def norm_vjp_(cfg: ModelConfig, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B T D"]) -> Float[Tensor, "N B T D"]:
+def norm_vjp_(cfg: tf.NormSpec, x: Float[Tensor, "B T D"], g: Float[Tensor, "N B T D"]) -> Float[Tensor, "N B T D"]:
     """``J^T g`` for ``y = normalize(x)`` (weight-free LayerNorm/RMSNorm), for N cotangents
     at once, **in place** in ``g`` (which is returned).
 
@@ -437,7 +463,8 @@ def block_backward(
     if layer > 0:
         wanted.append(clean.resid_pre[layer])
     grads = torch.autograd.grad(clean.resid_post[layer], wanted, g_post)
-    downstream_rows(w, layer, clean, *grads[:3], None if cfg.attn_only else grads[3], rows)
+    g_q, g_k, g_v = grads[:3]
+    downstream_rows(w, layer, clean, g_q, g_k, g_v, None if cfg.attn_only else grads[3], rows)
     if layer == 0:
         return None
     n_qkv = cfg.n_heads + 2 * cfg.n_kv_heads
@@ -467,7 +494,7 @@ def _gradient_rows(
     layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
     B, T, D = g_final.shape
     block = scratch.get("rows", (min(L, layers_per_block) * per_layer + 1, B, T, D), g_final.dtype, g_final.device)
-    g = g_final
+    g: Tensor | None = g_final
     for b in reversed(range(first, L, layers_per_block)):
         layers = range(b, min(L, b + layers_per_block))
         n = len(layers) * per_layer
@@ -476,6 +503,7 @@ def _gradient_rows(
             block[n].copy_(g_final)
             n, prefix = n + 1, [*prefix, graph.prefix[-1]]
         for i in reversed(range(len(layers))):
+            assert g is not None  # only block 0 returns None, and it is the last
             g = block_backward(w, layers[i], trace, g, block[i * per_layer : (i + 1) * per_layer])
         consume(layers, block[:n], prefix)
 
@@ -564,6 +592,12 @@ def _edge_offsets(graph: Graph) -> Tensor:
     return torch.tensor([0, *torch.tensor(graph.prefix).cumsum(0)[:-1].tolist()])
 
 
+def _toward(change: Tensor, a: float) -> Callable[[Tensor], Tensor]:
+    """``x ↦ x − (1 − a)·change``: the value ``a`` of the way from corrupt to clean, when
+    ``x`` is the clean value and ``change`` is clean − corrupt."""
+    return lambda x: x - (1 - a) * change
+
+
 def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, flat, steps, scratch) -> Tensor:
     """EAP-IG-activations: edges out of each group (the embeddings; one layer's heads; one
     MLP) score against the gradient averaged over ``steps`` runs with the group's output
@@ -582,13 +616,13 @@ def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, 
         first_row = upstream[0]
         for alpha in ig_alphas(steps):
             if kind == "embed":
-                edit = tf.Edit("resid_pre", 0, replace=lambda x, a=alpha: x - (1 - a) * d_embed)
+                edit = tf.Edit("resid_pre", 0, replace=_toward(d_embed, alpha))
             elif kind == "heads":
                 dz = clean.z[layer] - corrupt.z[layer]
-                edit = tf.Edit("z", layer, replace=lambda z, a=alpha, dz=dz: z - (1 - a) * dz)
+                edit = tf.Edit("z", layer, replace=_toward(dz, alpha))
             else:
                 dm = clean.mlp_out[layer] - corrupt.mlp_out[layer]
-                edit = tf.Edit("mlp_out", layer, replace=lambda m, a=alpha, dm=dm: m - (1 - a) * dm)
+                edit = tf.Edit("mlp_out", layer, replace=_toward(dm, alpha))
             with torch.enable_grad():
                 run = forward(w, clean.resid_pre[layer].detach(), layer, [edit], record=CLEAN_RECORD, cut=True)
                 for name in CLEAN_RECORD:  # index the restarted run's records by absolute layer
@@ -690,6 +724,7 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
     for target in targets:
         site, layer, delta = _upstream_delta(w, target.upstream, clean, corrupt, d_embed)
         if target.downstream is not None:
+            assert target.input is not None  # an edge names the input it reaches
             d = _downstream(graph, target.downstream, target.input)
             site, layer = INPUT_SITE[d.input], d.layer
             head = d.head

@@ -502,19 +502,24 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     def delta(u: str) -> Tensor:
         return node_write(clean_acts, W_O, u).detach() - node_write(corrupt, W_O, u)
 
+    def grad(name: str) -> Tensor:
+        value = acts[name].grad
+        assert value is not None, f"no gradient reached {name}"
+        return value
+
     def grad_after(u: str) -> Tensor:
         if u == "embed":
-            return acts["blocks.0.hook_resid_pre"].grad
+            return grad("blocks.0.hook_resid_pre")
         node = node_from_name(u)
-        return acts[f"blocks.{node.layer}.{'hook_mlp_out' if node.head is None else 'hook_attn_out'}"].grad
+        return grad(f"blocks.{node.layer}.{'hook_mlp_out' if node.head is None else 'hook_attn_out'}")
 
     def grad_at(d) -> Tensor:
         if d.input in ("q", "k", "v"):
-            return acts[f"blocks.{d.layer}.hook_{d.input}_input"].grad[:, :, d.head]
+            return grad(f"blocks.{d.layer}.hook_{d.input}_input")[:, :, d.head]
         if d.input == "mlp":
             x = acts[mlp_stream(d.layer, parallel)].detach()
-            return norm_vjp_(cfg, x, acts[f"blocks.{d.layer}.mlp.hook_in"].grad[None].clone())[0]
-        return acts["ln_final.hook_in"].grad
+            return norm_vjp_(cfg, x, grad(f"blocks.{d.layer}.mlp.hook_in")[None].clone())[0]
+        return grad("ln_final.hook_in")
 
     with torch.no_grad():
         deltas = {u: delta(u) for u in graph.upstream}

@@ -52,6 +52,7 @@ def effect_points(w: ModelWeights, task: TaskData) -> Points:
     if task.kind == "logit_diff":
         batch = torch.arange(task.n_prompts)
         pos = task.answer_pos
+        assert task.correct is not None and task.incorrect is not None  # a logit-difference task has both
         correct, incorrect = task.correct.to(device), task.incorrect.to(device)
         u = (w.W_U[:, correct] - w.W_U[:, incorrect]).T
         bias = w.b_U[correct] - w.b_U[incorrect]
@@ -89,6 +90,7 @@ def head_direct_effects(
     zp = gather(z, points, z.ndim - 4)  # [*G P H E]
     u = points.u
     if w.cfg.post_norm:
+        assert w.ln_attn_post is not None
         u = u * w.ln_attn_post[layer]
     dirs = torch.einsum("hed,pd->phe", w.W_O[layer], u) / scale[:, None, None]
     effects = torch.einsum("...phe,phe->...ph", zp, dirs)
@@ -110,6 +112,7 @@ def attention_bias_effects(
     if not w.cfg.post_norm:
         return (points.u @ w.b_O[layer]) / scale
     inv = attention_inv_rms(w, layer, gather(z, points, z.ndim - 4))
+    assert w.ln_attn_post is not None
     return ((points.u * w.ln_attn_post[layer]) @ w.b_O[layer]) * inv / scale
 
 
@@ -133,8 +136,17 @@ def neuron_directions(w: ModelWeights, points: Points, scale: Float[Tensor, " P"
     neuron's share is ``a_n W_out[n] ⊙ w / rms(m)``: ``u`` is multiplied by ``w`` here and
     ``neuron_direct_effects`` divides by the run's own ``rms(m)``."""
     layer = w.cfg.n_layers - 1
-    u = points.u * w.ln_mlp_post[layer] if w.cfg.post_norm else points.u
+    assert w.W_out is not None
+    u = _post_norm_weighted(w, points.u, layer)
     return torch.einsum("md,pd->pm", w.W_out[layer], u) / scale[:, None]
+
+
+def _post_norm_weighted(w: ModelWeights, u: Float[Tensor, "P D"], layer: int) -> Float[Tensor, "P D"]:
+    """``u ⊙ w`` of the layer's MLP post-norm, or ``u`` without one."""
+    if not w.cfg.post_norm:
+        return u
+    assert w.ln_mlp_post is not None
+    return u * w.ln_mlp_post[layer]
 
 
 def neuron_direct_effects(
@@ -151,7 +163,8 @@ def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, " P
     """``(b_out · u) / s`` of the last layer's MLP (``⊙ w`` under a post-norm, whose share
     divides by the run's ``rms(m)``: it moves only there)."""
     layer = w.cfg.n_layers - 1
-    u = points.u * w.ln_mlp_post[layer] if w.cfg.post_norm else points.u
+    assert w.b_out is not None
+    u = _post_norm_weighted(w, points.u, layer)
     return (u @ w.b_out[layer]) / scale
 
 
@@ -196,13 +209,15 @@ def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, poi
 
 def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, " B"]]]) -> Float[Tensor, "L H E"]:
     """Mean of each head's ``z`` over every real token of the dataset (mean ablation)."""
-    total, count = None, 0
+    total: Tensor | None = None
+    count = 0
     for run, lengths in runs:
         T = run.z.shape[2]
         real = (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).to(run.z.dtype)
         s = torch.einsum("lbthe,bt->lhe", run.z, real.to(run.z.device))
         total = s if total is None else total + s
         count += int(real.sum())
+    assert total is not None, "no runs to average"
     return total / count
 
 
@@ -251,7 +266,7 @@ class BatchState:
     last_inv_rms: torch.Tensor | None = None  # [P] 1 / rms of the last MLP's clean output (post-norm models)
 
 
-def final_read(w: ModelWeights, resid_final: Float[Tensor, "*G B T D"], points: Points):
+def final_read(w: tf.WithNormSpec, resid_final: Float[Tensor, "*G B T D"], points: Points):
     """(``x · u``, ``s``, normalised ``x``) of a run's final stream at the points; ``x`` centred
     for LayerNorm models (``u`` is)."""
     x = gather(resid_final, points, resid_final.ndim - 3)
@@ -294,8 +309,10 @@ def ablate_heads_of_layer(
         if read_final and l == last and out.mlp_hidden is not None:
             hidden = gather(out.mlp_hidden.view(G, B, T, -1), points, 1)
             if w.cfg.post_norm:
+                assert out.mlp_raw is not None
                 raw = gather(out.mlp_raw.view(G, B, T, -1), points, 1)
                 inv_rms = tf.post_norm_inv_rms(w.cfg, raw)[..., 0]
+        assert out.z is not None and out.resid_post is not None
         z = out.z.view(G, B, T, *out.z.shape[2:])
         head_des.append(head_direct_effects(w, l, z, points, scale))
         if read_final:

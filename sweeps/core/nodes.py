@@ -65,7 +65,7 @@ _NODE = re.compile(
 
 def _expand(text: str) -> list[int]:
     """``"0-2.5"`` -> [0, 1, 2, 5]."""
-    values = []
+    values: list[int] = []
     for part in text.split("."):
         first, _, last = part.partition("-")
         values.extend(range(int(first), int(last or first) + 1))

@@ -148,7 +148,9 @@ def node_activation(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tens
     (``z_h W_O[h]``) or ``hook_mlp_out``; under a post-norm, before it (the sublayer's
     post-norm then runs on the patched output)."""
     if node.head is None:
-        return run.mlp_raw[node.layer] if w.cfg.post_norm else run.mlp_out[node.layer]
+        out = run.mlp_raw if w.cfg.post_norm else run.mlp_out
+        assert out is not None  # a model with MLPs: a node ``mlpL`` exists
+        return out[node.layer]
     return torch.einsum("nte,ed->ntd", run.z[node.layer, :, :, node.head], w.W_O[node.layer, node.head])
 
 
@@ -173,6 +175,7 @@ def restart_point(w: ModelWeights, node: Node, run: tf.CleanRun) -> RestartPoint
     if w.cfg.post_norm:
         if node.head is not None:
             return RestartPoint(run.resid_pre[l], tf.attention_sum(w, l, run.z[l]))
+        assert run.mlp_raw is not None
         return RestartPoint(run.resid_pre[l] + tf.attention_out(w, l, run.z[l]), run.mlp_raw[l])
     if restarts_after_attention(w, node):
         return RestartPoint(run.resid_pre[l] + tf.attention_out(w, l, run.z[l]), None)
@@ -241,8 +244,10 @@ def readout(
     if w.cfg.final_softcap:  # the task's metric is on the model's real, capped logits
         right = _capped(w, right, x)
     if log_prob:
+        assert total is not None  # the running sum is kept for log-probabilities
         metric = right - top - total.log()
     else:
+        assert incorrect is not None
         wrong = _token_logits(w, x, incorrect.reshape(-1))
         metric = right - (_capped(w, wrong, x) if w.cfg.final_softcap else wrong)
     return Readout(metric.view(G, Q), top1.view(G, Q))
@@ -255,6 +260,7 @@ def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, 
 
 def _capped(w: ModelWeights, logits: Float[Tensor, " N *V"], x: Float[Tensor, "N D"]) -> Float[Tensor, " N *V"]:
     """The real logits of a soft-capped model from centred ones (``tf.cap_logits``), row by row."""
+    assert w.W_U_mean is not None and w.b_U_mean is not None  # kept for soft-capped models
     offset = x @ w.W_U_mean + w.b_U_mean
     offset = offset.view(-1, *([1] * (logits.ndim - 1)))
     return w.cfg.final_softcap * torch.tanh((logits + offset) / w.cfg.final_softcap)

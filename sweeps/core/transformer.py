@@ -24,8 +24,9 @@ E d_head, M d_mlp, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +132,11 @@ class ModelWeights:
     b_U_mean: Optional[Float[Tensor, ""]] = None
 
     def to(self, device: torch.device | str) -> "ModelWeights":
-        moved = {
-            name: (value.to(device) if isinstance(value, Tensor) else value) for name, value in self.__dict__.items()
-        }
-        return ModelWeights(**moved)
+        moved = copy.copy(self)
+        for name, value in self.__dict__.items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device))
+        return moved
 
     @property
     def device(self) -> torch.device:
@@ -146,7 +148,28 @@ class ModelWeights:
 # --------------------------------------------------------------------------- #
 
 
-def norm_scale(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
+class NormSpec(Protocol):
+    """What the norm functions read of a model's spec: a ``ModelConfig``, or the bridge's
+    ``bridge_path.ReadoutConfig`` (its norms folded the same way)."""
+
+    @property
+    def norm(self) -> str: ...
+
+    @property
+    def eps(self) -> float: ...
+
+    @property
+    def pre_norm(self) -> bool: ...
+
+
+class WithNormSpec(Protocol):
+    """Weights whose final stream can be normalised (``ModelWeights``, ``bridge_path.BridgeView``)."""
+
+    @property
+    def cfg(self) -> NormSpec: ...
+
+
+def norm_scale(cfg: NormSpec, x: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
     """The scale a (folded) LayerNorm/RMSNorm divides by: TL's ``hook_scale``."""
     if cfg.norm == "none":
         return torch.ones_like(x[..., :1])
@@ -155,7 +178,7 @@ def norm_scale(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "..
     return (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
 
 
-def normalize(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+def normalize(cfg: NormSpec, x: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
     if cfg.norm == "none":
         return x
     if cfg.norm == "layernorm":
@@ -163,7 +186,7 @@ def normalize(cfg: ModelConfig, x: Float[Tensor, "... D"]) -> Float[Tensor, "...
     return x / (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
 
 
-def sublayer_input(cfg: ModelConfig, resid: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+def sublayer_input(cfg: NormSpec, resid: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
     """What a sublayer reads: the normalised stream, or the raw stream without pre-norms (OLMo 2)."""
     return normalize(cfg, resid) if cfg.pre_norm else resid
 
@@ -173,7 +196,7 @@ def rms_norm(x: Float[Tensor, "... N"], weight: Float[Tensor, " N"], eps: float)
     return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
-def post_norm_inv_rms(cfg: ModelConfig, y: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
+def post_norm_inv_rms(cfg: NormSpec, y: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
     """``1 / rms(y)`` of a sublayer's output under its post-norm (its heads' shares divide by it)."""
     return (y.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()
 
@@ -189,6 +212,7 @@ def embed(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T D"]
     if w.cfg.embed_scale != 1.0:
         resid = resid * w.cfg.embed_scale
     if w.cfg.positional == "learned":
+        assert w.W_pos is not None
         resid = resid + w.W_pos[: tokens.shape[1]]
     return resid
 
@@ -202,6 +226,7 @@ def rotary_tables(w: ModelWeights, n_pos: int) -> Rope:
     (GPT-J) pairs 2i with 2i + 1."""
     if w.cfg.positional != "rotary":
         return None
+    assert w.rotary_inv_freq is not None
     inv = w.rotary_inv_freq if w.rotary_inv_freq.ndim == 2 else w.rotary_inv_freq[None]
     pos = torch.arange(n_pos, device=w.device, dtype=inv.dtype)
     tables = []
@@ -252,8 +277,10 @@ def positioned_qk(
     """QK-norm (per head, or over all heads at once as in OLMo 2), then rotary."""
     cfg = w.cfg
     if cfg.qk_norm == "head":
+        assert w.q_norm is not None and w.k_norm is not None
         q, k = rms_norm(q, w.q_norm[layer], cfg.eps), rms_norm(k, w.k_norm[layer], cfg.eps)
     elif cfg.qk_norm == "all":
+        assert w.q_norm is not None and w.k_norm is not None
         q = rms_norm(q.flatten(-2), w.q_norm[layer], cfg.eps).view(q.shape)
         k = rms_norm(k.flatten(-2), w.k_norm[layer], cfg.eps).view(k.shape)
     return apply_rotary(cfg, q, rope, layer), apply_rotary(cfg, k, rope, layer)
@@ -339,13 +366,17 @@ def head_writes(w: ModelWeights, layer: int, z: Float[Tensor, "... H E"]) -> Flo
     out = torch.einsum("...he,hed->...hd", z, w.W_O[layer])
     if w.cfg.post_norm:
         inv = post_norm_inv_rms(w.cfg, attention_sum(w, layer, z))  # [..., 1]
+        assert w.ln_attn_post is not None
         out = out * inv[..., None, :] * w.ln_attn_post[layer]
     return out
 
 
 def attention_write(w: ModelWeights, layer: int, y: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
     """What an attention sublayer with output ``y`` adds to the stream (its post-norm, if any)."""
-    return rms_norm(y, w.ln_attn_post[layer], w.cfg.eps) if w.cfg.post_norm else y
+    if not w.cfg.post_norm:
+        return y
+    assert w.ln_attn_post is not None
+    return rms_norm(y, w.ln_attn_post[layer], w.cfg.eps)
 
 
 def attention_out(w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"]) -> Float[Tensor, "B T D"]:
@@ -374,6 +405,7 @@ def _activation(name: str, x: Tensor) -> Tensor:
 def mlp_from_normalized(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
     """The MLP (before any post-norm) on its already normalised input (attribution
     differentiates at that input)."""
+    assert w.W_out is not None and w.b_out is not None
     return mlp_hidden(w, layer, x) @ w.W_out[layer] + w.b_out[layer]
 
 
@@ -381,15 +413,20 @@ def mlp_hidden(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]) -> Float[
     """The MLP's neuron activations (TL's ``mlp.hook_post``, what ``W_out`` reads) on its
     normalised input: its output is ``Σ_n a_n W_out[n] + b_out``."""
     cfg = w.cfg
+    assert w.W_in is not None and w.b_in is not None
     pre = x @ w.W_in[layer] + w.b_in[layer]
     if cfg.gated_mlp:
+        assert w.W_gate is not None
         return _activation(cfg.act_fn, x @ w.W_gate[layer]) * pre
     return _activation(cfg.act_fn, pre)
 
 
 def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
     """What an MLP with output ``m`` adds to the stream (its post-norm, if any)."""
-    return rms_norm(m, w.ln_mlp_post[layer], w.cfg.eps) if w.cfg.post_norm else m
+    if not w.cfg.post_norm:
+        return m
+    assert w.ln_mlp_post is not None
+    return rms_norm(m, w.ln_mlp_post[layer], w.cfg.eps)
 
 
 # --------------------------------------------------------------------------- #
@@ -437,7 +474,10 @@ class Edit:
             raise ValueError("a one-head q/k/v edit is an additive change of that head's input")
 
     def apply(self, value: Tensor) -> Tensor:
-        return self.replace(value) if self.replace is not None else value + self.delta
+        if self.replace is not None:
+            return self.replace(value)
+        assert self.delta is not None  # exactly one of the two (``__post_init__``)
+        return value + self.delta
 
 
 @dataclass
@@ -489,9 +529,15 @@ def _projections(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], index: 
     for site, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
         for e in index.get((site, layer), ()):
             if e.head is None:  # every head reads its own changed stream
-                moved = sublayer_input(w.cfg, e.replace(x) if e.replace is not None else x[:, :, None] + e.delta)
+                if e.replace is not None:
+                    changed = e.replace(x)
+                else:
+                    assert e.delta is not None
+                    changed = x[:, :, None] + e.delta
+                moved = sublayer_input(w.cfg, changed)
                 out[site] = torch.einsum("bthd,hde->bthe", moved, W[layer]) + b[layer]
             else:
+                assert e.delta is not None  # a one-head edit is additive (``Edit.__post_init__``)
                 one = (
                     torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]
                 )
@@ -549,12 +595,15 @@ def blocks(
         if cfg.attn_only:
             s.resid_post = s.resid_mid
         else:
-            mlp_in = s.mlp_in = _edited(index, "mlp_in", layer, s.resid_pre if cfg.parallel_attn_mlp else s.resid_mid)
+            stream = s.resid_pre if cfg.parallel_attn_mlp else s.resid_mid
+            assert stream is not None
+            mlp_in = s.mlp_in = _edited(index, "mlp_in", layer, stream)
             normed = sublayer_input(cfg, mlp_in)
             if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
                 normed = mlp_in.view_as(mlp_in)
             s.mlp_normed = normed
             s.mlp_hidden = mlp_hidden(w, layer, normed)
+            assert w.W_out is not None and w.b_out is not None
             s.mlp_raw = s.mlp_hidden @ w.W_out[layer] + w.b_out[layer]
             s.mlp_out = _edited(index, "mlp_out", layer, mlp_write(w, layer, s.mlp_raw))
             s.resid_post = s.resid_mid + s.mlp_out
@@ -606,6 +655,7 @@ def forward(
     for s in blocks(w, resid, start, edits, from_mid=from_mid, cut=cut, rope=rope):
         for name, values in kept.items():
             values.append(getattr(s, name))
+        assert s.resid_post is not None
         resid = s.resid_post
     resid = _edited(_by_site(edits), "resid_final", w.cfg.n_layers, resid)
     return Trace(resid_final=resid, **kept)
@@ -648,6 +698,7 @@ def cap_logits(w: ModelWeights, logits: Float[Tensor, "... V"], x: Float[Tensor,
     changes no softmax, no argmax and no logit difference)."""
     if not w.cfg.final_softcap:
         return logits
+    assert w.W_U_mean is not None and w.b_U_mean is not None
     raw = logits + (x @ w.W_U_mean)[..., None] + w.b_U_mean
     return w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap)
 

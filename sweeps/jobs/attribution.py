@@ -84,7 +84,9 @@ def prompts_per_pass(task: TaskData, graph: A.Graph, cfg, device: torch.device) 
 
 def attribution_tables(graph: A.Graph, result: A.BatchAttribution, shard: AttributionShard) -> dict[str, pa.Table]:
     node_sums = pa.table({"node": list(graph.upstream), "raw": result.nodes.numpy()})
-    ups, downs, inputs = [], [], []
+    ups: list[str] = []
+    downs: list[str] = []
+    inputs: list[str] = []
     for d, p in zip(graph.downstream, graph.prefix):
         ups.extend(graph.upstream[:p])
         downs.extend([d.name] * p)
@@ -137,6 +139,12 @@ class AttributionJob(Job):
             raise ValueError(f"{self.method} runs on the fast path's families only")
         self._graph = self.engine.graph()
 
+    @property
+    def graph(self) -> A.Graph:
+        """The model's attribution graph (``on_bind`` builds it)."""
+        assert self._graph is not None, "bind the job to a model first"
+        return self._graph
+
     def _chunked(self, batch: TaskData, per_pass: int, one_pass, advice: str):
         """``one_pass(sub-batch)`` over ``batch`` in passes of ``per_pass`` prompts (halved on
         out of memory), as an iterator of the passes' results."""
@@ -158,8 +166,8 @@ class AttributionJob(Job):
         if isinstance(shard, VerifyShard):
             return {"verify_sums": self._verify(batch, shard)}
         if self.method == "exact":
-            return attribution_tables(self._graph, self._exact(batch), shard)
-        engine, graph = self.engine, self._graph
+            return attribution_tables(self.graph, self._exact(batch), shard)
+        engine, graph = self.engine, self.graph
         total = None
         for part in self._chunked(
             batch,
@@ -169,6 +177,7 @@ class AttributionJob(Job):
             "use shorter prompts or a machine with more memory",
         ):
             total = add(total, part)
+        assert total is not None  # a shard has at least one prompt
         return attribution_tables(graph, total, shard)
 
     def _exact(self, batch: TaskData) -> A.BatchAttribution:
@@ -178,10 +187,11 @@ class AttributionJob(Job):
         for part in self._chunked(
             batch,
             self._patches_per_pass(batch),
-            lambda sub: self.engine.exact_scores(self._graph, sub, self.exact_edges),
+            lambda sub: self.engine.exact_scores(self.graph, sub, self.exact_edges),
             "out of memory patching one prompt; use shorter prompts",
         ):
             total = add(total, part)
+        assert total is not None  # a shard has at least one prompt
         return total
 
     def _verify(self, batch: TaskData, shard: VerifyShard) -> pa.Table:
@@ -190,7 +200,7 @@ class AttributionJob(Job):
         for metric, sums in self._chunked(
             batch,
             self._patches_per_pass(batch),
-            lambda sub: self.engine.patched_metric(self._graph, sub, list(shard.targets)),
+            lambda sub: self.engine.patched_metric(self.graph, sub, list(shard.targets)),
             "out of memory patching one prompt; use shorter prompts",
         ):
             clean += metric

@@ -181,6 +181,7 @@ class BackupJob(Job):
         if result.attn_bias is not None and state.de_bias is not None:  # b_O's share moves under a post-norm
             heads = heads + (result.attn_bias - state.de_bias[None, layer:]).sum(1)
         mlps = delta_mlps.sum(1)
+        assert result.final_dot is not None and s_ablated is not None and state.clean_dot is not None  # read_final
         total = result.final_dot / s_ablated - state.clean_dot / s
         final_norm = (s / s_ablated - 1) * result.final_dot / s
         out = {
@@ -202,10 +203,12 @@ class BackupJob(Job):
     def _neuron_changes(self, state: BatchState, result: effects.LayerAblation) -> tuple[torch.Tensor, torch.Tensor]:
         """The change of each last-MLP neuron's direct effect (clean ``s``), [G, P, M], and of its
         bias's share, [G, P]: together they sum to the ``last_mlp`` term at every point."""
+        assert state.neuron_dirs is not None and state.de_neurons is not None and result.last_hidden is not None
         ablated = effects.neuron_direct_effects(state.neuron_dirs, result.last_hidden, result.last_inv_rms)
         delta = ablated.sub_(state.de_neurons)  # in place: a pass over [G, P, M] less
         if state.last_inv_rms is None:  # without a post-norm b_out's share cannot move
             return delta, torch.zeros(delta.shape[:2], device=delta.device)
+        assert state.last_bias_dir is not None and result.last_inv_rms is not None  # set under a post-norm
         return delta, state.last_bias_dir * (result.last_inv_rms - state.last_inv_rms[None])
 
     def _capped_change(self, state: BatchState, result: effects.LayerAblation) -> torch.Tensor:
@@ -213,7 +216,9 @@ class BackupJob(Job):
         w, task = self.engine.readout, self.task
         sub = task.select(slice(state.start, state.start + state.tokens.shape[0]))
         points = state.points
+        assert result.final_normed is not None and state.clean_normed is not None  # soft-capped models
         if sub.kind == "logit_diff":
+            assert sub.correct is not None and sub.incorrect is not None
             tokens = [sub.correct.to(w.device)[points.batch], sub.incorrect.to(w.device)[points.batch]]
         else:
             tokens = [state.tokens[points.batch, points.pos + 1]]
@@ -234,6 +239,7 @@ class BackupJob(Job):
         if self.ablation == "zero":
             B, T = state.tokens.shape
             return torch.zeros(len(heads), B, T, self.shape[2], device=state.tokens.device)
+        assert state.replacement_z is not None  # resample and mean ablations keep it
         return torch.stack([state.replacement_z[layer, :, :, h] for h in heads])
 
     @torch.no_grad()
@@ -342,18 +348,21 @@ class _NeuronSums:
 
     def add(self, index: int, state: BatchState, chunk: list[int], delta: torch.Tensor, bias: torch.Tensor) -> None:
         """Batch ``index``'s changes for the heads of ``chunk``: ``delta`` [G, P, M], ``bias`` [G, P]."""
+        assert state.de_neurons is not None  # only made where the last MLP splits per neuron
+        de_neurons = state.de_neurons
         # Sums over a batch's points in float32 (pairwise: exact to float32's precision; a float64
         # copy of [G, P, M] would cost more than the rest of the split), across batches in float64.
         if self._clean_all is None or self._clean_all[0] != index:  # the same for every head
-            self._clean_all = index, state.de_neurons.sum(0).double().cpu()
+            self._clean_all = index, de_neurons.sum(0).double().cpu()
         everything = delta.sum(1).double().cpu()  # [G, M]
         for g, h in enumerate(chunk):
             for selection, sums in self.sums[h].items():
+                keep: slice | torch.Tensor
                 if selection == "all":
                     keep, clean, changed = slice(None), self._clean_all[1], everything[g]
                 else:
                     keep = self.masks[h][index]
-                    clean = state.de_neurons[keep].sum(0).double().cpu()
+                    clean = de_neurons[keep].sum(0).double().cpu()
                     changed = delta[g][keep].sum(0).double().cpu()
                 sums["delta"] = sums["delta"] + changed
                 sums["clean"] = sums["clean"] + clean

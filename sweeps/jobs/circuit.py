@@ -107,8 +107,14 @@ class CircuitJob(Job):
             if curve.n_candidates != expected:
                 raise ValueError(f"curve {curve.label}: {curve.n_candidates} {curve.level}s, the model has {expected}")
 
+    @property
+    def graph(self) -> A.Graph:
+        """The model's attribution graph (``on_bind`` builds it)."""
+        assert self._graph is not None, "bind the job to a model first"
+        return self._graph
+
     def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
-        graph, task = self._graph, self.task
+        graph, task = self.graph, self.task
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
         device = self.engine.device

@@ -82,7 +82,7 @@ def plan_backup(heads: list[tuple[int, int]], heads_per_shard: int | None = None
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(heads):
         by_layer.setdefault(layer, []).append(head)
-    shards = []
+    shards: list[Shard] = []
     for layer, hs in by_layer.items():
         step = heads_per_shard or len(hs)
         shards.extend(Shard(layer, tuple(hs[i : i + step])) for i in range(0, len(hs), step))
@@ -148,7 +148,10 @@ def scale_shard_from_id(shard_id: str) -> ScaleShard:
 
 
 def plan_scale(
-    nodes: list[Node], n_scales: int, done_shard_ids: set[str] = frozenset(), scales_per_shard: int | None = None
+    nodes: list[Node],
+    n_scales: int,
+    done_shard_ids: set[str] | frozenset[str] = frozenset(),
+    scales_per_shard: int | None = None,
 ) -> list[ScaleShard]:
     """Shards covering every (node, scale) that no finished shard covers.
 

@@ -154,6 +154,7 @@ class ScaleJob(Job):
             clean = self._run(clean_tokens)
             corrupt = self._run(corrupt_tokens)
             if task.kind == "logit_diff":
+                assert task.correct is not None and task.incorrect is not None
                 positions = torch.tensor([T - 1], device=device)
                 correct = task.correct[prompts, None].to(device)
                 incorrect = task.incorrect[prompts, None].to(device)
@@ -183,6 +184,7 @@ class ScaleJob(Job):
     def normaliser(self) -> float:
         """Mean clean − corrupt metric over the task: ``metric_change`` = 1 means that much."""
         self.groups()
+        assert self._normaliser is not None  # set by groups()
         return self._normaliser
 
     @torch.no_grad()

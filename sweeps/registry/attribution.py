@@ -158,10 +158,10 @@ class AttributionSweep(Sweep):
             )
         results = load_attribution_results(self.inputs.out)
         targets = top_targets(results.nodes, results.edges, args.verify_top)
-        todo = plan_verify(task.n_prompts, args.batch_size, targets, done)
-        return todo, (
+        verify = plan_verify(task.n_prompts, args.batch_size, targets, done)
+        return verify, (
             f"verifying the top {args.verify_top} nodes and edges by real patching: "
-            f"{n_batches - len(todo)} of {n_batches} batches done, {len(todo)} to run"
+            f"{n_batches - len(verify)} of {n_batches} batches done, {len(verify)} to run"
         )
 
     def job(self):

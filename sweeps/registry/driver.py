@@ -218,7 +218,8 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
             }
 
             def waves() -> Iterator[list]:
-                more, ran = shards, set()
+                more = shards
+                ran: set[str] = set()
                 while more:
                     ids = {s.id for s in more}
                     if ids <= ran:  # planned again after running: never loop on it

@@ -121,7 +121,9 @@ class ShardWorker:
 
     def run(self, shard: Shard, job: Job | JobRef | None = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         if self.job is None:
+            assert job is not None  # a worker with no job bound is always handed one (RayExecutor)
             self.bind(job)
+        assert self.job is not None  # bound above
         start = time.perf_counter()
         try:
             tables = self.job.run_shard(shard)
@@ -192,6 +194,7 @@ class LocalExecutor:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         for shard in shards:
+            assert self.worker is not None  # made by start()
             try:
                 tables, record = self.worker.run(shard)
             except (RuntimeError, ValueError) as err:
@@ -305,6 +308,7 @@ class RayExecutor:
 
         self.started_ray = connect_ray()
         options = self._actor_options()
+        assert self.num_workers is not None  # set by _actor_options
         retries = self.max_attempts - 1
         self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries, max_task_retries=retries)
         self._job_ref = JobRef(ray.put(self.job))  # the task's tensors go to the object store once

@@ -40,8 +40,11 @@ def load_checkpoint_bridge(info: ModelInfo):
 
     directory = Path(info.source)
     cfg = {k: v for k, v in read_tl_config(directory).items() if k not in ("device", "n_devices", "dtype")}
-    state = torch.load(tl_checkpoint_files(directory)[1], map_location="cpu", weights_only=True)
-    bridge = TransformerBridge.boot_native(cfg, tokenizer=load_tokenizer(info))
+    files = tl_checkpoint_files(directory)
+    assert files is not None  # read_tl_config above found the checkpoint's files
+    state = torch.load(files[1], map_location="cpu", weights_only=True)
+    # boot_native is attached to the class at runtime (setattr in transformer_lens's sources package)
+    bridge = TransformerBridge.boot_native(cfg, tokenizer=load_tokenizer(info))  # type: ignore[attr-defined]
     if any(key.endswith((".W_Q", ".W_E")) for key in state):  # HookedTransformer's key format
         state = convert_tl_checkpoint(state, bridge.cfg)
     try:

@@ -37,7 +37,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -166,7 +166,7 @@ def cached_weights(source: Path, build: Callable[[], ModelWeights], label: str |
 # --------------------------------------------------------------------------- #
 
 
-def cached_tokenizer(source: Path, build: Callable[[], object]):
+def cached_tokenizer(source: Path, build: Callable[[], Any]):
     """The tokenizer read from ``source``: from the cache, else ``build()`` and store."""
     from transformers import AutoTokenizer
 
@@ -235,7 +235,8 @@ def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> lis
     writers that died a day ago or more. Files of other names are left alone. Returns
     what was removed."""
     limit = max_bytes() if limit is None else limit
-    entries, removed = [], []
+    entries: list[tuple[float, int, Path]] = []
+    removed: list[Path] = []
     try:
         children = list(root.iterdir())
     except OSError:

@@ -159,6 +159,7 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
         raise ModelNameError(
             f"{where}: {model_type!r} is not a causal (decoder-only) language model; the sweeps read next-token logits"
         )
+    assert model_type is not None  # a key of CAUSAL, checked above
     names = [*archs, CAUSAL[model_type]]
     supported = architecture_adapter_factory.SUPPORTED_ARCHITECTURES
     arch = next((a for a in names if a in supported), None)
@@ -183,7 +184,8 @@ def _bridge_shape(cfg: dict, n_kv: int, parallel: bool) -> tuple[int, bool]:
 
         hf_config = CONFIG_MAPPING[cfg["model_type"]](**{k: v for k, v in cfg.items() if k != "model_type"})
         architecture = source.determine_architecture_from_hf_config(hf_config)
-        bridge_config = source.build_bridge_config_from_hf(hf_config, architecture, "config", None)
+        # dtype=None is fine at runtime (only stored on the config); the annotation says torch.dtype
+        bridge_config = source.build_bridge_config_from_hf(hf_config, architecture, "config", None)  # type: ignore[arg-type]
         adapter = source.architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(
             bridge_config
         )
@@ -197,10 +199,11 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
     Hugging Face config dict, or a ModelNameError."""
     family, path, prepend_bos = _path_of(cfg, where)
     try:
-        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-        n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
-        n_ctx = cfg.get("max_position_embeddings", cfg.get("n_positions"))
-        n_kv = cfg.get("num_key_value_heads") or n_heads
+        # Raw config values, possibly missing (None): int() below checks them (TypeError -> ModelNameError).
+        n_layers: Any = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        n_heads: Any = cfg.get("num_attention_heads", cfg.get("n_head"))
+        n_ctx: Any = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+        n_kv: Any = cfg.get("num_key_value_heads") or n_heads
         family_pieces = architectures.BY_MODEL_TYPE[cfg["model_type"]].pieces if path == "fast" else frozenset()
         parallel = bool(cfg.get("use_parallel_residual", False)) or "parallel" in family_pieces
         if path == "bridge":  # what TransformerLens's adapter will make of it (Falcon: multi-query, parallel)
@@ -374,7 +377,9 @@ def read_tl_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's TransformerLens config as a plain dict."""
     from sweeps.runtime.safe_pickle import UnsafePickle, load_plain
 
-    path = tl_checkpoint_files(directory)[0]
+    files = tl_checkpoint_files(directory)
+    assert files is not None  # callers pass a checkpoint directory
+    path = files[0]
     try:
         cfg = json.loads(path.read_text()) if path.suffix == ".json" else load_plain(path)
     except UnsafePickle as err:

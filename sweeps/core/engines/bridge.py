@@ -26,9 +26,9 @@ from tasks.base import TaskData
 class BridgeEngine:
     """``Engine`` on a TransformerLens bridge."""
 
-    name = "bridge"
+    name: str = "bridge"
     # eap-ig-activations interpolates one group's output at a time: our own forward only
-    attribution_methods = tuple(m for m in A.METHODS if m != "eap-ig-activations")
+    attribution_methods: tuple[str, ...] = tuple(m for m in A.METHODS if m != "eap-ig-activations")
 
     def __init__(self, bridge: Any):
         self.bridge = bridge

@@ -25,8 +25,8 @@ from tasks.base import TaskData
 class FastEngine:
     """``Engine`` on fast-path ``ModelWeights``."""
 
-    name = "fast"
-    attribution_methods = A.METHODS
+    name: str = "fast"
+    attribution_methods: tuple[str, ...] = A.METHODS
 
     def __init__(self, weights: tf.ModelWeights):
         self.weights = weights
@@ -70,6 +70,7 @@ class FastEngine:
         if run.last_hidden is not None:  # the last MLP split per neuron (self-repair decomposition)
             state.neuron_dirs = effects.neuron_directions(w, points, decomposition.scale)
             if w.cfg.post_norm:
+                assert run.mlp_raw is not None
                 state.last_inv_rms = tf.post_norm_inv_rms(w.cfg, effects.gather(run.mlp_raw[-1], points, 0))[..., 0]
                 state.last_bias_dir = effects.mlp_bias_direction(w, points, decomposition.scale)
             state.de_neurons = effects.neuron_direct_effects(
