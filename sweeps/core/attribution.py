@@ -169,20 +169,23 @@ def metric_terms(
     """The metric at each point: the logit difference (correct − incorrect) at each
     prompt's answer position, or the log-probability of each next token."""
     points = effect_points(w, task)
-    x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])
+    x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])  # the model's dtype
     cap = w.cfg.final_softcap  # the metric is on the model's real, capped logits
     if task.kind == "logit_diff" and cap:
         assert w.W_U_mean is not None and w.b_U_mean is not None  # kept for soft-capped models
         assert task.correct is not None and task.incorrect is not None
         W_U_mean, b_U_mean = w.W_U_mean, w.b_U_mean
 
+        xf = x.float()
+
         def capped(tokens: Tensor) -> Tensor:
-            raw = torch.einsum("pd,dp->p", x, w.W_U[:, tokens]) + w.b_U[tokens] + x @ W_U_mean + b_U_mean
+            W_t, b_t = w.W_U[:, tokens].float(), w.b_U[tokens].float()
+            raw = torch.einsum("pd,dp->p", xf, W_t) + b_t + xf @ W_U_mean.float() + b_U_mean.float()
             return cap * torch.tanh(raw / cap)
 
         return capped(task.correct.to(w.device)) - capped(task.incorrect.to(w.device))
     if task.kind == "logit_diff":
-        return (x * points.u).sum(-1) + points.bias
+        return (x.float() * points.u).sum(-1) + points.bias
     targets = task.clean.to(w.device)[points.batch, points.pos + 1]
     if cap:
         return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, scratch or Scratch(), cap, w.W_U_mean, w.b_U_mean)
@@ -245,19 +248,21 @@ class NextTokenLogProb(torch.autograd.Function):
         raw (uncentred) logits ``x W_U + b_U + x·W_U_mean + b_U_mean``, and the gradient gains
         the cap's derivative ``1 − tanh²`` and the mean's direction."""
         need_grad = ctx.needs_input_grad[0]
-        out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        # The logits in the model's dtype; their softmax, the output and the gradient's
+        # softmax − onehot in float32 (the same buffers when the model is float32).
+        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         grad = torch.empty_like(x) if need_grad else None
         V = W_U.shape[1]
         chunk = max(1, min(x.shape[0], max(64, NextTokenLogProb.MAX_LOGITS // V)))
         buffer = scratch.get("logits", (chunk, V), x.dtype, x.device)
-        slope = scratch.get("cap_slope", (chunk, V), x.dtype, x.device) if cap else None
+        slope = scratch.get("cap_slope", (chunk, V), torch.float32, x.device) if cap else None
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
             n = min(chunk, x.shape[0] - start)
-            logits = torch.addmm(b_U, x[rows], W_U, out=buffer[:n])  # [n, V]
+            logits = torch.addmm(b_U, x[rows], W_U, out=buffer[:n]).float()  # [n, V]
             if cap:
                 assert W_U_mean is not None and b_U_mean is not None and slope is not None
-                offset = x[rows] @ W_U_mean + b_U_mean  # [n]
+                offset = x[rows].float() @ W_U_mean.float() + b_U_mean.float()  # [n]
                 th = torch.tanh(logits.add_(offset[:, None]).div_(cap), out=slope[:n])
                 logits.copy_(th).mul_(cap)
                 th.square_().neg_().add_(1.0)  # d capped / d raw = 1 − tanh²
@@ -274,16 +279,16 @@ class NextTokenLogProb(torch.autograd.Function):
                 if cap:
                     assert W_U_mean is not None and slope is not None
                     p.mul_(slope[:n])
-                    torch.mm(p, W_U.T, out=grad[rows]).add_(p.sum(-1, keepdim=True) * W_U_mean).neg_()
+                    torch.mm(p.to(W_U.dtype), W_U.T, out=grad[rows]).add_(p.sum(-1, keepdim=True) * W_U_mean).neg_()
                 else:
-                    torch.mm(p, W_U.T, out=grad[rows]).neg_()
+                    torch.mm(p.to(W_U.dtype), W_U.T, out=grad[rows]).neg_()
         ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx, g: Float[Tensor, " P"]):
         (grad,) = ctx.saved_tensors
-        return g[:, None] * grad, None, None, None, None, None, None, None
+        return (g[:, None] * grad).to(grad.dtype), None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -361,7 +366,7 @@ def edge_products(
     order for these shapes (a long contraction, few rows).
     """
     n = prefix[-1]
-    scores = torch.mm(deltas[:n], rows.T)  # [n, R]
+    scores = torch.mm(deltas[:n], rows.T).float()  # [n, R]: one rounding of the model's dtype each
     keep = torch.arange(n, device=rows.device)[:, None] < torch.tensor(prefix, device=rows.device)[None, :]
     return scores.T[keep.T]
 
@@ -415,7 +420,7 @@ def downstream_rows(
     if cfg.norm == "none" or not cfg.pre_norm:
         inv_s, y = None, None
     else:
-        inv_s, y = tf.norm_scale(cfg, x).reciprocal(), tf.normalize(cfg, x)  # [B T 1], [B T D]
+        inv_s, y = tf.norm_scale(cfg, x).reciprocal().to(x.dtype), tf.normalize(cfg, x)  # [B T 1], [B T D]
     # [H or K, B·T, E] @ [H or K, E, D], written straight into the rows.
     g_in = out[: H + 2 * K].view(H + 2 * K, B * T, cfg.d_model)
     coefs = []
@@ -605,7 +610,7 @@ def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, 
     group's layer (nothing before it changes)."""
     cfg = w.cfg
     L = cfg.n_layers
-    edges = torch.zeros(graph.n_edges, dtype=flat.dtype, device=flat.device)
+    edges = torch.zeros(graph.n_edges, dtype=torch.float32, device=flat.device)
     offsets = _edge_offsets(graph).to(flat.device)
     groups = [("embed", 0, [0])]
     for layer in range(L):
@@ -636,7 +641,7 @@ def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, 
                 if not reads:
                     return
                 sel = torch.tensor(reads, device=rows.device)
-                scores = flat[upstream] @ rows.flatten(1)[sel].T  # [n_group, n_reads]
+                scores = (flat[upstream] @ rows.flatten(1)[sel].T).float()  # [n_group, n_reads]
                 at = offsets[start + sel][None, :] + torch.tensor(upstream, device=rows.device)[:, None]
                 edges.index_add_(0, at.flatten(), scores.flatten())
 

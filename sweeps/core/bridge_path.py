@@ -26,13 +26,21 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sweeps.core import effects
+from sweeps.core import effects, precision
 from sweeps.core import transformer as tf
 from sweeps.core.attribution import GraphConfig
 from sweeps.core.nodes import Node, node_from_name
 from tasks.base import TaskData
 
 SUM_CHECK_TOLERANCE = 1e-3  # of the largest |logit difference|, as the report's check
+
+
+def check_tolerance(bridge) -> float:
+    """How far the identities the bridge path checks (the sum check, a node's edges against
+    its score, the full and empty circuits) may miss: ``SUM_CHECK_TOLERANCE`` in float32, and
+    what a few roundings of the model's dtype explain in bfloat16 or float16 (an architecture
+    the definitions do not fit misses by far more, of the order of the values themselves)."""
+    return max(SUM_CHECK_TOLERANCE, 16 * precision.unit_roundoff(bridge.W_U.dtype))
 
 
 class BridgePathError(ValueError):
@@ -55,8 +63,8 @@ def norm_kind(bridge) -> str:
 
 def effect_points(bridge, task: TaskData) -> effects.Points:
     """``effects.effect_points`` with the bridge's (compatibility-mode) unembedding."""
-    W_U = bridge.W_U.detach()
-    b_U = stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device)
+    W_U = bridge.W_U.detach().float()  # the directions in float32 (``precision.py``)
+    b_U = stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device).float()
     if task.kind == "logit_diff":
         batch, pos = torch.arange(task.n_prompts), task.answer_pos
         u = (W_U[:, task.correct] - W_U[:, task.incorrect]).T
@@ -105,12 +113,12 @@ def head_writes(bridge, cache: dict[str, Tensor], layer: int) -> Float[Tensor, "
 
 
 def final_scale(cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, " P"]:
-    return cache["ln_final.hook_scale"][points.batch, points.pos, 0]
+    return cache["ln_final.hook_scale"][points.batch, points.pos, 0].float()
 
 
 def head_effects(bridge, cache, layer: int, points: effects.Points, scale: Tensor) -> Float[Tensor, "P H"]:
-    z = cache[f"blocks.{layer}.attn.hook_z"][points.batch, points.pos]  # [P, H, E]
-    dirs = torch.einsum("hed,pd->phe", bridge.W_O[layer].detach(), points.u) / scale[:, None, None]
+    z = cache[f"blocks.{layer}.attn.hook_z"][points.batch, points.pos].float()  # [P, H, E]
+    dirs = torch.einsum("hed,pd->phe", bridge.W_O[layer].detach().float(), points.u) / scale[:, None, None]
     return torch.einsum("phe,phe->ph", z, dirs)
 
 
@@ -118,7 +126,7 @@ def mlp_effects(cache, layer: int, points: effects.Points, scale: Tensor) -> Flo
     out = cache.get(f"blocks.{layer}.hook_mlp_out")
     if out is None:
         return torch.zeros(points.n)
-    return (out[points.batch, points.pos] * points.u).sum(-1) / scale
+    return (out[points.batch, points.pos].float() * points.u).sum(-1) / scale
 
 
 def last_mlp_out(bridge, cache: dict[str, Tensor]) -> Tensor | None:
@@ -128,19 +136,19 @@ def last_mlp_out(bridge, cache: dict[str, Tensor]) -> Tensor | None:
     L = bridge.cfg.n_layers
     hidden, out = cache.get(f"blocks.{L - 1}.mlp.hook_post"), cache.get(f"blocks.{L - 1}.hook_mlp_out")
     try:
-        W_out = bridge.W_out[L - 1].detach()
+        W_out = bridge.W_out[L - 1].detach().float()
     except (AttributeError, KeyError, IndexError, TypeError):
         return None
     if hidden is None or out is None or hidden.shape[-1] != W_out.shape[0]:
         return None
-    b_out = stacked(bridge, "b_out", (L, W_out.shape[1])).to(W_out.device)[L - 1]
-    error = float((hidden @ W_out + b_out - out).abs().max() / out.abs().max().clamp(min=1e-6))
-    return W_out if error <= SUM_CHECK_TOLERANCE else None
+    b_out = stacked(bridge, "b_out", (L, W_out.shape[1])).to(W_out.device)[L - 1].float()
+    error = float((hidden.float() @ W_out + b_out - out.float()).abs().max() / out.float().abs().max().clamp(min=1e-6))
+    return W_out if error <= check_tolerance(bridge) else None
 
 
 def last_hidden(bridge, cache: dict[str, Tensor], points: effects.Points) -> Float[Tensor, "P M"]:
     """The last MLP's neuron activations at the points."""
-    return cache[f"blocks.{bridge.cfg.n_layers - 1}.mlp.hook_post"][points.batch, points.pos]
+    return cache[f"blocks.{bridge.cfg.n_layers - 1}.mlp.hook_post"][points.batch, points.pos].float()
 
 
 def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
@@ -148,9 +156,9 @@ def decompose(bridge, cache, points: effects.Points) -> effects.Decomposition:
     L = bridge.cfg.n_layers
     scale = final_scale(cache, points)
     embed = cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
-    b_O = stacked(bridge, "b_O", (L, bridge.cfg.d_model))
+    b_O = stacked(bridge, "b_O", (L, bridge.cfg.d_model)).float()
     return effects.Decomposition(
-        embed=(embed[points.batch, points.pos] * points.u).sum(-1) / scale,
+        embed=(embed[points.batch, points.pos].float() * points.u).sum(-1) / scale,
         heads=torch.stack([head_effects(bridge, cache, l, points, scale) for l in range(L)]),
         attn_bias=torch.stack([(points.u @ b_O[l]) / scale for l in range(L)]),
         mlps=torch.stack([mlp_effects(cache, l, points, scale) for l in range(L)]),
@@ -184,7 +192,7 @@ def sum_check(bridge, task: TaskData) -> float:
         real = logits[points.batch, points.pos].gather(-1, small.clean[points.batch, points.pos + 1][:, None])[:, 0]
         real = real - logits[points.batch, points.pos].mean(-1)  # the direct effects sum to centred logits
     error = float((total - real).abs().max() / real.abs().max().clamp(min=1e-6))
-    if error > SUM_CHECK_TOLERANCE:
+    if error > check_tolerance(bridge):
         raise BridgePathError(
             f"{bridge.cfg.model_name if hasattr(bridge.cfg, 'model_name') else 'this model'}: its components' direct "
             f"effects do not add up to its logits through TransformerLens's hooks (relative error {error:.1e}); "
@@ -321,7 +329,7 @@ def view(bridge) -> BridgeView:
     return BridgeView(
         ReadoutConfig(norm_kind(bridge), float(c.eps), W_U.shape[1]),
         W_U,
-        stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device),
+        stacked(bridge, "b_U", (W_U.shape[1],)).to(W_U.device, W_U.dtype),
         bridge.W_O.detach(),
         W_U.device,
     )
@@ -362,7 +370,7 @@ def patched_final(
     site = f"blocks.{node.layer}.hook_attn_out" if node.head is not None else f"blocks.{node.layer}.hook_mlp_out"
     L = bridge.cfg.n_layers
     final = f"blocks.{L - 1}.hook_resid_post"
-    with bridge.hooks(fwd_hooks=[(site, lambda act, hook: act + delta)]):
+    with bridge.hooks(fwd_hooks=[(site, lambda act, hook: act + delta.to(act.dtype))]):
         _, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name == final)
     return cache[final]
 
@@ -384,7 +392,9 @@ def graph_config(bridge) -> GraphConfig:
 
 
 def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
-    """Σ over the points of the logit difference, or of each next token's log-probability."""
+    """Σ over the points of the logit difference, or of each next token's log-probability, in
+    float32 whatever the model's dtype."""
+    logits = logits.float()
     b = torch.arange(task.n_prompts)
     if task.kind == "logit_diff":
         pos = task.answer_pos
@@ -522,7 +532,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
         return grad("ln_final.hook_in")
 
     with torch.no_grad():
-        deltas = {u: delta(u) for u in graph.upstream}
+        deltas = {u: delta(u).float() for u in graph.upstream}
     nodes = torch.zeros(len(graph.upstream), dtype=torch.float64)
     edges = torch.zeros(graph.n_edges, dtype=torch.float64)
     for alpha in ig_alphas(steps):
@@ -530,17 +540,17 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
             acts, _ = run_with_grads(alpha)
         with torch.no_grad():
             nodes += torch.tensor(
-                [float((grad_after(u) * deltas[u]).sum()) for u in graph.upstream], dtype=torch.float64
+                [float((grad_after(u).float() * deltas[u]).sum()) for u in graph.upstream], dtype=torch.float64
             )
             run_edges = []
             for d, p in zip(graph.downstream, graph.prefix):
-                g = grad_at(d)
+                g = grad_at(d).float()
                 run_edges += [float((g * deltas[u]).sum()) for u in graph.upstream[:p]]
             edges += torch.tensor(run_edges, dtype=torch.float64)
     nodes, edges = nodes / steps, edges / steps
     summed = node_scores(graph, edges)
     error = float((summed - nodes).abs().max() / nodes.abs().max().clamp(min=1e-6))
-    if error > 1e-3:
+    if error > check_tolerance(bridge):
         raise BridgePathError(
             f"attribution through the bridge's hooks: a node's edges do not sum to its score "
             f"(relative error {error:.1e}); this architecture's inputs are not hooked as the graph assumes"
@@ -640,7 +650,7 @@ class CircuitRunner:
             ("empty", torch.zeros(n, dtype=torch.bool), self.corrupt_metric),
         ):
             got = self.metric(mask)
-            if abs(got - expected) > 1e-3 * max(1.0, abs(self.clean_metric - self.corrupt_metric)):
+            if abs(got - expected) > check_tolerance(bridge) * max(1.0, abs(self.clean_metric - self.corrupt_metric)):
                 raise BridgePathError(
                     f"circuit evaluation through the bridge's hooks: the {name} circuit gives "
                     f"{got:.4f}, not {expected:.4f}; this architecture's inputs are not hooked "

@@ -68,7 +68,7 @@ def head_outputs(w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"]) -> Fl
     with ``b_O / H``."""
     out = torch.einsum("bthe,hed->bthd", z, w.W_O[layer])
     if w.cfg.post_norm:
-        inv = tf.post_norm_inv_rms(w.cfg, tf.attention_sum(w, layer, z))  # [B T 1]
+        inv = tf.post_norm_inv_rms(w.cfg, tf.attention_sum(w, layer, z)).to(out.dtype)  # [B T 1]
         assert w.ln_attn_post is not None
         out = (out + w.b_O[layer] / w.cfg.n_heads) * inv[..., None, :] * w.ln_attn_post[layer]
     return out

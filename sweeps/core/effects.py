@@ -47,22 +47,23 @@ class Points:
 
 
 def effect_points(w: ModelWeights, task: TaskData) -> Points:
-    """The points and directions of a (sub-)batch of a task."""
+    """The points and directions of a (sub-)batch of a task; the directions in float32 (every
+    direct effect is a float32 projection onto them, ``precision.py``)."""
     device = w.device
     if task.kind == "logit_diff":
         batch = torch.arange(task.n_prompts)
         pos = task.answer_pos
         assert task.correct is not None and task.incorrect is not None  # a logit-difference task has both
         correct, incorrect = task.correct.to(device), task.incorrect.to(device)
-        u = (w.W_U[:, correct] - w.W_U[:, incorrect]).T
-        bias = w.b_U[correct] - w.b_U[incorrect]
+        u = (w.W_U[:, correct].float() - w.W_U[:, incorrect].float()).T
+        bias = w.b_U[correct].float() - w.b_U[incorrect].float()
     else:
         rows = [(b, t) for b in range(task.n_prompts) for t in range(int(task.lengths[b]) - 1)]
         batch = torch.tensor([b for b, _ in rows])
         pos = torch.tensor([t for _, t in rows])
         targets = task.clean[batch, pos + 1].to(device)
-        u = w.W_U[:, targets].T
-        bias = w.b_U[targets]
+        u = w.W_U[:, targets].T.float()
+        bias = w.b_U[targets].float()
     if w.cfg.norm == "layernorm":
         u = u - u.mean(-1, keepdim=True)
     return Points(batch.to(device), pos.to(device), u.contiguous(), bias)
@@ -87,12 +88,12 @@ def head_direct_effects(
     Under a post-norm (Gemma 2/3, OLMo 2) a head writes its share
     ``(z_h W_O[h]) / rms(y) ⊙ w`` of the layer's output ``y``, with the ``rms(y)`` of the
     run that ``z`` comes from: the shares sum exactly to the sublayer's write."""
-    zp = gather(z, points, z.ndim - 4)  # [*G P H E]
+    zp = gather(z, points, z.ndim - 4).float()  # [*G P H E]
     u = points.u
     if w.cfg.post_norm:
         assert w.ln_attn_post is not None
-        u = u * w.ln_attn_post[layer]
-    dirs = torch.einsum("hed,pd->phe", w.W_O[layer], u) / scale[:, None, None]
+        u = u * w.ln_attn_post[layer].float()
+    dirs = torch.einsum("hed,pd->phe", w.W_O[layer].float(), u) / scale[:, None, None]
     effects = torch.einsum("...phe,phe->...ph", zp, dirs)
     if w.cfg.post_norm:
         effects = effects * attention_inv_rms(w, layer, zp)[..., None]
@@ -110,17 +111,17 @@ def attention_bias_effects(
     """Direct effect of the layer's output bias ``b_O`` (which holds the folded value biases);
     under a post-norm its share divides by the run's own ``rms(y)``."""
     if not w.cfg.post_norm:
-        return (points.u @ w.b_O[layer]) / scale
+        return (points.u @ w.b_O[layer].float()) / scale
     inv = attention_inv_rms(w, layer, gather(z, points, z.ndim - 4))
     assert w.ln_attn_post is not None
-    return ((points.u * w.ln_attn_post[layer]) @ w.b_O[layer]) * inv / scale
+    return ((points.u * w.ln_attn_post[layer].float()) @ w.b_O[layer].float()) * inv / scale
 
 
 def vector_direct_effects(
     r: Float[Tensor, "*G B T D"], points: Points, scale: Float[Tensor, " P"]
 ) -> Float[Tensor, "*G P"]:
     """Direct effect of any residual-stream write (an MLP's output, an embedding)."""
-    rp = gather(r, points, r.ndim - 3)
+    rp = gather(r, points, r.ndim - 3).float()
     return torch.einsum("...pd,pd->...p", rp, points.u) / scale
 
 
@@ -138,7 +139,7 @@ def neuron_directions(w: ModelWeights, points: Points, scale: Float[Tensor, " P"
     layer = w.cfg.n_layers - 1
     assert w.W_out is not None
     u = _post_norm_weighted(w, points.u, layer)
-    return torch.einsum("md,pd->pm", w.W_out[layer], u) / scale[:, None]
+    return torch.einsum("md,pd->pm", w.W_out[layer].float(), u) / scale[:, None]
 
 
 def _post_norm_weighted(w: ModelWeights, u: Float[Tensor, "P D"], layer: int) -> Float[Tensor, "P D"]:
@@ -146,7 +147,7 @@ def _post_norm_weighted(w: ModelWeights, u: Float[Tensor, "P D"], layer: int) ->
     if not w.cfg.post_norm:
         return u
     assert w.ln_mlp_post is not None
-    return u * w.ln_mlp_post[layer]
+    return u * w.ln_mlp_post[layer].float()
 
 
 def neuron_direct_effects(
@@ -155,7 +156,7 @@ def neuron_direct_effects(
     """Each neuron's direct effect from its activations at the points (``hidden``) and the
     ``1 / rms(m)`` of the run's MLP output under a post-norm (None without): with the bias's
     share (``mlp_bias_effects``) they sum exactly to the MLP's direct effect."""
-    out = hidden * directions
+    out = hidden.float() * directions
     return out if inv_rms is None else out.mul_(inv_rms[..., None])
 
 
@@ -165,7 +166,7 @@ def mlp_bias_direction(w: ModelWeights, points: Points, scale: Float[Tensor, " P
     layer = w.cfg.n_layers - 1
     assert w.b_out is not None
     u = _post_norm_weighted(w, points.u, layer)
-    return (u @ w.b_out[layer]) / scale
+    return (u @ w.b_out[layer].float()) / scale
 
 
 @dataclass
@@ -213,12 +214,13 @@ def mean_z(runs: list[tuple[tf.CleanRun, Int[Tensor, " B"]]]) -> Float[Tensor, "
     count = 0
     for run, lengths in runs:
         T = run.z.shape[2]
-        real = (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).to(run.z.dtype)
-        s = torch.einsum("lbthe,bt->lhe", run.z, real.to(run.z.device))
+        z = run.z.float()  # summed over every token: in float32
+        real = (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).to(z.dtype)
+        s = torch.einsum("lbthe,bt->lhe", z, real.to(z.device))
         total = s if total is None else total + s
         count += int(real.sum())
     assert total is not None, "no runs to average"
-    return total / count
+    return (total / count).to(runs[0][0].z.dtype)
 
 
 @dataclass
@@ -269,7 +271,7 @@ class BatchState:
 def final_read(w: tf.WithNormSpec, resid_final: Float[Tensor, "*G B T D"], points: Points):
     """(``x · u``, ``s``, normalised ``x``) of a run's final stream at the points; ``x`` centred
     for LayerNorm models (``u`` is)."""
-    x = gather(resid_final, points, resid_final.ndim - 3)
+    x = gather(resid_final, points, resid_final.ndim - 3).float()
     s = tf.norm_scale(w.cfg, x)
     if w.cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)

@@ -67,8 +67,10 @@ def fit_subspace(acts: Float[Tensor, "N T D"], real: Bool[Tensor, "N T"], k: int
 
     Prompts shorter than a position contribute a zero row to that position's
     centred matrix, which changes neither its singular values nor its right
-    singular vectors, so one batched SVD covers every position.
+    singular vectors, so one batched SVD covers every position. In float32 whatever the
+    activations' dtype.
     """
+    acts = acts.float()
     weight = real.to(acts.dtype)[..., None]  # [N, T, 1]
     count = weight.sum(0).clamp(min=1)  # [T, 1]
     mean = (acts * weight).sum(0) / count  # [T, D]
@@ -88,7 +90,7 @@ def patched_part(a: Float[Tensor, "N T D"], subspace: str, sub: Subspace | None)
         return a
     if sub is None:
         raise ValueError(f"subspace {subspace!r} needs a fitted Subspace")
-    _, high, rest = sub.split(a)
+    _, high, rest = sub.split(a.float())
     if subspace == "high_variance":
         return high
     if subspace == "low_variance":
@@ -254,14 +256,14 @@ def readout(
 
 
 def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, " N"]) -> Float[Tensor, " N"]:
-    """``x · W_U[:, t] + b_U[t]`` for one token per row."""
-    return torch.einsum("nd,dn->n", x, w.W_U[:, tokens]) + w.b_U[tokens]
+    """``x · W_U[:, t] + b_U[t]`` for one token per row, in float32."""
+    return torch.einsum("nd,dn->n", x.float(), w.W_U[:, tokens].float()) + w.b_U[tokens].float()
 
 
 def _capped(w: ModelWeights, logits: Float[Tensor, " N *V"], x: Float[Tensor, "N D"]) -> Float[Tensor, " N *V"]:
     """The real logits of a soft-capped model from centred ones (``tf.cap_logits``), row by row."""
     assert w.W_U_mean is not None and w.b_U_mean is not None  # kept for soft-capped models
-    offset = x @ w.W_U_mean + w.b_U_mean
+    offset = x.float() @ w.W_U_mean.float() + w.b_U_mean.float()
     offset = offset.view(-1, *([1] * (logits.ndim - 1)))
     return w.cfg.final_softcap * torch.tanh((logits + offset) / w.cfg.final_softcap)
 
@@ -281,12 +283,13 @@ def running_max_and_exp_sum(
     for r0 in range(0, N, rows):
         xr = x[r0 : r0 + rows]
         n = xr.shape[0]
-        top = xr.new_full((n,), float("-inf"))
+        top = torch.full((n,), float("-inf"), device=x.device)  # float32, whatever the model's dtype
         top1 = torch.zeros(n, dtype=torch.long, device=x.device)
-        total = xr.new_zeros(n)
+        total = torch.zeros(n, device=x.device)
         for v0 in range(0, V, vocab):
             v1 = min(V, v0 + vocab)
             logits = torch.addmm(w.b_U[v0:v1], xr, w.W_U[:, v0:v1], out=buffer[: n * (v1 - v0)].view(n, v1 - v0))
+            logits = logits.float()  # the same buffer in float32; a float32 copy of the block otherwise
             if w.cfg.final_softcap:
                 logits = _capped(w, logits, xr)
             block_top, block_top1 = logits.max(-1)

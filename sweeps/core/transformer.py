@@ -131,12 +131,20 @@ class ModelWeights:
     W_U_mean: Optional[Float[Tensor, " D"]] = None
     b_U_mean: Optional[Float[Tensor, ""]] = None
 
-    def to(self, device: torch.device | str) -> "ModelWeights":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelWeights":
+        """On ``device``, and (``dtype``) every weight in that dtype but the rotary
+        frequencies, which stay float32 (the tables are made in float32 and cast where applied)."""
         moved = copy.copy(self)
         for name, value in self.__dict__.items():
             if isinstance(value, Tensor):
-                setattr(moved, name, value.to(device))
+                cast = dtype is not None and value.is_floating_point() and name != "rotary_inv_freq"
+                setattr(moved, name, value.to(device, dtype) if cast else value.to(device))
         return moved
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model runs in (its weights' and activations')."""
+        return self.W_E.dtype
 
     @property
     def device(self) -> torch.device:
@@ -170,20 +178,24 @@ class WithNormSpec(Protocol):
 
 
 def norm_scale(cfg: NormSpec, x: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
-    """The scale a (folded) LayerNorm/RMSNorm divides by: TL's ``hook_scale``."""
+    """The scale a (folded) LayerNorm/RMSNorm divides by: TL's ``hook_scale``, in float32
+    whatever ``x``'s dtype (``precision.py``)."""
     if cfg.norm == "none":
-        return torch.ones_like(x[..., :1])
+        return torch.ones_like(x[..., :1], dtype=torch.float32)
+    x = x.float()
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
     return (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
 
 
 def normalize(cfg: NormSpec, x: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
+    """``x`` over its norm's scale (weight-free), computed in float32, in ``x``'s dtype."""
     if cfg.norm == "none":
         return x
+    y = x.float()
     if cfg.norm == "layernorm":
-        x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+        y = y - y.mean(-1, keepdim=True)
+    return (y / (y.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
 
 
 def sublayer_input(cfg: NormSpec, resid: Float[Tensor, "... D"]) -> Float[Tensor, "... D"]:
@@ -192,12 +204,16 @@ def sublayer_input(cfg: NormSpec, resid: Float[Tensor, "... D"]) -> Float[Tensor
 
 
 def rms_norm(x: Float[Tensor, "... N"], weight: Float[Tensor, " N"], eps: float) -> Float[Tensor, "... N"]:
-    """``x / rms(x) ⊙ weight``: a post-norm or a QK-norm (weights are never folded here)."""
-    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
+    """``x / rms(x) ⊙ weight``: a post-norm or a QK-norm (weights are never folded here); the
+    rms in float32, the result in ``x``'s dtype."""
+    y = x.float()
+    return (y * (y.pow(2).mean(-1, keepdim=True) + eps).rsqrt()).to(x.dtype) * weight
 
 
 def post_norm_inv_rms(cfg: NormSpec, y: Float[Tensor, "... D"]) -> Float[Tensor, "... 1"]:
-    """``1 / rms(y)`` of a sublayer's output under its post-norm (its heads' shares divide by it)."""
+    """``1 / rms(y)`` of a sublayer's output under its post-norm (its heads' shares divide by
+    it), in float32."""
+    y = y.float()
     return (y.pow(2).mean(-1, keepdim=True) + cfg.eps).rsqrt()
 
 
@@ -244,7 +260,7 @@ def apply_rotary(cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, laye
     """Rotate the first ``rotary_dim`` dimensions of each head with ``layer``'s table."""
     if rope is None:
         return x
-    cos, sin = (t[: x.shape[1], None, :] for t in rope[cfg.table(layer)])
+    cos, sin = (t[: x.shape[1], None, :].to(x.dtype) for t in rope[cfg.table(layer)])
     dim = cos.shape[-1]
     x_rot, x_pass = x[..., :dim], x[..., dim:]
     if cfg.rotary_style == "interleaved":
@@ -328,7 +344,7 @@ def attend(
     cfg = w.cfg
     q, k = positioned_qk(w, layer, q, k, rope)
     if cfg.attn_softcap:  # the cap sits between the product and the softmax: no fused kernel
-        pattern = attention_scores(w, layer, q, k).softmax(-1)
+        pattern = attention_scores(w, layer, q, k).float().softmax(-1).to(v.dtype)
         return torch.einsum("bhqk,bkhe->bqhe", pattern, v.repeat_interleave(cfg.group_size, dim=2))
     # Grouped-query attention: query head h reads key/value head h // group_size.
     k = k.repeat_interleave(cfg.group_size, dim=2)
@@ -365,7 +381,7 @@ def head_writes(w: ModelWeights, layer: int, z: Float[Tensor, "... H E"]) -> Flo
     ``(z_h W_O[h]) / rms(y) ⊙ w`` (the shares and ``b_O``'s sum to the sublayer's write)."""
     out = torch.einsum("...he,hed->...hd", z, w.W_O[layer])
     if w.cfg.post_norm:
-        inv = post_norm_inv_rms(w.cfg, attention_sum(w, layer, z))  # [..., 1]
+        inv = post_norm_inv_rms(w.cfg, attention_sum(w, layer, z)).to(out.dtype)  # [..., 1]
         assert w.ln_attn_post is not None
         out = out * inv[..., None, :] * w.ln_attn_post[layer]
     return out
@@ -688,7 +704,7 @@ def unembed(w: ModelWeights, resid_final: Float[Tensor, "B T D"]) -> Float[Tenso
     every direct effect sums to these. The bias is added inside the product: a separate
     ``+ b_U`` is one more pass over a tensor of B·T·V numbers."""
     x = normalize(w.cfg, resid_final)
-    return torch.addmm(w.b_U, x.reshape(-1, x.shape[-1]), w.W_U).view(*x.shape[:-1], -1)
+    return torch.addmm(w.b_U, x.reshape(-1, x.shape[-1]), w.W_U).view(*x.shape[:-1], -1).float()
 
 
 def cap_logits(w: ModelWeights, logits: Float[Tensor, "... V"], x: Float[Tensor, "... D"]) -> Float[Tensor, "... V"]:

@@ -111,7 +111,7 @@ class AttributionSweep(Sweep):
                 f"unknown --method {args.method!r}{did_you_mean(args.method, METHODS)}; methods: {', '.join(METHODS)}"
             )
         if args.out is None and args.method != "eap":
-            args.out = f"{default_out('attribution', args.model, args.task)}__{args.method}"
+            args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}"
         super().prepare()
         info = self.inputs.info
         if args.method == "eap-ig-activations" and info.path != "fast":

@@ -129,11 +129,13 @@ class Sweep:
         raise NotImplementedError
 
     def base_spec(self) -> dict:
-        """What every sweep's results depend on: the sweep, the model, the task and the seed."""
+        """What every sweep's results depend on: the sweep, the model and its dtype, the task
+        and the seed."""
         task = self.inputs.task
         return {
             "sweep": self.name,
             "model": self.args.model,
+            "dtype": self.args.dtype,
             "task": task.name,
             "task_params": task.params,
             "task_hash": task.fingerprint(),

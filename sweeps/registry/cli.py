@@ -180,6 +180,15 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seq-len", type=positive_int, metavar="T", help="tokens per prompt for --task text (default 64)")
     g.add_argument("--seed", type=int, default=0, help="seed for building the task and for bootstraps (default 0)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="what the model runs in: float32 (default, the exact reference), bfloat16 (half the "
+        "memory; what large models ship in) or float16. Sums (direct effects, the metric, "
+        "backup, attribution scores, faithfulness) are taken in float32 whatever it is; "
+        "docs/performance.md#precision says how far each is from float32",
+    )
 
 
 def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) -> None:
@@ -257,10 +266,8 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def default_out(sweep: str, model: str, task: str) -> Path:
-    """``results/<sweep>/<model>__<task>``, e.g. results/backup/smollm2-135m__ioi."""
-    return (
-        Path("results")
-        / sweep
-        / f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"
-    )
+def default_out(sweep: str, model: str, task: str, dtype: str = "float32") -> Path:
+    """``results/<sweep>/<model>__<task>``, e.g. results/backup/smollm2-135m__ioi, with
+    ``__<dtype>`` after it for a model run in reduced precision."""
+    name = f"{_path_safe(model)}__{_path_safe(Path(task).stem if task.endswith('.jsonl') else task)}"
+    return Path("results") / sweep / (name if dtype == "float32" else f"{name}__{dtype}")

@@ -145,7 +145,7 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     from sweeps.runtime.models import describe_model
     from tasks import TaskError, build_task, check_task
 
-    out = check_out_dir(args.out or default_out(sweep, args.model, args.task))
+    out = check_out_dir(args.out or default_out(sweep, args.model, args.task, args.dtype))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
     task = build_task(
@@ -202,12 +202,13 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
                 return []
             job = sweep.job()
             executor = (
-                LocalExecutor(args.model, job)
+                LocalExecutor(args.model, job, dtype=args.dtype)
                 if args.executor == "local"
-                else RayExecutor(args.model, job, num_workers=args.num_workers)
+                else RayExecutor(args.model, job, num_workers=args.num_workers, dtype=args.dtype)
             )
             columns = {
                 "model": args.model,
+                "dtype": args.dtype,
                 "engine_path": inputs.info.path,
                 "task": inputs.task.name,
                 "task_hash": spec["task_hash"],

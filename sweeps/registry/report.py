@@ -84,7 +84,7 @@ class ReportSweep(Sweep):
         from sweeps.registry.driver import prepare_inputs
 
         args = self.args
-        args.out = args.out or default_out("report", args.model, args.task)
+        args.out = args.out or default_out("report", args.model, args.task, args.dtype)
         try:
             inputs = self.inputs = prepare_inputs(args, "report")
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ class ShardWorker:
     in process that is the caller's process.
     """
 
-    def __init__(self, model_name: str, job: Job | None = None, device: str | None = None):
+    def __init__(self, model_name: str, job: Job | None = None, device: str | None = None, dtype: str = "float32"):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.where = {
@@ -104,7 +104,7 @@ class ShardWorker:
         }
         if device == "cpu":
             keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
-        self.model = load_model(describe_model(model_name), device)
+        self.model = load_model(describe_model(model_name), device, dtype)
         self.job: Job | None = None
         if job is not None:
             self.bind(job)
@@ -183,13 +183,13 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, model_name: str, job: Job):
-        self.model_name, self.job = model_name, job
+    def __init__(self, model_name: str, job: Job, dtype: str = "float32"):
+        self.model_name, self.job, self.dtype = model_name, job, dtype
         self.failures: list[Failure] = []
         self.worker: ShardWorker | None = None
 
     def start(self) -> list[dict]:
-        self.worker = ShardWorker(self.model_name, self.job)
+        self.worker = ShardWorker(self.model_name, self.job, dtype=self.dtype)
         return [self.worker.info()]
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
@@ -273,6 +273,7 @@ class RayExecutor:
     job: Job
     num_workers: int | None = None
     max_attempts: int = 3
+    dtype: str = "float32"  # what every replica runs in (``precision.DTYPES``)
     name: str = "ray"
     failures: list[Failure] = field(default_factory=list)
     started_ray: bool = False
@@ -322,7 +323,7 @@ class RayExecutor:
             ) from None
 
     def _new_actor(self):
-        return self._remote_cls.remote(self.model_name)  # its job comes with bind and each shard
+        return self._remote_cls.remote(self.model_name, dtype=self.dtype)  # its job comes with bind and each shard
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         """Yield each shard once, as it finishes.

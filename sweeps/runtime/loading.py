@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sweeps.core import architectures
+from sweeps.core import architectures, precision
 from sweeps.core.transformer import ModelConfig, ModelWeights
 from sweeps.runtime import model_cache, tiny_models
 from sweeps.runtime.models import (
@@ -346,11 +346,16 @@ def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path | None:
         return None
 
 
-def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(info: ModelInfo, device: str | torch.device = "cpu", dtype: str = "float32") -> LoadedModel:
     """The fast path: load, process, copy the weights out and drop the bridge. Processed
     weights are kept on disk (``model_cache``), keyed on the files they come from:
     de-quantising the embedded GGUF file and booting the bridge is much slower than reading
-    them back. Tiny models are not cached. The bridge path keeps the bridge itself."""
+    them back. Tiny models are not cached. The bridge path keeps the bridge itself.
+
+    ``dtype`` (``precision.DTYPES``) is what the model runs in; the weights are processed and
+    cached in float32 and cast once loaded, so ``weight_hash`` names the model whatever its
+    dtype (the sweeps record the dtype beside it)."""
+    torch_dtype = precision.dtype_of(dtype)
 
     if info.path == "bridge":
         bridge = load_bridge(info)
@@ -361,6 +366,8 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedMod
         for name, value in sorted(bridge.state_dict().items()):
             digest.update(name.encode())
             digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        if torch_dtype != torch.float32:
+            bridge.to(torch_dtype)
         return LoadedModel(info, None, digest.hexdigest(), bridge)
 
     def convert() -> ModelWeights:
@@ -371,4 +378,6 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu") -> LoadedMod
         weights = convert()
     else:
         weights = model_cache.cached_weights(source, convert, label=source_of(info).cache_label(info))
-    return LoadedModel(info, weights.to(device), weight_hash(weights))
+    return LoadedModel(
+        info, weights.to(device, None if torch_dtype == torch.float32 else torch_dtype), weight_hash(weights)
+    )

@@ -114,7 +114,7 @@ class FastEngine:
         w = self.weights
         start_at = scaling.restart_point(w, node, clean)
         rope = tf.rotary_tables(w, int(tokens.shape[1]))
-        return lambda base, delta: scaling.resume(w, node, start_at, base, delta, rope)
+        return lambda base, delta: scaling.resume(w, node, start_at, base, delta.to(w.dtype), rope)
 
     # -- attribution and circuits -----------------------------------------------------
 
