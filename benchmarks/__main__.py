@@ -18,6 +18,8 @@ Sections (each prints its own table, then one summary table of every ratio):
   throughput   backup heads/s and scale (node, scale)/s on the GPU, its utilisation and peak
                memory (goal 7; in the default run only when a GPU is present, and in --quick)
   profile      (only with --only) the torch profiler's top operators per workload
+  precision    (with --only, and in --quick) bfloat16 and float16 against float32 on the same run,
+               per family and on SmolLM2: direct effects, backup, edge scores, faithfulness
 
 Every figure but throughput's rates is a ratio of two timings taken in the same run on
 the same machine (this one is noisy); nothing here is asserted by the tests, which check
@@ -33,16 +35,28 @@ import time
 
 import torch
 
-from benchmarks import attribution, backup, circuits, families, growth, memory, profile, ray_overhead, scale, throughput
+from benchmarks import (
+    attribution,
+    backup,
+    circuits,
+    families,
+    growth,
+    memory,
+    precision,
+    profile,
+    ray_overhead,
+    scale,
+    throughput,
+)
 from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 from sweeps.runtime.allocator import keep_freed_memory
 
 SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
-EXTRA = ("profile", "throughput")  # only when asked for (throughput: also with a GPU, and in --quick)
+EXTRA = ("profile", "throughput", "precision")  # only when asked for (throughput: also with a GPU; both in --quick)
 
 
 def default_sections(quick: bool) -> list[str]:
-    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else [])]
+    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision"] if quick else [])]
 
 
 def _positive(text: str) -> int:
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         name, n, T, repeat = "smollm2-135m", args.prompts, args.tokens, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}{'; malloc keeps freed memory' if kept else ''}\n")
     ratios: list[Ratio] = []
-    in_process = [s for s in args.only if s != "memory"]
+    in_process = [s for s in args.only if s not in ("memory", "precision")]
     load = time.perf_counter()
     setup = load_setup(name, n, T, repeat) if in_process else None
     load = time.perf_counter() - load
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": lambda: profile.run(setup),
         "growth": lambda: _growth(setup, name, args.quick),
         "throughput": lambda: _throughput(setup, name, args.quick),
+        "precision": lambda: precision.run(args.quick, args.prompts),
     }
     seconds = {}
     for section in sections:

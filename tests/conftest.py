@@ -27,12 +27,22 @@ def pytest_configure(config):
 # and every family's commands from the hub.
 SLOW_MODULES = {"test_cluster.py", "test_faults.py", "test_benchmarks.py"}
 SLOW_FIXTURES = {"smollm", "ray_session", "local_cluster"}
+# Modules that run model after model once more (in reduced precision, against the golden
+# record): three families stay in the fast tier, the others are slow.
+PER_FAMILY_MODULES = {"test_precision.py", "test_golden.py"}
+FAST_FAMILIES = {"tiny-llama3", "tiny-gemma2", "tiny-gpt2"}
+
+
+def _slow_family(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("name") if callspec is not None else None
+    return item.path.name in PER_FAMILY_MODULES and name is not None and name.split("@")[0] not in FAST_FAMILIES
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
-                or "smollm2-135m" in item.nodeid):
+                or "smollm2-135m" in item.nodeid or _slow_family(item)):
             item.add_marker(pytest.mark.slow)
 
 

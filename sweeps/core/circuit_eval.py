@@ -86,6 +86,8 @@ class CircuitRunner:
             corrupt = tf.forward(w, corrupt_embed, record=("z", "mlp_out"))
             U = len(graph.upstream)
             B, T = self.clean_tokens.shape
+            # a*_u, and below every a_u − a*_u and their sums, in float32 whatever the model's
+            # dtype (``precision.py``); an edited input goes back into the stream in its dtype.
             self.corrupt_out = torch.empty(U, B, T, cfg.d_model, device=device)  # a*_u
             self.corrupt_out[0] = corrupt_embed
             for layer in range(cfg.n_layers):
@@ -154,7 +156,7 @@ class CircuitRunner:
                 part = attention_reads[layer][offset : offset + n]
                 if offset + n == cfg.n_heads + 2 * cfg.n_kv_heads:
                     del attention_reads[layer]
-                return x[:, :, None] - part.permute(1, 2, 0, 3)
+                return (x[:, :, None] - part.permute(1, 2, 0, 3)).to(x.dtype)
 
             return edit
 
@@ -180,7 +182,7 @@ class CircuitRunner:
 
         def read_one(index: int):
             def edit(x):
-                return x - removed(index, 1)[0]
+                return (x - removed(index, 1)[0]).to(x.dtype)
 
             return edit
 

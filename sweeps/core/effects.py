@@ -88,13 +88,13 @@ def head_direct_effects(
     Under a post-norm (Gemma 2/3, OLMo 2) a head writes its share
     ``(z_h W_O[h]) / rms(y) ⊙ w`` of the layer's output ``y``, with the ``rms(y)`` of the
     run that ``z`` comes from: the shares sum exactly to the sublayer's write."""
-    zp = gather(z, points, z.ndim - 4).float()  # [*G P H E]
+    zp = gather(z, points, z.ndim - 4)  # [*G P H E], the model's dtype
     u = points.u
     if w.cfg.post_norm:
         assert w.ln_attn_post is not None
         u = u * w.ln_attn_post[layer].float()
     dirs = torch.einsum("hed,pd->phe", w.W_O[layer].float(), u) / scale[:, None, None]
-    effects = torch.einsum("...phe,phe->...ph", zp, dirs)
+    effects = torch.einsum("...phe,phe->...ph", zp.float(), dirs)
     if w.cfg.post_norm:
         effects = effects * attention_inv_rms(w, layer, zp)[..., None]
     return effects

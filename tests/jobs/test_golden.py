@@ -17,10 +17,7 @@ from tests import golden
 RECORDED = json.loads(golden.RECORD.read_text())
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n == "smollm2-135m" else n for n in golden.MODELS],
-)
+@pytest.mark.parametrize("name", golden.MODELS)
 def test_every_job_gives_the_recorded_numbers(name):
     want = RECORDED["runs"][name]
     got = golden.small_run(name)

@@ -204,6 +204,26 @@ def test_output_dir_of_another_sweep_is_refused(capsys, tmp_path, monkeypatch):
     assert "--no-resume" in line
 
 
+def test_the_dtype_is_recorded_and_a_resume_in_another_is_refused(capsys, tmp_path, monkeypatch):
+    """``--dtype bfloat16``: in the spec (sweep.json, the manifest), in every row and in the
+    default directory's name; resuming in float32 is refused in one line naming it, before any
+    weights load; an unknown dtype is one line too."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "tiny-gpt2", "--executor", "local", "--n-prompts", "4", "--heads", "L2", "--no-report"]
+    assert backup.main([*common, "--dtype", "bfloat16"]) == 0
+    out = tmp_path / "results" / "backup" / "tiny-gpt2__ioi__bfloat16"
+    assert json.loads((out / "sweep.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "manifest.json").read_text())["spec"]["dtype"] == "bfloat16"
+    for path in (out / "slopes").glob("*.parquet"):
+        assert set(pq.read_table(path).column("dtype").to_pylist()) == {"bfloat16"}
+    monkeypatch.setattr(loading, "load_hf_model", lambda *a, **k: pytest.fail("weights loaded"))
+    line = fails(capsys, *common, "--out", str(out))
+    assert "dtype: 'bfloat16' here vs 'float32' now" in line
+    assert "invalid choice: 'bf16'" in fails(capsys, *common, "--dtype", "bf16")
+
+
 def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, no_model_loading, tmp_path):
     out = str(tmp_path / "o")
     assert "apply only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
