@@ -3,6 +3,7 @@
     interp-sweeps SWEEP [ARGS]         every registered sweep (``sweeps.registry.SWEEPS``: backup,
                                        scale, attribution, circuit, report, ...)
     interp-sweeps analyze SWEEP DIR    tables, figures and a W&B run from saved results
+    interp-sweeps plan SWEEP [ARGS]    memory, placement, FLOPs and time, from the model's config alone
     interp-sweeps validate CLUSTER_YAML   check a Ray cluster config the way `ray up` will
     interp-sweeps models               the supported model families and which path runs each
     interp-sweeps tasks                the built-in tasks
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         from sweeps.registry.analyze import main as analyze
 
         return analyze(argv[1:], prog="interp-sweeps analyze")
-    commands = [*SWEEPS, "analyze", "validate", "models", "tasks"]
+    if argv and argv[0] == "plan":
+        from sweeps.registry.plan import main as plan
+
+        return plan(argv[1:])
+    commands = [*SWEEPS, "analyze", "plan", "validate", "models", "tasks"]
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         from sweeps.registry.cli import did_you_mean
 
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, cls in SWEEPS.items():
         sub.add_parser(name, help=cls.summary_line, add_help=False)
     sub.add_parser("analyze", help=ANALYZE_HELP, add_help=False)
+    sub.add_parser(
+        "plan", help="memory, placement, FLOPs and time of a sweep, from the model's config alone", add_help=False
+    )
     p = sub.add_parser("validate", help="check a Ray cluster config (cluster.yaml) the way `ray up` will")
     p.add_argument("config", help="the cluster config, e.g. cluster.yaml")
     sub.add_parser("models", help="the supported model families and which path runs each")

@@ -1,4 +1,4 @@
-"""``python tests/capped_sweep.py MIB SWEEP_ARGS...``: sweeps/backup.py with its address space
+"""``python -m tests.capped_sweep MIB SWEEP_ARGS...`` (from the repo root): sweeps/backup.py with its address space
 capped at what the process uses once imported plus MIB mebibytes (a real memory limit:
 allocations past it fail, as on a full GPU).
 

@@ -1,4 +1,4 @@
-"""``python tests/node_loss.py``: a sweep on a two-node Ray (``ray.cluster_utils.Cluster``, one
+"""``python -m tests.node_loss`` (from the repo root): a sweep on a two-node Ray (``ray.cluster_utils.Cluster``, one
 fake GPU a node, so one actor a node), whose second node is removed mid-sweep.
 
 Prints one JSON line: shard id -> the node that computed it, the removed node, and

@@ -1,4 +1,4 @@
-"""``python tests/slow_sweep.py SECONDS SWEEP_ARGS...``: sweeps/backup.py with every shard
+"""``python -m tests.slow_sweep SECONDS SWEEP_ARGS...`` (from the repo root): sweeps/backup.py with every shard
 taking SECONDS longer, so a test can kill or interrupt a real sweep process mid-way.
 
 With ``SLOW_REPORT=FILE`` in the environment the report waits too, inside its W&B run

@@ -243,6 +243,25 @@ class LayerAblation:
     final_normed: Float[Tensor, "G P D"] | None = None  # normalised x′ at the points (soft-capped models only)
     last_hidden: Float[Tensor, "G P M"] | None = None  # the last MLP's neuron activations at the points
     last_inv_rms: Float[Tensor, "G P"] | None = None  # 1 / rms of the last MLP's output (post-norm models)
+    # The same pass's un-ablated copy (``baseline=True``): what the changes are taken from.
+    baseline: "LayerAblation | None" = None
+
+    def rows(self, index: slice | int) -> "LayerAblation":
+        """The copies ``index`` of every per-copy field (an int keeps its dimension)."""
+        pick = slice(index, index + 1) if isinstance(index, int) else index
+        cut = lambda t: None if t is None else t[pick]  # noqa: E731
+        return LayerAblation(
+            self.layer,
+            self.upstream[pick] if isinstance(index, slice) else [],
+            self.heads[pick],
+            self.mlps[pick],
+            cut(self.attn_bias),
+            cut(self.final_dot),
+            cut(self.final_scale),
+            cut(self.final_normed),
+            cut(self.last_hidden),
+            cut(self.last_inv_rms),
+        )
 
 
 @dataclass
@@ -287,6 +306,7 @@ def ablate_heads_of_layer(
     points: Points,
     scale: Float[Tensor, " P"],
     read_final: bool = True,
+    baseline: bool = False,
 ) -> LayerAblation:
     """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
 
@@ -294,13 +314,21 @@ def ablate_heads_of_layer(
     from the clean residual stream entering block ``layer``. ``read_final`` also reads what
     the self-repair decomposition needs (each layer's ``b_O`` share, the final stream, and the
     last MLP's neuron activations at the points, which its restart computes anyway).
+
+    ``baseline`` runs one more copy, un-ablated, in the same pass (``LayerAblation.baseline``).
+    In bfloat16 and float16 a product's rounding depends on the shape of the batch it runs
+    in, so a restart of G copies and the clean run of one differ by a rounding in every
+    activation even where nothing was ablated; summed over a model's heads that noise is of
+    the order of the backup itself. Changes taken from the same pass's baseline cancel it (the
+    copies' rows are computed alike). In float32 the clean run is the baseline: no copy.
     """
-    G, (B, T, _) = len(heads), resid_pre.shape
+    n_heads = len(heads)
+    G, (B, T, _) = n_heads + (1 if baseline else 0), resid_pre.shape
     rope = tf.rotary_tables(w, T)
 
     def edit(z: Float[Tensor, "GB T H E"]) -> Float[Tensor, "GB T H E"]:
         z = z.view(G, B, *z.shape[1:]).clone()
-        for g, head in enumerate(heads):
+        for g, head in enumerate(heads):  # the baseline copy (last) keeps its own z
             z[g, :, :, head] = replacement[g]
         return z.view(G * B, *z.shape[2:])
 
@@ -325,20 +353,27 @@ def ablate_heads_of_layer(
             mlp_des.append(vector_direct_effects(out.mlp_out.view(G, B, T, -1), points, scale))
         resid = out.resid_post
     if not read_final:
-        return LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
-    dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
-    return LayerAblation(
-        layer,
-        list(heads),
-        torch.stack(head_des, 1),
-        torch.stack(mlp_des, 1),
-        torch.stack(bias_des, 1),
-        dot,
-        s,
-        normed if w.cfg.final_softcap else None,
-        hidden,
-        inv_rms,
-    )
+        every = LayerAblation(layer, list(heads), torch.stack(head_des, 1), torch.stack(mlp_des, 1))
+    else:
+        dot, s, normed = final_read(w, resid.view(G, B, T, -1), points)
+        every = LayerAblation(
+            layer,
+            list(heads),
+            torch.stack(head_des, 1),
+            torch.stack(mlp_des, 1),
+            torch.stack(bias_des, 1),
+            dot,
+            s,
+            normed if w.cfg.final_softcap else None,
+            hidden,
+            inv_rms,
+        )
+    if not baseline:
+        return every
+    ablated = every.rows(slice(0, n_heads))
+    ablated.upstream = list(heads)
+    ablated.baseline = every.rows(n_heads)
+    return ablated
 
 
 # --------------------------------------------------------------------------- #

@@ -62,6 +62,48 @@ NEURON_SCHEMA = pa.schema(
 
 
 @dataclass
+class Reference:
+    """What an ablation's changes are taken from, for layers ``l*..L-1``: the clean run's
+    values (``BatchState``), or in reduced precision the un-ablated copy that ran in the same
+    pass (``LayerAblation.baseline``: its roundings are the ablated copies')."""
+
+    heads: torch.Tensor  # [L_rest, P, H] direct effects
+    mlps: torch.Tensor  # [L_rest, P]
+    attn_bias: torch.Tensor | None  # [L_rest, P] b_O's share (post-norm models)
+    final_dot: torch.Tensor | None  # [P] x · u of the final stream
+    de_neurons: torch.Tensor | None  # [P, M] the last MLP's neurons' direct effects
+    last_inv_rms: torch.Tensor | None  # [P] (post-norm models)
+    final_normed: torch.Tensor | None  # [P, D] (soft-capped models)
+
+    @classmethod
+    def of(cls, state: BatchState, layer: int, result: effects.LayerAblation) -> "Reference":
+        base = result.baseline
+        if base is None:
+            return cls(
+                state.de_heads[layer:],
+                state.de_mlps[layer:],
+                None if state.de_bias is None else state.de_bias[layer:],
+                state.clean_dot,
+                state.de_neurons,
+                state.last_inv_rms,
+                state.clean_normed,
+            )
+        first = lambda t: None if t is None else t[0]  # noqa: E731
+        neurons = None
+        if state.neuron_dirs is not None and base.last_hidden is not None:
+            neurons = effects.neuron_direct_effects(state.neuron_dirs, base.last_hidden[0], first(base.last_inv_rms))
+        return cls(
+            base.heads[0],
+            base.mlps[0],
+            first(base.attn_bias),
+            first(base.final_dot),
+            neurons,
+            first(base.last_inv_rms),
+            first(base.final_normed),
+        )
+
+
+@dataclass
 class HeadResult:
     """One upstream head's outcome over the whole task."""
 
@@ -159,7 +201,7 @@ class BackupJob(Job):
     def _self_repair(
         self,
         state: BatchState,
-        layer: int,
+        ref: Reference,
         chunk: list[int],
         result: effects.LayerAblation,
         delta_heads: torch.Tensor,
@@ -178,11 +220,11 @@ class BackupJob(Job):
         g = torch.arange(len(chunk))
         own = delta_heads[g, 0, :, torch.tensor(chunk)]  # [G, P]
         heads = backup
-        if result.attn_bias is not None and state.de_bias is not None:  # b_O's share moves under a post-norm
-            heads = heads + (result.attn_bias - state.de_bias[None, layer:]).sum(1)
+        if result.attn_bias is not None and ref.attn_bias is not None:  # b_O's share moves under a post-norm
+            heads = heads + (result.attn_bias - ref.attn_bias[None]).sum(1)
         mlps = delta_mlps.sum(1)
-        assert result.final_dot is not None and s_ablated is not None and state.clean_dot is not None  # read_final
-        total = result.final_dot / s_ablated - state.clean_dot / s
+        assert result.final_dot is not None and s_ablated is not None and ref.final_dot is not None  # read_final
+        total = result.final_dot / s_ablated - ref.final_dot / s
         final_norm = (s / s_ablated - 1) * result.final_dot / s
         out = {
             "total_effect": total,
@@ -194,29 +236,31 @@ class BackupJob(Job):
             "final_norm": final_norm,
         }
         out["total_effect_capped"] = (
-            self._capped_change(state, result)
+            self._capped_change(state, ref, result)
             if result.final_normed is not None
             else torch.full_like(total, float("nan"))
         )
         return out
 
-    def _neuron_changes(self, state: BatchState, result: effects.LayerAblation) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neuron_changes(
+        self, state: BatchState, ref: Reference, result: effects.LayerAblation
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The change of each last-MLP neuron's direct effect (clean ``s``), [G, P, M], and of its
         bias's share, [G, P]: together they sum to the ``last_mlp`` term at every point."""
-        assert state.neuron_dirs is not None and state.de_neurons is not None and result.last_hidden is not None
+        assert state.neuron_dirs is not None and ref.de_neurons is not None and result.last_hidden is not None
         ablated = effects.neuron_direct_effects(state.neuron_dirs, result.last_hidden, result.last_inv_rms)
-        delta = ablated.sub_(state.de_neurons)  # in place: a pass over [G, P, M] less
-        if state.last_inv_rms is None:  # without a post-norm b_out's share cannot move
+        delta = ablated.sub_(ref.de_neurons)  # in place: a pass over [G, P, M] less
+        if ref.last_inv_rms is None:  # without a post-norm b_out's share cannot move
             return delta, torch.zeros(delta.shape[:2], device=delta.device)
         assert state.last_bias_dir is not None and result.last_inv_rms is not None  # set under a post-norm
-        return delta, state.last_bias_dir * (result.last_inv_rms - state.last_inv_rms[None])
+        return delta, state.last_bias_dir * (result.last_inv_rms - ref.last_inv_rms[None])
 
-    def _capped_change(self, state: BatchState, result: effects.LayerAblation) -> torch.Tensor:
+    def _capped_change(self, state: BatchState, ref: Reference, result: effects.LayerAblation) -> torch.Tensor:
         """The change of the model's real, soft-capped logit (difference) at each point."""
         w, task = self.engine.readout, self.task
         sub = task.select(slice(state.start, state.start + state.tokens.shape[0]))
         points = state.points
-        assert result.final_normed is not None and state.clean_normed is not None  # soft-capped models
+        assert result.final_normed is not None and ref.final_normed is not None  # soft-capped models
         if sub.kind == "logit_diff":
             assert sub.correct is not None and sub.incorrect is not None
             tokens = [sub.correct.to(w.device)[points.batch], sub.incorrect.to(w.device)[points.batch]]
@@ -230,7 +274,7 @@ class BackupJob(Job):
                 values.append(w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap))
             return values[0] - values[1] if len(values) == 2 else values[0]
 
-        return metric(result.final_normed) - metric(state.clean_normed)[None]
+        return metric(result.final_normed) - metric(ref.final_normed)[None]
 
     def _replacement(self, state: BatchState, layer: int, heads: list[int]) -> torch.Tensor:
         """What each of ``heads``' ``z`` is replaced with, at every position: [G, B, T, E]."""
@@ -275,8 +319,9 @@ class BackupJob(Job):
             per_pass = tokens_per_pass(device) // (B * T)
             for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice, memory_gauge(device)):
                 chunk = heads[start:stop]
-                delta_heads = result.heads - state.de_heads[None, layer:]  # [G, L_rest, P, H]
-                delta_mlps = result.mlps - state.de_mlps[None, layer:]
+                ref = Reference.of(state, layer, result)
+                delta_heads = result.heads - ref.heads[None]  # [G, L_rest, P, H]
+                delta_mlps = result.mlps - ref.mlps[None]
                 # Under a post-norm the other heads of `layer` change too (their shares of its
                 # output divide by its rms): they are backup like the later layers' heads.
                 others = torch.ones(len(chunk), delta_heads.shape[-1], device=delta_heads.device)
@@ -284,11 +329,11 @@ class BackupJob(Job):
                 same_layer = (delta_heads[:, 0] * others[:, None, :]).sum(-1)  # [G, P]
                 backup = delta_heads[:, 1:].sum(dim=(1, 3)) + same_layer  # every other head, this layer and later
                 if self.self_repair:
-                    repair = self._self_repair(state, layer, chunk, result, delta_heads, delta_mlps, backup)
+                    repair = self._self_repair(state, ref, chunk, result, delta_heads, delta_mlps, backup)
                 else:
                     repair = {t: torch.full_like(backup, float("nan")) for t in SELF_REPAIR_TERMS}
                 if neurons is not None:
-                    neurons.add(index, state, chunk, *self._neuron_changes(state, result))
+                    neurons.add(index, state, chunk, *self._neuron_changes(state, ref, result))
                 for g, h in enumerate(chunk):
                     rec = per_head[h]
                     rec["prompt"].append((state.points.batch + state.start).cpu().numpy())

@@ -194,11 +194,11 @@ def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch
     real = effects.ablate_heads_of_layer
     sizes = []
 
-    def small_memory(w, layer, heads, *args):
+    def small_memory(w, layer, heads, *args, **kwargs):
         sizes.append(len(heads))
         if len(heads) > 1:  # pretend only single-head passes fit
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(w, layer, heads, *args)
+        return real(w, layer, heads, *args, **kwargs)
 
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", small_memory)
     got = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, [0, 1, 2, 3])
@@ -207,7 +207,7 @@ def test_a_pass_that_runs_out_of_memory_is_split_not_lost(tiny_gpt2, monkeypatch
         np.testing.assert_allclose(a.backup, b.backup, atol=1e-6)
         np.testing.assert_allclose(a.mean_delta_heads, b.mean_delta_heads, atol=1e-6)
 
-    def no_memory(*args):
+    def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", no_memory)

@@ -116,3 +116,26 @@ def test_unknown_dtype_names_the_choices():
     with pytest.raises(ValueError, match="bfloat16"):
         precision.dtype_of("bf16")
     assert precision.name_of(precision.dtype_of("float16")) == "float16"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-gemma2"])
+def test_an_ablation_that_changes_nothing_changes_nothing_in_bfloat16(name):
+    """Replacing heads' ``z`` by their own clean ``z``: every change is exactly zero. In
+    bfloat16 a restart of several copies rounds differently from the clean run of one, so the
+    changes are taken from an un-ablated copy in the same pass (``ablate_heads_of_layer``'s
+    baseline); without it they are a rounding of every direct effect."""
+    m, task = _load(name, "bfloat16")
+    w = m.weights
+    run = tf.run(w, task.clean)
+    points = effects.effect_points(w, task)
+    clean = effects.decompose(w, task.clean, run, points)
+    heads = [0, 1, 2]
+    same = torch.stack([run.z[1, :, :, h] for h in heads])
+    result = effects.ablate_heads_of_layer(w, 1, heads, run.resid_pre[1], same, points, clean.scale, baseline=True)
+    assert result.baseline is not None and result.heads.shape[0] == len(heads)
+    assert torch.equal(result.heads, result.baseline.heads.expand_as(result.heads))
+    assert torch.equal(result.final_dot, result.baseline.final_dot.expand_as(result.final_dot))
+    job = BackupJob(task, "zero", 8).bind(m)
+    job._replacement = lambda state, layer, chunk: torch.stack([run.z[layer, :, :, h] for h in chunk])
+    for r in job.run_heads(1, heads):
+        assert not r.backup.any() and not r.repair["total_effect"].any() and not r.mean_delta_heads.any()

@@ -97,9 +97,9 @@ def test_a_backup_sweep_whose_passes_grow_gives_the_same_results(tiny_gpt2, monk
     gpu = FakeGPU(capacity=100 * tokens, unit=tokens)
     real = backup_sweep.effects.ablate_heads_of_layer
 
-    def measured(w, layer, heads, *args):
+    def measured(w, layer, heads, *args, **kwargs):
         gpu.allocate(len(heads))
-        return real(w, layer, heads, *args)
+        return real(w, layer, heads, *args, **kwargs)
 
     monkeypatch.setattr(backup_sweep, "tokens_per_pass", lambda device: tokens)  # one head a pass
     monkeypatch.setattr(backup_sweep, "memory_gauge", lambda device: gpu)

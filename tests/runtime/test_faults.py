@@ -109,7 +109,7 @@ def wait_for_commits(out: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 def slow_sweep(out: Path, env: dict, *extra: str, delay: float = 1.0, **popen) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "tests/slow_sweep.py", str(delay), *SWEEP_ARGS, "--out", str(out), *extra],
+        [sys.executable, "-m", "tests.slow_sweep", str(delay), *SWEEP_ARGS, "--out", str(out), *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -232,7 +232,7 @@ def test_out_of_memory_under_a_real_memory_cap_fails_clearly_and_leaves_nothing_
     out = tmp_path / "o"
     args = ["--model", "tiny-gpt2", "--executor", "local", "--no-report", "--task", "text", "--data", str(data),
             "--seq-len", "512", "--n-prompts", "64", "--out", str(out)]
-    capped = subprocess.run([sys.executable, "tests/capped_sweep.py", "450", *args], cwd=REPO, capture_output=True,
+    capped = subprocess.run([sys.executable, "-m", "tests.capped_sweep", "450", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=180, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
     assert capped.returncode == 1, capped.stderr[-2000:]
     failures = [line for line in capped.stderr.splitlines() if line.startswith("shard ")]
@@ -256,7 +256,7 @@ def test_a_node_lost_mid_sweep_loses_nothing():
     """Two Ray nodes with one fake GPU each (one actor each); the second node is removed
     mid-shard. Its actor's restart cannot be placed anywhere (the only GPU left is
     busy), so its shard runs again on the surviving actor; nothing is lost or doubled."""
-    done = subprocess.run([sys.executable, "tests/node_loss.py"], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "tests.node_loss"], cwd=REPO, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -299,7 +299,7 @@ def test_an_interrupt_while_the_report_is_written_says_how_to_write_it(sig, tmp_
     out, marker = tmp_path / "o", tmp_path / "in-report"
     args = [a for a in SWEEP_ARGS if a != "--no-report"]
     driver = subprocess.Popen(
-        [sys.executable, "tests/slow_sweep.py", "0", *args, "--heads", "L0", "--executor", "local",
+        [sys.executable, "-m", "tests.slow_sweep", "0", *args, "--heads", "L0", "--executor", "local",
          "--wandb", "offline", "--out", str(out)], cwd=REPO, env={**os.environ, "SLOW_REPORT": str(marker)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -86,10 +86,19 @@ class FastEngine:
         replacement: Float[Tensor, "G B T E"],
         read_final: bool,
     ) -> effects.LayerAblation:
-        """One batched restart from ``layer`` for the whole group."""
+        """One batched restart from ``layer`` for the whole group; in reduced precision with the
+        un-ablated baseline in the same pass (``effects.ablate_heads_of_layer``)."""
         assert state.resid_pre is not None  # the fast engine's states keep the block inputs
         return effects.ablate_heads_of_layer(
-            self.weights, layer, heads, state.resid_pre[layer], replacement, state.points, state.scale, read_final
+            self.weights,
+            layer,
+            heads,
+            state.resid_pre[layer],
+            replacement,
+            state.points,
+            state.scale,
+            read_final,
+            baseline=self.weights.dtype != torch.float32,
         )
 
     # -- the scale sweep ------------------------------------------------------------
