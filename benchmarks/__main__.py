@@ -20,6 +20,7 @@ Sections (each prints its own table, then one summary table of every ratio):
   profile      (only with --only) the torch profiler's top operators per workload
   precision    (with --only, and in --quick) bfloat16 and float16 against float32 on the same run,
                per family and on SmolLM2: direct effects, backup, edge scores, faithfulness
+  planner      (with --only, and in --quick) `interp-sweeps plan`'s memory against a worker's measured peak
 
 Every figure but throughput's rates is a ratio of two timings taken in the same run on
 the same machine (this one is noisy); nothing here is asserted by the tests, which check
@@ -42,6 +43,7 @@ from benchmarks import (
     families,
     growth,
     memory,
+    planner,
     precision,
     profile,
     ray_overhead,
@@ -52,11 +54,12 @@ from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 from sweeps.runtime.allocator import keep_freed_memory
 
 SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
-EXTRA = ("profile", "throughput", "precision")  # only when asked for (throughput: also with a GPU; both in --quick)
+# only when asked for (throughput: also with a GPU; all but profile in --quick)
+EXTRA = ("profile", "throughput", "precision", "planner")
 
 
 def default_sections(quick: bool) -> list[str]:
-    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision"] if quick else [])]
+    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision", "planner"] if quick else [])]
 
 
 def _positive(text: str) -> int:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         name, n, T, repeat = "smollm2-135m", args.prompts, args.tokens, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}{'; malloc keeps freed memory' if kept else ''}\n")
     ratios: list[Ratio] = []
-    in_process = [s for s in args.only if s not in ("memory", "precision")]
+    in_process = [s for s in args.only if s not in ("memory", "precision", "planner")]
     load = time.perf_counter()
     setup = load_setup(name, n, T, repeat) if in_process else None
     load = time.perf_counter() - load
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "growth": lambda: _growth(setup, name, args.quick),
         "throughput": lambda: _throughput(setup, name, args.quick),
         "precision": lambda: precision.run(args.quick, args.prompts),
+        "planner": lambda: planner.run(args.quick),
     }
     seconds = {}
     for section in sections:

@@ -174,9 +174,13 @@ def backup(
     B = min(batch_size, n_prompts)
     copies = max(1, tokens_per_pass // (B * seq_len))
     per_token_pass = (shape.block_activations() + D) * dtype_bytes
-    clean_run = B * seq_len * (2 * L * D + L * H * E + M + shape.block_activations()) * dtype_bytes
-    pass_bytes = max(min(copies, H) * B * seq_len * per_token_pass, clean_run)
+    # Building a batch's state: its clean and corrupt runs are alive at once, each with every
+    # layer's inputs, z and MLP writes recorded per layer and then stacked (two copies).
+    clean_run = 4 * B * seq_len * (2 * L * D + L * H * E + M) * dtype_bytes
     batches = -(-n_prompts // B)
+    # the last batch's runs come before its own state is kept: the peak is the larger of that
+    # moment and a restart with every batch's state kept
+    pass_bytes = max(min(copies, H) * B * seq_len * per_token_pass, clean_run - clean // batches)
     # a head's restart runs the layers from its own on: half the model on average
     flops = 2 * shape.forward_flops(n_prompts * seq_len, seq_len) + heads * 0.5 * shape.forward_flops(
         n_prompts * seq_len, seq_len
