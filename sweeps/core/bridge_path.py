@@ -278,7 +278,7 @@ def task_report(bridge, task: TaskData, prompt: int | None = 0):
     patterns = None
     if prompt is not None:
         T = int(task.lengths[prompt])
-        patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][prompt, :, :T, :T] for l in range(L)])
+        patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][prompt, :, :T, :T] for l in range(L)]).float()
     return TaskReport(
         points=points,
         metric=metric,

@@ -35,14 +35,14 @@ class TaskReport:
 
 def attention_patterns(w: ModelWeights, run: tf.CleanRun, prompt: int, length: int) -> Float[Tensor, "L H T T"]:
     """Every head's attention pattern on one prompt's real tokens (``tf.attention_pattern``:
-    causal, windowed and soft-capped as the model is)."""
+    causal, windowed and soft-capped as the model is), in float32 whatever the model's dtype."""
     rope = tf.rotary_tables(w, length)
     return torch.stack(
         [
             tf.attention_pattern(w, layer, run.resid_pre[layer][prompt : prompt + 1, :length], rope)[0]
             for layer in range(w.cfg.n_layers)
         ]
-    )
+    ).float()
 
 
 @torch.no_grad()

@@ -111,3 +111,16 @@ def test_attention_page_renders_in_headless_chromium(report_dir, tmp_path):
                     f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000  # a page with heatmaps, not a blank one
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-stablelm"])
+def test_the_report_in_bfloat16_passes_its_sum_check(tmp_path, name):
+    """In bfloat16 (the fast path's post-norms and soft-caps; the bridge path) the report runs,
+    records its dtype, and its components add up within what the dtype explains (exit 0: a
+    failed sum check is exit 1)."""
+    import json
+
+    out = tmp_path / "r"
+    assert report_cli.main(["--model", name, "--n-prompts", "4", "--dtype", "bfloat16", "--out", str(out),
+                            "--wandb", "disabled"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["spec"]["dtype"] == "bfloat16"
