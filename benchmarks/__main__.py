@@ -21,6 +21,10 @@ Sections (each prints its own table, then one summary table of every ratio):
   precision    (with --only, and in --quick) bfloat16 and float16 against float32 on the same run,
                per family and on SmolLM2: direct effects, backup, edge scores, faithfulness
   planner      (with --only, and in --quick) `interp-sweeps plan`'s memory against a worker's measured peak
+  gpu          (with --only, and in --quick) the first GPU's command: Llama-3.2-1B, Gemma-2-2B and
+               Llama-3.1-8B shapes in bfloat16 (random weights, made on the GPU): backup and attribution
+               throughput, the planner against the allocator's peak, a forced out-of-memory
+               recovery (on a CPU: the same on shapes scaled down)
 
 Every figure but throughput's rates is a ratio of two timings taken in the same run on
 the same machine (this one is noisy); nothing here is asserted by the tests, which check
@@ -41,6 +45,7 @@ from benchmarks import (
     backup,
     circuits,
     families,
+    gpu,
     growth,
     memory,
     planner,
@@ -55,11 +60,11 @@ from sweeps.runtime.allocator import keep_freed_memory
 
 SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
 # only when asked for (throughput: also with a GPU; all but profile in --quick)
-EXTRA = ("profile", "throughput", "precision", "planner")
+EXTRA = ("profile", "throughput", "precision", "planner", "gpu")
 
 
 def default_sections(quick: bool) -> list[str]:
-    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision", "planner"] if quick else [])]
+    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision", "planner", "gpu"] if quick else [])]
 
 
 def _positive(text: str) -> int:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         name, n, T, repeat = "smollm2-135m", args.prompts, args.tokens, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}{'; malloc keeps freed memory' if kept else ''}\n")
     ratios: list[Ratio] = []
-    in_process = [s for s in args.only if s not in ("memory", "precision", "planner")]
+    in_process = [s for s in args.only if s not in ("memory", "precision", "planner", "gpu")]
     load = time.perf_counter()
     setup = load_setup(name, n, T, repeat) if in_process else None
     load = time.perf_counter() - load
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": lambda: _throughput(setup, name, args.quick),
         "precision": lambda: precision.run(args.quick, args.prompts),
         "planner": lambda: planner.run(args.quick),
+        "gpu": lambda: gpu.run(args.quick),
     }
     seconds = {}
     for section in sections:

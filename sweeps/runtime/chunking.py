@@ -10,6 +10,7 @@ instead of failing the shard.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator, Protocol, TypeVar
 
 import torch
@@ -101,12 +102,12 @@ def map_chunks(
     With a ``gauge``, each chunk's peak allocation gives the bytes one unit costs
     (the largest seen so far), and the next chunk is made as large as the gauge's
     budget allows, at most ``max_growth`` times the last. A chunk that runs out of
-    memory is retried at half the size, and chunks stop growing; at size 1 the
+    memory is retried at half its size (the console says so, once), and chunks stop growing; at size 1 the
     error becomes a RuntimeError carrying ``advice()`` (e.g. which ``--batch-size``
     to use). ``compute`` must have no side effects: the caller accumulates what
     is yielded.
     """
-    per_pass, start, per_unit = max(1, per_pass), 0, 0.0
+    per_pass, start, per_unit, halved = max(1, per_pass), 0, 0.0, False
     while start < n:
         stop = min(n, start + (per_pass if gauge is not None else balanced(n - start, per_pass)))
         if gauge is not None:
@@ -117,9 +118,16 @@ def map_chunks(
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
             if not out_of_memory(err):
                 raise
-            if per_pass == 1:
+            if stop - start == 1:
                 raise RuntimeError(advice()) from None
-            per_pass, gauge = max(1, per_pass // 2), None  # what fits is now known: stop growing
+            # half the pass that failed (what fits is now known: stop growing), and say so once
+            per_pass, gauge = max(1, (stop - start) // 2), None
+            if not halved:
+                print(
+                    f"note: a pass of {stop - start} ran out of memory; passes of {per_pass} from here on",
+                    file=sys.stderr,
+                )
+                halved = True
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
