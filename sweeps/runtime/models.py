@@ -173,6 +173,12 @@ def _path_of(cfg: dict, where: str) -> tuple[str, str, bool]:
     return arch, "bridge", True
 
 
+def check_decoder_config(cfg: dict, where: str) -> None:
+    """A ``ModelNameError`` unless the config is a decoder-only causal language model some path
+    runs (the checks every command makes before loading, for a config read on its own)."""
+    _path_of(cfg, where)
+
+
 def _bridge_shape(cfg: dict, n_kv: int, parallel: bool) -> tuple[int, bool]:
     """(key/value heads, parallel attention and MLP) as TransformerLens's architecture adapter
     sets them for this config: its own reading of each family's fields (``multi_query`` and

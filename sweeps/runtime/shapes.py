@@ -70,6 +70,10 @@ def shape_of(cfg: dict[str, Any], where: str) -> ModelShape:
     if not model_type:
         raise ShapeError(f"{where}: not a Hugging Face model config (no model_type)")
     try:
+        models.check_decoder_config(cfg, where)
+    except models.ModelNameError as err:
+        raise ShapeError(str(err)) from None
+    try:
         c = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k != "model_type"})
     except ValueError as err:
         raise ShapeError(f"{where}: {str(err).splitlines()[0]}") from None

@@ -63,8 +63,13 @@ def test_bad_input_is_one_line(capsys, args, words):
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
 
 
-def test_a_config_that_is_not_a_decoder_is_refused(capsys, tmp_path):
-    t5 = tmp_path / "config.json"
-    t5.write_text(json.dumps({"model_type": "t5", "d_model": 512, "num_layers": 6, "num_heads": 8, "vocab_size": 32128}))
-    assert main(["plan", "backup", "--model", str(t5)]) == 2
-    assert "encoder-decoder" in capsys.readouterr().err
+@pytest.mark.parametrize("config", [
+    {"model_type": "t5", "d_model": 512, "num_layers": 6, "num_heads": 8, "vocab_size": 32128},
+    {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 30522},
+])
+def test_a_config_that_is_not_a_decoder_is_refused(capsys, tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["plan", "backup", "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a causal (decoder-only) language model" in err[0]
