@@ -409,8 +409,8 @@ def neuron_changes_of(computer) -> list:
     """Wrap ``computer._neuron_changes`` to keep what it returns, call by call."""
     calls, original = [], computer._neuron_changes
 
-    def keep(state, result):
-        out = original(state, result)
+    def keep(state, ref, result):
+        out = original(state, ref, result)
         calls.append(out)
         return out
 
