@@ -28,9 +28,9 @@ def pytest_configure(config):
 SLOW_MODULES = {"test_cluster.py", "test_faults.py", "test_benchmarks.py"}
 SLOW_FIXTURES = {"smollm", "ray_session", "local_cluster"}
 # Modules that run model after model once more (in reduced precision, against the golden
-# record): three families stay in the fast tier, the others are slow.
+# record): two families stay in the fast tier, the others are slow.
 PER_FAMILY_MODULES = {"test_precision.py", "test_golden.py", "test_footprint.py"}
-FAST_FAMILIES = {"tiny-llama3", "tiny-gemma2", "tiny-gpt2"}
+FAST_FAMILIES = {"tiny-llama3", "tiny-gemma2"}
 
 
 def _slow_family(item) -> bool:

@@ -113,7 +113,7 @@ def test_attention_page_renders_in_headless_chromium(report_dir, tmp_path):
     assert shot.stat().st_size > 10_000  # a page with heatmaps, not a blank one
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-stablelm"])
+@pytest.mark.parametrize("name", ["tiny-gemma2", pytest.param("tiny-stablelm", marks=pytest.mark.slow)])
 def test_the_report_in_bfloat16_passes_its_sum_check(tmp_path, name):
     """In bfloat16 (the fast path's post-norms and soft-caps; the bridge path) the report runs,
     records its dtype, and its components add up within what the dtype explains (exit 0: a
