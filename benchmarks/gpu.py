@@ -167,9 +167,12 @@ def run(quick: bool) -> list[Ratio]:
                           one_head)
         accuracy_b = plan_b.per_replica_bytes / peak_b if peak_b else float("nan")
         accuracy_a = plan_a.per_replica_bytes / peak_a if peak_a else float("nan")
-        rows.append([name, f"{shape.parameters / 1e9:.2f} B", f"{shape.n_heads / seconds_b:.1f}",
-                     f"{n_prompts / seconds_a:.1f}", f"{plan_b.per_replica_bytes / 1e9:.2f} / {peak_b / 1e9:.2f} GB",
-                     f"{plan_a.per_replica_bytes / 1e9:.2f} / {peak_a / 1e9:.2f} GB", oom])
+        def planned(plan: int, peak: int) -> str:
+            return f"{plan / 1e9:.2f} / {peak / 1e9:.2f} GB" if peak else f"{plan / 1e6:.1f} MB / n/a"
+
+        count = f"{shape.parameters / 1e9:.2f} B" if shape.parameters >= 1e8 else f"{shape.parameters / 1e6:.2f} M"
+        rows.append([name, count, f"{shape.n_heads / seconds_b:.1f}", f"{n_prompts / seconds_a:.1f}",
+                     planned(plan_b.per_replica_bytes, peak_b), planned(plan_a.per_replica_bytes, peak_a), oom])
         ratios.append(Ratio("gpu", f"{name}: backup heads/s", shape.n_heads / seconds_b))
         if peak_b:
             ratios.append(Ratio("gpu", f"{name}: backup planned / peak bytes", accuracy_b))
