@@ -240,7 +240,9 @@ def attribution(
     per_prompt = seq_len * (upstream + 40 * L) * D * dtype_bytes
     pass_bytes = min(B, max(1, budget_bytes // per_prompt)) * per_prompt
     edges = n_edges(shape)
-    flops = n_prompts * seq_len * ((1 + 3 * steps) * shape.forward_flops(1, seq_len) / 1 + 2.0 * edges * D * steps)
+    # a corrupt forward, then per step a forward and a backward (about two forwards), and every
+    # edge's product of a gradient and a change over each token's D numbers
+    flops = n_prompts * seq_len * ((1 + 3 * steps) * shape.forward_flops(1, seq_len) + 2.0 * edges * D * steps)
     return Footprint(shape_bytes(shape, dtype_bytes), 0, pass_bytes, per_prompt, flops, -(-n_prompts // B) * steps)
 
 
