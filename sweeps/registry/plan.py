@@ -132,6 +132,8 @@ def _cpu_flops(dtype: str) -> float:
 
 def plan(sweep_name: str, args) -> dict:
     """The plan as a dict (what ``--json`` prints)."""
+    import torch
+
     from sweeps.core import footprint as F
     from sweeps.runtime.chunking import tokens_per_pass
     from sweeps.runtime.shapes import ShapeError, model_shape
@@ -150,7 +152,7 @@ def plan(sweep_name: str, args) -> dict:
     seq_len = args.seq_len or TYPICAL_SEQ_LEN.get(task, 32)
     n_prompts = args.n_prompts or TYPICAL_N_PROMPTS.get(task, 64)
     size = F.DTYPE_BYTES[args.dtype]
-    per_pass = tokens_per_pass(__import__("torch").device("cuda" if device["name"] != "CPU" else "cpu"))
+    per_pass = tokens_per_pass(torch.device("cuda" if device["name"] != "CPU" else "cpu"))  # a job's first pass
     L, H = shape.n_layers, shape.n_heads
     if sweep_name == "backup":
         fp = F.backup(
