@@ -122,6 +122,11 @@ class Sweep:
         from sweeps.registry.driver import prepare_inputs
 
         self.inputs = prepare_inputs(self.args, self.name)
+        if getattr(self.args, "memory_budget", None) is not None:
+            from sweeps.registry.plan import check_budget
+
+            task = self.inputs.task
+            check_budget(self.name, self.args, task.n_prompts, int(task.clean.shape[1]))
 
     def spec(self) -> dict:
         """What the results depend on: a resumed run must match it exactly. Subclasses add

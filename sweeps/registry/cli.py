@@ -218,6 +218,13 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
         metavar="N",
         help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)",
     )
+    g.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="memory one replica may use: a run that cannot fit even one prompt a pass in it is refused "
+        "before any weights load, saying what would fit (`interp-sweeps plan` shows the estimate)",
+    )
 
     g = parser.add_argument_group("output")
     g.add_argument(

@@ -223,6 +223,28 @@ def plan(sweep_name: str, args) -> dict:
     return out
 
 
+PLANNED = ("backup", "scale", "attribution", "circuit")
+
+
+def check_budget(sweep_name: str, args: argparse.Namespace, n_prompts: int, seq_len: int) -> None:
+    """Before any weights load: a ``UserError`` (one line) when even one prompt a pass of this
+    run cannot fit ``--memory-budget`` GB. A model whose config cannot be read for a plan (a
+    TransformerLens checkpoint) is not checked."""
+    if sweep_name not in PLANNED or args.memory_budget is None:
+        return
+    if args.memory_budget <= 0:
+        raise UserError("--memory-budget must be a positive number of GB")
+    planned = argparse.Namespace(**vars(args))
+    planned.n_prompts, planned.seq_len, planned.device_memory = n_prompts, seq_len, args.memory_budget
+    planned.gpu, planned.devices_per_replica, planned.json = None, 1, False
+    try:
+        p = plan(sweep_name, planned)
+    except UserError:
+        return
+    if not p["fits"]:
+        raise UserError(f"--memory-budget {args.memory_budget:g} GB: {_advice(p, p['stages'][-1]['layers'][1] + 1)}")
+
+
 def _advice(p: dict, shape_layers: int) -> str:
     """What would fit, for the one-line refusal."""
     need, have = max(p["least_bytes_per_device"]), p["device_memory_bytes"]

@@ -73,3 +73,17 @@ def test_a_config_that_is_not_a_decoder_is_refused(capsys, tmp_path, config):
     assert main(["plan", "backup", "--model", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a causal (decoder-only) language model" in err[0]
+
+
+def test_a_sweep_that_cannot_fit_its_memory_budget_is_refused_before_loading(capsys, tmp_path):
+    """``--memory-budget``: the sweep itself plans before loading weights (the fixture fails
+    any load) and refuses, in one line saying what would fit, a budget one prompt cannot fit."""
+    from sweeps import backup
+
+    args = ["--model", "tiny-llama3", "--executor", "local", "--out", str(tmp_path / "o"), "--memory-budget", "0.01"]
+    assert backup.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --memory-budget 0.01 GB: even with one prompt a pass")
+    assert "--dtype bfloat16" in err[0]
+    assert backup.main([*args[:-1], "-1"]) == 2
+    assert "positive" in capsys.readouterr().err
