@@ -32,10 +32,9 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
-from sweeps.runtime import console
+from sweeps.runtime import console, loading
 from sweeps.runtime.allocator import keep_freed_memory
 from sweeps.runtime.chunking import out_of_memory
-from sweeps.runtime.loading import load_model
 from sweeps.runtime.models import describe_model
 
 
@@ -104,7 +103,7 @@ class ShardWorker:
         }
         if device == "cpu":
             keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
-        self.model = load_model(describe_model(model_name), device, dtype)
+        self.model = loading.load_model(describe_model(model_name), device, dtype)
         self.job: Job | None = None
         if job is not None:
             self.bind(job)
