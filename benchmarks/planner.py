@@ -17,13 +17,11 @@ import subprocess
 import sys
 
 from benchmarks.common import Ratio, print_table
+from benchmarks.memory import _status_kb
 
 
 def _resident(field: str = "VmRSS") -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return _status_kb(field) * 1024
 
 
 def measure(name: str, n_prompts: int, dtype: str, seq_len: int = 64, batch_size: int = 32) -> dict:

@@ -183,6 +183,17 @@ class Decomposition:
     def total(self) -> Float[Tensor, " P"]:
         return self.embed + self.heads.sum((0, 2)) + self.attn_bias.sum(0) + self.mlps.sum(0) + self.unembed_bias
 
+    def magnitude(self) -> Float[Tensor, " P"]:
+        """Σ|terms| at each point: what ``total`` can miss the model's own sum by, in roundings
+        of its dtype (``precision.py``)."""
+        return (
+            self.embed.abs()
+            + self.heads.abs().sum((0, 2))
+            + self.attn_bias.abs().sum(0)
+            + self.mlps.abs().sum(0)
+            + self.unembed_bias.abs()
+        )
+
 
 def decompose(w: ModelWeights, tokens: Int[Tensor, "B T"], run: tf.CleanRun, points: Points) -> Decomposition:
     scale = final_scale(w, run, points)

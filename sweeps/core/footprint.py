@@ -40,6 +40,7 @@ class ModelShape:
     gated_mlp: bool = True
     has_mlp: bool = True
     learned_positions: bool = False
+    parallel: bool = False  # attention and MLP read the same stream (GPT-NeoX, GPT-J): fewer edges
     post_norm: bool = False  # a norm after each sublayer (Gemma 2/3, OLMo 2): two weights of D a layer
     qk_norm: str = "none"  # "head" (one of d_head for q and for k) | "all" (over every head: OLMo 2)
     final_softcap: bool = False  # soft-capped logits: the backup sweep keeps each point's final stream
@@ -235,7 +236,7 @@ def attribution(
     as ``budget_bytes`` holds (``jobs.attribution.prompts_per_pass`` sizes passes the same way),
     at most a shard's ``batch_size``."""
     L, D = shape.n_layers, shape.d_model
-    upstream = 1 + L * (shape.n_heads + (1 if shape.has_mlp else 0))
+    upstream = graph_nodes(L, shape.n_heads, shape.has_mlp)
     B = min(batch_size, n_prompts)
     per_prompt = seq_len * (upstream + 40 * L) * D * dtype_bytes
     pass_bytes = min(B, max(1, budget_bytes // per_prompt)) * per_prompt
@@ -250,7 +251,7 @@ def circuit(shape: ModelShape, n_prompts: int, seq_len: int, dtype_bytes: int, c
     """Circuit evaluation: the corrupt run's write of every upstream node and this run's
     difference from it, in float32, for the prompts of a pass; one forward per circuit."""
     L, D = shape.n_layers, shape.d_model
-    upstream = 1 + L * (shape.n_heads + (1 if shape.has_mlp else 0))
+    upstream = graph_nodes(L, shape.n_heads, shape.has_mlp)
     per_prompt = 2 * upstream * seq_len * D * 4 + seq_len * shape.block_activations() * dtype_bytes
     pass_bytes = n_prompts * per_prompt
     flops = circuits * (
@@ -263,13 +264,24 @@ def shape_bytes(shape: ModelShape, dtype_bytes: int) -> int:
     return shape.parameters * dtype_bytes
 
 
-def n_edges(shape: ModelShape) -> int:
-    """Edges of the attribution graph (``attribution.build_graph``), sequential blocks."""
-    H, K, L = shape.n_heads, shape.n_kv_heads, shape.n_layers
-    mlp = 1 if shape.has_mlp else 0
+def graph_nodes(n_layers: int, n_heads: int, has_mlp: bool) -> int:
+    """Upstream nodes of the attribution graph: the embeddings, every head, every MLP."""
+    return 1 + n_layers * (n_heads + (1 if has_mlp else 0))
+
+
+def graph_edges(n_layers: int, n_heads: int, n_kv_heads: int, has_mlp: bool, parallel: bool) -> int:
+    """Edges of the attribution graph (``attribution.build_graph``), from its shape alone: each
+    head's q, k and v inputs and each MLP read every node written before them (a sequential
+    MLP also its own layer's heads), and the final stream reads every node."""
+    H, K, L = n_heads, n_kv_heads, n_layers
+    mlp = 1 if has_mlp else 0
     stride = H + mlp
     total = 0
     for layer in range(L):
         before = 1 + layer * stride
-        total += (H + 2 * K) * before + mlp * (before + H)
-    return total + 1 + L * stride
+        total += (H + 2 * K) * before + mlp * (before + (0 if parallel else H))
+    return total + graph_nodes(L, H, has_mlp)
+
+
+def n_edges(shape: ModelShape) -> int:
+    return graph_edges(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlp, shape.parallel)

@@ -23,13 +23,9 @@ def sum_check_tolerance(parts, dtype: str) -> float:
     """How far the components' sum may miss the metric: ``SUM_CHECK_TOLERANCE`` in float32; in
     bfloat16 or float16 two roundings of the sum of the terms' magnitudes (the stream is the
     dtype's running sum of them; ``docs/planning.md``)."""
-    import torch
-
     from sweeps.core import precision
 
-    n = parts.scale.shape[0]
-    terms = [parts.embed[None], parts.heads.reshape(-1, n), parts.attn_bias, parts.mlps, parts.unembed_bias[None]]
-    magnitude = float(torch.cat(terms).abs().sum(0).max())
+    magnitude = float(parts.magnitude().max())
     return max(SUM_CHECK_TOLERANCE, 2 * precision.unit_roundoff(precision.dtype_of(dtype)) * magnitude)
 
 

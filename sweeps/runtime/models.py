@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeps.core import architectures
+from sweeps.core import architectures, footprint
 from sweeps.runtime import tiny_models
 from sweeps.runtime.tiny_models import TINY_MODELS
 
@@ -66,19 +66,14 @@ class ModelInfo:
     @property
     def n_edges(self) -> int:
         """Edges of the model's attribution graph (``attribution.build_graph``), from its shape alone."""
-        H, K, L = self.n_heads, self.n_kv_heads or self.n_heads, self.n_layers
-        mlp = 1 if self.has_mlp else 0
-        stride = H + mlp
-        total = 0
-        for layer in range(L):
-            before = 1 + layer * stride
-            total += (H + 2 * K) * before + mlp * (before + (0 if self.parallel else H))
-        return total + 1 + L * stride
+        return footprint.graph_edges(
+            self.n_layers, self.n_heads, self.n_kv_heads or self.n_heads, self.has_mlp, self.parallel
+        )
 
     @property
     def n_nodes(self) -> int:
         """Upstream nodes: the embeddings, every head, every MLP."""
-        return 1 + self.n_layers * (self.n_heads + (1 if self.has_mlp else 0))
+        return footprint.graph_nodes(self.n_layers, self.n_heads, self.has_mlp)
 
     @property
     def describe(self) -> str:

@@ -105,6 +105,7 @@ def shape_of(cfg: dict[str, Any], where: str) -> ModelShape:
         n_ctx=n_ctx,
         gated_mlp=model_type not in UNGATED,
         learned_positions=model_type == "gpt2",
+        parallel="parallel" in pieces,
         post_norm="post_norm" in pieces,
         qk_norm=("all" if model_type == "olmo2" else "head") if "qk_norm" in pieces else "none",
         final_softcap=bool(getattr(c, "final_logit_softcapping", None)),

@@ -34,13 +34,6 @@ def _load(name: str, dtype: str, path: str | None = None):
     return loading.load_model(info, "cpu", dtype), task
 
 
-def _magnitude(d: effects.Decomposition) -> torch.Tensor:
-    """Per point, Σ|terms| of a decomposition: what a sum of them can miss by, in roundings."""
-    n = d.scale.shape[0]
-    terms = torch.cat([d.embed[None], d.heads.reshape(-1, n), d.attn_bias, d.mlps, d.unembed_bias[None]])
-    return terms.abs().sum(0)
-
-
 # bfloat16 on every family; float16 on three (RMSNorm, post-norms with soft-caps, LayerNorm)
 CASES = [(n, "bfloat16") for n in FAMILY_TINY_MODELS] + [(n, "float16") for n in ("tiny-llama3", "tiny-gemma2", "tiny-gpt2")]
 
@@ -58,7 +51,7 @@ def test_direct_effects_add_up_to_the_logit_difference_in_reduced_precision(name
     parts = effects.decompose(w, task.clean, run, points)
     logits = tf.unembed(w, run.resid_final)
     real = logits[points.batch, points.pos, task.correct] - logits[points.batch, points.pos, task.incorrect]
-    bound = 2 * precision.unit_roundoff(w.dtype) * _magnitude(parts)
+    bound = 2 * precision.unit_roundoff(w.dtype) * parts.magnitude()
     error = (parts.total() - real).abs()
     assert parts.total().dtype == torch.float32
     assert (error <= bound).all(), f"missed by {float((error / bound).max()):.2f} of the bound"
@@ -101,7 +94,7 @@ def test_empty_and_full_circuits_are_the_corrupt_and_clean_runs_in_bfloat16(name
     assert runner.metric(torch.ones(graph.n_edges, dtype=torch.bool)) == runner.clean_metric
     corrupt_run = tf.run(w, task.corrupt)
     points = effects.effect_points(w, task)
-    magnitude = float(_magnitude(effects.decompose(w, task.corrupt, corrupt_run, points)).sum())
+    magnitude = float(effects.decompose(w, task.corrupt, corrupt_run, points).magnitude().sum())
     empty = runner.metric(torch.zeros(graph.n_edges, dtype=torch.bool))
     assert abs(empty - runner.corrupt_metric) <= 2 * precision.unit_roundoff(torch.bfloat16) * magnitude
     ours = A.attribute(w, graph, task)
