@@ -25,6 +25,9 @@ Sections (each prints its own table, then one summary table of every ratio):
                Llama-3.1-8B shapes in bfloat16 (random weights, made on the GPU): backup and attribution
                throughput, the planner against the allocator's peak, a forced out-of-memory
                recovery (on a CPU: the same on shapes scaled down)
+  loading      (with --only, and in --quick) host memory of a cold and a cached load of a safetensors
+               checkpoint (processed a layer at a time) over the processed weights, and of the
+               whole-model load beside them
 
 Every figure but throughput's rates is a ratio of two timings taken in the same run on
 the same machine (this one is noisy); nothing here is asserted by the tests, which check
@@ -47,6 +50,7 @@ from benchmarks import (
     families,
     gpu,
     growth,
+    loading,
     memory,
     planner,
     precision,
@@ -60,11 +64,11 @@ from sweeps.runtime.allocator import keep_freed_memory
 
 SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
 # only when asked for (throughput: also with a GPU; all but profile in --quick)
-EXTRA = ("profile", "throughput", "precision", "planner", "gpu")
+EXTRA = ("profile", "throughput", "precision", "planner", "gpu", "loading")
 
 
 def default_sections(quick: bool) -> list[str]:
-    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision", "planner", "gpu"] if quick else [])]
+    return [*SECTIONS, *(["throughput"] if quick or torch.cuda.is_available() else []), *(["precision", "planner", "gpu", "loading"] if quick else [])]
 
 
 def _positive(text: str) -> int:
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         name, n, T, repeat = "smollm2-135m", args.prompts, args.tokens, 2
     print(f"benchmarks, {datetime.date.today()}: {machine()}{'; malloc keeps freed memory' if kept else ''}\n")
     ratios: list[Ratio] = []
-    in_process = [s for s in args.only if s not in ("memory", "precision", "planner", "gpu")]
+    in_process = [s for s in args.only if s not in ("memory", "precision", "planner", "gpu", "loading")]
     load = time.perf_counter()
     setup = load_setup(name, n, T, repeat) if in_process else None
     load = time.perf_counter() - load
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": lambda: precision.run(args.quick, args.prompts),
         "planner": lambda: planner.run(args.quick),
         "gpu": lambda: gpu.run(args.quick),
+        "loading": lambda: loading.run(args.quick),
     }
     seconds = {}
     for section in sections:

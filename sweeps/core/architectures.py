@@ -257,6 +257,7 @@ class Unfoldable:
 
     spec: dict[str, Any]  # ModelConfig fields beyond the bridge config's
     tensors: dict[str, torch.Tensor]  # ln_attn_post, ln_mlp_post, q_norm, k_norm, rotary_inv_freq
+    rotary_keys: tuple[str, ...] = ()  # the layer type of each rotary table ("" when one serves all)
 
 
 def _hf(component) -> torch.nn.Module:
@@ -288,8 +289,9 @@ def norm_weight(module: torch.nn.Module, width: int) -> torch.Tensor:
 
 
 def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: int):
-    """(inv_freq [n_tables, E/2], table index per layer): one table per layer type
-    where the rotary module keeps one per type (Gemma 3), else one for every layer."""
+    """(inv_freq [n_tables, E/2], table index per layer, each table's layer type): one table
+    per layer type where the rotary module keeps one per type (Gemma 3), sorted by type, else
+    one for every layer (type "")."""
     if "interleaved_rotary" in family.pieces:  # GPT-J keeps sin/cos tables, no inv_freq
         tables = [
             m.embed_positions
@@ -300,7 +302,7 @@ def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: i
             raise ArchitectureError(f"{family.name}: no rotary sin/cos table (embed_positions) in the model")
         sincos = tables[0][1].float()  # position 1: [sin(inv_freq), cos(inv_freq)]
         half = sincos.shape[-1] // 2
-        return torch.atan2(sincos[:half], sincos[half:])[None].cpu(), [0] * n_layers
+        return torch.atan2(sincos[:half], sincos[half:])[None].cpu(), [0] * n_layers, ("",)
     modules = [m for m in hf_model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(modules) != 1:
         raise ArchitectureError(f"{family.name}: expected one rotary module, found {len(modules)}")
@@ -313,17 +315,45 @@ def _rotary(hf_model, family: Family, layer_types: list[str] | None, n_layers: i
     else:
         if not isinstance(getattr(rot, "inv_freq", None), torch.Tensor):
             raise ArchitectureError(f"{family.name}: the rotary module has no inv_freq")
-        names, scaling, index = ["inv_freq"], [getattr(rot, "attention_scaling", 1.0)], [0] * n_layers
+        typed, names, scaling, index = [""], ["inv_freq"], [getattr(rot, "attention_scaling", 1.0)], [0] * n_layers
     if any(s not in (None, 1.0) for s in scaling):
         raise ArchitectureError(
             f"{family.name}: rotary embeddings with attention scaling (YaRN, long-rope) are not supported yet"
         )
-    return torch.stack([getattr(rot, n).detach().float().cpu() for n in names]), index
+    return torch.stack([getattr(rot, n).detach().float().cpu() for n in names]), index, tuple(typed)
 
 
-def read_spec(bridge) -> Unfoldable:
+# Pieces a model may have in some layers only: a one-layer model of one of its blocks
+# (``layerwise``) is checked for them once its layers are put together (``check_layer_pieces``).
+LAYER_PIECES = frozenset({"windows", "rotary_tables"})
+
+
+def check_pieces(family: Family, found: set[str], ignore: frozenset[str] = frozenset()) -> None:
+    """The family's list against what the model has: a piece the family needs and the model
+    lacks, or one the model has and the family does not list, is an error."""
+    missing = family.pieces - found - ignore
+    if missing:
+        raise ArchitectureError(f"{family.name}: the model lacks what the family needs: {', '.join(sorted(missing))}")
+    extra = found - family.pieces - family.optional - ignore
+    if extra:
+        raise ArchitectureError(
+            f"{family.name}: the model has pieces its family does not list ({', '.join(sorted(extra))}); "
+            "the fast path would ignore them"
+        )
+
+
+def check_layer_pieces(model_type: str, windows: tuple[int, ...], n_tables: int) -> None:
+    """``check_pieces`` for the pieces of ``LAYER_PIECES``, once every layer's are known."""
+    family = family_of(model_type, "model")
+    found = {piece for piece, has in (("windows", any(windows)), ("rotary_tables", n_tables > 1)) if has}
+    check_pieces(family, found | (family.pieces - LAYER_PIECES))
+
+
+def read_spec(bridge, one_layer: bool = False) -> Unfoldable:
     """Read the architecture's pieces off a booted bridge, **before** compatibility mode
-    processes its weights (the pieces read here are exactly those it cannot fold)."""
+    processes its weights (the pieces read here are exactly those it cannot fold).
+    ``one_layer``: the bridge is of one block of a larger model (``layerwise``), whose
+    per-layer pieces (``LAYER_PIECES``) are checked when its layers are put together."""
     hf = bridge.original_model
     hf_cfg = hf.config
     family = family_of(getattr(hf_cfg, "model_type", None), "model")
@@ -333,6 +363,7 @@ def read_spec(bridge) -> Unfoldable:
     found: set[str] = set()
     tensors: dict[str, torch.Tensor] = {}
     spec: dict[str, Any] = {"family": family.model_types[0]}
+    rotary_keys: tuple[str, ...] = ()
 
     # Norms around the sublayers, found as modules of the bridge's blocks.
     has = lambda name: [hasattr(b, name) for b in blocks]  # noqa: E731
@@ -383,7 +414,7 @@ def read_spec(bridge) -> Unfoldable:
     # Positions and embedding.
     if c.positional_embedding_type == "rotary":
         found.add("rotary")
-        inv_freq, index = _rotary(hf, family, layer_types, L)
+        inv_freq, index, rotary_keys = _rotary(hf, family, layer_types, L)
         tensors["rotary_inv_freq"] = inv_freq
         spec["rotary_layer"] = tuple(index)
         if inv_freq.shape[0] > 1:
@@ -403,16 +434,8 @@ def read_spec(bridge) -> Unfoldable:
 
     spec["pre_norm"] = "pre_norm" in found
     spec["post_norm"] = "post_norm" in found
-    missing = family.pieces - found
-    if missing:
-        raise ArchitectureError(f"{family.name}: the model lacks what the family needs: {', '.join(sorted(missing))}")
-    extra = found - family.pieces - family.optional
-    if extra:
-        raise ArchitectureError(
-            f"{family.name}: the model has pieces its family does not list ({', '.join(sorted(extra))}); "
-            "the fast path would ignore them"
-        )
-    return Unfoldable(spec, tensors)
+    check_pieces(family, found, LAYER_PIECES if one_layer else frozenset())
+    return Unfoldable(spec, tensors, rotary_keys)
 
 
 @torch.no_grad()

@@ -40,3 +40,16 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, OWN_MAPPING)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP))
+
+
+def give_back_freed_memory() -> bool:
+    """Return the heap's freed pages to the kernel (glibc's ``malloc_trim``): after a load
+    that built and dropped transient models, what the process holds is what it keeps.
+    Returns False, doing nothing, where the C library has no ``malloc_trim``."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -1,5 +1,6 @@
-"""Loading a model: the weights in through one door (``load_hf_model``), the bridge booted,
-processed (``enable_compatibility_mode``) and, on the fast path, copied out as ``ModelWeights``.
+"""Loading a model: the weights in (``load_hf_model``, or a layer at a time from safetensors
+files: ``layerwise``), the bridge booted, processed (``enable_compatibility_mode``) and, on the
+fast path, copied out as ``ModelWeights``.
 
 One ``Source`` per kind of name (``ModelInfo.kind``, from ``models.describe_model``) says how its
 tokenizer and Hugging Face model are read and what its processed weights are cached under
@@ -20,7 +21,7 @@ import torch
 
 from sweeps.core import architectures, precision
 from sweeps.core.transformer import ModelConfig, ModelWeights
-from sweeps.runtime import model_cache, tiny_models
+from sweeps.runtime import layerwise, model_cache, tiny_models
 from sweeps.runtime.models import (
     EMBEDDED_GGUF,
     ModelInfo,
@@ -102,6 +103,27 @@ class Source:
         """The file or directory processed weights are keyed on; None: not cached."""
         return Path(info.source)
 
+    def checkpoint_dir(self, info: ModelInfo) -> Path | None:
+        """The directory of the model's safetensors files, when it has one: its weights are
+        then processed a layer at a time (``layerwise``); else the model is processed whole."""
+        return None
+
+    def weights(self, info: ModelInfo) -> ModelWeights:
+        """The fast path's processed weights, built from the source (not from the cache)."""
+        directory = self.checkpoint_dir(info)
+        index = layerwise.safetensors_index(directory) if directory is not None else None
+        if directory is None or index is None:
+            return whole_weights(info)
+        tokenizer, hub_name = self.tokenizer(info), self.boot_name(info)
+        try:
+            return layerwise.load_weights(directory, index, lambda hf: one_layer_weights(hf, tokenizer, hub_name))
+        except layerwise.NotLayerwise:
+            return whole_weights(info)
+
+    def boot_name(self, info: ModelInfo) -> str:
+        """The name the bridge boots a model of this source as (its adapter and defaults)."""
+        return info.source
+
     def cache_label(self, info: ModelInfo) -> str | None:
         return None
 
@@ -144,6 +166,9 @@ class TinySource(EmbeddedSource):
 class LocalSource(Source):
     """A Hugging Face model saved in a local directory."""
 
+    def checkpoint_dir(self, info: ModelInfo) -> Path | None:
+        return Path(info.source)
+
 
 class CheckpointSource(Source):
     """A TransformerLens-native checkpoint (InterpBench layout): booted by ``load_checkpoint_bridge``."""
@@ -182,6 +207,17 @@ class HubSource(Source):
     def cache_label(self, info: ModelInfo) -> str | None:
         return info.name
 
+    def checkpoint_dir(self, info: ModelInfo) -> Path | None:
+        """The downloaded snapshot's directory, after fetching its config and safetensors files
+        (from the download cache when offline); None when that fails (the whole-model load then
+        says why)."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(info.source, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:
+            return None
+
 
 SOURCES: dict[str, Source] = {
     "embedded": EmbeddedSource(),
@@ -216,11 +252,10 @@ def _check_checkpoint(c, name: str) -> None:
         )
 
 
-def load_bridge(info: ModelInfo, with_spec: bool = False):
-    """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
-    ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
+def process_bridge(bridge):
+    """Put a booted bridge in compatibility mode (HookedTransformer numerics: norms folded,
+    writing weights centred, value biases folded), quietly; returns it."""
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    bridge, unfoldable = source_of(info).boot(info)
     # TransformerLens says what it leaves unprocessed on the root logger (Gemma 2's uncentred
     # unembedding): what the sweeps need of it is read and checked in architectures.py.
     root = logging.getLogger()
@@ -230,8 +265,32 @@ def load_bridge(info: ModelInfo, with_spec: bool = False):
         bridge.enable_compatibility_mode(disable_warnings=True)
     finally:
         root.setLevel(level)
-    bridge.eval()
+    return bridge.eval()
+
+
+def load_bridge(info: ModelInfo, with_spec: bool = False):
+    """A TransformerBridge in compatibility mode (HookedTransformer numerics); with
+    ``with_spec``, also the architecture's unfoldable pieces, read before processing."""
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge, unfoldable = source_of(info).boot(info)
+    process_bridge(bridge)
     return (bridge, unfoldable) if with_spec else bridge
+
+
+def whole_weights(info: ModelInfo) -> ModelWeights:
+    """The fast path's processed weights from the whole model, booted and processed at once."""
+    return weights_from_bridge(*load_bridge(info, with_spec=True))
+
+
+def one_layer_weights(hf_model, tokenizer, hub_name: str) -> tuple[ModelWeights, architectures.Unfoldable]:
+    """Boot a one-layer Hugging Face model of one block of a larger one (``layerwise``), read
+    its pieces, process it and copy its weights out: what ``whole_weights`` does to a whole model."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
+    unfoldable = architectures.read_spec(bridge, one_layer=True)
+    process_bridge(bridge)
+    return weights_from_bridge(bridge, unfoldable), unfoldable
 
 
 def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWeights:
@@ -318,7 +377,7 @@ def weight_hash(weights: ModelWeights) -> str:
     for name, value in weights.__dict__.items():
         if isinstance(value, torch.Tensor):
             digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
     return digest.hexdigest()
 
 
@@ -371,7 +430,7 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu", dtype: str =
         return LoadedModel(info, None, digest.hexdigest(), bridge)
 
     def convert() -> ModelWeights:
-        return weights_from_bridge(*load_bridge(info, with_spec=True))
+        return source_of(info).weights(info)
 
     source = cache_source(info)
     if source is None:

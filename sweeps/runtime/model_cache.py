@@ -47,7 +47,12 @@ from sweeps.runtime.provenance import package_versions
 # Packages whose code turns the source file into weights or a tokenizer.
 CONVERTERS = ("torch", "transformers", "transformer-lens", "tokenizers", "gguf")
 # Our own conversion code: a change to it changes what a load returns.
-CONVERSION_SOURCES = ("runtime/loading.py", "core/transformer.py", "core/architectures.py")  # under sweeps/
+CONVERSION_SOURCES = (
+    "runtime/loading.py",
+    "runtime/layerwise.py",
+    "core/transformer.py",
+    "core/architectures.py",
+)  # under sweeps/
 
 
 DEFAULT_MAX_GB = 8.0
@@ -150,7 +155,8 @@ def cached_weights(source: Path, build: Callable[[], ModelWeights], label: str |
     path = root / f"{entry_key(source, 'weights', label)}.pt"
     if path.is_file():
         try:
-            weights = _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True))
+            # mmap: the tensors are the file's pages, read as they are touched, with no second copy
+            weights = _weights_from_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
             _touch(path)
             return weights
         except Exception:  # a damaged, foreign or just-evicted file is a miss, rewritten below

@@ -80,6 +80,21 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         initializer_range=0.02,
         tie_word_embeddings=True,
     ),
+    "random-llama3.2-1b": dict(
+        model_type="llama",
+        config="LlamaConfig",
+        hub_name="meta-llama/Llama-3.2-1B",
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_size=2048,
+        intermediate_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+    ),
     # Families with no fast path, run through the bridge path (tests).
     "tiny-stablelm": dict(
         model_type="stablelm",

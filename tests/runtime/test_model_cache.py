@@ -119,8 +119,8 @@ def _model_directory(kind: str, root: Path, tiny_gpt2) -> Path:
 
 @pytest.mark.parametrize("kind", ["local", "checkpoint"])
 def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gpt2, kind):
-    """A model from a directory loads from the cache without booting a bridge, bit for bit;
-    a changed file in the directory is a miss."""
+    """A model from a directory loads from the cache without processing it again (no bridge
+    booted, no layer read), bit for bit; a changed file in the directory is a miss."""
     monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
     directory = _model_directory(kind, tmp_path, tiny_gpt2)
     info = models.describe_model(str(directory))
@@ -128,8 +128,9 @@ def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gp
     fresh = loading.load_model(info)  # a miss: converted, then stored
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
-    real_load_bridge = loading.load_bridge
+    real_load_bridge, real_layerwise = loading.load_bridge, loading.layerwise.load_weights
     monkeypatch.setattr(loading, "load_bridge", lambda *a, **k: _refuse())
+    monkeypatch.setattr(loading.layerwise, "load_weights", lambda *a, **k: _refuse())
     cached = loading.load_model(info)
     _assert_same_weights(cached.weights, fresh.weights)
     assert cached.weight_hash == fresh.weight_hash
@@ -139,8 +140,9 @@ def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gp
     import os
 
     os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights were rewritten
-    booted = []
+    booted = []  # a safetensors directory is processed a layer at a time, a checkpoint whole
     monkeypatch.setattr(loading, "load_bridge", lambda i, **kw: booted.append(1) or real_load_bridge(i, **kw))
+    monkeypatch.setattr(loading.layerwise, "load_weights", lambda *a: booted.append(1) or real_layerwise(*a))
     loading.load_model(info)
     assert booted == [1]
 
