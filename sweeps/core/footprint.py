@@ -86,6 +86,29 @@ class ModelShape:
         return 8 * D + 5 * H * E + mlp
 
 
+def shape_of_config(cfg, n_ctx: int = 0) -> ModelShape:
+    """A loaded model's shape, from its config (the fast path's ``ModelConfig`` or the
+    bridge's TransformerLens config: the fields both have)."""
+    n_heads = int(cfg.n_heads)
+    return ModelShape(
+        n_layers=int(cfg.n_layers),
+        d_model=int(cfg.d_model),
+        n_heads=n_heads,
+        n_kv_heads=int(getattr(cfg, "n_kv_heads", None) or getattr(cfg, "n_key_value_heads", None) or n_heads),
+        d_head=int(cfg.d_head),
+        d_mlp=int(cfg.d_mlp or 0),
+        d_vocab=int(cfg.d_vocab),
+        n_ctx=n_ctx,
+        gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+        has_mlp=not bool(getattr(cfg, "attn_only", False)),
+        learned_positions=n_ctx > 0,
+        parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        post_norm=bool(getattr(cfg, "post_norm", False)),
+        qk_norm=str(getattr(cfg, "qk_norm", "none")),
+        final_softcap=bool(getattr(cfg, "final_softcap", 0.0)),
+    )
+
+
 @dataclass(frozen=True)
 class Footprint:
     """One replica's memory and one sweep's compute."""
@@ -181,7 +204,8 @@ def backup(
     batches = -(-n_prompts // B)
     # the last batch's runs come before its own state is kept: the peak is the larger of that
     # moment and a restart with every batch's state kept
-    pass_bytes = max(min(copies, H) * B * seq_len * per_token_pass, clean_run - clean // batches)
+    building = clean_run - clean // batches
+    pass_bytes = max(min(copies, H) * B * seq_len * per_token_pass, building)
     # a head's restart runs the layers from its own on: half the model on average
     flops = 2 * shape.forward_flops(n_prompts * seq_len, seq_len) + heads * 0.5 * shape.forward_flops(
         n_prompts * seq_len, seq_len
@@ -190,7 +214,7 @@ def backup(
         shape_bytes(shape, dtype_bytes),
         clean,
         pass_bytes,
-        max(B * seq_len * per_token_pass, clean_run),
+        max(B * seq_len * per_token_pass, building),
         flops,
         batches * -(-heads // min(copies, H)),
     )
@@ -247,17 +271,24 @@ def attribution(
     return Footprint(shape_bytes(shape, dtype_bytes), 0, pass_bytes, per_prompt, flops, -(-n_prompts // B) * steps)
 
 
-def circuit(shape: ModelShape, n_prompts: int, seq_len: int, dtype_bytes: int, circuits: int) -> Footprint:
+def circuit(
+    shape: ModelShape, n_prompts: int, seq_len: int, dtype_bytes: int, circuits: int, tokens_per_pass: int = 1 << 13
+) -> Footprint:
     """Circuit evaluation: the corrupt run's write of every upstream node and this run's
-    difference from it, in float32, for the prompts of a pass; one forward per circuit."""
+    difference from it, in float32, for the prompts of a pass (``tokens_per_pass`` over the
+    prompt length and an eighth of the upstream nodes, as ``jobs.circuit`` sizes it); one
+    forward per circuit."""
     L, D = shape.n_layers, shape.d_model
     upstream = graph_nodes(L, shape.n_heads, shape.has_mlp)
     per_prompt = 2 * upstream * seq_len * D * 4 + seq_len * shape.block_activations() * dtype_bytes
-    pass_bytes = n_prompts * per_prompt
+    prompts = min(n_prompts, max(1, tokens_per_pass // (seq_len * max(1, upstream // 8))))
+    pass_bytes = prompts * per_prompt
     flops = circuits * (
         shape.forward_flops(n_prompts * seq_len, seq_len) + 2.0 * n_edges(shape) * n_prompts * seq_len * D
     )
-    return Footprint(shape_bytes(shape, dtype_bytes), 0, pass_bytes, per_prompt, flops, circuits)
+    return Footprint(
+        shape_bytes(shape, dtype_bytes), 0, pass_bytes, per_prompt, flops, circuits * -(-n_prompts // prompts)
+    )
 
 
 def shape_bytes(shape: ModelShape, dtype_bytes: int) -> int:

@@ -23,8 +23,9 @@ import pyarrow as pa
 import torch
 
 from sweeps.core import attribution as A
+from sweeps.jobs import sizing
 from sweeps.jobs.base import Job
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
 
 
@@ -71,13 +72,14 @@ def plan_verify(n_prompts: int, batch_size: int, targets: list[A.Target], done: 
     return [s for s in shards if s.id not in done]
 
 
-def prompts_per_pass(task: TaskData, graph: A.Graph, cfg, device: torch.device) -> int:
+def prompts_per_pass(task: TaskData, graph: A.Graph, cfg, device: torch.device, fraction: float = 1.0) -> int:
     """Prompts per pass. A token costs the upstream changes ``[U, D]`` plus what autograd
     keeps, roughly 40 ``D``-sized tensors a layer. The budget is 2 GiB on a CPU (9 prompts
     of 64 tokens of SmolLM2 a pass: larger passes stop fitting the allocator's kept memory
     and run slower, smaller ones pay their fixed costs more often), and 8 GiB for a GPU's
-    first pass (``map_chunks`` then grows the passes to fill its free memory)."""
-    budget_floats = ((8 if device.type == "cuda" else 2) << 30) // 4
+    first pass (``map_chunks`` then grows the passes to fill its free memory); ``fraction`` of
+    that where the job's estimate says less fits (``jobs.sizing``)."""
+    budget_floats = int(sizing.ATTRIBUTION_PASS_BYTES[device.type if device.type == "cuda" else "cpu"] * fraction) // 4
     per_token = (len(graph.upstream) + 40 * cfg.n_layers) * cfg.d_model
     return max(1, budget_floats // (per_token * int(task.clean.shape[1])))
 
@@ -134,6 +136,9 @@ class AttributionJob(Job):
     exact_edges: bool = False  # --method exact: patch every edge too (small models only)
     _graph: A.Graph | None = field(default=None, repr=False)
 
+    def sizing(self):
+        return "attribution", {"batch_size": self.task.n_prompts, "steps": self.steps}
+
     def on_bind(self) -> None:
         if self.method not in self.engine.attribution_methods:
             raise ValueError(f"{self.method} runs on the fast path's families only")
@@ -159,7 +164,7 @@ class AttributionJob(Job):
 
     def _patches_per_pass(self, batch: TaskData) -> int:
         """Prompts a patching pass holds: the clean and corrupt runs' writes, and one patched run."""
-        return max(1, tokens_per_pass(self.engine.device) // (4 * int(batch.clean.shape[1])))
+        return max(1, self.pass_tokens(self.engine.device) // (4 * int(batch.clean.shape[1])))
 
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
@@ -171,7 +176,7 @@ class AttributionJob(Job):
         total = None
         for part in self._chunked(
             batch,
-            prompts_per_pass(batch, graph, engine.cfg, engine.device),
+            prompts_per_pass(batch, graph, engine.cfg, engine.device, self.pass_fraction),
             lambda sub: engine.attribute(graph, sub, self.method, self.steps),
             f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
             "use shorter prompts or a machine with more memory",

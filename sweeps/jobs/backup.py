@@ -23,7 +23,7 @@ from sweeps.core import effects
 from sweeps.core.effects import BatchState
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import Shard
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
@@ -157,6 +157,10 @@ class BackupJob(Job):
     self_repair: bool = True  # also the self-repair decomposition (off only to measure what it costs)
     _batches: list[BatchState] | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
+
+    def sizing(self):
+        per_prompt = 1 if self.task.kind == "logit_diff" else int(self.task.clean.shape[1]) - 1
+        return "backup", {"batch_size": self.batch_size, "ablation": self.ablation, "points_per_prompt": per_prompt}
 
     def on_bind(self) -> None:
         self._batches = None
@@ -316,7 +320,7 @@ class BackupJob(Job):
                 )
 
             device = state.tokens.device
-            per_pass = tokens_per_pass(device) // (B * T)
+            per_pass = self.pass_tokens(device) // (B * T)
             for start, stop, result in map_chunks(len(heads), per_pass, ablate, advice, memory_gauge(device)):
                 chunk = heads[start:stop]
                 ref = Reference.of(state, layer, result)

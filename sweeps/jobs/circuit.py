@@ -20,7 +20,7 @@ import torch
 from sweeps.core import attribution as A
 from sweeps.core import circuit_eval as CE
 from sweeps.jobs.base import Job
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
 
 
@@ -99,6 +99,9 @@ class CircuitJob(Job):
     _graph: A.Graph | None = field(default=None, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
 
+    def sizing(self):
+        return "circuit", {"circuits": 1}
+
     def on_bind(self) -> None:
         self._graph = self.engine.graph()
         self._runners = {}
@@ -119,7 +122,7 @@ class CircuitJob(Job):
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
         device = self.engine.device
         # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
-        per_pass = max(1, tokens_per_pass(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
+        per_pass = max(1, self.pass_tokens(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
         totals = np.zeros(4)
 
         def evaluate(a: int, b: int) -> np.ndarray:

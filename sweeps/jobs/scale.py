@@ -33,7 +33,7 @@ from sweeps.core.circuits import Circuit
 from sweeps.core.nodes import Node
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import ScaleShard
-from sweeps.runtime.chunking import map_chunks, memory_gauge, tokens_per_pass
+from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
 
 PAIR_MODES = ("all", "task")
@@ -119,6 +119,10 @@ class ScaleJob(Job):
     _groups: list[LengthGroup] | None = field(default=None, repr=False)
     _normaliser: float | None = field(default=None, repr=False)
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
+
+    def sizing(self):
+        rows = max(1, len(self.scales)) * self.task.n_prompts  # at most: (scale, pair) rows of one node
+        return "scale", {"rows_per_node": rows, "corrupt_source": self.source == "corrupt"}
 
     def on_bind(self) -> None:
         self._groups, self._normaliser, self._subspaces = None, None, {}
@@ -253,7 +257,7 @@ class ScaleJob(Job):
                 )
 
             device = self.engine.device
-            per_pass = tokens_per_pass(device) // T
+            per_pass = self.pass_tokens(device) // T
             restarts = todo.count.shape[0]
             for _, _, (s, flips, drop) in map_chunks(restarts, per_pass, patch, advice, memory_gauge(device)):
                 changed.index_add_(0, s.cpu(), flips.double().cpu())

@@ -222,8 +222,10 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
         "--memory-budget",
         type=float,
         metavar="GB",
-        help="memory one replica may use: a run that cannot fit even one prompt a pass in it is refused "
-        "before any weights load, saying what would fit (`interp-sweeps plan` shows the estimate)",
+        help="memory one replica may use (default: a GPU's free memory, a CPU's available memory): each "
+        "worker makes its passes as large as the estimate says fit in it; a run that cannot fit even one "
+        "prompt a pass is refused before any weights load, saying what would fit (`interp-sweeps plan` "
+        "shows the estimate)",
     )
 
     g = parser.add_argument_group("output")

@@ -201,6 +201,8 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
                     sweep.finish(store)
                 return []
             job = sweep.job()
+            if getattr(args, "memory_budget", None) is not None:  # each worker sizes its passes to it
+                job.memory_budget = args.memory_budget * 1e9
             executor = (
                 LocalExecutor(args.model, job, dtype=args.dtype)
                 if args.executor == "local"

@@ -95,22 +95,14 @@ def _device(args) -> dict:
             known = next((DEVICES[k] for k in DEVICES if k in props.name), DEVICES["A100"])
             flops = known["half" if half else "single"]
         else:
-            name, memory, flops = "CPU", _available_memory(), _cpu_flops(args.dtype)
+            from sweeps.jobs.sizing import available_memory
+
+            name, memory, flops = "CPU", float(available_memory()), _cpu_flops(args.dtype)
     if args.device_memory is not None:
         if args.device_memory <= 0:
             raise UserError("--device-memory must be a positive number of GB")
         memory = args.device_memory * 1e9
     return {"name": name, "memory": memory, "flops": flops}
-
-
-def _available_memory() -> float:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8e9
 
 
 def _cpu_flops(dtype: str) -> float:
@@ -132,10 +124,8 @@ def _cpu_flops(dtype: str) -> float:
 
 def plan(sweep_name: str, args) -> dict:
     """The plan as a dict (what ``--json`` prints)."""
-    import torch
-
     from sweeps.core import footprint as F
-    from sweeps.runtime.chunking import tokens_per_pass
+    from sweeps.jobs import sizing
     from sweeps.runtime.shapes import ShapeError, model_shape
 
     try:
@@ -152,38 +142,32 @@ def plan(sweep_name: str, args) -> dict:
     seq_len = args.seq_len or TYPICAL_SEQ_LEN.get(task, 32)
     n_prompts = args.n_prompts or TYPICAL_N_PROMPTS.get(task, 64)
     size = F.DTYPE_BYTES[args.dtype]
-    per_pass = tokens_per_pass(torch.device("cuda" if device["name"] != "CPU" else "cpu"))  # a job's first pass
+    device_type = "cuda" if device["name"] != "CPU" else "cpu"  # a job's first pass there
     L, H = shape.n_layers, shape.n_heads
     if sweep_name == "backup":
-        fp = F.backup(
-            shape,
-            n_prompts,
-            seq_len,
-            args.batch_size,
-            size,
-            per_pass,
-            L * H,
-            args.ablation,
-            points_per_prompt=seq_len - 1 if task == "text" else 1,
-        )
+        options = {
+            "batch_size": args.batch_size,
+            "ablation": args.ablation,
+            "points_per_prompt": seq_len - 1 if task == "text" else 1,
+        }
         work = f"{L * H} heads"
     elif sweep_name == "scale":
         scales = len(str(args.scales).split(","))
         pairs = min(n_prompts * (n_prompts - 1), int(args.max_pairs or 64))
         nodes = L * (H + 1)
-        fp = F.scale(shape, n_prompts, seq_len, size, per_pass, nodes, scales * pairs, args.pairs == "task")
+        options = {"nodes": nodes, "rows_per_node": scales * pairs, "corrupt_source": args.pairs == "task"}
         work = f"{nodes} nodes x {scales} scales x {pairs} pairs"
     elif sweep_name == "attribution":
         steps = args.ig_steps if str(args.method).startswith("eap-ig") else 1
-        budget = (8 << 30) if device["name"] != "CPU" else (2 << 30)  # a first pass's, as the job's
-        fp = F.attribution(shape, n_prompts, seq_len, args.batch_size, size, steps, budget)
+        options = {"batch_size": args.batch_size, "steps": steps}
         work = f"{F.n_edges(shape)} edges, {args.method}"
     elif sweep_name == "circuit":
         sizes = len(str(args.sizes).split(",")) if getattr(args, "sizes", None) else 16
-        fp = F.circuit(shape, n_prompts, seq_len, size, sizes)
+        options = {"circuits": sizes}
         work = f"{sizes} circuits of {F.n_edges(shape)} edges"
     else:
         raise UserError(f"plan covers backup, scale, attribution and circuit, not {sweep_name!r}")
+    fp = sizing.estimate(sweep_name, shape, n_prompts, seq_len, size, device_type, options)
     staged = F.stages(shape, k, size)
     weights_total = sum(b for _, b in staged)
 

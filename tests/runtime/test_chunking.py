@@ -88,6 +88,7 @@ def test_one_unit_that_does_not_fit_is_a_clear_error():
 def test_a_backup_sweep_whose_passes_grow_gives_the_same_results(tiny_gpt2, monkeypatch):
     """One head a pass at first; the fake gauge then lets the rest of the layer into one pass."""
     from sweeps.jobs import backup as backup_sweep
+    from sweeps.jobs import base as job_base
 
     task = build_task(TaskSpec("ioi"), tiny_gpt2.tokenizer, n_prompts=6, seed=0)
     H = tiny_gpt2.weights.cfg.n_heads
@@ -101,7 +102,7 @@ def test_a_backup_sweep_whose_passes_grow_gives_the_same_results(tiny_gpt2, monk
         gpu.allocate(len(heads))
         return real(w, layer, heads, *args, **kwargs)
 
-    monkeypatch.setattr(backup_sweep, "tokens_per_pass", lambda device: tokens)  # one head a pass
+    monkeypatch.setattr(job_base, "tokens_per_pass", lambda device: tokens)  # one head a pass
     monkeypatch.setattr(backup_sweep, "memory_gauge", lambda device: gpu)
     monkeypatch.setattr(backup_sweep.effects, "ablate_heads_of_layer", measured)
     got = BackupJob(task).bind(tiny_gpt2.weights).run_heads(1, list(range(H)))

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sweeps.core import attribution as A
-from sweeps.core import effects
+from sweeps.core import effects, footprint
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from tasks.base import TaskData
@@ -41,6 +41,8 @@ class Engine(Protocol):
     name: str  # "fast" | "bridge": for messages only, never for branching
     cfg: Any  # n_layers, n_heads, d_head, d_model of the model
     device: torch.device
+    dtype: torch.dtype  # what the model runs in
+    shape: footprint.ModelShape  # its sizes, for the memory estimate (``jobs.sizing``)
     readout: Any  # what ``scaling.readout``/``node_activation`` read: unembedding, W_O, norm spec
     attribution_methods: tuple[str, ...]  # the ``attribution.METHODS`` this engine runs
 

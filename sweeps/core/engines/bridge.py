@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sweeps.core import attribution as A
-from sweeps.core import bridge_path, effects, lens
+from sweeps.core import bridge_path, effects, footprint, lens
 from sweeps.core import transformer as tf
 from sweeps.core.engines.base import Patcher
 from sweeps.core.nodes import Node
@@ -35,6 +35,9 @@ class BridgeEngine:
         self.cfg = bridge.cfg
         self.readout = bridge_path.view(bridge)  # the unembedding, W_O and norm in the fast path's shape
         self.device = self.readout.device
+        self.dtype = next(bridge.parameters()).dtype
+        learned = getattr(self.cfg, "positional_embedding_type", "") == "standard"
+        self.shape = footprint.shape_of_config(self.cfg, int(self.cfg.n_ctx) if learned else 0)
 
     def check(self, task: TaskData) -> None:
         """The components' direct effects must add up to the bridge's own logits."""

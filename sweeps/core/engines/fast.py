@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sweeps.core import attribution as A
 from sweeps.core import circuit_eval as CE
-from sweeps.core import effects, lens, scaling
+from sweeps.core import effects, footprint, lens, scaling
 from sweeps.core import transformer as tf
 from sweeps.core.engines.base import Patcher
 from sweeps.core.nodes import Node
@@ -32,6 +32,8 @@ class FastEngine:
         self.weights = weights
         self.cfg = weights.cfg
         self.device = weights.device
+        self.dtype = weights.dtype
+        self.shape = footprint.shape_of_config(self.cfg, 0 if weights.W_pos is None else int(weights.W_pos.shape[0]))
         self.readout = weights
         self._scratch = A.Scratch()  # large buffers every attribution pass reuses
 
