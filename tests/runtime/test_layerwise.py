@@ -55,6 +55,7 @@ def test_layer_by_layer_equals_the_whole_model_on_every_family(name, tmp_path, n
     assert got.cfg.n_layers == 3 and not torch.equal(got.W_Q[1], got.W_Q[2])  # each layer its own
 
 
+@pytest.mark.slow
 def test_a_bfloat16_checkpoint_is_processed_in_float32_as_the_whole_model_is(tmp_path, no_whole_load):
     info = _save("tiny-gemma2", tmp_path / "model", dtype=torch.bfloat16, shard="10GB")
     assert not (tmp_path / "model" / "model.safetensors.index.json").exists()  # one file, no index
@@ -88,6 +89,7 @@ def test_a_checkpoint_missing_a_tensor_is_one_line_naming_it(tmp_path):
         loading.source_of(info).weights(info)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_blocks_do_not_match_its_config_is_refused(tmp_path):
     info = _save("tiny-llama3", tmp_path / "model", shard="10GB")
     path = tmp_path / "model" / "model.safetensors"
