@@ -29,6 +29,7 @@ import pyarrow as pa
 
 RECORD = Path(__file__).parent / "data" / "golden_datasets.json"
 MODELS = ("smollm2-135m", "tiny-gpt2", "tiny-pythia", "tiny-gemma2", "tiny-llama3@bridge", "tiny-stablelm")
+BRIDGE_MODELS = ("tiny-stablelm",)  # a family with no fast path
 
 
 def _column(values: list) -> dict:
@@ -50,9 +51,10 @@ def _rows(table: pa.Table) -> dict[str, dict]:
     return {name: _column(table.column(name).to_pylist()) for name in table.column_names}
 
 
-def small_run(name: str) -> dict[str, dict[str, dict]]:
+def small_run(name: str, stages: int = 1) -> dict[str, dict[str, dict]]:
     """``{"<job>/<dataset>": {column: values}}`` of one shard of every job on model ``name``
-    (``NAME@bridge``: the model forced onto the bridge path)."""
+    (``NAME@bridge``: the model forced onto the bridge path), its layers over ``stages``
+    stages on the CPU (``core/stages.py``)."""
     import torch
 
     from sweeps.core import attribution as A
@@ -71,6 +73,10 @@ def small_run(name: str) -> dict[str, dict[str, dict]]:
     if path:
         info = dataclasses.replace(info, path=path)
     model = loading.load_model(info)
+    if stages > 1:
+        from sweeps.core import stages as staging
+
+        model.weights = staging.stage(model.weights, ["cpu"] * stages)
     tokenizer = loading.load_tokenizer(info)
     ioi = build_task(TaskSpec("ioi"), tokenizer, 6, 0)
     text = build_task(TaskSpec("text"), tokenizer, 3, 0, seq_len=10)

@@ -94,6 +94,55 @@ class ModelConfig:
         return self.rotary_layer[layer] if self.rotary_layer else 0
 
 
+# ModelWeights fields with one entry a layer (stacked over layers on one device; a
+# ``LayerStack`` when the model is staged over several devices: ``core/stages.py``).
+LAYER_FIELDS = (
+    "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
+    "W_in", "W_gate", "b_in", "W_out", "b_out",
+    "ln_attn_post", "ln_mlp_post", "q_norm", "k_norm",
+)  # fmt: skip
+
+
+class LayerStack:
+    """One per-layer weight of a model staged over several devices: stage ``s`` holds the
+    layers from ``starts[s]`` on, on its own device (``core/stages.py`` builds these).
+
+    Indexed like the stacked tensor it replaces (``W[layer]``, ``W[layer, head]``). Read from
+    outside the blocks, a layer's weight comes to the model's home device (the last stage's,
+    where the stream ends and the unembedding is), so code that mixes it with activations
+    kept there stays correct; the blocks read it where it lives (``local``)."""
+
+    def __init__(self, parts: list[Tensor], starts: list[int], home: torch.device, local: bool = False):
+        self.parts, self.starts, self.home, self.local = parts, starts, home, local
+        self.n_layers = starts[-1] + parts[-1].shape[0]
+
+    def stage_of(self, layer: int) -> int:
+        return max(s for s, start in enumerate(self.starts) if start <= layer)
+
+    def device_of(self, layer: int) -> torch.device:
+        return self.parts[self.stage_of(layer)].device
+
+    def __getitem__(self, index) -> Tensor:
+        layer, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if not isinstance(layer, int):
+            raise TypeError("a staged weight is indexed by one layer at a time")
+        layer = layer + self.n_layers if layer < 0 else layer
+        s = self.stage_of(layer)
+        value = self.parts[s][(layer - self.starts[s], *rest)]
+        return value if self.local or value.device == self.home else value.to(self.home)
+
+    def as_local(self) -> "LayerStack":
+        return LayerStack(self.parts, self.starts, self.home, local=True)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n_layers, *self.parts[0].shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+
 @dataclass
 class ModelWeights:
     """Processed weights, stacked over layers (TransformerLens naming).
@@ -134,6 +183,8 @@ class ModelWeights:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelWeights":
         """On ``device``, and (``dtype``) every weight in that dtype but the rotary
         frequencies, which stay float32 (the tables are made in float32 and cast where applied)."""
+        if self.staged:
+            raise ValueError("a staged model stays where its stages are (stage the moved model instead)")
         moved = copy.copy(self)
         for name, value in self.__dict__.items():
             if isinstance(value, Tensor):
@@ -148,7 +199,29 @@ class ModelWeights:
 
     @property
     def device(self) -> torch.device:
-        return self.W_E.device
+        """Where the model's activations live outside its blocks: with the unembedding (the last
+        stage's device when staged)."""
+        return self.W_U.device
+
+    @property
+    def staged(self) -> bool:
+        """Whether the layers are spread over stages (``core/stages.py``)."""
+        return isinstance(self.W_Q, LayerStack)
+
+    def local(self) -> "ModelWeights":
+        """The same weights read where each layer lives (what the blocks compute with)."""
+        if not self.staged:
+            return self
+        view = copy.copy(self)
+        for name in LAYER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, LayerStack):
+                setattr(view, name, value.as_local())
+        return view
+
+    def device_of(self, layer: int) -> torch.device:
+        """The device block ``layer`` computes on."""
+        return self.W_Q.device_of(layer) if isinstance(self.W_Q, LayerStack) else self.W_Q.device
 
 
 # --------------------------------------------------------------------------- #
@@ -223,14 +296,15 @@ def post_norm_inv_rms(cfg: NormSpec, y: Float[Tensor, "... D"]) -> Float[Tensor,
 
 
 def embed(w: ModelWeights, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T D"]:
-    """Token embedding (scaled, for Gemma) plus learned position embedding (if any)."""
-    resid = w.W_E[tokens]
+    """Token embedding (scaled, for Gemma) plus learned position embedding (if any), on the
+    model's device (the embedding may sit on another stage's)."""
+    resid = w.W_E[tokens.to(w.W_E.device)]
     if w.cfg.embed_scale != 1.0:
         resid = resid * w.cfg.embed_scale
     if w.cfg.positional == "learned":
         assert w.W_pos is not None
         resid = resid + w.W_pos[: tokens.shape[1]]
-    return resid
+    return resid.to(w.device)
 
 
 Rope = Optional[list]  # one (cos, sin) pair of [T, rotary_dim] tables per rotary table; None without rotary
@@ -490,10 +564,11 @@ class Edit:
             raise ValueError("a one-head q/k/v edit is an additive change of that head's input")
 
     def apply(self, value: Tensor) -> Tensor:
+        """The edited value, on ``value``'s device (an edit's tensors live on the model's)."""
         if self.replace is not None:
-            return self.replace(value)
+            return self.replace(value).to(value.device)
         assert self.delta is not None  # exactly one of the two (``__post_init__``)
-        return value + self.delta
+        return value + self.delta.to(value.device)
 
 
 @dataclass
@@ -546,16 +621,17 @@ def _projections(w: ModelWeights, layer: int, x: Float[Tensor, "B T D"], index: 
         for e in index.get((site, layer), ()):
             if e.head is None:  # every head reads its own changed stream
                 if e.replace is not None:
-                    changed = e.replace(x)
+                    changed = e.replace(x).to(x.device)
                 else:
                     assert e.delta is not None
-                    changed = x[:, :, None] + e.delta
+                    changed = x[:, :, None] + e.delta.to(x.device)
                 moved = sublayer_input(w.cfg, changed)
                 out[site] = torch.einsum("bthd,hde->bthe", moved, W[layer]) + b[layer]
             else:
                 assert e.delta is not None  # a one-head edit is additive (``Edit.__post_init__``)
                 one = (
-                    torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta), W[layer, e.head]) + b[layer, e.head]
+                    torch.einsum("btd,de->bte", sublayer_input(w.cfg, x + e.delta.to(x.device)), W[layer, e.head])
+                    + b[layer, e.head]
                 )
                 t = out[site].clone()
                 t[:, :, e.head] = one
@@ -593,38 +669,55 @@ def blocks(
     index = _by_site(edits)
     if from_mid and cfg.parallel_attn_mlp:
         raise ValueError("from_mid: in a parallel attention/MLP block the MLP reads resid_pre")
+    # A staged model (``core/stages.py``): each block computes where its layer lives, and what
+    # it yields comes back to the model's device, where every caller keeps its activations.
+    staged, home, wl = w.staged, w.device, w.local()
+    ropes: dict[torch.device, Rope] = {}
     for layer in range(start, stop):
+        here = w.device_of(layer) if staged else resid.device
+        if staged:
+            resid = resid.to(here)
+            if rope is not None and here not in ropes:
+                ropes[here] = [(cos.to(here), sin.to(here)) for cos, sin in rope]
+        rope_here = ropes.get(here, rope)
         s = BlockState(layer)
         if from_mid and layer == start:
             s.resid_mid = resid
         else:
             resid = _edited(index, "resid_pre", layer, resid)
-            x = s.resid_pre = resid.detach().requires_grad_(True) if cut else resid
-            if cut:
+            if cut:  # the block's input and q, k, v are leaves, kept on the model's device
+                s.resid_pre = resid.to(home).detach().requires_grad_(True)
+                x = s.resid_pre.to(here)
                 with torch.no_grad():
-                    q, k, v = (t.requires_grad_(True) for t in _projections(w, layer, x, index))
+                    s.q, s.k, s.v = (t.to(home).requires_grad_(True) for t in _projections(wl, layer, x, index))
+                q, k, v = (t.to(here) for t in (s.q, s.k, s.v))
             else:
-                q, k, v = _projections(w, layer, x, index)
-            s.q, s.k, s.v = q, k, v
-            s.z = _edited(index, "z", layer, attend(w, layer, q, k, v, rope))
-            s.resid_mid = x + _edited(index, "attn_out", layer, attention_out(w, layer, s.z))
+                x = s.resid_pre = resid
+                q, k, v = s.q, s.k, s.v = _projections(wl, layer, x, index)
+            s.z = _edited(index, "z", layer, attend(wl, layer, q, k, v, rope_here))
+            s.resid_mid = x + _edited(index, "attn_out", layer, attention_out(wl, layer, s.z))
         if cfg.attn_only:
             s.resid_post = s.resid_mid
         else:
-            stream = s.resid_pre if cfg.parallel_attn_mlp else s.resid_mid
+            stream = x if cfg.parallel_attn_mlp else s.resid_mid
             assert stream is not None
             mlp_in = s.mlp_in = _edited(index, "mlp_in", layer, stream)
             normed = sublayer_input(cfg, mlp_in)
             if normed is mlp_in:  # no pre-norm (OLMo 2): a node of its own, so its gradient is the MLP's alone
                 normed = mlp_in.view_as(mlp_in)
             s.mlp_normed = normed
-            s.mlp_hidden = mlp_hidden(w, layer, normed)
-            assert w.W_out is not None and w.b_out is not None
-            s.mlp_raw = s.mlp_hidden @ w.W_out[layer] + w.b_out[layer]
-            s.mlp_out = _edited(index, "mlp_out", layer, mlp_write(w, layer, s.mlp_raw))
+            s.mlp_hidden = mlp_hidden(wl, layer, normed)
+            assert wl.W_out is not None and wl.b_out is not None
+            s.mlp_raw = s.mlp_hidden @ wl.W_out[layer] + wl.b_out[layer]
+            s.mlp_out = _edited(index, "mlp_out", layer, mlp_write(wl, layer, s.mlp_raw))
             s.resid_post = s.resid_mid + s.mlp_out
-        yield s
         resid = s.resid_post
+        if staged and here != home:
+            for name in RECORDABLE:
+                value = getattr(s, name)
+                if value is not None and value.device != home:
+                    setattr(s, name, value.to(home))
+        yield s
 
 
 @dataclass

@@ -44,6 +44,25 @@ def ordered(sweeps: Iterable[type[Sweep]]) -> list[type[Sweep]]:
     return sorted(sweeps, key=lambda cls: cls.order)
 
 
+def check_devices(args: argparse.Namespace, info) -> None:
+    """``--devices-per-replica K``, before any weights load: the model must have K layers to
+    split and run on the fast path, and an in-process run on a GPU machine must see K GPUs
+    (a Ray cluster's nodes are checked when its actors are placed)."""
+    k = getattr(args, "devices_per_replica", 1)
+    if k == 1:
+        return
+    from sweeps.registry.cli import UserError
+
+    if info.path != "fast":
+        raise UserError(f"--devices-per-replica {k}: {args.model} runs on the bridge path, one device per replica")
+    if k > info.n_layers:
+        raise UserError(f"--devices-per-replica {k}: {args.model} has only {info.n_layers} layers to split")
+    import torch
+
+    if args.executor == "local" and torch.cuda.is_available() and torch.cuda.device_count() < k:
+        raise UserError(f"--devices-per-replica {k}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 class Sweep:
     """Subclasses set the class attributes below and override the methods that raise."""
 
@@ -122,6 +141,7 @@ class Sweep:
         from sweeps.registry.driver import prepare_inputs
 
         self.inputs = prepare_inputs(self.args, self.name)
+        check_devices(self.args, self.inputs.info)
         if getattr(self.args, "memory_budget", None) is not None:
             from sweeps.registry.plan import check_budget
 

@@ -219,6 +219,16 @@ def add_execution_output_options(parser: argparse.ArgumentParser, sweep: str) ->
         help="Ray actors (default: one per GPU in the cluster, 1 without GPUs)",
     )
     g.add_argument(
+        "--devices-per-replica",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="split each model replica's layers over K devices (default 1): contiguous stages balanced "
+        "by bytes, the embedding with the first and the unembedding with the last, the stream moved "
+        "from stage to stage; a Ray actor then asks for K GPUs. Without GPUs the stages share the CPU "
+        "(the same numbers). `interp-sweeps plan ... --devices-per-replica K` shows the placement",
+    )
+    g.add_argument(
         "--memory-budget",
         type=float,
         metavar="GB",

@@ -203,10 +203,11 @@ def run_sweep(sweep, argv: list[str]) -> int | list[Failure]:
             job = sweep.job()
             if getattr(args, "memory_budget", None) is not None:  # each worker sizes its passes to it
                 job.memory_budget = args.memory_budget * 1e9
+            k = getattr(args, "devices_per_replica", 1)
             executor = (
-                LocalExecutor(args.model, job, dtype=args.dtype)
+                LocalExecutor(args.model, job, dtype=args.dtype, devices_per_replica=k)
                 if args.executor == "local"
-                else RayExecutor(args.model, job, num_workers=args.num_workers, dtype=args.dtype)
+                else RayExecutor(args.model, job, num_workers=args.num_workers, dtype=args.dtype, devices_per_replica=k)
             )
             columns = {
                 "model": args.model,

@@ -57,13 +57,6 @@ def parser(sweep_cls) -> argparse.ArgumentParser:
     p.prog = f"interp-sweeps plan {sweep_cls.name}"
     p.description = HELP
     g = p.add_argument_group("plan")
-    g.add_argument(
-        "--devices-per-replica",
-        type=int,
-        default=1,
-        metavar="K",
-        help="split one replica's layers over K devices (stages balanced by bytes; default 1)",
-    )
     g.add_argument("--gpu", metavar="NAME", help=f"plan for this GPU ({', '.join(DEVICES)}) instead of the one here")
     g.add_argument(
         "--device-memory",
@@ -212,7 +205,7 @@ PLANNED = ("backup", "scale", "attribution", "circuit")
 
 def check_budget(sweep_name: str, args: argparse.Namespace, n_prompts: int, seq_len: int) -> None:
     """Before any weights load: a ``UserError`` (one line) when even one prompt a pass of this
-    run cannot fit ``--memory-budget`` GB. A model whose config cannot be read for a plan (a
+    run cannot fit ``--memory-budget`` GB on each of its ``--devices-per-replica`` devices. A model whose config cannot be read for a plan (a
     TransformerLens checkpoint) is not checked."""
     if sweep_name not in PLANNED or args.memory_budget is None:
         return
@@ -220,7 +213,7 @@ def check_budget(sweep_name: str, args: argparse.Namespace, n_prompts: int, seq_
         raise UserError("--memory-budget must be a positive number of GB")
     planned = argparse.Namespace(**vars(args))
     planned.n_prompts, planned.seq_len, planned.device_memory = n_prompts, seq_len, args.memory_budget
-    planned.gpu, planned.devices_per_replica, planned.json = None, 1, False
+    planned.gpu, planned.json = None, False
     try:
         p = plan(sweep_name, planned)
     except UserError:

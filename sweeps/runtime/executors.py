@@ -32,6 +32,7 @@ from typing import Any, Iterator, Protocol
 import pyarrow as pa
 import torch
 
+from sweeps.core import stages
 from sweeps.runtime import console, loading
 from sweeps.runtime.allocator import keep_freed_memory
 from sweeps.runtime.chunking import out_of_memory
@@ -92,18 +93,30 @@ class ShardWorker:
     in process that is the caller's process.
     """
 
-    def __init__(self, model_name: str, job: Job | None = None, device: str | None = None, dtype: str = "float32"):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+    def __init__(
+        self,
+        model_name: str,
+        job: Job | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        devices_per_replica: int = 1,
+    ):
+        devices = replica_devices(devices_per_replica, device)
         self.where = {
             "host": socket.gethostname(),
             **_ray_placement(),
-            "device": device,
+            "device": ",".join(devices),
             "pid": os.getpid(),
         }
-        if device == "cpu":
+        if devices[-1] == "cpu":
             keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
-        self.model = loading.load_model(describe_model(model_name), device, dtype)
+        if len(devices) == 1:
+            self.model = loading.load_model(describe_model(model_name), devices[0], dtype)
+        else:  # loaded on the host, then each stage moved to its device (core/stages.py)
+            self.model = loading.load_model(describe_model(model_name), "cpu", dtype)
+            if self.model.weights is None:  # checked before any weights load (registry.base.check_devices)
+                raise ValueError("--devices-per-replica: the bridge path runs a replica on one device")
+            self.model.weights = stages.stage(self.model.weights, devices)
         self.job: Job | None = None
         if job is not None:
             self.bind(job)
@@ -172,6 +185,19 @@ class Failure:
     attempts: int
 
 
+def replica_devices(k: int, device: str | None = None) -> list[str]:
+    """The devices of one replica of ``k`` stages: ``device`` (default: the first GPU, else the
+    CPU) when ``k`` is 1; else the first ``k`` GPUs this process sees (a Ray actor sees the ``k``
+    it was given), or the CPU ``k`` times where there are none."""
+    if k == 1:
+        return [device or ("cuda" if torch.cuda.is_available() else "cpu")]
+    if not torch.cuda.is_available():
+        return ["cpu"] * k
+    if torch.cuda.device_count() < k:
+        raise ValueError(f"--devices-per-replica {k}: this worker sees only {torch.cuda.device_count()} GPU(s)")
+    return [f"cuda:{i}" for i in range(k)]
+
+
 class LocalExecutor:
     """In-process: one worker, shards one after another. No Ray at all.
 
@@ -182,13 +208,15 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, model_name: str, job: Job, dtype: str = "float32"):
-        self.model_name, self.job, self.dtype = model_name, job, dtype
+    def __init__(self, model_name: str, job: Job, dtype: str = "float32", devices_per_replica: int = 1):
+        self.model_name, self.job, self.dtype, self.devices_per_replica = model_name, job, dtype, devices_per_replica
         self.failures: list[Failure] = []
         self.worker: ShardWorker | None = None
 
     def start(self) -> list[dict]:
-        self.worker = ShardWorker(self.model_name, self.job, dtype=self.dtype)
+        self.worker = ShardWorker(
+            self.model_name, self.job, dtype=self.dtype, devices_per_replica=self.devices_per_replica
+        )
         return [self.worker.info()]
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
@@ -273,6 +301,7 @@ class RayExecutor:
     num_workers: int | None = None
     max_attempts: int = 3
     dtype: str = "float32"  # what every replica runs in (``precision.DTYPES``)
+    devices_per_replica: int = 1  # GPUs an actor asks for: its replica's stages (``core/stages.py``)
     name: str = "ray"
     failures: list[Failure] = field(default_factory=list)
     started_ray: bool = False
@@ -284,11 +313,16 @@ class RayExecutor:
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+        k = self.devices_per_replica
+        if gpus and k > max(int(n.get("GPU", 0)) for n in nodes):
+            raise ValueError(
+                f"--devices-per-replica {k}: no node of the cluster has {k} GPUs (a replica's stages share a node)"
+            )
         if self.num_workers is None:
-            self.num_workers = max(1, gpus)
+            self.num_workers = max(1, gpus // k)
         if gpus:
-            options = {"num_gpus": 1, "num_cpus": 1}
-            placeable = gpus
+            options = {"num_gpus": k, "num_cpus": 1}
+            placeable = sum(int(n.get("GPU", 0)) // k for n in nodes)
         else:
             # Ray sets an actor's OMP/torch threads to its num_cpus: give each a node's share.
             node_cpus = max(int(n.get("CPU", 1)) for n in nodes)
@@ -322,7 +356,8 @@ class RayExecutor:
             ) from None
 
     def _new_actor(self):
-        return self._remote_cls.remote(self.model_name, dtype=self.dtype)  # its job comes with bind and each shard
+        # its job comes with bind and each shard
+        return self._remote_cls.remote(self.model_name, dtype=self.dtype, devices_per_replica=self.devices_per_replica)
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         """Yield each shard once, as it finishes.

@@ -37,15 +37,9 @@ from typing import Any, Iterator
 import torch
 
 from sweeps.core import architectures
-from sweeps.core.transformer import ModelWeights
+from sweeps.core.transformer import LAYER_FIELDS, ModelWeights
 from sweeps.runtime import allocator
 
-# ModelWeights fields stacked over layers: row ``i`` comes from layer ``i``'s one-layer model.
-LAYER_FIELDS = (
-    "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
-    "W_in", "W_gate", "b_in", "W_out", "b_out",
-    "ln_attn_post", "ln_mlp_post", "q_norm", "k_norm",
-)  # fmt: skip
 # The ends of the model: from the first pass (the embedding, the unembedding, the rotary tables).
 END_FIELDS = ("W_E", "W_pos", "W_U", "b_U", "W_U_mean", "b_U_mean", "rotary_inv_freq")
 # ModelConfig fields with one entry a layer: concatenated; every other field must agree.

@@ -17,10 +17,8 @@ from tests import golden
 RECORDED = json.loads(golden.RECORD.read_text())
 
 
-@pytest.mark.parametrize("name", golden.MODELS)
-def test_every_job_gives_the_recorded_numbers(name):
+def assert_matches_record(name: str, got: dict) -> None:
     want = RECORDED["runs"][name]
-    got = golden.small_run(name)
     assert sorted(got) == sorted(want)
     exact = torch.backends.cpu.get_cpu_capability() == RECORDED["cpu_capability"]
     for table, columns in want.items():
@@ -35,3 +33,16 @@ def test_every_job_gives_the_recorded_numbers(name):
                 scale = max(w["absmax"], 1e-9)
                 assert abs(g["sum"] - w["sum"]) <= 1e-5 * scale * max(1, w["n"]), where
                 assert abs(g["absmax"] - w["absmax"]) <= 1e-5 * scale, where
+
+
+@pytest.mark.parametrize("name", golden.MODELS)
+def test_every_job_gives_the_recorded_numbers(name):
+    assert_matches_record(name, golden.small_run(name))
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("name", [m for m in golden.MODELS if "@" not in m and m not in golden.BRIDGE_MODELS])
+def test_a_replica_in_stages_gives_the_recorded_numbers(name, stages):
+    """The model's layers over 2 and 3 stages (all on the CPU here: ``core/stages.py``): every
+    job's numbers are those of one stage, bit for bit."""
+    assert_matches_record(name, golden.small_run(name, stages=stages))
