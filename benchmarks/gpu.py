@@ -10,7 +10,10 @@ copy of the weights is ever made), it runs
 - the backup sweep's shard (every head of the middle layer) and one attribution shard, timed:
   heads per second and attribution prompts per second;
 - a forced out-of-memory recovery: the GPU's free memory is filled until one layer's shard
-  cannot run whole, and the shard must still finish, its passes halved, with the same numbers.
+  cannot run whole, and the shard must still finish, its passes halved, with the same numbers;
+- a replica in two stages (``core/stages.py``) on two devices, the host's CPU and the GPU
+  (one GPU is enough to move the stream between devices): a backup and an attribution shard
+  of a few prompts must give the numbers of the unstaged model.
 
 On a CPU it runs the same on shapes scaled down (``--quick``-sized), so that it is tested
 here. Timings on a GPU are the figures docs/performance.md records, with the GPU's name.
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.common import Ratio, print_table
 from sweeps.core import footprint as F
+from sweeps.core import stages
 from sweeps.core import transformer as tf
 from sweeps.core.footprint import ModelShape
 from sweeps.jobs.attribution import AttributionJob, AttributionShard
@@ -144,6 +148,24 @@ def _forced_oom(job_factory, shard: Shard, device: torch.device, one_head_bytes:
     return f"{verdict} (on {how}, heads a pass: {' '.join(map(str, sizes[:8]))}; same backup: {'yes' if same else 'NO'})"
 
 
+def _staged_difference(w: tf.ModelWeights, shape: ModelShape, device: torch.device) -> float:
+    """The largest difference between a two-stage replica (the CPU, then ``device``; on a CPU
+    both stages are the CPU) and the model on one device, over a backup shard's slopes and
+    direct effects and an attribution shard's edge scores, relative to the largest value."""
+    task = random_task(shape, 4, 16, seed=1)
+    shard = Shard(shape.n_layers - 1, (0, 1))
+    split = stages.stage(w.to("cpu"), ["cpu", device])
+
+    def numbers(weights) -> np.ndarray:
+        b = BackupJob(task, "resample", 4, n_boot=0).bind(weights).run_shard(shard)["slopes"]
+        a = AttributionJob(task).bind(weights).run_shard(AttributionShard(0, 4))["edge_sums"]
+        return np.concatenate([b.column("slope").to_numpy(), b.column("mean_de").to_numpy(),
+                               a.column("raw").to_numpy()]).astype(np.float64)
+
+    one, two = numbers(w), numbers(split)
+    return float(np.abs(one - two).max() / max(np.abs(one).max(), 1e-12))
+
+
 def run(quick: bool) -> list[Ratio]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -165,6 +187,7 @@ def run(quick: bool) -> list[Ratio]:
         one_head = n_prompts * seq_len * (shape.block_activations() + shape.d_model) * 2
         oom = _forced_oom(lambda: BackupJob(task, "resample", n_prompts, n_boot=0, self_repair=False).bind(w), shard, device,
                           one_head)
+        staged = f"{_staged_difference(w, shape, device):.1e}" if name == next(iter(SHAPES)) else ""
         accuracy_b = plan_b.per_replica_bytes / peak_b if peak_b else float("nan")
         accuracy_a = plan_a.per_replica_bytes / peak_a if peak_a else float("nan")
         def planned(plan: int, peak: int) -> str:
@@ -172,7 +195,8 @@ def run(quick: bool) -> list[Ratio]:
 
         count = f"{shape.parameters / 1e9:.2f} B" if shape.parameters >= 1e8 else f"{shape.parameters / 1e6:.2f} M"
         rows.append([name, count, f"{shape.n_heads / seconds_b:.1f}", f"{n_prompts / seconds_a:.1f}",
-                     planned(plan_b.per_replica_bytes, peak_b), planned(plan_a.per_replica_bytes, peak_a), oom])
+                     planned(plan_b.per_replica_bytes, peak_b), planned(plan_a.per_replica_bytes, peak_a), oom,
+                     staged])
         ratios.append(Ratio("gpu", f"{name}: backup heads/s", shape.n_heads / seconds_b))
         if peak_b:
             ratios.append(Ratio("gpu", f"{name}: backup planned / peak bytes", accuracy_b))
@@ -183,7 +207,8 @@ def run(quick: bool) -> list[Ratio]:
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (shapes scaled down)"
     print(f"## gpu: {where}, bfloat16, {n_prompts} prompts x {seq_len} tokens, random weights")
     print_table(["model shape", "parameters", "backup heads/s", "attribution prompts/s",
-                 "backup planned / peak", "attribution planned / peak", "forced out of memory"], rows)
+                 "backup planned / peak", "attribution planned / peak", "forced out of memory",
+                 "2 stages (CPU + this device) vs 1: largest difference"], rows)
     return ratios
 
 

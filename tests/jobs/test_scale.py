@@ -295,6 +295,7 @@ def test_ray_pool_equals_local_scale_sweep(tmp_path, ray_session):
     pd.testing.assert_frame_equal(local, ray_, check_exact=False, atol=1e-5, rtol=1e-5)  # thread counts differ
 
 
+@pytest.mark.slow
 def test_interrupted_scale_sweep_resumes_only_missing_shards(tmp_path, monkeypatch, capsys):
     extra = ["--nodes", "L1,L2H0", "--scales", "0,0.5,1,2", "--scales-per-shard", "2"]
     assert run_scale(tmp_path / "reference", *extra) == 0

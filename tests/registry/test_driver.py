@@ -148,7 +148,9 @@ def silently_corrupted(data: bytes) -> bytes:
     raise AssertionError("no silent corruption found")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty object", "no shards"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", *(pytest.param(d, marks=pytest.mark.slow) for d in ("garbage", "empty object", "no shards"))]
+)
 def test_a_damaged_manifest_is_rebuilt_from_the_shard_files_that_verify(damage, tmp_path, monkeypatch, capsys):
     """The manifest is the commit record; when it is damaged the shard files vouch for themselves
     (their own record and spec in the Parquet metadata, page checksums): intact shards are kept,

@@ -82,6 +82,7 @@ def test_load_model_reads_the_embedded_weights_from_the_cache(tmp_path, monkeypa
     assert loaded.weight_hash == loading.weight_hash(smollm.weights)
 
 
+@pytest.mark.slow
 def test_cached_tokenizer_builds_the_same_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPS_CACHE_DIR", str(tmp_path / "cache"))
     info = models.describe_model("tiny-gpt2")
@@ -117,7 +118,7 @@ def _model_directory(kind: str, root: Path, tiny_gpt2) -> Path:
     return root / "hf"
 
 
-@pytest.mark.parametrize("kind", ["local", "checkpoint"])
+@pytest.mark.parametrize("kind", [pytest.param("local", marks=pytest.mark.slow), "checkpoint"])
 def test_a_model_directory_is_cached_on_its_files(tmp_path, monkeypatch, tiny_gpt2, kind):
     """A model from a directory loads from the cache without processing it again (no bridge
     booted, no layer read), bit for bit; a changed file in the directory is a miss."""

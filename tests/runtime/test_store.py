@@ -11,6 +11,7 @@ from sweeps.runtime.store import ResultStore, StoreError
 from tests.registry.test_driver import assert_same_tables, count_shards, sweep, tables
 
 
+@pytest.mark.slow
 def test_a_file_uri_sweep_equals_a_plain_path_sweep_and_resumes(tmp_path, monkeypatch):
     from analysis.backup import load_results
 
