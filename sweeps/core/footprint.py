@@ -230,19 +230,28 @@ def scale(
     rows_per_node: int,
     corrupt_source: bool = False,
 ) -> Footprint:
-    """The scale sweep: every prompt's clean run (and the corrupt one's when patches come from
-    it) is kept; a pass runs ``tokens_per_pass // T`` (scale, pair) rows of one node."""
+    """The scale sweep (``jobs.scale.LengthGroup``): every prompt's clean run is kept (and the
+    corrupt one's when patches come from it); while the state is built, a run's per-layer
+    records and their stacked copy are alive beside it (the corrupt run is always made, for
+    the normaliser); a pass runs ``tokens_per_pass // T`` (scale, pair) rows of one node."""
     L, D, H, E = shape.n_layers, shape.d_model, shape.n_heads, shape.d_head
     run = L * D + L * H * E + L * D + D  # block inputs, z, MLP writes, the final stream
-    clean = n_prompts * seq_len * run * (2 if corrupt_source else 1) * dtype_bytes
+    run_bytes = n_prompts * seq_len * run * dtype_bytes
+    clean = run_bytes * (2 if corrupt_source else 1)
+    building = 2 * run_bytes
     rows = max(1, tokens_per_pass // seq_len)
     per_row = seq_len * (shape.block_activations() + 2 * D) * dtype_bytes
-    pass_bytes = min(rows, rows_per_node) * per_row
+    pass_bytes = max(min(rows, rows_per_node) * per_row, building)
     flops = nodes * rows_per_node * 0.5 * shape.forward_flops(seq_len, seq_len) + 2 * shape.forward_flops(
         n_prompts * seq_len, seq_len
     )
     return Footprint(
-        shape_bytes(shape, dtype_bytes), clean, pass_bytes, per_row, flops, nodes * -(-rows_per_node // rows)
+        shape_bytes(shape, dtype_bytes),
+        clean,
+        pass_bytes,
+        max(per_row, building),
+        flops,
+        nodes * -(-rows_per_node // rows),
     )
 
 
@@ -274,20 +283,27 @@ def attribution(
 def circuit(
     shape: ModelShape, n_prompts: int, seq_len: int, dtype_bytes: int, circuits: int, tokens_per_pass: int = 1 << 13
 ) -> Footprint:
-    """Circuit evaluation: the corrupt run's write of every upstream node and this run's
-    difference from it, in float32, for the prompts of a pass (``tokens_per_pass`` over the
-    prompt length and an eighth of the upstream nodes, as ``jobs.circuit`` sizes it); one
-    forward per circuit."""
+    """Circuit evaluation (``circuit_eval.CircuitRunner``): the corrupt run's write of every
+    upstream node, in float32, is kept for every prompt (a runner per pass of prompts, kept
+    across circuits); a pass (``tokens_per_pass`` over the prompt length and an eighth of the
+    upstream nodes, as ``jobs.circuit`` sizes it) holds this run's difference from it and a
+    block's activations. One forward per circuit."""
     L, D = shape.n_layers, shape.d_model
     upstream = graph_nodes(L, shape.n_heads, shape.has_mlp)
-    per_prompt = 2 * upstream * seq_len * D * 4 + seq_len * shape.block_activations() * dtype_bytes
+    kept_per_prompt = upstream * seq_len * D * 4
+    per_prompt = kept_per_prompt + seq_len * shape.block_activations() * dtype_bytes
     prompts = min(n_prompts, max(1, tokens_per_pass // (seq_len * max(1, upstream // 8))))
     pass_bytes = prompts * per_prompt
     flops = circuits * (
         shape.forward_flops(n_prompts * seq_len, seq_len) + 2.0 * n_edges(shape) * n_prompts * seq_len * D
     )
     return Footprint(
-        shape_bytes(shape, dtype_bytes), 0, pass_bytes, per_prompt, flops, circuits * -(-n_prompts // prompts)
+        shape_bytes(shape, dtype_bytes),
+        n_prompts * kept_per_prompt,
+        pass_bytes,
+        per_prompt,
+        flops,
+        circuits * -(-n_prompts // prompts),
     )
 
 
