@@ -1,0 +1,182 @@
+"""Every sweep as a function call, for notebooks: ``from sweeps.api import backup, scale,
+attribution, circuit, load``.
+
+    from sweeps.api import backup
+    r = backup("smollm2-135m", "ioi", heads="L20-L23", n_prompts=32)
+    r.slopes            # a pandas DataFrame, read when first asked for
+    print(r.summary())  # the lines the command prints
+
+Each function takes the command's options as keyword arguments, named as the option without
+its dashes (``--n-prompts 32`` is ``n_prompts=32``; a flag is ``True``; a list is a Python
+list or the command's comma-separated string), with the command's defaults, except that
+``executor`` defaults to ``"local"`` (in-process, no Ray) and nothing is logged to W&B unless
+asked (``r.to_wandb()``). The keywords are parsed by the command's own parser (the registry),
+so a function has exactly the command's options and checks; bad input raises ``ValueError``
+with the command's one-line message, before any work. ``out=None`` writes to a fresh
+temporary directory that the result keeps alive for as long as it exists, so the run can be
+resumed (call again with ``out=r.out``) or logged later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["backup", "scale", "attribution", "circuit", "load", "Result", "options_of"]
+
+# What a notebook call does unless asked otherwise (the command's defaults otherwise).
+API_DEFAULTS = {"executor": "local", "wandb": "disabled", "no_report": True}
+
+
+class _Refused(Exception):
+    pass
+
+
+def _parser(sweep: str) -> argparse.ArgumentParser:
+    from sweeps.registry import SWEEPS
+
+    parser = SWEEPS[sweep].parser()
+
+    def error(message: str):  # a Python exception, not a printed line and SystemExit
+        raise _Refused(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def options_of(sweep: str) -> dict[str, argparse.Action]:
+    """The keyword arguments of sweep ``sweep``'s function: its command's options by ``dest``."""
+    return {a.dest: a for a in _parser(sweep)._actions if a.option_strings and a.dest not in ("help",)}
+
+
+def _argv(sweep: str, kwargs: dict[str, Any]) -> list[str]:
+    """The command line the keyword arguments stand for."""
+    actions = options_of(sweep)
+    argv: list[str] = []
+    for key, value in kwargs.items():
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise TypeError(f"{sweep}() got an unexpected keyword argument {key!r}{hint}")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if bool(value) != isinstance(action, argparse._StoreFalseAction):
+                argv.append(flag)
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += [flag, str(value)]
+    return argv
+
+
+class Result:
+    """A sweep's results directory: its datasets as DataFrames (``r.slopes``, ``r.edges``, ...,
+    read when first asked for), ``summary()``, ``to_wandb()``, ``out``."""
+
+    def __init__(self, sweep: str, out: Path, keep: Any = None):
+        self.sweep, self.out, self._keep = sweep, Path(out), keep
+        self._results: Any = None
+
+    @property
+    def results(self):
+        """The analysis module's results object of the sweep (``analysis/<sweep>.py``)."""
+        from sweeps.registry import SWEEPS
+
+        if self._results is None:
+            self._results = SWEEPS[self.sweep].load(self.out)
+        return self._results
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        from sweeps.jobs.datasets import DERIVED, SHARDS
+
+        return SHARDS[self.sweep] + DERIVED.get(self.sweep, ())
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in self.datasets:
+            raise AttributeError(f"{self.sweep} results have no {name!r}; datasets: {', '.join(self.datasets)}")
+        return getattr(self.results, name)
+
+    def _options(self, **overrides) -> argparse.Namespace:
+        from sweeps.registry import SWEEPS
+
+        cls = SWEEPS[self.sweep]
+        options = cls.analysis_parser(cls.name).parse_args([str(self.out)])
+        for key, value in overrides.items():
+            setattr(options, key, value)
+        cls.check_options(self.results, options)
+        return options
+
+    def summary(self, **options) -> str:
+        """The summary the command prints at its end (``options``: the analysis options, e.g. ``top=10``)."""
+        from sweeps.registry import SWEEPS
+
+        return "\n".join(SWEEPS[self.sweep].summary(self.results, self._options(**options)))
+
+    def to_wandb(self, mode: str = "offline", project: str = "interp-sweeps", **options) -> None:
+        """Write the report (figures, tables) and log it to W&B (``mode``: offline or online)."""
+        from sweeps.registry import SWEEPS
+
+        SWEEPS[self.sweep].report(self.results, self._options(wandb=mode, wandb_project=project, **options))
+
+    def __repr__(self) -> str:
+        return f"<{self.sweep} results in {self.out}: {', '.join(self.datasets)}>"
+
+
+def run(sweep: str, model: str, task: str, out: str | Path | None = None, **options) -> Result:
+    """Run sweep ``sweep`` (a name of the registry) as its command would, in this process by default."""
+    from sweeps.registry import SWEEPS
+    from sweeps.registry.cli import UserError
+
+    keep = None
+    if out is None:
+        keep = tempfile.TemporaryDirectory(prefix=f"sweeps-{sweep}-")
+        out = Path(keep.name) / "results"
+    argv = _argv(sweep, {**API_DEFAULTS, "model": model, "task": task, **options, "out": str(out)})
+    try:
+        args = _parser(sweep).parse_args(argv)
+        code = SWEEPS[sweep](args).run(argv)
+    except (_Refused, UserError) as err:
+        raise ValueError(str(err)) from None
+    if code != 0:
+        raise RuntimeError(f"the {sweep} sweep did not finish (exit code {code}); its messages are above")
+    return Result(sweep, Path(out), keep)
+
+
+def backup(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+    """The backup sweep (``interp-sweeps backup --help`` lists the options)."""
+    return run("backup", model, task, out, **options)
+
+
+def scale(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+    """The scale sweep (``interp-sweeps scale --help`` lists the options)."""
+    return run("scale", model, task, out, **options)
+
+
+def attribution(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+    """The attribution sweep (``interp-sweeps attribution --help`` lists the options)."""
+    return run("attribution", model, task, out, **options)
+
+
+def circuit(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+    """Circuit evaluation (``interp-sweeps circuit --help`` lists the options)."""
+    return run("circuit", model, task, out, **options)
+
+
+def load(out: str | Path) -> Result:
+    """Reopen any sweep's results directory (the sweep is read from its ``sweep.json``)."""
+    import json
+
+    spec = Path(out) / "sweep.json"
+    if not spec.is_file():
+        raise ValueError(f"{out} is not a sweep's results directory (no sweep.json)")
+    return Result(json.loads(spec.read_text())["sweep"], Path(out))

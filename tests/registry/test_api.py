@@ -1,0 +1,59 @@
+"""``sweeps.api``: every sweep as a function with its command's options, giving the command's
+numbers back as DataFrames; bad input is a Python exception with the command's message."""
+
+from __future__ import annotations
+
+import gc
+
+import pandas as pd
+import pytest
+
+from sweeps import api, backup
+from sweeps.registry import SWEEPS
+
+PROVENANCE = ("created_at", "wall_seconds", "worker", "run_id")
+
+
+def _numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=[c for c in PROVENANCE if c in frame.columns]).reset_index(drop=True)
+
+
+def test_the_function_gives_the_commands_numbers(tmp_path, capsys):
+    common = ["--model", "tiny-llama3", "--n-prompts", "4", "--heads", "L1", "--ablation", "mean"]
+    assert backup.main([*common, "--executor", "local", "--no-report", "--out", str(tmp_path / "cli")]) == 0
+    cli = api.load(tmp_path / "cli")
+    r = api.backup("tiny-llama3", n_prompts=4, heads=["L1"], ablation="mean")
+    pd.testing.assert_frame_equal(_numbers(r.slopes), _numbers(cli.slopes))
+    pd.testing.assert_frame_equal(_numbers(r.self_repair), _numbers(cli.self_repair))
+    assert "L1H" in r.summary()
+    assert repr(r).startswith("<backup results in ")
+
+
+def test_out_none_is_a_temporary_directory_the_result_keeps(capsys):
+    r = api.backup("tiny-llama3", n_prompts=4, heads="L2")
+    out = r.out
+    assert (out / "sweep.json").is_file()
+    again = api.load(out)  # reopened while the first result holds the directory
+    assert len(again.slopes) == 4
+    del r, again
+    gc.collect()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sweep", sorted(n for n in SWEEPS if n in ("backup", "scale", "attribution", "circuit")))
+def test_every_option_of_the_command_is_a_keyword(sweep):
+    parser = SWEEPS[sweep].parser()
+    flags = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(api.options_of(sweep)) == flags
+    assert callable(getattr(api, sweep))
+
+
+def test_bad_input_is_an_exception_with_the_commands_message(capsys):
+    with pytest.raises(TypeError, match="did you mean n_prompts"):
+        api.backup("tiny-llama3", n_promts=4)
+    with pytest.raises(ValueError, match="invalid choice: 'nope'"):
+        api.backup("tiny-llama3", ablation="nope")
+    with pytest.raises(ValueError, match="unknown model 'tiny-llamaX'"):
+        api.backup("tiny-llamaX")
+    with pytest.raises(ValueError, match="not a sweep's results directory"):
+        api.load("/nonexistent")
