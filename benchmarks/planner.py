@@ -13,6 +13,7 @@ apart. Once loaded, the process keeps freed memory for reuse as a CPU worker doe
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -42,8 +43,7 @@ def _model_and_task(name: str, n_prompts: int, dtype: str, seq_len: int):
         weights = random_weights(shape, precision.dtype_of(dtype), torch.device("cpu"))
         return weights, random_task(shape, n_prompts, seq_len), shape
     info = models.describe_model(name)
-    task = build_task(TaskSpec("ioi" if name != "smollm2-135m" else "text"), loading.load_tokenizer(info), n_prompts,
-                      0, seq_len=seq_len if name == "smollm2-135m" else None)
+    task = build_task(TaskSpec("text"), loading.load_tokenizer(info), n_prompts, 0, seq_len=seq_len)
     return loading.load_model(info, "cpu", dtype), task, shapes.model_shape(name)
 
 
@@ -58,14 +58,17 @@ def measure(name: str, n_prompts: int, dtype: str, sweep: str = "backup", seq_le
     from sweeps.jobs.circuit import CircuitJob, CircuitShard, Curve
     from sweeps.jobs.plan import ScaleShard, Shard
     from sweeps.jobs.scale import ScaleJob, make_pairs
-    from sweeps.runtime.allocator import keep_freed_memory
+    from sweeps.runtime.allocator import give_back_freed_memory, keep_freed_memory
 
     torch.set_grad_enabled(False)
     before = _resident()
     model, task, shape = _model_and_task(name, n_prompts, dtype, seq_len)
+    # The load's own transients (a model without a cache entry builds the Hugging Face model
+    # and TransformerLens's copy) are given back to the system first: else the sweep would
+    # reuse them unseen. Then, as a worker, malloc keeps what it frees.
+    gc.collect()
+    give_back_freed_memory()
     loaded = _resident()
-    # As a worker: malloc keeps freed memory from here on (the load's own transients, which a
-    # model without a cache entry makes, are given back to the system first).
     keep_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:  # from here on, VmHWM is this run's peak
         f.write("5")
