@@ -11,7 +11,8 @@ its dashes (``--n-prompts 32`` is ``n_prompts=32``; a flag is ``True``; a list i
 list or the command's comma-separated string), with the command's defaults, except that
 ``executor`` defaults to ``"local"`` (in-process, no Ray) and nothing is logged to W&B unless
 asked (``r.to_wandb()``). The keywords are parsed by the command's own parser (the registry),
-so a function has exactly the command's options and checks; bad input raises ``ValueError``
+so a function has exactly the command's options and checks; ``model`` may also be a Hugging
+Face model in memory, with ``tokenizer=``. Bad input raises ``ValueError``
 with the command's one-line message, before any work. ``out=None`` writes to a fresh
 temporary directory that the result keeps alive for as long as it exists, so the run can be
 resumed (call again with ``out=r.out``) or logged later.
@@ -132,11 +133,25 @@ class Result:
         return f"<{self.sweep} results in {self.out}: {', '.join(self.datasets)}>"
 
 
-def run(sweep: str, model: str, task: str, out: str | Path | None = None, **options) -> Result:
-    """Run sweep ``sweep`` (a name of the registry) as its command would, in this process by default."""
+def run(sweep: str, model: Any, task: str, out: str | Path | None = None, tokenizer: Any = None, **options) -> Result:
+    """Run sweep ``sweep`` (a name of the registry) as its command would, in this process by default.
+
+    ``model``: what ``--model`` takes (a name, a hub name, a directory), or a Hugging Face model
+    in memory with its ``tokenizer`` (processed from a copy: the model is left as it was; it
+    runs in this process, ``executor="local"``)."""
     from sweeps.registry import SWEEPS
     from sweeps.registry.cli import UserError
+    from sweeps.runtime import models
 
+    if not isinstance(model, (str, Path)):
+        if options.get("executor", API_DEFAULTS["executor"]) != "local":
+            raise ValueError("a model in memory runs in this process: executor='local'")
+        try:
+            model = models.register_model(model, tokenizer)
+        except models.ModelNameError as err:
+            raise ValueError(str(err)) from None
+    elif tokenizer is not None:
+        raise ValueError("tokenizer= goes with a model in memory; a named model brings its own")
     keep = None
     if out is None:
         keep = tempfile.TemporaryDirectory(prefix=f"sweeps-{sweep}-")
@@ -152,24 +167,32 @@ def run(sweep: str, model: str, task: str, out: str | Path | None = None, **opti
     return Result(sweep, Path(out), keep)
 
 
-def backup(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+def backup(
+    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Result:
     """The backup sweep (``interp-sweeps backup --help`` lists the options)."""
-    return run("backup", model, task, out, **options)
+    return run("backup", model, task, out, tokenizer, **options)
 
 
-def scale(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+def scale(
+    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Result:
     """The scale sweep (``interp-sweeps scale --help`` lists the options)."""
-    return run("scale", model, task, out, **options)
+    return run("scale", model, task, out, tokenizer, **options)
 
 
-def attribution(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+def attribution(
+    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Result:
     """The attribution sweep (``interp-sweeps attribution --help`` lists the options)."""
-    return run("attribution", model, task, out, **options)
+    return run("attribution", model, task, out, tokenizer, **options)
 
 
-def circuit(model: str = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, **options) -> Result:
+def circuit(
+    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Result:
     """Circuit evaluation (``interp-sweeps circuit --help`` lists the options)."""
-    return run("circuit", model, task, out, **options)
+    return run("circuit", model, task, out, tokenizer, **options)
 
 
 def load(out: str | Path) -> Result:

@@ -24,6 +24,7 @@ from sweeps.core.transformer import ModelConfig, ModelWeights
 from sweeps.runtime import layerwise, model_cache, tiny_models
 from sweeps.runtime.models import (
     EMBEDDED_GGUF,
+    IN_MEMORY,
     ModelInfo,
     ModelNameError,
     checkpoint_tokenizer_source,
@@ -219,12 +220,31 @@ class HubSource(Source):
             return None
 
 
+class MemorySource(Source):
+    """A Hugging Face model in this process's memory (``models.register_model``): processed from
+    a float32 copy, so the caller's model is left as it was; not cached (it has no files)."""
+
+    def tokenizer(self, info: ModelInfo):
+        return IN_MEMORY[info.source][1]
+
+    def hf_model(self, info: ModelInfo):
+        import copy
+
+        model = IN_MEMORY[info.source][0]
+        hub_name = str(getattr(model.config, "_name_or_path", "") or info.source)
+        return copy.deepcopy(model).float().eval(), self.tokenizer(info), hub_name
+
+    def cache_key(self, info: ModelInfo) -> Path | None:
+        return None
+
+
 SOURCES: dict[str, Source] = {
     "embedded": EmbeddedSource(),
     "tiny": TinySource(),
     "local": LocalSource(),
     "checkpoint": CheckpointSource(),
     "hub": HubSource(),
+    "memory": MemorySource(),
 }
 
 

@@ -51,7 +51,7 @@ class ModelNameError(ValueError):
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # as the user wrote it
-    kind: str  # "embedded" | "tiny" | "local" | "checkpoint" | "hub"
+    kind: str  # "embedded" | "tiny" | "local" | "checkpoint" | "hub" | "memory"
     source: str  # gguf path, tiny name, directory or hub id
     n_layers: int
     n_heads: int
@@ -240,8 +240,43 @@ def resolve_hub_name(name: str) -> str | None:
         return None
 
 
+# Hugging Face models handed over in memory (``sweeps.api``: a notebook's model), by the name
+# ``register_model`` gave them; process-local, like the model itself.
+IN_MEMORY: dict[str, tuple[Any, Any]] = {}
+
+
+def register_model(hf_model, tokenizer) -> str:
+    """A name for a Hugging Face model in this process's memory (with its tokenizer), by which
+    every command's code reads it: ``memory:<its name or path>@<a hash of its weights>``, the
+    same for the same weights (a resumed run finds its results). Refuses what is not a
+    causal language model with a tokenizer whose vocabulary fits it."""
+    import hashlib
+
+    import torch
+
+    config = getattr(hf_model, "config", None)
+    if config is None or not isinstance(hf_model, torch.nn.Module):
+        raise ModelNameError(f"a model in memory must be a Hugging Face model, not {type(hf_model).__name__}")
+    if tokenizer is None:
+        raise ModelNameError("a Hugging Face model in memory needs its tokenizer (tokenizer=...)")
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if len(tokenizer) > vocab > 0:
+        raise ModelNameError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab}")
+    digest = hashlib.blake2b(digest_size=6)
+    with torch.no_grad():
+        for key, value in hf_model.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    label = str(getattr(config, "_name_or_path", "") or type(hf_model).__name__).replace("/", "--")
+    name = f"memory:{label}@{digest.hexdigest()}"
+    IN_MEMORY[name] = (hf_model, tokenizer)
+    return name
+
+
 def describe_model(name: str) -> ModelInfo:
     """Resolve a model name and read its shape, without loading weights."""
+    if name in IN_MEMORY:
+        return ModelInfo(name, "memory", name, *_check_hf_config(IN_MEMORY[name][0].config.to_dict(), name))
     if name == DEFAULT_MODEL:
         path = embedded_dir() / EMBEDDED_GGUF
         import gguf

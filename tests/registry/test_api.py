@@ -11,7 +11,7 @@ import pytest
 from sweeps import api, backup
 from sweeps.registry import SWEEPS
 
-PROVENANCE = ("created_at", "wall_seconds", "worker", "run_id")
+PROVENANCE = ("created_at", "wall_seconds", "worker", "run_id", "model", "weight_hash", "spec_id")
 
 
 def _numbers(frame: pd.DataFrame) -> pd.DataFrame:
@@ -57,3 +57,34 @@ def test_bad_input_is_an_exception_with_the_commands_message(capsys):
         api.backup("tiny-llamaX")
     with pytest.raises(ValueError, match="not a sweep's results directory"):
         api.load("/nonexistent")
+
+
+def test_a_hugging_face_model_in_memory_gives_the_named_models_numbers_and_is_left_as_it_was(capsys):
+    import torch
+
+    from sweeps.runtime import loading, models, tiny_models
+
+    hf = tiny_models.build("tiny-llama3")  # the same weights as the named tiny model
+    tokenizer = loading.load_tokenizer(models.describe_model("tiny-llama3"))
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    mine = api.backup(hf, tokenizer=tokenizer, n_prompts=4, heads="L1")
+    named = api.backup("tiny-llama3", n_prompts=4, heads="L1")
+    pd.testing.assert_frame_equal(_numbers(mine.slopes), _numbers(named.slopes))
+    assert all(torch.equal(before[k], v) for k, v in hf.state_dict().items())  # processed from a copy
+    assert mine.results.spec["model"].startswith("memory:")
+
+
+def test_a_model_in_memory_refuses_ray_and_a_tokenizer_it_cannot_read(capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sweeps.runtime import loading, models
+
+    tokenizer = loading.load_tokenizer(models.describe_model("tiny-llama3"))
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="more than the model's vocabulary of 100"):
+        api.backup(small, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        api.backup(small)
+    with pytest.raises(ValueError, match="executor='local'"):
+        api.backup(small, tokenizer=tokenizer, executor="ray")
