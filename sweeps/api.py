@@ -5,6 +5,7 @@ attribution, circuit, load``.
     r = backup("smollm2-135m", "ioi", heads="L20-L23", n_prompts=32)
     r.slopes            # a pandas DataFrame, read when first asked for
     print(r.summary())  # the lines the command prints
+    r.plot("slopes")    # one of the report's figures (r.figures() names them)
 
 Each function takes the command's options as keyword arguments, named as the option without
 its dashes (``--n-prompts 32`` is ``n_prompts=32``; a flag is ``True``; a list is a Python
@@ -128,6 +129,33 @@ class Result:
         from sweeps.registry import SWEEPS
 
         SWEEPS[self.sweep].report(self.results, self._options(wandb=mode, wandb_project=project, **options))
+
+    def figures(self) -> dict[str, Path]:
+        """The report's figures by name (PNG files under ``out/plots``), written first (without
+        W&B) if they are not there yet."""
+        folder = self.out / "plots"
+        if not any(folder.glob("*.png")):
+            self.to_wandb(mode="disabled")
+        return {p.stem: p for p in sorted(folder.glob("*.png"))}
+
+    def plot(self, name: str):
+        """One of the report's figures (``figures()`` names them) as a matplotlib figure, which a
+        notebook shows inline."""
+        import matplotlib.pyplot as plt
+
+        figures = self.figures()
+        if name not in figures:
+            close = difflib.get_close_matches(name, list(figures), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"no figure {name!r}.{hint} Figures: {', '.join(figures)}")
+        image = plt.imread(figures[name])
+        height, width = image.shape[:2]
+        fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+        ax.imshow(image)
+        ax.set_axis_off()
+        plt.close(fig)  # shown where it is returned (a notebook cell), not by pyplot's state
+        return fig
 
     def __repr__(self) -> str:
         return f"<{self.sweep} results in {self.out}: {', '.join(self.datasets)}>"

@@ -88,3 +88,15 @@ def test_a_model_in_memory_refuses_ray_and_a_tokenizer_it_cannot_read(capsys):
         api.backup(small)
     with pytest.raises(ValueError, match="executor='local'"):
         api.backup(small, tokenizer=tokenizer, executor="ray")
+
+
+def test_the_reports_figures_come_back_as_matplotlib_figures(capsys):
+    from matplotlib.figure import Figure
+
+    r = api.backup("tiny-llama3", n_prompts=4, heads="L1")
+    names = r.figures()
+    assert {"slopes", "self_repair", "compensation"} <= set(names)
+    figure = r.plot("slopes")
+    assert isinstance(figure, Figure) and figure.get_size_inches()[0] > 1
+    with pytest.raises(KeyError, match="Did you mean 'slopes'"):
+        r.plot("slope")
