@@ -190,6 +190,14 @@ def run(sweep: str, model: Any, task: str, out: str | Path | None = None, tokeni
         code = SWEEPS[sweep](args).run(argv)
     except (_Refused, UserError) as err:
         raise ValueError(str(err)) from None
+    except KeyboardInterrupt:  # before the sweep's own handling (checking input, loading the model)
+        code = 130
+    if code in (130, 143):  # interrupted (a kernel interrupt, SIGTERM): the finished shards stay
+        if keep is not None:
+            keep._finalizer.detach()  # type: ignore[attr-defined]  # the temporary directory outlives this call
+        raise KeyboardInterrupt(
+            f"stopped; the finished shards are kept in {out}: call again with out={str(out)!r} to go on"
+        )
     if code != 0:
         raise RuntimeError(f"the {sweep} sweep did not finish (exit code {code}); its messages are above")
     return Result(sweep, Path(out), keep)

@@ -100,3 +100,29 @@ def test_the_reports_figures_come_back_as_matplotlib_figures(capsys):
     assert isinstance(figure, Figure) and figure.get_size_inches()[0] > 1
     with pytest.raises(KeyError, match="Did you mean 'slopes'"):
         r.plot("slope")
+
+
+def test_an_interrupted_call_keeps_its_shards_and_the_next_call_goes_on(monkeypatch, capsys):
+    import re
+    import shutil
+    from pathlib import Path
+
+    from sweeps.jobs.backup import BackupJob
+
+    real, calls = BackupJob.run_shard, []
+
+    def interrupted(self, shard):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, shard)
+
+    monkeypatch.setattr(BackupJob, "run_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="call again with out=") as stopped:
+        api.backup("tiny-llama3", n_prompts=4, heads="L0,L1")
+    out = Path(re.search(r"out='([^']+)'", str(stopped.value)).group(1))
+    assert (out / "manifest.json").is_file()  # the temporary directory outlived the call
+    monkeypatch.setattr(BackupJob, "run_shard", real)
+    r = api.backup("tiny-llama3", n_prompts=4, heads="L0,L1", out=out)
+    assert sorted(set(r.slopes.layer)) == [0, 1]
+    shutil.rmtree(out.parent, ignore_errors=True)
