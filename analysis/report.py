@@ -176,14 +176,40 @@ def log_run(
     pages: dict[str, Path] | None = None,
 ) -> str | None:
     """One W&B run: tables, figures (PNG + HTML), extra HTML ``pages``, summary, and the
-    Parquet datasets as an artifact."""
+    Parquet datasets as an artifact.
+
+    A results directory has one W&B run (its id made from the spec and the directory): a
+    resumed sweep continues it. When nothing it would log changed since the last time (the
+    same shards, summary and figures: a re-run with nothing to compute), nothing is logged
+    again and the console says so."""
     if mode == "disabled":
         return None
+    import hashlib
+    import json
+
     import wandb
 
     out = Location.parse(out)
     os.environ.setdefault("WANDB_SILENT", "true")
     spec_id = manifest.get("spec_id", "")
+    run_id = f"{kind}-{spec_id}-{hashlib.blake2b(str(out).encode(), digest_size=4).hexdigest()}"
+    logged = {
+        "mode": mode,
+        "project": project,
+        "shards": {k: v.get("checksums") for k, v in sorted(manifest.get("shards", {}).items())},
+        "derived": manifest.get("derived"),
+        "summary": summary,
+        "figures": sorted(figures),
+    }
+    fingerprint = hashlib.blake2b(json.dumps(logged, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    state = report_dir(out) / ".wandb_logged.json"
+    try:
+        last = json.loads(state.read_text())
+    except (OSError, ValueError):
+        last = {}
+    if last.get("fingerprint") == fingerprint:
+        print(f"W&B: nothing new since run {run_id} was logged; not logged again", file=sys.stderr)
+        return None
     run = wandb.init(
         project=project,
         mode=cast(Literal["online", "offline", "disabled", "shared"], mode),  # a --wandb choice
@@ -192,6 +218,8 @@ def log_run(
         name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
         dir=os.environ.get("WANDB_DIR", str(report_dir(out))),
         reinit="finish_previous",
+        id=run_id,
+        resume="allow",
     )
     try:
         payload: dict[str, wandb.Table | wandb.Image | wandb.Html] = {
@@ -217,9 +245,12 @@ def log_run(
         else:
             artifact.add_reference(str(out / "manifest.json"))
         run.log_artifact(artifact)
-        return run.dir
+        directory = run.dir
     finally:
         run.finish()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"fingerprint": fingerprint, "run_id": run_id}))
+    return directory
 
 
 def log_to_wandb(results: BackupResults, figures: dict[str, Path], mode: str, project: str) -> str | None:

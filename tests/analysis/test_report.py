@@ -64,6 +64,15 @@ def test_report_writes_figures_and_an_offline_wandb_run(results_dir, tmp_path, m
     assert (plots / "plotly.min.js").stat().st_size > 1_000_000
     assert summary["n_heads_swept"] == "12"
     assert any(name.startswith("backup-results-") for name in artifacts)
+    run_id = runs[0].stem.removeprefix("run-")
+    assert run_id.startswith("backup-")  # one run per results directory, named from its spec
+
+    # The same report again (a re-run with nothing new): no second W&B run; new options: the same run id.
+    assert analysis_main(["backup", str(results_dir), "--wandb", "offline", "--scatter", "L1H2"]) == 0
+    assert len(list(Path(tmp_path / "wandb").rglob("run-*.wandb"))) == 1
+    assert analysis_main(["backup", str(results_dir), "--wandb", "offline", "--scatter", "L1H1"]) == 0
+    again = list(Path(tmp_path / "wandb").rglob("run-*.wandb"))
+    assert len(again) == 2 and {r.stem for r in again} == {f"run-{run_id}"}
 
 
 def test_the_printed_self_repair_fraction_leaves_out_heads_whose_direct_effect_is_noise():
