@@ -147,6 +147,49 @@ def summary_text(table: pd.DataFrame) -> str:
     return table.to_string(index=False)
 
 
+def asked_heads_lines(
+    results: BackupResults,
+    heads: list[tuple[int, int]],
+    table: pd.DataFrame,
+    k: int = 8,
+    min_de_fraction: float = 0.1,
+    min_r2: float = 0.0,
+) -> list[str]:
+    """For each head asked for (``--heads``): its fit, and whether ``table`` ranks it or why not."""
+    s = results.slopes
+    largest = s.mean_abs_de.max()
+    ranked = set(table["head"]) if not table.empty else set()
+    lines = ["heads asked for:"]
+    for layer, head in heads:
+        name = f"L{layer}H{head}"
+        rows = s[(s.layer == layer) & (s["head"] == head)]
+        if rows.empty:
+            lines.append(f"  {name}: not in these results")
+            continue
+        r = rows.iloc[0]
+        ci = "" if pd.isna(r.slope_ci_low) else f" [{r.slope_ci_low:.3f}, {r.slope_ci_high:.3f}]"
+        fit = f"slope {r.slope:+.4f}{ci}, r² {r.r2:.3f}, mean |DE| {r.mean_abs_de:.4f} over {int(r.n_points)} points"
+        if name in ranked:
+            why = "ranked in the table above"
+        elif pd.isna(r.slope):
+            why = "no fit (too few points, or no spread in its direct effect)"
+        elif r.mean_abs_de < min_de_fraction * largest:
+            why = (
+                f"not ranked: its mean |direct effect| is under {min_de_fraction:g} x the largest head's "
+                f"({min_de_fraction * largest:.3g}; --min-de-fraction), so its slope is mostly noise"
+            )
+        elif r.r2 < min_r2:
+            why = f"not ranked: r² under {min_r2:g} (--min-r2)"
+        elif r.mean_backup == 0 and r.slope == 0:
+            why = "not ranked: no head is downstream of the last layer"
+        elif not pd.isna(r.slope_ci_low) and r.slope_ci_low <= 0 <= r.slope_ci_high:
+            why = "not ranked: its 95 % interval includes 0 (neither backed up nor anti-backup with confidence)"
+        else:
+            why = f"not ranked: not in the top {k} of its kind (--top)"
+        lines.append(f"  {name}: {fit}; {why}")
+    return lines
+
+
 def summary_table(
     results: BackupResults, k: int = 8, min_de_fraction: float = 0.1, min_r2: float = 0.0
 ) -> pd.DataFrame:

@@ -41,11 +41,11 @@ class AttributionSweep(Sweep):
     sweeps/circuit.py measures how faithful the top edges or nodes are.
 
     Examples:
-      python sweeps/attribution.py --model tiny-gpt2 --executor local
-      python sweeps/attribution.py --task sentiment --verify-top 20
-      python sweeps/attribution.py --method eap-ig-inputs --ig-steps 5
-      python sweeps/attribution.py --model gpt2-small --n-prompts 128 --batch-size 16
-      python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
+      .venv/bin/interp-sweeps attribution --model tiny-gpt2 --executor local
+      .venv/bin/interp-sweeps attribution --task sentiment --verify-top 20
+      .venv/bin/interp-sweeps attribution --method eap-ig-inputs --ig-steps 5
+      .venv/bin/interp-sweeps attribution --model gpt2-small --n-prompts 128 --batch-size 16
+      .venv/bin/interp-sweeps scale --circuit top:20@results/attribution/smollm2-135m__ioi
       ray submit cluster.yaml sweeps/attribution.py -- --model gpt2-small
     """
 

@@ -29,9 +29,9 @@ class BackupSweep(Sweep):
     command resumes: finished shards are skipped.
 
     Examples:
-      python sweeps/backup.py                                   # SmolLM2-135M on IOI, local Ray
-      python sweeps/backup.py --model tiny-gpt2 --executor local
-      python sweeps/backup.py --task text --n-prompts 50 --seq-len 100 --heads L5,L9H6
+      .venv/bin/interp-sweeps backup                                   # SmolLM2-135M on IOI, local Ray
+      .venv/bin/interp-sweeps backup --model tiny-gpt2 --executor local
+      .venv/bin/interp-sweeps backup --task text --n-prompts 50 --seq-len 100 --heads L5,L9H6
       ray submit cluster.yaml sweeps/backup.py -- --model gpt2-small --task text
     """
 
@@ -170,6 +170,12 @@ class BackupSweep(Sweep):
         )
         parser.add_argument("--top", type=int, default=8, help="rows of the summary table per kind (default 8)")
         parser.add_argument(
+            "--heads",
+            metavar="LIST",
+            help="heads the summary answers for, each with its fit and whether it is ranked or why not "
+            "(after a sweep: the heads it swept)",
+        )
+        parser.add_argument(
             "--min-de-fraction",
             type=float,
             default=0.1,
@@ -203,17 +209,25 @@ class BackupSweep(Sweep):
             options.scatter_heads = (
                 parse_heads(options.scatter, results.n_layers, results.n_heads) if options.scatter else None
             )
+            heads = getattr(options, "heads", None)
+            options.asked_heads = parse_heads(heads, results.n_layers, results.n_heads) if heads else None
         except PlanError as err:
             raise UserError(str(err)) from None
 
     @classmethod
     def summary(cls, results, options: argparse.Namespace) -> list[str]:
-        from analysis.backup import summary_table, summary_text
+        from analysis.backup import asked_heads_lines, summary_table, summary_text
         from analysis.self_repair import summary_lines
 
         table = summary_table(results, options.top, options.min_de_fraction, options.min_r2)
+        asked = getattr(options, "asked_heads", None)
         return [
             summary_text(table),
+            *(
+                asked_heads_lines(results, asked, table, options.top, options.min_de_fraction, options.min_r2)
+                if asked
+                else []
+            ),
             *summary_lines(
                 results.self_repair, float(results.spec.get("top_fraction", 0.02)), results.n_layers, results.neurons
             ),

@@ -51,10 +51,10 @@ class CircuitSweep(Sweep):
     --from result's.
 
     Examples:
-      python sweeps/attribution.py --model tiny-gpt2 --executor local
-      python sweeps/circuit.py --from results/attribution/tiny-gpt2__ioi --executor local
-      python sweeps/circuit.py --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
-      python sweeps/circuit.py --circuit my_circuit.yaml --model gpt2-small
+      .venv/bin/interp-sweeps attribution --model tiny-gpt2 --executor local
+      .venv/bin/interp-sweeps circuit --from results/attribution/tiny-gpt2__ioi --executor local
+      .venv/bin/interp-sweeps circuit --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
+      .venv/bin/interp-sweeps circuit --circuit my_circuit.yaml --model gpt2-small
       ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
     """
 

@@ -46,9 +46,9 @@ class ReportSweep(Sweep):
     forward pass of the task, no Ray.
 
     Examples:
-      python sweeps/report.py                       # SmolLM2 on IOI
-      python sweeps/report.py --task sentiment --prompt-index 3
-      python sweeps/report.py --model gpt2-small --task ioi --top-heads 3
+      .venv/bin/interp-sweeps report                       # SmolLM2 on IOI
+      .venv/bin/interp-sweeps report --task sentiment --prompt-index 3
+      .venv/bin/interp-sweeps report --model gpt2-small --task ioi --top-heads 3
     """
 
     name = "report"

@@ -47,10 +47,10 @@ class ScaleSweep(Sweep):
     resumes.
 
     Examples:
-      python sweeps/scale.py --model tiny-gpt2 --executor local
-      python sweeps/scale.py --circuit ioi-gpt2-small --model gpt2-small --subspace high_variance
-      python sweeps/scale.py --circuit circuit.yaml --pairs task --nodes L9,L10,mlp11
-      python sweeps/scale.py --circuit top:20@results/attribution/smollm2-135m__ioi
+      .venv/bin/interp-sweeps scale --model tiny-gpt2 --executor local
+      .venv/bin/interp-sweeps scale --circuit ioi-gpt2-small --model gpt2-small --subspace high_variance
+      .venv/bin/interp-sweeps scale --circuit circuit.yaml --pairs task --nodes L9,L10,mlp11
+      .venv/bin/interp-sweeps scale --circuit top:20@results/attribution/smollm2-135m__ioi
       ray submit cluster.yaml sweeps/scale.py -- --model gpt2-small --circuit ioi
     """
 

@@ -584,3 +584,21 @@ def test_a_new_sweep_is_its_own_files_and_nothing_else(tmp_path, capsys, monkeyp
         assert toy.ToySweep.resume_command(args[1:]).split()[1:4] == ["-m", "sweeps", "toy"]
     finally:
         SWEEPS.pop("toy", None)
+
+
+def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path):
+    """``--heads``: beside the ranking, a line for each head asked for with its fit, and whether
+    it is ranked or why not; the analysis command takes the same option."""
+    from sweeps.registry.analyze import main as analyze
+
+    out = str(tmp_path / "o")
+    common = ["--model", "tiny-llama3", "--executor", "local", "--n-prompts", "8", "--no-report", "--out", out]
+    assert backup.main([*common, "--heads", "L1H2,L2"]) == 0
+    printed = capsys.readouterr().out
+    assert "heads asked for:" in printed
+    lines = {line.split(":")[0].strip(): line for line in printed.splitlines() if line.startswith("  L")}
+    for name in ("L1H2", "L2H0", "L2H3"):
+        assert name in lines and ("ranked" in lines[name] or "no fit" in lines[name]), printed
+    assert "no head is downstream of the last layer" in lines["L2H0"]
+    assert analyze(["backup", out, "--wandb", "disabled", "--heads", "L1H2"]) == 0
+    assert "  L1H2: slope" in capsys.readouterr().out
