@@ -29,6 +29,7 @@ def test_the_function_gives_the_commands_numbers(tmp_path, capsys):
     assert repr(r).startswith("<backup results in ")
 
 
+@pytest.mark.slow
 def test_out_none_is_a_temporary_directory_the_result_keeps(capsys):
     r = api.backup("tiny-llama3", n_prompts=4, heads="L2")
     out = r.out
@@ -59,6 +60,7 @@ def test_bad_input_is_an_exception_with_the_commands_message(capsys):
         api.load("/nonexistent")
 
 
+@pytest.mark.slow
 def test_a_hugging_face_model_in_memory_gives_the_named_models_numbers_and_is_left_as_it_was(capsys):
     import torch
 
@@ -90,6 +92,7 @@ def test_a_model_in_memory_refuses_ray_and_a_tokenizer_it_cannot_read(capsys):
         api.backup(small, tokenizer=tokenizer, executor="ray")
 
 
+@pytest.mark.slow
 def test_the_reports_figures_come_back_as_matplotlib_figures(capsys):
     from matplotlib.figure import Figure
 
@@ -102,6 +105,7 @@ def test_the_reports_figures_come_back_as_matplotlib_figures(capsys):
         r.plot("slope")
 
 
+@pytest.mark.slow
 def test_an_interrupted_call_keeps_its_shards_and_the_next_call_goes_on(monkeypatch, capsys):
     import re
     import shutil

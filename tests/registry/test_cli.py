@@ -586,6 +586,7 @@ def test_a_new_sweep_is_its_own_files_and_nothing_else(tmp_path, capsys, monkeyp
         SWEEPS.pop("toy", None)
 
 
+@pytest.mark.slow
 def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path):
     """``--heads``: beside the ranking, a line for each head asked for with its fit, and whether
     it is ranked or why not; the analysis command takes the same option."""
