@@ -25,6 +25,7 @@ E d_head, M d_mlp, V vocabulary.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
@@ -123,9 +124,11 @@ class LayerStack:
         return self.parts[self.stage_of(layer)].device
 
     def __getitem__(self, index) -> Tensor:
-        layer, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-        if not isinstance(layer, int):
-            raise TypeError("a staged weight is indexed by one layer at a time")
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        try:
+            layer = operator.index(first)  # an int, a numpy integer or a one-number tensor
+        except TypeError:
+            raise TypeError("a staged weight is indexed by one layer at a time") from None
         layer = layer + self.n_layers if layer < 0 else layer
         s = self.stage_of(layer)
         value = self.parts[s][(layer - self.starts[s], *rest)]
