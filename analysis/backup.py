@@ -5,6 +5,7 @@ Only the Parquet datasets and the manifest are read; no model is needed.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,14 +138,19 @@ def legible_columns(matrix: pd.DataFrame, k: int) -> list[str]:
     return [c for c in matrix.columns if c in strongest]
 
 
-def summary_text(table: pd.DataFrame) -> str:
-    """``summary_table`` as printed: the table, or why there is none."""
+def summary_text(table: pd.DataFrame, min_de_fraction: float = 0.1) -> str:
+    """``summary_table`` as printed: the table and its legend, or why there is none."""
     if table.empty:
         return (
             "no head is clearly backed up or anti-backed-up (no slope's 95 % interval excludes 0 "
             "among heads with a sizeable direct effect)"
         )
-    return table.to_string(index=False)
+    legend = (
+        "backed up: the heads after it make up for its ablation (slope > 0); anti-backup: they deepen it "
+        "(slope < 0). ci95: the slope's bootstrap interval over prompts; ranked by its end nearer 0, among "
+        f"heads whose mean |direct effect| is at least {min_de_fraction:g} x the largest head's"
+    )
+    return table.to_string(index=False) + "\n" + textwrap.fill(legend, 100)
 
 
 def asked_heads_lines(

@@ -134,6 +134,10 @@ def cancelling(with_term: float, against_term: float) -> bool:
     return with_term > 0.5 and against_term < -0.5 and with_term - against_term > 2 * abs(with_term + against_term)
 
 
+# Fewer points than this a head, and the self-repair shares are noise: the summary says so.
+FEW_POINTS = 10
+
+
 def summary_lines(
     repair: pd.DataFrame,
     top_fraction: float,
@@ -148,7 +152,15 @@ def summary_lines(
         return []
     layers = layer_table(repair, "top")
     where = f"the top {top_fraction:.0%} of points by each head's direct effect" if top_fraction < 1 else "every point"
-    lines = [f"Self-repair (Rushing & Nanda 2024), on {where}:"]
+    counts = head_table(repair, "top").n_points if "n_points" in repair else pd.Series(dtype=float)
+    low, high = (int(counts.min()), int(counts.max())) if len(counts) else (0, 0)
+    n = "" if not len(counts) else f" ({low}{'' if low == high else f'-{high}'} point{'s' * (high != 1)} a head)"
+    lines = [f"Self-repair (Rushing & Nanda 2024), on {where}{n}:"]
+    if len(counts) and low < FEW_POINTS:
+        lines.append(
+            f"  note: {low} point{'s' * (low != 1)} a head is too few for these shares to mean much; more "
+            "prompts (--n-prompts), a next-token task (every position a point) or a larger --top-fraction gives more"
+        )
     overall = head_table(repair, "top")[["frac_heads", "frac_mlps", "frac_final_norm"]].mean()
     lines.append(
         f"  mean clipped shares of a head's direct effect over every swept head: other heads "

@@ -222,7 +222,7 @@ class BackupSweep(Sweep):
         table = summary_table(results, options.top, options.min_de_fraction, options.min_r2)
         asked = getattr(options, "asked_heads", None)
         return [
-            summary_text(table),
+            summary_text(table, options.min_de_fraction),
             *(
                 asked_heads_lines(results, asked, table, options.top, options.min_de_fraction, options.min_r2)
                 if asked

@@ -329,8 +329,8 @@ def describe_model(name: str) -> ModelInfo:
         close = difflib.get_close_matches(name, local_names + _hub_candidates(), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelNameError(
-            f"unknown model {name!r}.{hint} Use {', '.join(local_names)}, a local Hugging Face "
-            "model directory, or a hub name TransformerLens supports (e.g. gpt2-small)."
+            f"unknown model {name!r}.{hint} Use {DEFAULT_MODEL}, a test model, a local Hugging Face model "
+            "directory or a hub name (e.g. gpt2-small); `interp-sweeps models` lists them"
         )
     from transformers import AutoConfig
 

@@ -601,5 +601,6 @@ def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path):
     for name in ("L1H2", "L2H0", "L2H3"):
         assert name in lines and ("ranked" in lines[name] or "no fit" in lines[name]), printed
     assert "no head is downstream of the last layer" in lines["L2H0"]
+    assert "(1 point a head)" in printed and "too few for these shares to mean much" in printed  # 2 % of 8
     assert analyze(["backup", out, "--wandb", "disabled", "--heads", "L1H2"]) == 0
     assert "  L1H2: slope" in capsys.readouterr().out
