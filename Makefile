@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale attribution circuit report run test lint bench clean
+.PHONY: setup sweep scale attribution circuit report run test lint bench notebook clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,12 @@ lint: $(STAMP)
 ## Speed ratios measured side by side (benchmarks/); ARGS=--quick for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
+
+## Run docs/quickstart.ipynb and save its outputs in it (what GitHub shows; the slow tier runs it too).
+notebook: $(STAMP)
+	$(BIN)/python -c "import nbclient, nbformat; p = 'docs/quickstart.ipynb'; nb = nbformat.read(p, as_version=4); \
+	nbclient.NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': '.'}}).execute(); \
+	nbformat.write(nb, p)"
 
 clean:
 	rm -rf $(VENV) results

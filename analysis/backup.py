@@ -153,6 +153,10 @@ def summary_text(table: pd.DataFrame, min_de_fraction: float = 0.1) -> str:
     return table.to_string(index=False) + "\n" + textwrap.fill(legend, 100)
 
 
+# More heads asked for than this, and the summary counts them by reason instead of a line each.
+MAX_ASKED_LINES = 12
+
+
 def asked_heads_lines(
     results: BackupResults,
     heads: list[tuple[int, int]],
@@ -161,39 +165,55 @@ def asked_heads_lines(
     min_de_fraction: float = 0.1,
     min_r2: float = 0.0,
 ) -> list[str]:
-    """For each head asked for (``--heads``): its fit, and whether ``table`` ranks it or why not."""
+    """For each head asked for (``--heads``): its fit, and whether ``table`` ranks it or why not;
+    for more than ``MAX_ASKED_LINES`` heads, how many for each reason."""
     s = results.slopes
     largest = s.mean_abs_de.max()
     ranked = set(table["head"]) if not table.empty else set()
-    lines = ["heads asked for:"]
+    reasons = {
+        "ranked": "ranked in the table above",
+        "no fit": "no fit (too few points, or no spread in its direct effect)",
+        "small": f"not ranked: its mean |direct effect| is under {min_de_fraction:g} x the largest head's "
+        f"({min_de_fraction * largest:.3g}; --min-de-fraction), so its slope is mostly noise",
+        "r2": f"not ranked: r² under {min_r2:g} (--min-r2)",
+        "last": "not ranked: no head is downstream of the last layer",
+        "zero": "not ranked: its 95 % interval includes 0 (neither backed up nor anti-backup with confidence)",
+        "top": f"not ranked: not in the top {k} of its kind (--top)",
+        "absent": "not in these results",
+    }
+    short = {"ranked": "ranked", "no fit": "without a fit", "small": "with too small a direct effect",
+             "r2": "under --min-r2", "last": "in the last layer", "zero": "whose interval includes 0",
+             "top": "outside the top --top", "absent": "not in these results"}  # fmt: skip
+    found: list[tuple[str, str, str]] = []  # (name, fit, reason)
     for layer, head in heads:
         name = f"L{layer}H{head}"
         rows = s[(s.layer == layer) & (s["head"] == head)]
         if rows.empty:
-            lines.append(f"  {name}: not in these results")
+            found.append((name, "", "absent"))
             continue
         r = rows.iloc[0]
         ci = "" if pd.isna(r.slope_ci_low) else f" [{r.slope_ci_low:.3f}, {r.slope_ci_high:.3f}]"
-        fit = f"slope {r.slope:+.4f}{ci}, r² {r.r2:.3f}, mean |DE| {r.mean_abs_de:.4f} over {int(r.n_points)} points"
+        fit = f"slope {r.slope:+.4f}{ci}, r² {r.r2:.3f}, mean |DE| {r.mean_abs_de:.4f} over {int(r.n_points)} points; "
         if name in ranked:
-            why = "ranked in the table above"
+            reason = "ranked"
         elif pd.isna(r.slope):
-            why = "no fit (too few points, or no spread in its direct effect)"
+            reason = "no fit"
         elif r.mean_abs_de < min_de_fraction * largest:
-            why = (
-                f"not ranked: its mean |direct effect| is under {min_de_fraction:g} x the largest head's "
-                f"({min_de_fraction * largest:.3g}; --min-de-fraction), so its slope is mostly noise"
-            )
+            reason = "small"
         elif r.r2 < min_r2:
-            why = f"not ranked: r² under {min_r2:g} (--min-r2)"
+            reason = "r2"
         elif r.mean_backup == 0 and r.slope == 0:
-            why = "not ranked: no head is downstream of the last layer"
+            reason = "last"
         elif not pd.isna(r.slope_ci_low) and r.slope_ci_low <= 0 <= r.slope_ci_high:
-            why = "not ranked: its 95 % interval includes 0 (neither backed up nor anti-backup with confidence)"
+            reason = "zero"
         else:
-            why = f"not ranked: not in the top {k} of its kind (--top)"
-        lines.append(f"  {name}: {fit}; {why}")
-    return lines
+            reason = "top"
+        found.append((name, fit, reason))
+    if len(found) > MAX_ASKED_LINES:  # many heads (whole layers): how many for each reason
+        counts = pd.Series([reason for _, _, reason in found]).value_counts()
+        parts = ", ".join(f"{n} {short[reason]}" for reason, n in counts.items())
+        return [f"the {len(found)} heads asked for: {parts} (--heads with fewer heads says which and why)"]
+    return ["heads asked for:", *(f"  {name}: {fit}{reasons[reason]}" for name, fit, reason in found)]
 
 
 def summary_table(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Literal, cast
+from typing import Any, Callable, Literal, cast
 
 import numpy as np
 
@@ -192,7 +192,8 @@ def log_run(
     out = Location.parse(out)
     os.environ.setdefault("WANDB_SILENT", "true")
     spec_id = manifest.get("spec_id", "")
-    run_id = f"{kind}-{spec_id}-{hashlib.blake2b(str(out).encode(), digest_size=4).hexdigest()}"
+    where = str(out.local.resolve()) if out.local is not None else str(out)
+    run_id = f"{kind}-{spec_id}-{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"
     logged = {
         "mode": mode,
         "project": project,
@@ -210,7 +211,7 @@ def log_run(
     if last.get("fingerprint") == fingerprint:
         print(f"W&B: nothing new since run {run_id} was logged; not logged again", file=sys.stderr)
         return None
-    run = wandb.init(
+    settings: dict[str, Any] = dict(
         project=project,
         mode=cast(Literal["online", "offline", "disabled", "shared"], mode),  # a --wandb choice
         job_type=f"{kind}-sweep",
@@ -218,9 +219,11 @@ def log_run(
         name=f"{kind}-{spec.get('model')}-{spec.get('task')}-{spec_id}",
         dir=os.environ.get("WANDB_DIR", str(report_dir(out))),
         reinit="finish_previous",
-        id=run_id,
-        resume="allow",
     )
+    try:
+        run = wandb.init(**settings, id=run_id, resume="allow")
+    except Exception:  # the directory's run cannot be continued (an earlier attempt that failed holds it): a new one
+        run = wandb.init(**settings)
     try:
         payload: dict[str, wandb.Table | wandb.Image | wandb.Html] = {
             name: wandb.Table(dataframe=frame.head(WANDB_TABLE_MAX_ROWS)) for name, frame in tables.items()

@@ -75,6 +75,9 @@ def _argv(sweep: str, kwargs: dict[str, Any]) -> list[str]:
             argv.append(flag if value else "--no-" + flag[2:])
             continue
         if isinstance(value, (list, tuple)):
+            if action.nargs in ("+", "*"):  # an option of several words (circuit's --from DIR DIR)
+                argv += [flag, *(str(v) for v in value)]
+                continue
             value = ",".join(str(v) for v in value)
         argv += [flag, str(value)]
     return argv
@@ -155,6 +158,10 @@ class Result:
         ax.imshow(image)
         ax.set_axis_off()
         plt.close(fig)  # shown where it is returned (a notebook cell), not by pyplot's state
+        # A notebook shows the report's own PNG, whatever matplotlib backend is active (the
+        # analysis modules draw with Agg, which registers no inline display).
+        png = figures[name].read_bytes()
+        fig._repr_png_ = lambda: png  # type: ignore[attr-defined]
         return fig
 
     def __repr__(self) -> str:

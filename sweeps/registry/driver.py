@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from tqdm.auto import tqdm
-
 from sweeps.runtime import console
 from sweeps.runtime.executors import Failure
 from sweeps.runtime.location import Location
@@ -82,6 +80,12 @@ def _run_wave(
     cost: Callable,
     n_workers: int,
 ) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # in a notebook without ipywidgets: a text bar, and no warning about it
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+
     total_units = sum(units(s) for s in shards)
     bar_format = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
     label = f"{executor.name}×{n_workers}"

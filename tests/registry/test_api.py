@@ -130,3 +130,21 @@ def test_an_interrupted_call_keeps_its_shards_and_the_next_call_goes_on(monkeypa
     r = api.backup("tiny-llama3", n_prompts=4, heads="L0,L1", out=out)
     assert sorted(set(r.slopes.layer)) == [0, 1]
     shutil.rmtree(out.parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_quickstart_notebook_runs():
+    """``docs/quickstart.ipynb`` executes from top to bottom in a Jupyter kernel (nbclient), its
+    figures shown as images; the outputs saved in the file are what ``make notebook`` wrote."""
+    from pathlib import Path
+
+    import nbclient
+    import nbformat
+
+    root = Path(__file__).resolve().parents[2]
+    nb = nbformat.read(root / "docs" / "quickstart.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # slopes, self-repair, faithfulness
+    assert any("backed up" in o.get("text", "") for o in outputs)  # the backup summary

@@ -587,7 +587,7 @@ def test_a_new_sweep_is_its_own_files_and_nothing_else(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow
-def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path):
+def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path, monkeypatch):
     """``--heads``: beside the ranking, a line for each head asked for with its fit, and whether
     it is ranked or why not; the analysis command takes the same option."""
     from sweeps.registry.analyze import main as analyze
@@ -604,3 +604,8 @@ def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path):
     assert "(1 point a head)" in printed and "too few for these shares to mean much" in printed  # 2 % of 8
     assert analyze(["backup", out, "--wandb", "disabled", "--heads", "L1H2"]) == 0
     assert "  L1H2: slope" in capsys.readouterr().out
+    import analysis.backup as summaries
+
+    monkeypatch.setattr(summaries, "MAX_ASKED_LINES", 2)  # more heads than lines: counted by reason
+    assert analyze(["backup", out, "--wandb", "disabled", "--heads", "L2,L1H2"]) == 0
+    assert "the 5 heads asked for: 4 in the last layer, 1 " in capsys.readouterr().out
