@@ -2,7 +2,7 @@
 attribution, circuit, load``.
 
     from sweeps.api import backup
-    r = backup("smollm2-135m", "ioi", heads="L20-L23", n_prompts=32)
+    r = backup("smollm2-135m", "ioi", heads="L22,L23", n_prompts=32)
     r.slopes            # a pandas DataFrame, read when first asked for
     print(r.summary())  # the lines the command prints
     r.plot("slopes")    # one of the report's figures (r.figures() names them)
@@ -34,7 +34,7 @@ API_DEFAULTS = {"executor": "local", "wandb": "disabled", "no_report": True}
 
 
 class _Refused(Exception):
-    pass
+    """The command's parser refused the arguments (its one-line message)."""
 
 
 def _parser(sweep: str) -> argparse.ArgumentParser:
