@@ -11,7 +11,6 @@ heap that loading freed has been handed back (``malloc_trim``).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import subprocess
@@ -34,9 +33,10 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
 
     from sweeps.jobs.backup import BackupJob
     from sweeps.jobs.plan import plan_backup
+    from sweeps.runtime.allocator import give_back_freed_memory
     from sweeps.runtime.executors import LocalExecutor
-    from sweeps.runtime.models import describe_model
     from sweeps.runtime.loading import load_tokenizer
+    from sweeps.runtime.models import describe_model
     from tasks import TaskSpec, build_task
 
     torch.set_grad_enabled(False)
@@ -52,7 +52,7 @@ def probe(model: str, n_heads: int, n_prompts: int, seq_len: int) -> dict:
     # Hand the heap that loading freed back to the OS, so "before" is what the worker holds
     # (else the sweep reuses those pages unseen and what it adds looks smaller than it is).
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    give_back_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     before = _status_kb("VmRSS")
     done = sum(1 for _ in executor.run(plan_backup(heads)))

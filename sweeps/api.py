@@ -115,9 +115,7 @@ class Result:
         from sweeps.registry import SWEEPS
 
         cls = SWEEPS[self.sweep]
-        options = cls.analysis_parser(cls.name).parse_args([str(self.out)])
-        for key, value in overrides.items():
-            setattr(options, key, value)
+        options = cls.analysis_options(argparse.Namespace(**overrides), self.out)
         cls.check_options(self.results, options)
         return options
 

@@ -292,7 +292,7 @@ def circuit(
     upstream = graph_nodes(L, shape.n_heads, shape.has_mlp)
     kept_per_prompt = upstream * seq_len * D * 4
     per_prompt = kept_per_prompt + seq_len * shape.block_activations() * dtype_bytes
-    prompts = min(n_prompts, max(1, tokens_per_pass // (seq_len * max(1, upstream // 8))))
+    prompts = min(n_prompts, circuit_prompts_per_pass(tokens_per_pass, seq_len, upstream))
     pass_bytes = prompts * per_prompt
     flops = circuits * (
         shape.forward_flops(n_prompts * seq_len, seq_len) + 2.0 * n_edges(shape) * n_prompts * seq_len * D
@@ -305,6 +305,12 @@ def circuit(
         flops,
         circuits * -(-n_prompts // prompts),
     )
+
+
+def circuit_prompts_per_pass(tokens_per_pass: int, seq_len: int, upstream: int) -> int:
+    """Prompts a circuit-evaluation pass holds: its upstream outputs ``[U, B, T, D]`` dominate
+    its memory, so a pass's tokens over an eighth of the upstream nodes."""
+    return max(1, tokens_per_pass // (seq_len * max(1, upstream // 8)))
 
 
 def shape_bytes(shape: ModelShape, dtype_bytes: int) -> int:

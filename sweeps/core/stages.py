@@ -21,18 +21,17 @@ from typing import Sequence
 import torch
 
 from sweeps.core import footprint
-from sweeps.core.transformer import LAYER_FIELDS, LayerStack, ModelWeights
+from sweeps.core.transformer import END_FIELDS, LAYER_FIELDS, LayerStack, ModelWeights
 
-# The ends of the model and where they go: the embedding with the first stage, the rest with the last.
+# Where the ends of the model go: the embedding with the first stage, the rest with the last.
 FIRST_STAGE = ("W_E", "W_pos")
-LAST_STAGE = ("W_U", "b_U", "W_U_mean", "b_U_mean", "rotary_inv_freq")
 
 
 def layer_ranges(w: ModelWeights, k: int) -> list[range]:
     """The layers of each of ``k`` stages, balanced by bytes as ``interp-sweeps plan`` places them."""
     n_ctx = 0 if w.W_pos is None else int(w.W_pos.shape[0])
     shape = footprint.shape_of_config(w.cfg, n_ctx)
-    size = torch.finfo(w.dtype).bits // 8
+    size = w.dtype.itemsize
     return [layers for layers, _ in footprint.stages(shape, k, size)]
 
 
@@ -52,7 +51,7 @@ def stage(w: ModelWeights, devices: Sequence[torch.device | str]) -> ModelWeight
         if value is not None:
             parts = [value[r.start : r.stop].to(d) for r, d in zip(ranges, places)]
             setattr(staged, name, LayerStack(parts, starts, home))
-    for name in FIRST_STAGE + LAST_STAGE:
+    for name in END_FIELDS:
         value = getattr(w, name)
         if value is not None:
             setattr(staged, name, value.to(first if name in FIRST_STAGE else home))

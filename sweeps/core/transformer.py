@@ -104,6 +104,11 @@ LAYER_FIELDS = (
 )  # fmt: skip
 
 
+# ModelWeights fields outside the layers: the embedding and positions, the unembedding and the
+# means centring removed, the rotary tables.
+END_FIELDS = ("W_E", "W_pos", "W_U", "b_U", "W_U_mean", "b_U_mean", "rotary_inv_freq")
+
+
 class LayerStack:
     """One per-layer weight of a model staged over several devices: stage ``s`` holds the
     layers from ``starts[s]`` on, on its own device (``core/stages.py`` builds these).

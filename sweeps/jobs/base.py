@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sweeps.core.engines import Engine, engine_for
-from sweeps.core.footprint import DTYPE_BYTES
 from sweeps.jobs import sizing
 from sweeps.runtime.chunking import tokens_per_pass
 
@@ -55,7 +54,7 @@ class Job:
             return
         sweep, options = wanted
         engine, task = self.engine, self.task  # type: ignore[attr-defined]
-        size = DTYPE_BYTES[str(engine.dtype).removeprefix("torch.")]
+        size = engine.dtype.itemsize
         weights = engine.shape.parameters * size
         budget = sizing.device_budget(engine.device, self.memory_budget, weights)
         n, T = int(task.n_prompts), int(task.clean.shape[1])

@@ -19,6 +19,7 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import circuit_eval as CE
+from sweeps.core import footprint
 from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
@@ -121,8 +122,9 @@ class CircuitJob(Job):
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
         device = self.engine.device
-        # The upstream outputs of a pass ([U, B, T, D]) dominate its memory.
-        per_pass = max(1, self.pass_tokens(device) // (int(task.clean.shape[1]) * max(1, len(graph.upstream) // 8)))
+        per_pass = footprint.circuit_prompts_per_pass(
+            self.pass_tokens(device), int(task.clean.shape[1]), len(graph.upstream)
+        )
         totals = np.zeros(4)
 
         def evaluate(a: int, b: int) -> np.ndarray:

@@ -93,12 +93,10 @@ def device_budget(device, memory_budget: float | None, weight_bytes: int) -> int
     of a CPU's available memory."""
     if memory_budget is not None:
         return int(memory_budget) - weight_bytes
-    import torch
+    if device.type == "cuda":  # free memory and what torch holds cached but unused, as the chunks' gauge reads it
+        from sweeps.runtime.chunking import CudaGauge
 
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(USABLE * (free + cached))
+        return CudaGauge(device, USABLE).budget()
     return int(USABLE * available_memory())
 
 

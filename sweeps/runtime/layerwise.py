@@ -37,11 +37,9 @@ from typing import Any, Iterator
 import torch
 
 from sweeps.core import architectures
-from sweeps.core.transformer import LAYER_FIELDS, ModelWeights
+from sweeps.core.transformer import END_FIELDS, LAYER_FIELDS, ModelWeights
 from sweeps.runtime import allocator
 
-# The ends of the model: from the first pass (the embedding, the unembedding, the rotary tables).
-END_FIELDS = ("W_E", "W_pos", "W_U", "b_U", "W_U_mean", "b_U_mean", "rotary_inv_freq")
 # ModelConfig fields with one entry a layer: concatenated; every other field must agree.
 PER_LAYER_SPEC = ("windows", "rotary_layer")
 # The vocabulary of the one-layer models after the first: their ends are never read.

@@ -10,7 +10,6 @@ tokenizer and Hugging Face model are read and what its processed weights are cac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from sweeps.runtime.models import (
     checkpoint_tokenizer_source,
     embedded_dir,
     read_tl_config,
+    tensors_digest,
     tl_checkpoint_files,
 )
 from sweeps.runtime.tiny_models import EMBEDDED_HUB_NAME, TINY_MODELS
@@ -392,13 +392,8 @@ def weights_from_bridge(bridge, unfoldable: architectures.Unfoldable) -> ModelWe
 
 
 def weight_hash(weights: ModelWeights) -> str:
-    """A short content hash of the processed weights (what the sweep computed with)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, value in weights.__dict__.items():
-        if isinstance(value, torch.Tensor):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
-    return digest.hexdigest()
+    """A short content hash of the processed weights (what the sweep computed with; float32)."""
+    return tensors_digest((k, v) for k, v in weights.__dict__.items() if isinstance(v, torch.Tensor))
 
 
 @dataclass
@@ -441,13 +436,10 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu", dtype: str =
         with contextlib.suppress(NotImplementedError):
             bridge.set_use_attn_result(True)
         bridge.to(device)
-        digest = hashlib.blake2b(digest_size=8)
-        for name, value in sorted(bridge.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        digest = tensors_digest(sorted(bridge.state_dict().items()))
         if torch_dtype != torch.float32:
             bridge.to(torch_dtype)
-        return LoadedModel(info, None, digest.hexdigest(), bridge)
+        return LoadedModel(info, None, digest, bridge)
 
     def convert() -> ModelWeights:
         return source_of(info).weights(info)

@@ -245,13 +245,26 @@ def resolve_hub_name(name: str) -> str | None:
 IN_MEMORY: dict[str, tuple[Any, Any]] = {}
 
 
+def tensors_digest(named, digest_size: int = 8) -> str:
+    """A content hash of ``(name, tensor)`` pairs: each name and its tensor's float32 bytes
+    (read in place, not copied). What a weight hash is made of, for every kind of model."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=digest_size)
+    with torch.no_grad():
+        for name, value in named:
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def register_model(hf_model, tokenizer) -> str:
     """A name for a Hugging Face model in this process's memory (with its tokenizer), by which
     every command's code reads it: ``memory:<its name or path>@<a hash of its weights>``, the
     same for the same weights (a resumed run finds its results). Refuses what is not a
     causal language model with a tokenizer whose vocabulary fits it."""
-    import hashlib
-
     import torch
 
     config = getattr(hf_model, "config", None)
@@ -262,13 +275,8 @@ def register_model(hf_model, tokenizer) -> str:
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if len(tokenizer) > vocab > 0:
         raise ModelNameError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab}")
-    digest = hashlib.blake2b(digest_size=6)
-    with torch.no_grad():
-        for key, value in hf_model.state_dict().items():
-            digest.update(key.encode())
-            digest.update(value.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     label = str(getattr(config, "_name_or_path", "") or type(hf_model).__name__).replace("/", "--")
-    name = f"memory:{label}@{digest.hexdigest()}"
+    name = f"memory:{label}@{tensors_digest(hf_model.state_dict().items(), 6)}"
     IN_MEMORY[name] = (hf_model, tokenizer)
     return name
 
