@@ -12,8 +12,10 @@ its dashes (``--n-prompts 32`` is ``n_prompts=32``; a flag is ``True``; a list i
 list or the command's comma-separated string), with the command's defaults, except that
 ``executor`` defaults to ``"local"`` (in-process, no Ray) and nothing is logged to W&B unless
 asked (``r.to_wandb()``). The keywords are parsed by the command's own parser (the registry),
-so a function has exactly the command's options and checks; ``model`` may also be a Hugging
-Face model in memory, with ``tokenizer=``. Bad input raises ``ValueError``
+so a function has exactly the command's options and checks; ``model`` may also be a model in
+memory (a Hugging Face model with ``tokenizer=``, or a TransformerBridge), ``task`` rows of
+prompts (``_task``), and a result stands for its directory (``circuit(m, sources=[r])``).
+Bad input raises ``ValueError``
 with the command's one-line message, before any work. ``out=None`` writes to a fresh
 temporary directory that the result keeps alive for as long as it exists, so the run can be
 resumed (call again with ``out=r.out``) or logged later.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,14 @@ def _argv(sweep: str, kwargs: dict[str, Any]) -> list[str]:
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
         if value is None:
             continue
+        if isinstance(value, Result) or (
+            isinstance(value, (list, tuple)) and any(isinstance(v, Result) for v in value)
+        ):
+            value = (
+                [v.out if isinstance(v, Result) else v for v in value]
+                if isinstance(value, (list, tuple))
+                else value.out
+            )
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if bool(value) != isinstance(action, argparse._StoreFalseAction):
                 argv.append(flag)
@@ -102,9 +113,13 @@ class Result:
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        from sweeps.jobs.datasets import DERIVED, SHARDS
+        """The results' tables (``r.<name>``): the analysis results object's DataFrames."""
+        import dataclasses
 
-        return SHARDS[self.sweep] + DERIVED.get(self.sweep, ())
+        import pandas as pd
+
+        results = self.results
+        return tuple(f.name for f in dataclasses.fields(results) if isinstance(getattr(results, f.name), pd.DataFrame))
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self.datasets:
@@ -162,29 +177,88 @@ class Result:
         fig._repr_png_ = lambda: png  # type: ignore[attr-defined]
         return fig
 
-    def __repr__(self) -> str:
-        return f"<{self.sweep} results in {self.out}: {', '.join(self.datasets)}>"
+    def __repr__(self) -> str:  # the tables once read (reading them is the results' loading)
+        tables = f": {', '.join(self.datasets)}" if self._results is not None else ""
+        return f"<{self.sweep} results in {self.out}{tables}>"
 
 
-def run(sweep: str, model: Any, task: str, out: str | Path | None = None, tokenizer: Any = None, **options) -> Result:
+def _records_file(records: list[dict]) -> Path:
+    """``records`` as a JSON Lines file named by its content, in the sweeps' cache directory
+    (the system's temporary one when the cache is off): the same rows are the same file, so a
+    call made again resumes the same results."""
+    import hashlib
+    import json
+
+    from sweeps.runtime.model_cache import cache_dir
+
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in records)
+    folder = (cache_dir() or Path(tempfile.gettempdir()) / "sweeps") / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"records-{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}.jsonl"
+    if not path.is_file():
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return path
+
+
+def _task(task: Any, options: dict[str, Any]) -> str:
+    """What ``--task`` (and, for documents, ``--data``) a ``task=`` stands for: a name or a file as
+    the command takes them, the tasks module's ``TaskSpec``, or rows (a pandas DataFrame or a list
+    of dicts) with ``clean, corrupt, correct, incorrect``, or with ``text`` for next-token
+    prediction, written to a file (``_records_file``)."""
+    from tasks import TaskSpec
+    from tasks.jsonl import FIELDS
+
+    if isinstance(task, (str, Path)):
+        return str(task)
+    if isinstance(task, TaskSpec):
+        return task.path or task.name
+    if hasattr(task, "to_dict") and hasattr(task, "columns"):  # a pandas DataFrame
+        task = task.to_dict("records")
+    if not isinstance(task, (list, tuple)) or not task or not all(isinstance(r, dict) for r in task):
+        raise ValueError(
+            "task= takes a task name, a .jsonl file, or rows (a DataFrame or a list of dicts) with "
+            f"{', '.join(FIELDS)} (or text)"
+        )
+    keys = set().union(*(r.keys() for r in task))
+    if "text" in keys and not keys & set(FIELDS):
+        if options.get("data") is not None:
+            raise ValueError("rows of text are the documents: leave data= out")
+        options["data"] = str(_records_file([{"text": r.get("text")} for r in task]))
+        return "text"
+    for number, row in enumerate(task):
+        missing = [k for k in FIELDS if k not in row]
+        if missing:
+            raise ValueError(
+                f"task= row {number} has no {', '.join(missing)}: each row needs {', '.join(FIELDS)} (or text)"
+            )
+    return str(_records_file([{k: row[k] for k in FIELDS} for row in task]))
+
+
+def run(sweep: str, model: Any, task: Any, out: str | Path | None = None, tokenizer: Any = None, **options) -> Result:
     """Run sweep ``sweep`` (a name of the registry) as its command would, in this process by default.
 
-    ``model``: what ``--model`` takes (a name, a hub name, a directory), or a Hugging Face model
-    in memory with its ``tokenizer`` (processed from a copy: the model is left as it was; it
-    runs in this process, ``executor="local"``)."""
+    ``model``: what ``--model`` takes (a name, a hub name, a directory), or a model in memory:
+    a Hugging Face model with its ``tokenizer`` (processed from a copy: the model is left as
+    it was), or a TransformerBridge, before or after ``enable_compatibility_mode``. With
+    ``executor="ray"`` a model in memory is processed here once and read by every worker
+    from Ray's object store. ``task``: see ``_task``."""
     from sweeps.registry import SWEEPS
     from sweeps.registry.cli import UserError
-    from sweeps.runtime import models
+    from sweeps.runtime import loading, models
 
     if not isinstance(model, (str, Path)):
-        if options.get("executor", API_DEFAULTS["executor"]) != "local":
-            raise ValueError("a model in memory runs in this process: executor='local'")
         try:
-            model = models.register_model(model, tokenizer)
+            model = loading.register_model(model, tokenizer)
+            path = models.describe_model(model).path
         except models.ModelNameError as err:
             raise ValueError(str(err)) from None
+        if options.get("executor", API_DEFAULTS["executor"]) != "local" and path != "fast":
+            raise ValueError("a model in memory of a family without a fast path runs in this process: executor='local'")
     elif tokenizer is not None:
         raise ValueError("tokenizer= goes with a model in memory; a named model brings its own")
+    task = _task(task, options)
     keep = None
     if out is None:
         keep = tempfile.TemporaryDirectory(prefix=f"sweeps-{sweep}-")
@@ -209,28 +283,28 @@ def run(sweep: str, model: Any, task: str, out: str | Path | None = None, tokeni
 
 
 def backup(
-    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+    model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The backup sweep (``interp-sweeps backup --help`` lists the options)."""
     return run("backup", model, task, out, tokenizer, **options)
 
 
 def scale(
-    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+    model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The scale sweep (``interp-sweeps scale --help`` lists the options)."""
     return run("scale", model, task, out, tokenizer, **options)
 
 
 def attribution(
-    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+    model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The attribution sweep (``interp-sweeps attribution --help`` lists the options)."""
     return run("attribution", model, task, out, tokenizer, **options)
 
 
 def circuit(
-    model: Any = "smollm2-135m", task: str = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+    model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """Circuit evaluation (``interp-sweeps circuit --help`` lists the options)."""
     return run("circuit", model, task, out, tokenizer, **options)

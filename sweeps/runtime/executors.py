@@ -36,7 +36,7 @@ from sweeps.core import stages
 from sweeps.runtime import console, loading
 from sweeps.runtime.allocator import keep_freed_memory
 from sweeps.runtime.chunking import out_of_memory
-from sweeps.runtime.models import describe_model
+from sweeps.runtime.models import IN_MEMORY, describe_model
 
 
 class Shard(Protocol):
@@ -80,6 +80,19 @@ class JobRef:
         return ray.get(self.ref)
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model in the driver's memory (``loading.register_model``), loaded there once and put
+    in Ray's object store; every actor reads it from there, as ``JobRef`` wraps a job."""
+
+    ref: Any
+
+    def get(self) -> loading.LoadedModel:
+        import ray
+
+        return ray.get(self.ref)
+
+
 class ShardWorker:
     """One model replica serving many shards of one job.
 
@@ -95,7 +108,7 @@ class ShardWorker:
 
     def __init__(
         self,
-        model_name: str,
+        model_name: str | ModelRef,
         job: Job | None = None,
         device: str | None = None,
         dtype: str = "float32",
@@ -110,10 +123,12 @@ class ShardWorker:
         }
         if devices[-1] == "cpu":
             keep_freed_memory()  # each pass's tensors reuse the last pass's memory (allocator.py)
-        if len(devices) == 1:
-            self.model = loading.load_model(describe_model(model_name), devices[0], dtype)
-        else:  # loaded on the host, then each stage moved to its device (core/stages.py)
-            self.model = loading.load_model(describe_model(model_name), "cpu", dtype)
+        host = devices[0] if len(devices) == 1 else "cpu"  # a replica in stages is loaded on the host
+        if isinstance(model_name, ModelRef):
+            self.model = loading.place(model_name.get(), host, dtype)
+        else:
+            self.model = loading.load_model(describe_model(model_name), host, dtype)
+        if len(devices) > 1:  # each stage moved to its device (core/stages.py)
             if self.model.weights is None:  # checked before any weights load (registry.base.check_devices)
                 raise ValueError("--devices-per-replica: the bridge path runs a replica on one device")
             self.model.weights = stages.stage(self.model.weights, devices)
@@ -346,6 +361,9 @@ class RayExecutor:
         retries = self.max_attempts - 1
         self._remote_cls = ray.remote(ShardWorker).options(**options, max_restarts=retries, max_task_retries=retries)
         self._job_ref = JobRef(ray.put(self.job))  # the task's tensors go to the object store once
+        self._model: str | ModelRef = self.model_name
+        if self.model_name in IN_MEMORY:  # the driver's model: processed here once, read by every actor
+            self._model = ModelRef(ray.put(loading.load_model(describe_model(self.model_name), "cpu")))
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
             return ray.get([a.bind.remote(self._job_ref) for a in self.actors])
@@ -357,7 +375,7 @@ class RayExecutor:
 
     def _new_actor(self):
         # its job comes with bind and each shard
-        return self._remote_cls.remote(self.model_name, dtype=self.dtype, devices_per_replica=self.devices_per_replica)
+        return self._remote_cls.remote(self._model, dtype=self.dtype, devices_per_replica=self.devices_per_replica)
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict[str, pa.Table], dict]]:
         """Yield each shard once, as it finishes.

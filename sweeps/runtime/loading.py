@@ -221,21 +221,153 @@ class HubSource(Source):
 
 
 class MemorySource(Source):
-    """A Hugging Face model in this process's memory (``models.register_model``): processed from
-    a float32 copy, so the caller's model is left as it was; not cached (it has no files)."""
+    """A model in this process's memory (``register_model``): a Hugging Face model is processed
+    from a float32 copy, so the caller's model is left as it was; a processed bridge's weights
+    are used as read. Not cached (it has no files)."""
 
     def tokenizer(self, info: ModelInfo):
-        return IN_MEMORY[info.source][1]
+        return IN_MEMORY[info.source].tokenizer
 
     def hf_model(self, info: ModelInfo):
         import copy
 
-        model = IN_MEMORY[info.source][0]
-        hub_name = str(getattr(model.config, "_name_or_path", "") or info.source)
-        return copy.deepcopy(model).float().eval(), self.tokenizer(info), hub_name
+        entry = IN_MEMORY[info.source]
+        if entry.hf_model is None:  # refused at registration for the bridge path
+            raise ModelNameError(f"{info.name} holds processed weights, not a Hugging Face model")
+        hub_name = str(getattr(entry.config, "_name_or_path", "") or info.source)
+        return copy.deepcopy(entry.hf_model).float().eval(), self.tokenizer(info), hub_name
+
+    def weights(self, info: ModelInfo) -> ModelWeights:
+        entry = IN_MEMORY[info.source]
+        return entry.weights if entry.weights is not None else whole_weights(info)
 
     def cache_key(self, info: ModelInfo) -> Path | None:
         return None
+
+
+def register_model(model, tokenizer=None) -> str:
+    """A name (``models.add_in_memory``) for a model in this process's memory, by which every
+    command's code reads it: a Hugging Face causal language model with its ``tokenizer``, or a
+    TransformerBridge (its own tokenizer unless one is given). Refuses, in one line, what is
+    neither, a tokenizer whose vocabulary does not fit the model, and a processed bridge whose
+    weights do not give its own logits."""
+    from sweeps.runtime.models import InMemory, add_in_memory
+
+    bridge = model if _is_bridge(model) else None
+    if bridge is not None:
+        tokenizer = tokenizer if tokenizer is not None else getattr(bridge, "tokenizer", None)
+        config = bridge.original_model.config
+    elif isinstance(model, torch.nn.Module) and getattr(model, "config", None) is not None:
+        config = model.config
+    else:
+        raise ModelNameError(
+            f"a model in memory must be a Hugging Face model or a TransformerBridge, not {type(model).__name__}"
+        )
+    if tokenizer is None:
+        raise ModelNameError("a model in memory needs its tokenizer (tokenizer=...)")
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if len(tokenizer) > vocab > 0:
+        raise ModelNameError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab}")
+    if bridge is None:
+        return add_in_memory(InMemory(config, tokenizer, hf_model=model), tensors_digest(model.state_dict().items(), 6))
+    if not getattr(bridge, "compatibility_mode", False):
+        hf = hf_model_of_bridge(bridge)
+        return add_in_memory(InMemory(config, tokenizer, hf_model=hf), tensors_digest(hf.state_dict().items(), 6))
+    if getattr(config, "model_type", None) not in architectures.BY_MODEL_TYPE:
+        raise ModelNameError(
+            f"a processed bridge of {config.model_type!r}, a family without a fast path: pass the bridge "
+            "before enable_compatibility_mode(), or its Hugging Face model with tokenizer="
+        )
+    try:
+        weights = weights_of_processed_bridge(bridge)
+    except architectures.ArchitectureError as err:  # e.g. a norm left unfolded (processed with fold_ln=False)
+        raise ModelNameError(
+            f"cannot read this processed bridge's weights ({err}): pass the bridge before "
+            "enable_compatibility_mode(), or its Hugging Face model with tokenizer="
+        ) from None
+    return add_in_memory(InMemory(config, tokenizer, weights=weights), weight_hash(weights)[:12])
+
+
+def _is_bridge(model) -> bool:
+    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+
+
+def hf_model_of_bridge(bridge):
+    """The Hugging Face model an unprocessed TransformerBridge wraps, as a plain one.
+
+    Booting a bridge wraps the Hugging Face model's modules in place, so the model is rebuilt
+    (on the meta device, then given the bridge's own tensors, not copies) from the wrapped
+    modules' weights, by every name a tensor has (the bridge renames some modules: GPT-2's
+    ``c_attn`` is its ``qkv``). The rebuilt model must give the bridge's own logits on a
+    probe, else ``ModelNameError``."""
+    from transformers import AutoModelForCausalLM
+
+    original = bridge.original_model
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(original.config)
+    wanted = dict(rebuilt.named_parameters()) | dict(rebuilt.named_buffers())
+    found: dict[str, torch.Tensor] = {}
+    for name, value in [
+        *original.named_parameters(remove_duplicate=False),
+        *original.named_buffers(remove_duplicate=False),
+    ]:  # every alias: the bridge may reach a module by its own name first
+        name = name.replace("._original_component", "")  # the bridge's wrappers around each module
+        if name in wanted and name not in found:
+            found[name] = value.detach()
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ModelNameError(f"cannot read the bridge's Hugging Face weights: {missing[0]} is missing")
+    for name, value in found.items():  # parameters and buffers alike, persistent or not
+        module_name, _, attr = name.rpartition(".")
+        module = rebuilt.get_submodule(module_name)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+    rebuilt.tie_weights()
+    rebuilt.eval()
+    _check_logits(
+        bridge, lambda probe: rebuilt(probe).logits, "the logits of the Hugging Face model rebuilt from the bridge"
+    )
+    return rebuilt
+
+
+def weights_of_processed_bridge(bridge) -> ModelWeights:
+    """The fast path's weights read off a bridge ``enable_compatibility_mode`` has processed.
+    What ``read_spec`` reads is what processing leaves alone (post-norms, QK-norms, rotary
+    tables), so it reads the same before processing as after; that the user processed with
+    the default folds (what the fast path assumes) is checked by the logits of our forward."""
+    from sweeps.core import transformer
+
+    weights = weights_from_bridge(bridge, architectures.read_spec(bridge)).to(_device_of(bridge), None)
+
+    def ours(probe):
+        resid = transformer.forward(weights, transformer.embed(weights, probe)).resid_final
+        return transformer.logits(weights, resid)
+
+    _check_logits(bridge, ours, "the logits of the weights read off this processed bridge")
+    return weights.to("cpu", None)
+
+
+def _device_of(bridge) -> torch.device:
+    return next(bridge.original_model.parameters()).device
+
+
+def _check_logits(bridge, logits_of, what: str) -> None:
+    """``logits_of`` must give the bridge's own logits on a probe of eight tokens, up to a
+    constant a position (centring the unembedding adds one), to the rounding of the bridge's
+    dtype (folded weights round differently); else ``ModelNameError``."""
+    config = bridge.original_model.config
+    probe = torch.arange(1, 9, device=_device_of(bridge))[None] % int(config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = logits_of(probe).float(), bridge(probe).float()
+    differ = (ours - theirs) - (ours - theirs).mean(-1, keepdim=True)
+    relative = 1e-4 if next(bridge.original_model.parameters()).dtype == torch.float32 else 5e-2
+    if differ.abs().max() > relative * max(1.0, theirs.abs().max().item()):
+        raise ModelNameError(
+            f"{what} are not the bridge's own (was it processed with other than the default folds?): "
+            "pass the bridge before enable_compatibility_mode(), or its Hugging Face model with tokenizer="
+        )
 
 
 SOURCES: dict[str, Source] = {
@@ -435,7 +567,8 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu", dtype: str =
         bridge = load_bridge(info)
         with contextlib.suppress(NotImplementedError):
             bridge.set_use_attn_result(True)
-        bridge.to(device)
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints where it moves the model
+            bridge.to(device)
         digest = tensors_digest(sorted(bridge.state_dict().items()))
         if torch_dtype != torch.float32:
             bridge.to(torch_dtype)
@@ -449,6 +582,13 @@ def load_model(info: ModelInfo, device: str | torch.device = "cpu", dtype: str =
         weights = convert()
     else:
         weights = model_cache.cached_weights(source, convert, label=source_of(info).cache_label(info))
-    return LoadedModel(
-        info, weights.to(device, None if torch_dtype == torch.float32 else torch_dtype), weight_hash(weights)
-    )
+    return place(LoadedModel(info, weights, weight_hash(weights)), device, dtype)
+
+
+def place(model: LoadedModel, device: str | torch.device, dtype: str = "float32") -> LoadedModel:
+    """A fast-path model's float32 weights (``load_model``'s, or the driver's read from Ray's
+    object store) on ``device`` in ``dtype``; its weight hash stays the float32 weights'."""
+    assert model.weights is not None  # the bridge path keeps its bridge where it loaded it
+    torch_dtype = precision.dtype_of(dtype)
+    cast = None if torch_dtype == torch.float32 else torch_dtype
+    return LoadedModel(model.info, model.weights.to(device, cast), model.weight_hash)

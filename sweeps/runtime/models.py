@@ -240,9 +240,22 @@ def resolve_hub_name(name: str) -> str | None:
         return None
 
 
-# Hugging Face models handed over in memory (``sweeps.api``: a notebook's model), by the name
-# ``register_model`` gave them; process-local, like the model itself.
-IN_MEMORY: dict[str, tuple[Any, Any]] = {}
+@dataclass(frozen=True)
+class InMemory:
+    """A model handed over in memory (``sweeps.api``: a notebook's model): its Hugging Face
+    config and tokenizer, and either the Hugging Face model (processed like any other) or,
+    for a TransformerBridge already processed by ``enable_compatibility_mode``, the fast
+    path's weights read off it (``loading.register_model``)."""
+
+    config: Any
+    tokenizer: Any
+    hf_model: Any = None
+    weights: Any = None  # ModelWeights
+
+
+# Models in this process's memory, by the name ``loading.register_model`` gave them;
+# process-local, like the models themselves (a Ray worker gets the processed weights instead).
+IN_MEMORY: dict[str, InMemory] = {}
 
 
 def tensors_digest(named, digest_size: int = 8) -> str:
@@ -260,31 +273,19 @@ def tensors_digest(named, digest_size: int = 8) -> str:
     return digest.hexdigest()
 
 
-def register_model(hf_model, tokenizer) -> str:
-    """A name for a Hugging Face model in this process's memory (with its tokenizer), by which
-    every command's code reads it: ``memory:<its name or path>@<a hash of its weights>``, the
-    same for the same weights (a resumed run finds its results). Refuses what is not a
-    causal language model with a tokenizer whose vocabulary fits it."""
-    import torch
-
-    config = getattr(hf_model, "config", None)
-    if config is None or not isinstance(hf_model, torch.nn.Module):
-        raise ModelNameError(f"a model in memory must be a Hugging Face model, not {type(hf_model).__name__}")
-    if tokenizer is None:
-        raise ModelNameError("a Hugging Face model in memory needs its tokenizer (tokenizer=...)")
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if len(tokenizer) > vocab > 0:
-        raise ModelNameError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab}")
-    label = str(getattr(config, "_name_or_path", "") or type(hf_model).__name__).replace("/", "--")
-    name = f"memory:{label}@{tensors_digest(hf_model.state_dict().items(), 6)}"
-    IN_MEMORY[name] = (hf_model, tokenizer)
+def add_in_memory(entry: InMemory, digest: str) -> str:
+    """Register ``entry`` under ``memory:<its name or path>@<digest>``: the same name for the
+    same weights (a resumed run finds its results), by which every command's code reads it."""
+    label = str(getattr(entry.config, "_name_or_path", "") or entry.config.model_type).replace("/", "--")
+    name = f"memory:{label}@{digest}"
+    IN_MEMORY[name] = entry
     return name
 
 
 def describe_model(name: str) -> ModelInfo:
     """Resolve a model name and read its shape, without loading weights."""
     if name in IN_MEMORY:
-        return ModelInfo(name, "memory", name, *_check_hf_config(IN_MEMORY[name][0].config.to_dict(), name))
+        return ModelInfo(name, "memory", name, *_check_hf_config(IN_MEMORY[name].config.to_dict(), name))
     if name == DEFAULT_MODEL:
         path = embedded_dir() / EMBEDDED_GGUF
         import gguf
