@@ -147,7 +147,9 @@ def summary_lines(
 ) -> list[str]:
     """What the decomposition says, in words. The self-repair fraction is a ratio to the
     head's direct effect, noise for a head with almost none: its layer means take only heads
-    whose |mean direct effect| is at least ``min_de_fraction`` of the largest (as Figure 1)."""
+    whose |mean direct effect| is at least ``min_de_fraction`` of the largest (Figure 1's line),
+    and the line compares the first and the last third of those layer means, naming their
+    layers (the swept layers, which need not be the model's first or last)."""
     if repair.empty:
         return []
     layers = layer_table(repair, "top")
@@ -172,38 +174,63 @@ def summary_lines(
             f"  the final norm repairs {row.frac_final_norm:.0%} of the direct effect of layer {layer}'s "
             f"heads; other heads {row.frac_heads:.0%}, MLPs {row.frac_mlps:.0%}"
         )
-    heads = head_table(repair, "top").dropna(subset=["self_repair_fraction"])
-    heads = heads[heads.mean_de.abs() >= min_de_fraction * heads.mean_de.abs().max()]
-    finite = heads.groupby("layer").self_repair_fraction.mean()
-    if len(finite) >= 2:
-        third = max(1, len(finite) // 3)
+    heads, means = fraction_points(repair, min_de_fraction)
+    if len(means) >= 2:
+        # Figure 1's line, a third of its layer means at each end. These are the swept layers
+        # that have such a head, not the model's first and last layers (a sweep of L20–L29
+        # compares L20–L22 with L27–L29), so the line names them.
+        third = max(1, len(means) // 3)
+        first, last = means.iloc[:third], means.iloc[-third:]
         lines.append(
-            f"  self-repair fraction (self-repair / direct effect, layer means over the {len(heads)} heads "
-            f"whose |direct effect| is at least {min_de_fraction:.0%} of the largest): "
-            f"{finite.iloc[:third].mean():+.2f} in the first layers, "
-            f"{finite.iloc[-third:].mean():+.2f} in the last (> 0: repaired, < 0: made worse)"
+            f"  self-repair fraction (self-repair / direct effect, layer means over the {int(heads.meaningful.sum())} "
+            f"heads whose |direct effect| is at least {min_de_fraction:.0%} of the largest, in the first and the "
+            f"last {third} of the {len(means)} swept layers that have such heads): "
+            f"{first.mean():+.2f} in the earliest ({layer_span(first.index)}), "
+            f"{last.mean():+.2f} in the latest ({layer_span(last.index)}) (> 0: repaired, < 0: made worse)"
         )
     return lines + neuron_lines(neurons)
 
 
-def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: float = 0.1) -> dict[str, Path]:
-    """The paper's Figure 1 (every head's self-repair fraction against its layer, the layer mean
-    as a line) and a per-layer stacked breakdown of the total effect; PNGs under ``folder``.
+def layer_span(layers) -> str:
+    """Layers by name, consecutive ones as a range: ``[1, 4, 8, 9, 10]`` is ``"L1, L4, L8–L10"``.
+    A swept layer without a meaningful head has no layer mean, so the layers the summary
+    compares need not be consecutive."""
+    runs: list[list[int]] = []
+    for layer in sorted(int(x) for x in layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"L{r[0]}" if len(r) == 1 else f"L{r[0]}–L{r[-1]}" for r in runs)
 
-    A fraction over a head with almost no direct effect is noise (a ratio to nearly 0), so in
-    Figure 1 heads whose |mean direct effect| on their top points is below ``min_de_fraction``
-    of the largest are grey and left out of the y-range and the layer mean (they are still
-    in the HTML page and the tables)."""
-    if repair.empty:
-        return {}
-    out = {}
-    heads = head_table(repair, "top")
+
+def legend_outside(ax, **kwargs):
+    """The axes' legend to the right of the axes, where it cannot cover a point, a line or a bar
+    (inside, even matplotlib's "best" place covers data when the points fill the axes); the
+    figure's ``tight_layout`` narrows the axes to make room for it."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, **kwargs)
+
+
+def fraction_points(repair: pd.DataFrame, min_de_fraction: float = 0.1) -> tuple[pd.DataFrame, pd.Series]:
+    """Figure 1's data: the heads of ``head_table`` with a finite self-repair fraction, with a
+    ``meaningful`` column (|mean direct effect| on their top points at least ``min_de_fraction``
+    of the largest), and the layer means over the meaningful ones (the figure's line).
+
+    A fraction over a head with almost no direct effect is noise (a ratio to nearly 0): those
+    heads are grey in the figure, clipped to the y-range of the others and left out of the
+    layer mean (they are still in the HTML page and the tables)."""
+    finite = head_table(repair, "top").dropna(subset=["self_repair_fraction"])
+    finite = finite.assign(meaningful=finite.mean_de.abs() >= min_de_fraction * finite.mean_de.abs().max())
+    return finite, finite[finite.meaningful].groupby("layer").self_repair_fraction.mean()
+
+
+def fraction_figure(repair: pd.DataFrame, title: str, min_de_fraction: float = 0.1):
+    """The paper's Figure 1 as a matplotlib ``(fig, ax)``: every head's self-repair fraction
+    against its layer, the layer mean as a line (``fraction_points``), the legend outside the axes."""
+    finite, means = fraction_points(repair, min_de_fraction)
     fig, ax = plt.subplots(figsize=(7, 4))
-    finite = heads.dropna(subset=["self_repair_fraction"])
-    meaningful = finite.mean_de.abs() >= min_de_fraction * finite.mean_de.abs().max()
-    shown, noise = finite[meaningful], finite[~meaningful]
+    shown, noise = finite[finite.meaningful], finite[~finite.meaningful]
     ax.scatter(shown.layer, shown.self_repair_fraction, s=12, alpha=0.7, label="one head")
-    means = shown.groupby("layer").self_repair_fraction.mean()
     ax.plot(means.index, means.values, color="black", lw=1.5, label="layer mean")
     if len(shown):
         lo, hi = float(shown.self_repair_fraction.min()), float(shown.self_repair_fraction.max())
@@ -213,15 +240,53 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
             noise.self_repair_fraction.clip(lo - pad, hi + pad),
             s=8,
             color=plots.MASKED_GREY,
-            label=f"direct effect < {min_de_fraction:g} x the largest (noise; clipped to the axis)",
+            label=f"direct effect < {min_de_fraction:g} x\nthe largest (noise;\nclipped to the axis)",
         )
         ax.set_ylim(lo - 1.5 * pad, hi + 1.5 * pad)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(plots.fit_text(f"Self-repair fraction per head\n{title}", 6.5, 11), fontsize=11)
     ax.set(xlabel="layer of the ablated head", ylabel="self-repair / direct effect")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    out["self_repair"] = plots._save(fig, folder / "self_repair")
+    fig.tight_layout()
+    return fig, ax
+
+
+def layers_figure(repair: pd.DataFrame, title: str):
+    """The per-layer breakdown as a matplotlib ``(fig, ax)``: the layer means (``layer_table``) of
+    each term of the total effect stacked (positive terms up from 0, negative ones down), the
+    total effect as a dot, the legend outside the axes."""
+    layers = layer_table(repair, "top")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pos_bottom = np.zeros(len(layers))
+    neg_bottom = np.zeros(len(layers))
+    for term, color in zip(TERMS, ("#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e")):
+        values = layers[term].to_numpy()
+        bottom = np.where(values >= 0, pos_bottom, neg_bottom)
+        ax.bar(layers.layer, values, bottom=bottom, color=color, label=LABELS[term])
+        pos_bottom += np.clip(values, 0, None)
+        neg_bottom += np.clip(values, None, 0)
+    ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_title(
+        plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11), fontsize=11
+    )
+    ax.set(xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
+    legend_outside(ax, fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig, ax
+
+
+def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: float = 0.1) -> dict[str, Path]:
+    """The paper's Figure 1 (``fraction_figure``) and the per-layer stacked breakdown of the
+    total effect (``layers_figure``): PNGs under ``folder``, each with its interactive HTML page."""
+    if repair.empty:
+        return {}
+    out = {}
+    fig, _ = fraction_figure(repair, title, min_de_fraction)
+    out["self_repair"] = plots.save_png(fig, folder / "self_repair.png", bbox_inches="tight")
+    finite, means = fraction_points(repair, min_de_fraction)
     plots.write_html(
         go.Figure(
             [
@@ -244,25 +309,9 @@ def figures(repair: pd.DataFrame, folder: Path, title: str, min_de_fraction: flo
         out["self_repair"].with_suffix(".html"),
     )
 
+    fig, _ = layers_figure(repair, title)
+    out["self_repair_layers"] = plots.save_png(fig, folder / "self_repair_layers.png", bbox_inches="tight")
     layers = layer_table(repair, "top")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    pos_bottom = np.zeros(len(layers))
-    neg_bottom = np.zeros(len(layers))
-    for term, color in zip(TERMS, ("#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e")):
-        values = layers[term].to_numpy()
-        bottom = np.where(values >= 0, pos_bottom, neg_bottom)
-        ax.bar(layers.layer, values, bottom=bottom, color=color, label=LABELS[term])
-        pos_bottom += np.clip(values, 0, None)
-        neg_bottom += np.clip(values, None, 0)
-    ax.plot(layers.layer, layers.total_effect, "k.", label="total effect")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title(
-        plots.fit_text(f"What makes up a head's total effect, by layer (layer means)\n{title}", 6.5, 11), fontsize=11
-    )
-    ax.set(xlabel="layer of the ablated head", ylabel="change of the logit (difference)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    out["self_repair_layers"] = plots._save(fig, folder / "self_repair_layers")
     plots.write_html(
         go.Figure(
             [go.Bar(x=layers.layer, y=layers[t], name=LABELS[t]) for t in TERMS]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
-from analysis.attention_html import attention_page
+from analysis.attention_html import WINDOW, attention_page
 from analysis.results import sampled
 
 
@@ -77,8 +77,10 @@ def write_task_report(
     k: int,
     wandb_mode: str = "offline",
     project: str = "interp-sweeps",
+    attention_window: int = WINDOW,
 ) -> dict[str, Path]:
-    """Figures, ``attention.html``, ``tables/*.csv`` and ``manifest.json`` under ``out``; one W&B run."""
+    """Figures, ``attention.html``, ``tables/*.csv`` and ``manifest.json`` under ``out``; one W&B run.
+    ``attention_window``: the last positions the attention page draws per head (0: every one)."""
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
@@ -125,6 +127,7 @@ def write_task_report(
             f"Attention of the top heads by direct logit attribution ({where})",
             tokens,
             {f"Top {k} positive heads": entries(positive), f"Top {k} negative heads": entries(negative)},
+            attention_window,
         )
     table_dir = out / "tables"
     table_dir.mkdir(exist_ok=True)

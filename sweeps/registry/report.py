@@ -37,8 +37,10 @@ class ReportSweep(Sweep):
     attribution of every layer and every head (a layers x heads heatmap); the logit
     lens of the accumulated residual stream over layers; the attention patterns of
     the top --top-heads positive and negative heads on one prompt, as a
-    self-contained HTML page; and the sum check: embeddings + every head + every
-    MLP + biases add up to the real logit difference (the usual assert_close of a DLA walkthrough).
+    self-contained HTML page (the answer position's row first, a long prompt
+    windowed to its last --attention-window positions); and the sum check:
+    embeddings + every head + every MLP + biases add up to the real logit
+    difference (the usual assert_close of a DLA walkthrough).
     A failed sum check exits with code 1.
 
     Writes plots/, tables/*.csv, attention.html and manifest.json under --out, and
@@ -75,6 +77,16 @@ class ReportSweep(Sweep):
             default=3,
             metavar="K",
             help="heads shown per sign in the attention page (default 3)",
+        )
+        g.add_argument(
+            "--attention-window",
+            type=non_negative_int,
+            default=32,  # analysis.attention_html.WINDOW
+            metavar="N",
+            help="the attention page draws, per head, the last N positions of the prompt as query rows (the "
+            "answer position first) and key columns, plus the 8 earlier keys the answer position attends to "
+            "most; the page says what it leaves out (default 32; 0: the whole prompt, a page that grows with "
+            "its square)",
         )
         g.add_argument(
             "--out", type=Path, metavar="DIR", help="output directory (default results/report/<model>__<task>)"
@@ -132,7 +144,17 @@ class ReportSweep(Sweep):
         }
         for line in summary_lines(tables, args.top_heads):
             print(line)
-        write_task_report(args.out, tables, report, spec, tokens, args.top_heads, args.wandb, args.wandb_project)
+        write_task_report(
+            args.out,
+            tables,
+            report,
+            spec,
+            tokens,
+            args.top_heads,
+            args.wandb,
+            args.wandb_project,
+            attention_window=args.attention_window,
+        )
         print(f"attention patterns: {args.out / 'attention.html'}", file=sys.stderr)
         if tables.summary["sum_check_max_abs_error"] > sum_check_tolerance(report.parts, args.dtype):
             print(

@@ -153,3 +153,66 @@ def test_pages_render_their_traces_in_chromium_with_the_network_off(tmp_path):
     away.write_text(plots.standalone_html(heat))
     assert dom.count('<g class="hm"><image') == 0  # (the line page has none: the check can fail)
     assert _dom(away, tmp_path / "profile-away").count('<g class="hm"><image') == 2
+
+
+def _self_repair_rows():
+    """``self_repair/`` rows (selection top) whose heads fill Figure 1's axes: every swept layer
+    (L20-L29, as on SmolLM2) has heads from the bottom to the top of the y-range, a few of them
+    noise (grey), and the layer terms take both signs, so no corner of either figure is empty."""
+    import pandas as pd
+
+    rows = []
+    for layer in range(20, 30):
+        for head in range(9):
+            de = 0.001 if (layer + head) % 11 == 0 else 0.5 + 0.05 * head
+            fraction = -0.5 + 2.0 * ((head + 3 * layer) % 9) / 8  # -0.5 to 1.5, in every layer
+            repaired = fraction * de
+            rows.append(dict(layer=layer, head=head, selection="top", top_fraction=0.02, n_points=20, mean_de=de,
+                             total_effect=-de + repaired, own_change=-de, self_repair=repaired,
+                             heads=0.6 * repaired, same_layer=0.0, mlps=0.3 * repaired, final_norm=0.1 * repaired,
+                             frac_heads=0.1, frac_mlps=0.1, frac_final_norm=0.1))
+    return pd.DataFrame(rows)
+
+
+def _covered(fig, ax) -> list[str]:
+    """What the axes' legend covers, drawn by the figure's renderer: every scatter point (its
+    marker's radius around its centre), line vertex and bar, in display coordinates; and
+    whether the legend is cut off by the figure's edge."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_legend().get_window_extent(renderer)
+    covered = [] if fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1) else ["the edge"]
+    for collection in ax.collections:  # scatter points
+        radius = np.sqrt(np.max(collection.get_sizes())) / 2 * fig.dpi / 72  # points² area to pixels
+        for x, y in ax.transData.transform(collection.get_offsets()):
+            if box.x0 - radius <= x <= box.x1 + radius and box.y0 - radius <= y <= box.y1 + radius:
+                covered.append(f"point at ({x:.0f}, {y:.0f})")
+    for line in ax.lines:
+        if line.get_label().startswith("_"):  # the zero line spans the axes: not data
+            continue
+        for x, y in ax.transData.transform(line.get_xydata()):
+            if box.contains(x, y):
+                covered.append(f"{line.get_label()} at ({x:.0f}, {y:.0f})")
+    for bar in ax.patches:
+        if box.overlaps(bar.get_window_extent(renderer)):
+            covered.append(f"bar {bar.get_label() or ''} at x={bar.get_x():.1f}")
+    return covered
+
+
+def test_the_self_repair_figures_legends_cover_no_data():
+    """The legends of Figure 1 and of the per-layer breakdown cover no point, line vertex or bar
+    and lie whole in the figure, checked with the figure's renderer, on axes that data fills to
+    every corner; with the legend inside the axes (matplotlib's "best"), the same check finds
+    what it covers."""
+    from analysis import self_repair
+
+    repair = _self_repair_rows()
+    for draw in (self_repair.fraction_figure, self_repair.layers_figure):
+        fig, ax = draw(repair, "smollm2-135m on ioi")
+        try:
+            assert len(ax.collections) + len(ax.patches) > 0 and _covered(fig, ax) == [], draw.__name__
+            ax.legend(loc="best", fontsize=7)  # the legend as it was: the check can fail
+            assert _covered(fig, ax) and "the edge" not in _covered(fig, ax), draw.__name__
+        finally:
+            plt.close(fig)
+

@@ -90,7 +90,38 @@ def test_the_printed_self_repair_fraction_leaves_out_heads_whose_direct_effect_i
                          frac_final_norm=0.0))
     line = [l for l in summary_lines(pd.DataFrame(rows), 0.5, 3) if "self-repair fraction" in l][0]
     assert "over the 3 heads whose |direct effect| is at least 10% of the largest" in line
-    assert "+0.10 in the first layers, +0.50 in the last" in line  # the noisy head's 50 is left out
+    assert "+0.10 in the earliest (L0), +0.50 in the latest (L2)" in line  # the noisy head's 50 is left out
+
+
+def _repair_rows(fractions: dict[tuple[int, int], tuple[float, float]]):
+    """``self_repair/`` rows (selection top) from {(layer, head): (mean direct effect, self-repair fraction)}."""
+    import pandas as pd
+
+    rows = []
+    for (layer, head), (de, fraction) in fractions.items():
+        repaired = fraction * de
+        rows.append(dict(layer=layer, head=head, selection="top", top_fraction=0.02, n_points=20, mean_de=de,
+                         total_effect=-de + repaired, own_change=-de, self_repair=repaired, heads=repaired,
+                         same_layer=0.0, mlps=0.0, final_norm=0.0, frac_heads=0.1, frac_mlps=0.0,
+                         frac_final_norm=0.0))
+    return pd.DataFrame(rows)
+
+
+def test_the_self_repair_fraction_line_names_the_swept_layers_it_compares():
+    """A sweep of L20-L29 of a 30-layer model (SmolLM2's shape), where L21 has only a head with
+    no direct effect to speak of: the line compares the first and last third of the 9 layers
+    with a meaningful head and names them (L20, L22-L23 and L27-L29), not "the first layers"."""
+    from analysis.self_repair import summary_lines
+
+    fraction = {layer: (layer - 19) / 10 for layer in range(20, 30)}  # a different mean in every layer
+    heads = {(layer, h): (1.0, fraction[layer] + 0.02 * h) for layer in range(20, 30) for h in range(2)}
+    heads[(21, 0)], heads[(21, 1)] = (0.001, 9.0), (0.002, -9.0)  # noise: L21 has no layer mean
+    line = [l for l in summary_lines(_repair_rows(heads), 0.02, 30) if "self-repair fraction" in l][0]
+    early = sum(fraction[layer] + 0.01 for layer in (20, 22, 23)) / 3  # the mean of each layer's two heads
+    late = sum(fraction[layer] + 0.01 for layer in (27, 28, 29)) / 3
+    assert "in the first and the last 3 of the 9 swept layers that have such heads" in line, line
+    assert f"{early:+.2f} in the earliest (L20, L22–L23), {late:+.2f} in the latest (L27–L29)" in line, line
+    assert "first layers" not in line and "L0" not in line
 
 
 def test_the_neuron_line_says_when_the_top_neurons_cancel():

@@ -3,10 +3,13 @@ and the HTML page renders in a real headless browser."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +114,112 @@ def test_attention_page_renders_in_headless_chromium(report_dir, tmp_path):
                     f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000  # a page with heatmaps, not a blank one
+
+
+def test_a_long_prompts_attention_page_renders_with_the_answer_selected(tmp_path):
+    """The windowed page of a 3,000-token prompt in a real browser: every head's token view is
+    built over the whole prompt, with the answer position (its last token) selected."""
+    needs("Chromium", None if _chromium() else "apt-get install chromium")
+    _page(tmp_path / "attention.html", 3000)
+    dom = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", (tmp_path / "attention.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert dom.count('data-rendered="true"') == 6 and dom.count('<span class="tok') == 6 * 3000
+    assert re.findall(r'<span class="tok dest" data-pos="(\d+)"', dom) == ["2999"] * 6
+
+
+def _patterns(T: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` causal [T, T] attention patterns (rows sum to 1), peaked as real heads are: each
+    query attends mostly to a few keys; head 0's answer row puts half its attention on key 5."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        logits = rng.normal(size=(T, T)) * 2.5
+        logits[np.triu_indices(T, 1)] = -np.inf
+        pattern = np.exp(logits - logits.max(1, keepdims=True))
+        pattern /= pattern.sum(1, keepdims=True)
+        if i == 0:
+            pattern[T - 1] *= 0.5 / (1 - pattern[T - 1, 5])
+            pattern[T - 1, 5] = 0.5
+        out.append(pattern)
+    return out
+
+
+def _page(path: Path, T: int, **kwargs) -> tuple[str, list[np.ndarray]]:
+    from analysis.attention_html import attention_page
+
+    patterns = _patterns(T, 6)
+    tokens = [f" w{i}" for i in range(T)]
+    heads = {"Top 3 positive heads": [(f"L{i}H0", 0.5, patterns[i]) for i in range(3)],
+             "Top 3 negative heads": [(f"L{i}H1", -0.5, patterns[3 + i]) for i in range(3)]}
+    return attention_page(path, "attention", tokens, heads, **kwargs).read_text(), patterns
+
+
+def _drawn(svg: str) -> list[tuple[float, int, int]]:
+    """(y, query, key) of every cell of one head's heatmap, as drawn."""
+    return [(float(y), int(q), int(k)) for y, q, k in
+            re.findall(r'<rect x="[^"]*" y="([^"]*)"[^>]*><title>\[(\d+)\][^<]*?\[(\d+)\]', svg)]
+
+
+def test_a_long_prompts_attention_page_is_small_and_starts_with_the_answer_row(tmp_path):
+    """A 3,000-token prompt: the page stays under 2 MB (whole heatmaps would take gigabytes);
+    each head draws the answer position's row on top, then the window's rows, against the
+    window's keys and the 8 earlier keys the answer row attends to most, and says how much of
+    the answer row's attention it leaves out."""
+    from analysis.attention_html import FAR_KEYS, VIEW_KEYS, WINDOW
+
+    T = 3000
+    page, patterns = _page(tmp_path / "attention.html", T)
+    assert len(page.encode()) < 2_000_000
+    start = T - WINDOW
+    assert f"query rows {start}–{T - 1} of the {T} positions" in page and "--attention-window N" in page
+    svgs = re.findall(r"<svg.*?</svg>", page)
+    views = re.findall(r'<script type="application/json">(.*?)</script>', page)
+    assert len(svgs) == len(views) == 6
+    for svg, view, pattern in zip(svgs, views, patterns):
+        cells = _drawn(svg)
+        top = min(y for y, _, _ in cells)
+        assert {q for y, q, _ in cells if y == top} == {T - 1}  # the answer row first, alone on top
+        assert cells[0][1] == T - 1 and re.search(r'font-weight="bold">\s*w2999</text>', svg)
+        assert {q for _, q, _ in cells} == {*range(start, T)}
+        earlier = sorted(k for _, q, k in cells if q == T - 1 and k < start)
+        assert earlier == sorted(np.argsort(pattern[T - 1, :start])[-FAR_KEYS:].tolist())
+        left = 1 - pattern[T - 1, start:].sum() - pattern[T - 1, earlier].sum()
+        assert f"not drawn: {left:.1%} of the answer row's attention (to {start - FAR_KEYS} earlier" in page
+        rows = json.loads(view)["rows"]
+        assert sorted(map(int, rows)) == [*range(start, T)] and max(len(r) for r in rows.values()) <= 2 * VIEW_KEYS
+    assert (T - 1, 5) in {(q, k) for _, q, k in _drawn(svgs[0])} and "5: w5" in svgs[0]  # head 0's half of it
+
+
+def test_a_short_prompt_is_drawn_whole_with_the_answer_row_first(tmp_path):
+    """A prompt within the window: every cell of the causal pattern is drawn, the answer row on
+    top and the others in order below it, and nothing is said to be left out."""
+    T = 12
+    page, _ = _page(tmp_path / "attention.html", T)
+    assert "not drawn" not in page and f"draws the whole prompt ({T} positions)" in page
+    cells = _drawn(re.findall(r"<svg.*?</svg>", page)[0])
+    assert len(cells) == T * (T + 1) // 2
+    rows = [q for _, q, _ in sorted(cells)]  # by y
+    assert rows[:T] == [T - 1] * T and rows[T:] == sorted(rows[T:])
+    page, _ = _page(tmp_path / "window.html", T, window=4)  # the option draws fewer
+    assert {q for _, q, _ in _drawn(re.findall(r"<svg.*?</svg>", page)[0])} == {8, 9, 10, 11}
+
+
+def test_the_reports_attention_window_option_reaches_the_page(tmp_path):
+    from analysis.attention_html import FAR_KEYS, WINDOW
+    from sweeps.registry import SWEEPS
+
+    parser = SWEEPS["report"].parser()
+    assert parser.get_default("attention_window") == WINDOW
+    assert f"plus the {FAR_KEYS} earlier keys" in " ".join(parser.format_help().split())
+    out = tmp_path / "o"
+    assert report_cli.main(["--model", "tiny-gpt2", "--task", "sentiment", "--n-prompts", "2",
+                            "--attention-window", "3", "--out", str(out), "--wandb", "disabled"]) == 0
+    page = (out / "attention.html").read_text()
+    svg = re.findall(r"<svg.*?</svg>", page)[0]
+    assert len({q for _, q, _ in _drawn(svg)}) == 3 and "not drawn:" in page
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", pytest.param("tiny-stablelm", marks=pytest.mark.slow)])
