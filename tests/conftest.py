@@ -29,7 +29,7 @@ SLOW_MODULES = {"test_cluster.py", "test_faults.py", "test_benchmarks.py"}
 SLOW_FIXTURES = {"smollm", "ray_session", "local_cluster"}
 # Modules that run model after model once more (in reduced precision, against the golden
 # record): two families stay in the fast tier, the others are slow.
-PER_FAMILY_MODULES = {"test_precision.py", "test_golden.py", "test_footprint.py", "test_layerwise.py"}
+PER_FAMILY_MODULES = {"test_precision.py", "test_golden.py", "test_footprint.py", "test_layerwise.py", "test_prefix.py"}
 FAST_FAMILIES = {"tiny-llama3", "tiny-gemma2"}
 
 

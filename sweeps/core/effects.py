@@ -69,6 +69,37 @@ def effect_points(w: ModelWeights, task: TaskData) -> Points:
     return Points(batch.to(device), pos.to(device), u.contiguous(), bias)
 
 
+def first_difference(clean: Int[Tensor, "B T"], corrupt: Int[Tensor, "B T"]) -> Int[Tensor, " B"]:
+    """Each minimal pair's first position where the clean and corrupt tokens differ (``T``
+    where none does): before it the corrupt run's every activation is the clean run's."""
+    differ = clean != corrupt
+    first = differ.to(torch.uint8).argmax(1)
+    return torch.where(differ.any(1), first, torch.full_like(first, clean.shape[1]))
+
+
+def restart_window(
+    first_change: Int[Tensor, " B"], points: Points, clean: Float[Tensor, "L B T D"], copies: int
+) -> tf.Window | None:
+    """What a restart whose patches change nothing before ``first_change[b]`` must compute: each
+    prompt's positions from there (or from its first point, if earlier: its direct effects
+    are read there) to its last point; positions after the last point feed no point (attention
+    is causal). None when that is every position (nothing to save)."""
+    B, T = clean.shape[1], clean.shape[2]
+    device = points.pos.device
+    first_point = torch.full((B,), T, device=device).scatter_reduce(0, points.batch, points.pos, "amin")
+    last_point = torch.full((B,), -1, device=device).scatter_reduce(0, points.batch, points.pos, "amax")
+    starts = torch.minimum(first_change.to(device), first_point)
+    width = int((last_point + 1 - starts).max())
+    if width >= T:
+        return None
+    return tf.Window(torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1), clean, copies)
+
+
+def window_points(points: Points, window: tf.Window) -> Points:
+    """The points at their positions within the window (a restart's activations are the window's)."""
+    return Points(points.batch, points.pos - window.starts.to(points.pos.device)[points.batch], points.u, points.bias)
+
+
 def gather(x: Float[Tensor, "... B T *rest"], points: Points, batch_dim: int) -> Tensor:
     """Pick the points out of a ``[..., B, T, ...]`` activation: ``[..., P, ...]``."""
     x = x.movedim((batch_dim, batch_dim + 1), (0, 1))
@@ -296,6 +327,9 @@ class BatchState:
     de_neurons: torch.Tensor | None = None  # [P, M] each neuron's clean direct effect
     last_bias_dir: torch.Tensor | None = None  # [P] (b_out·u)/s of the last MLP (post-norm models)
     last_inv_rms: torch.Tensor | None = None  # [P] 1 / rms of the last MLP's clean output (post-norm models)
+    # Resample ablation: each prompt's first position where the corrupt run differs from the clean
+    # one, before which the replacement is the clean z (prefix-shared restarts); None otherwise.
+    first_change: torch.Tensor | None = None  # [B]
 
 
 def final_read(w: tf.WithNormSpec, resid_final: Float[Tensor, "*G B T D"], points: Points):
@@ -318,11 +352,16 @@ def ablate_heads_of_layer(
     scale: Float[Tensor, " P"],
     read_final: bool = True,
     baseline: bool = False,
+    first_change: Int[Tensor, " B"] | None = None,
+    clean: Float[Tensor, "L B T D"] | None = None,
 ) -> LayerAblation:
     """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
 
     All G ablations run as one batch of G copies of the prompts, restarting
-    from the clean residual stream entering block ``layer``. ``read_final`` also reads what
+    from the clean residual stream entering block ``layer``. With ``first_change`` (the
+    replacement equals the clean ``z`` before it: a minimal pair's corrupt run) and the clean
+    streams entering every block, only each prompt's positions from there to its last point
+    are recomputed (``restart_window``; prefix-shared restarts). ``read_final`` also reads what
     the self-repair decomposition needs (each layer's ``b_O`` share, the final stream, and the
     last MLP's neuron activations at the points, which its restart computes anyway).
 
@@ -336,6 +375,13 @@ def ablate_heads_of_layer(
     n_heads = len(heads)
     G, (B, T, _) = n_heads + (1 if baseline else 0), resid_pre.shape
     rope = tf.rotary_tables(w, T)
+    window = None
+    if first_change is not None:
+        assert clean is not None  # the window's earlier positions are read from the clean streams
+        window = restart_window(first_change, points, clean, G)
+    if window is not None:
+        resid_pre, replacement = window.take(resid_pre), window.take(replacement, 1)
+        points, T = window_points(points, window), window.width
 
     def edit(z: Float[Tensor, "GB T H E"]) -> Float[Tensor, "GB T H E"]:
         z = z.view(G, B, *z.shape[1:]).clone()
@@ -345,7 +391,8 @@ def ablate_heads_of_layer(
 
     head_des, mlp_des, bias_des = [], [], []
     last, hidden, inv_rms = w.cfg.n_layers - 1, None, None
-    for out in tf.blocks(w, resid_pre.repeat(G, 1, 1), layer, [tf.Edit("z", layer, replace=edit)], rope=rope):
+    edits = [tf.Edit("z", layer, replace=edit)]
+    for out in tf.blocks(w, resid_pre.repeat(G, 1, 1), layer, edits, rope=rope, window=window):
         l = out.layer
         if read_final and l == last and out.mlp_hidden is not None:
             hidden = gather(out.mlp_hidden.view(G, B, T, -1), points, 1)

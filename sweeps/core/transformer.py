@@ -338,11 +338,17 @@ def rotary_tables(w: ModelWeights, n_pos: int) -> Rope:
     return tables
 
 
-def apply_rotary(cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, layer: int) -> Float[Tensor, "B T N E"]:
-    """Rotate the first ``rotary_dim`` dimensions of each head with ``layer``'s table."""
+def apply_rotary(
+    cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, layer: int, positions: Int[Tensor, "B T"] | None = None
+) -> Float[Tensor, "B T N E"]:
+    """Rotate the first ``rotary_dim`` dimensions of each head with ``layer``'s table, at
+    positions ``0..T-1`` or (a restart's window, ``Window``) each row's own ``positions``."""
     if rope is None:
         return x
-    cos, sin = (t[: x.shape[1], None, :].to(x.dtype) for t in rope[cfg.table(layer)])
+    if positions is None:
+        cos, sin = (t[: x.shape[1], None, :].to(x.dtype) for t in rope[cfg.table(layer)])
+    else:
+        cos, sin = (t[positions][:, :, None, :].to(x.dtype) for t in rope[cfg.table(layer)])
     dim = cos.shape[-1]
     x_rot, x_pass = x[..., :dim], x[..., dim:]
     if cfg.rotary_style == "interleaved":
@@ -358,30 +364,49 @@ def apply_rotary(cfg: ModelConfig, x: Float[Tensor, "B T N E"], rope: Rope, laye
 # --------------------------------------------------------------------------- #
 
 
+def kv(
+    w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]
+) -> tuple[Float[Tensor, "B T K E"], Float[Tensor, "B T K E"]]:
+    """The raw key and value projections of a sublayer input ``x``."""
+    k = torch.einsum("btd,kde->btke", x, w.W_K[layer]) + w.b_K[layer]
+    v = torch.einsum("btd,kde->btke", x, w.W_V[layer]) + w.b_V[layer]
+    return k, v
+
+
 def qkv(
     w: ModelWeights, layer: int, x: Float[Tensor, "B T D"]
 ) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T K E"], Float[Tensor, "B T K E"]]:
     """The raw projections ``x W + b`` of a sublayer input ``x`` (``sublayer_input``):
     before QK-norm and rotary (attribution differentiates here)."""
     q = torch.einsum("btd,hde->bthe", x, w.W_Q[layer]) + w.b_Q[layer]
-    k = torch.einsum("btd,kde->btke", x, w.W_K[layer]) + w.b_K[layer]
-    v = torch.einsum("btd,kde->btke", x, w.W_V[layer]) + w.b_V[layer]
-    return q, k, v
+    return (q, *kv(w, layer, x))
+
+
+def _qk_norm(w: ModelWeights, layer: int, x: Float[Tensor, "B T N E"], which: str) -> Float[Tensor, "B T N E"]:
+    """QK-norm of queries (``which="q"``) or keys: per head, or over all heads at once (OLMo 2)."""
+    cfg = w.cfg
+    if cfg.qk_norm not in ("head", "all"):
+        return x
+    weight = w.q_norm if which == "q" else w.k_norm
+    assert weight is not None  # a model with a QK-norm has both weights
+    if cfg.qk_norm == "head":
+        return rms_norm(x, weight[layer], cfg.eps)
+    return rms_norm(x.flatten(-2), weight[layer], cfg.eps).view(x.shape)
 
 
 def positioned_qk(
-    w: ModelWeights, layer: int, q: Float[Tensor, "B T H E"], k: Float[Tensor, "B T K E"], rope: Rope
+    w: ModelWeights,
+    layer: int,
+    q: Float[Tensor, "B T H E"],
+    k: Float[Tensor, "B T K E"],
+    rope: Rope,
+    positions: Int[Tensor, "B T"] | None = None,
 ) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T K E"]]:
-    """QK-norm (per head, or over all heads at once as in OLMo 2), then rotary."""
+    """QK-norm (per head, or over all heads at once as in OLMo 2), then rotary (at
+    ``positions``: see ``apply_rotary``)."""
     cfg = w.cfg
-    if cfg.qk_norm == "head":
-        assert w.q_norm is not None and w.k_norm is not None
-        q, k = rms_norm(q, w.q_norm[layer], cfg.eps), rms_norm(k, w.k_norm[layer], cfg.eps)
-    elif cfg.qk_norm == "all":
-        assert w.q_norm is not None and w.k_norm is not None
-        q = rms_norm(q.flatten(-2), w.q_norm[layer], cfg.eps).view(q.shape)
-        k = rms_norm(k.flatten(-2), w.k_norm[layer], cfg.eps).view(k.shape)
-    return apply_rotary(cfg, q, rope, layer), apply_rotary(cfg, k, rope, layer)
+    q, k = _qk_norm(w, layer, q, "q"), _qk_norm(w, layer, k, "k")
+    return apply_rotary(cfg, q, rope, layer, positions), apply_rotary(cfg, k, rope, layer, positions)
 
 
 def attention_mask(cfg: ModelConfig, layer: int, n_q: int, n_k: int, device) -> Tensor | None:
@@ -440,6 +465,78 @@ def attend(
         attn_mask=mask,
         is_causal=mask is None,
         scale=cfg.scale,
+    )
+    return z.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A restart that computes only a window of each prompt's positions (prefix-shared
+    restarts): ``width`` positions from ``starts[b]`` on, for every copy of prompt ``b``.
+
+    A patch by a minimal pair's corrupt value changes nothing before the first position where
+    the pair differs (attention is causal), so there every block's stream is the clean run's:
+    attention reads those positions' keys and values from the clean stream entering each
+    block (``clean[layer]``), and only the window's positions are computed. The batch is
+    ``copies`` copies of the B prompts, copy-major (G ablations of a group). Exact: the same
+    numbers as a restart of every position, at the window's positions (tested)."""
+
+    starts: Int[Tensor, " B"]
+    width: int
+    clean: Float[Tensor, "L B T D"]  # the clean run's stream entering each block
+    copies: int = 1
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.clean.shape[2])
+
+    def positions(self, device=None) -> Int[Tensor, "GB W"]:
+        """Each row's absolute positions (rows copy-major, as the batch)."""
+        pos = self.starts[:, None] + torch.arange(self.width, device=self.starts.device)
+        return pos.repeat(self.copies, 1).to(device or pos.device)
+
+    def take(self, x: Float[Tensor, "*G B T ..."], batch_dim: int = 0) -> Float[Tensor, "*G B W ..."]:
+        """The window's positions of a ``[..., B, T, ...]`` tensor of the prompts."""
+        x = x.movedim((batch_dim, batch_dim + 1), (0, 1))
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        pos = (self.starts[:, None] + torch.arange(self.width, device=self.starts.device)).to(x.device)
+        return x[rows, pos].movedim((0, 1), (batch_dim, batch_dim + 1))
+
+
+def attend_window(
+    w: ModelWeights,
+    layer: int,
+    q: Float[Tensor, "GB W H E"],
+    k: Float[Tensor, "GB W K E"],
+    v: Float[Tensor, "GB W K E"],
+    rope: Rope,
+    window: Window,
+    clean: Float[Tensor, "B T D"],
+) -> Float[Tensor, "GB W H E"]:
+    """``attend`` for a window's queries: each reads the keys and values of its own prompt's
+    every position, the clean stream's (``clean``, entering ``layer``) before the window and
+    the window's own from there on; causal and sliding-window masks at the absolute positions."""
+    cfg = w.cfg
+    pos = window.positions(q.device)
+    q, k = positioned_qk(w, layer, q, k, rope, pos)
+    clean_k, clean_v = kv(w, layer, sublayer_input(cfg, clean))
+    clean_k = apply_rotary(cfg, _qk_norm(w, layer, clean_k, "k"), rope, layer)
+    rows = torch.arange(pos.shape[0], device=q.device)[:, None]
+    keys, values = clean_k.repeat(window.copies, 1, 1, 1), clean_v.repeat(window.copies, 1, 1, 1)
+    keys[rows, pos], values[rows, pos] = k.to(keys.dtype), v.to(values.dtype)
+    keys = keys.repeat_interleave(cfg.group_size, dim=2)
+    values = values.repeat_interleave(cfg.group_size, dim=2)
+    j = torch.arange(keys.shape[1], device=q.device)
+    mask = j <= pos[..., None]  # [GB, W, T]
+    if cfg.window(layer):
+        mask = mask & (j > pos[..., None] - cfg.window(layer))
+    if cfg.attn_softcap:
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, keys) * cfg.scale
+        scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+        pattern = scores.masked_fill(~mask[:, None], float("-inf")).float().softmax(-1).to(values.dtype)
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, values)
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None], scale=cfg.scale
     )
     return z.transpose(1, 2)
 
@@ -657,10 +754,14 @@ def blocks(
     from_mid: bool = False,
     cut: bool = False,
     rope: Rope = None,
+    window: Optional[Window] = None,
 ) -> Iterator[BlockState]:
     """Run blocks ``start..stop-1`` from the stream entering block ``start`` (with
     ``from_mid``: block ``start``'s stream after its attention), yielding each block's
     ``BlockState``. A caller that keeps nothing holds one block's activations at a time.
+
+    ``window``: ``resid`` holds only a window of each prompt's positions (``Window``), and so
+    does every activation yielded; edits see the window's positions.
 
     Each sublayer reads its pre-norm (or the raw stream without one) and writes through
     its post-norm where the model has them; with parallel attention and MLP (GPT-NeoX,
@@ -673,10 +774,12 @@ def blocks(
     cfg = w.cfg
     stop = cfg.n_layers if stop is None else stop
     if rope is None:
-        rope = rotary_tables(w, resid.shape[1])
+        rope = rotary_tables(w, resid.shape[1] if window is None else window.n_positions)
     index = _by_site(edits)
     if from_mid and cfg.parallel_attn_mlp:
         raise ValueError("from_mid: in a parallel attention/MLP block the MLP reads resid_pre")
+    if window is not None and (from_mid or cut):
+        raise ValueError("a window restarts at a block's input, without autograd's cut")
     # A staged model (``core/stages.py``): each block computes where its layer lives, and what
     # it yields comes back to the model's device, where every caller keeps its activations.
     staged, home, wl = w.staged, w.device, w.local()
@@ -702,7 +805,11 @@ def blocks(
             else:
                 x = s.resid_pre = resid
                 q, k, v = s.q, s.k, s.v = _projections(wl, layer, x, index)
-            s.z = _edited(index, "z", layer, attend(wl, layer, q, k, v, rope_here))
+            if window is None:
+                z = attend(wl, layer, q, k, v, rope_here)
+            else:
+                z = attend_window(wl, layer, q, k, v, rope_here, window, window.clean[layer].to(here))
+            s.z = _edited(index, "z", layer, z)
             s.resid_mid = x + _edited(index, "attn_out", layer, attention_out(wl, layer, s.z))
         if cfg.attn_only:
             s.resid_post = s.resid_mid

@@ -68,6 +68,9 @@ class FastEngine:
             de_bias=decomposition.attn_bias,
             clean_dot=dot,
             clean_normed=normed if w.cfg.final_softcap else None,
+            first_change=effects.first_difference(tokens, sub.corrupt.to(self.device))
+            if ablation == "resample"
+            else None,
         )
         if run.last_hidden is not None:  # the last MLP split per neuron (self-repair decomposition)
             state.neuron_dirs = effects.neuron_directions(w, points, decomposition.scale)
@@ -101,6 +104,8 @@ class FastEngine:
             state.scale,
             read_final,
             baseline=self.weights.dtype != torch.float32,
+            first_change=state.first_change,
+            clean=state.resid_pre,
         )
 
     # -- the scale sweep ------------------------------------------------------------

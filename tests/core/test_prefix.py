@@ -1,0 +1,106 @@
+"""Prefix-shared restarts: a patch by a minimal pair's corrupt value changes nothing before the
+pair's first differing token, so a restart computes only each prompt's positions from there
+(``transformer.Window``). Checked on every family against the full restart and against a
+hooked full forward through the TransformerLens bridge, on pairs that first differ at
+position 1, in the middle and at the last token, with right padding, and (Mistral, Gemma 2
+and 3) a sliding window shorter than the prompts."""
+
+import pytest
+import torch
+
+from sweeps.core import effects
+from sweeps.core.engines.fast import FastEngine
+from sweeps.runtime.tiny_models import FAMILY_TINY_MODELS
+from tasks.base import TaskData
+
+LENGTHS = [12, 9, 12, 7]
+FIRST_DIFFERENCE = [1, 5, 11, 3]  # position 1, the middle, the last token of a 12-token prompt
+
+
+def minimal_pairs(m, seed: int = 0) -> TaskData:
+    """Random prompts (BOS first) and their corrupt partners, equal up to ``FIRST_DIFFERENCE``."""
+    g = torch.Generator().manual_seed(seed)
+    V, T, B = m.weights.cfg.d_vocab, max(LENGTHS), len(LENGTHS)
+    bos = m.tokenizer.bos_token_id if m.tokenizer.bos_token_id is not None else 0
+    clean = torch.randint(1, min(V, 4000), (B, T), generator=g)
+    clean[:, 0] = bos
+    corrupt = clean.clone()
+    for b, (n, p0) in enumerate(zip(LENGTHS, FIRST_DIFFERENCE)):
+        corrupt[b, p0:n] = torch.randint(1, min(V, 4000), (n - p0,), generator=g)
+        clean[b, n:] = corrupt[b, n:] = 0  # right padding
+    answers = torch.randint(1, min(V, 4000), (2, B), generator=g)
+    return TaskData("pairs", "logit_diff", {}, clean, corrupt, torch.tensor(LENGTHS), answers[0], answers[1])
+
+
+def test_the_window_starts_at_the_first_difference_and_ends_at_the_last_point(tiny_llama):
+    task = minimal_pairs(tiny_llama)
+    first = effects.first_difference(task.clean, task.corrupt)
+    assert first.tolist() == FIRST_DIFFERENCE
+    same = effects.first_difference(task.clean, task.clean)
+    assert same.tolist() == [task.clean.shape[1]] * len(LENGTHS)  # nothing differs
+    w = tiny_llama.weights
+    points = effects.effect_points(w, task)
+    clean = torch.zeros(w.cfg.n_layers, len(LENGTHS), max(LENGTHS), w.cfg.d_model)
+    window = effects.restart_window(first, points, clean, copies=3)
+    assert window is not None
+    # answers at lengths - 1: the widest prompt needs 11 - 1 + 1 positions; each starts at or before
+    # its first difference and its window reaches its answer
+    assert window.width == max(n - p for n, p in zip(LENGTHS, FIRST_DIFFERENCE))
+    starts = window.starts.tolist()
+    assert all(s <= p and s + window.width >= n for s, p, n in zip(starts, FIRST_DIFFERENCE, LENGTHS))
+    assert window.positions().shape == (3 * len(LENGTHS), window.width)
+    assert effects.restart_window(torch.zeros(4, dtype=torch.long), points, clean, 1) is None  # all of it
+
+
+@pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
+def test_a_prefix_shared_restart_equals_the_full_restart(loaded_model, name):
+    """Every quantity the backup sweep and its self-repair decomposition read, from every layer."""
+    m = loaded_model(name)
+    task = minimal_pairs(m)
+    engine = FastEngine(m.weights)
+    state, _ = engine.backup_state(task, 0, "resample", True)
+    assert state.first_change is not None and state.first_change.tolist() == FIRST_DIFFERENCE
+    H, L = m.weights.cfg.n_heads, m.weights.cfg.n_layers
+    heads = list(range(H))
+    for layer in range(L):
+        replacement = torch.stack([state.replacement_z[layer, :, :, h] for h in heads])
+        args = (m.weights, layer, heads, state.resid_pre[layer], replacement, state.points, state.scale)
+        full = effects.ablate_heads_of_layer(*args)
+        shared = effects.ablate_heads_of_layer(*args, first_change=state.first_change, clean=state.resid_pre)
+        for field in ("heads", "mlps", "attn_bias", "final_dot", "final_scale", "final_normed", "last_hidden", "last_inv_rms"):
+            a, b = getattr(full, field), getattr(shared, field)
+            assert (a is None) == (b is None), field
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5, msg=f"{name} layer {layer}: {field}")
+        assert not torch.allclose(full.heads[:, -1], state.de_heads[-1][None])  # the ablations changed something
+
+
+@pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
+def test_a_prefix_shared_restart_gives_the_hooked_hugging_face_models_logit_difference(loaded_model, name):
+    """The windowed restart's final stream at each answer (``x' · u / s'`` plus the bias) is
+    the logit difference of a full forward of the Hugging Face model with the head's output
+    projection input resampled by a hook (soft-cap off: the sweep reads the pre-cap logits)."""
+    from tests.core.test_architectures import answer_logit_diff, hooked_logits, reference_model
+
+    m = loaded_model(name)
+    task = minimal_pairs(m, seed=1)
+    state, _ = FastEngine(m.weights).backup_state(task, 0, "resample", True)
+    hf = reference_model(name)
+    if getattr(hf.config, "final_logit_softcapping", None):
+        hf.config.final_logit_softcapping = None
+    corrupt_z = state.replacement_z
+    for layer, head in ((0, 0), (m.weights.cfg.n_layers - 1, 1)):
+        shared = effects.ablate_heads_of_layer(
+            m.weights, layer, [head], state.resid_pre[layer], corrupt_z[layer][None, :, :, head],
+            state.points, state.scale, first_change=state.first_change, clean=state.resid_pre,
+        )
+
+        def edit(z, layer=layer, head=head):
+            z = z.clone()
+            z[:, :, head] = corrupt_z[layer][:, :, head]
+            return z
+
+        with torch.no_grad():
+            expected = answer_logit_diff(hooked_logits(hf, task.clean, head_edit=(layer, edit)), task)
+        ours = shared.final_dot[0] / shared.final_scale[0] + state.points.bias
+        torch.testing.assert_close(ours, expected, atol=1e-4 * float(expected.abs().max()) + 1e-5, rtol=0)
