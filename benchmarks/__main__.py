@@ -10,6 +10,9 @@ Sections (each prints its own table, then one summary table of every ratio):
   scale        cost per (node, scale, pair) / one prompt's forward, on text and on IOI; the usual scale-ablation loop's loop
   attribution  the whole attribution sweep / one forward of the dataset; against autograd's floor
   circuits     EAP, one EAP-IG step and one circuit evaluation / one forward, on IOI
+  peers        patching every head per head / one forward: the backup sweep (prefix-shared and full
+               restarts), TransformerLens's activation patching and an nnsight loop, values compared,
+               on IOI, IOI with only S2 corrupted, and a long shared context before IOI
   families     backup per head and scale per row / a forward on SmolLM2, Gemma-3-270M's and
                Qwen2.5-0.5B's shapes (random weights; a 262k and a 152k vocabulary)
   ray          the Ray executor with one and two workers against the in-process one
@@ -55,6 +58,7 @@ from benchmarks import (
     planner,
     precision,
     profile,
+    peers,
     ray_overhead,
     scale,
     throughput,
@@ -62,7 +66,7 @@ from benchmarks import (
 from benchmarks.common import Ratio, Setup, load_setup, machine, print_table
 from sweeps.runtime.allocator import keep_freed_memory
 
-SECTIONS = ("backup", "scale", "attribution", "circuits", "families", "ray", "memory", "growth")
+SECTIONS = ("backup", "scale", "attribution", "circuits", "peers", "families", "ray", "memory", "growth")
 # only when asked for (throughput: also with a GPU; all but profile in --quick)
 EXTRA = ("profile", "throughput", "precision", "planner", "gpu", "loading")
 
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": lambda: scale.run(setup),
         "attribution": lambda: attribution.run(setup),
         "circuits": lambda: circuits.run(setup),
+        "peers": lambda: peers.run(setup, n_prompts=n if args.quick else 16),
         "families": lambda: families.run(args.quick),
         "ray": lambda: ray_overhead.run(setup),
         "memory": lambda: (memory.run("tiny-llama", 12, small=(4, 16), large=(8, 32)) if args.quick

@@ -14,6 +14,7 @@ from tasks.base import TaskData, TaskError
 
 TASKS = {
     "ioi": "indirect object identification, BABA + ABBA templates, ABC corruption (logit difference)",
+    "ioi-s2": "IOI with only the repeated subject corrupted (S2 -> a third name): each pair shares its prefix",
     "text": "next-token prediction on documents (--data FILE | hf:NAME; default: a shipped offline corpus)",
     "sentiment": "movie-review sentiment, ' great' vs ' awful', mirrored corrupt prompts (logit difference)",
 }
@@ -57,10 +58,13 @@ def build_task(
         raise TaskError(f"--n-prompts must be positive, got {n_prompts}")
     if spec.name != "text" and (seq_len is not None or data is not None):
         raise TaskError("--seq-len and --data apply only to --task text")
-    if spec.name == "ioi":
+    if spec.name in ("ioi", "ioi-s2"):
         from tasks import ioi
 
-        return ioi.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
+        corruption = "S2" if spec.name == "ioi-s2" else "ABC"
+        task = ioi.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos, corruption=corruption)
+        task.name = spec.name
+        return task
     if spec.name == "sentiment":
         from tasks import sentiment
 

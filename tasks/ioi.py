@@ -91,7 +91,19 @@ NAMES = [
 DEFAULT_N_PROMPTS = 64
 
 
-def build(tokenizer, n_prompts: int | None = None, seed: int = 0, prepend_bos: bool = True) -> TaskData:
+def build(
+    tokenizer,
+    n_prompts: int | None = None,
+    seed: int = 0,
+    prepend_bos: bool = True,
+    corruption: str = "ABC",
+    context: str = "",
+) -> TaskData:
+    """``corruption``: "ABC" (the three names replaced, the default) or "S2" (only the repeated
+    subject, by a third name: the pair then shares everything before it). ``context``: text put
+    before every clean and corrupt prompt (a long shared prefix; the benchmarks use both)."""
+    if corruption not in ("ABC", "S2"):
+        raise TaskError(f"unknown IOI corruption {corruption!r}; ABC or S2")
     n = DEFAULT_N_PROMPTS if n_prompts is None else n_prompts
     names = [n for n in NAMES if is_single_token(tokenizer, " " + n)]
     if len(names) < 5:
@@ -104,11 +116,16 @@ def build(tokenizer, n_prompts: int | None = None, seed: int = 0, prepend_bos: b
         io, s, c1, c2, c3 = rng.sample(names, 5)
         order = "ABBA" if i % 2 == 0 else "BABA"
         first, second = (io, s) if order == "ABBA" else (s, io)
-        clean = template.format(A=first, B=second, S=s, place=place, obj=obj)
-        corrupt = template.format(A=c1, B=c2, S=c3, place=place, obj=obj)
+        clean = context + template.format(A=first, B=second, S=s, place=place, obj=obj)
+        if corruption == "ABC":
+            corrupt = context + template.format(A=c1, B=c2, S=c3, place=place, obj=obj)
+        else:
+            corrupt = context + template.format(A=first, B=second, S=c3, place=place, obj=obj)
         pairs.append((clean, corrupt, " " + io, " " + s))
         orders.append(order)
-    params = {"n_prompts": n, "seed": seed, "orders": "ABBA+BABA", "corruption": "ABC"}
+    params = {"n_prompts": n, "seed": seed, "orders": "ABBA+BABA", "corruption": corruption}
+    if context:  # recorded only when given, as prepend_bos below
+        params["context"] = context
     if not prepend_bos:  # recorded only when off: the default's parameters (and results) stay as they were
         params["prepend_bos"] = False
     return logit_diff_task("ioi", params, tokenizer, pairs)

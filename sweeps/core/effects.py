@@ -77,20 +77,26 @@ def first_difference(clean: Int[Tensor, "B T"], corrupt: Int[Tensor, "B T"]) -> 
     return torch.where(differ.any(1), first, torch.full_like(first, clean.shape[1]))
 
 
+# The widest window worth its own cost (the earlier positions' keys and values computed again
+# from the clean stream, an explicit mask instead of the fused causal kernel's): a fraction of
+# the prompt. Wider, the restart computes every position.
+WINDOW_WORTH = 0.8
+
+
 def restart_window(
     first_change: Int[Tensor, " B"], points: Points, clean: Float[Tensor, "L B T D"], copies: int
 ) -> tf.Window | None:
     """What a restart whose patches change nothing before ``first_change[b]`` must compute: each
     prompt's positions from there (or from its first point, if earlier: its direct effects
     are read there) to its last point; positions after the last point feed no point (attention
-    is causal). None when that is every position (nothing to save)."""
+    is causal). None when that is more than ``WINDOW_WORTH`` of the positions."""
     B, T = clean.shape[1], clean.shape[2]
     device = points.pos.device
     first_point = torch.full((B,), T, device=device).scatter_reduce(0, points.batch, points.pos, "amin")
     last_point = torch.full((B,), -1, device=device).scatter_reduce(0, points.batch, points.pos, "amax")
     starts = torch.minimum(first_change.to(device), first_point)
     width = int((last_point + 1 - starts).max())
-    if width >= T:
+    if width > WINDOW_WORTH * T:
         return None
     return tf.Window(torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1), clean, copies)
 

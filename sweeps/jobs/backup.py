@@ -202,6 +202,23 @@ class BackupJob(Job):
         self._batches = states
         return states
 
+    def notes(self) -> dict:
+        """How the restarts ran: prefix-shared (resample ablation of minimal pairs, whose
+        restarts compute each prompt's positions from its first difference on) or full, and
+        the fraction of the batches' positions a restart computes."""
+        computed = total = 0
+        for state in self.batches():
+            B, T = state.tokens.shape
+            window = None
+            if state.first_change is not None and state.resid_pre is not None:
+                window = effects.restart_window(state.first_change, state.points, state.resid_pre, 1)
+            computed += B * (T if window is None else window.width)
+            total += B * T
+        return {
+            "restarts": "prefix-shared" if computed < total else "full",
+            "positions_recomputed": round(computed / total, 4),
+        }
+
     def _self_repair(
         self,
         state: BatchState,

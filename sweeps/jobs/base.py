@@ -73,3 +73,7 @@ class Job:
     def run_shard(self, shard: Any) -> dict:
         """The shard's tables, ``{dataset: pyarrow.Table}``."""
         raise NotImplementedError
+
+    def notes(self) -> dict[str, Any]:
+        """What the manifest records beside each shard about how it was computed (JSON values)."""
+        return {}

@@ -22,8 +22,8 @@ import sys
 from sweeps.registry.cli import UserError, did_you_mean
 
 # Typical prompt lengths (tokens) of the built-in tasks: planning needs no tokenizer.
-TYPICAL_SEQ_LEN = {"ioi": 20, "sentiment": 16, "text": 64}
-TYPICAL_N_PROMPTS = {"ioi": 64, "sentiment": 50, "text": 32}
+TYPICAL_SEQ_LEN = {"ioi": 20, "ioi-s2": 20, "sentiment": 16, "text": 64}
+TYPICAL_N_PROMPTS = {"ioi": 64, "ioi-s2": 64, "sentiment": 50, "text": 32}
 
 # Dense peak FLOP/s of a device (bfloat16/float16 tensor cores; float32 without them), and
 # the share of it a sweep's matrix products reach (their shapes are the forward's).

@@ -163,7 +163,8 @@ class ShardWorker:
             raise RuntimeError(
                 f"out of memory on {self.where['device']} in shard {shard.id}: {_memory_advice(self.job)}"
             ) from None
-        return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3)}
+        notes = self.job.notes() if hasattr(self.job, "notes") else {}
+        return tables, {**self.info(), "seconds": round(time.perf_counter() - start, 3), **notes}
 
 
 def _memory_advice(job: Job) -> str:

@@ -23,6 +23,8 @@ def test_quick_benchmark_runs_every_section_and_the_paths_agree():
     assert {line.split()[0] for line in summary} == set(default_sections(quick=True))
     agreement = next(line for line in summary if "max |engine - notebook-style| / max |backup|" in line)
     assert float(agreement.split()[-4]) < 1e-4, agreement  # the same numbers from both paths
+    peers = [line for line in summary if "max |peer - ours| / max |value|" in line]  # TransformerLens, nnsight
+    assert len(peers) == 3 and all(float(line.split()[-4]) <= 1e-5 for line in peers), peers
     assert "engine speed-up over notebook-style per (node, scale, pair)" in out
     assert "throughput, 2 workers over 1" in out
     rates = [line for line in summary if line.startswith("throughput")]

@@ -13,8 +13,8 @@ from sweeps.core.engines.fast import FastEngine
 from sweeps.runtime.tiny_models import FAMILY_TINY_MODELS
 from tasks.base import TaskData
 
-LENGTHS = [12, 9, 12, 7]
-FIRST_DIFFERENCE = [1, 5, 11, 3]  # position 1, the middle, the last token of a 12-token prompt
+LENGTHS = [5, 9, 12, 7]
+FIRST_DIFFERENCE = [1, 5, 11, 3]  # position 1, the middle, the last token of the longest prompt
 
 
 def minimal_pairs(m, seed: int = 0) -> TaskData:
@@ -43,13 +43,14 @@ def test_the_window_starts_at_the_first_difference_and_ends_at_the_last_point(ti
     clean = torch.zeros(w.cfg.n_layers, len(LENGTHS), max(LENGTHS), w.cfg.d_model)
     window = effects.restart_window(first, points, clean, copies=3)
     assert window is not None
-    # answers at lengths - 1: the widest prompt needs 11 - 1 + 1 positions; each starts at or before
-    # its first difference and its window reaches its answer
+    # answers at lengths - 1: the window is as wide as the widest prompt's need; each prompt's
+    # starts at or before its first difference and reaches its answer
     assert window.width == max(n - p for n, p in zip(LENGTHS, FIRST_DIFFERENCE))
     starts = window.starts.tolist()
     assert all(s <= p and s + window.width >= n for s, p, n in zip(starts, FIRST_DIFFERENCE, LENGTHS))
     assert window.positions().shape == (3 * len(LENGTHS), window.width)
     assert effects.restart_window(torch.zeros(4, dtype=torch.long), points, clean, 1) is None  # all of it
+    assert window.width / max(LENGTHS) <= effects.WINDOW_WORTH  # the tests below run windows
 
 
 @pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
@@ -104,3 +105,20 @@ def test_a_prefix_shared_restart_gives_the_hooked_hugging_face_models_logit_diff
             expected = answer_logit_diff(hooked_logits(hf, task.clean, head_edit=(layer, edit)), task)
         ours = shared.final_dot[0] / shared.final_scale[0] + state.points.bias
         torch.testing.assert_close(ours, expected, atol=1e-4 * float(expected.abs().max()) + 1e-5, rtol=0)
+
+
+def test_the_manifest_says_how_the_restarts_ran(tmp_path, capsys):
+    """IOI with only S2 corrupted shares each pair's prefix: its shards say prefix-shared and the
+    fraction of positions recomputed; mean ablation changes every position: full restarts."""
+    import json
+
+    from sweeps.registry import SWEEPS
+
+    common = ["--model", "tiny-llama3", "--n-prompts", "8", "--heads", "L1", "--executor", "local", "--no-report"]
+    for task, ablation, restarts in (("ioi-s2", "resample", "prefix-shared"), ("ioi-s2", "mean", "full")):
+        out = tmp_path / f"{task}-{ablation}"
+        assert SWEEPS["backup"].main([*common, "--task", task, "--ablation", ablation, "--out", str(out)]) == 0
+        shards = json.loads((out / "manifest.json").read_text())["shards"].values()
+        assert {s["restarts"] for s in shards} == {restarts}
+        fraction = {s["positions_recomputed"] for s in shards}.pop()
+        assert (fraction < 0.5) if restarts == "prefix-shared" else fraction == 1.0

@@ -31,6 +31,21 @@ def test_ioi_is_deterministic_balanced_and_aligned(tok, tiny_llama):
         assert io not in corrupt.split() and s not in corrupt.split()  # ABC: fresh names
 
 
+def test_ioi_s2_corrupts_only_the_repeated_subject(tok):
+    """The same prompts as ``ioi``; each corrupt partner differs at exactly one position, the
+    second mention of the subject, replaced by a name of neither the IO nor the S."""
+    a = build_task(check_task("ioi-s2"), tok, n_prompts=10, seed=3)
+    plain = build_task(check_task("ioi"), tok, n_prompts=10, seed=3)
+    assert a.name == "ioi-s2" and torch.equal(a.clean, plain.clean) and a.params["corruption"] == "S2"
+    for i in range(a.n_prompts):
+        differ = (a.clean[i] != a.corrupt[i]).nonzero().flatten().tolist()
+        assert len(differ) == 1
+        mentions = (a.clean[i] == a.incorrect[i]).nonzero().flatten().tolist()
+        assert differ == mentions[1:]  # the subject's second mention (S2), not its first
+        s, io = tok.decode(a.incorrect[i]).strip(), tok.decode(a.correct[i]).strip()
+        assert tok.decode(a.corrupt[i, differ[0]]).strip() not in (s, io)
+
+
 def test_text_task_windows_and_other_document_corruption(tok):
     t = build_task(TaskSpec("text"), tok, n_prompts=5, seq_len=20, seed=1)
     assert t.kind == "next_token" and t.clean.shape == (5, 20) and (t.lengths == 20).all()
