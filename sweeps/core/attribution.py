@@ -51,7 +51,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sweeps.core import transformer as tf
-from sweeps.core.effects import effect_points
+from sweeps.core.effects import effect_points, pair_window
 from sweeps.core.nodes import EMBED, FINAL, Node, edge_name, node_from_name
 from sweeps.core.transformer import Edit, ModelConfig, ModelWeights, Trace, forward
 from tasks.base import TaskData
@@ -715,7 +715,8 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
     A node: its output is replaced by its corrupt output for every reader.
     An edge ``u → d``: only ``d``'s input sees ``u``'s corrupt value (path
     patching of that input); every other reader sees the clean one. The run
-    restarts at the edit's layer from the clean stream.
+    restarts at the edit's layer from the clean stream, and (minimal pairs) computes only
+    each prompt's positions from its first difference on (``effects.pair_window``).
     """
     device = w.device
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
@@ -725,6 +726,7 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
     clean, corrupt = forward(w, clean_embed, record=WRITES_RECORD), forward(w, corrupt_embed, record=WRITES_RECORD)
     L = w.cfg.n_layers
     scratch = Scratch()
+    window = pair_window(w, task, clean.resid_pre)  # corrupt values change nothing before a pair differs
     out = []
     for target in targets:
         site, layer, delta = _upstream_delta(w, target.upstream, clean, corrupt, d_embed)
@@ -736,7 +738,12 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
         else:
             head = None
         resid = clean.resid_pre[layer] if layer < L else clean.resid_final
-        final = forward(w, resid, layer, [Edit(site, layer, delta, head)]).resid_final
+        if window is None:
+            final = forward(w, resid, layer, [Edit(site, layer, delta, head)]).resid_final
+        else:  # only the window's positions restarted; the others are the clean run's
+            edit = Edit(site, layer, window.take(delta), head)
+            part = forward(w, window.take(resid), layer, [edit], window=window).resid_final
+            final = window.put(clean.resid_final, part)
         out.append(metric_terms(w, final, task, scratch).sum())
     return Patched(
         metric=torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64),

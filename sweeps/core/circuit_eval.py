@@ -37,6 +37,7 @@ from torch import Tensor
 
 from sweeps.core import transformer as tf
 from sweeps.core.attribution import Graph, metric_terms, rows_per_layer, upstream_row
+from sweeps.core.effects import pair_window
 from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
 
@@ -82,21 +83,30 @@ class CircuitRunner:
         cfg, device = w.cfg, w.device
         self.clean_tokens = task.clean.to(device)
         with torch.no_grad():
+            self.clean_embed = tf.embed(w, self.clean_tokens)
+            clean = tf.forward(w, self.clean_embed, record=("resid_pre",))
+            self.clean_final = clean.resid_final
+            # Minimal pairs: before a pair's first difference every node's corrupt output is its
+            # clean one, so a circuit's run is the clean run there and only the window is run
+            # (the window keeps the clean streams its attention reads).
+            self.window = pair_window(w, task, clean.resid_pre)
+            take = (lambda x, dim=0: x) if self.window is None else self.window.take
             corrupt_embed = tf.embed(w, task.corrupt.to(device))
             corrupt = tf.forward(w, corrupt_embed, record=("z", "mlp_out"))
             U = len(graph.upstream)
-            B, T = self.clean_tokens.shape
+            B, T = take(self.clean_tokens).shape
             # a*_u, and below every a_u − a*_u and their sums, in float32 whatever the model's
             # dtype (``precision.py``); an edited input goes back into the stream in its dtype.
-            self.corrupt_out = torch.empty(U, B, T, cfg.d_model, device=device)  # a*_u
-            self.corrupt_out[0] = corrupt_embed
+            self.corrupt_out = torch.empty(U, B, T, cfg.d_model, device=device)  # a*_u, on the window
+            self.corrupt_out[0] = take(corrupt_embed)
             for layer in range(cfg.n_layers):
                 row = upstream_row(cfg, layer, 0)
-                self.corrupt_out[row : row + cfg.n_heads] = head_outputs(w, layer, corrupt.z[layer]).permute(2, 0, 1, 3)
+                heads = head_outputs(w, layer, take(corrupt.z[layer])).permute(2, 0, 1, 3)
+                self.corrupt_out[row : row + cfg.n_heads] = heads
                 if not cfg.attn_only:
-                    self.corrupt_out[row + cfg.n_heads] = corrupt.mlp_out[layer]
+                    self.corrupt_out[row + cfg.n_heads] = take(corrupt.mlp_out[layer])
             self.corrupt_metric = float(metric_terms(w, corrupt.resid_final, task).sum())
-            clean_terms = metric_terms(w, tf.forward(w, tf.embed(w, self.clean_tokens)).resid_final, task)
+            clean_terms = metric_terms(w, self.clean_final, task)
             self.clean_metric = float(clean_terms.sum())
             self.n_points = int(clean_terms.shape[0])  # the points the metric sums over
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
@@ -202,7 +212,11 @@ class CircuitRunner:
                     tf.Edit("mlp_out", layer, replace=record_mlp(layer)),
                 ]
         edits.append(tf.Edit("resid_final", cfg.n_layers, replace=read_one(len(graph.downstream) - 1)))
-        final = tf.forward(w, tf.embed(w, self.clean_tokens), 0, edits).resid_final
+        if self.window is None:
+            final = tf.forward(w, self.clean_embed, 0, edits).resid_final
+        else:
+            part = tf.forward(w, self.window.take(self.clean_embed), 0, edits, window=self.window).resid_final
+            final = self.window.put(self.clean_final, part)
         return float(metric_terms(w, final, self.task).sum())
 
 

@@ -19,6 +19,7 @@ effect is ``z · (W_O u / s)``, contracting ``W_O`` with the direction first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -84,13 +85,13 @@ WINDOW_WORTH = 0.8
 
 
 def restart_window(
-    first_change: Int[Tensor, " B"], points: Points, clean: Float[Tensor, "L B T D"], copies: int
+    first_change: Int[Tensor, " B"], points: Points, clean: Sequence[Float[Tensor, "B T D"]], copies: int
 ) -> tf.Window | None:
     """What a restart whose patches change nothing before ``first_change[b]`` must compute: each
     prompt's positions from there (or from its first point, if earlier: its direct effects
     are read there) to its last point; positions after the last point feed no point (attention
     is causal). None when that is more than ``WINDOW_WORTH`` of the positions."""
-    B, T = clean.shape[1], clean.shape[2]
+    B, T = clean[0].shape[0], clean[0].shape[1]
     device = points.pos.device
     first_point = torch.full((B,), T, device=device).scatter_reduce(0, points.batch, points.pos, "amin")
     last_point = torch.full((B,), -1, device=device).scatter_reduce(0, points.batch, points.pos, "amax")
@@ -99,6 +100,15 @@ def restart_window(
     if width > WINDOW_WORTH * T:
         return None
     return tf.Window(torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1), clean, copies)
+
+
+def pair_window(
+    w: ModelWeights, task: TaskData, clean: Sequence[Float[Tensor, "B T D"]], copies: int = 1
+) -> tf.Window | None:
+    """``restart_window`` of a patch by the corrupt prompts' values: minimal pairs share every
+    position before their first difference (``first_difference``)."""
+    first = first_difference(task.clean, task.corrupt)
+    return restart_window(first, effect_points(w, task), clean, copies)
 
 
 def window_points(points: Points, window: tf.Window) -> Points:

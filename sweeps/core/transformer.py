@@ -483,12 +483,12 @@ class Window:
 
     starts: Int[Tensor, " B"]
     width: int
-    clean: Float[Tensor, "L B T D"]  # the clean run's stream entering each block
+    clean: Sequence[Float[Tensor, "B T D"]]  # the clean run's stream entering each block ([L B T D] or a list)
     copies: int = 1
 
     @property
     def n_positions(self) -> int:
-        return int(self.clean.shape[2])
+        return int(self.clean[0].shape[1])
 
     def positions(self, device=None) -> Int[Tensor, "GB W"]:
         """Each row's absolute positions (rows copy-major, as the batch)."""
@@ -501,6 +501,17 @@ class Window:
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         pos = (self.starts[:, None] + torch.arange(self.width, device=self.starts.device)).to(x.device)
         return x[rows, pos].movedim((0, 1), (batch_dim, batch_dim + 1))
+
+    def put(self, full: Float[Tensor, "B T ..."], part: Float[Tensor, "B W ..."]) -> Float[Tensor, "B T ..."]:
+        """``full`` (a clean run's activation) with the window's positions replaced by ``part``
+        (one copy's): the whole run, since the positions outside the window are the clean ones
+        or feed no point."""
+        out = full.clone()
+        rows = torch.arange(full.shape[0], device=full.device)[:, None]
+        out[rows, self.starts[:, None].to(full.device) + torch.arange(self.width, device=full.device)] = part.to(
+            out.dtype
+        )
+        return out
 
 
 def attend_window(
@@ -868,6 +879,7 @@ def forward(
     from_mid: bool = False,
     cut: bool = False,
     rope: Rope = None,
+    window: Optional[Window] = None,
 ) -> Trace:
     """Blocks ``start..L-1`` (see ``blocks``), then any ``resid_final`` edit; records the
     activations named in ``record`` (``RECORDABLE``) and nothing else, so a restart keeps
@@ -876,7 +888,7 @@ def forward(
     if unknown:
         raise ValueError(f"cannot record {sorted(unknown)}; recordable: {', '.join(RECORDABLE)}")
     kept: dict[str, list[Tensor]] = {name: [] for name in record}
-    for s in blocks(w, resid, start, edits, from_mid=from_mid, cut=cut, rope=rope):
+    for s in blocks(w, resid, start, edits, from_mid=from_mid, cut=cut, rope=rope, window=window):
         for name, values in kept.items():
             values.append(getattr(s, name))
         assert s.resid_post is not None

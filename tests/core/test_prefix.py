@@ -122,3 +122,38 @@ def test_the_manifest_says_how_the_restarts_ran(tmp_path, capsys):
         assert {s["restarts"] for s in shards} == {restarts}
         fraction = {s["positions_recomputed"] for s in shards}.pop()
         assert (fraction < 0.5) if restarts == "prefix-shared" else fraction == 1.0
+
+
+@pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
+def test_exact_patching_and_circuit_runs_in_windows_equal_full_runs(loaded_model, name, monkeypatch):
+    """Exact attribution (every node and edge patched alone) and circuit evaluation compute only
+    each pair's positions from its first difference on; with the window turned off they give
+    the same metrics, and the empty and full circuits are the corrupt and clean runs."""
+    from sweeps.core import attribution as A
+    from sweeps.core import circuit_eval as CE
+    from sweeps.core import transformer as tf
+
+    m = loaded_model(name)
+    w, task = m.weights, minimal_pairs(m, seed=2)
+    clean = tf.forward(w, tf.embed(w, task.clean), record=("resid_pre",))
+    assert effects.pair_window(w, task, clean.resid_pre) is not None  # the windows are what is tested
+    graph = A.build_graph(w.cfg)
+    targets = A.every_target(graph, with_edges=True)
+    targets = targets[:: max(1, len(targets) // 60)]  # every node, and edges of every kind
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.zeros(graph.n_edges, dtype=torch.bool), torch.ones(graph.n_edges, dtype=torch.bool),
+             torch.rand(graph.n_edges, generator=g) < 0.3]
+    windowed = A.patch_targets(w, graph, task, targets).metric
+    runner = CE.CircuitRunner(w, graph, task)
+    assert runner.window is not None
+    circuits = [runner.metric(mask) for mask in masks]
+    assert circuits[0] == pytest.approx(runner.corrupt_metric, abs=1e-4)
+    assert circuits[1] == pytest.approx(runner.clean_metric, abs=1e-4)
+    for module in (A, CE):
+        monkeypatch.setattr(module, "pair_window", lambda *a, **k: None)
+    full = A.patch_targets(w, graph, task, targets).metric
+    torch.testing.assert_close(windowed, full, atol=1e-4, rtol=1e-5)
+    full_runner = CE.CircuitRunner(w, graph, task)
+    assert full_runner.window is None
+    for mask, value in zip(masks, circuits):
+        assert value == pytest.approx(full_runner.metric(mask), abs=1e-4)
