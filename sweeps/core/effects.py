@@ -19,7 +19,6 @@ effect is ``z · (W_O u / s)``, contracting ``W_O`` with the direction first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -84,9 +83,7 @@ def first_difference(clean: Int[Tensor, "B T"], corrupt: Int[Tensor, "B T"]) -> 
 WINDOW_WORTH = 0.8
 
 
-def restart_window(
-    first_change: Int[Tensor, " B"], points: Points, clean: Sequence[Float[Tensor, "B T D"]], copies: int
-) -> tf.Window | None:
+def restart_window(first_change: Int[Tensor, " B"], points: Points, clean: tf.Streams, copies: int) -> tf.Window | None:
     """What a restart whose patches change nothing before ``first_change[b]`` must compute: each
     prompt's positions from there (or from its first point, if earlier: its direct effects
     are read there) to its last point; positions after the last point feed no point (attention
@@ -102,9 +99,7 @@ def restart_window(
     return tf.Window(torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1), clean, copies)
 
 
-def pair_window(
-    w: ModelWeights, task: TaskData, clean: Sequence[Float[Tensor, "B T D"]], copies: int = 1
-) -> tf.Window | None:
+def pair_window(w: ModelWeights, task: TaskData, clean: tf.Streams, copies: int = 1) -> tf.Window | None:
     """``restart_window`` of a patch by the corrupt prompts' values: minimal pairs share every
     position before their first difference (``first_difference``)."""
     first = first_difference(task.clean, task.corrupt)

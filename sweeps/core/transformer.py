@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -469,6 +469,10 @@ def attend(
     return z.transpose(1, 2)
 
 
+# The clean run's stream entering each block: stacked [L B T D], or one tensor a layer.
+Streams = Union[Float[Tensor, "L B T D"], Sequence[Float[Tensor, "B T D"]]]
+
+
 @dataclass(frozen=True)
 class Window:
     """A restart that computes only a window of each prompt's positions (prefix-shared
@@ -483,7 +487,7 @@ class Window:
 
     starts: Int[Tensor, " B"]
     width: int
-    clean: Sequence[Float[Tensor, "B T D"]]  # the clean run's stream entering each block ([L B T D] or a list)
+    clean: Streams  # the clean run's stream entering each block
     copies: int = 1
 
     @property
