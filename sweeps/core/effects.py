@@ -19,6 +19,7 @@ effect is ``z · (W_O u / s)``, contracting ``W_O`` with the direction first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,21 +47,26 @@ class Points:
         return self.batch.shape[0]
 
 
+def point_positions(task: TaskData) -> tuple[Int[Tensor, " P"], Int[Tensor, " P"]]:
+    """(prompt, position) of every point the task's metric reads: each prompt's answer (a
+    logit difference), or every position but its last (next-token prediction)."""
+    if task.kind == "logit_diff":
+        return torch.arange(task.n_prompts), task.answer_pos
+    rows = [(b, t) for b in range(task.n_prompts) for t in range(int(task.lengths[b]) - 1)]
+    return torch.tensor([b for b, _ in rows], dtype=torch.long), torch.tensor([t for _, t in rows], dtype=torch.long)
+
+
 def effect_points(w: ModelWeights, task: TaskData) -> Points:
     """The points and directions of a (sub-)batch of a task; the directions in float32 (every
     direct effect is a float32 projection onto them, ``precision.py``)."""
     device = w.device
+    batch, pos = point_positions(task)
     if task.kind == "logit_diff":
-        batch = torch.arange(task.n_prompts)
-        pos = task.answer_pos
         assert task.correct is not None and task.incorrect is not None  # a logit-difference task has both
         correct, incorrect = task.correct.to(device), task.incorrect.to(device)
         u = (w.W_U[:, correct].float() - w.W_U[:, incorrect].float()).T
         bias = w.b_U[correct].float() - w.b_U[incorrect].float()
     else:
-        rows = [(b, t) for b in range(task.n_prompts) for t in range(int(task.lengths[b]) - 1)]
-        batch = torch.tensor([b for b, _ in rows])
-        pos = torch.tensor([t for _, t in rows])
         targets = task.clean[batch, pos + 1].to(device)
         u = w.W_U[:, targets].T.float()
         bias = w.b_U[targets].float()
@@ -83,20 +89,28 @@ def first_difference(clean: Int[Tensor, "B T"], corrupt: Int[Tensor, "B T"]) -> 
 WINDOW_WORTH = 0.8
 
 
-def restart_window(first_change: Int[Tensor, " B"], points: Points, clean: tf.Streams, copies: int) -> tf.Window | None:
-    """What a restart whose patches change nothing before ``first_change[b]`` must compute: each
-    prompt's positions from there (or from its first point, if earlier: its direct effects
-    are read there) to its last point; positions after the last point feed no point (attention
-    is causal). None when that is more than ``WINDOW_WORTH`` of the positions."""
-    B, T = clean[0].shape[0], clean[0].shape[1]
-    device = points.pos.device
-    first_point = torch.full((B,), T, device=device).scatter_reduce(0, points.batch, points.pos, "amin")
-    last_point = torch.full((B,), -1, device=device).scatter_reduce(0, points.batch, points.pos, "amax")
+def window_span(
+    first_change: Int[Tensor, " B"], batch: Int[Tensor, " P"], pos: Int[Tensor, " P"], T: int
+) -> tuple[Int[Tensor, " B"], int] | None:
+    """(each prompt's first position, the width) a restart whose patches change nothing before
+    ``first_change[b]`` must compute, reading points ``(batch, pos)``: each prompt's positions
+    from there (or from its first point, if earlier: its values are read there) to its last
+    point; positions after the last point feed no point (attention is causal). None when that
+    is more than ``WINDOW_WORTH`` of the positions."""
+    B, device = first_change.shape[0], pos.device
+    first_point = torch.full((B,), T, device=device).scatter_reduce(0, batch, pos, "amin")
+    last_point = torch.full((B,), -1, device=device).scatter_reduce(0, batch, pos, "amax")
     starts = torch.minimum(first_change.to(device), first_point)
     width = int((last_point + 1 - starts).max())
     if width > WINDOW_WORTH * T:
         return None
-    return tf.Window(torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1), clean, copies)
+    return torch.minimum(starts, torch.full_like(starts, T - width)), max(width, 1)
+
+
+def restart_window(first_change: Int[Tensor, " B"], points: Points, clean: tf.Streams, copies: int) -> tf.Window | None:
+    """``window_span`` as the ``Window`` of a restart of ``copies`` copies of the prompts."""
+    span = window_span(first_change, points.batch, points.pos, int(clean[0].shape[1]))
+    return None if span is None else tf.Window(span[0], span[1], clean, copies)
 
 
 def pair_window(w: ModelWeights, task: TaskData, clean: tf.Streams, copies: int = 1) -> tf.Window | None:
@@ -109,6 +123,24 @@ def pair_window(w: ModelWeights, task: TaskData, clean: tf.Streams, copies: int 
 def window_points(points: Points, window: tf.Window) -> Points:
     """The points at their positions within the window (a restart's activations are the window's)."""
     return Points(points.batch, points.pos - window.starts.to(points.pos.device)[points.batch], points.u, points.bias)
+
+
+def restart_notes(batches: Sequence[TaskData], prefix_shared: bool = True) -> dict[str, Any]:
+    """What a job's manifest entry says of its patched runs (``Job.notes``): prefix-shared (each
+    batch's pairs restarted from their first difference, where that saves enough) or full, and
+    the fraction of the batches' positions a patched run computes."""
+    computed = total = 0
+    for task in batches:
+        B, T = task.clean.shape
+        span = (
+            window_span(first_difference(task.clean, task.corrupt), *point_positions(task), T)
+            if prefix_shared
+            else None
+        )
+        computed += B * (T if span is None else span[1])
+        total += B * T
+    fraction = computed / max(total, 1)
+    return {"restarts": "prefix-shared" if fraction < 1 else "full", "positions_recomputed": round(fraction, 4)}
 
 
 def gather(x: Float[Tensor, "... B T *rest"], points: Points, batch_dim: int) -> Tensor:

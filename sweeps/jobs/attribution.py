@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from sweeps.core import attribution as A
+from sweeps.core import effects
 from sweeps.jobs import sizing
 from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge
@@ -135,6 +136,7 @@ class AttributionJob(Job):
     steps: int = 1  # interpolation steps of the EAP-IG methods
     exact_edges: bool = False  # --method exact: patch every edge too (small models only)
     _graph: A.Graph | None = field(default=None, repr=False)
+    _patched: list[TaskData] = field(default_factory=list, repr=False)  # the last shard's patched sub-batches
 
     def sizing(self):
         return "attribution", {"batch_size": self.task.n_prompts, "steps": self.steps}
@@ -166,8 +168,20 @@ class AttributionJob(Job):
         """Prompts a patching pass holds: the clean and corrupt runs' writes, and one patched run."""
         return max(1, self.pass_tokens(self.engine.device) // (4 * int(batch.clean.shape[1])))
 
+    def notes(self) -> dict:
+        """How the last shard's patched runs ran (``effects.restart_notes``); nothing for a
+        gradient shard, which patches nothing."""
+        patched = self._patched
+        return effects.restart_notes(patched, prefix_shared=self.engine.name == "fast") if patched else {}
+
+    def _patching(self, batch: TaskData) -> TaskData:
+        """``batch``, noted as patched in this shard."""
+        self._patched.append(batch)
+        return batch
+
     def run_shard(self, shard) -> dict[str, pa.Table]:
         batch = self.task.select(slice(shard.start, shard.stop))
+        self._patched = []
         if isinstance(shard, VerifyShard):
             return {"verify_sums": self._verify(batch, shard)}
         if self.method == "exact":
@@ -192,7 +206,7 @@ class AttributionJob(Job):
         for part in self._chunked(
             batch,
             self._patches_per_pass(batch),
-            lambda sub: self.engine.exact_scores(self.graph, sub, self.exact_edges),
+            lambda sub: self.engine.exact_scores(self.graph, self._patching(sub), self.exact_edges),
             "out of memory patching one prompt; use shorter prompts",
         ):
             total = add(total, part)
@@ -205,7 +219,7 @@ class AttributionJob(Job):
         for metric, sums in self._chunked(
             batch,
             self._patches_per_pass(batch),
-            lambda sub: self.engine.patched_metric(self.graph, sub, list(shard.targets)),
+            lambda sub: self.engine.patched_metric(self.graph, self._patching(sub), list(shard.targets)),
             "out of memory patching one prompt; use shorter prompts",
         ):
             clean += metric

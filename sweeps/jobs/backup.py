@@ -203,21 +203,13 @@ class BackupJob(Job):
         return states
 
     def notes(self) -> dict:
-        """How the restarts ran: prefix-shared (resample ablation of minimal pairs, whose
-        restarts compute each prompt's positions from its first difference on) or full, and
-        the fraction of the batches' positions a restart computes."""
-        computed = total = 0
-        for state in self.batches():
-            B, T = state.tokens.shape
-            window = None
-            if state.first_change is not None and state.resid_pre is not None:
-                window = effects.restart_window(state.first_change, state.points, state.resid_pre, 1)
-            computed += B * (T if window is None else window.width)
-            total += B * T
-        return {
-            "restarts": "prefix-shared" if computed < total else "full",
-            "positions_recomputed": round(computed / total, 4),
-        }
+        """How the restarts ran (``effects.restart_notes``): prefix-shared for a resample
+        ablation (the corrupt prompts' values) on the fast path, else full."""
+        batches = [
+            self.task.select(slice(i, i + self.batch_size)) for i in range(0, self.task.n_prompts, self.batch_size)
+        ]
+        shared = self.ablation == "resample" and self.engine.name == "fast"
+        return effects.restart_notes(batches, prefix_shared=shared)
 
     def _self_repair(
         self,

@@ -19,7 +19,7 @@ import torch
 
 from sweeps.core import attribution as A
 from sweeps.core import circuit_eval as CE
-from sweeps.core import footprint
+from sweeps.core import effects, footprint
 from sweeps.jobs.base import Job
 from sweeps.runtime.chunking import map_chunks, memory_gauge
 from tasks.base import TaskData
@@ -99,6 +99,7 @@ class CircuitJob(Job):
     curves: list[Curve]
     _graph: A.Graph | None = field(default=None, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)  # (start, stop) -> CircuitRunner, kept across shards
+    _evaluated: list[tuple[int, int]] = field(default_factory=list, repr=False)  # the last shard's prompt ranges
 
     def sizing(self):
         return "circuit", {"circuits": 1}
@@ -117,8 +118,14 @@ class CircuitJob(Job):
         assert self._graph is not None, "bind the job to a model first"
         return self._graph
 
+    def notes(self) -> dict:
+        """How the last shard's circuit runs ran (``effects.restart_notes``)."""
+        batches = [self.task.select(slice(a, b)) for a, b in self._evaluated]
+        return effects.restart_notes(batches, prefix_shared=self.engine.name == "fast") if batches else {}
+
     def run_shard(self, shard: CircuitShard) -> dict[str, pa.Table]:
         graph, task = self.graph, self.task
+        self._evaluated = []
         curve = self.curves[shard.curve]
         mask, n_nodes, n_edges = circuit_mask(graph, curve, shard.k)
         device = self.engine.device
@@ -128,6 +135,7 @@ class CircuitJob(Job):
         totals = np.zeros(4)
 
         def evaluate(a: int, b: int) -> np.ndarray:
+            self._evaluated.append((a, b))
             runner = self._runners.get((a, b))
             if runner is None:
                 batch = task.select(slice(a, b))

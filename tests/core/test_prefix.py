@@ -122,6 +122,14 @@ def test_the_manifest_says_how_the_restarts_ran(tmp_path, capsys):
         assert {s["restarts"] for s in shards} == {restarts}
         fraction = {s["positions_recomputed"] for s in shards}.pop()
         assert (fraction < 0.5) if restarts == "prefix-shared" else fraction == 1.0
+    # exact attribution and the circuits evaluated from it patch corrupt values too
+    common = ["--model", "tiny-llama3", "--task", "ioi-s2", "--n-prompts", "8", "--executor", "local", "--no-report"]
+    exact, circuits = tmp_path / "exact", tmp_path / "circuits"
+    assert SWEEPS["attribution"].main([*common, "--method", "exact", "--verify-top", "0", "--out", str(exact)]) == 0
+    assert SWEEPS["circuit"].main([*common, "--from", str(exact), "--sizes", "0.5", "--out", str(circuits)]) == 0
+    for out in (exact, circuits):
+        shards = json.loads((out / "manifest.json").read_text())["shards"].values()
+        assert {s["restarts"] for s in shards} == {"prefix-shared"} and all(s["positions_recomputed"] < 0.5 for s in shards)
 
 
 @pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
