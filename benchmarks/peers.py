@@ -24,6 +24,7 @@ largest logit difference.
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager
 
 import pandas as pd
 import torch
@@ -99,6 +100,43 @@ def nnsight_heads(hf, tokenizer, task: TaskData, heads: list[tuple[int, int]]) -
     return torch.stack(values)
 
 
+@contextmanager
+def full_restarts():
+    """Every window turned off (no window is worth it): today's full restarts, for comparison."""
+    from sweeps.core import effects
+
+    saved = effects.WINDOW_WORTH
+    effects.WINDOW_WORTH = 0.0
+    try:
+        yield
+    finally:
+        effects.WINDOW_WORTH = saved
+
+
+def patching_jobs(w, task: TaskData) -> list[tuple[str, float, float]]:
+    """(what, seconds with prefix-shared runs, seconds with full ones) of exact attribution of
+    every node and of one circuit evaluation (the top 10 % of edges by a seeded random score),
+    with their values checked equal."""
+    from sweeps.core import attribution as A
+    from sweeps.core import circuit_eval as CE
+
+    graph = A.build_graph(w.cfg)
+    mask = CE.top_mask(torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(0)), graph.n_edges // 10)
+    out = []
+    for what, fn in (
+        ("exact attribution, every node", lambda: A.exact_scores(w, graph, task, with_edges=False).nodes),
+        ("circuit evaluation, one circuit", lambda: torch.tensor(CE.CircuitRunner(w, graph, task).metric(mask))),
+    ):
+        values = {}
+        shared = timed(lambda fn=fn: values.__setitem__("shared", fn()))
+        with full_restarts():
+            full = timed(lambda fn=fn: values.__setitem__("full", fn()))
+        difference = float((values["shared"] - values["full"]).abs().max())
+        assert difference <= 1e-4 * max(1.0, float(values["full"].abs().max())), (what, difference)
+        out.append((what, shared, full))
+    return out
+
+
 def run(s: Setup, n_prompts: int = 16, peer_layers: int = 1) -> list[Ratio]:
     w, bridge = s.weights, s.bridge
     L, H = w.cfg.n_layers, w.cfg.n_heads
@@ -114,14 +152,13 @@ def run(s: Setup, n_prompts: int = 16, peer_layers: int = 1) -> list[Ratio]:
         layers = middle_layers(L)  # a restart's cost is linear in the layers after it: their mean is a sweep's
         job = BackupJob(task, "resample", batch_size=n_prompts).bind(w)
         job.batches()
-        full = BackupJob(task, "resample", batch_size=n_prompts).bind(w)
-        full._batches = [_without_prefix(state) for state in job.batches()]  # the same clean state, full restarts
         clean = job.batches()[0].clean_dot / job.batches()[0].scale + job.batches()[0].points.bias
         forwards, ours, ours_full, values = [], [], [], {}
         for layer in layers:
             forwards.append(timed(lambda: forward_logits(w, task.clean), warmup=True))
             ours.append(timed(lambda layer=layer: values.__setitem__(layer, mean_logit_diffs(job, layer, clean))) / H)
-            ours_full.append(timed(lambda layer=layer: full.run_heads(layer, list(range(H)))) / H)
+            with full_restarts():
+                ours_full.append(timed(lambda layer=layer: job.run_heads(layer, list(range(H)))) / H)
         forward = statistics.median(forwards)
         heads = [(layer, h) for layer in layers[:peer_layers] for h in range(H)]
         tl_values = None
@@ -156,6 +193,9 @@ def run(s: Setup, n_prompts: int = 16, peer_layers: int = 1) -> list[Ratio]:
         T = task.clean.shape[1]
         print(f"## peers: {s.name} on {label}, {n_prompts} prompts x {T} tokens; positions recomputed "
               f"{job.notes()['positions_recomputed']:.0%}")
+        jobs = patching_jobs(w, task) if "S2" in label or "context" in label else []
+        rows += [(f"{what}, prefix-shared", shared) for what, shared, _ in jobs]
+        rows += [(f"{what}, full runs", full) for what, _, full in jobs]
         print_timings(rows, forward)
         per_forward = statistics.mean(o / f for o, f in zip(ours, forwards))
         print(f"ours per head / forward: {per_forward:.3f} (full restarts {statistics.mean(ours_full) / forward:.3f}); "
@@ -171,15 +211,8 @@ def run(s: Setup, n_prompts: int = 16, peer_layers: int = 1) -> list[Ratio]:
             Ratio("peers", f"{key}: ours per head / forward", per_forward, goal),
             Ratio("peers", f"{key}: TransformerLens per head / ours", tl / statistics.mean(ours), ">= 5"),
             *([Ratio("peers", f"{key}: nnsight per head / ours", nn / statistics.mean(ours), ">= 5")] if nn else []),
+            *[Ratio("peers", f"{key}: {what.split(',')[0]}, full / prefix-shared", full / shared, ">= 2")
+              for what, shared, full in jobs],
             Ratio("peers", f"{key}: max |peer - ours| / max |value|", max(differences.values()) / scale, "<= 1e-5"),
         ]
     return ratios
-
-
-def _without_prefix(state):
-    """A batch's clean state with full restarts (no first difference known)."""
-    import copy
-
-    plain = copy.copy(state)
-    plain.first_change = None
-    return plain

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
@@ -489,6 +489,20 @@ class Window:
     width: int
     clean: Streams  # the clean run's stream entering each block
     copies: int = 1
+    # each layer's clean keys (positioned) and values, made on first use: every run in the
+    # window (a target, a circuit) reads the same ones
+    clean_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    masks: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def mask(self, sliding: int, device) -> Bool[Tensor, "GB W T"]:
+        """Where each window position's query may attend: causal at its absolute position, and
+        within a sliding window of ``sliding`` positions (0: none)."""
+        key = (sliding, torch.device(device))
+        if key not in self.masks:
+            pos = self.positions(device)[..., None]
+            j = torch.arange(self.n_positions, device=device)
+            self.masks[key] = (j <= pos) & (j > pos - sliding) if sliding else j <= pos
+        return self.masks[key]
 
     @property
     def n_positions(self) -> int:
@@ -534,17 +548,16 @@ def attend_window(
     cfg = w.cfg
     pos = window.positions(q.device)
     q, k = positioned_qk(w, layer, q, k, rope, pos)
-    clean_k, clean_v = kv(w, layer, sublayer_input(cfg, clean))
-    clean_k = apply_rotary(cfg, _qk_norm(w, layer, clean_k, "k"), rope, layer)
+    if layer not in window.clean_kv or window.clean_kv[layer][0].device != q.device:
+        clean_k, clean_v = kv(w, layer, sublayer_input(cfg, clean))
+        window.clean_kv[layer] = apply_rotary(cfg, _qk_norm(w, layer, clean_k, "k"), rope, layer), clean_v
+    clean_k, clean_v = window.clean_kv[layer]
     rows = torch.arange(pos.shape[0], device=q.device)[:, None]
     keys, values = clean_k.repeat(window.copies, 1, 1, 1), clean_v.repeat(window.copies, 1, 1, 1)
     keys[rows, pos], values[rows, pos] = k.to(keys.dtype), v.to(values.dtype)
     keys = keys.repeat_interleave(cfg.group_size, dim=2)
     values = values.repeat_interleave(cfg.group_size, dim=2)
-    j = torch.arange(keys.shape[1], device=q.device)
-    mask = j <= pos[..., None]  # [GB, W, T]
-    if cfg.window(layer):
-        mask = mask & (j > pos[..., None] - cfg.window(layer))
+    mask = window.mask(cfg.window(layer), q.device)  # [GB, W, T]
     if cfg.attn_softcap:
         scores = torch.einsum("bqhe,bkhe->bhqk", q, keys) * cfg.scale
         scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
