@@ -141,7 +141,7 @@ def write_task_report(
     for name, frame in frames.items():
         with plots.atomic_output(table_dir / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
-    manifest = {"spec": spec, "summary": tables.summary}
+    manifest = {"spec": spec, "summary": tables.summary, "lines": summary_lines(tables, k)}  # lines: what it printed
     with plots.atomic_output(out / "manifest.json") as tmp:  # written last: the report's commit record
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
 

@@ -1,5 +1,5 @@
 """Every sweep as a function call, for notebooks: ``from sweeps.api import backup, scale,
-attribution, circuit, load``.
+attribution, circuit, report, load``.
 
     from sweeps.api import backup
     r = backup("smollm2-135m", "ioi", heads="L22,L23", n_prompts=32)
@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["backup", "scale", "attribution", "circuit", "load", "Result", "options_of"]
+__all__ = ["backup", "scale", "attribution", "circuit", "report", "load", "Result", "Report", "options_of"]
 
 # What a notebook call does unless asked otherwise (the command's defaults otherwise).
 API_DEFAULTS = {"executor": "local", "wandb": "disabled", "no_report": True}
@@ -157,29 +157,81 @@ class Result:
     def plot(self, name: str):
         """One of the report's figures (``figures()`` names them) as a matplotlib figure, which a
         notebook shows inline."""
-        import matplotlib.pyplot as plt
-
-        figures = self.figures()
-        if name not in figures:
-            close = difflib.get_close_matches(name, list(figures), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"no figure {name!r}.{hint} Figures: {', '.join(figures)}")
-        image = plt.imread(figures[name])
-        height, width = image.shape[:2]
-        fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
-        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-        ax.imshow(image)
-        ax.set_axis_off()
-        plt.close(fig)  # shown where it is returned (a notebook cell), not by pyplot's state
-        # A notebook shows the report's own PNG, whatever matplotlib backend is active (the
-        # analysis modules draw with Agg, which registers no inline display).
-        png = figures[name].read_bytes()
-        fig._repr_png_ = lambda: png  # type: ignore[attr-defined]
-        return fig
+        return _figure(self.figures(), name)
 
     def __repr__(self) -> str:  # the tables once read (reading them is the results' loading)
         tables = f": {', '.join(self.datasets)}" if self._results is not None else ""
         return f"<{self.sweep} results in {self.out}{tables}>"
+
+
+class Report:
+    """The task report's directory (``interp-sweeps report``): its tables as DataFrames
+    (``r.heads``, ``r.layers``, ..., ``r.tables`` names them), ``summary()``, its figures
+    (``figures()``, ``plot(name)``), the attention page (``attention``), ``out``."""
+
+    sweep = "report"
+
+    def __init__(self, sweep: str, out: Path, keep: Any = None):
+        self.out, self._keep = Path(out), keep
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(sorted(p.stem for p in (self.out / "tables").glob("*.csv")))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in self.tables:
+            raise AttributeError(f"the task report has no table {name!r}; tables: {', '.join(self.tables)}")
+        import pandas as pd
+
+        return pd.read_csv(self.out / "tables" / f"{name}.csv")
+
+    @property
+    def manifest(self) -> dict:
+        import json
+
+        return json.loads((self.out / "manifest.json").read_text())
+
+    def summary(self) -> str:
+        """The lines the command printed."""
+        return "\n".join(self.manifest["lines"])
+
+    @property
+    def attention(self) -> Path:
+        """The attention page (open it in a browser, or ``IPython.display.IFrame`` it)."""
+        return self.out / "attention.html"
+
+    def figures(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted((self.out / "plots").glob("*.png"))}
+
+    def plot(self, name: str):
+        """One of the report's figures as a matplotlib figure (``Result.plot``)."""
+        return _figure(self.figures(), name)
+
+    def __repr__(self) -> str:
+        return f"<task report in {self.out}: {', '.join(self.tables)}>"
+
+
+def _figure(figures: dict[str, Path], name: str):
+    """Figure ``name`` of ``figures`` (PNG files by name) as a matplotlib figure that a notebook
+    shows inline, as the file itself."""
+    import matplotlib.pyplot as plt
+
+    if name not in figures:
+        close = difflib.get_close_matches(name, list(figures), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"no figure {name!r}.{hint} Figures: {', '.join(figures)}")
+    image = plt.imread(figures[name])
+    height, width = image.shape[:2]
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.imshow(image)
+    ax.set_axis_off()
+    plt.close(fig)  # shown where it is returned (a notebook cell), not by pyplot's state
+    # A notebook shows the report's own PNG, whatever matplotlib backend is active (the
+    # analysis modules draw with Agg, which registers no inline display).
+    png = figures[name].read_bytes()
+    fig._repr_png_ = lambda: png  # type: ignore[attr-defined]
+    return fig
 
 
 def _records_file(records: list[dict]) -> Path:
@@ -263,7 +315,8 @@ def run(sweep: str, model: Any, task: Any, out: str | Path | None = None, tokeni
     if out is None:
         keep = tempfile.TemporaryDirectory(prefix=f"sweeps-{sweep}-")
         out = Path(keep.name) / "results"
-    argv = _argv(sweep, {**API_DEFAULTS, "model": model, "task": task, **options, "out": str(out)})
+    defaults = {k: v for k, v in API_DEFAULTS.items() if k in options_of(sweep)}  # the report has no executor
+    argv = _argv(sweep, {**defaults, "model": model, "task": task, **options, "out": str(out)})
     try:
         args = _parser(sweep).parse_args(argv)
         code = SWEEPS[sweep](args).run(argv)
@@ -279,7 +332,7 @@ def run(sweep: str, model: Any, task: Any, out: str | Path | None = None, tokeni
         )
     if code != 0:
         raise RuntimeError(f"the {sweep} sweep did not finish (exit code {code}); its messages are above")
-    return Result(sweep, Path(out), keep)
+    return (Report if sweep == "report" else Result)(sweep, Path(out), keep)
 
 
 def backup(
@@ -310,11 +363,23 @@ def circuit(
     return run("circuit", model, task, out, tokenizer, **options)
 
 
-def load(out: str | Path) -> Result:
-    """Reopen any sweep's results directory (the sweep is read from its ``sweep.json``)."""
+def report(
+    model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Report:
+    """The task report (``interp-sweeps report --help`` lists the options): direct logit
+    attribution, logit lens and attention patterns of one clean run."""
+    return run("report", model, task, out, tokenizer, **options)  # type: ignore[return-value]
+
+
+def load(out: str | Path) -> Result | Report:
+    """Reopen any sweep's results directory (the sweep is read from its ``sweep.json``) or a
+    task report's (its ``manifest.json``)."""
     import json
 
     spec = Path(out) / "sweep.json"
-    if not spec.is_file():
-        raise ValueError(f"{out} is not a sweep's results directory (no sweep.json)")
-    return Result(json.loads(spec.read_text())["sweep"], Path(out))
+    if spec.is_file():
+        return Result(json.loads(spec.read_text())["sweep"], Path(out))
+    manifest = Path(out) / "manifest.json"
+    if manifest.is_file() and "lines" in json.loads(manifest.read_text()):
+        return Report("report", Path(out))
+    raise ValueError(f"{out} is not a sweep's results directory (no sweep.json) or a task report's")

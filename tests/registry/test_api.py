@@ -42,7 +42,7 @@ def test_out_none_is_a_temporary_directory_the_result_keeps(capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("sweep", sorted(n for n in SWEEPS if n in ("backup", "scale", "attribution", "circuit")))
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
 def test_every_option_of_the_command_is_a_keyword(sweep):
     parser = SWEEPS[sweep].parser()
     flags = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
@@ -265,3 +265,20 @@ def test_a_model_in_memory_goes_to_ray_workers_once_through_the_object_store(ray
     assert len(loads) == 1 and stored.count("LoadedModel") == 1  # processed once, here; in the store once
     pd.testing.assert_frame_equal(_numbers(remote.slopes), _numbers(local.slopes))
     assert len({w["pid"] for w in remote.results.manifest["workers"]}) == 2
+
+
+def test_the_task_report_from_a_function_gives_the_commands_tables(tmp_path, capsys):
+    """``report(model, task)``: the command's tables as DataFrames, its printed summary, its
+    figures and attention page; a bridge in memory gives the named model's tables."""
+    from sweeps.registry import SWEEPS
+
+    assert SWEEPS["report"].main(["--model", "tiny-llama3", "--wandb", "disabled", "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    cli = api.load(tmp_path / "cli")
+    assert isinstance(cli, api.Report) and "heads" in cli.tables
+    mine = api.report(_bridge("tiny-llama3", True))
+    pd.testing.assert_frame_equal(mine.heads, cli.heads)
+    assert mine.summary() == cli.summary() and mine.summary().splitlines()[0] in printed
+    assert mine.attention.is_file() and "dla_heads" in mine.figures()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'executor'"):
+        api.report("tiny-llama3", executor="ray")  # the report runs in this process: no such option
