@@ -28,7 +28,7 @@ import difflib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["backup", "scale", "attribution", "circuit", "report", "load", "Result", "Report", "options_of"]
 
@@ -288,7 +288,9 @@ def _task(task: Any, options: dict[str, Any]) -> str:
     return str(_records_file([{k: row[k] for k in FIELDS} for row in task]))
 
 
-def run(sweep: str, model: Any, task: Any, out: str | Path | None = None, tokenizer: Any = None, **options) -> Result:
+def run(
+    sweep: str, model: Any, task: Any, out: str | Path | None = None, tokenizer: Any = None, **options
+) -> Result | Report:
     """Run sweep ``sweep`` (a name of the registry) as its command would, in this process by default.
 
     ``model``: what ``--model`` takes (a name, a hub name, a directory), or a model in memory:
@@ -339,28 +341,28 @@ def backup(
     model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The backup sweep (``interp-sweeps backup --help`` lists the options)."""
-    return run("backup", model, task, out, tokenizer, **options)
+    return cast(Result, run("backup", model, task, out, tokenizer, **options))
 
 
 def scale(
     model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The scale sweep (``interp-sweeps scale --help`` lists the options)."""
-    return run("scale", model, task, out, tokenizer, **options)
+    return cast(Result, run("scale", model, task, out, tokenizer, **options))
 
 
 def attribution(
     model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """The attribution sweep (``interp-sweeps attribution --help`` lists the options)."""
-    return run("attribution", model, task, out, tokenizer, **options)
+    return cast(Result, run("attribution", model, task, out, tokenizer, **options))
 
 
 def circuit(
     model: Any = "smollm2-135m", task: Any = "ioi", out: str | Path | None = None, tokenizer: Any = None, **options
 ) -> Result:
     """Circuit evaluation (``interp-sweeps circuit --help`` lists the options)."""
-    return run("circuit", model, task, out, tokenizer, **options)
+    return cast(Result, run("circuit", model, task, out, tokenizer, **options))
 
 
 def report(
@@ -368,7 +370,7 @@ def report(
 ) -> Report:
     """The task report (``interp-sweeps report --help`` lists the options): direct logit
     attribution, logit lens and attention patterns of one clean run."""
-    return run("report", model, task, out, tokenizer, **options)  # type: ignore[return-value]
+    return cast(Report, run("report", model, task, out, tokenizer, **options))
 
 
 def load(out: str | Path) -> Result | Report:
