@@ -27,10 +27,11 @@ import argparse
 import difflib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
-__all__ = ["backup", "scale", "attribution", "circuit", "report", "load", "Result", "Report", "options_of"]
+__all__ = ["backup", "scale", "attribution", "circuit", "report", "load", "hf_model", "Result", "Report", "options_of"]
 
 # What a notebook call does unless asked otherwise (the command's defaults otherwise).
 API_DEFAULTS = {"executor": "local", "wandb": "disabled", "no_report": True}
@@ -321,7 +322,9 @@ def run(
     argv = _argv(sweep, {**defaults, "model": model, "task": task, **options, "out": str(out)})
     try:
         args = _parser(sweep).parse_args(argv)
-        code = SWEEPS[sweep](args).run(argv)
+        with warnings.catch_warnings():  # a notebook without ipywidgets: text bars, without tqdm's warning
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            code = SWEEPS[sweep](args).run(argv)
     except (_Refused, UserError) as err:
         raise ValueError(str(err)) from None
     except KeyboardInterrupt:  # before the sweep's own handling (checking input, loading the model)
@@ -371,6 +374,19 @@ def report(
     """The task report (``interp-sweeps report --help`` lists the options): direct logit
     attribution, logit lens and attention patterns of one clean run."""
     return cast(Report, run("report", model, task, out, tokenizer, **options))
+
+
+def hf_model(name: str = "smollm2-135m") -> tuple[Any, Any]:
+    """(a Hugging Face model, its tokenizer) in memory, of any name ``--model`` takes: the
+    embedded SmolLM2, a tiny test model, a directory, a hub name. Every sweep function takes it
+    back (``backup(model, tokenizer=tokenizer)``), processing it once however many sweeps run."""
+    from sweeps.runtime import loading, models
+
+    try:
+        model, tokenizer, _ = loading.load_hf_model(models.describe_model(name))
+    except models.ModelNameError as err:
+        raise ValueError(str(err)) from None
+    return model.eval(), tokenizer
 
 
 def load(out: str | Path) -> Result | Report:

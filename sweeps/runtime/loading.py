@@ -222,8 +222,9 @@ class HubSource(Source):
 
 class MemorySource(Source):
     """A model in this process's memory (``register_model``): a Hugging Face model is processed
-    from a float32 copy, so the caller's model is left as it was; a processed bridge's weights
-    are used as read. Not cached (it has no files)."""
+    from a float32 copy, so the caller's model is left as it was, once (the processed weights
+    stay with the entry: a second sweep on it does not process it again); a processed bridge's
+    weights are used as read. Not in the on-disk cache (it has no files)."""
 
     def tokenizer(self, info: ModelInfo):
         return IN_MEMORY[info.source].tokenizer
@@ -238,8 +239,11 @@ class MemorySource(Source):
         return copy.deepcopy(entry.hf_model).float().eval(), self.tokenizer(info), hub_name
 
     def weights(self, info: ModelInfo) -> ModelWeights:
+        """Processed once in this process and kept with the model (its name is its weights' hash)."""
         entry = IN_MEMORY[info.source]
-        return entry.weights if entry.weights is not None else whole_weights(info)
+        if entry.weights is None:
+            entry.weights = whole_weights(info)
+        return entry.weights
 
     def cache_key(self, info: ModelInfo) -> Path | None:
         return None

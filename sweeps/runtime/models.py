@@ -240,7 +240,7 @@ def resolve_hub_name(name: str) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class InMemory:
     """A model handed over in memory (``sweeps.api``: a notebook's model): its Hugging Face
     config and tokenizer, and either the Hugging Face model (processed like any other) or,
@@ -250,7 +250,7 @@ class InMemory:
     config: Any
     tokenizer: Any
     hf_model: Any = None
-    weights: Any = None  # ModelWeights
+    weights: Any = None  # ModelWeights: read off a processed bridge, or processed once from hf_model
 
 
 # Models in this process's memory, by the name ``loading.register_model`` gave them;
@@ -278,6 +278,9 @@ def add_in_memory(entry: InMemory, digest: str) -> str:
     same weights (a resumed run finds its results), by which every command's code reads it."""
     label = str(getattr(entry.config, "_name_or_path", "") or entry.config.model_type).replace("/", "--")
     name = f"memory:{label}@{digest}"
+    earlier = IN_MEMORY.get(name)
+    if earlier is not None and entry.weights is None:  # the same weights, maybe processed already
+        entry.weights = earlier.weights
     IN_MEMORY[name] = entry
     return name
 

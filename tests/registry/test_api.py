@@ -62,7 +62,7 @@ def test_bad_input_is_an_exception_with_the_commands_message(capsys):
 
 
 @pytest.mark.slow
-def test_a_hugging_face_model_in_memory_gives_the_named_models_numbers_and_is_left_as_it_was(capsys):
+def test_a_hugging_face_model_in_memory_gives_the_named_models_numbers_and_is_left_as_it_was(capsys, monkeypatch):
     import torch
 
     from sweeps.runtime import loading, models, tiny_models
@@ -75,6 +75,11 @@ def test_a_hugging_face_model_in_memory_gives_the_named_models_numbers_and_is_le
     pd.testing.assert_frame_equal(_numbers(mine.slopes), _numbers(named.slopes))
     assert all(torch.equal(before[k], v) for k, v in hf.state_dict().items())  # processed from a copy
     assert mine.results.spec["model"].startswith("memory:")
+    processed = []
+    real = loading.whole_weights
+    monkeypatch.setattr(loading, "whole_weights", lambda info: processed.append(info) or real(info))
+    again = api.backup(hf, tokenizer=tokenizer, n_prompts=4, heads="L2")  # the same model: not processed again
+    assert processed == [] and again.results.spec["model"] == mine.results.spec["model"]
 
 
 def test_a_model_in_memory_refuses_ray_and_a_tokenizer_it_cannot_read(capsys):
