@@ -236,7 +236,10 @@ class MemorySource(Source):
         if entry.hf_model is None:  # refused at registration for the bridge path
             raise ModelNameError(f"{info.name} holds processed weights, not a Hugging Face model")
         hub_name = str(getattr(entry.config, "_name_or_path", "") or info.source)
-        return copy.deepcopy(entry.hf_model).float().eval(), self.tokenizer(info), hub_name
+        model = copy.deepcopy(entry.hf_model)
+        if _gguf_loaded(model):  # de-quantised when it loaded: the quantizer left only refuses casts
+            model.hf_quantizer = None
+        return model.float().eval(), self.tokenizer(info), hub_name
 
     def weights(self, info: ModelInfo) -> ModelWeights:
         """Processed once in this process and kept with the model (its name is its weights' hash)."""
@@ -247,6 +250,13 @@ class MemorySource(Source):
 
     def cache_key(self, info: ModelInfo) -> Path | None:
         return None
+
+
+def _gguf_loaded(model) -> bool:
+    """A model transformers loaded from a GGUF file (its weights de-quantised to a float dtype)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    return quantizer is not None and str(getattr(method, "value", method)) == "gguf"
 
 
 def register_model(model, tokenizer=None) -> str:
