@@ -238,7 +238,7 @@ class MemorySource(Source):
         hub_name = str(getattr(entry.config, "_name_or_path", "") or info.source)
         model = copy.deepcopy(entry.hf_model)
         if _gguf_loaded(model):  # de-quantised when it loaded: the quantizer left only refuses casts
-            model.hf_quantizer = None
+            model.hf_quantizer, model.is_quantized, model.config.quantization_config = None, False, None
         return model.float().eval(), self.tokenizer(info), hub_name
 
     def weights(self, info: ModelInfo) -> ModelWeights:
