@@ -24,6 +24,7 @@ resumed (call again with ``out=r.out``) or logged later.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import tempfile
@@ -322,8 +323,7 @@ def run(
     argv = _argv(sweep, {**defaults, "model": model, "task": task, **options, "out": str(out)})
     try:
         args = _parser(sweep).parse_args(argv)
-        with warnings.catch_warnings():  # a notebook without ipywidgets: text bars, without tqdm's warning
-            warnings.filterwarnings("ignore", message="IProgress not found")
+        with _quiet():
             code = SWEEPS[sweep](args).run(argv)
     except (_Refused, UserError) as err:
         raise ValueError(str(err)) from None
@@ -383,10 +383,20 @@ def hf_model(name: str = "smollm2-135m") -> tuple[Any, Any]:
     from sweeps.runtime import loading, models
 
     try:
-        model, tokenizer, _ = loading.load_hf_model(models.describe_model(name))
+        with _quiet():
+            model, tokenizer, hub_name = loading.load_hf_model(models.describe_model(name))
     except models.ModelNameError as err:
         raise ValueError(str(err)) from None
+    model.config._name_or_path = hub_name  # what its sweeps are labelled with (not a file path)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet():
+    """In a notebook without ipywidgets: text progress bars, without tqdm's warning about them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        yield
 
 
 def load(out: str | Path) -> Result | Report:

@@ -276,7 +276,10 @@ def tensors_digest(named, digest_size: int = 8) -> str:
 def add_in_memory(entry: InMemory, digest: str) -> str:
     """Register ``entry`` under ``memory:<its name or path>@<digest>``: the same name for the
     same weights (a resumed run finds its results), by which every command's code reads it."""
-    label = str(getattr(entry.config, "_name_or_path", "") or entry.config.model_type).replace("/", "--")
+    label = str(getattr(entry.config, "_name_or_path", "") or entry.config.model_type)
+    if label.startswith((os.sep, ".")) or os.path.isdir(label):  # a directory: its name
+        label = Path(label).name
+    label = label.replace("/", "--")
     name = f"memory:{label}@{digest}"
     earlier = IN_MEMORY.get(name)
     if earlier is not None and entry.weights is None:  # the same weights, maybe processed already
