@@ -1,8 +1,9 @@
 """Every sweep as a function call, for notebooks: ``from sweeps.api import backup, scale,
-attribution, circuit, report, load``.
+attribution, circuit, report, load, hf_model``.
 
-    from sweeps.api import backup
-    r = backup("smollm2-135m", "ioi", heads="L22,L23", n_prompts=32)
+    from sweeps.api import backup, hf_model
+    model, tokenizer = hf_model("smollm2-135m")  # or any Hugging Face model, or a TransformerBridge
+    r = backup(model, "ioi", tokenizer=tokenizer, heads="L22,L23", n_prompts=32)
     r.slopes            # a pandas DataFrame, read when first asked for
     print(r.summary())  # the lines the command prints
     r.plot("slopes")    # one of the report's figures (r.figures() names them)
@@ -15,8 +16,7 @@ asked (``r.to_wandb()``). The keywords are parsed by the command's own parser (t
 so a function has exactly the command's options and checks; ``model`` may also be a model in
 memory (a Hugging Face model with ``tokenizer=``, or a TransformerBridge), ``task`` rows of
 prompts (``_task``), and a result stands for its directory (``circuit(m, sources=[r])``).
-Bad input raises ``ValueError``
-with the command's one-line message, before any work. ``out=None`` writes to a fresh
+Bad input raises ``ValueError`` with the command's one-line message, before any work. ``out=None`` writes to a fresh
 temporary directory that the result keeps alive for as long as it exists, so the run can be
 resumed (call again with ``out=r.out``) or logged later.
 """
