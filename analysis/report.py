@@ -518,6 +518,8 @@ def write_circuit_report(results, wandb_mode: str = "offline", project: str = "i
         values = {"clean_metric": results.clean_metric, "corrupt_metric": results.corrupt_metric}
         for row in summary.itertuples():
             values[f"cpr/{row.circuit}"], values[f"cmd/{row.circuit}"] = row.cpr, row.cmd
+        for (label, _, _), block in results.mib_blocks().items():  # --sizes mib
+            values[f"mib_cpr/{label}"], values[f"mib_cmd/{label}"] = block["cpr"], block["cmd"]
         return log_run(
             "circuit",
             results.out,

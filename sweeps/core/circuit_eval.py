@@ -22,8 +22,15 @@ W_O[h] + b_O``, and a head's output is its share ``(z_h W_O[h] + b_O / H) / rms(
 
 Faithfulness of a circuit ``C``: ``(m(C) − m(corrupt)) / (m(clean) − m(corrupt))``, the
 metric summed over the task's points. Over circuits of growing size (fractions of the
-edges or nodes, top by |score|) it makes a curve; MIB's CPR is the area under it and CMD
-the area between it and 1 (``|1 − f|``), both over the fraction axis (trapezoids).
+edges or nodes, top by |score|) it makes a curve; CPR is the area under it and CMD the
+area between it and 1 (``|1 − f|``), both over the (linear) fraction axis (trapezoids).
+
+MIB's own evaluation (``--sizes mib``; hannamw/MIB-circuit-track, ``evaluation.py``, with
+EAP-IG's ``Graph.apply_topn`` and ``prune``) differs in four ways, each a function here:
+ten fixed fractions (``MIB_FRACTIONS``), ``int(fraction × n)`` candidates (``mib_count``),
+circuits pruned to the edges on a path from the embeddings to the logits (``prune_mask``),
+and CPR from the signed ranking (top by score) but CMD from the absolute one, each by
+trapezoids over those fractions alone (``mib_areas``). docs/circuits.md lists why.
 """
 
 from __future__ import annotations
@@ -55,13 +62,107 @@ def node_edge_mask(graph: Graph, nodes: set[str]) -> Bool[Tensor, " n_edges"]:
     return torch.cat([inside[:p] for p in graph.prefix])
 
 
-def top_mask(scores: Float[Tensor, " n"], k: int) -> Bool[Tensor, " n"]:
-    """The ``k`` entries of highest |score| (ties: the first in order)."""
+def top_mask(scores: Float[Tensor, " n"], k: int, absolute: bool = True) -> Bool[Tensor, " n"]:
+    """The ``k`` entries of highest |score| (``absolute=False``: of highest score, MIB's signed
+    ranking); NaN scores last, ties the first in order."""
     mask = torch.zeros(scores.shape[0], dtype=torch.bool)
     if k > 0:
-        order = torch.argsort(-scores.abs().nan_to_num(-1.0), stable=True)
+        key = scores.abs() if absolute else scores
+        key = torch.where(key.isnan(), torch.tensor(-math.inf, dtype=key.dtype), key)
+        order = torch.argsort(-key, stable=True)
         mask[order[:k]] = True
     return mask
+
+
+# --------------------------------------------------------------------------- #
+# MIB's evaluation (hannamw/MIB-circuit-track, evaluation.py; EAP-IG's graph.py)
+# --------------------------------------------------------------------------- #
+
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # ``percentages`` there
+
+
+def mib_count(fraction: float, n: int) -> int:
+    """The size of MIB's circuit at ``fraction`` of ``n`` scored edges (nodes): ``int(fraction ×
+    n)``, truncated as ``evaluate_area_under_curve`` does, so it can be 0 (the empty circuit)
+    and two fractions can give the same circuit on a small graph."""
+    return int(fraction * n)
+
+
+def edge_ends(graph: Graph) -> tuple[Tensor, Tensor]:
+    """(upstream row, downstream index) of every edge, in graph order."""
+    upstream = torch.cat([torch.arange(p) for p in graph.prefix])
+    downstream = torch.repeat_interleave(torch.arange(len(graph.downstream)), torch.tensor(graph.prefix))
+    return upstream, downstream
+
+
+def input_readers(graph: Graph) -> Bool[Tensor, "n_inputs n_upstream_plus_1"]:
+    """Which node each downstream input feeds: ``[d, u]`` is true when input ``d`` is read by the
+    upstream node ``u`` (q by its head, a key/value head's k and v by every query head of its
+    group, an MLP's input by the MLP); the last column is the logits, fed by the final stream.
+
+    A graph edge ``u → d`` is MIB's edge from ``u`` into the node(s) of this row: EAP-IG's graph
+    has k and v edges per query head, and a shared k (v) input here is all of them at once."""
+    index = {name: i for i, name in enumerate(graph.upstream)}
+    q_heads = [d for d in graph.downstream if d.input == "q" and d.layer == 0]
+    kv_heads = [d for d in graph.downstream if d.input == "k" and d.layer == 0]
+    group = len(q_heads) // max(1, len(kv_heads))
+    readers = torch.zeros(len(graph.downstream), len(graph.upstream) + 1, dtype=torch.bool)
+    for i, d in enumerate(graph.downstream):
+        if d.input == "resid":
+            readers[i, -1] = True
+        elif d.input in ("k", "v"):
+            assert d.head is not None
+            for h in range(d.head * group, (d.head + 1) * group):
+                readers[i, index[f"L{d.layer}H{h}"]] = True
+        else:  # q (named after its head) or an MLP's input (named after the MLP)
+            readers[i, index[d.name]] = True
+    return readers
+
+
+def prune_mask(graph: Graph, mask: Bool[Tensor, " n_edges"]) -> Bool[Tensor, " n_edges"]:
+    """The edges of ``mask`` that lie on a path of ``mask``'s edges from the embeddings to the
+    logits (the final stream): MIB's circuits after EAP-IG's ``Graph.prune``, which drops, until
+    nothing changes, every node without an edge in (the embeddings always have one) or out
+    (the logits are always kept) and every edge whose parent or child was dropped.
+
+    Why it matters: the count. On a model without post-norms the metric cannot change (a node
+    no circuit edge reaches reads only corrupt inputs, so it writes its corrupt output; a node
+    that reaches no reader of the logits changes nothing the metric reads), but the edges
+    MIB reports are those left after pruning."""
+    mask = mask.to(torch.bool).cpu()
+    if mask.shape[0] != graph.n_edges:
+        raise ValueError(f"a circuit mask of {mask.shape[0]} edges for a graph of {graph.n_edges}")
+    upstream, downstream = edge_ends(graph)
+    readers = input_readers(graph)
+    # Forward: the nodes that a path of circuit edges from the embeddings enters.
+    reached = torch.zeros(readers.shape[1], dtype=torch.bool)
+    reached[0] = True
+    while True:
+        fed = torch.zeros(readers.shape[0], dtype=torch.bool)
+        fed[downstream[mask & reached[upstream]]] = True
+        grown = reached | (fed[:, None] & readers).any(0)
+        if torch.equal(grown, reached):
+            break
+        reached = grown
+    # Backward: the nodes from which a path of circuit edges leads to the logits.
+    useful = torch.zeros(readers.shape[1], dtype=torch.bool)
+    useful[-1] = True
+    while True:
+        needed = (readers & useful).any(1)  # inputs read by a useful node
+        grown = useful.clone()
+        grown[upstream[mask & needed[downstream]]] = True
+        if torch.equal(grown, useful):
+            break
+        useful = grown
+    return mask & reached[upstream] & needed[downstream]
+
+
+def mib_areas(fractions, signed, absolute) -> tuple[float, float]:
+    """MIB's (CPR, CMD) at ``fractions`` (``MIB_FRACTIONS``): CPR the area under the
+    faithfulness of the signed ranking's circuits, CMD the area under ``|1 − f|`` of the
+    absolute ranking's, each by trapezoids over the fractions as given, on a linear axis:
+    no (0, 0) point, so the areas start at the smallest fraction (0.001)."""
+    return area_scores(fractions, signed)[0], area_scores(fractions, absolute)[1]
 
 
 def head_outputs(w: ModelWeights, layer: int, z: Float[Tensor, "B T H E"]) -> Float[Tensor, "B T H D"]:

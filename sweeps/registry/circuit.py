@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,12 +14,32 @@ from sweeps.registry.base import Sweep
 from sweeps.registry.cli import UserError, number_list
 
 
+def nulls(value):
+    """``value`` (dicts, lists, numbers) with NaN and infinities as None: JSON's null, as
+    ``DataFrame.to_json`` writes them beside it."""
+    if isinstance(value, dict):
+        return {k: nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nulls(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def is_mib(text: str | None) -> bool:
+    """Whether ``--sizes`` asks for MIB's evaluation (``mib``)."""
+    return text is not None and text.strip().lower() == "mib"
+
+
 def parse_sizes(text: str | None) -> list[float]:
-    """``"0.01,0.1,1"`` -> sorted fractions; a one-line error for anything outside (0, 1]."""
-    from sweeps.core.circuit_eval import default_sizes
+    """``"0.01,0.1,1"`` -> sorted fractions; ``"mib"`` -> MIB's ten; a one-line error for
+    anything outside (0, 1], or ``mib`` among numbers (MIB's fractions are fixed)."""
+    from sweeps.core.circuit_eval import MIB_FRACTIONS, default_sizes
 
     if text is None:
         return [s for s in default_sizes() if s > 0]
+    if is_mib(text):
+        return list(MIB_FRACTIONS)
+    if "mib" in text.lower():
+        raise UserError(f"--sizes {text}: mib stands alone (MIB's ten fractions are fixed); or give fractions only")
     return number_list(text, "--sizes", lambda x: 0 < x <= 1, "a fraction in (0, 1]", "0.001,0.01,0.1,1")
 
 
@@ -37,16 +58,20 @@ class CircuitSweep(Sweep):
 
     --from DIR evaluates the top edges (or nodes) of an attribution result at each
     of --sizes (fractions of all edges or nodes, top by |score|): a faithfulness
-    curve, summarised by MIB's CPR (area under it: higher is better) and CMD (area
+    curve, summarised by CPR (area under it: higher is better) and CMD (area
     between it and 1: lower is better). Several --from results (eap, eap-ig-inputs,
-    exact, ...) give one curve each, in one plot. --circuit FILE evaluates one
+    exact, ...) give one curve each, in one plot. --sizes mib evaluates as MIB does
+    (docs/circuits.md): its ten fractions, int(fraction x edges) edges, circuits pruned
+    to the paths from the embeddings to the logits, CPR from the ranking by score and
+    CMD from the ranking by |score|, trapezoids from 0.001 to 1; printed as MIB's
+    beside ours and kept in summary.json (mib). --circuit FILE evaluates one
     circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
     (upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
     L5H1->resid_final: the names the attribution sweep prints).
 
     One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
-    faithfulness/ (circuit, source, level, size, k, n_nodes, n_edges, metric,
-    faithfulness) and summary.json (cpr, cmd per curve) under --out, a plot
+    faithfulness/ (circuit, source, level, ranking, size, k, n_nodes, n_edges, metric,
+    faithfulness) and summary.json (cpr, cmd per curve; mib) under --out, a plot
     (faithfulness.png/.html) and a W&B run. Model and task default to the first
     --from result's.
 
@@ -54,6 +79,7 @@ class CircuitSweep(Sweep):
       .venv/bin/interp-sweeps attribution --model tiny-gpt2 --executor local
       .venv/bin/interp-sweeps circuit --from results/attribution/tiny-gpt2__ioi --executor local
       .venv/bin/interp-sweeps circuit --from results/attribution/smollm2-135m__ioi results/attribution/smollm2-135m__ioi__eap-ig-inputs
+      .venv/bin/interp-sweeps circuit --from results/attribution/smollm2-135m__ioi --sizes mib
       .venv/bin/interp-sweeps circuit --circuit my_circuit.yaml --model gpt2-small
       ray submit cluster.yaml sweeps/circuit.py -- --from s3://bucket/attribution/gpt2-small__ioi
     """
@@ -89,7 +115,8 @@ class CircuitSweep(Sweep):
             "--sizes",
             metavar="LIST",
             help="comma-separated fractions in (0, 1] of the edges (nodes) to keep, top by |score| "
-            "(default: 16 log-spaced from 0.001 to 1)",
+            "(default: 16 log-spaced from 0.001 to 1); mib: MIB's evaluation (its ten fractions, "
+            "counts and pruning; CPR from the ranking by score, CMD by |score|)",
         )
 
     def prepare(self) -> None:
@@ -99,7 +126,9 @@ class CircuitSweep(Sweep):
         from sweeps.runtime.models import DEFAULT_MODEL
 
         args = self.args
-        self.sizes = parse_sizes(args.sizes)
+        self.sizes, self.mib = parse_sizes(args.sizes), is_mib(args.sizes)
+        if self.mib and args.circuit:
+            raise UserError("--sizes mib evaluates rankings (--from DIR); --circuit FILE is one circuit")
         if args.sources:  # model, task and prompts default to the first result's
             from sweeps.runtime.location import Location, LocationError
 
@@ -130,7 +159,7 @@ class CircuitSweep(Sweep):
             self.curves = [Curve(Path(args.circuit).name, args.circuit, level, fixed=tuple(member))]
         else:
             self.curves = self._curves_from_results(graph)
-        self.n_circuits = len(plan_circuits(self.curves, self.sizes, set()))
+        self.n_circuits = len(plan_circuits(self.curves, self.sizes, set(), self.mib))
 
     def _curves_from_results(self, graph) -> list:
         """One ranking a --from directory: its edge (or node) scores in graph order."""
@@ -191,6 +220,7 @@ class CircuitSweep(Sweep):
             "n_prompts": task.n_prompts,
             "level": args.level,
             "sizes": self.sizes,
+            **({"mib": True} if self.mib else {}),  # MIB's evaluation (absent: ours, as before)
             "curves": [[c.label, c.source] for c in curves],
             "curves_hash": fingerprint,
             "n_circuits": self.n_circuits,
@@ -199,9 +229,9 @@ class CircuitSweep(Sweep):
     def plan(self, done: set[str]) -> tuple[list, str]:
         from sweeps.jobs.circuit import plan_circuits
 
-        todo = plan_circuits(self.curves, self.sizes, done)
+        todo = plan_circuits(self.curves, self.sizes, done, self.mib)
         return todo, (
-            f"circuit evaluation ({self.args.level} level): {self.args.model} on "
+            f"circuit evaluation ({self.args.level} level{', MIB' if self.mib else ''}): {self.args.model} on "
             f"{self.inputs.task.name}, {len(self.curves)} curve(s), {self.n_circuits} circuits, "
             f"{self.n_circuits - len(todo)} done, {len(todo)} to run"
         )
@@ -218,13 +248,19 @@ class CircuitSweep(Sweep):
         results = self.load(self.inputs.out)
         store.write_derived("faithfulness", pa.Table.from_pandas(results.faithfulness, preserve_index=False))
         summary = results.summary()
+        mib = results.mib_blocks()  # (circuit, source, level) -> MIB's evaluation, for --sizes mib
+        curves = json.loads(summary.to_json(orient="records"))
+        for curve in curves:
+            key = (curve["circuit"], curve["source"], curve["level"])
+            if key in mib:
+                curve["mib"] = nulls(mib[key])
         (store.out / "summary.json").write_atomic(
             json.dumps(
                 {
                     "clean_metric": results.clean_metric,
                     "corrupt_metric": results.corrupt_metric,
                     "n_points": results.n_points,
-                    "curves": json.loads(summary.to_json(orient="records")),
+                    "curves": curves,
                 },
                 indent=2,
             ).encode()

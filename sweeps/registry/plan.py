@@ -155,7 +155,11 @@ def plan(sweep_name: str, args) -> dict:
         options = {"batch_size": args.batch_size, "steps": steps}
         work = f"{F.n_edges(shape)} edges, {args.method}"
     elif sweep_name == "circuit":
-        sizes = len(str(args.sizes).split(",")) if getattr(args, "sizes", None) else 16
+        from sweeps.registry.circuit import is_mib
+
+        given = getattr(args, "sizes", None)
+        # mib: MIB's ten fractions, each ranked by score and by |score|
+        sizes = 20 if is_mib(given) else len(str(given).split(",")) if given else 16
         options = {"circuits": sizes}
         work = f"{sizes} circuits of {F.n_edges(shape)} edges"
     else:

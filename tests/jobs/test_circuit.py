@@ -170,3 +170,195 @@ def test_a_circuit_file_of_nodes_or_edges(tmp_path, tiny_llama, capsys):
         expected = CE.faithfulness(runner.metric(mask), runner.clean_metric, runner.corrupt_metric)
         assert row.faithfulness == pytest.approx(expected, rel=1e-4, abs=1e-4)
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- #
+# MIB's evaluation (--sizes mib): counts, pruning, areas
+# --------------------------------------------------------------------------- #
+
+# MIB's ``percentages`` (hannamw/MIB-circuit-track, MIB_circuit_track/evaluation.py), written out
+MIB = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
+
+
+def _mib_formula(signed, absolute):
+    """MIB's areas as its evaluation.py writes them: a loop of trapezoids over the raw fractions."""
+    cpr = cmd = 0.0
+    for i in range(len(MIB) - 1):
+        p1, p2 = MIB[i], MIB[i + 1]
+        cpr += (p2 - p1) * (signed[i] + signed[i + 1]) / 2
+        cmd += (p2 - p1) * (abs(1 - absolute[i]) + abs(1 - absolute[i + 1])) / 2
+    return cpr, cmd
+
+
+def test_mib_areas_equal_mibs_formula():
+    assert CE.MIB_FRACTIONS == MIB
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        signed, absolute = rng.uniform(-0.5, 1.5, 10), rng.uniform(-0.5, 1.5, 10)  # overshoot and undershoot
+        assert CE.mib_areas(MIB, signed, absolute) == pytest.approx(_mib_formula(signed, absolute), abs=1e-12)
+    # Not ours: no (0, 0) start, and each area from its own ranking.
+    flat = np.full(10, 0.5)
+    assert CE.mib_areas(MIB, flat, flat) == pytest.approx((0.5 * 0.999, 0.5 * 0.999))
+    assert CE.area_scores([0, *MIB], [0, *flat])[0] != pytest.approx(0.5 * 0.999)
+    assert CE.mib_areas(MIB, np.ones(10), np.zeros(10)) == pytest.approx((0.999, 0.999))
+
+
+@pytest.mark.parametrize("n", [7, 99, 1000, 32491, 70651])
+def test_mib_counts_are_int_of_fraction_times_scored_edges(n):
+    from sweeps.jobs.circuit import Curve, plan_circuits
+
+    curve = Curve("eap", "dir", "edge", scores=tuple(float(i) for i in range(n)))
+    shards = plan_circuits([curve], list(MIB), set(), mib=True)
+    assert len(shards) == 20 and len({s.id for s in shards}) == 20
+    for ranking in ("signed", "absolute"):
+        mine = [s for s in shards if s.ranking == ranking]
+        assert [s.size for s in mine] == list(MIB) and all(s.mib for s in mine)
+        assert [s.k for s in mine] == [int(p * n) for p in MIB]  # truncated: 0 edges at 0.1 % of 7
+
+
+def test_mib_rankings_before_pruning():
+    """The circuit at k holds the k top edges by score (signed) or by |score| (absolute)."""
+    from sweeps.jobs.circuit import Curve, circuit_mask
+
+    graph = A.build_graph(A.GraphConfig(2, 2, 2))
+    scores = torch.linspace(-1, 1, graph.n_edges)
+    scores[3] = -5.0  # first by |score|, last by score
+    curve = Curve("eap", "dir", "edge", scores=tuple(scores.tolist()))
+    for k in (1, 5, 40):
+        signed, _, n_signed = circuit_mask(graph, curve, k, "signed")
+        absolute, _, n_absolute = circuit_mask(graph, curve, k, "absolute")
+        assert n_signed == n_absolute == k
+        assert set(signed.nonzero()[:, 0].tolist()) == set(torch.argsort(-scores)[:k].tolist())
+        assert set(absolute.nonzero()[:, 0].tolist()) == set(torch.argsort(-scores.abs())[:k].tolist())
+        assert not signed[3] and absolute[3]
+
+
+def _reachable_edges(graph, n_heads, n_kv_heads, kept):
+    """The edges of ``kept`` (graph-order triples) on a path from the embeddings to the final
+    stream, by a plain graph search: a q input feeds its head, a k or v input of a key/value
+    head every query head of its group, an MLP's input the MLP, the final stream the logits."""
+    group = n_heads // n_kv_heads
+
+    def children(d):
+        if d.input == "resid":
+            return ["logits"]
+        if d.input in ("k", "v"):
+            return [f"L{d.layer}H{h}" for h in range(n_heads) if h // group == d.head]
+        return [d.name]  # q: L1H0; mlp: mlp1
+
+    edges = [(u, d) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]
+    chosen = [(u, d) for (u, d), k in zip(edges, kept) if k]
+    forward = {"embed"}
+    todo = ["embed"]
+    while todo:
+        node = todo.pop()
+        for u, d in chosen:
+            for c in children(d):
+                if u == node and c not in forward:
+                    forward.add(c)
+                    todo.append(c)
+    backward = {"logits"}
+    todo = ["logits"]
+    while todo:
+        node = todo.pop()
+        for u, d in chosen:
+            if node in children(d) and u not in backward:
+                backward.add(u)
+                todo.append(u)
+    return [bool(k) and u in forward and any(c in backward for c in children(d)) for (u, d), k in zip(edges, kept)]
+
+
+def test_pruning_keeps_exactly_the_edges_from_the_input_to_the_logits():
+    # By hand, on 2 layers of 2 query heads sharing 1 key/value head, with MLPs.
+    graph = A.build_graph(A.GraphConfig(2, 2, 1))
+    names = [f"{u}->{d.name}.{d.input}" for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]]
+    kept = {
+        "embed->L0H0.q", "L0H0->mlp0.mlp", "mlp0->resid_final.resid",  # a path
+        "embed->L1KV0.k", "L1H1->resid_final.resid",  # k of the shared key/value head reaches L1H1
+    }
+    dropped = {
+        "L0H1->resid_final.resid",  # L0H1: nothing of the circuit enters it
+        "L0H1->L1H1.q",  # from it
+        "embed->L1H0.q", "mlp0->L1H0.q",  # into L1H0, which leads nowhere
+        "embed->mlp1.mlp",  # mlp1 leads nowhere
+    }
+    assert kept | dropped <= set(names)
+    mask = torch.tensor([n in kept | dropped for n in names])
+    pruned = CE.prune_mask(graph, mask)
+    assert {n for n, k in zip(names, pruned.tolist()) if k} == kept
+    # Against the plain search, on random circuits of every shape: sequential, parallel,
+    # grouped-query, attention-only.
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((2, 2, 1), (3, 4, 2), (3, 2, 2, False, True), (2, 3, 3, True)):
+        graph = A.build_graph(A.GraphConfig(*shape))
+        for density in (0.02, 0.05, 0.1, 0.3):
+            for _ in range(5):
+                mask = torch.rand(graph.n_edges, generator=gen) < density
+                expected = _reachable_edges(graph, shape[1], shape[2], mask.tolist())
+                assert CE.prune_mask(graph, mask).tolist() == expected, (shape, density)
+    full = torch.ones(graph.n_edges, dtype=torch.bool)
+    assert CE.prune_mask(graph, full).all() and not CE.prune_mask(graph, ~full).any()
+
+
+def test_pruning_changes_the_count_not_the_metric(tiny_llama):
+    """Without post-norms an edge off every input-to-logits path carries nothing the metric reads."""
+    graph = A.build_graph(tiny_llama.weights.cfg)
+    runner = CE.CircuitRunner(tiny_llama.weights, graph, _task(tiny_llama.tokenizer))
+    gen = torch.Generator().manual_seed(1)
+    for density in (0.2, 0.5):  # sparser circuits of its 190 edges prune to nothing
+        mask = torch.rand(graph.n_edges, generator=gen) < density
+        pruned = CE.prune_mask(graph, mask)
+        assert 0 < pruned.sum() < mask.sum()
+        assert runner.metric(pruned) == pytest.approx(runner.metric(mask), rel=1e-5, abs=1e-5)
+
+
+def test_mib_sweep_on_tiny_llama3(tmp_path, loaded_model, capsys):
+    """--sizes mib: MIB's counts, pruned circuits, both rankings, MIB's areas in summary.json
+    and printed beside ours."""
+    import pandas as pd
+
+    from sweeps import circuit
+    from tests.core.test_attribution import run_attribution
+
+    eap, out = tmp_path / "eap", tmp_path / "circuit"
+    assert run_attribution(eap, "--verify-top", "0", model="tiny-llama3", n=4) == 0
+    args = ["--from", str(eap), "--sizes", "mib", "--executor", "local", "--out", str(out), "--wandb", "disabled"]
+    assert circuit.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "eap (edges): CPR" in printed and "eap (edges), MIB's evaluation: CPR" in printed
+    assert (out / "plots" / "faithfulness.png").is_file()
+
+    m = loaded_model("tiny-llama3")
+    graph = A.build_graph(m.weights.cfg)
+    n = graph.n_edges
+    faith = pd.read_parquet(out / "faithfulness")
+    assert len(faith) == 20 and set(faith.ranking) == {"signed", "absolute"}
+    edges = pd.read_parquet(eap / "edges")
+    score = {(u, d, i): s for u, d, i, s in zip(edges.upstream, edges.downstream, edges.input, edges.score)}
+    scores = torch.tensor([score[(u, d.name, d.input)] for d, p in zip(graph.downstream, graph.prefix)
+                           for u in graph.upstream[:p]], dtype=torch.float64)
+    runner = CE.CircuitRunner(m.weights, graph, _task(m.tokenizer, n=4))
+    for ranking in ("signed", "absolute"):
+        rows = faith[faith.ranking == ranking].sort_values("size")
+        assert rows["size"].tolist() == list(MIB)
+        assert rows.k.tolist() == [int(p * n) for p in MIB]  # before pruning
+        masks = [CE.prune_mask(graph, CE.top_mask(scores, int(p * n), ranking == "absolute")) for p in MIB]
+        assert rows.n_edges.tolist() == [int(mask.sum()) for mask in masks]  # after pruning
+        assert rows.n_edges.iloc[-1] == n and rows.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-4)
+        mask = masks[MIB.index(0.1)]  # one point, recomputed directly
+        expected = CE.faithfulness(runner.metric(mask), runner.clean_metric, runner.corrupt_metric)
+        assert rows.faithfulness.iloc[MIB.index(0.1)] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+    summary = json.loads((out / "summary.json").read_text())
+    block = summary["curves"][0]["mib"]
+    assert block["fractions"] == list(MIB)
+    for ranking in ("signed", "absolute"):
+        rows = faith[faith.ranking == ranking].sort_values("size")
+        np.testing.assert_allclose(block[ranking], rows.faithfulness)
+        assert block["n_edges"][ranking] == rows.n_edges.tolist()
+    cpr, cmd = _mib_formula(block["signed"], block["absolute"])
+    assert block["cpr"] == pytest.approx(cpr) and block["cmd"] == pytest.approx(cmd)
+    assert f"MIB's evaluation: CPR {cpr:.3f} (top by score), CMD {cmd:.3f}" in printed
+    # Ours beside it: the curve by |score| from (0, 0).
+    ours = faith[faith.ranking == "absolute"].sort_values("size")
+    assert summary["curves"][0]["cpr"] == pytest.approx(CE.area_scores([0, *MIB], [0, *ours.faithfulness])[0])

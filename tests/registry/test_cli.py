@@ -609,3 +609,18 @@ def test_the_summary_answers_for_the_heads_asked_for(capsys, tmp_path, monkeypat
     monkeypatch.setattr(summaries, "MAX_ASKED_LINES", 2)  # more heads than lines: counted by reason
     assert analyze(["backup", out, "--wandb", "disabled", "--heads", "L2,L1H2"]) == 0
     assert "the 5 heads asked for: 4 in the last layer, 1 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ("mib,0.1", "--sizes mib,0.1: mib stands alone"),
+    ("0.01, MIB", "mib stands alone"),
+])
+def test_mib_sizes_stand_alone(capsys, no_model_loading, tmp_path, sizes, message):
+    (tmp_path / "empty").mkdir()
+    assert message in circuit_fails(capsys, tmp_path, "--from", str(tmp_path / "empty"), "--sizes", sizes)
+
+
+def test_mib_sizes_evaluate_rankings_not_a_circuit_file(capsys, no_model_loading, tmp_path):
+    (tmp_path / "c.json").write_text('["L0H1"]')
+    assert "--sizes mib evaluates rankings" in circuit_fails(
+        capsys, tmp_path, "--circuit", str(tmp_path / "c.json"), "--sizes", "mib")
