@@ -255,6 +255,8 @@ class InMemory:
 
 # Models in this process's memory, by the name ``loading.register_model`` gave them;
 # process-local, like the models themselves (a Ray worker gets the processed weights instead).
+# An entry holds its model (and processed weights) for the life of the process: a notebook
+# that is done with a large model frees it with ``IN_MEMORY.clear()`` as well as ``del``.
 IN_MEMORY: dict[str, InMemory] = {}
 
 
