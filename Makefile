@@ -42,9 +42,10 @@ report: $(STAMP)
 run: $(STAMP)
 	$(BIN)/interp-sweeps $(SWEEP) $(ARGS)
 
-## The linter and formatter check, then the test suite (one real local Ray per session).
+## The linter and formatter check, then the test suite (one real local Ray per session); the
+## 25 slowest steps are listed at the end, so every CI log shows where the time goes.
 test: lint
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
 
 ## ruff (lint and format check) and mypy (types) over the project's code; settings in pyproject.toml.
 lint: $(STAMP)

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from sweeps.runtime import loading, models
+from sweeps.runtime import loading, model_cache, models
 
 torch.set_grad_enabled(False)
 
@@ -85,6 +85,17 @@ class Loaded:
         self.tokenizer = self.bridge.tokenizer
 
 
+def _share_processed_weights(m: Loaded) -> None:
+    """The embedded model's processed weights, the bridge's own conversion, go into the suite's
+    disk cache (``SWEEPS_CACHE_DIR``) as ``loading.load_model`` would have put them: the same
+    tensors, bit for bit (``tests/runtime/test_model_cache.py`` reads such an entry back). Every
+    later load of SmolLM2, in this process or in any the tests start (CLI runs, Ray workers, the
+    notebook's kernel), then reads the entry instead of de-quantising its GGUF file and booting
+    a bridge once more. (Tiny models are not cached.)"""
+    if m.info.kind == "embedded":
+        model_cache.cached_weights(loading.cache_source(m.info), lambda: m.weights)
+
+
 @pytest.fixture(scope="session")
 def loaded_model():
     cache: dict[str, Loaded] = {}
@@ -92,6 +103,7 @@ def loaded_model():
     def get(name: str) -> Loaded:
         if name not in cache:
             cache[name] = Loaded(name)
+            _share_processed_weights(cache[name])
         return cache[name]
 
     return get

@@ -109,36 +109,28 @@ def node_hook(layer: int, head: int | None) -> str:
     return f"blocks.{layer}.hook_mlp_out" if head is None else f"blocks.{layer}.attn.hook_result"
 
 
-def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, source_tokens=None):
-    """The hooked reference recipe, one (base, source) pair at a time with hooks on full forwards.
+def scale_patch_effects(bridge, task, pairs, layer, head, scales, replace=None, source_tokens=None):
+    """The hooked reference recipe, one (base, source) pair at a time with hooks on full forwards,
+    for each scale in ``scales``: a pair's source activation and unpatched logits do not depend
+    on the scale, so each pair runs them once, then one patched forward per scale.
 
     ``replace(a_base, a_source, scale) -> a_new`` acts on one prompt's [T, D]
     activation (default: ``scale * a_source``, the usual scale-ablation loop's first half).
-    ``source_tokens`` defaults to the clean prompts. Returns (fraction of
+    ``source_tokens`` defaults to the clean prompts. Returns, per scale, (fraction of
     answer points whose top-1 token changed, summed clean - patched metric,
     number of points).
     """
     replace = replace or (lambda a, s, k: k * s)
     name = node_hook(layer, head)
     source_tokens = task.clean if source_tokens is None else source_tokens
-    changed = drop = points = 0.0
+    changed, drop = [0.0] * len(scales), [0.0] * len(scales)
+    points = 0.0
     for base, source in pairs:
         T = int(task.lengths[base])
         _, src_cache = bridge.run_with_cache(source_tokens[source : source + 1, :T])
         src = src_cache[name][0] if head is None else src_cache[name][0, :, head]
-
-        def patch(act, hook):
-            act = act.clone()
-            if head is None:
-                act[0] = replace(act[0], src, scale)
-            else:
-                act[0, :, head] = replace(act[0, :, head], src, scale)
-            return act
-
         tokens = task.clean[base : base + 1, :T]
         clean_logits = bridge(tokens)[0]
-        with bridge.hooks(fwd_hooks=[(name, patch)]):
-            logits = bridge(tokens)[0]
         if task.kind == "logit_diff":
             pos = [T - 1]
             right, wrong = int(task.correct[base]), int(task.incorrect[base])
@@ -147,10 +139,27 @@ def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, so
             pos = list(range(T - 1))
             targets = tokens[0, 1:]
             metric = lambda lg: lg[pos].log_softmax(-1)[torch.arange(T - 1), targets]  # noqa: E731
-        changed += float((logits[pos].argmax(-1) != clean_logits[pos].argmax(-1)).sum())
-        drop += float((metric(clean_logits) - metric(logits)).sum())
+        for i, scale in enumerate(scales):
+
+            def patch(act, hook, scale=scale):
+                act = act.clone()
+                if head is None:
+                    act[0] = replace(act[0], src, scale)
+                else:
+                    act[0, :, head] = replace(act[0, :, head], src, scale)
+                return act
+
+            with bridge.hooks(fwd_hooks=[(name, patch)]):
+                logits = bridge(tokens)[0]
+            changed[i] += float((logits[pos].argmax(-1) != clean_logits[pos].argmax(-1)).sum())
+            drop[i] += float((metric(clean_logits) - metric(logits)).sum())
         points += len(pos)
-    return changed / points, drop, points
+    return [(c / points, d, points) for c, d in zip(changed, drop)]
+
+
+def scale_patch_effect(bridge, task, pairs, layer, head, scale, replace=None, source_tokens=None):
+    """``scale_patch_effects`` for one scale: (fraction changed, summed metric drop, points)."""
+    return scale_patch_effects(bridge, task, pairs, layer, head, [scale], replace, source_tokens)[0]
 
 
 # --------------------------------------------------------------------------- #

@@ -13,7 +13,7 @@ from sweeps import scale
 from sweeps.core import scaling
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
-from sweeps.jobs.scale import ScaleJob, ScaleJob, make_pairs
+from sweeps.jobs.scale import ScaleJob, make_pairs
 from tasks import TaskSpec, build_task
 from tests import known_circuit, reference
 
@@ -110,11 +110,11 @@ def test_engine_equals_hooked_full_forwards_pair_by_pair(loaded_model, name, sub
                 return a - high_a + k * high_s
             return mu + high_a + k * (s - mu - high_s)
 
-        for i, k in enumerate(scales):
-            effect, drop, points = reference.scale_patch_effect(
-                m.bridge, task, pairs, node.layer, node.head, k, replace,
-                source_tokens=task.corrupt if source == "corrupt" else None,
-            )
+        expected = reference.scale_patch_effects(
+            m.bridge, task, pairs, node.layer, node.head, scales, replace,
+            source_tokens=task.corrupt if source == "corrupt" else None,
+        )
+        for i, (k, (effect, drop, points)) in enumerate(zip(scales, expected)):
             assert stats.n_points == points
             assert stats.changed[i] / stats.n_points == pytest.approx(effect, abs=1e-9), (node, k)
             assert stats.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)) * points)
@@ -153,8 +153,8 @@ def test_rows_sharing_a_patch_share_a_restart_and_give_the_pair_by_pair_numbers(
     assert bases < len(pairs)
     stats = ScaleJob(task, pairs, batch_size=4).bind(tiny_llama.weights).run_node(Node(1, 2), [0.0, 2.0])
     assert stats.n_restarts == bases + len(pairs)
-    for i, k in enumerate([0.0, 2.0]):
-        effect, drop, points = reference.scale_patch_effect(tiny_llama.bridge, task, pairs, 1, 2, k)
+    for i, (effect, drop, points) in enumerate(reference.scale_patch_effects(tiny_llama.bridge, task, pairs, 1, 2,
+                                                                              [0.0, 2.0])):
         assert stats.n_points == points
         assert stats.changed[i] / points == pytest.approx(effect, abs=1e-9)
         assert stats.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)))
