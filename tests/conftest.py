@@ -12,6 +12,9 @@ import torch
 from sweeps.runtime import loading, model_cache, models
 
 torch.set_grad_enabled(False)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores, each computes on one thread (no oversubscription).
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

@@ -30,6 +30,10 @@ import pyarrow as pa
 RECORD = Path(__file__).parent / "data" / "golden_datasets.json"
 MODELS = ("smollm2-135m", "tiny-gpt2", "tiny-pythia", "tiny-gemma2", "tiny-llama3@bridge", "tiny-stablelm")
 BRIDGE_MODELS = ("tiny-stablelm",)  # a family with no fast path
+# Float sums depend on how a matmul splits its work between threads, so a run computes on the
+# number of threads the record was made with, whatever the process runs on (``pytest -n``
+# workers compute on one).
+THREADS = 2
 
 
 def _column(values: list) -> dict:
@@ -54,7 +58,18 @@ def _rows(table: pa.Table) -> dict[str, dict]:
 def small_run(name: str, stages: int = 1) -> dict[str, dict[str, dict]]:
     """``{"<job>/<dataset>": {column: values}}`` of one shard of every job on model ``name``
     (``NAME@bridge``: the model forced onto the bridge path), its layers over ``stages``
-    stages on the CPU (``core/stages.py``)."""
+    stages on the CPU (``core/stages.py``), on ``THREADS`` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _small_run(name, stages)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _small_run(name: str, stages: int) -> dict[str, dict[str, dict]]:
     import torch
 
     from sweeps.core import attribution as A
@@ -116,6 +131,7 @@ def record() -> dict:
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
+        "threads": THREADS,
         "runs": {name: small_run(name) for name in MODELS},
     }
 

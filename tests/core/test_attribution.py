@@ -136,8 +136,9 @@ def test_blocked_edge_products_equal_one_product_per_layer(loaded_model, name, m
     per_layer = A.attribute(m.weights, graph, task)
     monkeypatch.setattr(A, "ROWS_PER_PRODUCT", 10_000)
     one_block = A.attribute(m.weights, graph, task)
-    torch.testing.assert_close(one_block.edges, per_layer.edges, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(one_block.nodes, per_layer.nodes, rtol=1e-5, atol=1e-6)
+    # float32 sums in another order: agree to 1e-5 of the largest score
+    for got, want in ((one_block.edges, per_layer.edges), (one_block.nodes, per_layer.nodes)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_graph_counts_shared_key_value_heads_once(tiny_llama):
