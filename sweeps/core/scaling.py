@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from sweeps.core import effects
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.core.transformer import ModelWeights
@@ -117,6 +118,9 @@ class Restarts:
     pair: Int[Tensor, " R"]  # a pair whose patch this is (the first such)
     count: Int[Tensor, " R"]  # how many (scale, pair) rows share it
 
+    def select(self, keep: Bool[Tensor, " R"]) -> "Restarts":
+        return Restarts(self.scale[keep], self.pair[keep], self.count[keep])
+
 
 def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, " S"], source_is_base_run: bool) -> Restarts:
     """One restart per distinct ``Δ = s · part(a_source) − part(a_base)`` among the S × P rows.
@@ -143,6 +147,21 @@ def distinct_restarts(pairs: Int[Tensor, "P 2"], scales: Float[Tensor, " S"], so
     distinct, which, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
     first = torch.full((distinct.shape[0],), S * P, device=pairs.device).scatter_reduce_(0, which, keep, "amin")
     return Restarts(first // P, first % P, count)
+
+
+def first_change(
+    tokens: Int[Tensor, "N T"],
+    source_tokens: Int[Tensor, "N T"],
+    base: Int[Tensor, " G"],
+    source: Int[Tensor, " G"],
+    scale: Float[Tensor, " G"],
+) -> Int[Tensor, " G"]:
+    """Each row's first position where its patch can be non-zero: at scale 1 the patch
+    ``part(a_source) − part(a_base)`` is zero wherever the two prompts' activations are equal,
+    i.e. before their first differing token (attention is causal); any other scale changes
+    every position (0)."""
+    first = effects.first_difference(tokens[base], source_tokens[source])
+    return torch.where(scale == 1, first, torch.zeros_like(first))
 
 
 def node_activation(w: ModelWeights, node: Node, run: tf.CleanRun) -> Float[Tensor, "N T D"]:
@@ -191,17 +210,61 @@ def resume(
     base: Int[Tensor, " G"],
     delta: Float[Tensor, "G T D"],
     rope: tf.Rope,
+    window: tf.Window | None = None,
 ) -> Float[Tensor, "G T D"]:
-    """Patch rows ``base`` of the clean run by ``delta`` at ``node`` and run to the final residual."""
+    """Patch rows ``base`` of the clean run by ``delta`` at ``node`` and run to the final residual.
+
+    ``window`` (a ``Window`` over the G rows, ``copies=1``): ``delta`` is zero before each row's
+    window, so only the window's positions are computed (prefix-shared restarts), and the
+    final residual is the window's ``[G, W, D]``."""
     l = node.layer
+
+    def rows(x: Float[Tensor, "N T D"]) -> Float[Tensor, "G T|W D"]:
+        x = x[base]
+        return x if window is None else window.take(x)
+
+    d = delta if window is None else window.take(delta)
+    after_attention = restarts_after_attention(w, node) or (start.out is not None and node.head is not None)
     if start.out is None:
-        resid = start.stream[base] + delta
-        if restarts_after_attention(w, node):
-            return tf.finish_block(w, l, resid, rope)
-        return tf.run_blocks(w, l + 1, resid, rope)
-    if node.head is not None:  # post-norm: the layer's norm runs again on the patched output
-        return tf.finish_block(w, l, start.stream[base] + tf.attention_write(w, l, start.out[base] + delta), rope)
-    return tf.run_blocks(w, l + 1, start.stream[base] + tf.mlp_write(w, l, start.out[base] + delta), rope)
+        resid = rows(start.stream) + d
+    elif node.head is not None:  # post-norm: the layer's norm runs again on the patched output
+        resid = rows(start.stream) + tf.attention_write(w, l, rows(start.out) + d)
+    else:
+        resid = rows(start.stream) + tf.mlp_write(w, l, rows(start.out) + d)
+    if after_attention:
+        return tf.forward(w, resid, l, from_mid=True, rope=rope, window=window).resid_final
+    return tf.forward(w, resid, l + 1, rope=rope, window=window).resid_final
+
+
+class WindowedPatcher:
+    """``resume`` for rows of one clean run at ``node``, read at ``positions``: each call takes
+    rows ``base``, their patches ``delta`` and (optionally) each row's ``first_change`` (its
+    patch is zero before it, ``first_change`` above), and restarts the rows in a window from
+    there when that saves enough (``effects.window_span``), else at every position. Counts the
+    positions it computed and those a full restart would have (the manifest's note)."""
+
+    def __init__(self, w: ModelWeights, node: Node, clean: tf.CleanRun, T: int, positions: Int[Tensor, " Q"]):
+        self.w, self.node, self.clean, self.T, self.positions = w, node, clean, T, positions
+        self.start = restart_point(w, node, clean)
+        self.rope = tf.rotary_tables(w, T)
+        self.computed = self.total = 0
+
+    def __call__(
+        self, base: Int[Tensor, " G"], delta: Float[Tensor, "G T D"], first_change: Int[Tensor, " G"] | None = None
+    ) -> Float[Tensor, "G Q D"]:
+        G, Q, T, positions = base.shape[0], self.positions.shape[0], self.T, self.positions
+        rows = torch.arange(G, device=base.device)
+        span = None
+        if first_change is not None:
+            span = effects.window_span(first_change, rows.repeat_interleave(Q), positions.repeat(G), T)
+        self.total += G * T
+        if span is None:
+            self.computed += G * T
+            return resume(self.w, self.node, self.start, base, delta.to(self.w.dtype), self.rope)[:, positions]
+        window = tf.Window(span[0], span[1], tf.RowStreams(self.clean.resid_pre, base))
+        self.computed += G * window.width
+        final = resume(self.w, self.node, self.start, base, delta.to(self.w.dtype), self.rope, window)
+        return final[rows[:, None], positions[None, :] - window.starts[:, None].to(positions.device)]
 
 
 # --------------------------------------------------------------------------- #

@@ -506,6 +506,8 @@ class Window:
 
     @property
     def n_positions(self) -> int:
+        if isinstance(self.clean, RowStreams):
+            return int(self.clean.streams.shape[2])
         return int(self.clean[0].shape[1])
 
     def positions(self, device=None) -> Int[Tensor, "GB W"]:
@@ -530,6 +532,21 @@ class Window:
             out.dtype
         )
         return out
+
+
+class RowStreams(Sequence):
+    """Rows ``rows`` of a clean run's streams (``[L, N, T, D]``), gathered a layer at a time
+    when a window's attention first reads that layer: a restart of G patched rows of N prompts
+    (the scale sweep's (scale, pair) rows) holds no ``[L, G, T, D]`` copy."""
+
+    def __init__(self, streams: Float[Tensor, "L N T D"], rows: Int[Tensor, " G"]):
+        self.streams, self.rows = streams, rows
+
+    def __len__(self) -> int:
+        return int(self.streams.shape[0])
+
+    def __getitem__(self, layer):
+        return self.streams[layer][self.rows.to(self.streams.device)]
 
 
 def attend_window(
@@ -657,8 +674,8 @@ def mlp_write(w: ModelWeights, layer: int, m: Float[Tensor, "... D"]) -> Float[T
 # --------------------------------------------------------------------------- #
 #
 # Every sweep runs this loop: the clean run (``run``), the backup sweep's ablated
-# restarts (a ``z`` edit), the scale sweep's patched restarts (``finish_block``,
-# ``run_blocks``), attribution's clean run (``cut``) and its real patching (additive
+# restarts (a ``z`` edit), the scale sweep's patched restarts (from the node's block,
+# ``from_mid`` after a head), attribution's clean run (``cut``) and its real patching (additive
 # edits at one site). A block, with the sites an ``Edit`` can change, in order:
 #
 #     resid_pre ──► q, k, v ──► z ──► attn_out ──► resid_mid = resid_pre + attn_out
@@ -789,7 +806,8 @@ def blocks(
     ``BlockState``. A caller that keeps nothing holds one block's activations at a time.
 
     ``window``: ``resid`` holds only a window of each prompt's positions (``Window``), and so
-    does every activation yielded; edits see the window's positions.
+    does every activation yielded; edits see the window's positions. (With ``from_mid`` the
+    first block runs only its MLP, position by position.)
 
     Each sublayer reads its pre-norm (or the raw stream without one) and writes through
     its post-norm where the model has them; with parallel attention and MLP (GPT-NeoX,
@@ -806,8 +824,8 @@ def blocks(
     index = _by_site(edits)
     if from_mid and cfg.parallel_attn_mlp:
         raise ValueError("from_mid: in a parallel attention/MLP block the MLP reads resid_pre")
-    if window is not None and (from_mid or cut):
-        raise ValueError("a window restarts at a block's input, without autograd's cut")
+    if window is not None and cut:
+        raise ValueError("a window restarts without autograd's cut")
     # A staged model (``core/stages.py``): each block computes where its layer lives, and what
     # it yields comes back to the model's device, where every caller keeps its activations.
     staged, home, wl = w.staged, w.device, w.local()
@@ -912,18 +930,6 @@ def forward(
         resid = s.resid_post
     resid = _edited(_by_site(edits), "resid_final", w.cfg.n_layers, resid)
     return Trace(resid_final=resid, **kept)
-
-
-def finish_block(
-    w: ModelWeights,
-    layer: int,
-    resid_mid: Float[Tensor, "B T D"],
-    rope: Rope,
-) -> Float[Tensor, "B T D"]:
-    """From block ``layer``'s residual after attention (``resid_mid``) to the final residual:
-    the rest of block ``layer`` (its MLP) and every later block. Not for parallel
-    attention/MLP models, whose MLP reads the block's input instead."""
-    return forward(w, resid_mid, layer, from_mid=True, rope=rope).resid_final
 
 
 def run_blocks(w: ModelWeights, start: int, resid: Float[Tensor, "B T D"], rope: Rope) -> Float[Tensor, "B T D"]:

@@ -20,6 +20,7 @@ No Ray here: the executors (``sweeps/runtime/executors.py``) run ``ScaleJob``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +81,7 @@ class LengthGroup:
 
     prompts: Int[Tensor, " n"]  # global prompt indices
     tokens: Int[Tensor, "n T"]  # their clean tokens
+    source_tokens: Int[Tensor, "n T"]  # the tokens of the run patches come from (``source``)
     clean: tf.CleanRun
     source: tf.CleanRun  # where patches come from: `clean` itself, or the corrupt prompts' run
     positions: Int[Tensor, " Q"]  # answer position(s), shared by the whole group
@@ -119,6 +121,7 @@ class ScaleJob(Job):
     _groups: list[LengthGroup] | None = field(default=None, repr=False)
     _normaliser: float | None = field(default=None, repr=False)
     _subspaces: dict[Node, scaling.Subspace] = field(default_factory=dict, repr=False)
+    _positions: list[int] = field(default_factory=lambda: [0, 0], repr=False)  # computed, of a full restart's
 
     def sizing(self):
         rows = max(1, len(self.scales)) * self.task.n_prompts  # at most: (scale, pair) rows of one node
@@ -129,8 +132,19 @@ class ScaleJob(Job):
 
     def run_shard(self, shard: ScaleShard) -> dict[str, pa.Table]:
         scales = [self.scales[i] for i in shard.scales]
+        self._positions = [0, 0]
         stats = [self.run_node(node, scales) for node in shard.nodes]
         return {"effects": effects_table(stats, self.normaliser(), self.subspace, self.self_patch, self.circuit)}
+
+    def notes(self) -> dict:
+        """How the last shard's restarts ran: prefix-shared where a (scale 1) patch by another
+        prompt's values shares that prompt's prefix (``scaling.WindowedPatcher``), and the
+        fraction of positions they computed."""
+        computed, total = self._positions
+        if total == 0:
+            return {}
+        fraction = computed / total
+        return {"restarts": "prefix-shared" if fraction < 1 else "full", "positions_recomputed": round(fraction, 4)}
 
     def _run(self, tokens: Int[Tensor, "N T"]) -> tf.CleanRun:
         return self.engine.clean_run(tokens, self.batch_size)
@@ -172,6 +186,7 @@ class ScaleJob(Job):
                 LengthGroup(
                     prompts=prompts,
                     tokens=clean_tokens,
+                    source_tokens=corrupt_tokens if self.source == "corrupt" else clean_tokens,
                     clean=clean,
                     source=corrupt if self.source == "corrupt" else clean,
                     positions=positions,
@@ -227,7 +242,7 @@ class ScaleJob(Job):
                 if g.source is g.clean
                 else scaling.patched_part(scaling.node_activation(w, node, g.source), self.subspace, sub)
             )
-            final_of = self.engine.patcher(node, g.clean, g.tokens)
+            final_of = self.engine.patcher(node, g.clean, g.tokens, g.positions)
             todo = scaling.distinct_restarts(g.pairs, scale_values, source_is_base_run=g.source is g.clean)
 
             def patch(
@@ -242,9 +257,15 @@ class ScaleJob(Job):
                 s, p, count = todo.scale[start:stop], todo.pair[start:stop], todo.count[start:stop]
                 base, source = g.pairs[p, 0], g.pairs[p, 1]
                 delta = scaling.patch_delta(part_base, part_source, base, source, scale_values[s])
-                final = final_of(base, delta)
+                final = final_of(
+                    base, delta, scaling.first_change(g.tokens, g.source_tokens, base, source, scale_values[s])
+                )
                 out = scaling.readout(
-                    w, final, g.positions, g.correct[base], None if g.incorrect is None else g.incorrect[base]
+                    w,
+                    final,
+                    torch.arange(Q, device=final.device),
+                    g.correct[base],
+                    None if g.incorrect is None else g.incorrect[base],
                 )
                 flips = (out.top1 != g.clean_out.top1[base]).sum(-1) * count
                 drop = (g.clean_out.metric[base] - out.metric).sum(-1) * count
@@ -259,9 +280,22 @@ class ScaleJob(Job):
             device = self.engine.device
             per_pass = self.pass_tokens(device) // T
             restarts = todo.count.shape[0]
-            for _, _, (s, flips, drop) in map_chunks(restarts, per_pass, patch, advice, memory_gauge(device)):
-                changed.index_add_(0, s.cpu(), flips.double().cpu())
-                metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
+            # scale-1 rows may share their pair's prefix (a window); the others change every
+            # position: each kind in passes of its own, so that no pass mixes them
+            at_one = scale_values[todo.scale] == 1
+            for part in (todo.select(at_one), todo.select(~at_one)):
+                n = part.count.shape[0]
+                for _, _, (s, flips, drop) in map_chunks(
+                    n, per_pass, partial(patch, todo=part), advice, memory_gauge(device)
+                ):
+                    changed.index_add_(0, s.cpu(), flips.double().cpu())
+                    metric_drop.index_add_(0, s.cpu(), drop.double().cpu())
+            if isinstance(final_of, scaling.WindowedPatcher):
+                self._positions[0] += final_of.computed
+                self._positions[1] += final_of.total
+            else:  # every position of every restart
+                self._positions[0] += restarts * T
+                self._positions[1] += restarts * T
             n_points += P * Q
             n_pairs += P
             n_restarts += restarts

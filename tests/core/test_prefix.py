@@ -5,6 +5,7 @@ hooked full forward through the TransformerLens bridge, on pairs that first diff
 position 1, in the middle and at the last token, with right padding, and (Mistral, Gemma 2
 and 3) a sliding window shorter than the prompts."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,52 @@ def test_exact_patching_and_circuit_runs_in_windows_equal_full_runs(loaded_model
     assert full_runner.window is None
     for mask, value in zip(masks, circuits):
         assert value == pytest.approx(full_runner.metric(mask), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILY_TINY_MODELS)
+def test_the_scale_sweeps_source_patches_in_windows_equal_full_restarts_and_hooked_forwards(
+    loaded_model, name, monkeypatch
+):
+    """The scale sweep patching each prompt's node with its corrupt partner's value: at scale 1
+    the patch is zero before the pair's first difference, so those restarts compute a window
+    from there (the shard notes say so); scales 0 and 2 change every position. Every (node,
+    scale) outcome equals the sweep with windows turned off, and the hooked reference loop
+    (one full forward of the bridge per pair, a hook replacing the node's output)."""
+    from sweeps.core.nodes import Node
+    from sweeps.jobs.scale import ScaleJob, make_pairs
+    from tests import reference
+
+    m = loaded_model(name)
+    task = minimal_pairs(m, seed=3)
+    pairs = make_pairs(task, "task", None, 0, False)
+    scales = [0.0, 1.0, 2.0]
+    L, H = m.weights.cfg.n_layers, m.weights.cfg.n_heads
+    nodes = [Node(0, 0), Node(L - 1, H - 1)] + ([Node(0, None)] if not m.weights.cfg.attn_only else [])
+
+    def sweep(worth: float):
+        monkeypatch.setattr(effects, "WINDOW_WORTH", worth)
+        job = ScaleJob(task, pairs, scales=tuple(scales), source="corrupt", batch_size=4).bind(m.weights)
+        job._positions = [0, 0]
+        return [job.run_node(node, scales) for node in nodes], job.notes()
+
+    windowed, notes = sweep(1.0)
+    full, full_notes = sweep(0.0)
+    assert notes["restarts"] == "prefix-shared" and notes["positions_recomputed"] < 1
+    assert full_notes == {"restarts": "full", "positions_recomputed": 1.0}
+    for node, a, b in zip(nodes, windowed, full):
+        np.testing.assert_array_equal(a.changed, b.changed)
+        np.testing.assert_allclose(a.metric_drop, b.metric_drop, atol=1e-4 * a.n_points, rtol=1e-5, err_msg=str(node))
+    for node, a in zip(nodes, windowed):
+        if name == "tiny-gptj" and node.head is not None:  # its bridge has no hook_result to patch
+            continue
+        expected = reference.scale_patch_effects(
+            m.bridge, task, pairs, node.layer, node.head, scales, source_tokens=task.corrupt
+        )
+        for i, (effect, drop, points) in enumerate(expected):
+            if m.weights.cfg.post_norm and node.head is None and scales[i] not in (0, 1):
+                # the sweep scales an MLP's output before its post-norm (scaling.node_activation),
+                # the bridge's hook_mlp_out after it: the two agree at scales 0 and 1 only
+                continue
+            assert a.n_points == points
+            assert a.changed[i] / points == pytest.approx(effect, abs=1e-9), (node, scales[i])
+            assert a.metric_drop[i] == pytest.approx(drop, abs=1e-3 * max(1.0, abs(drop)) * points), (node, scales[i])

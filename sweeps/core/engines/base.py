@@ -18,7 +18,7 @@ No Ray, no I/O.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -31,8 +31,10 @@ from sweeps.core.nodes import Node
 from tasks.base import TaskData
 
 # A scale-sweep patch: rows ``base`` of a clean run with ``delta`` added where a node writes,
-# run to the final residual stream.
-Patcher = Callable[[Int[Tensor, " G"], Float[Tensor, "G T D"]], Float[Tensor, "G T D"]]
+# run to the final residual stream, read at the patcher's ``positions`` ([G, Q, D]). With
+# ``first_change`` ([G], or None) each row's ``delta`` is zero before that position, which a
+# patcher may use to recompute only the positions from there (prefix-shared restarts).
+Patcher = Callable[[Int[Tensor, " G"], Float[Tensor, "G T D"], Optional[Int[Tensor, " G"]]], Float[Tensor, "G Q D"]]
 
 
 class Engine(Protocol):
@@ -81,8 +83,11 @@ class Engine(Protocol):
         """Block inputs, every head's ``z``, every MLP's output and the final stream."""
         ...
 
-    def patcher(self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"]) -> Patcher:
-        """A function patching ``node``'s write in rows of the clean run of ``tokens``."""
+    def patcher(
+        self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"], positions: Int[Tensor, " Q"]
+    ) -> Patcher:
+        """A function patching ``node``'s write in rows of the clean run of ``tokens``, reading
+        the final residual stream at ``positions``."""
         ...
 
     # -- attribution and circuits ----------------------------------------------------

@@ -113,9 +113,15 @@ class BridgeEngine:
     def clean_run(self, tokens: Int[Tensor, "N T"], batch_size: int) -> tf.CleanRun:
         return bridge_path.clean_run(self.bridge, tokens, batch_size)
 
-    def patcher(self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"]) -> Patcher:
-        """One full forward a row, with the patch hooked where the node writes."""
-        return lambda base, delta: bridge_path.patched_final(self.bridge, node, tokens[base], delta)
+    def patcher(
+        self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"], positions: Int[Tensor, " Q"]
+    ) -> Patcher:
+        """One full forward a row, with the patch hooked where the node writes (every position)."""
+
+        def patch(base: Tensor, delta: Tensor, first_change: Tensor | None = None) -> Tensor:
+            return bridge_path.patched_final(self.bridge, node, tokens[base], delta)[:, positions]
+
+        return patch
 
     # -- attribution and circuits -----------------------------------------------------
 

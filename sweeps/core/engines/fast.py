@@ -125,12 +125,13 @@ class FastEngine:
             mlp_raw=None if runs[0].mlp_raw is None else torch.cat([r.mlp_raw for r in runs], 1),  # type: ignore[misc]
         )
 
-    def patcher(self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"]) -> Patcher:
-        """Patches restart where the node writes (``scaling.restart_point``)."""
-        w = self.weights
-        start_at = scaling.restart_point(w, node, clean)
-        rope = tf.rotary_tables(w, int(tokens.shape[1]))
-        return lambda base, delta: scaling.resume(w, node, start_at, base, delta.to(w.dtype), rope)
+    def patcher(
+        self, node: Node, clean: tf.CleanRun, tokens: Int[Tensor, "N T"], positions: Int[Tensor, " Q"]
+    ) -> Patcher:
+        """Patches restart where the node writes (``scaling.restart_point``); rows whose patch
+        is zero before ``first_change`` restart in a window from there when that saves enough
+        (``scaling.WindowedPatcher``)."""
+        return scaling.WindowedPatcher(self.weights, node, clean, int(tokens.shape[1]), positions)
 
     # -- attribution and circuits -----------------------------------------------------
 
