@@ -42,10 +42,12 @@ report: $(STAMP)
 run: $(STAMP)
 	$(BIN)/interp-sweeps $(SWEEP) $(ARGS)
 
-## The linter and formatter check, then the test suite (one real local Ray per session); the
+## The linter and formatter check, then the test suite in JOBS processes (pytest-xdist; each
+## computes on one thread and has its own local Ray; a test file stays on one process); the
 ## 25 slowest steps are listed at the end, so every CI log shows where the time goes.
+JOBS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=25 $(ARGS)
 
 ## ruff (lint and format check) and mypy (types) over the project's code; settings in pyproject.toml.
 lint: $(STAMP)

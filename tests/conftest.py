@@ -13,8 +13,10 @@ from sweeps.runtime import loading, model_cache, models
 
 torch.set_grad_enabled(False)
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest -n N: N workers share the cores, each computes on one thread (no oversubscription).
+    # pytest -n N: N workers share the cores, each computes on one thread (no oversubscription),
+    # and so does every process a test starts (CLI runs, Ray workers, the notebook's kernel).
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_configure(config):
