@@ -133,6 +133,11 @@ class AttributionSweep(Sweep):
             raise UserError(f"--split-kv scores with --method eap or eap-ig-inputs, not {args.method}")
         if args.split_kv and grouped and info.path != "fast":
             raise UserError(f"--split-kv runs on the fast path's families; {args.model} runs on the bridge path")
+        if args.split_kv and grouped and info.family == "OLMo 2":  # QK-norm over all key heads at once
+            raise UserError(
+                "--split-kv: OLMo 2 normalises all key heads together, which couples them, so a query "
+                "head's copy of one key/value input is not defined"
+            )
         if args.split_kv and not grouped:
             print(f"--split-kv: {args.model} has one key/value head per query head; its k/v edges are per head already")
         self.split_kv = bool(args.split_kv and grouped)

@@ -553,16 +553,21 @@ def _ungrouped(w):
     )
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
-def test_query_head_kv_scores_are_derivatives_of_one_query_heads_copy(tiny_llama, method):
+@pytest.mark.parametrize("name, method", [
+    ("tiny-llama", "eap"), ("tiny-llama", "eap-ig-inputs"),
+    ("tiny-gemma2", "eap"),  # soft-capped scores, post-norms, windows
+    ("tiny-qwen3", "eap"),  # a QK-norm per head
+])
+def test_query_head_kv_scores_are_derivatives_of_one_query_heads_copy(loaded_model, name, method):
     """``split_kv``: each query head's own k/v edge equals ``d metric / d eps`` with ``eps ·
     (clean_u − corrupt_u)`` added to that query head's copy of the key/value input alone (an
     ``Edit`` of the ungrouped model, whose forward is the same), and a group's scores add up
     to the shared key/value edge's score. With IG, against attribution of the ungrouped model
     (its ordinary k/v rows, no split)."""
-    w = tiny_llama.weights
+    m = loaded_model(name)
+    w = m.weights
     assert w.cfg.n_kv_heads < w.cfg.n_heads
-    task = _task(tiny_llama.tokenizer, n=2)
+    task = _task(m.tokenizer, n=2)
     graph = A.build_graph(w.cfg)
     ours = A.attribute(w, graph, task, method=method, steps=3, split_kv=True)
     assert ours.kv_heads is not None
