@@ -202,3 +202,32 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_eap_ig_library_loads_our_files_and_we_load_its(tmp_path):
+    """Where the EAP-IG library is installed (hannamw/EAP-IG; not a dependency): its
+    ``Graph.from_json`` loads our file with the same scores and flags, its ``apply_topn`` +
+    ``prune`` pick the circuit ``circuit_of_size`` picks, and its ``to_json`` reads back here.
+    (Run against its source at 795f560 while writing this module: all three hold.)"""
+    eap_graph = pytest.importorskip("eap.graph")
+    from sweeps.core.graph_files import ours_of_eap_edges
+
+    for shape in (GPT2_TINY, ModelShape(2, 3, 3, True, False, 32), ModelShape(3, 6, 2, False, False, 48)):
+        torch.manual_seed(0)
+        graph = shape.graph()
+        per_head = torch.randn(len(A.query_head_kv_edges(graph)), dtype=torch.float64) if shape.group > 1 else None
+        scores = eap_scores(shape, torch.randn(graph.n_edges, dtype=torch.float64), per_head)
+        data = graph_json(shape, scores, circuit_of_size(shape, scores, 0.2))
+        ours = tmp_path / "ours.json"
+        ours.write_text(json.dumps(data))
+        g = eap_graph.Graph.from_json(str(ours))
+        for name, e in data["edges"].items():
+            assert g.edges[name].score == pytest.approx(e["score"], rel=1e-6, abs=1e-6)
+            assert bool(g.edges[name].in_graph) == e["in_graph"]
+        again = eap_graph.Graph.from_json(str(ours))
+        again.apply_topn(int(0.2 * len(again.edges)), absolute=True)
+        assert torch.equal(again.in_graph, g.in_graph) and torch.equal(again.nodes_in_graph, g.nodes_in_graph)
+        theirs = tmp_path / "theirs.json"
+        g.to_json(str(theirs))
+        expected = torch.zeros(graph.n_edges, dtype=torch.float64).index_add_(0, ours_of_eap_edges(shape, graph), scores)
+        torch.testing.assert_close(read_graph_file(theirs, shape).scores, expected, rtol=1e-5, atol=1e-5)
