@@ -202,7 +202,8 @@ def eap_scores(
         if kv_heads is None:
             raise GraphFileError(
                 "a grouped-query model's graph file has k and v edges per query head: run the attribution "
-                "sweep with --split-kv (each query head's own share; never an even split)"
+                "sweep with --split-kv (--method eap or eap-ig-inputs), which scores each query head's own "
+                "share (never an even split)"
             )
         scores[kv_positions(shape)] = kv_heads.double()
     return scores
