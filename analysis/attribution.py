@@ -19,7 +19,7 @@ measures that patch for real (``patch_effect``, same units).
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,9 @@ class AttributionResults:
     clean_metric: float  # mean of the raw metric (logit difference or log-probability) per point
     corrupt_metric: float
     normaliser: float
+    # --split-kv: upstream, head (the query head), input (k or v), score: each query head's own
+    # copy of its shared key/value input; empty where not split
+    kv_heads: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def complete(self) -> bool:
@@ -149,6 +152,12 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
     method = spec.get("method", "eap")
     nodes, edges = nodes.assign(method=method), edges.assign(method=method)
     verify = _verify_table(spec, frames["verify_sums"], nodes, edges, normaliser)
+    kv_sums = frames.get("kv_head_sums", pd.DataFrame())
+    kv_heads = pd.DataFrame(columns=["upstream", "head", "input", "score"])
+    if not kv_sums.empty:
+        keys = ["upstream", "head", "input"]
+        kv = kv_sums.groupby(keys, sort=False, observed=True)["raw"].sum().reset_index()
+        kv_heads = pd.DataFrame({**{k: kv[k].astype(str) for k in keys}, "score": kv.raw.to_numpy() / normaliser})
     return AttributionResults(
         out=out,
         spec=spec,
@@ -161,6 +170,7 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
         clean_metric=clean / n_points,
         corrupt_metric=corrupt / n_points,
         normaliser=normaliser,
+        kv_heads=kv_heads,
     )
 
 

@@ -4,6 +4,7 @@
                                        scale, attribution, circuit, report, ...)
     interp-sweeps analyze SWEEP DIR    tables, figures and a W&B run from saved results
     interp-sweeps plan SWEEP [ARGS]    memory, placement, FLOPs and time, from the model's config alone
+    interp-sweeps export-graph DIR OUT.json   an attribution result as an EAP-IG graph file (MIB's format)
     interp-sweeps validate CLUSTER_YAML   check a Ray cluster config the way `ray up` will
     interp-sweeps models               the supported model families and which path runs each
     interp-sweeps tasks                the built-in tasks
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         from sweeps.registry.plan import main as plan
 
         return plan(argv[1:])
-    commands = [*SWEEPS, "analyze", "plan", "validate", "models", "tasks"]
+    if argv and argv[0] == "export-graph":
+        from sweeps.registry.export_graph import main as export_graph
+
+        return export_graph(argv[1:])
+    commands = [*SWEEPS, "analyze", "plan", "export-graph", "validate", "models", "tasks"]
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         from sweeps.registry.cli import did_you_mean
 
@@ -59,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("analyze", help=ANALYZE_HELP, add_help=False)
     sub.add_parser(
         "plan", help="memory, placement, FLOPs and time of a sweep, from the model's config alone", add_help=False
+    )
+    sub.add_parser(
+        "export-graph",
+        help="an attribution result as an EAP-IG graph file (Graph.to_json; MIB's format)",
+        add_help=False,
     )
     p = sub.add_parser("validate", help="check a Ray cluster config (cluster.yaml) the way `ray up` will")
     p.add_argument("config", help="the cluster config, e.g. cluster.yaml")

@@ -42,6 +42,8 @@ an additive change at one named site.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -325,6 +327,8 @@ class BatchAttribution:
     clean_metric: float  # Σ metric over the batch's points, clean run
     corrupt_metric: float
     n_points: int
+    # ``split_kv``: each query head's own copy of its shared k/v input (``query_head_kv_edges`` order)
+    kv_heads: Float[Tensor, " n_kv_head_edges"] | None = None
 
 
 def upstream_deltas(
@@ -451,7 +455,12 @@ ROWS_PER_PRODUCT = 64
 
 
 def block_backward(
-    w: ModelWeights, layer: int, clean: Trace, g_post: Float[Tensor, "B T D"], rows: Float[Tensor, "n B T D"]
+    w: ModelWeights,
+    layer: int,
+    clean: Trace,
+    g_post: Float[Tensor, "B T D"],
+    rows: Float[Tensor, "n B T D"],
+    split: Callable[[int, Tensor], None] | None = None,
 ) -> Float[Tensor, "B T D"] | None:
     """One block of the clean run's backward (a ``cut`` forward): from the gradient at the
     block's output, write its downstream rows into ``rows`` (``downstream_rows``) and
@@ -465,10 +474,14 @@ def block_backward(
     """
     cfg = w.cfg
     wanted = [clean.q[layer], clean.k[layer], clean.v[layer]] + ([] if cfg.attn_only else [clean.mlp_normed[layer]])
+    if split is not None:  # the gradient at the heads' mixed values, for ``query_head_kv_grads``
+        wanted.append(clean.z[layer])
     if layer > 0:
         wanted.append(clean.resid_pre[layer])
     grads = torch.autograd.grad(clean.resid_post[layer], wanted, g_post)
     g_q, g_k, g_v = grads[:3]
+    if split is not None:
+        split(layer, grads[4 - cfg.attn_only])
     downstream_rows(w, layer, clean, g_q, g_k, g_v, None if cfg.attn_only else grads[3], rows)
     if layer == 0:
         return None
@@ -488,12 +501,20 @@ def _metric_gradient(w: ModelWeights, trace: Trace, task: TaskData, scratch: Scr
 
 
 def _gradient_rows(
-    w: ModelWeights, graph: Graph, trace: Trace, g_final: Tensor, scratch: Scratch, consume, first: int = 0
+    w: ModelWeights,
+    graph: Graph,
+    trace: Trace,
+    g_final: Tensor,
+    scratch: Scratch,
+    consume,
+    first: int = 0,
+    split: Callable[[int, Tensor], None] | None = None,
 ) -> None:
     """The clean run's backward, block by block from the last down to block ``first``
     (``trace`` recorded from block 0, or padded so that ``trace.q[layer]`` is that layer's):
     calls ``consume(layers, rows, prefix)`` with each block of consecutive layers' downstream
-    rows (the final stream's row after the last layer's) and their prefixes in ``graph``."""
+    rows (the final stream's row after the last layer's) and their prefixes in ``graph``;
+    ``split(layer, g_z)``, if given, with each layer's gradient at its heads' mixed values."""
     L = w.cfg.n_layers
     per_layer = rows_per_layer(w.cfg)
     layers_per_block = max(1, -(-ROWS_PER_PRODUCT // per_layer))
@@ -509,19 +530,97 @@ def _gradient_rows(
             n, prefix = n + 1, [*prefix, graph.prefix[-1]]
         for i in reversed(range(len(layers))):
             assert g is not None  # only block 0 returns None, and it is the last
-            g = block_backward(w, layers[i], trace, g, block[i * per_layer : (i + 1) * per_layer])
+            g = block_backward(w, layers[i], trace, g, block[i * per_layer : (i + 1) * per_layer], split)
         consume(layers, block[:n], prefix)
 
 
-def _edge_scores_of_run(w, graph, trace, g_final, flat, scratch) -> Tensor:
-    """Every edge's ``gradient at d · (clean_u − corrupt_u)`` for one ``cut`` run (Graph order)."""
+def _edge_scores_of_run(w, graph, trace, g_final, flat, scratch, kv_heads: list[Tensor] | None = None) -> Tensor:
+    """Every edge's ``gradient at d · (clean_u − corrupt_u)`` for one ``cut`` run (Graph order);
+    with ``kv_heads`` (a list, filled here), each query head's own k/v edges too
+    (``query_head_kv_edges`` order)."""
     parts: list[Tensor] = []
 
     def consume(layers, rows, prefix):
         parts.append(edge_products(flat, rows.flatten(1), prefix))
 
-    _gradient_rows(w, graph, trace, g_final, scratch, consume)
+    split = None
+    if kv_heads is not None:
+        rope = tf.rotary_tables(w, g_final.shape[1])
+        by_layer: dict[int, Tensor] = {}
+
+        def split(layer: int, g_z: Tensor) -> None:
+            g_k, g_v = query_head_kv_grads(w, layer, trace, g_z, rope)
+            rows = query_head_kv_rows(w, layer, trace, g_k, g_v)  # [2H, B, T, D]
+            before = upstream_row(w.cfg, layer, 0)
+            by_layer[layer] = edge_products(flat, rows.flatten(1), [before] * rows.shape[0])
+
+    _gradient_rows(w, graph, trace, g_final, scratch, consume, split=split)
+    if kv_heads is not None:
+        kv_heads.append(torch.cat([by_layer[layer] for layer in sorted(by_layer)]))
     return torch.cat(parts[::-1])
+
+
+# --------------------------------------------------------------------------- #
+# Each query head's own copy of a shared key/value input (grouped-query models)
+# --------------------------------------------------------------------------- #
+
+
+def query_head_kv_edges(graph: Graph) -> list[tuple[str, str, str]]:
+    """(upstream, query head, ``k`` or ``v``) of every edge into a query head's own copy of its
+    key/value input, in the order ``attribute(split_kv=True)`` scores them: layer by layer,
+    ``k`` then ``v``, query head by query head, each the upstream nodes its layer reads.
+
+    EAP-IG's graph (and MIB's) has these edges: it ungroups grouped-query attention, so each
+    query head reads its own k and v. Ours scores one k and one v input per key/value head;
+    a group's edges here add up to that edge (chain rule: the shared input's gradient is the
+    sum of the gradients through each query head that reads it)."""
+    heads = sorted({(d.layer, d.head) for d in graph.downstream if d.input == "q"})
+    before = {d.layer: p for d, p in zip(graph.downstream, graph.prefix) if d.input == "q"}
+    out = []
+    for layer in sorted(before):
+        for letter in "kv":
+            for lh, h in heads:
+                if lh == layer:
+                    out += [(u, f"L{layer}H{h}", letter) for u in graph.upstream[: before[layer]]]
+    return out
+
+
+def query_head_kv_grads(
+    w: ModelWeights, layer: int, trace: Trace, g_z: Float[Tensor, "B T H E"], rope
+) -> tuple[Float[Tensor, "B T H E"], Float[Tensor, "B T H E"]]:
+    """The metric's gradient at each query head's own copy of its (pre-QK-norm, pre-rotary)
+    key and value: the layer's attention run again with k and v repeated per query head (the
+    same forward: query head ``h`` reads copy ``h`` of key/value head ``h // group``), and
+    differentiated from ``g_z``, the gradient at the heads' mixed values. Summed over a
+    group, these are the gradients at the shared k and v (the autograd of the grouped run)."""
+    cfg = w.cfg
+    if cfg.qk_norm == "all" and cfg.n_kv_heads != cfg.n_heads:
+        raise ValueError(
+            "per-query-head k/v scores: a QK-norm over all key heads at once couples the key/value "
+            "heads, so a query head's copy of one is not defined"
+        )
+    ungrouped = copy.copy(w.local())
+    ungrouped.cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
+    with torch.enable_grad():
+        q = trace.q[layer].detach()
+        k = trace.k[layer].detach().repeat_interleave(cfg.group_size, dim=2).requires_grad_(True)
+        v = trace.v[layer].detach().repeat_interleave(cfg.group_size, dim=2).requires_grad_(True)
+        z = tf.attend(ungrouped, layer, q, k, v, rope)
+        g_k, g_v = torch.autograd.grad(z, (k, v), g_z)
+    return g_k, g_v
+
+
+def query_head_kv_rows(
+    w: ModelWeights, layer: int, trace: Trace, g_k: Float[Tensor, "B T H E"], g_v: Float[Tensor, "B T H E"]
+) -> Float[Tensor, "2H B T D"]:
+    """Each query head's k/v gradient pulled back through its key/value head's projection and
+    the pre-norm to the stream: ``J_normᵀ W_K[h // group] g_k[h]`` (k rows, then v rows)."""
+    cfg = w.cfg
+    G = cfg.group_size
+    W_K = w.W_K[layer].repeat_interleave(G, dim=0)  # [H, D, E]
+    W_V = w.W_V[layer].repeat_interleave(G, dim=0)
+    rows = torch.cat([torch.einsum("bthe,hde->hbtd", g_k, W_K), torch.einsum("bthe,hde->hbtd", g_v, W_V)]).contiguous()
+    return norm_vjp_(cfg, trace.resid_pre[layer].detach(), rows)
 
 
 def ig_alphas(steps: int) -> list[float]:
@@ -531,7 +630,13 @@ def ig_alphas(steps: int) -> list[float]:
 
 
 def attribute(
-    w: ModelWeights, graph: Graph, task: TaskData, scratch: Scratch | None = None, method: str = "eap", steps: int = 1
+    w: ModelWeights,
+    graph: Graph,
+    task: TaskData,
+    scratch: Scratch | None = None,
+    method: str = "eap",
+    steps: int = 1,
+    split_kv: bool = False,
 ) -> BatchAttribution:
     """Node and edge scores of one batch (raw sums), by ``method``:
 
@@ -548,9 +653,15 @@ def attribute(
 
     With one step both IG methods equal ``eap`` (tested). Node scores are the sums of their
     edges (exact, see ``node_scores``). Pass the same ``scratch`` to consecutive calls
-    (passes of one shard) to reuse their large buffers."""
+    (passes of one shard) to reuse their large buffers.
+
+    ``split_kv`` (``eap`` and ``eap-ig-inputs``): also score each query head's own copy of its
+    key/value input (``kv_heads``, ``query_head_kv_edges`` order), the edges EAP-IG's
+    ungrouped graph has; 2H more downstream rows a layer."""
     if method not in METHODS[:3]:
         raise ValueError(f"attribute: unknown gradient method {method!r}")
+    if split_kv and method == "eap-ig-activations":
+        raise ValueError("per-query-head k/v scores (split_kv) are made by eap and eap-ig-inputs")
     device = w.device
     scratch = scratch or Scratch()
     clean_tokens, corrupt_tokens = task.clean.to(device), task.corrupt.to(device)
@@ -560,6 +671,7 @@ def attribute(
         corrupt_metric = metric_terms(w, corrupt.resid_final, task, scratch).sum()
         embedded = tf.embed(w, clean_tokens)
         d_embed = embedded - corrupt_embedded
+    kv_heads: Tensor | None = None
     with torch.enable_grad():
         clean = forward(w, embedded, record=CLEAN_RECORD, cut=True)
         terms, g_final = _metric_gradient(w, clean, task, scratch)
@@ -572,15 +684,18 @@ def attribute(
             # The gradient at each downstream input, pulled back through that input's own
             # projection and norm, against every upstream change written before it; the
             # backward runs block by block from the last (``_gradient_rows``).
-            edge_scores = _edge_scores_of_run(w, graph, clean, g_final, flat, scratch)
+            kv_parts: list[Tensor] | None = [] if split_kv else None
+            edge_scores = _edge_scores_of_run(w, graph, clean, g_final, flat, scratch, kv_parts)
             for alpha in ig_alphas(steps)[1:] if method == "eap-ig-inputs" else ():
                 with torch.enable_grad():
                     run = forward(w, corrupt_embedded + alpha * d_embed, record=CLEAN_RECORD, cut=True)
                     _, g = _metric_gradient(w, run, task, scratch)
-                edge_scores += _edge_scores_of_run(w, graph, run, g, flat, scratch)
+                edge_scores += _edge_scores_of_run(w, graph, run, g, flat, scratch, kv_parts)
                 del run
             if method == "eap-ig-inputs":
                 edge_scores /= steps
+            if kv_parts is not None:
+                kv_heads = (torch.stack(kv_parts).sum(0) / len(kv_parts)).double().cpu()
         edge_scores = edge_scores.double().cpu()
         assert edge_scores.numel() == graph.n_edges
     return BatchAttribution(
@@ -589,6 +704,7 @@ def attribute(
         clean_metric=float(terms.sum()),
         corrupt_metric=float(corrupt_metric),
         n_points=int(terms.shape[0]),
+        kv_heads=kv_heads,
     )
 
 

@@ -112,7 +112,18 @@ def attribution_tables(graph: A.Graph, result: A.BatchAttribution, shard: Attrib
             "corrupt_metric": [result.corrupt_metric],
         }
     )
-    return {"node_sums": node_sums, "edge_sums": edge_sums, "batches": batches}
+    tables = {"node_sums": node_sums, "edge_sums": edge_sums, "batches": batches}
+    if result.kv_heads is not None:  # --split-kv: each query head's own k/v edges (EAP-IG's graph)
+        kv = A.query_head_kv_edges(graph)
+        tables["kv_head_sums"] = pa.table(
+            {
+                "upstream": pa.array([u for u, _, _ in kv]).dictionary_encode(),
+                "head": pa.array([h for _, h, _ in kv]).dictionary_encode(),
+                "input": pa.array([i for _, _, i in kv]).dictionary_encode(),
+                "raw": result.kv_heads.numpy(),
+            }
+        )
+    return tables
 
 
 def add(a: A.BatchAttribution | None, b: A.BatchAttribution) -> A.BatchAttribution:
@@ -124,6 +135,7 @@ def add(a: A.BatchAttribution | None, b: A.BatchAttribution) -> A.BatchAttributi
         a.clean_metric + b.clean_metric,
         a.corrupt_metric + b.corrupt_metric,
         a.n_points + b.n_points,
+        None if a.kv_heads is None or b.kv_heads is None else a.kv_heads + b.kv_heads,
     )
 
 
@@ -135,6 +147,7 @@ class AttributionJob(Job):
     method: str = "eap"  # attribution.METHODS
     steps: int = 1  # interpolation steps of the EAP-IG methods
     exact_edges: bool = False  # --method exact: patch every edge too (small models only)
+    split_kv: bool = False  # --split-kv: also score each query head's own copy of its k/v input
     _graph: A.Graph | None = field(default=None, repr=False)
     _patched: list[TaskData] = field(default_factory=list, repr=False)  # the last shard's patched sub-batches
 
@@ -191,7 +204,7 @@ class AttributionJob(Job):
         for part in self._chunked(
             batch,
             prompts_per_pass(batch, graph, engine.cfg, engine.device, self.pass_fraction),
-            lambda sub: engine.attribute(graph, sub, self.method, self.steps),
+            lambda sub: engine.attribute(graph, sub, self.method, self.steps, self.split_kv),
             f"out of memory attributing one prompt of {batch.clean.shape[1]} tokens; "
             "use shorter prompts or a machine with more memory",
         ):

@@ -13,7 +13,7 @@ from __future__ import annotations
 SHARDS: dict[str, tuple[str, ...]] = {
     "backup": ("slopes", "responses", "points", "self_repair", "neurons"),
     "scale": ("effects",),
-    "attribution": ("node_sums", "edge_sums", "batches", "verify_sums"),
+    "attribution": ("node_sums", "edge_sums", "batches", "verify_sums", "kv_head_sums"),
     "circuit": ("circuit_sums",),
 }
 

@@ -95,6 +95,14 @@ class AttributionSweep(Sweep):
             "(one forward each; default 5000), else nodes only",
         )
         g.add_argument(
+            "--split-kv",
+            action="store_true",
+            help="grouped-query models: also score each query head's own copy of its shared key/value "
+            "input (EAP-IG's k and v edges per query head; a group's scores add up to our L9KV1 edge), "
+            "stored in kv_head_sums/ so that export-graph writes an exact EAP-IG graph; eap and "
+            "eap-ig-inputs, fast path; about 2H more downstream rows a layer",
+        )
+        g.add_argument(
             "--top",
             type=positive_int,
             default=10,
@@ -120,6 +128,19 @@ class AttributionSweep(Sweep):
                 "the bridge path: use --method eap-ig-inputs, eap or exact"
             )
         self.steps = args.ig_steps if args.method.startswith("eap-ig") else 1
+        grouped = 0 < info.n_kv_heads < info.n_heads
+        if args.split_kv and args.method not in ("eap", "eap-ig-inputs"):
+            raise UserError(f"--split-kv scores with --method eap or eap-ig-inputs, not {args.method}")
+        if args.split_kv and grouped and info.path != "fast":
+            raise UserError(f"--split-kv runs on the fast path's families; {args.model} runs on the bridge path")
+        if args.split_kv and grouped and info.family == "OLMo 2":  # QK-norm over all key heads at once
+            raise UserError(
+                "--split-kv: OLMo 2 normalises all key heads together, which couples them, so a query "
+                "head's copy of one key/value input is not defined"
+            )
+        if args.split_kv and not grouped:
+            print(f"--split-kv: {args.model} has one key/value head per query head; its k/v edges are per head already")
+        self.split_kv = bool(args.split_kv and grouped)
         self.exact_edges = args.method == "exact" and info.n_edges <= args.max_exact_edges
         if args.method == "exact" and not self.exact_edges:
             print(
@@ -140,6 +161,7 @@ class AttributionSweep(Sweep):
             "exact_edges": self.exact_edges,
             "n_layers": info.n_layers,
             "n_heads": info.n_heads,
+            **({"split_kv": True} if self.split_kv else {}),  # kv_head_sums/ (absent: not split, as before)
         }
 
     def plan(self, done: set[str]) -> tuple[list, str]:
@@ -167,7 +189,7 @@ class AttributionSweep(Sweep):
     def job(self):
         from sweeps.jobs.attribution import AttributionJob
 
-        return AttributionJob(self.inputs.task, self.args.method, self.steps, self.exact_edges)
+        return AttributionJob(self.inputs.task, self.args.method, self.steps, self.exact_edges, self.split_kv)
 
     def units(self, shard) -> int:
         return shard.stop - shard.start

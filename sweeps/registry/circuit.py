@@ -43,6 +43,48 @@ def parse_sizes(text: str | None) -> list[float]:
     return number_list(text, "--sizes", lambda x: 0 < x <= 1, "a fraction in (0, 1]", "0.001,0.01,0.1,1")
 
 
+def circuit_out(circuit: str, model: str, task: str, dtype: str) -> Path:
+    """The default --out of one --circuit FILE: ``results/circuit/<model>__<task>__<name>-<hash>``,
+    after the file's name and a hash of its content, so that another circuit (or this file
+    edited) on the same model and task gets a directory of its own."""
+    from sweeps.registry.cli import _path_safe, default_out
+
+    path = Path(circuit)
+    try:
+        content = path.read_bytes()
+    except OSError:
+        content = circuit.encode()  # read_graph_circuit says what is wrong with it
+    digest = hashlib.blake2b(content, digest_size=4).hexdigest()
+    return default_out("circuit", model, task, dtype).with_name(
+        f"{default_out('circuit', model, task, dtype).name}__{_path_safe(path.stem)}-{digest}"
+    )
+
+
+def warn_without_embeddings(graph, level: str, member, name: str) -> None:
+    """One warning line when no edge out of the embeddings is in a circuit: then every
+    component reads the corrupt embeddings, the run is the corrupt run and the faithfulness
+    is 0 by construction. As in MIB (EAP-IG's ``input`` node) the embeddings are a node like
+    any other: in a circuit only when it lists them (``embed``, or an edge ``embed->...``)."""
+    if level == "node":
+        has_embed = bool(member[0])  # graph.upstream[0] is embed
+    else:
+        has_embed = any(m for m, (u, _) in zip(member, _edges(graph)) if u == "embed")
+    if not has_embed:
+        print(
+            f"warning: {name} has no {'node embed' if level == 'node' else 'edge out of embed'}: every "
+            "component then reads the corrupt embeddings, so the circuit is the corrupt run and its "
+            "faithfulness is 0 by construction; add embed (as in MIB, the input is part of a circuit "
+            "only when the circuit lists it)",
+            file=sys.stderr,
+        )
+
+
+def _edges(graph):
+    from sweeps.core.circuits import graph_edges
+
+    return graph_edges(graph)
+
+
 class CircuitSweep(Sweep):
     """Circuit evaluation: how faithful is a circuit, and how fast does a ranking find one?
 
@@ -67,7 +109,11 @@ class CircuitSweep(Sweep):
     beside ours and kept in summary.json (mib). --circuit FILE evaluates one
     circuit: a JSON/YAML list of nodes (embed, L9H6, mlp9, L9H*) or of edges
     (upstream->reader.input, e.g. L0H1->L2H3.q, embed->L1KV0.k, mlp3->mlp4,
-    L5H1->resid_final: the names the attribution sweep prints).
+    L5H1->resid_final: the names the attribution sweep prints), or an EAP-IG graph
+    file (Graph.to_json, MIB's format; interp-sweeps export-graph writes one): its
+    in_graph edges form the circuit, and with --from its scores rank the edges. A
+    circuit without the embeddings (embed) is the corrupt run by construction
+    (faithfulness 0): a warning says so.
 
     One shard per circuit, sharded over the Ray pool; re-running resumes. Writes
     faithfulness/ (circuit, source, level, ranking, size, k, n_nodes, n_edges, metric,
@@ -103,9 +149,16 @@ class CircuitSweep(Sweep):
             dest="sources",
             nargs="+",
             metavar="DIR",
-            help="attribution results (sweeps/attribution.py --out): one faithfulness curve each",
+            help="attribution results (sweeps/attribution.py --out) or EAP-IG graph files (FILE.json, "
+            "ranked by their scores; a shared k/v edge by its query heads' sum): one faithfulness curve each",
         )
-        what.add_argument("--circuit", metavar="FILE", help="one circuit: a JSON/YAML list of nodes or of edges")
+        what.add_argument(
+            "--circuit",
+            metavar="FILE",
+            help="one circuit: a JSON/YAML list of nodes or of edges, or an EAP-IG graph file (its in_graph "
+            "edges, pruned; a shared k/v edge is in when any query head's is); default --out "
+            "results/circuit/<model>__<task>__<file>-<hash>",
+        )
         g.add_argument(
             "--level",
             choices=("node", "edge"),
@@ -143,26 +196,80 @@ class CircuitSweep(Sweep):
                 args.n_prompts = int(spec0["n_prompts"])
             args.level = args.level or "edge"
         args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
+        if args.circuit and args.out is None:  # one directory a circuit: a second one never meets the first's
+            args.out = circuit_out(args.circuit, args.model, args.task, args.dtype)
         super().prepare()
         info = self.inputs.info
         graph = build_graph(
             GraphConfig(info.n_layers, info.n_heads, info.n_kv_heads or info.n_heads, not info.has_mlp, info.parallel)
         )
         if args.circuit:
+            from sweeps.core.graph_files import is_graph_file
+
+            path = Path(args.circuit)
             try:
-                level, member = read_graph_circuit(Path(args.circuit), graph)
+                if is_graph_file(path):  # an EAP-IG graph file: its in_graph edges
+                    level, member = "edge", self._graph_file(path).circuit.tolist()
+                    if not any(member):
+                        raise UserError(
+                            f"{path}: no edge has in_graph true (after pruning to the paths from the input to "
+                            "the logits); export it with --size, or use it as a ranking: --from FILE"
+                        )
+                else:
+                    level, member = read_graph_circuit(path, graph)
             except CircuitError as err:
                 raise UserError(str(err)) from None
             if args.level and args.level != level:
                 raise UserError(f"--level {args.level}, but {args.circuit} lists {level}s")
             args.level = level
+            warn_without_embeddings(graph, level, member, args.circuit)
             self.curves = [Curve(Path(args.circuit).name, args.circuit, level, fixed=tuple(member))]
         else:
             self.curves = self._curves_from_results(graph)
         self.n_circuits = len(plan_circuits(self.curves, self.sizes, set(), self.mib))
 
+    def _graph_file(self, path: Path):
+        """An EAP-IG graph file read for this model (``graph_files.read_graph_file``)."""
+        from sweeps.core.graph_files import ModelShape, read_graph_file
+
+        info = self.inputs.info
+        shape = ModelShape(
+            info.n_layers,
+            info.n_heads,
+            info.n_kv_heads or info.n_heads,
+            info.parallel,
+            not info.has_mlp,
+            info.d_model,
+        )
+        return read_graph_file(path, shape)
+
+    def _curve_from_graph_file(self, source: str, graph):
+        """A ranking from an EAP-IG graph file: its edge scores (a shared key/value edge: its
+        group's sum), or at node level its node scores, else each node's edges summed."""
+        import torch
+
+        from sweeps.core.circuits import CircuitError
+        from sweeps.jobs.circuit import Curve
+
+        try:
+            gf = self._graph_file(Path(source))
+        except CircuitError as err:
+            raise UserError(str(err)) from None
+        if self.args.level == "node":
+            if gf.node_scores is not None:
+                scores = gf.node_scores
+            else:
+                upstream = torch.cat([torch.arange(p) for p in graph.prefix])
+                scores = torch.zeros(len(graph.upstream), dtype=torch.float64).index_add_(0, upstream, gf.scores)
+        else:
+            scores = gf.scores
+        if not torch.isfinite(scores).all():
+            raise UserError(f"--from {source}: some {self.args.level} scores are not numbers")
+        return Curve(f"{Path(source).name} (EAP-IG graph)", source, self.args.level, scores=tuple(scores.tolist()))
+
     def _curves_from_results(self, graph) -> list:
-        """One ranking a --from directory: its edge (or node) scores in graph order."""
+        """One ranking a --from directory (or EAP-IG graph file): its edge (or node) scores in
+        graph order."""
         from analysis.attribution import load_attribution_results
         from analysis.results import ResultsError
         from sweeps.core.circuits import graph_edges
@@ -171,7 +278,13 @@ class CircuitSweep(Sweep):
 
         args = self.args
         curves, labels = [], set()
+        from sweeps.core.graph_files import is_graph_file
+
         for source in args.sources:
+            if is_graph_file(Path(source)):
+                curves.append(self._curve_from_graph_file(source, graph))
+                labels.add(curves[-1].label)
+                continue
             try:
                 results = load_attribution_results(source)
             except ResultsError as err:

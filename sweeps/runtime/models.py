@@ -62,6 +62,7 @@ class ModelInfo:
     prepend_bos: bool = True  # the family's BOS rule: tasks start every prompt with BOS, or not (Qwen)
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: one per query head
     parallel: bool = False  # attention and MLP read the same stream (GPT-NeoX, GPT-J)
+    d_model: int = 0  # the residual stream's width (0: not read; EAP-IG graph files name it)
 
     @property
     def n_edges(self) -> int:
@@ -195,9 +196,9 @@ def _bridge_shape(cfg: dict, n_kv: int, parallel: bool) -> tuple[int, bool]:
         return n_kv, parallel
 
 
-def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool, int, bool]:
-    """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos, n_kv_heads, parallel) of a
-    Hugging Face config dict, or a ModelNameError."""
+def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, str, bool, int, bool, int]:
+    """(n_layers, n_heads, n_ctx, has_mlp, family, path, prepend_bos, n_kv_heads, parallel, d_model)
+    of a Hugging Face config dict, or a ModelNameError."""
     family, path, prepend_bos = _path_of(cfg, where)
     try:
         # Raw config values, possibly missing (None): int() below checks them (TypeError -> ModelNameError).
@@ -209,7 +210,8 @@ def _check_hf_config(cfg: dict, where: str) -> tuple[int, int, int, bool, str, s
         parallel = bool(cfg.get("use_parallel_residual", False)) or "parallel" in family_pieces
         if path == "bridge":  # what TransformerLens's adapter will make of it (Falcon: multi-query, parallel)
             n_kv, parallel = _bridge_shape(cfg, n_kv, parallel)
-        return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos, int(n_kv), parallel
+        d_model = int(cfg.get("hidden_size", cfg.get("n_embd", cfg.get("d_model"))) or 0)
+        return int(n_layers), int(n_heads), int(n_ctx), True, family, path, prepend_bos, int(n_kv), parallel, d_model
     except (TypeError, ValueError):
         raise ModelNameError(f"{where}: the config names no layer, head or context counts") from None
 
@@ -308,6 +310,7 @@ def describe_model(name: str) -> ModelInfo:
             int(fields["llama.context_length"].contents()),
             family=architectures.BY_MODEL_TYPE["llama"].name,
             n_kv_heads=int(fields["llama.attention.head_count_kv"].contents()),
+            d_model=int(fields["llama.embedding_length"].contents()),
         )
     if name in TINY_MODELS:
         return ModelInfo(name, "tiny", name, *_check_hf_config(tiny_models.hf_config(name).to_dict(), name))
@@ -325,6 +328,7 @@ def describe_model(name: str) -> ModelInfo:
             *shape,
             not cfg.get("attn_only", False),
             family="TransformerLens checkpoint",
+            d_model=int(cfg.get("d_model") or 0),
         )
     if os.path.isdir(name):
         config_path = Path(name) / "config.json"

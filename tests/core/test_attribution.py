@@ -540,3 +540,62 @@ def test_exact_nodes_only_leaves_no_edge_scores_across_shards(tmp_path, capsys):
     verify = pd.read_parquet(out / "verify")
     assert list(verify.kind) == ["node", "node"]
     np.testing.assert_allclose(verify.score, verify.patch_effect, rtol=1e-4, atol=1e-5)  # exact is the patch
+
+
+def _ungrouped(w):
+    """The same model with each query head given its own copy of its key/value head's
+    weights: the same forward, and an attribution graph with k and v edges per query head
+    (EAP-IG's graph of a grouped-query model)."""
+    G = w.cfg.group_size
+    return dataclasses.replace(
+        w,
+        cfg=dataclasses.replace(w.cfg, n_kv_heads=w.cfg.n_heads),
+        **{name: getattr(w, name).repeat_interleave(G, dim=1) for name in ("W_K", "b_K", "W_V", "b_V")},
+    )
+
+
+@pytest.mark.parametrize("name, method", [
+    ("tiny-llama", "eap"), ("tiny-llama", "eap-ig-inputs"),
+    ("tiny-gemma2", "eap"),  # soft-capped scores, post-norms, windows
+    ("tiny-qwen3", "eap"),  # a QK-norm per head
+])
+def test_query_head_kv_scores_are_derivatives_of_one_query_heads_copy(loaded_model, name, method):
+    """``split_kv``: each query head's own k/v edge equals ``d metric / d eps`` with ``eps ·
+    (clean_u − corrupt_u)`` added to that query head's copy of the key/value input alone (an
+    ``Edit`` of the ungrouped model, whose forward is the same), and a group's scores add up
+    to the shared key/value edge's score. With IG, against attribution of the ungrouped model
+    (its ordinary k/v rows, no split)."""
+    m = loaded_model(name)
+    w = m.weights
+    assert w.cfg.n_kv_heads < w.cfg.n_heads
+    task = _task(m.tokenizer, n=2)
+    graph = A.build_graph(w.cfg)
+    ours = A.attribute(w, graph, task, method=method, steps=3, split_kv=True)
+    assert ours.kv_heads is not None
+    names = A.query_head_kv_edges(graph)
+    assert len(names) == ours.kv_heads.numel()
+    split = dict(zip(names, ours.kv_heads.tolist()))
+
+    wu = _ungrouped(w)
+    gu = A.build_graph(wu.cfg)
+    if method == "eap":
+        _, expected = scores_by_derivatives(wu, gu, task)
+    else:
+        expected = A.attribute(wu, gu, task, method=method, steps=3).edges.tolist()
+    by_name = {(u, d.name, d.input): s for (u, d), s in zip(
+        [(u, d) for d, p in zip(gu.downstream, gu.prefix) for u in gu.upstream[:p]], expected)}
+    got = [split[k] for k in names]
+    want = [by_name[k] for k in names]
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    G = w.cfg.group_size
+    shared = {(u, d.name, d.input): s for (u, d), s in zip(
+        [(u, d) for d, p in zip(graph.downstream, graph.prefix) for u in graph.upstream[:p]], ours.edges.tolist())}
+    sums: dict = {}
+    for (u, head, letter), s in split.items():
+        layer, h = (int(x) for x in head[1:].split("H"))
+        key = (u, f"L{layer}KV{h // G}", letter)
+        sums[key] = sums.get(key, 0.0) + s
+    assert set(sums) == {k for k in shared if k[2] in "kv"}
+    np.testing.assert_allclose([sums[k] for k in sums], [shared[k] for k in sums], rtol=1e-5, atol=1e-6)

@@ -362,3 +362,109 @@ def test_mib_sweep_on_tiny_llama3(tmp_path, loaded_model, capsys):
     # Ours beside it: the curve by |score| from (0, 0).
     ours = faith[faith.ranking == "absolute"].sort_values("size")
     assert summary["curves"][0]["cpr"] == pytest.approx(CE.area_scores([0, *MIB], [0, *ours.faithfulness])[0])
+
+
+# --------------------------------------------------------------------------- #
+# EAP-IG graph files through the commands (export-graph, --circuit FILE.json, --from FILE.json)
+# --------------------------------------------------------------------------- #
+
+
+def test_graph_files_export_and_import_through_the_commands(tmp_path, tiny_llama, capsys, monkeypatch):
+    """A grouped-query model (tiny-llama: 4 query heads, 2 key/value heads): attribution with
+    --split-kv stores each query head's k/v scores, which add up to our key/value edges;
+    export-graph writes EAP-IG's graph; --from the file ranks exactly as --from the result;
+    --circuit the file evaluates the file's circuit mapped onto ours; a result without
+    --split-kv and a file of another shape are one-line errors (exit 2)."""
+    import pandas as pd
+
+    from analysis.attribution import load_attribution_results
+    from sweeps import circuit
+    from sweeps.__main__ import main as interp_sweeps
+    from tests.core.test_attribution import run_attribution
+    from tests.core.test_graph_files import eap_ig_file, our_edge
+
+    res = tmp_path / "eap"
+    assert run_attribution(res, "--verify-top", "0", "--split-kv", n=8) == 0
+    results = load_attribution_results(res)
+    G = tiny_llama.weights.cfg.group_size
+    assert G == 2 and len(results.kv_heads) == len(A.query_head_kv_edges(A.build_graph(tiny_llama.weights.cfg)))
+    kv = results.kv_heads.assign(
+        downstream=[f"L{h[1:].split('H')[0]}KV{int(h.split('H')[1]) // G}" for h in results.kv_heads["head"]]
+    ).groupby(["upstream", "downstream", "input"])["score"].sum()
+    shared = results.edges.set_index(["upstream", "downstream", "input"])["score"].loc[kv.index]
+    np.testing.assert_allclose(kv.to_numpy(), shared.to_numpy(), rtol=1e-4, atol=1e-5)  # float32 products
+
+    ranking, chosen = tmp_path / "ranking.json", tmp_path / "circuit.json"
+    assert interp_sweeps(["export-graph", str(res), str(ranking)]) == 0
+    assert interp_sweeps(["export-graph", str(res), str(chosen), "--size", "0.2"]) == 0
+    capsys.readouterr()
+    data = json.loads(ranking.read_text())
+    assert data["cfg"] == {"n_layers": 3, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 64}
+    assert not any(e["in_graph"] for e in data["edges"].values()) and data["nodes"]["logits"]["in_graph"]
+    per_head = {(u, h, i): s for u, h, i, s in results.kv_heads[["upstream", "head", "input", "score"]].itertuples(False)}
+    assert data["edges"]["a0.h3->a2.h1<v>"]["score"] == pytest.approx(per_head[("L0H3", "L2H1", "v")], rel=1e-12)
+
+    out = tmp_path / "curves"
+    assert circuit.main(["--from", str(res), str(ranking), "--sizes", "0.1,0.5", "--executor", "local",
+                         "--out", str(out), "--no-report"]) == 0
+    faith = pd.read_parquet(out / "faithfulness").sort_values(["size", "circuit"])
+    assert set(faith.circuit) == {"eap", "ranking.json (EAP-IG graph)"}
+    by_curve = {c: f.sort_values("size") for c, f in faith.groupby("circuit")}
+    np.testing.assert_allclose(by_curve["eap"].faithfulness, by_curve["ranking.json (EAP-IG graph)"].faithfulness,
+                               rtol=1e-9, atol=1e-9)
+
+    out = tmp_path / "one"
+    assert circuit.main(["--circuit", str(chosen), "--model", "tiny-llama", "--n-prompts", "8",
+                         "--executor", "local", "--out", str(out), "--no-report"]) == 0
+    graph = A.build_graph(tiny_llama.weights.cfg)
+    wanted = {our_edge(n, G) for n, e in json.loads(chosen.read_text())["edges"].items() if e["in_graph"]}
+    mask = torch.tensor([(u, d.name, d.input) in wanted for d, p in zip(graph.downstream, graph.prefix)
+                         for u in graph.upstream[:p]])
+    runner = CE.CircuitRunner(tiny_llama.weights, graph, _task(tiny_llama.tokenizer, n=8))
+    row = pd.read_parquet(out / "faithfulness").iloc[0]
+    assert row.n_edges == int(mask.sum()) > 0
+    assert row.faithfulness == pytest.approx(
+        CE.faithfulness(runner.metric(mask), runner.clean_metric, runner.corrupt_metric), rel=1e-4, abs=1e-4)
+    capsys.readouterr()
+
+    plain = tmp_path / "plain"
+    assert run_attribution(plain, "--verify-top", "0", n=4) == 0
+    capsys.readouterr()
+    from sweeps.runtime import loading
+
+    monkeypatch.setattr(loading, "load_hf_model", lambda *a, **k: pytest.fail("weights loaded"))
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps(eap_ig_file({"n_layers": 3, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 32},
+                                           lambda n: 1.0, lambda n: True)))
+    for args in (["--circuit", str(gpt2)], ["--from", str(gpt2)]):
+        assert circuit.main([*args, "--model", "tiny-llama", "--n-prompts", "8", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is for another model shape" in err[0] and "d_model=32" in err[0]
+    assert interp_sweeps(["export-graph", str(plain), str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--split-kv" in err[0]
+
+
+def test_a_circuit_without_the_embeddings_warns_and_each_circuit_has_its_own_directory(tmp_path, tiny_llama,
+                                                                                       capsys, monkeypatch):
+    """A node circuit without embed is the corrupt run (faithfulness exactly 0): one warning
+    line says so. Two circuits on the same model and task go to two default directories,
+    named after each file, so the second never resumes (or deletes) the first."""
+    import pandas as pd
+
+    from sweeps import circuit
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "heads.json").write_text('["L0H1", "mlp1", "L2H*"]')
+    (tmp_path / "with_embed.json").write_text('["embed", "L0H1", "mlp1", "L2H*"]')
+    common = ["--model", "tiny-llama", "--n-prompts", "4", "--executor", "local", "--no-report"]
+    assert circuit.main(["--circuit", "heads.json", *common]) == 0
+    err = capsys.readouterr().err
+    assert "warning: heads.json has no node embed" in err and "faithfulness is 0 by construction" in err
+    assert circuit.main(["--circuit", "with_embed.json", *common]) == 0
+    assert "has no node embed" not in capsys.readouterr().err
+    dirs = sorted(p.name for p in (tmp_path / "results" / "circuit").iterdir())
+    assert len(dirs) == 2 and dirs[0].startswith("tiny-llama__ioi__heads-") and dirs[1].startswith(
+        "tiny-llama__ioi__with_embed-")
+    zero = pd.read_parquet(tmp_path / "results" / "circuit" / dirs[0] / "faithfulness").faithfulness.iloc[0]
+    assert zero == pytest.approx(0.0, abs=1e-5)  # 0 up to float32 rounding of the corrections

@@ -624,3 +624,15 @@ def test_mib_sizes_evaluate_rankings_not_a_circuit_file(capsys, no_model_loading
     (tmp_path / "c.json").write_text('["L0H1"]')
     assert "--sizes mib evaluates rankings" in circuit_fails(
         capsys, tmp_path, "--circuit", str(tmp_path / "c.json"), "--sizes", "mib")
+
+
+def test_split_kv_and_export_graph_refuse_bad_input_in_one_line(capsys, no_model_loading, tmp_path):
+    from sweeps.registry import export_graph
+
+    out = str(tmp_path / "o")
+    line = fails(capsys, "--model", "tiny-llama", "--split-kv", "--method", "exact", "--out", out, command=attribution)
+    assert "--split-kv scores with --method eap or eap-ig-inputs" in line
+    assert "OLMo 2 normalises all key heads together" in fails(
+        capsys, "--model", "tiny-olmo2", "--split-kv", "--out", out, command=attribution)
+    assert "holds no sweep results" in fails(capsys, str(tmp_path), "g.json", command=export_graph)
+    assert "a fraction in (0, 1]" in fails(capsys, str(tmp_path), "g.json", "--size", "2", command=export_graph)

@@ -91,8 +91,11 @@ class Engine(Protocol):
         ...
 
     # -- attribution and circuits ----------------------------------------------------
-    def attribute(self, graph: A.Graph, batch: TaskData, method: str, steps: int) -> A.BatchAttribution:
-        """Node and edge scores of one batch by a gradient ``method`` (raw sums)."""
+    def attribute(
+        self, graph: A.Graph, batch: TaskData, method: str, steps: int, split_kv: bool = False
+    ) -> A.BatchAttribution:
+        """Node and edge scores of one batch by a gradient ``method`` (raw sums); ``split_kv``:
+        each query head's own k/v edges too (fast path only)."""
         ...
 
     def exact_scores(self, graph: A.Graph, batch: TaskData, with_edges: bool) -> A.BatchAttribution:

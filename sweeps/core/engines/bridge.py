@@ -125,9 +125,11 @@ class BridgeEngine:
 
     # -- attribution and circuits -----------------------------------------------------
 
-    def attribute(self, graph: A.Graph, batch: TaskData, method: str, steps: int) -> A.BatchAttribution:
-        if method not in self.attribution_methods:
-            raise ValueError(f"{method} runs on the fast path's families only")
+    def attribute(
+        self, graph: A.Graph, batch: TaskData, method: str, steps: int, split_kv: bool = False
+    ) -> A.BatchAttribution:
+        if method not in self.attribution_methods or split_kv:
+            raise ValueError(f"{method}{' with split k/v' if split_kv else ''} runs on the fast path's families only")
         return bridge_path.attribute(self.bridge, graph, batch, steps)
 
     def exact_scores(self, graph: A.Graph, batch: TaskData, with_edges: bool) -> A.BatchAttribution:

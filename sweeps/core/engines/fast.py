@@ -135,8 +135,10 @@ class FastEngine:
 
     # -- attribution and circuits -----------------------------------------------------
 
-    def attribute(self, graph: A.Graph, batch: TaskData, method: str, steps: int) -> A.BatchAttribution:
-        return A.attribute(self.weights, graph, batch, self._scratch, method, steps)
+    def attribute(
+        self, graph: A.Graph, batch: TaskData, method: str, steps: int, split_kv: bool = False
+    ) -> A.BatchAttribution:
+        return A.attribute(self.weights, graph, batch, self._scratch, method, steps, split_kv)
 
     def exact_scores(self, graph: A.Graph, batch: TaskData, with_edges: bool) -> A.BatchAttribution:
         return A.exact_scores(self.weights, graph, batch, with_edges)
