@@ -161,16 +161,19 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_FILE",
         help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (classic movie "
         "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
-        "documents, corrupt = other documents); or a .jsonl file, one "
+        "documents, corrupt = other documents); greater-than, addition, subtraction, mcqa "
+        "(docs/tasks.md; `interp-sweeps tasks` lists them all); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '
-        "prompt's own last token)",
+        "prompt's own last token; an answer may be a list: a set)",
     )
     g.add_argument(
         "--data",
         metavar="SOURCE",
         help="documents for --task text: a .txt (blank-line separated) "
         'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); '
-        "default: the offline corpus shipped in tasks/data",
+        "default: the offline corpus shipped in tasks/data. For ioi, greater-than, addition, "
+        "subtraction and mcqa: hf:NAME[:SPLIT], one of MIB's hub datasets (e.g. hf:mib-bench/ioi; "
+        "docs/tasks.md)",
     )
     g.add_argument(
         "--n-prompts",

@@ -226,7 +226,7 @@ def test_the_dtype_is_recorded_and_a_resume_in_another_is_refused(capsys, tmp_pa
 
 def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, no_model_loading, tmp_path):
     out = str(tmp_path / "o")
-    assert "apply only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
+    assert "only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
     long = {**GOOD, "clean": "word " * 600, "corrupt": "word " * 600}
     line = fails(capsys, "--model", "tiny-gpt2", "--task", jsonl(tmp_path, long), "--out", out)
     assert "prompts of 602 tokens are longer than tiny-gpt2's context of 512" in line
