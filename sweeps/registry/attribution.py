@@ -114,6 +114,9 @@ class AttributionSweep(Sweep):
             args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}"
         super().prepare()
         info = self.inputs.info
+        from sweeps.core.metrics import check_metric
+
+        check_metric(self.inputs.task.metric, self.inputs.task.kind, args.method)
         if args.method == "eap-ig-activations" and info.path != "fast":
             raise UserError(
                 f"--method eap-ig-activations runs on the fast path's families; {args.model} runs on "
@@ -131,7 +134,7 @@ class AttributionSweep(Sweep):
         args, info, task = self.args, self.inputs.info, self.inputs.task
         return {
             **self.base_spec(),
-            "metric": task.kind,
+            "metric": task.metric or task.kind,  # the chosen metric, or the task's kind (as before)
             "n_prompts": task.n_prompts,
             "batch_size": args.batch_size,
             "verify_top": args.verify_top,
@@ -211,7 +214,10 @@ class AttributionSweep(Sweep):
                 "scores cover those",
                 file=sys.stderr,
             )
-        metric = "logit difference" if results.spec.get("metric") == "logit_diff" else "log-probability"
+        from sweeps.core.metrics import LABELS
+
+        recorded = results.spec.get("metric")
+        metric = LABELS.get("log_prob" if recorded == "next_token" else recorded or "logit_diff", recorded)
         return [
             f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
             f"(mean over {results.n_points} points)",

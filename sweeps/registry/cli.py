@@ -137,7 +137,26 @@ def number_list(
 
 def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     add_model_task_options(parser)
+    add_metric_option(parser, sweep)
     add_execution_output_options(parser, sweep)
+
+
+def add_metric_option(parser: argparse.ArgumentParser, sweep: str) -> None:
+    """``--metric NAME`` (``sweeps/core/metrics.py``), checked with the task before any weights load."""
+    from sweeps.core.metrics import METRICS
+
+    where = {
+        "backup": "the clean, corrupt and ablated runs' metric beside the logit-linear decomposition, "
+        "which stays in logit differences (docs/tasks.md#metrics)",
+        "attribution": "what the scores differentiate (accuracy: --method exact only)",
+        "circuit": "what faithfulness reads (default: the --from results' own)",
+    }.get(sweep, "what the sweep reads")
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help=f"the metric: {', '.join(METRICS)} (default: the task's own: the logit difference, or the "
+        f"next token's log-probability for text, which also takes kl); {where}",
+    )
 
 
 def add_model_task_options(parser: argparse.ArgumentParser) -> None:
