@@ -131,7 +131,11 @@ def scale_patch_effects(bridge, task, pairs, layer, head, scales, replace=None, 
         src = src_cache[name][0] if head is None else src_cache[name][0, :, head]
         tokens = task.clean[base : base + 1, :T]
         clean_logits = bridge(tokens)[0]
-        if task.kind == "logit_diff":
+        if task.metric not in (None, "logit_diff", "log_prob"):  # chosen with --metric: by hand
+            one = task.select([base])
+            pos = [T - 1] if task.kind == "logit_diff" else list(range(T - 1))
+            metric = lambda lg, one=one, clean=clean_logits: metric_by_hand(lg[None], one, lambda: clean[None])  # noqa: E731
+        elif task.kind == "logit_diff":
             pos = [T - 1]
             right, wrong = int(task.correct[base]), int(task.incorrect[base])
             metric = lambda lg: lg[pos, right] - lg[pos, wrong]  # noqa: E731

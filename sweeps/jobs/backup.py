@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sweeps.core import effects
+from sweeps.core import effects, metrics
+from sweeps.core import transformer as tf
 from sweeps.core.effects import BatchState
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import Shard
@@ -28,6 +29,8 @@ from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
 # ``last_mlp`` is the part of ``mlps`` from the last layer's MLP (split per neuron in neurons/).
+# ``total_effect_metric``: the change of the metric chosen with ``--metric`` (NaN without one); every
+# other term is the logit-linear decomposition, in logit differences whatever the metric.
 SELF_REPAIR_TERMS = (
     "total_effect",
     "own_change",
@@ -37,6 +40,7 @@ SELF_REPAIR_TERMS = (
     "last_mlp",
     "final_norm",
     "total_effect_capped",
+    "total_effect_metric",
 )
 
 # neurons/: per (ablated head, selection), the last MLP's top neurons by |mean change of direct effect|.
@@ -250,10 +254,44 @@ class BackupJob(Job):
         }
         out["total_effect_capped"] = (
             self._capped_change(state, ref, result)
-            if result.final_normed is not None
+            if result.final_normed is not None and self.engine.readout.cfg.final_softcap
+            else torch.full_like(total, float("nan"))
+        )
+        out["total_effect_metric"] = (
+            self._metric_change(state, ref, result)
+            if result.final_normed is not None and self.task.metric is not None
             else torch.full_like(total, float("nan"))
         )
         return out
+
+    def _metric_change(self, state: BatchState, ref: Reference, result: effects.LayerAblation) -> torch.Tensor:
+        """The change of the ``--metric`` metric at each point, [G, P]: the ablated run's minus the
+        clean run's (the same pass's baseline in reduced precision), each from its own full logits
+        at the point (its normalised final stream, ``final_normed``). Not a sum of the direct
+        effects: a non-linear metric has no such decomposition; the other terms stay logit-linear."""
+        w = self.engine.readout
+        sub = self.task.select(slice(state.start, state.start + state.tokens.shape[0]))
+        points = state.points
+        assert result.final_normed is not None and ref.final_normed is not None and state.clean_normed is not None
+
+        def logits(x: torch.Tensor) -> torch.Tensor:  # [*G, P, D] normalised -> [*G, P, V] real logits
+            return tf.cap_logits(w, (x.to(w.W_U.dtype) @ w.W_U + w.b_U).float(), x.float())
+
+        name = sub.metric_name
+        reference = torch.log_softmax(logits(state.clean_normed), -1) if name in metrics.NEEDS_REFERENCE else None
+        correct: torch.Tensor | None = None
+        incorrect: torch.Tensor | None = None
+        if sub.kind == "logit_diff":
+            correct, incorrect = (s.to(w.device)[points.batch] for s in sub.answer_sets())
+        G, P = result.final_normed.shape[:2]
+        ablated = metrics.metric_from_logits(
+            name,
+            logits(result.final_normed).flatten(0, 1),
+            None if correct is None else correct.repeat(G, 1),
+            None if incorrect is None else incorrect.repeat(G, 1),
+            None if reference is None else reference.repeat(G, 1),
+        ).view(G, P)
+        return ablated - metrics.metric_from_logits(name, logits(ref.final_normed), correct, incorrect, reference)[None]
 
     def _neuron_changes(
         self, state: BatchState, ref: Reference, result: effects.LayerAblation

@@ -124,3 +124,56 @@ def test_bad_metrics_are_one_line_errors(name, kind, method, message):
         check_metric(name, kind, method)
     check_metric("accuracy", "logit_diff", "exact")
     check_metric("kl", "next_token", "eap-ig-inputs")
+
+
+@pytest.mark.parametrize("metric", ["greater_than", "kl"])
+def test_scale_sweep_reads_the_metric_as_hooked_full_forwards_do(tiny_llama, metric):
+    """The scale sweep's metric drop under --metric, node by node and scale by scale, against
+    hooks on full forwards with the metric by hand (``reference.scale_patch_effects``)."""
+    from sweeps.core.nodes import Node
+    from sweeps.jobs.scale import ScaleJob, make_pairs
+
+    task = _task(tiny_llama.tokenizer, "greater-than", metric, n=6)
+    pairs = make_pairs(task, "task", 4, 0, False)
+    job = ScaleJob(task, pairs, source="corrupt", batch_size=5).bind(tiny_llama.weights)
+    scales = [0.0, 1.0, 2.5]
+    for node in (Node(1, 3), Node(0, None)):
+        stats = job.run_node(node, scales)
+        expected = reference.scale_patch_effects(
+            tiny_llama.bridge, task, pairs, node.layer, node.head, scales, source_tokens=task.corrupt
+        )
+        for i, (effect, drop, points) in enumerate(expected):
+            assert stats.n_points == points
+            assert stats.changed[i] / points == pytest.approx(effect, abs=1e-9)
+            assert stats.metric_drop[i] == pytest.approx(drop, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["prob_diff", "kl"])
+def test_backup_sweep_reports_the_metric_change_of_each_ablation(tiny_llama, metric):
+    """``total_effect_metric``: the chosen metric of the run with one head resampled from the
+    corrupt prompts (a hook on the bridge's full forward) minus the clean run's, by hand; the
+    logit-linear terms are the same as without --metric."""
+    from sweeps.jobs.backup import BackupJob
+
+    task = _task(tiny_llama.tokenizer, "mcqa", metric, n=4)
+    layer, H = 1, tiny_llama.weights.cfg.n_heads
+    ours = BackupJob(task, "resample", 4, n_boot=0).bind(tiny_llama.weights).run_heads(layer, list(range(H)))
+    plain = BackupJob(dataclasses.replace(task, metric=None), "resample", 4, n_boot=0)
+    plain_results = plain.bind(tiny_llama.weights).run_heads(layer, list(range(H)))
+    clean_logits = tiny_llama.bridge(task.clean)
+    clean = reference.metric_by_hand(clean_logits, task, lambda: clean_logits)
+    for head, (r, p) in enumerate(zip(ours, plain_results)):
+        name = f"blocks.{layer}.attn.hook_z"
+        _, corrupt_cache = tiny_llama.bridge.run_with_cache(task.corrupt)
+
+        def patch(z, hook, head=head):
+            z = z.clone()
+            z[:, :, head] = corrupt_cache[name][:, :, head]
+            return z
+
+        with tiny_llama.bridge.hooks(fwd_hooks=[(name, patch)]):
+            logits = tiny_llama.bridge(task.clean)
+        want = reference.metric_by_hand(logits, task, lambda: clean_logits) - clean
+        np.testing.assert_allclose(r.repair["total_effect_metric"], want.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r.repair["total_effect"], p.repair["total_effect"])
+        assert np.isnan(p.repair["total_effect_metric"]).all()

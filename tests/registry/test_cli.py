@@ -624,3 +624,31 @@ def test_mib_sizes_evaluate_rankings_not_a_circuit_file(capsys, no_model_loading
     (tmp_path / "c.json").write_text('["L0H1"]')
     assert "--sizes mib evaluates rankings" in circuit_fails(
         capsys, tmp_path, "--circuit", str(tmp_path / "c.json"), "--sizes", "mib")
+
+
+@pytest.mark.parametrize("sweep", ["backup", "scale", "attribution", "circuit"])
+def test_unknown_metric_is_one_line_before_any_weights_load(capsys, no_model_loading, tmp_path, sweep):
+    command = SWEEPS[sweep]
+    extra = ["--circuit", str(tmp_path / "c.json")] if sweep == "circuit" else []
+    line = fails(capsys, "--model", "tiny-gpt2", "--metric", "prob-diff", "--out", str(tmp_path / "o"), *extra,
+                 command=command)
+    assert "unknown metric 'prob-diff'. Did you mean prob_diff" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "text", "--metric", "greater_than"], "--metric greater_than needs answers"),
+    (["--task", "greater-than", "--metric", "accuracy"], "--metric accuracy is not differentiable: --method eap"),
+    (["--task", "mcqa", "--metric", "kl"], "zero gradient at the clean run"),
+    (["--task", "mcqa", "--metric", "kl", "--model", "tiny-stablelm"], "runs on the fast path's families"),
+])
+def test_metrics_the_task_or_method_cannot_take(capsys, no_model_loading, tmp_path, args, message):
+    from sweeps import attribution
+
+    line = fails(capsys, "--model", "tiny-gpt2", "--out", str(tmp_path / "o"), *args, command=attribution)
+    assert message in line
+
+
+def test_a_multi_token_answer_in_an_answer_set_is_one_line(capsys, no_model_loading, tmp_path):
+    path = jsonl(tmp_path, {**GOOD, "incorrect": [" floor", " Constantinopolitanism"]})
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--metric", "greater_than", "--out", str(tmp_path / "o"))
+    assert "answer ' Constantinopolitanism' (task.jsonl line 1) is" in line and "single tokens" in line
