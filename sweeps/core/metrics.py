@@ -49,6 +49,14 @@ LABELS = {
 }
 
 
+def label_of(recorded: str | None) -> str:
+    """The words for a sweep's recorded ``metric`` (a metric's name, or a task kind, as older
+    results record it)."""
+    if recorded in (None, "logit_diff"):
+        return LABELS["logit_diff"]
+    return LABELS.get("log_prob" if recorded == "next_token" else recorded, recorded)
+
+
 class MetricError(ValueError):
     """An unknown metric, or one the task or method cannot take (one line, exit code 2)."""
 

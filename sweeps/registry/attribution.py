@@ -111,7 +111,9 @@ class AttributionSweep(Sweep):
                 f"unknown --method {args.method!r}{did_you_mean(args.method, METHODS)}; methods: {', '.join(METHODS)}"
             )
         if args.out is None and args.method != "eap":
-            args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}"
+            args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}" + (
+                f"__{args.metric}" if args.metric else ""
+            )
         super().prepare()
         info = self.inputs.info
         from sweeps.core.metrics import check_metric
@@ -214,10 +216,9 @@ class AttributionSweep(Sweep):
                 "scores cover those",
                 file=sys.stderr,
             )
-        from sweeps.core.metrics import LABELS
+        from sweeps.core.metrics import label_of
 
-        recorded = results.spec.get("metric")
-        metric = LABELS.get("log_prob" if recorded == "next_token" else recorded or "logit_diff", recorded)
+        metric = label_of(results.spec.get("metric"))
         return [
             f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
             f"(mean over {results.n_points} points)",

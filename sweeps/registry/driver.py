@@ -154,7 +154,9 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     metric = getattr(args, "metric", None)
     if metric is not None:
         check_metric(metric, "logit_diff" if metric != "log_prob" else "next_token")  # the name, before anything
-    out = check_out_dir(args.out or default_out(sweep, args.model, args.task, args.dtype))
+    # A chosen metric gets its own default directory: its results never resume another metric's.
+    default = default_out(sweep, args.model, args.task, args.dtype)
+    out = check_out_dir(args.out or (default.with_name(f"{default.name}__{metric}") if metric else default))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
     if metric is not None and info.path != "fast":
