@@ -94,41 +94,40 @@ def _column(row: dict[str, Any], path: str) -> Any:
 
 def _choice(block: dict[str, Any]) -> str:
     """The correct option's label: ``choices.label[answerKey]`` (``answerKey`` an index, as MIB reads it)."""
-    return str(block["choices"]["label"][int(block["answerKey"])])
+    return str(_column(block, "choices.label")[int(_column(block, "answerKey"))])
 
 
 def to_pair(task: str, row: dict[str, Any], digits: bool) -> tuple[str, str, Any, Any] | None:
     """One MIB row as (clean, corrupt, correct, incorrect), or None to skip it."""
     if task == "ioi":
-        meta = _column(row, "metadata")
         return (
-            row["prompt"],
+            _column(row, "prompt"),
             _column(row, "s2_io_flip_counterfactual.prompt"),
-            " " + meta["indirect_object"],
-            " " + meta["subject"],
+            " " + _column(row, "metadata.indirect_object"),
+            " " + _column(row, "metadata.subject"),
         )
     if task in ("addition", "subtraction"):
         op = "+" if task == "addition" else "-"
         cf = row.get("random_counterfactual")
         if row.get("operator", op) != op or not cf or cf.get("prompt") is None:
             return None
-        return row["prompt"], cf["prompt"], str(_column(row, "label")), str(cf["label"])
+        return _column(row, "prompt"), cf["prompt"], str(_column(row, "label")), str(cf["label"])
     if task == "mcqa":
         cf = _column(row, "symbol_counterfactual")
-        return row["prompt"], cf["prompt"], _choice(row), _choice(cf)
+        return _column(row, "prompt"), _column(cf, "prompt"), _choice(row), _choice(cf)
     if task == "greater-than":
         yy = int(str(_column(row, "year"))[-2:])
         if digits:
             d = yy // 10
             return (
-                row["clean"],
-                row["corrupted"],
+                _column(row, "clean"),
+                _column(row, "corrupted"),
                 [str(k) for k in range(d + 1, 10)] or None,
                 [str(k) for k in range(d, -1, -1)],
             )
         return (
-            row["clean"],
-            row["corrupted"],
+            _column(row, "clean"),
+            _column(row, "corrupted"),
             [f"{k:02d}" for k in range(yy + 1, 100)] or None,
             [f"{k:02d}" for k in range(yy, -1, -1)],
         )

@@ -303,3 +303,15 @@ def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch
         build_task(check_task("mcqa"), tok, data="hf:mib-bench/absent")
     with pytest.raises(TaskError, match="no 'validation' split"):
         build_task(check_task("mcqa"), tok, data="hf:mib-bench/mcqa:validation")
+
+    years = [{"clean": "The war lasted from the year 1739 to the year 17",
+              "corrupted": "The war lasted from the year 1701 to the year 17", "year": "1739"}]
+    _fake_hub_dataset(tmp_path / "g", monkeypatch, "mib-bench/greater-than", {"train.jsonl": lambda p: p.write_text(
+        json.dumps(years[0]))})
+    t = build_task(check_task("greater-than"), tok, data="hf:mib-bench/greater-than")
+    assert _texts(tok, t.correct_set[0]) == [str(k) for k in range(4, 10)]
+    assert sorted(_texts(tok, t.incorrect_set[0])) == [str(k) for k in range(4)]
+    _fake_hub_dataset(tmp_path / "bad", monkeypatch, "mib-bench/ioi", {"train.jsonl": lambda p: p.write_text(
+        json.dumps({"prompt": "x", "metadata": {"indirect_object": "Mary", "subject": "John"}}))})
+    with pytest.raises(TaskError, match="MIB row has no column 's2_io_flip_counterfactual.prompt'"):
+        build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi")
