@@ -189,7 +189,7 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="SOURCE",
         help="documents for --task text: a .txt (blank-line separated) "
-        'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); '
+        'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet, or the dataset in the HF cache); '
         "default: the offline corpus shipped in tasks/data. For ioi, greater-than, addition, "
         "subtraction and mcqa: hf:NAME[:SPLIT], one of MIB's hub datasets (e.g. hf:mib-bench/ioi; "
         "docs/tasks.md)",

@@ -315,3 +315,20 @@ def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch
         json.dumps({"prompt": "x", "metadata": {"indirect_object": "Mary", "subject": "John"}}))})
     with pytest.raises(TaskError, match="MIB row has no column 's2_io_flip_counterfactual.prompt'"):
         build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi")
+
+
+def test_text_hub_documents_without_the_datasets_library(tok, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    docs = [{"text": "one two three four five six seven eight nine ten " * 3}, {"text": "alpha beta gamma " * 10}]
+    _fake_hub_dataset(tmp_path, monkeypatch, "stas/openwebtext-10k", {"plain_text/train-0.parquet": _parquet(docs)})
+    t = build_task(TaskSpec("text"), tok, n_prompts=1, seq_len=8, data="hf:stas/openwebtext-10k")
+    assert t.clean.shape == (1, 8) and t.params["source"] == "hf:stas/openwebtext-10k:train"
