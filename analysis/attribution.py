@@ -137,7 +137,8 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
         raise ResultsError(f"{out} holds no finished attribution shards yet; re-run the sweep command")
     n_points = int(batches.n_points.sum())
     clean, corrupt = float(batches.clean_metric.sum()), float(batches.corrupt_metric.sum())
-    normaliser = clean - corrupt if spec.get("metric") == "logit_diff" else float(n_points)
+    # Answer metrics (and kl) normalise by clean − corrupt; next-token log-probabilities by the points.
+    normaliser = float(n_points) if spec.get("metric") in (None, "next_token", "log_prob") else clean - corrupt
     node_sums = frames["node_sums"]
     nodes = node_sums.groupby("node", sort=False, observed=True)["raw"].sum()
     nodes = pd.DataFrame({"node": nodes.index.astype(str), "score": nodes.to_numpy() / normaliser})

@@ -128,8 +128,10 @@ def load_circuit_results(out: str | Path | Location, allow_mixed: bool = False) 
 
 def summary_lines(results: CircuitResults) -> list[str]:
     """The curves in words: CPR, CMD, and how small a circuit reaches 80 %."""
+    from sweeps.core.metrics import label_of
+
     lines = [
-        f"clean metric {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
+        f"clean {label_of(results.spec.get('metric'))} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
         f"(mean over {results.n_points} points); faithfulness = (m(C) - m(corrupt)) / (m(clean) - m(corrupt))"
     ]
     mib = results.mib_blocks()

@@ -38,6 +38,7 @@ def head_table(repair: pd.DataFrame, selection: str = "top") -> pd.DataFrame:
         "n_points",
         "mean_de",
         "total_effect",
+        "total_effect_metric",  # only under --metric
         "own_change",
         "self_repair",
         "heads",
@@ -168,6 +169,14 @@ def summary_lines(
         f"  mean clipped shares of a head's direct effect over every swept head: other heads "
         f"{overall.frac_heads:.0%}, MLPs {overall.frac_mlps:.0%}, final norm {overall.frac_final_norm:.0%}"
     )
+    if "total_effect_metric" in repair:  # --metric: its own change, beside the logit-linear shares
+        every = head_table(repair, "all")
+        top = every.reindex(every.total_effect_metric.abs().sort_values(ascending=False).index).head(3)
+        named = ", ".join(f"L{int(r.layer)}H{int(r.head)} {r.total_effect_metric:+.3g}" for r in top.itertuples())
+        lines.append(
+            f"  --metric: the heads whose ablation moves it most (mean change over every point): {named}; "
+            "the shares here are of the logit difference, which the decomposition is linear in"
+        )
     for layer in sorted({int(layers.layer.max()), max(0, n_layers - 2)} & set(layers.layer.astype(int))):
         row = layers[layers.layer == layer].iloc[0]
         lines.append(

@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         return _models()
     if args.command == "tasks":
-        from tasks import TASKS
+        from tasks import HUB_TASKS, TASKS
 
         for name, what in TASKS.items():
-            print(f"{name:10s} {what}")
-        print(f"{'FILE.jsonl':10s} your own logit-difference task: one {{clean, corrupt, correct, incorrect}} a line")
+            print(f"{name:12s} {what}")
+        print(f"{'FILE.jsonl':12s} your own logit-difference task: one {{clean, corrupt, correct, incorrect}} a line")
+        print(f"{'':12s} (--data hf:NAME reads MIB's hub datasets for {', '.join(HUB_TASKS)}; docs/tasks.md)")
         return 0
 
     from sweeps.runtime.cluster_config import ClusterConfigError, check_cluster_config, describe, security_warnings

@@ -17,7 +17,13 @@ TASKS = {
     "ioi-s2": "IOI with only the repeated subject corrupted (S2 -> a third name): each pair shares its prefix",
     "text": "next-token prediction on documents (--data FILE | hf:NAME; default: a shipped offline corpus)",
     "sentiment": "movie-review sentiment, ' great' vs ' awful', mirrored corrupt prompts (logit difference)",
+    "greater-than": "Hanna et al. 2023 years: 'from the year 1739 to the year 17' -> a later year (answer sets)",
+    "addition": "two-digit addition '12+35=', corrupt = other operands (first answer token scored)",
+    "subtraction": "two-digit subtraction '57-23=', corrupt = other operands (first answer token scored)",
+    "mcqa": "multiple-choice questions, letters A-D; corrupt = options rotated so another letter is correct",
 }
+# Tasks ``--data hf:NAME`` can read from the hub (MIB's datasets, ``tasks/hub.py``).
+HUB_TASKS = ("ioi", "addition", "subtraction", "mcqa", "greater-than")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,20 @@ def check_task(name_or_file: str) -> TaskSpec:
     )
 
 
+def check_data(spec: TaskSpec, seq_len: int | None, data: str | None) -> None:
+    """``--seq-len`` is for text; ``--data`` is documents for text, or ``hf:NAME`` (MIB's
+    datasets) for the tasks in ``HUB_TASKS``."""
+    if spec.name != "text" and seq_len is not None:
+        raise TaskError("--seq-len applies only to --task text")
+    if spec.name == "text" or data is None:
+        return
+    if spec.name not in HUB_TASKS or not data.startswith("hf:"):
+        raise TaskError(
+            f"--data for --task {spec.name}: only hf:NAME (a MIB dataset on the hub) for the tasks "
+            f"{', '.join(HUB_TASKS)}; --data FILE is for --task text"
+        )
+
+
 def build_task(
     spec: TaskSpec,
     tokenizer,
@@ -56,8 +76,11 @@ def build_task(
     (``ModelInfo.prepend_bos``): every prompt starts with BOS, or (Qwen) with its first word."""
     if n_prompts is not None and n_prompts <= 0:
         raise TaskError(f"--n-prompts must be positive, got {n_prompts}")
-    if spec.name != "text" and (seq_len is not None or data is not None):
-        raise TaskError("--seq-len and --data apply only to --task text")
+    check_data(spec, seq_len, data)
+    if data is not None and spec.name != "text":
+        from tasks import hub
+
+        return hub.build(tokenizer, spec.name, data, n_prompts=n_prompts, prepend_bos=prepend_bos)
     if spec.name in ("ioi", "ioi-s2"):
         from tasks import ioi
 
@@ -69,6 +92,18 @@ def build_task(
         from tasks import sentiment
 
         return sentiment.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
+    if spec.name == "greater-than":
+        from tasks import greater_than
+
+        return greater_than.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
+    if spec.name in ("addition", "subtraction"):
+        from tasks import arithmetic
+
+        return arithmetic.build(tokenizer, spec.name, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
+    if spec.name == "mcqa":
+        from tasks import mcqa
+
+        return mcqa.build(tokenizer, n_prompts=n_prompts, seed=seed, prepend_bos=prepend_bos)
     if spec.name == "text":
         from tasks import text
 
@@ -81,4 +116,4 @@ def build_task(
     return jsonl.build(tokenizer, spec.path, n_prompts=n_prompts, prepend_bos=prepend_bos)
 
 
-__all__ = ["TASKS", "TaskData", "TaskError", "TaskSpec", "build_task", "check_task"]
+__all__ = ["HUB_TASKS", "TASKS", "TaskData", "TaskError", "TaskSpec", "build_task", "check_task"]

@@ -1,8 +1,10 @@
 """A user's logit-difference task with no code: a ``.jsonl`` file.
 
-One JSON object a line: ``{"clean": str, "corrupt": str, "correct": str,
-"incorrect": str}``. The answer is read at each prompt's own last token;
-``correct``/``incorrect`` must be single tokens (mind the leading space).
+One JSON object a line: ``{"clean": str, "corrupt": str, "correct": str | [str, ...],
+"incorrect": str | [str, ...]}``. The answer is read at each prompt's own last token;
+``correct``/``incorrect`` must be single tokens (mind the leading space). A list names a set
+of answers (for the set metrics, ``--metric greater_than`` and ``accuracy``); its first is the
+one the logit difference reads.
 Lines are split on ``\n`` only, as JSON Lines says: a string may hold U+2028 or
 any other character ``str.splitlines`` would also break at. Blank lines are
 skipped. Errors name the line.
@@ -14,12 +16,19 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.base import TaskData, TaskError, logit_diff_task
+from tasks.base import Answers, TaskData, TaskError, logit_diff_task
 
 FIELDS = ("clean", "corrupt", "correct", "incorrect")
 
 
-def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+def _text_or_texts(value: object, lists: bool) -> bool:
+    """A non-empty string, or (answers) a non-empty list of non-empty strings."""
+    if isinstance(value, str):
+        return bool(value)
+    return lists and isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, Answers, Answers]], list[str]]:
     """Parse and check the file (no tokenizer needed): pairs and their line labels."""
     path = Path(path)
     try:
@@ -28,7 +37,8 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
         raise TaskError(f"cannot read task file {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise TaskError(f"task file {path} is not UTF-8 text") from None
-    pairs, where = [], []
+    pairs: list[tuple[str, str, Answers, Answers]] = []
+    where: list[str] = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -39,12 +49,13 @@ def read_pairs(path: str | Path) -> tuple[list[tuple[str, str, str, str]], list[
             raise TaskError(f"{label}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise TaskError(f"{label}: expected a JSON object with keys {', '.join(FIELDS)}")
-        missing = [k for k in FIELDS if not isinstance(row.get(k), str) or not row.get(k)]
+        missing = [k for k in FIELDS if not _text_or_texts(row.get(k), lists=k in ("correct", "incorrect"))]
         if missing:
             raise TaskError(
-                f"{label}: missing or non-string field(s) {', '.join(missing)}; each line needs {', '.join(FIELDS)}"
+                f"{label}: missing or non-string field(s) {', '.join(missing)}; each line needs {', '.join(FIELDS)} "
+                "(correct and incorrect: a string or a list of strings)"
             )
-        pairs.append(tuple(row[k] for k in FIELDS))
+        pairs.append((row["clean"], row["corrupt"], row["correct"], row["incorrect"]))
         where.append(label)
     if not pairs:
         raise TaskError(f"task file {path} holds no prompts")

@@ -5,7 +5,8 @@ Sources for ``--data``:
 - a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file
   (one ``{"text": ...}`` object a line);
 - ``hf:NAME`` or ``hf:NAME:SPLIT``: a Hugging Face dataset with a ``text``
-  column (needs internet and ``pip install datasets``), e.g.
+  column (needs internet, or the dataset in the local cache; with the ``datasets`` library if
+  installed, else its parquet/JSON Lines files read directly, ``tasks/hub.py``), e.g.
   ``hf:stas/openwebtext-10k`` as in Rushing & Nanda 2024.
 
 Documents are cut into windows of ``seq_len`` tokens (BOS + ``seq_len - 1``
@@ -38,9 +39,14 @@ def read_documents(data: str | None) -> tuple[list[str], str]:
         _, _, rest = data.partition(":")
         name, _, split = rest.partition(":")
         try:
-            import datasets  # optional: only this path needs it
+            import datasets  # optional: without it the split's files are read directly (tasks/hub.py)
         except ImportError:
-            raise TaskError("--data hf:... needs the datasets library: pip install datasets") from None
+            from tasks.hub import read_rows
+
+            rows, source = read_rows(data, "text")
+            if rows and "text" not in rows[0]:
+                raise TaskError(f"Hugging Face dataset {name!r} has no 'text' column (columns: {', '.join(rows[0])})")
+            return [str(r["text"]) for r in rows], source
         try:
             rows = datasets.load_dataset(name, split=split or "train")
             return [r["text"] for r in rows], data

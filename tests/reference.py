@@ -131,7 +131,11 @@ def scale_patch_effects(bridge, task, pairs, layer, head, scales, replace=None, 
         src = src_cache[name][0] if head is None else src_cache[name][0, :, head]
         tokens = task.clean[base : base + 1, :T]
         clean_logits = bridge(tokens)[0]
-        if task.kind == "logit_diff":
+        if task.metric not in (None, "logit_diff", "log_prob"):  # chosen with --metric: by hand
+            one = task.select([base])
+            pos = [T - 1] if task.kind == "logit_diff" else list(range(T - 1))
+            metric = lambda lg, one=one, clean=clean_logits: metric_by_hand(lg[None], one, lambda: clean[None])  # noqa: E731
+        elif task.kind == "logit_diff":
             pos = [T - 1]
             right, wrong = int(task.correct[base]), int(task.incorrect[base])
             metric = lambda lg: lg[pos, right] - lg[pos, wrong]  # noqa: E731
@@ -203,6 +207,10 @@ def _select_head(bridge, act, input: str, head: int | None):
 
 
 def ld_or_logp_sum(bridge, logits, task):
+    """Σ over the task's points of its metric, from full logits, by hand (``metric_by_hand``
+    for a metric chosen with ``--metric``)."""
+    if task.metric not in (None, "logit_diff", "log_prob"):
+        return metric_by_hand(logits, task, lambda: bridge(task.clean)).sum()
     b = torch.arange(task.n_prompts)
     if task.kind == "logit_diff":
         pos = task.lengths - 1
@@ -440,3 +448,40 @@ def node_circuit_metric_by_hooks(bridge, task, nodes: set[str], upstream: list[s
 
     logits = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, patch(n)) for n in names])
     return float(ld_or_logp_sum(bridge, logits, task))
+
+
+def metric_by_hand(logits, task, clean_logits):
+    """The chosen metric at each point, from a run's full logits ``[B, T, V]``, written out
+    plainly (softmax, sums over the answer lists, KL term by term); ``clean_logits()`` gives the
+    clean run's logits (``kl``). Answer tasks read each prompt's last real token; text reads every
+    position but the last."""
+    logits = logits.float()
+    if task.kind == "logit_diff":
+        rows = [(i, int(task.lengths[i]) - 1) for i in range(task.n_prompts)]
+    else:
+        rows = [(i, t) for i in range(task.n_prompts) for t in range(int(task.lengths[i]) - 1)]
+    out = []
+    clean = None
+    for i, t in rows:
+        z = logits[i, t]
+        p = torch.exp(z - z.max()) / torch.exp(z - z.max()).sum()
+        if task.metric == "kl":
+            if clean is None:
+                with torch.no_grad():
+                    clean = clean_logits().float()
+            q = torch.softmax(clean[i, t], -1)
+            out.append(-(q * (torch.log(q) - torch.log(p))).sum())
+            continue
+        right = [int(x) for x in (task.correct_set[i] if task.correct_set is not None else task.correct[i:i + 1]) if x >= 0]
+        wrong = [int(x) for x in (task.incorrect_set[i] if task.incorrect_set is not None else task.incorrect[i:i + 1]) if x >= 0]
+        if task.metric in (None, "logit_diff"):
+            out.append(z[right[0]] - z[wrong[0]])
+        elif task.metric == "prob_diff":
+            out.append(p[right[0]] - p[wrong[0]])
+        elif task.metric == "greater_than":
+            out.append(sum(p[r] for r in right) - sum(p[w] for w in wrong))
+        elif task.metric == "accuracy":
+            out.append(torch.tensor(float(max(float(z[r]) for r in right) > max(float(z[w]) for w in wrong))))
+        else:
+            raise ValueError(task.metric)
+    return torch.stack(out)

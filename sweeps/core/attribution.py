@@ -52,6 +52,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sweeps.core import metrics
 from sweeps.core import transformer as tf
 from sweeps.core.effects import effect_points, pair_window
 from sweeps.core.nodes import EMBED, FINAL, Node, edge_name, node_from_name
@@ -166,11 +167,34 @@ INPUT_SITE = {"q": "q", "k": "k", "v": "v", "mlp": "mlp_in", "resid": "resid_fin
 
 
 def metric_terms(
-    w: ModelWeights, resid_final: Float[Tensor, "B T D"], task: TaskData, scratch: Scratch | None = None
+    w: ModelWeights,
+    resid_final: Float[Tensor, "B T D"],
+    task: TaskData,
+    scratch: Scratch | None = None,
+    reference: Float[Tensor, "P V"] | None = None,
 ) -> Float[Tensor, " P"]:
-    """The metric at each point: the logit difference (correct − incorrect) at each
-    prompt's answer position, or the log-probability of each next token."""
+    """The metric at each point: the task's own (the logit difference, correct − incorrect, at
+    each prompt's answer position, or the log-probability of each next token), or the one
+    ``task.metric`` names (``sweeps/core/metrics.py``), read off the model's real logits there.
+    ``reference``: the clean run's log-probabilities at the points (``reference_logprobs``),
+    for the metrics that compare with it (``kl``)."""
     points = effect_points(w, task)
+    name = task.metric_name
+    if name not in ("logit_diff", "log_prob"):
+        at = resid_final[points.batch, points.pos]  # [P, D]
+        logits = tf.logits(w, at)  # [P, V] float32, soft-capped where the model caps
+        if name in metrics.NEEDS_REFERENCE and reference is None:
+            raise ValueError(f"metric {name} needs the clean run's log-probabilities (reference_logprobs)")
+        if task.kind != "logit_diff":
+            return metrics.metric_from_logits(name, logits, reference=reference)
+        correct, incorrect = task.answer_sets()
+        return metrics.metric_from_logits(
+            name,
+            logits,
+            correct.to(w.device)[points.batch],
+            incorrect.to(w.device)[points.batch],
+            reference,
+        )
     x = tf.normalize(w.cfg, resid_final[points.batch, points.pos])  # the model's dtype
     cap = w.cfg.final_softcap  # the metric is on the model's real, capped logits
     if task.kind == "logit_diff" and cap:
@@ -192,6 +216,18 @@ def metric_terms(
     if cap:
         return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, scratch or Scratch(), cap, w.W_U_mean, w.b_U_mean)
     return NextTokenLogProb.apply(x, w.W_U, w.b_U, targets, scratch or Scratch())
+
+
+@torch.no_grad()
+def reference_logprobs(
+    w: ModelWeights, clean_final: Float[Tensor, "B T D"], task: TaskData
+) -> Float[Tensor, "P V"] | None:
+    """The clean run's next-token log-probabilities at the task's points, where its metric
+    compares with them (``kl``); None otherwise."""
+    if task.metric_name not in metrics.NEEDS_REFERENCE:
+        return None
+    points = effect_points(w, task)
+    return torch.log_softmax(tf.logits(w, clean_final[points.batch, points.pos]), -1)
 
 
 class Scratch:
@@ -492,10 +528,12 @@ def block_backward(
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 
 
-def _metric_gradient(w: ModelWeights, trace: Trace, task: TaskData, scratch: Scratch) -> tuple[Tensor, Tensor]:
+def _metric_gradient(
+    w: ModelWeights, trace: Trace, task: TaskData, scratch: Scratch, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(the metric's terms, their summed gradient at the final stream) of a ``cut`` trace."""
     final = trace.resid_final.detach().requires_grad_(True)
-    terms = metric_terms(w, final, task, scratch)
+    terms = metric_terms(w, final, task, scratch, reference)
     (g_final,) = torch.autograd.grad(terms.sum(), final)
     return terms.detach(), g_final
 
@@ -668,18 +706,20 @@ def attribute(
     with torch.no_grad():
         corrupt_embedded = tf.embed(w, corrupt_tokens)
         corrupt = forward(w, corrupt_embedded, record=("z", "mlp_out"))
-        corrupt_metric = metric_terms(w, corrupt.resid_final, task, scratch).sum()
         embedded = tf.embed(w, clean_tokens)
         d_embed = embedded - corrupt_embedded
     kv_heads: Tensor | None = None
     with torch.enable_grad():
         clean = forward(w, embedded, record=CLEAN_RECORD, cut=True)
-        terms, g_final = _metric_gradient(w, clean, task, scratch)
+        reference = reference_logprobs(w, clean.resid_final.detach(), task)
+        terms, g_final = _metric_gradient(w, clean, task, scratch, reference)
+    with torch.no_grad():
+        corrupt_metric = metric_terms(w, corrupt.resid_final, task, scratch, reference).sum()
     with torch.no_grad():
         deltas = upstream_deltas(w, clean, corrupt, d_embed, scratch)
         flat = deltas.flatten(1)  # [U, B·T·D]
         if method == "eap-ig-activations":
-            edge_scores = _ig_activation_edges(w, graph, task, clean, corrupt, d_embed, flat, steps, scratch)
+            edge_scores = _ig_activation_edges(w, graph, task, clean, corrupt, d_embed, flat, steps, scratch, reference)
         else:
             # The gradient at each downstream input, pulled back through that input's own
             # projection and norm, against every upstream change written before it; the
@@ -689,7 +729,7 @@ def attribute(
             for alpha in ig_alphas(steps)[1:] if method == "eap-ig-inputs" else ():
                 with torch.enable_grad():
                     run = forward(w, corrupt_embedded + alpha * d_embed, record=CLEAN_RECORD, cut=True)
-                    _, g = _metric_gradient(w, run, task, scratch)
+                    _, g = _metric_gradient(w, run, task, scratch, reference)
                 edge_scores += _edge_scores_of_run(w, graph, run, g, flat, scratch, kv_parts)
                 del run
             if method == "eap-ig-inputs":
@@ -719,7 +759,9 @@ def _toward(change: Tensor, a: float) -> Callable[[Tensor], Tensor]:
     return lambda x: x - (1 - a) * change
 
 
-def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, flat, steps, scratch) -> Tensor:
+def _ig_activation_edges(
+    w, graph, task, clean: Trace, corrupt: Trace, d_embed, flat, steps, scratch, reference=None
+) -> Tensor:
     """EAP-IG-activations: edges out of each group (the embeddings; one layer's heads; one
     MLP) score against the gradient averaged over ``steps`` runs with the group's output
     interpolated ``corrupt + α (clean − corrupt)``, restarted from the clean stream at the
@@ -748,7 +790,7 @@ def _ig_activation_edges(w, graph, task, clean: Trace, corrupt: Trace, d_embed, 
                 run = forward(w, clean.resid_pre[layer].detach(), layer, [edit], record=CLEAN_RECORD, cut=True)
                 for name in CLEAN_RECORD:  # index the restarted run's records by absolute layer
                     setattr(run, name, [None] * layer + getattr(run, name))
-                _, g = _metric_gradient(w, run, task, scratch)
+                _, g = _metric_gradient(w, run, task, scratch, reference)
 
             def consume(layers, rows, prefix, upstream=upstream, first_row=first_row):
                 # Only the downstream inputs that read this group: prefix beyond its rows.
@@ -840,6 +882,7 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
     corrupt_embed = tf.embed(w, corrupt_tokens)
     d_embed = clean_embed - corrupt_embed
     clean, corrupt = forward(w, clean_embed, record=WRITES_RECORD), forward(w, corrupt_embed, record=WRITES_RECORD)
+    reference = reference_logprobs(w, clean.resid_final, task)
     L = w.cfg.n_layers
     scratch = Scratch()
     window = pair_window(w, task, clean.resid_pre)  # corrupt values change nothing before a pair differs
@@ -860,11 +903,11 @@ def patch_targets(w: ModelWeights, graph: Graph, task: TaskData, targets: list[T
             edit = Edit(site, layer, window.take(delta), head)
             part = forward(w, window.take(resid), layer, [edit], window=window).resid_final
             final = window.put(clean.resid_final, part)
-        out.append(metric_terms(w, final, task, scratch).sum())
+        out.append(metric_terms(w, final, task, scratch, reference).sum())
     return Patched(
         metric=torch.stack(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64),
-        clean_terms=metric_terms(w, clean.resid_final, task, scratch),
-        corrupt_metric=float(metric_terms(w, corrupt.resid_final, task, scratch).sum()),
+        clean_terms=metric_terms(w, clean.resid_final, task, scratch, reference),
+        corrupt_metric=float(metric_terms(w, corrupt.resid_final, task, scratch, reference).sum()),
     )
 
 

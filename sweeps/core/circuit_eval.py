@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sweeps.core import transformer as tf
-from sweeps.core.attribution import Graph, metric_terms, rows_per_layer, upstream_row
+from sweeps.core.attribution import Graph, metric_terms, reference_logprobs, rows_per_layer, upstream_row
 from sweeps.core.effects import pair_window
 from sweeps.core.transformer import ModelWeights
 from tasks.base import TaskData
@@ -206,8 +206,9 @@ class CircuitRunner:
                 self.corrupt_out[row : row + cfg.n_heads] = heads
                 if not cfg.attn_only:
                     self.corrupt_out[row + cfg.n_heads] = take(corrupt.mlp_out[layer])
-            self.corrupt_metric = float(metric_terms(w, corrupt.resid_final, task).sum())
-            clean_terms = metric_terms(w, self.clean_final, task)
+            self.reference = reference_logprobs(w, self.clean_final, task)  # the clean distribution (kl)
+            self.corrupt_metric = float(metric_terms(w, corrupt.resid_final, task, reference=self.reference).sum())
+            clean_terms = metric_terms(w, self.clean_final, task, reference=self.reference)
             self.clean_metric = float(clean_terms.sum())
             self.n_points = int(clean_terms.shape[0])  # the points the metric sums over
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
@@ -318,7 +319,7 @@ class CircuitRunner:
         else:
             part = tf.forward(w, self.window.take(self.clean_embed), 0, edits, window=self.window).resid_final
             final = self.window.put(self.clean_final, part)
-        return float(metric_terms(w, final, self.task).sum())
+        return float(metric_terms(w, final, self.task, reference=self.reference).sum())
 
 
 def faithfulness(metric: float, clean: float, corrupt: float) -> float:

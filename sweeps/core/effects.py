@@ -325,7 +325,9 @@ class LayerAblation:
     attn_bias: Float[Tensor, "G L_rest P"] | None = None  # b_O's share (moves with rms(y) under post-norms)
     final_dot: Float[Tensor, "G P"] | None = None
     final_scale: Float[Tensor, "G P"] | None = None
-    final_normed: Float[Tensor, "G P D"] | None = None  # normalised x′ at the points (soft-capped models only)
+    final_normed: Float[Tensor, "G P D"] | None = (
+        None  # normalised x′ at the points (soft-capped models, or keep_normed)
+    )
     last_hidden: Float[Tensor, "G P M"] | None = None  # the last MLP's neuron activations at the points
     last_inv_rms: Float[Tensor, "G P"] | None = None  # 1 / rms of the last MLP's output (post-norm models)
     # The same pass's un-ablated copy (``baseline=True``): what the changes are taken from.
@@ -397,6 +399,7 @@ def ablate_heads_of_layer(
     baseline: bool = False,
     first_change: Int[Tensor, " B"] | None = None,
     clean: Float[Tensor, "L B T D"] | None = None,
+    keep_normed: bool = False,
 ) -> LayerAblation:
     """Replace head ``heads[g]``'s ``z`` by ``replacement[g]`` and rerun from ``layer``.
 
@@ -407,6 +410,9 @@ def ablate_heads_of_layer(
     are recomputed (``restart_window``; prefix-shared restarts). ``read_final`` also reads what
     the self-repair decomposition needs (each layer's ``b_O`` share, the final stream, and the
     last MLP's neuron activations at the points, which its restart computes anyway).
+
+    ``keep_normed`` keeps the normalised final stream at the points (``final_normed``: a
+    ``--metric`` reads the run's full logits from it; soft-capped models always keep it).
 
     ``baseline`` runs one more copy, un-ablated, in the same pass (``LayerAblation.baseline``).
     In bfloat16 and float16 a product's rounding depends on the shape of the batch it runs
@@ -465,7 +471,7 @@ def ablate_heads_of_layer(
             torch.stack(bias_des, 1),
             dot,
             s,
-            normed if w.cfg.final_softcap else None,
+            normed if w.cfg.final_softcap or keep_normed else None,
             hidden,
             inv_rms,
         )

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sweeps.core import effects
+from sweeps.core import effects, metrics
 from sweeps.core import transformer as tf
 from sweeps.core.nodes import Node
 from sweeps.core.transformer import ModelWeights
@@ -286,8 +286,15 @@ def readout(
     incorrect: Int[Tensor, "G Q"] | None,
     rows_per_block: int | None = None,
     vocab_per_block: int = 8192,
+    metric: str | None = None,
+    sets: tuple[Int[Tensor, "G Kc"], Int[Tensor, "G Ki"]] | None = None,
+    reference: Float[Tensor, "G Q V"] | None = None,
 ) -> Readout:
     """Top-1 token and task metric at ``positions`` of every row.
+
+    ``metric``: one chosen with ``--metric`` (``sweeps/core/metrics.py``) instead of the task's
+    own, read off the full logits at the positions (each row's answer ``sets``, correct and
+    incorrect; ``reference``: the clean run's log-probabilities there, for ``kl``).
 
     ``incorrect`` given: metric = logit(correct) − logit(incorrect); else the
     log-probability of ``correct`` (next-token tasks), which needs the log-sum-exp over
@@ -303,6 +310,14 @@ def readout(
     x = tf.normalize(w.cfg, resid_final[:, positions])  # [G, Q, D]
     G, Q, D = x.shape
     x = x.reshape(G * Q, D)
+    if metric is not None and metric not in ("logit_diff", "log_prob"):
+        logits = torch.addmm(w.b_U, x, w.W_U).float()  # [G·Q, V]
+        if w.cfg.final_softcap:  # the model's real, capped logits
+            logits = _capped(w, logits, x)
+        c, i = (None, None) if sets is None else (t.repeat_interleave(Q, 0) for t in sets)
+        ref = None if reference is None else reference.reshape(G * Q, -1)
+        value = metrics.metric_from_logits(metric, logits, c, i, ref)
+        return Readout(value.view(G, Q), logits.argmax(-1).view(G, Q))
     log_prob = incorrect is None
     top, top1, total = running_max_and_exp_sum(w, x, log_prob, rows_per_block, vocab_per_block)
     right = _token_logits(w, x, correct.reshape(-1))
@@ -310,12 +325,12 @@ def readout(
         right = _capped(w, right, x)
     if log_prob:
         assert total is not None  # the running sum is kept for log-probabilities
-        metric = right - top - total.log()
+        value = right - top - total.log()
     else:
         assert incorrect is not None
         wrong = _token_logits(w, x, incorrect.reshape(-1))
-        metric = right - (_capped(w, wrong, x) if w.cfg.final_softcap else wrong)
-    return Readout(metric.view(G, Q), top1.view(G, Q))
+        value = right - (_capped(w, wrong, x) if w.cfg.final_softcap else wrong)
+    return Readout(value.view(G, Q), top1.view(G, Q))
 
 
 def _token_logits(w: ModelWeights, x: Float[Tensor, "N D"], tokens: Int[Tensor, " N"]) -> Float[Tensor, " N"]:

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sweeps.core import effects
+from sweeps.core import effects, metrics
+from sweeps.core import transformer as tf
 from sweeps.core.effects import BatchState
 from sweeps.jobs.base import Job
 from sweeps.jobs.plan import Shard
@@ -28,6 +29,8 @@ from tasks.base import TaskData
 
 # Per point, for every ablated head: the self-repair decomposition (docs/self-repair.md).
 # ``last_mlp`` is the part of ``mlps`` from the last layer's MLP (split per neuron in neurons/).
+# ``total_effect_metric`` (``METRIC_TERM``, a column only with ``--metric``): the change of the chosen
+# metric; every other term is the logit-linear decomposition, in logit differences whatever the metric.
 SELF_REPAIR_TERMS = (
     "total_effect",
     "own_change",
@@ -38,6 +41,8 @@ SELF_REPAIR_TERMS = (
     "final_norm",
     "total_effect_capped",
 )
+# With ``--metric`` only (the default's tables keep their columns): the chosen metric's change.
+METRIC_TERM = "total_effect_metric"
 
 # neurons/: per (ablated head, selection), the last MLP's top neurons by |mean change of direct effect|.
 NEURON_SCHEMA = pa.schema(
@@ -250,10 +255,46 @@ class BackupJob(Job):
         }
         out["total_effect_capped"] = (
             self._capped_change(state, ref, result)
-            if result.final_normed is not None
+            if result.final_normed is not None and self.engine.readout.cfg.final_softcap
             else torch.full_like(total, float("nan"))
         )
+        if self.task.metric is not None:
+            assert result.final_normed is not None  # kept under --metric (``keep_normed``)
+            out[METRIC_TERM] = self._metric_change(state, ref, result)
         return out
+
+    def terms(self) -> tuple[str, ...]:
+        """The self-repair columns: ``SELF_REPAIR_TERMS``, and ``METRIC_TERM`` under ``--metric``."""
+        return SELF_REPAIR_TERMS + ((METRIC_TERM,) if self.task.metric is not None else ())
+
+    def _metric_change(self, state: BatchState, ref: Reference, result: effects.LayerAblation) -> torch.Tensor:
+        """The change of the ``--metric`` metric at each point, [G, P]: the ablated run's minus the
+        clean run's (the same pass's baseline in reduced precision), each from its own full logits
+        at the point (its normalised final stream, ``final_normed``). Not a sum of the direct
+        effects: a non-linear metric has no such decomposition; the other terms stay logit-linear."""
+        w = self.engine.readout
+        sub = self.task.select(slice(state.start, state.start + state.tokens.shape[0]))
+        points = state.points
+        assert result.final_normed is not None and ref.final_normed is not None and state.clean_normed is not None
+
+        def logits(x: torch.Tensor) -> torch.Tensor:  # [*G, P, D] normalised -> [*G, P, V] real logits
+            return tf.cap_logits(w, (x.to(w.W_U.dtype) @ w.W_U + w.b_U).float(), x.float())
+
+        name = sub.metric_name
+        reference = torch.log_softmax(logits(state.clean_normed), -1) if name in metrics.NEEDS_REFERENCE else None
+        correct: torch.Tensor | None = None
+        incorrect: torch.Tensor | None = None
+        if sub.kind == "logit_diff":
+            correct, incorrect = (s.to(w.device)[points.batch] for s in sub.answer_sets())
+        G, P = result.final_normed.shape[:2]
+        ablated = metrics.metric_from_logits(
+            name,
+            logits(result.final_normed).flatten(0, 1),
+            None if correct is None else correct.repeat(G, 1),
+            None if incorrect is None else incorrect.repeat(G, 1),
+            None if reference is None else reference.repeat(G, 1),
+        ).view(G, P)
+        return ablated - metrics.metric_from_logits(name, logits(ref.final_normed), correct, incorrect, reference)[None]
 
     def _neuron_changes(
         self, state: BatchState, ref: Reference, result: effects.LayerAblation
@@ -304,7 +345,7 @@ class BackupJob(Job):
         """Ablate each of ``heads`` (all in ``layer``) and collect its backup."""
         L, H, _ = self.shape
         per_head: dict[int, dict[str, list]] = {
-            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer", *SELF_REPAIR_TERMS)} for h in heads
+            h: {k: [] for k in ("prompt", "pos", "de", "backup", "same_layer", *self.terms())} for h in heads
         }
         sum_heads = {h: torch.zeros(L, H, dtype=torch.float64) for h in heads}
         sum_mlps = {h: torch.zeros(L, dtype=torch.float64) for h in heads}
@@ -344,7 +385,7 @@ class BackupJob(Job):
                 if self.self_repair:
                     repair = self._self_repair(state, ref, chunk, result, delta_heads, delta_mlps, backup)
                 else:
-                    repair = {t: torch.full_like(backup, float("nan")) for t in SELF_REPAIR_TERMS}
+                    repair = {t: torch.full_like(backup, float("nan")) for t in self.terms()}
                 if neurons is not None:
                     neurons.add(index, state, chunk, *self._neuron_changes(state, ref, result))
                 for g, h in enumerate(chunk):
@@ -368,7 +409,7 @@ class BackupJob(Job):
                 de_clean=np.concatenate(per_head[h]["de"]),
                 backup=np.concatenate(per_head[h]["backup"]),
                 same_layer=np.concatenate(per_head[h]["same_layer"]),
-                repair={term: np.concatenate(per_head[h][term]) for term in SELF_REPAIR_TERMS},
+                repair={term: np.concatenate(per_head[h][term]) for term in self.terms()},
                 mean_delta_heads=(sum_heads[h] / n_points).numpy(),
                 mean_delta_mlps=(sum_mlps[h] / n_points).numpy(),
             )
@@ -449,7 +490,7 @@ def self_repair_rows(r: HeadResult, top_fraction: float) -> list[dict]:
     rows = []
     for selection, keep, fraction in selections(r.de_clean, top_fraction):
         de = r.de_clean[keep]
-        terms = {"same_layer": r.same_layer[keep], **{t: r.repair[t][keep] for t in SELF_REPAIR_TERMS}}
+        terms = {"same_layer": r.same_layer[keep], **{t: v[keep] for t, v in r.repair.items()}}
         with np.errstate(divide="ignore", invalid="ignore"):
             shares = {
                 f"frac_{t}": float(np.nanmean(np.clip(terms[t] / de, 0, 1))) for t in ("heads", "mlps", "final_norm")

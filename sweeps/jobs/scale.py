@@ -25,10 +25,10 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from sweeps.core import scaling
+from sweeps.core import metrics, scaling
 from sweeps.core import transformer as tf
 from sweeps.core.circuits import Circuit
 from sweeps.core.nodes import Node
@@ -89,6 +89,9 @@ class LengthGroup:
     incorrect: Int[Tensor, "n Q"] | None
     clean_out: scaling.Readout  # [n, Q]
     pairs: Int[Tensor, "P 2"]  # (base, source) rows within the group
+    # With --metric: each prompt's answer sets, and (kl) the clean run's log-probabilities [n, Q, V]
+    sets: tuple[Int[Tensor, "n Kc"], Int[Tensor, "n Ki"]] | None = None
+    reference: Float[Tensor, "n Q V"] | None = None
 
 
 @dataclass
@@ -179,8 +182,20 @@ class ScaleJob(Job):
             else:
                 positions = torch.arange(T - 1, device=device)
                 correct, incorrect = clean_tokens[:, 1:], None
-            clean_out = scaling.readout(w, clean.resid_final, positions, correct, incorrect)
-            corrupt_out = scaling.readout(w, corrupt.resid_final, positions, correct, incorrect)
+            sets: tuple[Tensor, Tensor] | None = None
+            reference, metric = None, task.metric
+            if metric is not None and task.kind == "logit_diff":
+                right_set, wrong_set = task.answer_sets()
+                sets = (right_set[prompts].to(device), wrong_set[prompts].to(device))
+            if metric in metrics.NEEDS_REFERENCE:
+                x = clean.resid_final[:, positions]
+                reference = torch.log_softmax(tf.logits(w, x), -1)  # [n, Q, V]
+            clean_out = scaling.readout(
+                w, clean.resid_final, positions, correct, incorrect, metric=metric, sets=sets, reference=reference
+            )
+            corrupt_out = scaling.readout(
+                w, corrupt.resid_final, positions, correct, incorrect, metric=metric, sets=sets, reference=reference
+            )
             drops.append((clean_out.metric - corrupt_out.metric).double().flatten().cpu())
             groups.append(
                 LengthGroup(
@@ -194,6 +209,8 @@ class ScaleJob(Job):
                     incorrect=incorrect,
                     clean_out=clean_out,
                     pairs=group_pairs.to(device),
+                    sets=sets,
+                    reference=reference,
                 )
             )
         self._groups = groups
@@ -266,6 +283,9 @@ class ScaleJob(Job):
                     torch.arange(Q, device=final.device),
                     g.correct[base],
                     None if g.incorrect is None else g.incorrect[base],
+                    metric=self.task.metric,
+                    sets=None if g.sets is None else (g.sets[0][base], g.sets[1][base]),
+                    reference=None if g.reference is None else g.reference[base],
                 )
                 flips = (out.top1 != g.clean_out.top1[base]).sum(-1) * count
                 drop = (g.clean_out.metric[base] - out.metric).sum(-1) * count

@@ -119,9 +119,14 @@ class AttributionSweep(Sweep):
                 f"unknown --method {args.method!r}{did_you_mean(args.method, METHODS)}; methods: {', '.join(METHODS)}"
             )
         if args.out is None and args.method != "eap":
-            args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}"
+            args.out = f"{default_out('attribution', args.model, args.task, args.dtype)}__{args.method}" + (
+                f"__{args.metric}" if args.metric else ""
+            )
         super().prepare()
         info = self.inputs.info
+        from sweeps.core.metrics import check_metric
+
+        check_metric(self.inputs.task.metric, self.inputs.task.kind, args.method)
         if args.method == "eap-ig-activations" and info.path != "fast":
             raise UserError(
                 f"--method eap-ig-activations runs on the fast path's families; {args.model} runs on "
@@ -152,7 +157,7 @@ class AttributionSweep(Sweep):
         args, info, task = self.args, self.inputs.info, self.inputs.task
         return {
             **self.base_spec(),
-            "metric": task.kind,
+            "metric": task.metric or task.kind,  # the chosen metric, or the task's kind (as before)
             "n_prompts": task.n_prompts,
             "batch_size": args.batch_size,
             "verify_top": args.verify_top,
@@ -233,7 +238,9 @@ class AttributionSweep(Sweep):
                 "scores cover those",
                 file=sys.stderr,
             )
-        metric = "logit difference" if results.spec.get("metric") == "logit_diff" else "log-probability"
+        from sweeps.core.metrics import label_of
+
+        metric = label_of(results.spec.get("metric"))
         return [
             f"\nclean {metric} {results.clean_metric:.4f}, corrupt {results.corrupt_metric:.4f} "
             f"(mean over {results.n_points} points)",

@@ -191,6 +191,10 @@ class CircuitSweep(Sweep):
             except (LocationError, OSError, json.JSONDecodeError):
                 spec0 = {}
             args.model = args.model or spec0.get("model")
+            from sweeps.core.metrics import METRICS
+
+            if args.metric is None and spec0.get("metric") in METRICS and spec0.get("metric") != "logit_diff":
+                args.metric = spec0["metric"]  # evaluate with the metric the ranking was scored by
             args.task = args.task or spec0.get("task")
             if args.n_prompts is None and spec0.get("n_prompts") and args.task == spec0.get("task"):
                 args.n_prompts = int(spec0["n_prompts"])
@@ -329,7 +333,7 @@ class CircuitSweep(Sweep):
         ).hexdigest()
         return {
             **self.base_spec(),
-            "metric": task.kind,
+            "metric": task.metric or task.kind,  # the chosen metric, or the task's kind (as before)
             "n_prompts": task.n_prompts,
             "level": args.level,
             "sizes": self.sizes,

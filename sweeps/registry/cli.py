@@ -137,7 +137,26 @@ def number_list(
 
 def add_common_options(parser: argparse.ArgumentParser, sweep: str) -> None:
     add_model_task_options(parser)
+    add_metric_option(parser, sweep)
     add_execution_output_options(parser, sweep)
+
+
+def add_metric_option(parser: argparse.ArgumentParser, sweep: str) -> None:
+    """``--metric NAME`` (``sweeps/core/metrics.py``), checked with the task before any weights load."""
+    from sweeps.core.metrics import METRICS
+
+    where = {
+        "backup": "the clean, corrupt and ablated runs' metric beside the logit-linear decomposition, "
+        "which stays in logit differences (docs/tasks.md#metrics)",
+        "attribution": "what the scores differentiate (accuracy: --method exact only)",
+        "circuit": "what faithfulness reads (default: the --from results' own)",
+    }.get(sweep, "what the sweep reads")
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help=f"the metric: {', '.join(METRICS)} (default: the task's own: the logit difference, or the "
+        f"next token's log-probability for text, which also takes kl); {where}",
+    )
 
 
 def add_model_task_options(parser: argparse.ArgumentParser) -> None:
@@ -161,16 +180,19 @@ def add_model_task_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_FILE",
         help="ioi (default; BABA+ABBA templates, ABC corruption); sentiment (classic movie "
         "reviews, ' great' vs ' awful', mirrored corrupt prompts); text (next-token prediction on "
-        "documents, corrupt = other documents); or a .jsonl file, one "
+        "documents, corrupt = other documents); greater-than, addition, subtraction, mcqa "
+        "(docs/tasks.md; `interp-sweeps tasks` lists them all); or a .jsonl file, one "
         '{"clean", "corrupt", "correct", "incorrect"} object a line (logit difference at each '
-        "prompt's own last token)",
+        "prompt's own last token; an answer may be a list: a set)",
     )
     g.add_argument(
         "--data",
         metavar="SOURCE",
         help="documents for --task text: a .txt (blank-line separated) "
-        'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet + datasets); '
-        "default: the offline corpus shipped in tasks/data",
+        'or .jsonl ({"text"}) file, or hf:NAME[:SPLIT] (needs internet, or the dataset in the HF cache); '
+        "default: the offline corpus shipped in tasks/data. For ioi, greater-than, addition, "
+        "subtraction and mcqa: hf:NAME[:SPLIT], one of MIB's hub datasets (e.g. hf:mib-bench/ioi; "
+        "docs/tasks.md)",
     )
     g.add_argument(
         "--n-prompts",

@@ -131,12 +131,13 @@ def input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad user input in every sweep (reported as one line, exit code 2); a
     sweep adds its own (``Sweep.input_errors``)."""
     from sweeps.core.circuits import CircuitError
+    from sweeps.core.metrics import MetricError
     from sweeps.core.nodes import NodeError
     from sweeps.jobs.plan import PlanError
     from sweeps.runtime.models import ModelNameError
     from tasks import TaskError
 
-    return (ModelNameError, TaskError, StoreError, NodeError, PlanError, CircuitError)
+    return (ModelNameError, TaskError, StoreError, NodeError, PlanError, CircuitError, MetricError)
 
 
 def prepare_inputs(args, sweep: str) -> SweepInputs:
@@ -144,14 +145,22 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
 
     Raises one of ``input_errors()``; only the tokenizer is loaded.
     """
+    from sweeps.core.metrics import MetricError, check_metric
     from sweeps.registry.cli import default_out
     from sweeps.runtime.loading import load_tokenizer
     from sweeps.runtime.models import describe_model
     from tasks import TaskError, build_task, check_task
 
-    out = check_out_dir(args.out or default_out(sweep, args.model, args.task, args.dtype))
+    metric = getattr(args, "metric", None)
+    if metric is not None:
+        check_metric(metric, "logit_diff" if metric != "log_prob" else "next_token")  # the name, before anything
+    # A chosen metric gets its own default directory: its results never resume another metric's.
+    default = default_out(sweep, args.model, args.task, args.dtype)
+    out = check_out_dir(args.out or (default.with_name(f"{default.name}__{metric}") if metric else default))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
+    if metric is not None and info.path != "fast":
+        raise MetricError(f"--metric runs on the fast path's families; {args.model} runs on the bridge path")
     task = build_task(
         task_spec,
         load_tokenizer(info),
@@ -161,6 +170,9 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
         args.data,
         prepend_bos=info.prepend_bos,
     )
+    if metric is not None:
+        check_metric(metric, task.kind)
+        task.metric = metric
     if task.clean.shape[1] > info.n_ctx:
         raise TaskError(
             f"prompts of {task.clean.shape[1]} tokens are longer than {args.model}'s "

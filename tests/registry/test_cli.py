@@ -226,7 +226,7 @@ def test_the_dtype_is_recorded_and_a_resume_in_another_is_refused(capsys, tmp_pa
 
 def test_options_that_do_not_apply_and_prompts_longer_than_the_context(capsys, no_model_loading, tmp_path):
     out = str(tmp_path / "o")
-    assert "apply only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
+    assert "only to --task text" in fails(capsys, "--model", "tiny-gpt2", "--seq-len", "8", "--out", out)
     long = {**GOOD, "clean": "word " * 600, "corrupt": "word " * 600}
     line = fails(capsys, "--model", "tiny-gpt2", "--task", jsonl(tmp_path, long), "--out", out)
     assert "prompts of 602 tokens are longer than tiny-gpt2's context of 512" in line
@@ -636,3 +636,31 @@ def test_split_kv_and_export_graph_refuse_bad_input_in_one_line(capsys, no_model
         capsys, "--model", "tiny-olmo2", "--split-kv", "--out", out, command=attribution)
     assert "holds no sweep results" in fails(capsys, str(tmp_path), "g.json", command=export_graph)
     assert "a fraction in (0, 1]" in fails(capsys, str(tmp_path), "g.json", "--size", "2", command=export_graph)
+
+
+@pytest.mark.parametrize("sweep", ["backup", "scale", "attribution", "circuit"])
+def test_unknown_metric_is_one_line_before_any_weights_load(capsys, no_model_loading, tmp_path, sweep):
+    command = SWEEPS[sweep]
+    extra = ["--circuit", str(tmp_path / "c.json")] if sweep == "circuit" else []
+    line = fails(capsys, "--model", "tiny-gpt2", "--metric", "prob-diff", "--out", str(tmp_path / "o"), *extra,
+                 command=command)
+    assert "unknown metric 'prob-diff'. Did you mean prob_diff" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "text", "--metric", "greater_than"], "--metric greater_than needs answers"),
+    (["--task", "greater-than", "--metric", "accuracy"], "--metric accuracy is not differentiable: --method eap"),
+    (["--task", "mcqa", "--metric", "kl"], "zero gradient at the clean run"),
+    (["--task", "mcqa", "--metric", "kl", "--model", "tiny-stablelm"], "runs on the fast path's families"),
+])
+def test_metrics_the_task_or_method_cannot_take(capsys, no_model_loading, tmp_path, args, message):
+    from sweeps import attribution
+
+    line = fails(capsys, "--model", "tiny-gpt2", "--out", str(tmp_path / "o"), *args, command=attribution)
+    assert message in line
+
+
+def test_a_multi_token_answer_in_an_answer_set_is_one_line(capsys, no_model_loading, tmp_path):
+    path = jsonl(tmp_path, {**GOOD, "incorrect": [" floor", " Constantinopolitanism"]})
+    line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--metric", "greater_than", "--out", str(tmp_path / "o"))
+    assert "answer ' Constantinopolitanism' (task.jsonl line 1) is" in line and "single tokens" in line

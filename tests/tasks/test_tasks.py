@@ -167,3 +167,168 @@ def test_jsonl_lines_split_on_newline_only(tok, tmp_path):
     assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not escaped
     task = build_task(check_task(str(path)), tok)
     assert task.n_prompts == 2 and task.prompts[0] == "The cat\u2028sat"
+
+
+def _texts(tok, ids):
+    return [tok.decode([int(i)]) for i in ids if int(i) >= 0]
+
+
+def test_greater_than_sets_are_the_years_above_and_at_or_below(tok):
+    """SmolLM2's tokenizer splits digits: the first year ends in 9 and the next token (the tens
+    digit) decides "greater" exactly; the corrupt prompt starts in XX01."""
+    t = build_task(check_task("greater-than"), tok, n_prompts=12, seed=5)
+    assert t.params["tokens"] == "digit" and t.correct_set is not None and t.incorrect_set is not None
+    for i in range(t.n_prompts):
+        prompt = t.prompts[i]
+        year = prompt.split("the year ")[1].split(" ")[0]
+        assert year.endswith("9") and prompt.endswith("to the year " + year[:2])
+        tens = int(year[2])
+        right, wrong = _texts(tok, t.correct_set[i]), _texts(tok, t.incorrect_set[i])
+        assert sorted(right) == [str(k) for k in range(tens + 1, 10)]
+        assert sorted(wrong) == [str(k) for k in range(0, tens + 1)]
+        assert tok.decode(t.correct[i:i + 1]) == str(tens + 1) and tok.decode(t.incorrect[i:i + 1]) == str(tens)
+        corrupt = tok.decode(t.corrupt[i, 1:int(t.lengths[i])])
+        assert corrupt == prompt.replace(year, year[:2] + "01")
+
+
+@pytest.mark.parametrize("name,op", [("addition", "+"), ("subtraction", "-")])
+def test_arithmetic_scores_the_first_answer_token(tok, name, op):
+    t = build_task(check_task(name), tok, n_prompts=10, seed=2)
+    for i in range(t.n_prompts):
+        a, b = t.prompts[i].rstrip("=").split(op)
+        result = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert 10 <= result <= 99 and len(a) == len(b) == 2
+        assert tok.decode(t.correct[i:i + 1]) == str(result)[0]  # digits are single tokens here
+        c, d = tok.decode(t.corrupt[i, 1:int(t.lengths[i])]).rstrip("=").split(op)
+        other = int(c) + int(d) if op == "+" else int(c) - int(d)
+        assert tok.decode(t.incorrect[i:i + 1]) == str(other)[0] != str(result)[0]
+
+
+def test_mcqa_letters_and_rotated_options(tok):
+    t = build_task(check_task("mcqa"), tok, n_prompts=8, seed=4)
+    assert t.incorrect_set is not None and t.incorrect_set.shape[1] == 3
+    for i in range(t.n_prompts):
+        clean, corrupt = t.prompts[i], tok.decode(t.corrupt[i, 1:int(t.lengths[i])])
+        options = {line[0]: line[3:] for line in clean.split("\n")[1:5]}
+        rotated = {line[0]: line[3:] for line in corrupt.split("\n")[1:5]}
+        assert sorted(options.values()) == sorted(rotated.values()) and options != rotated
+        right = tok.decode(t.correct[i:i + 1]).strip()
+        moved = tok.decode(t.incorrect[i:i + 1]).strip()
+        assert rotated[moved] == options[right] and moved != right  # the same option, another letter
+        assert sorted(_texts(tok, t.incorrect_set[i]) + [" " + right]) == [" A", " B", " C", " D"]
+
+
+def test_jsonl_answer_lists_are_sets(tok, tmp_path):
+    path = write_jsonl(tmp_path / "sets.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": [" on", " upon"], "incorrect": [" in", " at"]},
+        {"clean": "The cat ran", "corrupt": "The dog ran", "correct": " away", "incorrect": " in"}])
+    t = build_task(check_task(path), tok)
+    assert _texts(tok, t.correct_set[0]) == [" on", " upon"] and _texts(tok, t.incorrect_set[1]) == [" in"]
+    assert tok.decode(t.correct[0:1]) == " on" and tok.decode(t.incorrect[1:2]) == " in"
+    both = write_jsonl(tmp_path / "both.jsonl", [
+        {"clean": "The cat sat", "corrupt": "The dog sat", "correct": [" on", " in"], "incorrect": [" in"]}])
+    with pytest.raises(TaskError, match=r"both.jsonl line 1: token\(s\) \[' in'\] are both correct and incorrect"):
+        build_task(check_task(both), tok)
+    with pytest.raises(TaskError, match="line 1: missing or non-string field"):
+        check_task(write_jsonl(tmp_path / "empty.jsonl", [
+            {"clean": "a", "corrupt": "b", "correct": [], "incorrect": " in"}]))
+
+
+def test_unknown_new_task_suggests_and_data_is_hub_only():
+    with pytest.raises(TaskError, match="Did you mean greater-than"):
+        check_task("greater_than")
+    with pytest.raises(TaskError, match="only hf:NAME"):
+        build_task(check_task("mcqa"), None, data="rows.jsonl")
+
+
+def _fake_hub_dataset(tmp_path, monkeypatch, name, files):
+    """A Hugging Face cache holding one dataset snapshot (``HF_HOME/hub/datasets--ORG--NAME``),
+    read offline: what ``snapshot_download`` finds when the hub cannot be reached."""
+    import huggingface_hub.constants as constants
+
+    hub = tmp_path / "hf" / "hub"
+    repo = hub / ("datasets--" + name.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for rel, write in files.items():
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(snapshot / rel)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def _parquet(rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return lambda path: pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch):
+    """MIB's column names (its loader, ``HFEAPDataset``) for IOI, arithmetic and MCQA."""
+    ioi = [{"prompt": f"When Mary and John went to the store, John gave a drink to",
+            "metadata": {"indirect_object": "Mary", "subject": "John", "random_c": "Tom"},
+            "s2_io_flip_counterfactual": {"prompt": "When Mary and John went to the store, Mary gave a drink to"}}] * 3
+    arith = [{"prompt": "12+35=", "label": 47, "operator": "+",
+              "random_counterfactual": {"prompt": "61+22=", "label": 83}},
+             {"prompt": "50-21=", "label": 29, "operator": "-",
+              "random_counterfactual": {"prompt": "90-10=", "label": 80}}]
+    mcqa = [{"prompt": "Q: sky?\nA. red\nB. blue\nAnswer:", "answerKey": 1,
+             "choices": {"label": ["A", "B"], "text": ["red", "blue"]},
+             "symbol_counterfactual": {"prompt": "Q: sky?\nA. blue\nB. red\nAnswer:", "answerKey": 0,
+                                       "choices": {"label": ["A", "B"], "text": ["blue", "red"]}}}]
+    _fake_hub_dataset(tmp_path, monkeypatch, "mib-bench/ioi", {"data/train-00000-of-00001.parquet": _parquet(ioi),
+                                                                "data/test-00000-of-00001.parquet": _parquet(ioi[:1])})
+    t = build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi")
+    assert t.n_prompts == 3 and t.params["source"] == "hf:mib-bench/ioi:train"
+    assert tok.decode(t.correct[:1]) == " Mary" and tok.decode(t.incorrect[:1]) == " John"
+    assert tok.decode(t.corrupt[0, 1:]).endswith("Mary gave a drink to")
+    assert build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi:test").n_prompts == 1
+
+    _fake_hub_dataset(tmp_path / "a", monkeypatch, "mib-bench/arithmetic_addition",
+                      {"train.jsonl": lambda p: p.write_text("\n".join(json.dumps(r) for r in arith))})
+    t = build_task(check_task("addition"), tok, data="hf:mib-bench/arithmetic_addition")
+    assert t.n_prompts == 1 and t.params["skipped_rows"] == 1  # the subtraction row
+    assert tok.decode(t.correct[:1]) == "4" and tok.decode(t.incorrect[:1]) == "8"
+
+    _fake_hub_dataset(tmp_path / "m", monkeypatch, "mib-bench/mcqa",
+                      {"4_answer_choices/train-0.parquet": _parquet(mcqa),
+                       "2_answer_choices/train-0.parquet": _parquet(mcqa * 2)})
+    t = build_task(check_task("mcqa"), tok, data="hf:mib-bench/mcqa")
+    assert t.n_prompts == 1 and tok.decode(t.correct[:1]) == "B" and tok.decode(t.incorrect[:1]) == "A"
+    with pytest.raises(TaskError, match="cannot load Hugging Face dataset 'mib-bench/absent'"):
+        build_task(check_task("mcqa"), tok, data="hf:mib-bench/absent")
+    with pytest.raises(TaskError, match="no 'validation' split"):
+        build_task(check_task("mcqa"), tok, data="hf:mib-bench/mcqa:validation")
+
+    years = [{"clean": "The war lasted from the year 1739 to the year 17",
+              "corrupted": "The war lasted from the year 1701 to the year 17", "year": "1739"}]
+    _fake_hub_dataset(tmp_path / "g", monkeypatch, "mib-bench/greater-than", {"train.jsonl": lambda p: p.write_text(
+        json.dumps(years[0]))})
+    t = build_task(check_task("greater-than"), tok, data="hf:mib-bench/greater-than")
+    assert _texts(tok, t.correct_set[0]) == [str(k) for k in range(4, 10)]
+    assert sorted(_texts(tok, t.incorrect_set[0])) == [str(k) for k in range(4)]
+    _fake_hub_dataset(tmp_path / "bad", monkeypatch, "mib-bench/ioi", {"train.jsonl": lambda p: p.write_text(
+        json.dumps({"prompt": "x", "metadata": {"indirect_object": "Mary", "subject": "John"}}))})
+    with pytest.raises(TaskError, match="MIB row has no column 's2_io_flip_counterfactual.prompt'"):
+        build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi")
+
+
+def test_text_hub_documents_without_the_datasets_library(tok, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    docs = [{"text": "one two three four five six seven eight nine ten " * 3}, {"text": "alpha beta gamma " * 10}]
+    _fake_hub_dataset(tmp_path, monkeypatch, "stas/openwebtext-10k", {"plain_text/train-0.parquet": _parquet(docs)})
+    t = build_task(TaskSpec("text"), tok, n_prompts=1, seq_len=8, data="hf:stas/openwebtext-10k")
+    assert t.clean.shape == (1, 8) and t.params["source"] == "hf:stas/openwebtext-10k:train"

@@ -67,7 +67,8 @@ class FastEngine:
             de_mlps=decomposition.mlps,
             de_bias=decomposition.attn_bias,
             clean_dot=dot,
-            clean_normed=normed if w.cfg.final_softcap else None,
+            # kept for soft-capped models' real logits, and for the --metric change of each ablation
+            clean_normed=normed if w.cfg.final_softcap or sub.metric is not None else None,
             first_change=effects.first_difference(tokens, sub.corrupt.to(self.device))
             if ablation == "resample"
             else None,
@@ -106,6 +107,7 @@ class FastEngine:
             baseline=self.weights.dtype != torch.float32,
             first_change=state.first_change,
             clean=state.resid_pre,
+            keep_normed=state.clean_normed is not None,
         )
 
     # -- the scale sweep ------------------------------------------------------------
