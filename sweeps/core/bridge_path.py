@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sweeps.core import effects, precision
+from sweeps.core import effects, metrics, precision
 from sweeps.core import transformer as tf
 from sweeps.core.attribution import GraphConfig
 from sweeps.core.nodes import Node, node_from_name
@@ -391,10 +391,32 @@ def graph_config(bridge) -> GraphConfig:
     )
 
 
-def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData) -> Tensor:
-    """Σ over the points of the logit difference, or of each next token's log-probability, in
-    float32 whatever the model's dtype."""
+def metric_reference(bridge, task: TaskData) -> Float[Tensor, "P V"] | None:
+    """The clean run's log-probabilities at the task's points, for a metric that compares with
+    them (``metrics.NEEDS_REFERENCE``: ``kl``); None for the others."""
+    if task.metric_name not in metrics.NEEDS_REFERENCE:
+        return None
+    b, pos = effects.point_positions(task)
+    with torch.no_grad():
+        return bridge(task.clean)[b, pos].float().log_softmax(-1)
+
+
+def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData, reference: Float[Tensor, "P V"] | None = None) -> Tensor:
+    """Σ over the points of the task's metric, in float32 whatever the model's dtype: the logit
+    difference, or each next token's log-probability, or the one ``task.metric`` names
+    (``metrics.metric_from_logits`` on the bridge's logits at the points; ``reference`` from
+    ``metric_reference``)."""
     logits = logits.float()
+    name = task.metric_name
+    if name not in ("logit_diff", "log_prob"):
+        b, pos = effects.point_positions(task)
+        at = logits[b.to(logits.device), pos.to(logits.device)]  # [P, V]
+        if name in metrics.NEEDS_REFERENCE and reference is None:
+            raise ValueError(f"metric {name} needs the clean run's log-probabilities (metric_reference)")
+        if task.kind != "logit_diff":
+            return metrics.metric_from_logits(name, at, reference=reference).sum()
+        correct, incorrect = (t.to(logits.device)[b] for t in task.answer_sets())
+        return metrics.metric_from_logits(name, at, correct, incorrect, reference).sum()
     b = torch.arange(task.n_prompts)
     if task.kind == "logit_diff":
         pos = task.answer_pos
@@ -474,6 +496,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
     )
     with torch.no_grad():
         corrupt_logits, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+    reference = metric_reference(bridge, task)
 
     def run_with_grads(alpha: float) -> tuple[dict[str, Tensor], Tensor]:
         """One forward (inputs ``alpha`` of the way from corrupt to clean) and backward: every
@@ -500,7 +523,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
         bridge.set_use_split_qkv_input(True)
         try:
             with torch.enable_grad():
-                metric = metric_sum(bridge.run_with_hooks(task.clean, fwd_hooks=hooks), task)
+                metric = metric_sum(bridge.run_with_hooks(task.clean, fwd_hooks=hooks), task, reference)
                 metric.backward()
         finally:
             bridge.set_use_split_qkv_input(False)
@@ -559,7 +582,7 @@ def attribute(bridge, graph, task: TaskData, steps: int = 1):
         nodes=nodes,
         edges=edges,
         clean_metric=float(clean_metric),
-        corrupt_metric=float(metric_sum(corrupt_logits, task)),
+        corrupt_metric=float(metric_sum(corrupt_logits, task, reference)),
         n_points=int(effect_points(bridge, task).n),
     )
 
@@ -576,6 +599,7 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, " n"]:
     writes = node_write_names(L)
     _, clean = bridge.run_with_cache(task.clean, names_filter=lambda n: n in writes)
     _, corrupt = bridge.run_with_cache(task.corrupt, names_filter=lambda n: n in writes)
+    reference = metric_reference(bridge, task)
 
     def change(u: str) -> tuple[str, Tensor]:
         """(where u writes, corrupt − clean of its write)."""
@@ -609,7 +633,7 @@ def patch_metric(bridge, graph, task: TaskData, targets) -> Float[Tensor, " n"]:
                 else:
                     hooks.append(("ln_final.hook_in", lambda act, hook, delta=delta: act + delta))
             logits = bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
-            out.append(float(metric_sum(logits, task)))
+            out.append(float(metric_sum(logits, task, reference)))
     finally:
         bridge.set_use_split_qkv_input(False)
     return torch.tensor(out, dtype=torch.float64)
@@ -638,8 +662,9 @@ class CircuitRunner:
             self.corrupt_out = torch.stack(
                 [node_write(corrupt, self.W_O, u) for u in graph.upstream]
             )  # a*_u: [U B T D]
-            self.corrupt_metric = float(metric_sum(corrupt_logits, task))
-            self.clean_metric = float(metric_sum(bridge(task.clean), task))
+            self.reference = metric_reference(bridge, task)
+            self.corrupt_metric = float(metric_sum(corrupt_logits, task, self.reference))
+            self.clean_metric = float(metric_sum(bridge(task.clean), task, self.reference))
         self.n_points = int(effect_points(bridge, task).n)
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
         self.row = {(d.layer, d.input, d.head): i for i, d in enumerate(graph.downstream)}
@@ -715,4 +740,4 @@ class CircuitRunner:
             logits = self.bridge.run_with_hooks(self.task.clean, fwd_hooks=hooks)
         finally:
             self.bridge.set_use_split_qkv_input(False)
-        return float(metric_sum(logits, self.task))
+        return float(metric_sum(logits, self.task, self.reference))

@@ -235,3 +235,42 @@ def test_models_without_heads_or_not_causal_are_refused_before_loading(tmp_path,
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **config}))
     with pytest.raises(models.ModelNameError, match=message):
         models.describe_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("metric", ["prob_diff", "greater_than", "kl"])
+def test_a_chosen_metric_through_the_bridge_equals_the_fast_path(metric):
+    """``--metric`` on the bridge path (greater-than's answer sets, tiny Llama 3 forced onto the
+    bridge): attribution by EAP-IG (its gradient; two steps, since ``kl``'s is 0 at the clean
+    run), real patching, circuit evaluation and the scale sweep read the chosen metric off the
+    bridge's logits, and give the fast path's numbers (whose metrics are checked against the
+    Hugging Face model's logits in tests/core/test_metrics.py)."""
+    from sweeps.core import circuit_eval as CE
+
+    info = models.describe_model("tiny-llama3")
+    task = build_task(TaskSpec("greater-than"), loading.load_tokenizer(info), 6, 0)
+    task.metric = metric
+    fast, bridge = loading.load_model(info), loading.load_model(dataclasses.replace(info, path="bridge"))
+    graph = A.build_graph(fast.weights.cfg)
+    ours = A.attribute(fast.weights, graph, task, None, "eap-ig-inputs", 2)
+    theirs = bridge_path.attribute(bridge.bridge, graph, task, 2)
+    # a random model spreads its probability over 49k tokens: the probability metrics are
+    # small (about 1e-5), so every comparison is relative to the sizes at hand
+    scale = float(ours.edges.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(theirs.edges, ours.edges, atol=1e-3 * scale, rtol=1e-3)
+    gap = abs(ours.clean_metric - ours.corrupt_metric)
+    assert gap > 0
+    assert theirs.clean_metric == pytest.approx(ours.clean_metric, abs=1e-3 * gap)
+    assert theirs.corrupt_metric == pytest.approx(ours.corrupt_metric, abs=1e-3 * gap)
+    targets = [A.Target("embed"), A.Target("L1H2"), A.Target("mlp0"), A.Target("L0H1", "L2H3", "q")]
+    torch.testing.assert_close(bridge_path.patch_metric(bridge.bridge, graph, task, targets),
+                               A.patch_metric(fast.weights, graph, task, targets), atol=1e-3 * gap, rtol=1e-4)
+    mask = torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(0)) < 0.3
+    runners = CE.CircuitRunner(fast.weights, graph, task), bridge_path.CircuitRunner(bridge.bridge, graph, task)
+    assert runners[1].metric(mask) == pytest.approx(runners[0].metric(mask), abs=1e-3 * gap)
+    pairs = make_pairs(task, "task", None, 0, False)
+    a, b = (ScaleJob(task, pairs, source="corrupt", batch_size=4).bind(m).run_node(Node(1, 1), [0.0, 1.0, 2.0])
+            for m in (fast.weights, bridge.bridge))
+    np.testing.assert_array_equal(b.changed, a.changed)
+    assert np.abs(a.metric_drop).max() > 0
+    np.testing.assert_allclose(b.metric_drop, a.metric_drop, atol=1e-3 * np.abs(a.metric_drop).max())

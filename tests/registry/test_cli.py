@@ -651,13 +651,17 @@ def test_unknown_metric_is_one_line_before_any_weights_load(capsys, no_model_loa
     (["--task", "text", "--metric", "greater_than"], "--metric greater_than needs answers"),
     (["--task", "greater-than", "--metric", "accuracy"], "--metric accuracy is not differentiable: --method eap"),
     (["--task", "mcqa", "--metric", "kl"], "zero gradient at the clean run"),
-    (["--task", "mcqa", "--metric", "kl", "--model", "tiny-stablelm"], "runs on the fast path's families"),
 ])
 def test_metrics_the_task_or_method_cannot_take(capsys, no_model_loading, tmp_path, args, message):
     from sweeps import attribution
 
     line = fails(capsys, "--model", "tiny-gpt2", "--out", str(tmp_path / "o"), *args, command=attribution)
     assert message in line
+
+
+def test_the_backup_sweeps_metric_on_the_bridge_path_is_one_line(capsys, no_model_loading, tmp_path):
+    line = fails(capsys, "--model", "tiny-stablelm", "--metric", "prob_diff", "--out", str(tmp_path / "o"))
+    assert "--metric in the backup sweep runs on the fast path's families" in line
 
 
 def test_a_multi_token_answer_in_an_answer_set_is_one_line(capsys, no_model_loading, tmp_path):

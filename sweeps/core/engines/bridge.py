@@ -136,13 +136,15 @@ class BridgeEngine:
         targets = A.every_target(graph, with_edges)
         clean, patched = self.patched_metric(graph, batch, targets)
         with torch.no_grad():
-            corrupt = float(bridge_path.metric_sum(self.bridge(batch.corrupt), batch))
+            reference = bridge_path.metric_reference(self.bridge, batch)
+            corrupt = float(bridge_path.metric_sum(self.bridge(batch.corrupt), batch, reference))
         n_points = int(bridge_path.effect_points(self.bridge, batch).n)
         return A.exact_attribution(graph, patched, clean, corrupt, n_points, with_edges)
 
     def patched_metric(self, graph: A.Graph, batch: TaskData, targets: list[A.Target]) -> tuple[float, Tensor]:
         with torch.no_grad():
-            clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch))
+            reference = bridge_path.metric_reference(self.bridge, batch)
+            clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch, reference))
         return clean, bridge_path.patch_metric(self.bridge, graph, batch, targets)
 
     def circuit_runner(self, graph: A.Graph, batch: TaskData) -> bridge_path.CircuitRunner:
