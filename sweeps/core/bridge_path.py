@@ -172,6 +172,13 @@ def final_dot(bridge, cache, points: effects.Points) -> Float[Tensor, " P"]:
     return effects.final_read(view(bridge), cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"], points)[0]
 
 
+def final_normed(bridge, cache, points: effects.Points) -> Float[Tensor, "P D"]:
+    """A cached run's final stream at the points, normalised as the read-out reads it (its
+    logits are ``x @ W_U + b_U`` of ``view(bridge)``): what ``--metric`` reads in the backup sweep."""
+    final = cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"][points.batch, points.pos]
+    return tf.normalize(view(bridge).cfg, final)
+
+
 def pre_cap_metric(bridge, cache, points: effects.Points) -> Float[Tensor, " P"]:
     """The (centred, pre-cap) logit (difference) at the points, from the final residual."""
     return final_dot(bridge, cache, points) / final_scale(cache, points) + points.bias
@@ -211,10 +218,12 @@ def ablate_head(
     points: effects.Points,
     scale: Float[Tensor, " P"],
     neurons: bool = False,
+    keep_normed: bool = False,
 ) -> effects.LayerAblation:
     """One full forward with head ``(layer, head)``'s ``z`` replaced: every head's and MLP's
     direct effect (clean scale) in layers ``layer..L-1``, and the run's own final stream at
-    the points (``G`` = 1); with ``neurons``, the last MLP's neuron activations at the points."""
+    the points (``G`` = 1); with ``neurons``, the last MLP's neuron activations at the points;
+    with ``keep_normed``, the normalised final stream there (``final_normed``)."""
 
     def patch(z, hook):
         z = z.clone()
@@ -233,6 +242,7 @@ def ablate_head(
         None,
         final_dot(bridge, cache, points)[None],
         final_scale(cache, points)[None],
+        final_normed=final_normed(bridge, cache, points)[None] if keep_normed else None,
         last_hidden=last_hidden(bridge, cache, points)[None] if neurons else None,
     )
 

@@ -159,11 +159,6 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
     out = check_out_dir(args.out or (default.with_name(f"{default.name}__{metric}") if metric else default))
     task_spec = check_task(args.task)
     info = describe_model(args.model)
-    if metric is not None and info.path != "fast" and sweep == "backup":
-        raise MetricError(
-            f"--metric in the backup sweep runs on the fast path's families (it reads each ablated run's "
-            f"final stream); {args.model} runs on the bridge path"
-        )
     task = build_task(
         task_spec,
         load_tokenizer(info),

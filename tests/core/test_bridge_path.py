@@ -241,8 +241,8 @@ def test_models_without_heads_or_not_causal_are_refused_before_loading(tmp_path,
 def test_a_chosen_metric_through_the_bridge_equals_the_fast_path(metric):
     """``--metric`` on the bridge path (greater-than's answer sets, tiny Llama 3 forced onto the
     bridge): attribution by EAP-IG (its gradient; two steps, since ``kl``'s is 0 at the clean
-    run), real patching, circuit evaluation and the scale sweep read the chosen metric off the
-    bridge's logits, and give the fast path's numbers (whose metrics are checked against the
+    run), real patching, circuit evaluation, the scale sweep and the backup sweep's
+    ``total_effect_metric`` read the chosen metric off the bridge's logits, and give the fast path's numbers (whose metrics are checked against the
     Hugging Face model's logits in tests/core/test_metrics.py)."""
     from sweeps.core import circuit_eval as CE
 
@@ -274,3 +274,8 @@ def test_a_chosen_metric_through_the_bridge_equals_the_fast_path(metric):
     np.testing.assert_array_equal(b.changed, a.changed)
     assert np.abs(a.metric_drop).max() > 0
     np.testing.assert_allclose(b.metric_drop, a.metric_drop, atol=1e-3 * np.abs(a.metric_drop).max())
+    ours, theirs = (BackupJob(task, "resample", 4).bind(m).run_heads(1, [0, 2]) for m in (fast.weights, bridge.bridge))
+    for x, y in zip(ours, theirs):
+        change = np.asarray(x.repair["total_effect_metric"])
+        assert np.abs(change).max() > 0
+        np.testing.assert_allclose(y.repair["total_effect_metric"], change, atol=1e-3 * np.abs(change).max())

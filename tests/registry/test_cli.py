@@ -659,11 +659,6 @@ def test_metrics_the_task_or_method_cannot_take(capsys, no_model_loading, tmp_pa
     assert message in line
 
 
-def test_the_backup_sweeps_metric_on_the_bridge_path_is_one_line(capsys, no_model_loading, tmp_path):
-    line = fails(capsys, "--model", "tiny-stablelm", "--metric", "prob_diff", "--out", str(tmp_path / "o"))
-    assert "--metric in the backup sweep runs on the fast path's families" in line
-
-
 def test_a_multi_token_answer_in_an_answer_set_is_one_line(capsys, no_model_loading, tmp_path):
     path = jsonl(tmp_path, {**GOOD, "incorrect": [" floor", " Constantinopolitanism"]})
     line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--metric", "greater_than", "--out", str(tmp_path / "o"))

@@ -43,10 +43,8 @@ def test_a_chosen_metric_runs_through_every_sweep(tmp_path, task, metric, method
 
 
 @pytest.mark.slow
-def test_a_chosen_metric_runs_on_a_family_without_a_fast_path(tmp_path, capsys):
-    """StableLM (the bridge path): the scale sweep, attribution and circuit evaluation read the
-    chosen metric; the backup sweep, which reads each ablated run's final stream on the fast
-    path only, refuses it in one line."""
+def test_a_chosen_metric_runs_on_a_family_without_a_fast_path(tmp_path):
+    """StableLM (the bridge path): every sweep reads the chosen metric."""
     common = ["--model", "tiny-stablelm", "--task", "greater-than", "--n-prompts", "4", "--executor", "local",
               "--no-report", "--metric", "prob_diff"]
     assert scale.main([*common, "--nodes", "L1H0", "--scales", "0,1", "--out", str(tmp_path / "scale")]) == 0
@@ -56,6 +54,6 @@ def test_a_chosen_metric_runs_on_a_family_without_a_fast_path(tmp_path, capsys):
     assert json.loads((tmp_path / "circuit" / "sweep.json").read_text())["metric"] == "prob_diff"
     faith = pd.read_parquet(tmp_path / "circuit" / "faithfulness")
     assert faith[faith["size"] == 1.0].faithfulness.to_numpy() == pytest.approx(1.0, abs=1e-3)
-    capsys.readouterr()
-    assert backup.main([*common, "--out", str(tmp_path / "backup")]) == 2
-    assert "--metric in the backup sweep runs on the fast path's families" in capsys.readouterr().err
+    assert backup.main([*common, "--heads", "L1", "--out", str(tmp_path / "backup")]) == 0
+    repair = pd.read_parquet(tmp_path / "backup" / "self_repair")
+    assert repair.total_effect_metric.notna().all() and (repair.total_effect_metric != 0).any()

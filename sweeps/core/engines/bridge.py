@@ -71,6 +71,8 @@ class BridgeEngine:
             de_heads=decomposition.heads,
             de_mlps=decomposition.mlps,
             clean_dot=bridge_path.final_dot(bridge, cache, points),
+            # kept for the --metric change of each ablation
+            clean_normed=bridge_path.final_normed(bridge, cache, points) if sub.metric is not None else None,
         )
         W_out = bridge_path.last_mlp_out(bridge, cache) if keep_neurons else None
         if W_out is not None:  # None for a mixture of experts, or no MLP: neurons/ stays empty
@@ -90,10 +92,10 @@ class BridgeEngine:
         read_final: bool,
     ) -> effects.LayerAblation:
         """One full forward per head, stacked as the fast engine's group."""
-        neurons = state.neuron_dirs is not None
+        neurons, normed = state.neuron_dirs is not None, state.clean_normed is not None
         outs = [
             bridge_path.ablate_head(
-                self.bridge, state.tokens, layer, h, replacement[g], state.points, state.scale, neurons
+                self.bridge, state.tokens, layer, h, replacement[g], state.points, state.scale, neurons, normed
             )
             for g, h in enumerate(heads)
         ]
@@ -105,6 +107,7 @@ class BridgeEngine:
             None,
             torch.cat([o.final_dot for o in outs]),  # type: ignore[misc]
             torch.cat([o.final_scale for o in outs]),  # type: ignore[misc]
+            final_normed=torch.cat([o.final_normed for o in outs]) if normed else None,  # type: ignore[misc]
             last_hidden=torch.cat([o.last_hidden for o in outs]) if neurons else None,  # type: ignore[misc]
         )
 
