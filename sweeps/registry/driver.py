@@ -145,7 +145,7 @@ def prepare_inputs(args, sweep: str) -> SweepInputs:
 
     Raises one of ``input_errors()``; only the tokenizer is loaded.
     """
-    from sweeps.core.metrics import MetricError, check_metric
+    from sweeps.core.metrics import check_metric
     from sweeps.registry.cli import default_out
     from sweeps.runtime.loading import load_tokenizer
     from sweeps.runtime.models import describe_model
