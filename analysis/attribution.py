@@ -139,6 +139,11 @@ def load_attribution_results(out: str | Path | Location, allow_mixed: bool = Fal
     clean, corrupt = float(batches.clean_metric.sum()), float(batches.corrupt_metric.sum())
     # Answer metrics (and kl) normalise by clean − corrupt; next-token log-probabilities by the points.
     normaliser = float(n_points) if spec.get("metric") in (None, "next_token", "log_prob") else clean - corrupt
+    if abs(normaliser) <= 1e-9 * n_points:  # every score would be inf or NaN
+        raise ResultsError(
+            f"{out}: the clean and corrupt runs give the same {spec.get('metric')} ({clean / n_points:.4g} a point), "
+            "so scores normalised by their difference are undefined; choose a metric or task on which they differ"
+        )
     node_sums = frames["node_sums"]
     nodes = node_sums.groupby("node", sort=False, observed=True)["raw"].sum()
     nodes = pd.DataFrame({"node": nodes.index.astype(str), "score": nodes.to_numpy() / normaliser})

@@ -21,6 +21,7 @@ from tasks.base import TaskData, TaskError, logit_diff_task
 OPERATIONS = {"addition": "+", "subtraction": "-"}
 TEMPLATE = "{a}{op}{b}="
 DEFAULT_N_PROMPTS = 64
+MAX_DRAWS = 1000  # corrupt operands tried per prompt before the tokenizer is deemed unable
 
 
 def first_token(tokenizer, text: str) -> str:
@@ -47,11 +48,16 @@ def build(tokenizer, operation: str, n_prompts: int | None = None, seed: int = 0
     for _ in range(n):
         a, b, result = _operands(rng, op)
         right = first_token(tokenizer, str(result))
-        while True:  # other operands whose answer starts with another token
+        for _ in range(MAX_DRAWS):  # other operands whose answer starts with another token
             c, d, other = _operands(rng, op)
             wrong = first_token(tokenizer, str(other))
             if wrong != right:
                 break
+        else:
+            raise TaskError(
+                f"{operation}: every result's first token is {right!r} with this tokenizer, so no corrupt "
+                "prompt has another answer; use a .jsonl task with the answers as this model tokenizes them"
+            )
         pairs.append((TEMPLATE.format(a=a, op=op, b=b), TEMPLATE.format(a=c, op=op, b=d), right, wrong))
     params = {"n_prompts": n, "seed": seed, "operation": operation, "scored": "first answer token"}
     if not prepend_bos:

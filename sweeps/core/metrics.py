@@ -109,8 +109,9 @@ def metric_from_logits(
         assert reference is not None, "kl needs the clean run's log-probabilities"
         logp = torch.log_softmax(logits, -1)
         return -(reference.exp() * (reference - logp)).sum(-1)
-    if name == "log_prob":
-        raise ValueError("log_prob is read by the next-token path (attribution.metric_terms)")
+    if name == "log_prob":  # the next token's log-probability: ``correct[:, 0]`` is that token
+        assert correct is not None, "log_prob needs each point's next token"
+        return torch.log_softmax(logits, -1).gather(-1, correct[:, :1])[:, 0]
     assert correct is not None and incorrect is not None, f"{name} needs answers"
     if name == "logit_diff":
         return logits.gather(-1, correct[:, :1])[:, 0] - logits.gather(-1, incorrect[:, :1])[:, 0]

@@ -958,7 +958,7 @@ def cap_logits(w: ModelWeights, logits: Float[Tensor, "... V"], x: Float[Tensor,
     if not w.cfg.final_softcap:
         return logits
     assert w.W_U_mean is not None and w.b_U_mean is not None
-    raw = logits + (x @ w.W_U_mean)[..., None] + w.b_U_mean
+    raw = logits + (x.float() @ w.W_U_mean.float())[..., None] + w.b_U_mean.float()  # float32 in any dtype
     return w.cfg.final_softcap * torch.tanh(raw / w.cfg.final_softcap)
 
 

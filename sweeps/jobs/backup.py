@@ -286,6 +286,8 @@ class BackupJob(Job):
         incorrect: torch.Tensor | None = None
         if sub.kind == "logit_diff":
             correct, incorrect = (s.to(w.device)[points.batch] for s in sub.answer_sets())
+        elif name == "log_prob":  # each point's next token
+            correct = sub.clean.to(w.device)[points.batch, points.pos + 1][:, None]
         G, P = result.final_normed.shape[:2]
         ablated = metrics.metric_from_logits(
             name,

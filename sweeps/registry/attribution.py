@@ -208,7 +208,12 @@ class AttributionSweep(Sweep):
         """Add the shards up into nodes/, edges/ and verify/."""
         import pyarrow as pa
 
-        results = self.load(self.inputs.out)
+        from analysis.results import ResultsError
+
+        try:
+            results = self.load(self.inputs.out)
+        except ResultsError as err:  # e.g. a metric on which clean and corrupt agree: scores undefined
+            raise UserError(str(err)) from None
         for name, frame in (("nodes", results.nodes), ("edges", results.edges), ("verify", results.verify)):
             store.write_derived(name, pa.Table.from_pandas(frame, preserve_index=False), n_prompts=results.n_prompts)
 

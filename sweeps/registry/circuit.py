@@ -202,6 +202,8 @@ class CircuitSweep(Sweep):
         args.model, args.task = args.model or DEFAULT_MODEL, args.task or "ioi"
         if args.circuit and args.out is None:  # one directory a circuit: a second one never meets the first's
             args.out = circuit_out(args.circuit, args.model, args.task, args.dtype)
+            if getattr(args, "metric", None):  # a chosen metric's results never meet another's
+                args.out = args.out.with_name(f"{args.out.name}__{args.metric}")
         super().prepare()
         info = self.inputs.info
         graph = build_graph(

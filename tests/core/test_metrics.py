@@ -177,3 +177,48 @@ def test_backup_sweep_reports_the_metric_change_of_each_ablation(tiny_llama, met
         np.testing.assert_allclose(r.repair["total_effect_metric"], want.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(r.repair["total_effect"], p.repair["total_effect"])
         assert "total_effect_metric" not in p.repair  # a column only under --metric
+
+
+def test_backup_sweep_on_text_reads_the_next_tokens_log_probability(tiny_llama):
+    """``--task text --metric log_prob`` (the text task's own metric, named): the change of each
+    point's next-token log-probability with one head zero-ablated (a hook on the bridge's full
+    forward), by hand."""
+    from sweeps.core import effects
+    from sweeps.jobs.backup import BackupJob
+
+    task = _task(tiny_llama.tokenizer, "text", "log_prob", n=2, seq_len=8)
+    layer, head = 1, 0
+    (ours,) = BackupJob(task, "zero", 2, n_boot=0).bind(tiny_llama.weights).run_heads(layer, [head])
+    name = f"blocks.{layer}.attn.hook_z"
+
+    def zero(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    def log_probs(logits):
+        b, pos = effects.point_positions(task)
+        return logits[b, pos].float().log_softmax(-1).gather(-1, task.clean[b, pos + 1][:, None])[:, 0]
+
+    with torch.no_grad():
+        clean = log_probs(tiny_llama.bridge(task.clean))
+        with tiny_llama.bridge.hooks(fwd_hooks=[(name, zero)]):
+            ablated = log_probs(tiny_llama.bridge(task.clean))
+    change = np.asarray(ours.repair["total_effect_metric"]).ravel()
+    assert np.abs(change).max() > 1e-4
+    np.testing.assert_allclose(change, (ablated - clean).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_backup_sweeps_metric_on_a_soft_capped_model_in_bfloat16(loaded_model):
+    """Gemma 2 caps its logits: under --metric in bfloat16 the capped logits are made in float32
+    (the centring's vocabulary mean included) and the change follows float32's."""
+    from sweeps.jobs.backup import BackupJob
+
+    m = loaded_model("tiny-gemma2")
+    task = _task(m.tokenizer, "mcqa", "kl", n=4)
+    runs = [BackupJob(task, "resample", 4, n_boot=0).bind(w).run_heads(1, [0, 1]) for w in (m.weights,
+            m.weights.to(torch.bfloat16))]
+    for full, half in zip(*runs):
+        want, got = (np.asarray(r.repair["total_effect_metric"], dtype=float) for r in (full, half))
+        assert np.isfinite(got).all() and np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())

@@ -468,3 +468,7 @@ def test_a_circuit_without_the_embeddings_warns_and_each_circuit_has_its_own_dir
         "tiny-llama__ioi__with_embed-")
     zero = pd.read_parquet(tmp_path / "results" / "circuit" / dirs[0] / "faithfulness").faithfulness.iloc[0]
     assert zero == pytest.approx(0.0, abs=1e-5)  # 0 up to float32 rounding of the corrections
+    # the same circuit under a chosen metric: a directory of its own again
+    assert circuit.main(["--circuit", "with_embed.json", *common, "--metric", "prob_diff"]) == 0
+    dirs = sorted(p.name for p in (tmp_path / "results" / "circuit").iterdir())
+    assert len(dirs) == 3 and dirs[2].startswith("tiny-llama__ioi__with_embed-") and dirs[2].endswith("__prob_diff")

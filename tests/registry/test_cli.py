@@ -663,3 +663,14 @@ def test_a_multi_token_answer_in_an_answer_set_is_one_line(capsys, no_model_load
     path = jsonl(tmp_path, {**GOOD, "incorrect": [" floor", " Constantinopolitanism"]})
     line = fails(capsys, "--model", "tiny-gpt2", "--task", path, "--metric", "greater_than", "--out", str(tmp_path / "o"))
     assert "answer ' Constantinopolitanism' (task.jsonl line 1) is" in line and "single tokens" in line
+
+
+def test_attribution_whose_clean_and_corrupt_metric_agree_is_one_line(capsys, tmp_path):
+    """Accuracy on a random tiny model: the clean and corrupt runs score alike, so every score
+    (normalised by their difference) would be inf or NaN; one line says so, exit 2."""
+    from sweeps import attribution
+
+    line = fails(capsys, "--model", "tiny-llama", "--task", "mcqa", "--metric", "accuracy", "--method", "exact",
+                 "--n-prompts", "4", "--executor", "local", "--verify-top", "0", "--out", str(tmp_path / "a"),
+                 command=attribution)
+    assert "the clean and corrupt runs give the same accuracy" in line
