@@ -27,9 +27,9 @@ task                      columns read
                           incorrect)
 ========================  ===================================================================
 
-Rows whose clean and corrupt prompts tokenize to different lengths, or whose correct and
-incorrect first tokens coincide, are skipped (MIB filters such rows too); ``params`` records
-how many.
+Rows whose clean and corrupt prompts tokenize to different lengths, whose answers are not
+single tokens in this tokenizer (an IOI name of two pieces), or whose correct and incorrect
+first tokens coincide, are skipped (MIB filters such rows too); ``params`` records how many.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.base import Answers, TaskData, TaskError, encode, logit_diff_task
+from tasks.base import Answers, TaskData, TaskError, encode, is_single_token, logit_diff_task
 
 HUB_TASKS = ("ioi", "addition", "subtraction", "mcqa", "greater-than")
 CONFIGS = {"mcqa": "4_answer_choices"}
@@ -155,7 +155,12 @@ def build(tokenizer, task: str, data: str, n_prompts: int | None = None, prepend
         if task in ("addition", "subtraction", "mcqa"):  # the first token is scored
             right, wrong = first_token(tokenizer, right), first_token(tokenizer, wrong)
         same_answer = (right if isinstance(right, str) else right[0]) == (wrong if isinstance(wrong, str) else wrong[0])
-        if same_answer or len(encode(tokenizer, clean, prepend_bos)) != len(encode(tokenizer, corrupt, prepend_bos)):
+        answers = [a for side in (right, wrong) for a in ([side] if isinstance(side, str) else side)]
+        if (
+            same_answer
+            or not all(is_single_token(tokenizer, a) for a in answers)  # a name of several tokens (MIB skips it too)
+            or len(encode(tokenizer, clean, prepend_bos)) != len(encode(tokenizer, corrupt, prepend_bos))
+        ):
             skipped += 1
             continue
         pairs.append((clean, corrupt, right, wrong))

@@ -272,6 +272,11 @@ def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch
     ioi = [{"prompt": f"When Mary and John went to the store, John gave a drink to",
             "metadata": {"indirect_object": "Mary", "subject": "John", "random_c": "Tom"},
             "s2_io_flip_counterfactual": {"prompt": "When Mary and John went to the store, Mary gave a drink to"}}] * 3
+    long_name = "Constantinopolitanism"  # several tokens: the row is skipped, as MIB skips it
+    ioi = ioi + [{"prompt": f"When {long_name} and John went to the store, John gave a drink to",
+                  "metadata": {"indirect_object": long_name, "subject": "John", "random_c": "Tom"},
+                  "s2_io_flip_counterfactual": {"prompt": f"When {long_name} and John went to the store, "
+                                                          f"{long_name} gave a drink to"}}]
     arith = [{"prompt": "12+35=", "label": 47, "operator": "+",
               "random_counterfactual": {"prompt": "61+22=", "label": 83}},
              {"prompt": "50-21=", "label": 29, "operator": "-",
@@ -283,7 +288,7 @@ def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch
     _fake_hub_dataset(tmp_path, monkeypatch, "mib-bench/ioi", {"data/train-00000-of-00001.parquet": _parquet(ioi),
                                                                 "data/test-00000-of-00001.parquet": _parquet(ioi[:1])})
     t = build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi")
-    assert t.n_prompts == 3 and t.params["source"] == "hf:mib-bench/ioi:train"
+    assert t.n_prompts == 3 and t.params["source"] == "hf:mib-bench/ioi:train" and t.params["skipped_rows"] == 1
     assert tok.decode(t.correct[:1]) == " Mary" and tok.decode(t.incorrect[:1]) == " John"
     assert tok.decode(t.corrupt[0, 1:]).endswith("Mary gave a drink to")
     assert build_task(check_task("ioi"), tok, data="hf:mib-bench/ioi:test").n_prompts == 1
