@@ -307,7 +307,8 @@ def read_graph_file(path: Path, shape: ModelShape) -> GraphFile:
     member = torch.zeros(n, dtype=torch.bool)
     position = torch.tensor(index)
     try:
-        values = [float(edges[name].get("score", float("nan"))) for name in names]
+        # a score may be absent or null (a circuit needs only in_graph): NaN, refused only as a ranking
+        values = [float(edges[name].get("score") if edges[name].get("score") is not None else "nan") for name in names]
         flags = [bool(edges[name].get("in_graph", False)) for name in names]
     except (AttributeError, TypeError, ValueError):
         raise GraphFileError(f'{where}: every edge must be {{"score": number, "in_graph": bool}}') from None
@@ -324,4 +325,6 @@ def read_graph_file(path: Path, shape: ModelShape) -> GraphFile:
     given = [nodes.get(eap_node(u)) for u in graph.upstream]
     if all(isinstance(g, dict) and isinstance(g.get("score"), (int, float)) for g in given):
         node_scores = torch.tensor([float(g["score"]) for g in given], dtype=torch.float64)  # type: ignore[index]
+        if not torch.isfinite(node_scores).all():  # EAP-IG writes NaN for nodes it did not score
+            node_scores = None  # each node's summed edge scores instead
     return GraphFile(our_scores, our_circuit, node_scores, int(member.sum()))

@@ -135,6 +135,22 @@ def test_a_file_written_by_eap_ig_imports_as_scores_and_a_pruned_circuit(tmp_pat
     assert gf.eap_edges_in == len(kept) - 1 and gf.node_scores is None
 
 
+def test_unscored_nodes_and_null_edge_scores_still_import(tmp_path):
+    """EAP-IG writes NaN for the nodes it did not score: the node ranking falls back to each
+    node's summed edges. An edge whose score is null still reads as a circuit (it needs only
+    in_graph); its score is NaN, which a ranking refuses."""
+    kept = {"input->m0", "m0->logits"}
+    data = eap_ig_file(GPT2_TINY.cfg(), lambda n: 0.5, lambda n: n in kept)
+    for node in data["nodes"].values():
+        node["score"] = float("nan")
+    data["edges"]["input->a0.h0<q>"]["score"] = None
+    path = tmp_path / "eap.json"
+    path.write_text(json.dumps(data))
+    gf = read_graph_file(path, GPT2_TINY)
+    assert gf.node_scores is None and int(gf.circuit.sum()) == 2
+    assert int(torch.isnan(gf.scores).sum()) == 1
+
+
 def test_a_file_for_another_shape_is_refused_in_one_line(tmp_path):
     data = eap_ig_file(GPT2_TINY.cfg(), lambda n: 0.0, lambda n: False)
     path = tmp_path / "g.json"
