@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup sweep scale attribution circuit report run test lint bench notebook clean
+.PHONY: setup sweep scale attribution circuit report run test test-fast lint bench notebook clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,11 +43,17 @@ run: $(STAMP)
 	$(BIN)/interp-sweeps $(SWEEP) $(ARGS)
 
 ## The linter and formatter check, then the test suite in JOBS processes (pytest-xdist; each
-## computes on one thread and has its own local Ray; a test file stays on one process); the
-## 25 slowest steps are listed at the end, so every CI log shows where the time goes.
-JOBS ?= 2
+## computes on one thread and has its own local Ray; an idle process takes tests from a busy
+## one: many tests wait on subprocesses and Ray, so 3 keep 2 cores busy); the 25 slowest steps
+## are listed at the end, so every CI log shows where the time goes.
+JOBS ?= 3
 test: lint
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal --durations=25 $(ARGS)
+
+## Everyday work: all but the slow tier, in 2 processes that each keep a test file (its
+## fixtures built once; these tests compute rather than wait).
+test-fast: lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(ARGS)
 
 ## ruff (lint and format check) and mypy (types) over the project's code; settings in pyproject.toml.
 lint: $(STAMP)
