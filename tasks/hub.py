@@ -77,9 +77,15 @@ def read_rows(data: str, task: str) -> tuple[list[dict[str, Any]], str]:
             import pyarrow.parquet as pq
 
             rows += pq.read_table(path).to_pylist()
-        else:
+        else:  # JSON Lines, or one JSON array of rows
             text = path.read_text(encoding="utf-8")
-            rows += [json.loads(line) for line in text.split("\n") if line.strip()]
+            try:
+                if text.lstrip().startswith("["):
+                    rows += json.loads(text)
+                else:
+                    rows += [json.loads(line) for line in text.split("\n") if line.strip()]
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{name}: {path.name} is not JSON Lines or a JSON array ({err})") from None
     return rows, f"hf:{name}:{split}"
 
 

@@ -44,8 +44,12 @@ def read_documents(data: str | None) -> tuple[list[str], str]:
             from tasks.hub import read_rows
 
             rows, source = read_rows(data, "text")
-            if rows and "text" not in rows[0]:
-                raise TaskError(f"Hugging Face dataset {name!r} has no 'text' column (columns: {', '.join(rows[0])})")
+            lacking = next((i for i, r in enumerate(rows) if "text" not in r), None)
+            if lacking is not None:
+                columns = ", ".join(rows[lacking])
+                raise TaskError(
+                    f"Hugging Face dataset {name!r}: row {lacking} has no 'text' column (columns: {columns})"
+                )
             return [str(r["text"]) for r in rows], source
         try:
             rows = datasets.load_dataset(name, split=split or "train")

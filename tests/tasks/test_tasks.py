@@ -298,6 +298,13 @@ def test_mib_hub_datasets_load_offline_from_the_cache(tok, tmp_path, monkeypatch
     t = build_task(check_task("addition"), tok, data="hf:mib-bench/arithmetic_addition")
     assert t.n_prompts == 1 and t.params["skipped_rows"] == 1  # the subtraction row
     assert tok.decode(t.correct[:1]) == "4" and tok.decode(t.incorrect[:1]) == "8"
+    _fake_hub_dataset(tmp_path / "array", monkeypatch, "mib-bench/arithmetic_addition",  # one JSON array
+                      {"train.json": lambda p: p.write_text(json.dumps(arith))})
+    assert build_task(check_task("addition"), tok, data="hf:mib-bench/arithmetic_addition").n_prompts == 1
+    _fake_hub_dataset(tmp_path / "broken", monkeypatch, "mib-bench/arithmetic_addition",
+                      {"train.json": lambda p: p.write_text("[{")})
+    with pytest.raises(TaskError, match="train.json is not JSON Lines or a JSON array"):
+        build_task(check_task("addition"), tok, data="hf:mib-bench/arithmetic_addition")
 
     _fake_hub_dataset(tmp_path / "m", monkeypatch, "mib-bench/mcqa",
                       {"4_answer_choices/train-0.parquet": _parquet(mcqa),
