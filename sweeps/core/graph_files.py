@@ -32,6 +32,7 @@ corrupt for another, and keeping it for all keeps every path the file's circuit 
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,12 @@ def eap_graph(shape: ModelShape) -> Graph:
     return build_graph(GraphConfig(shape.n_layers, shape.n_heads, shape.n_heads, False, shape.parallel_attn_mlp))
 
 
+def input_offsets(graph: Graph) -> dict[tuple[str, str], int]:
+    """(downstream name, input) -> the index of its first edge in the graph's edge order."""
+    starts = [0, *itertools.accumulate(graph.prefix)][:-1]
+    return {(d.name, d.input): at for d, at in zip(graph.downstream, starts)}
+
+
 def eap_order(shape: ModelShape) -> tuple[list[str], list[int]]:
     """(EAP-IG's edge names in ``Graph.from_model``'s order, each one's index in ``eap_graph``'s
     edge order). From_model adds, layer by layer, every (parent, head, q/k/v) with the parents
@@ -123,11 +130,7 @@ def eap_order(shape: ModelShape) -> tuple[list[str], list[int]]:
     layer's heads; a parallel one's edge follows each parent's head edges), and at the end
     every node into the logits."""
     ug = eap_graph(shape)
-    offsets: dict[tuple[str, str], int] = {}
-    at = 0
-    for d, p in zip(ug.downstream, ug.prefix):
-        offsets[(d.name, d.input)] = at
-        at += p
+    offsets = input_offsets(ug)
     names: list[str] = []
     index: list[int] = []
     H = shape.n_heads
@@ -156,11 +159,7 @@ def ours_of_eap_edges(shape: ModelShape, graph: Graph) -> Tensor:
     """For each edge of ``eap_graph`` (its order), the index of our edge it is or is part of:
     the same edge, or a query head's k/v edge's shared key/value edge."""
     ug = eap_graph(shape)
-    offsets: dict[tuple[str, str], int] = {}
-    at = 0
-    for d, p in zip(graph.downstream, graph.prefix):
-        offsets[(d.name, d.input)] = at
-        at += p
+    offsets = input_offsets(graph)
     out: list[int] = []
     for d, p in zip(ug.downstream, ug.prefix):
         name = d.name
@@ -177,11 +176,7 @@ def kv_positions(shape: ModelShape) -> Tensor:
     from sweeps.core.attribution import query_head_kv_edges
 
     ug = eap_graph(shape)
-    offsets: dict[tuple[str, str], int] = {}
-    at = 0
-    for d, p in zip(ug.downstream, ug.prefix):
-        offsets[(d.name, d.input)] = at
-        at += p
+    offsets = input_offsets(ug)
     row = {name: i for i, name in enumerate(ug.upstream)}
     return torch.tensor([offsets[(h, letter)] + row[u] for u, h, letter in query_head_kv_edges(shape.graph())])
 
