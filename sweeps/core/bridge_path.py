@@ -401,14 +401,18 @@ def graph_config(bridge) -> GraphConfig:
     )
 
 
-def metric_reference(bridge, task: TaskData) -> Float[Tensor, "P V"] | None:
+def metric_reference(
+    bridge, task: TaskData, clean_logits: Float[Tensor, "B T V"] | None = None
+) -> Float[Tensor, "P V"] | None:
     """The clean run's log-probabilities at the task's points, for a metric that compares with
-    them (``metrics.NEEDS_REFERENCE``: ``kl``); None for the others."""
+    them (``metrics.NEEDS_REFERENCE``: ``kl``); None for the others. From ``clean_logits`` where
+    the caller has run the clean prompts already, else from a forward of them."""
     if task.metric_name not in metrics.NEEDS_REFERENCE:
         return None
     b, pos = effects.point_positions(task)
     with torch.no_grad():
-        return bridge(task.clean)[b, pos].float().log_softmax(-1)
+        logits = bridge(task.clean) if clean_logits is None else clean_logits
+        return logits[b, pos].float().log_softmax(-1)
 
 
 def metric_sum(logits: Float[Tensor, "B T V"], task: TaskData, reference: Float[Tensor, "P V"] | None = None) -> Tensor:
@@ -672,9 +676,10 @@ class CircuitRunner:
             self.corrupt_out = torch.stack(
                 [node_write(corrupt, self.W_O, u) for u in graph.upstream]
             )  # a*_u: [U B T D]
-            self.reference = metric_reference(bridge, task)
+            clean_logits = bridge(task.clean)
+            self.reference = metric_reference(bridge, task, clean_logits)
             self.corrupt_metric = float(metric_sum(corrupt_logits, task, self.reference))
-            self.clean_metric = float(metric_sum(bridge(task.clean), task, self.reference))
+            self.clean_metric = float(metric_sum(clean_logits, task, self.reference))
         self.n_points = int(effect_points(bridge, task).n)
         self.offsets = [0, *np.cumsum(graph.prefix)[:-1].tolist()]
         self.row = {(d.layer, d.input, d.head): i for i, d in enumerate(graph.downstream)}

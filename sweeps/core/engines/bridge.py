@@ -146,8 +146,9 @@ class BridgeEngine:
 
     def patched_metric(self, graph: A.Graph, batch: TaskData, targets: list[A.Target]) -> tuple[float, Tensor]:
         with torch.no_grad():
-            reference = bridge_path.metric_reference(self.bridge, batch)
-            clean = float(bridge_path.metric_sum(self.bridge(batch.clean), batch, reference))
+            clean_logits = self.bridge(batch.clean)
+            reference = bridge_path.metric_reference(self.bridge, batch, clean_logits)
+            clean = float(bridge_path.metric_sum(clean_logits, batch, reference))
         return clean, bridge_path.patch_metric(self.bridge, graph, batch, targets)
 
     def circuit_runner(self, graph: A.Graph, batch: TaskData) -> bridge_path.CircuitRunner:
